@@ -1,0 +1,92 @@
+"""Bit packing of integer codes into uint8 rows, in the layout `formats.packed_row_bytes` counts.
+
+Layout of one row of n codes (packed along the last dimension):
+
+- 8 bits: one code per byte.
+- 1/2/4 bits: 8/w codes per byte, code j in byte j // (8/w) at bit offset w * (j % (8/w))
+  (little-endian within the byte: code 0 in the low bits).
+- 3/5/6/7 bits: bit planes (`formats.bit_planes`), e.g. 3 = a 2-bit plane (bits 0-1 of every code)
+  followed by a 1-bit plane (bit 2), each packed as above and concatenated along the row:
+  ``row = [plane0 bytes (ceil(n*2/8)) | plane1 bytes (ceil(n/8))]``. 8 codes of 3 bits take 3 bytes.
+- 1.5 (ternary, codes 0..2): 5 codes per byte, byte = sum(code_i * 3**i), i = 0..4.
+
+A partial last byte is zero-padded; `unpack` takes the row length n to drop the padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import TERNARY, TRITS_PER_BYTE, bit_planes, packed_row_bytes
+
+__all__ = ["pack", "unpack", "packed_row_bytes"]
+
+
+def _pack_plane(codes: torch.Tensor, w: int) -> torch.Tensor:
+    per = 8 // w
+    n = codes.shape[-1]
+    pad = (-n) % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * w
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_plane(packed: torch.Tensor, w: int, n: int) -> torch.Tensor:
+    per = 8 // w
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * w
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << w) - 1)
+    return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
+    """Pack integer codes in ``[0, levels)`` along the last dim into uint8 ``[..., packed_row_bytes(bits, n)]``.
+
+    >>> pack(torch.tensor([1, 2, 3, 0, 3]), 2)   # 1 | 2<<2 | 3<<4 | 0<<6 = 57; then 3
+    tensor([57,  3], dtype=torch.uint8)
+    """
+    n = codes.shape[-1]
+    if codes.dtype.is_floating_point:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    levels = 3 if bits == TERNARY else 2 ** int(bits)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= levels):
+        raise ValueError(f"codes out of range for {bits}-bit packing: need 0..{levels - 1}")
+    if bits == TERNARY:
+        pad = (-n) % TRITS_PER_BYTE
+        c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+        c = c.reshape(*c.shape[:-1], -1, TRITS_PER_BYTE).to(torch.int32)
+        powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=codes.device)
+        out = (c * powers).sum(-1).to(torch.uint8)
+    else:
+        planes, shift = [], 0
+        for w in bit_planes(int(bits)):
+            planes.append(_pack_plane((codes.to(torch.int32) >> shift) & ((1 << w) - 1), w))
+            shift += w
+        out = torch.cat(planes, dim=-1) if len(planes) > 1 else planes[0]
+    assert out.shape[-1] == packed_row_bytes(bits, n)
+    return out.contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: float, n: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 ``[..., packed_row_bytes(bits, n)]`` -> uint8 codes ``[..., n]``."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != packed_row_bytes(bits, n):
+        raise ValueError(
+            f"packed row has {packed.shape[-1]} bytes, {bits}-bit rows of {n} codes need {packed_row_bytes(bits, n)}"
+        )
+    if bits == TERNARY:
+        powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=packed.device)
+        c = (packed.to(torch.int32).unsqueeze(-1) // powers) % 3
+        return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    out = torch.zeros(*packed.shape[:-1], n, dtype=torch.int32, device=packed.device)
+    start, shift = 0, 0
+    for w in bit_planes(int(bits)):
+        nb = math.ceil(n * w / 8)
+        out |= _unpack_plane(packed[..., start : start + nb], w, n).to(torch.int32) << shift
+        start += nb
+        shift += w
+    return out.to(torch.uint8)

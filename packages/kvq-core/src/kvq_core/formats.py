@@ -91,6 +91,8 @@ class StreamFormat:
                        "sliding" (the oldest token is quantized as each new one arrives).
     reorder_channels:  int16 channel permutation per head stored once per layer (SKVQ).
     clip_ratio:        min/max shrink factor before quantization (SKVQ); no bytes.
+    groups_span_heads: per-token groups run over the token's whole H*D vector (after reordering)
+                       instead of within each head: SKVQ groups, KVQuant per-token value scales.
     """
 
     bits: float = 16
@@ -107,6 +109,7 @@ class StreamFormat:
     flush: Flush = "sliding"
     reorder_channels: bool = False
     clip_ratio: float = 1.0
+    groups_span_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.bits != 16 and self.bits not in SUPPORTED_BITS:
@@ -137,6 +140,8 @@ class StreamFormat:
                     f"block flush needs residual_tokens ({self.residual_tokens}) to be a multiple of "
                     f"group_size ({self.group_size})"
                 )
+        if self.groups_span_heads and self.axis != "token":
+            raise ValueError("groups_span_heads applies to per-token (axis='token') streams")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
 
@@ -158,15 +163,17 @@ class StreamFormat:
     def outliers_per_token(self, kv_heads: int, head_dim: int) -> int:
         return math.ceil(self.outlier_fraction * kv_heads * head_dim) if self.outlier_fraction else 0
 
-    def num_groups(self, quantized_tokens: int, head_dim: int) -> int:
-        """Scale (and zero) entries per head for `quantized_tokens` tokens."""
+    def num_groups(self, quantized_tokens: int, kv_heads: int, head_dim: int) -> int:
+        """Scale (and zero) entries per sequence for `quantized_tokens` tokens, all heads."""
         if self.levels in ("float8_e4m3", "float8_e5m2"):
             return 0
         if self.axis == "token":
-            return quantized_tokens * math.ceil(head_dim / (self.group_size or head_dim))
+            row = kv_heads * head_dim if self.groups_span_heads else head_dim
+            per_token = math.ceil(row / (self.group_size or row))
+            return quantized_tokens * per_token * (1 if self.groups_span_heads else kv_heads)
         if self.group_size is None:
             return 0  # static per-channel scales are shared per layer
-        return math.ceil(quantized_tokens / self.group_size) * head_dim
+        return math.ceil(quantized_tokens / self.group_size) * head_dim * kv_heads
 
 
 @dataclass(frozen=True)
@@ -215,16 +222,16 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
     resid = fmt.residual_count(rest)
     tq = rest - resid
     meta = DTYPE_BYTES[fmt.scale_dtype]
-    groups = fmt.num_groups(tq, d) * h
+    groups = fmt.num_groups(tq, h, d)
     k = fmt.outliers_per_token(h, d)
-    shared = 0
-    if fmt.levels == "nonuniform":
+    shared = 0  # per-layer tensors exist once anything is quantized
+    if tq and fmt.levels == "nonuniform":
         shared += fmt.num_levels * FULL_PRECISION_BYTES
-    if fmt.levels.startswith("float8"):
+    if tq and fmt.levels.startswith("float8"):
         shared += DTYPE_BYTES["fp32"]
-    if fmt.axis == "channel" and fmt.group_size is None:
+    if tq and fmt.axis == "channel" and fmt.group_size is None:
         shared += h * d * meta * (1 if fmt.symmetric else 2)
-    if fmt.reorder_channels:
+    if tq and fmt.reorder_channels:
         shared += h * d * 2
     return ByteBreakdown(
         codes=h * tq * packed_row_bytes(fmt.bits, d),
@@ -232,7 +239,7 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
         zeros=0 if fmt.symmetric else groups * meta,
         outlier_values=tq * k * fmt.outlier_value_bits // 8,
         outlier_indices=tq * k * fmt.outlier_index_bits // 8,
-        outlier_pointers=(tq + 1) * fmt.outlier_pointer_bits // 8 if k else 0,
+        outlier_pointers=(tq + 1) * fmt.outlier_pointer_bits // 8 if k and tq else 0,
         residual=resid * h * d * FULL_PRECISION_BYTES,
         sinks=sinks * h * d * FULL_PRECISION_BYTES,
         shared=shared,
@@ -389,7 +396,14 @@ def kvquant_format(bits: float = 3, outlier_fraction: float = 0.01, sink_tokens:
     key = StreamFormat(
         bits=bits, axis="channel", group_size=None, levels="nonuniform", outlier_fraction=outlier_fraction
     )
-    val = StreamFormat(bits=bits, axis="token", group_size=None, levels="nonuniform", outlier_fraction=outlier_fraction)
+    val = StreamFormat(
+        bits=bits,
+        axis="token",
+        group_size=None,
+        levels="nonuniform",
+        outlier_fraction=outlier_fraction,
+        groups_span_heads=True,
+    )
     name = f"kvquant-nuq{_fmt_bits(bits)}" + (f"-{outlier_fraction * 100:g}%" if outlier_fraction else "")
     return KVFormat(name, key, val, sink_tokens=sink_tokens, pre_rope_keys=True, citation=METHODS["kvquant"].citation)
 
@@ -413,6 +427,7 @@ def skvq_format(
             flush="sliding",
             reorder_channels=True,
             clip_ratio=clip_ratio,
+            groups_span_heads=True,
         )
 
     return KVFormat(

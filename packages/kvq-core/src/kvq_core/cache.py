@@ -1,0 +1,210 @@
+"""Streaming quantized KV cache of one layer: append tokens without re-quantizing history.
+
+A `QuantizedStream` holds one stream (keys or values) of a layer for a batch, as three chronological
+segments: full-precision sinks (the first S tokens), the quantized body, and the full-precision
+residual window. Appending a block fills the sinks, then the residual, then flushes residual tokens
+into the body as the format's flush policy says:
+
+- "block" (KIVI keys): when R tokens have accumulated, all R are quantized at once; so after T
+  tokens the residual holds T mod R. A prefill of L quantizes L - L mod R and keeps L mod R.
+- "sliding" (KIVI values, SKVQ): the residual keeps the last R tokens; older ones are quantized.
+
+Only the flushed tokens are quantized; the body grows by concatenation. The tensors held are exactly
+those `formats.stream_bytes` counts: `layer.nbytes == batch * breakdown.per_sequence + breakdown.shared`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codecs import CAT_DIM, Codec, make_codec
+from .formats import FULL_PRECISION_BYTES, KVFormat, StreamFormat, get_format
+
+__all__ = ["QuantizedStream", "StreamingLayer"]
+
+_FP = torch.float16  # residual, sinks: FULL_PRECISION_BYTES bytes per element
+assert torch.finfo(_FP).bits == 8 * FULL_PRECISION_BYTES
+
+
+class QuantizedStream:
+    """One stream (keys or values) of one layer, for a batch of sequences of equal length."""
+
+    def __init__(self, fmt: StreamFormat, head_dim: int, sink_tokens: int = 0, codec: Codec | None = None):
+        self.fmt = fmt
+        self.head_dim = head_dim
+        self.sink_tokens = sink_tokens
+        self.codec = codec if codec is not None or not fmt.quantized else make_codec(fmt, head_dim)
+        self.sinks: torch.Tensor | None = None  # [B, H, s, D] fp16
+        self.body: dict[str, torch.Tensor] = {}  # the codec's per-sequence tensors
+        self.residual: torch.Tensor | None = None  # [B, H, r, D] fp16
+        self.tokens = 0
+        self.quantized_tokens = 0
+
+    # -- appending -------------------------------------------------------------------------------
+    def append(self, x: torch.Tensor) -> None:
+        """Append a block ``x: [B, H, t, D]`` (t >= 1) of new tokens."""
+        self._check(x)
+        if x.shape[2] == 0:
+            return
+        xs = x.to(_FP)
+        take = min(self.sink_tokens - self._len(self.sinks), xs.shape[2])
+        if take > 0:
+            self.sinks = self._cat(self.sinks, xs[:, :, :take])
+            xs = xs[:, :, take:]
+        self.tokens += x.shape[2]
+        if xs.shape[2] == 0:
+            return
+        self.residual = self._cat(self.residual, xs)
+        if not self.fmt.quantized:
+            return
+        r, n = self.fmt.residual_tokens, self._len(self.residual)
+        if r == 0:
+            flush = n
+        elif self.fmt.flush == "block":
+            flush = (n // r) * r
+        else:
+            flush = max(0, n - r)
+        if flush:
+            # Tokens pass through the fp16 residual first; fp16 keeps 11 significant bits, more
+            # than any code width here, so quantizing its copy changes no decision that matters.
+            self._quantize(self.residual[:, :, :flush])
+            self.residual = self.residual[:, :, flush:].contiguous()
+
+    def _quantize(self, block: torch.Tensor) -> None:
+        f = self.fmt
+        if (
+            f.axis == "channel"
+            and f.group_size
+            and self.quantized_tokens % f.group_size
+            and self.quantized_tokens  # a partial last group already stored
+        ):
+            raise ValueError(
+                f"appending to a per-channel stream whose last group of {f.group_size} tokens is partial "
+                "would re-quantize history; give the format residual_tokens (a multiple of group_size)"
+            )
+        parts = self.codec.encode(block.float())
+        for name, t in parts.items():
+            if name not in self.body:
+                self.body[name] = t
+            elif name == "outlier_pointers":
+                self.body[name] = torch.cat([self.body[name], t[:, 1:] + self.body[name][:, -1:]], dim=1)
+            else:
+                self.body[name] = torch.cat([self.body[name], t], dim=CAT_DIM[name])
+        self.quantized_tokens += block.shape[2]
+
+    # -- reading ---------------------------------------------------------------------------------
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All tokens in order, reconstructed: ``[B, H, T, D]`` (the reference path)."""
+        segs = []
+        if self.sinks is not None:
+            segs.append(self.sinks.to(dtype))
+        if self.body:
+            segs.append(self.codec.decode(self.body, self.quantized_tokens).to(dtype))
+        if self.residual is not None and self.residual.shape[2]:
+            segs.append(self.residual.to(dtype))
+        if not segs:
+            raise ValueError("the stream is empty")
+        return torch.cat(segs, dim=2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the stream holds (per-sequence and shared), by name."""
+        out = {f"body.{k}": v for k, v in self.body.items()}
+        if self.sinks is not None:
+            out["sinks"] = self.sinks
+        if self.residual is not None:
+            out["residual"] = self.residual
+        if self.codec is not None and self.body:
+            out.update({f"shared.{k}": v for k, v in self.codec.shared().items()})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"head_dim mismatch: stream has {self.head_dim}, block has {x.shape[-1]}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"K/V must be floating point, got {x.dtype}")
+        ref = self.residual if self.residual is not None else self.sinks
+        if ref is not None and (ref.shape[0], ref.shape[1]) != (x.shape[0], x.shape[1]):
+            raise ValueError(
+                f"batch/heads mismatch: cache holds {tuple(ref.shape[:2])}, block has {tuple(x.shape[:2])}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("K/V block contains NaN or Inf; KV quantization needs finite input")
+
+    @staticmethod
+    def _len(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.shape[2]
+
+    @staticmethod
+    def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+        return b.contiguous() if a is None else torch.cat([a, b], dim=2)
+
+
+class StreamingLayer:
+    """One layer's quantized K and V (a `KVFormat`), appended token blocks at a time.
+
+    >>> layer = StreamingLayer.for_method("kivi", bits=2, head_dim=64)
+    >>> layer.append(k, v)            # k, v: [B, H_kv, T, D]
+    >>> k_hat, v_hat = layer.keys(), layer.values()
+
+    Keys are stored as given: for pre-RoPE formats (`fmt.pre_rope_keys`, KVQuant) pass pre-RoPE keys
+    and apply RoPE to `keys()` (kvq_core's transformers cache does this).
+    """
+
+    def __init__(self, fmt: KVFormat, head_dim: int):
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        self.fmt = fmt
+        self.head_dim = head_dim
+        self.k = QuantizedStream(fmt.key, head_dim, fmt.sink_tokens)
+        self.v = QuantizedStream(fmt.value, head_dim, fmt.sink_tokens)
+
+    @classmethod
+    def for_method(cls, method: str, bits=None, head_dim: int = 128) -> StreamingLayer:
+        return cls(get_format(method, bits), head_dim)
+
+    def calibrate(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_weights: torch.Tensor | None = None,
+        v_weights: torch.Tensor | None = None,
+    ) -> None:
+        """Fit per-layer state (codebooks, channel order, clip, ranges) on calibration K/V ``[B, H, T, D]``."""
+        if self.k.codec is not None:
+            self.k.codec.calibrate(k, k_weights)
+        if self.v.codec is not None:
+            self.v.codec.calibrate(v, v_weights)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape != v.shape:
+            raise ValueError(f"K and V blocks must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        self.k.append(k)
+        self.v.append(v)
+
+    def keys(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.k.dequantized(dtype)
+
+    def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.v.dequantized(dtype)
+
+    @property
+    def tokens(self) -> int:
+        return self.k.tokens
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"k.{n}": t for n, t in self.k.tensors().items()},
+            **{f"v.{n}": t for n, t in self.v.tensors().items()},
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor held; equals ``batch * fmt.breakdown(...).per_sequence + shared``."""
+        return self.k.nbytes + self.v.nbytes

@@ -94,3 +94,14 @@ def test_method_lookup_errors():
     assert method_for_bits("k2v1.5") == "skvq"
     with pytest.raises(ValueError, match="no method stores 7-bit KV"):
         method_for_bits(7)
+
+
+@pytest.mark.parametrize("method,bits", [("kivi", 2), ("kvquant", 3), ("skvq", "k2v1.5"), ("fp8-e4m3", 8)])
+def test_incremental_reconstruction_equals_decoding_the_whole_body(method, bits):
+    layer = StreamingLayer(get_format(method, bits), 64)
+    g = torch.Generator().manual_seed(3)
+    for t in [50, 1, 200, 1, 1, 90]:
+        layer.append(torch.randn(1, 3, t, 64, generator=g), torch.randn(1, 3, t, 64, generator=g))
+    for stream in (layer.k, layer.v):
+        whole = stream.codec.decode(stream.body, stream.quantized_tokens)
+        assert torch.equal(stream._deq, whole)

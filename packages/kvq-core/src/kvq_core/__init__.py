@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "StreamingLayer": "kvq_core.cache",
-    "quantizer_for": "kvq_core.methods",
+    "QuantizedStream": "kvq_core.cache",
+    "KVQCache": "kvq_core.hf_cache",
 }
 
 __all__ = ["METHODS", "KVFormat", "StreamFormat", "get_format", *_LAZY]

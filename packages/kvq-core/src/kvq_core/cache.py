@@ -37,6 +37,7 @@ class QuantizedStream:
         self.sinks: torch.Tensor | None = None  # [B, H, s, D] fp16
         self.body: dict[str, torch.Tensor] = {}  # the codec's per-sequence tensors
         self.residual: torch.Tensor | None = None  # [B, H, r, D] fp16
+        self._deq: torch.Tensor | None = None  # fp32 reconstruction of the body, grown per flushed block
         self.tokens = 0
         self.quantized_tokens = 0
 
@@ -83,6 +84,9 @@ class QuantizedStream:
                 "would re-quantize history; give the format residual_tokens (a multiple of group_size)"
             )
         parts = self.codec.encode(block.float())
+        # The body is never re-quantized, so each block is decoded once, when it is stored.
+        deq = self.codec.decode(parts, block.shape[2])
+        self._deq = deq if self._deq is None else torch.cat([self._deq, deq], dim=2)
         for name, t in parts.items():
             if name not in self.body:
                 self.body[name] = t
@@ -99,7 +103,7 @@ class QuantizedStream:
         if self.sinks is not None:
             segs.append(self.sinks.to(dtype))
         if self.body:
-            segs.append(self.codec.decode(self.body, self.quantized_tokens).to(dtype))
+            segs.append(self._deq.to(dtype))
         if self.residual is not None and self.residual.shape[2]:
             segs.append(self.residual.to(dtype))
         if not segs:

@@ -1,0 +1,192 @@
+"""A transformers `Cache` whose layers are kvq-core streaming layers: drop-in for `model.generate`.
+
+    >>> from kvq_core.hf_cache import KVQCache
+    >>> cache = KVQCache("kivi", bits=2, model=model)
+    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+
+Semantics (as KIVI and transformers' QuantizedCache): the prefill attends in full precision and is
+then stored quantized; every later step attends over the dequantized history plus its own tokens as
+the method stores them (e.g. in the full-precision residual window). History is never re-quantized.
+
+Pre-RoPE methods (`fmt.pre_rope_keys`, KVQuant): the model hands the cache post-RoPE keys; the cache
+un-rotates them with the inverse rotation at their positions (RoPE is orthogonal, so this is exact up
+to fp32 rounding, ~1e-7 relative), quantizes the pre-RoPE keys, and re-applies RoPE after
+dequantization. Positions are the tokens' indices in the cache (0, 1, ...: unpadded inputs).
+This module is the torch reference path; it imports transformers when it is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import StreamingLayer
+from .formats import KVFormat, get_format
+
+__all__ = ["KVQCache", "KVQLayer"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Rope:
+    """RoPE at given positions from the model's own rotary embedding module (any rope scaling)."""
+
+    def __init__(self, rotary_emb: torch.nn.Module):
+        self.rotary_emb = rotary_emb
+
+    def cos_sin(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=x.device)[None]
+        cos, sin = self.rotary_emb(x.float(), pos)  # [1, T, D]
+        return cos[:, None].float(), sin[:, None].float()  # [1, 1, T, D]
+
+    def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        cos, sin = self.cos_sin(x, start, x.shape[2])
+        return x.float() * cos + _rotate_half(x.float()) * sin
+
+    def unapply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        cos, sin = self.cos_sin(x, start, x.shape[2])
+        return x.float() * cos - _rotate_half(x.float()) * sin
+
+
+def _find_rotary(model: torch.nn.Module) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no rotary embedding module; pre-RoPE methods need RoPE")
+
+
+class KVQLayer(CacheLayerMixin):
+    """One decoder layer's cache: a kvq-core `StreamingLayer` behind transformers' layer API."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, fmt: KVFormat, rope: _Rope | None = None, state: dict | None = None):
+        super().__init__()
+        if fmt.pre_rope_keys and rope is None:
+            raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
+        self.fmt = fmt
+        self.rope = rope if fmt.pre_rope_keys else None
+        self.state = state
+        self.layer: StreamingLayer | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.layer = StreamingLayer(self.fmt, key_states.shape[-1])
+        if self.state is not None:
+            for stream, name in ((self.layer.k, "k"), (self.layer.v, "v")):
+                if stream.codec is not None and name in self.state:
+                    stream.codec.load_state_dict(self.state[name])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        first = not self.is_initialized
+        if first:
+            self.lazy_initialization(key_states, value_states)
+        start = self.layer.tokens
+        k_store = self.rope.unapply(key_states, start) if self.rope is not None else key_states
+        self.layer.append(k_store, value_states)
+        if first:
+            return key_states, value_states  # the prefill attends in full precision
+        keys = self.layer.keys()
+        if self.rope is not None:
+            keys = self.rope.apply(keys, 0)
+        return keys.to(self.dtype), self.layer.values(self.dtype)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.layer is None else self.layer.tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.layer = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVQCache does not support beam search (it would reorder quantized history)")
+
+    def offload(self):
+        raise NotImplementedError("KVQCache does not support offloading")
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.layer is None else self.layer.nbytes
+
+
+class KVQCache(Cache):
+    """A transformers `Cache` storing K/V in a kvq-core format.
+
+    method, bits:  a kvq-core method and width (`kvq_core.formats.METHODS`), or `fmt=` a `KVFormat`.
+    model:         the causal LM; needed for pre-RoPE methods (its rotary embedding) and to size layers.
+    calibration:   a dict or a path saved by `save_calibration` with per-layer codec state.
+    """
+
+    def __init__(
+        self,
+        method: str | None = None,
+        bits=None,
+        *,
+        fmt: KVFormat | None = None,
+        model: torch.nn.Module | None = None,
+        calibration: dict | str | Path | None = None,
+    ):
+        if fmt is None:
+            if method is None:
+                raise ValueError("give a method name (e.g. 'kivi') or fmt=KVFormat")
+            fmt = get_format(method, bits)
+        state = load_calibration(calibration, model) if calibration is not None else {}
+        self.fmt = fmt
+        rope = _Rope(_find_rotary(model)) if (fmt.pre_rope_keys and model is not None) else None
+        if fmt.pre_rope_keys and rope is None:
+            raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
+        make = functools.partial(KVQLayer, fmt, rope)
+        if model is not None:
+            n = model.config.get_text_config(decoder=True).num_hidden_layers
+            super().__init__(layers=[make(state.get(i)) for i in range(n)])
+        else:
+            super().__init__(layer_class_to_replicate=make)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (equals the format's count, layers x batch)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def save_calibration(state: dict, path: str | Path, model: torch.nn.Module | None = None, **info) -> None:
+    """Save per-layer codec state ({layer: {"k": state, "v": state}}) with the model it came from."""
+    meta = dict(info)
+    if model is not None:
+        meta["model"] = _model_id(model)
+    torch.save({"meta": meta, "layers": state}, str(path))
+
+
+def load_calibration(calibration: dict | str | Path, model: torch.nn.Module | None = None) -> dict:
+    """Per-layer codec state from a dict or a file saved by `save_calibration`; checks the model matches."""
+    if isinstance(calibration, (str, Path)):
+        path = Path(calibration)
+        if not path.exists():
+            raise ValueError(f"calibration file {path} does not exist")
+        blob = torch.load(str(path), weights_only=False)
+        meta, layers = blob.get("meta", {}), blob["layers"]
+        if model is not None and "model" in meta and meta["model"] != _model_id(model):
+            raise ValueError(f"calibration file {path} was made for model {meta['model']}, not {_model_id(model)}")
+        return layers
+    return calibration
+
+
+def _model_id(model: torch.nn.Module) -> str:
+    c = model.config.get_text_config(decoder=True)
+    return (
+        f"{c.model_type}:L{c.num_hidden_layers}:H{c.num_attention_heads}/"
+        f"{getattr(c, 'num_key_value_heads', c.num_attention_heads)}:d{c.hidden_size}"
+    )

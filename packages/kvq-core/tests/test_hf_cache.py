@@ -1,0 +1,97 @@
+"""kvq's transformers Cache on a tiny random Llama (GQA 4/2 heads): generate, bytes, RoPE, errors."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kvq_core.formats import get_format  # noqa: E402
+from kvq_core.hf_cache import KVQCache, _find_rotary, _Rope, load_calibration, save_calibration  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _logits(model, ids, cache):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+def test_fp16_cache_matches_dynamic_cache(tiny):
+    ids = torch.randint(0, 97, (2, 40))
+    ref, dyn = [], transformers.DynamicCache()
+    ours = KVQCache("fp16", model=tiny)
+    ref.append(_logits(tiny, ids[:, :30], dyn))
+    got = [_logits(tiny, ids[:, :30], ours)]
+    for t in range(30, 40):  # decode steps attend to the stored (fp16) history
+        ref.append(_logits(tiny, ids[:, t : t + 1], dyn))
+        got.append(_logits(tiny, ids[:, t : t + 1], ours))
+    # fp16 storage of fp32 activations: relative rounding 2**-11 of the K/V, far below logit scale
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(ref, 1), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("method,bits", [("kivi", 2), ("kvquant", 3), ("skvq", "k2v1.5"), ("int", 4), ("fp8-e4m3", 8)])
+def test_generate_and_bytes(tiny, method, bits):
+    ids = torch.randint(0, 97, (1, 150))
+    cache = KVQCache(method, bits, model=tiny)
+    out = tiny.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    total = out.shape[1] - 1  # the last generated token is never fed back
+    assert cache.get_seq_length() == total
+    fmt = get_format(method, bits)
+    assert cache.nbytes == 2 * fmt.bytes(total, 2, 16)  # 2 layers, batch 1, 2 kv heads x 16
+
+
+def test_quantization_changes_decode_but_not_prefill(tiny):
+    ids = torch.randint(0, 97, (1, 64))
+    ref = _logits(tiny, ids, transformers.DynamicCache())
+    cache = KVQCache("int", 2, model=tiny)
+    torch.testing.assert_close(_logits(tiny, ids, cache), ref)  # the prefill attends in full precision
+    nxt = torch.randint(0, 97, (1, 1))
+    dyn = transformers.DynamicCache()
+    _logits(tiny, ids, dyn)
+    assert not torch.allclose(_logits(tiny, nxt, cache), _logits(tiny, nxt, dyn), atol=1e-4)
+
+
+def test_rope_unapply_inverts_apply(tiny):
+    rope = _Rope(_find_rotary(tiny))
+    x = torch.randn(1, 2, 37, 16, dtype=torch.float64).float()
+    y = rope.unapply(rope.apply(x, 5), 5)
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+
+def test_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="pre-RoPE keys: pass model"):
+        KVQCache("kvquant", 3)
+    with pytest.raises(ValueError, match="unknown method"):
+        KVQCache("kiwi", 2, model=tiny)
+    with pytest.raises(ValueError, match="give a method name"):
+        KVQCache()
+    path = tmp_path / "calib.pt"
+    save_calibration({}, path, model=tiny)
+    assert load_calibration(path, tiny) == {}
+    other = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(ValueError, match="was made for model"):
+        KVQCache("kivi", 2, model=other, calibration=path)
+    with pytest.raises(ValueError, match="does not exist"):
+        KVQCache("kivi", 2, model=tiny, calibration=tmp_path / "missing.pt")

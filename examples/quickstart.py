@@ -4,6 +4,7 @@ import torch
 
 from kvq_core import StreamingLayer, get_format
 
+torch.manual_seed(0)
 fmt = get_format("kivi", 2)  # per-channel keys / per-token values, G=32, fp16 residual of 128
 layer = StreamingLayer(fmt, head_dim=128)
 k, v = torch.randn(2, 8, 1000, 128), torch.randn(2, 8, 1000, 128)  # [batch, kv_heads, tokens, head_dim]

@@ -95,3 +95,27 @@ def test_errors(tiny, tmp_path):
         KVQCache("kivi", 2, model=other, calibration=path)
     with pytest.raises(ValueError, match="does not exist"):
         KVQCache("kivi", 2, model=tiny, calibration=tmp_path / "missing.pt")
+
+
+def test_calibration_round_trip_and_fisher(tiny, tmp_path):
+    from kvq_core.calibration import calibrate, record_kv
+
+    ids = torch.randint(0, 97, (1, 64))
+    rec = record_kv(tiny, ids, fisher=True)
+    assert len(rec) == 2 and rec[0][0].shape == (1, 2, 64, 16)
+    assert rec[0][2] is not None and float(rec[0][2].abs().sum()) > 0  # real gradients reached K
+    state = calibrate(tiny, ids, "kvquant", 2)
+    cb = state[0]["k"]["codebook"]
+    assert cb.dtype == torch.float16 and cb.shape == (4,) and torch.all(cb[1:] > cb[:-1])
+    plain = calibrate(tiny, ids, "kvquant", 2, fisher=False)
+    assert not torch.equal(plain[0]["k"]["codebook"], cb)  # the Fisher weights change the codebook
+    path = tmp_path / "kvquant2.pt"
+    save_calibration(state, path, model=tiny)
+    cache = KVQCache("kvquant", 2, model=tiny, calibration=path)
+    seq = torch.randint(0, 97, (1, 20))
+    _logits(tiny, seq, cache)
+    _logits(tiny, seq[:, :1], cache)
+    assert torch.equal(cache.layers[0].layer.k.codec._codebook, cb)  # loaded, not re-fitted
+    skvq = calibrate(tiny, ids, "skvq", "k2v1.5", fisher=False)
+    perm = skvq[1]["v"]["reorder"]
+    assert perm.dtype == torch.int16 and sorted(perm.tolist()) == list(range(32))

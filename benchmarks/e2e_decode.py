@@ -179,8 +179,11 @@ def main(argv=None) -> int:
                     kv_fp16 = 2 * s.layers * batch * (context + 1) * s.kv_heads * s.head_dim * 2
                     if W.nbytes + kv_fp16 * bits / 16 * 1.3 > 0.92 * usable:
                         continue  # does not fit (with a margin for metadata and activations)
+                    torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                    if torch.cuda.memory_allocated() > W.nbytes + (64 << 20):
+                        raise RuntimeError("memory of the previous point is still allocated")
                     cache = build_cache(backend, bits, s, batch, context, dev)
                     x = torch.randn(batch, s.hidden, device=dev, dtype=torch.float16)
                     pos = torch.full((batch,), context, device=dev)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
                             **prov,
                         )
                     )
-                    del cache, g
+                    del cache, g, step, out  # the partial holds the cache: drop it before the next point
     with open(args.out, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()

@@ -1,0 +1,109 @@
+"""The `kvq-sim` command: `plan` a deployment and `list` GPUs, models and methods (imports no torch)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import SimInputError
+
+FORMATS = ("table", "json", "csv")
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit code 2: the usage-error convention of click."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """Memory, bandwidth and decode-latency simulator for quantized KV caches."""
+
+
+@main.command()
+@click.option("--model", required=True, help="model name (kvq-sim list models) or path to a config.json / YAML")
+@click.option("--gpu", required=True, help="GPU or node name (kvq-sim list gpus) or path to a hardware YAML")
+@click.option("--bits", default=None, help="KV bits: 2, 3, 4, 8, 16 or k<bits>v<bits> (e.g. k2v1.5)")
+@click.option("--method", default=None, help="KV method (kvq-sim list methods); default for a bare --bits: kivi")
+@click.option("--weight-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True)
+@click.option("--context", type=int, default=None, help="tokens per sequence (alone: max batch at this context)")
+@click.option("--batch", type=int, default=None, help="sequences (alone: max context at this batch)")
+@click.option("--prompt", type=int, default=None, help="workload prompt tokens (with --generate)")
+@click.option("--generate", type=int, default=None, help="workload generated tokens (with --prompt)")
+@click.option("--gpus", type=int, default=None, help="GPUs to use (default: all of the node)")
+@click.option("--parallel", type=click.Choice(["tp", "cp"]), default="tp", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+def plan(model, gpu, bits, method, weight_bits, context, batch, prompt, generate, gpus, parallel, fmt) -> None:
+    """Max context, max batch, memory breakdown and decode speed of one deployment."""
+    from . import api, render
+
+    try:
+        result = api.plan(
+            model,
+            gpu,
+            bits=bits,
+            method=method,
+            weight_bits=int(weight_bits),
+            context=context,
+            batch=batch,
+            gpus=gpus,
+            parallel=parallel,
+            prompt=prompt,
+            generate=generate,
+        )
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo({"table": render.table, "json": render.as_json, "csv": render.as_csv}[fmt](result))
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["gpus", "models", "methods"]))
+def list_(what: str) -> None:
+    """List the GPUs, models or KV methods kvq-sim knows."""
+    try:
+        click.echo(_listing(what))
+    except SimInputError as e:
+        _fail(str(e))
+
+
+def _listing(what: str) -> str:
+    from .api import LIST_CONTEXT
+    from .hardware import GIB, hardware_names, load_hardware
+    from .models import load_model, model_names
+
+    if what == "gpus":
+        rows = ["name          gpus  usable/GPU   bandwidth   fp16 dense  interconnect"]
+        for n in hardware_names():
+            h = load_hardware(n)
+            rows.append(
+                f"{n:<13}{h.gpus:>5} {h.usable_memory_bytes / GIB:>7.2f} GiB {h.hbm_bandwidth_gb_s:>6,.0f} GB/s "
+                f"{h.fp16_dense_tflops:>6,.0f} TF/s  {h.interconnect} {h.interconnect_bandwidth_gb_s:,.0f} GB/s"
+            )
+        return "\n".join(rows)
+    if what == "models":
+        rows = ["name           layers  hidden  heads/kv  params     fp16 KV/token  window"]
+        for n in model_names():
+            m = load_model(n)
+            kv_kib = m.num_hidden_layers * 2 * m.kv_size * 2 / 1024
+            window = m.sliding_window or "-"
+            rows.append(
+                f"{n:<15}{m.num_hidden_layers:>6}{m.hidden_size:>8}  {m.num_attention_heads:>3}/{m.num_key_value_heads:<4}"
+                f"{m.params / 1e9:>6.2f} B  {kv_kib:>9.1f} KiB  {window}"
+            )
+        return "\n".join(rows)
+    from kvq_core.formats import METHODS, bits_label, get_format
+
+    ref = load_model("llama-7b")
+    rows = [f"method         bits    avg bits at {LIST_CONTEXT // 1024}K tokens (llama-7b layer: 32 KV heads x 128)"]
+    for name, spec in METHODS.items():
+        for kv in spec.bits:
+            f = get_format(name, kv)
+            avg = f.avg_bits(LIST_CONTEXT, ref.num_key_value_heads, ref.head_dim)
+            rows.append(f"{name:<15}{bits_label(kv):<8}{avg:>7.3f}   {spec.summary}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

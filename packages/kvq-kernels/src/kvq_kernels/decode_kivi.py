@@ -1,0 +1,269 @@
+"""Fused dequantize + split-KV decode attention over a packed KIVI cache (2/3/4/8-bit, uniform or nuq).
+
+Grid (batch * kv_heads, splits + 1). Programs 0..splits-1 stream the region where keys and values are
+both quantized (post-sink tokens p < n_vq, see `kivi_layout`): they read packed codes and scales once,
+dequantize in registers and run the online softmax. The last program of each row takes the fp16 parts:
+the sinks, then p in [n_vq, rest), where values come from the fp16 window and keys from the codes
+(p < n_kq) or the fp16 residual ring. `combine._combine` merges all splits.
+
+Keys are per-channel with groups of G tokens; a BLOCK_N tile never straddles a group (G % BLOCK_N == 0),
+so the key scale folds into the query: q.k = (q * s_g) . c + q . z_g, one [HQ, D] product per tile
+instead of one multiply-add per element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvq_core.packing import unpack
+from kvq_core.quant import dequantize, nuq_dequantize
+
+from ._launch import check, check_lens, interpreting, next_pow2, num_splits
+from .combine import alloc_partials, combine
+from .decode_fp16 import LOG2E, _dot, _softmax_update, _store_partial
+from .kivi_layout import KiviCache
+from .packed import load_codes
+
+
+@triton.jit
+def _levels(ROW_PTRS, row_mask, CB, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, NUQ: tl.constexpr, OUT: tl.constexpr):
+    """Levels [N, HEAD_DIM] of N packed rows: the code itself (uniform, converted while unpacking)
+    or codebook[code] (nuq; a table of 2**BITS fp16, L1-resident)."""
+    if NUQ:
+        return tl.load(CB + load_codes(ROW_PTRS, row_mask, BITS, HEAD_DIM, tl.int32)).to(OUT)
+    else:
+        return load_codes(ROW_PTRS, row_mask, BITS, HEAD_DIM, OUT)
+
+
+@triton.jit
+def _dequant_values(lv, vs, vz, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NGV: tl.constexpr):
+    """lv [BLOCK_N, D] levels, vs / vz [BLOCK_N, NGV] per-token channel groups -> values [BLOCK_N, D]."""
+    if NGV == 1:
+        return lv * vs + vz
+    else:
+        x = tl.reshape(lv, (BLOCK_N, NGV, HEAD_DIM // NGV))
+        x = x * vs[:, :, None] + vz[:, :, None]
+        return tl.reshape(x, (BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
+def _decode_kivi_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
+    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS,
+    BITS: tl.constexpr, GROUP: tl.constexpr, NUQ: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    ROW_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
+    NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H_KV
+    bh = pid_bh.to(tl.int64)  # = b * H_KV + h; every base offset below is 64-bit
+    seq_len = tl.load(LENS + b)
+    n_sink = tl.minimum(seq_len, S)
+    rest = seq_len - n_sink
+    n_kq = rest - rest % R
+    n_vq = rest - tl.minimum(rest, R)
+
+    offs_h = tl.arange(0, HQ_PAD)
+    h_mask = offs_h < HQ_PER_KV
+    offs_d = tl.arange(0, HEAD_DIM)
+    row0 = bh * HQ_PER_KV
+    q = tl.load(Q + (row0 + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+    q = q.to(tl.float32) * qk_scale  # [HQ_PAD, D], log2 units
+
+    m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([HQ_PAD], tl.float32)
+    acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
+    if split < NUM_SPLITS:
+        # quantized keys and values: p in [start, min(start + TOKENS_PER_SPLIT, n_vq))
+        start = split * TOKENS_PER_SPLIT
+        end = tl.minimum(start + TOKENS_PER_SPLIT, n_vq)
+        for t0 in range(start, end, BLOCK_N):
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            rows = bh * T_QCAP + offs_n  # int64 row index into [B, H, Tq, ...]
+            g = bh * (T_QCAP // GROUP) + t0 // GROUP  # whole tile in one key group
+            ks = tl.load(KS + g * HEAD_DIM + offs_d).to(tl.float32)
+            kz = tl.load(KZ + g * HEAD_DIM + offs_d).to(tl.float32)
+            kc = _levels(KC + rows * ROW_BYTES, n_mask, CB, BITS, HEAD_DIM, NUQ, DOT_DTYPE)
+            qs = (q * ks[None, :]).to(DOT_DTYPE)
+            bias = tl.sum(q * kz[None, :], 1)
+            qk = _dot(qs, tl.trans(kc), DOT_DTYPE) + bias[:, None]
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            vc = _levels(VC + rows * ROW_BYTES, n_mask, CB, BITS, HEAD_DIM, NUQ, DOT_DTYPE)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if NGV == 1:
+                # one value group per token: p . (c * s + z) = (p * s) . c + p . z, no per-element FMA
+                vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
+                vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
+                pv = _dot((p * vs[None, :]).to(DOT_DTYPE), vc, DOT_DTYPE) + tl.sum(p * vz[None, :], 1)[:, None]
+            else:
+                offs_g = tl.arange(0, NGV)
+                mptr = rows[:, None] * NGV + offs_g[None, :]
+                vs = tl.load(VS + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(VZ + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
+                v = _dequant_values(vc.to(tl.float32), vs, vz, BLOCK_N, HEAD_DIM, NGV)
+                pv = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), DOT_DTYPE)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    else:
+        qd = q.to(DOT_DTYPE)
+        for t0 in range(0, n_sink, BLOCK_N):  # sinks, fp16
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_sink
+            ptrs = (bh * S + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(KSINK + ptrs, mask=n_mask[:, None], other=0.0)
+            v = tl.load(VSINK + ptrs, mask=n_mask[:, None], other=0.0)
+            qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
+        for t0 in range(n_vq, rest, BLOCK_N):  # value window (<= R tokens); keys quantized or fp16
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < rest
+            kq = n_mask & (offs_n < n_kq)
+            rows = bh * T_QCAP + offs_n
+            g = bh * (T_QCAP // GROUP) + offs_n // GROUP
+            mptr = g[:, None] * HEAD_DIM + offs_d[None, :]
+            ks = tl.load(KS + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
+            kz = tl.load(KZ + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
+            kc = _levels(KC + rows * ROW_BYTES, kq, CB, BITS, HEAD_DIM, NUQ, tl.float32)
+            ring = (bh * R + offs_n % R)[:, None] * HEAD_DIM + offs_d[None, :]
+            kr = tl.load(KRES + ring, mask=(n_mask & ~kq)[:, None], other=0.0).to(tl.float32)
+            k = tl.where(kq[:, None], kc * ks + kz, kr)
+            v = tl.load(VWIN + ring, mask=n_mask[:, None], other=0.0)
+            qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
+    _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS + 1, m_i, l_i, acc, HEAD_DIM)
+
+
+def _check_cache(c: KiviCache, q: torch.Tensor, validate_lens: bool = True) -> None:
+    b, h, d, tq = c.batch, c.kv_heads, c.head_dim, c.quant_capacity
+    g, r, s = c.group_size, c.residual_tokens, c.sink_tokens
+    if c.bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {c.bits}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if g < 16 or g & (g - 1) or r % g or tq % r:
+        raise ValueError(
+            f"need group_size a power of two >= 16 dividing residual_tokens dividing the quantized capacity; got G={g}, R={r}, Tq={tq}"
+        )
+    row = d * c.bits // 8
+    check("k_codes", c.k_codes, torch.uint8, (b, h, tq, row))
+    check("v_codes", c.v_codes, torch.uint8, (b, h, tq, row))
+    check("k_scale", c.k_scale, torch.float16, (b, h, tq // g, d))
+    check("k_zero", c.k_zero, torch.float16, (b, h, tq // g, d))
+    ngv = d // min(g, d)
+    check("v_scale", c.v_scale, torch.float16, (b, h, tq, ngv))
+    check("v_zero", c.v_zero, torch.float16, (b, h, tq, ngv))
+    for name in ("k_res", "v_win"):
+        check(name, getattr(c, name), torch.float16, (b, h, r, d))
+    for name in ("k_sink", "v_sink"):
+        check(name, getattr(c, name), torch.float16, (b, h, s, d))
+    if c.codebook is not None:
+        check("codebook", c.codebook, torch.float16, (2**c.bits,))
+    for name in ("k_codes", "v_codes", "k_scale", "k_res", "v_win", "k_sink", "lens"):
+        if getattr(c, name).device != q.device:
+            raise ValueError(f"cache.{name} is on {getattr(c, name).device}, q on {q.device}")
+    check_lens(c.lens, b, c.capacity, q.device, validate_lens)
+
+
+def decode_kivi(
+    q: torch.Tensor,
+    cache: KiviCache,
+    sm_scale: float | None = None,
+    splits: int | None = None,
+    block_n: int | None = None,
+    max_len: int | None = None,
+    validate_lens: bool = True,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Decode attention of one query token per sequence over a packed KIVI cache (`kivi_layout.KiviCache`).
+
+    q: [batch, query_heads, head_dim] fp16 (fp32 for CPU tests); query head j reads KV head
+    j // (query_heads // kv_heads) (GQA; MHA when equal). Uniform codes dequantize as c * scale + zero,
+    nuq codes (cache.codebook set) as codebook[c] * scale + zero. max_len bounds the split sizes
+    (default: the cache capacity, so no host sync); validate_lens=False skips the one host sync
+    that range-checks lens (for CUDA-graph capture). Returns [batch, query_heads, head_dim] in q's dtype.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
+    batch, hq, d = q.shape
+    check("q", q, (torch.float16, torch.float32), (cache.batch, hq, cache.head_dim))
+    _check_cache(cache, q, validate_lens)
+    h_kv = cache.kv_heads
+    if hq % h_kv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h_kv})")
+    g = cache.group_size
+    block_n = block_n or min(64, g)
+    if g % block_n or block_n < 16:
+        raise ValueError(f"block_n ({block_n}) must be >= 16 and divide group_size ({g})")
+    max_len = cache.quant_capacity if max_len is None else max_len
+    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
+    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
+    m, l_part, acc = alloc_partials(batch * hq, n_split + 1, d, q.device)
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
+    c = cache
+    _decode_kivi_kernel[(batch * h_kv, n_split + 1)](
+        q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
+        c.lens, cb, m, l_part, acc, scale, h_kv, c.quant_capacity, c.residual_tokens, c.sink_tokens,
+        tokens_per_split, n_split,
+        BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)),
+        HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return combine(m, l_part, acc, torch.empty_like(q))
+
+
+def dequantize_cache(cache: KiviCache, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence b's keys and values [H, T, D] in token order (fp32), dequantized by kvq_core (the spec)."""
+    c, t = cache, int(cache.lens[b])
+    n = c.counts(t)
+    d, g, r, bits = c.head_dim, c.group_size, c.residual_tokens, c.bits
+
+    def deq(codes, scale, zero, axis):
+        if codes.shape[1] == 0:  # kvq_core.packing.unpack cannot reshape 0 rows
+            return torch.zeros(codes.shape[0], 0, d, device=codes.device)
+        u = unpack(codes, bits, d)
+        if c.codebook is None:
+            return dequantize(u, scale, zero, bits, axis=axis, group_size=g)
+        return nuq_dequantize(u, c.codebook, scale, zero, axis=axis, group_size=g)
+
+    kq = deq(
+        c.k_codes[b, :, : n["n_kq"]], c.k_scale[b, :, : n["n_kq"] // g], c.k_zero[b, :, : n["n_kq"] // g], "channel"
+    )
+    vq = deq(c.v_codes[b, :, : n["n_vq"]], c.v_scale[b, :, : n["n_vq"]], c.v_zero[b, :, : n["n_vq"]], "token")
+    kr = c.k_res[b, :, [p % r for p in range(n["n_kq"], n["rest"])]].float()
+    vw = c.v_win[b, :, [p % r for p in range(n["n_vq"], n["rest"])]].float()
+    s = n["sinks"]
+    k = torch.cat([c.k_sink[b, :, :s].float(), kq, kr], dim=1)
+    v = torch.cat([c.v_sink[b, :, :s].float(), vq, vw], dim=1)
+    return k, v
+
+
+def decode_kivi_reference(q: torch.Tensor, cache: KiviCache, sm_scale=None, dtype=torch.float64) -> torch.Tensor:
+    """The spec: attention in `dtype` over kvq_core's dequantization of the cache; shapes as `decode_kivi`."""
+    batch, hq, d = q.shape
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    rep = hq // cache.kv_heads
+    out = torch.zeros(batch, hq, d, dtype=dtype, device=q.device)
+    for b in range(batch):
+        k, v = dequantize_cache(cache, b)
+        if k.shape[1] == 0:
+            continue
+        k = k.to(dtype).repeat_interleave(rep, dim=0)
+        v = v.to(dtype).repeat_interleave(rep, dim=0)
+        s = torch.einsum("hd,hnd->hn", q[b].to(dtype), k) * scale
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), v)
+    return out

@@ -1,0 +1,142 @@
+"""Batched, capacity-preallocated tensors of a KIVI cache (one layer) as the kernels read and write them.
+
+Per sequence the tokens are: S sinks (fp16), then the post-sink stream p = 0, 1, ..., rest - 1 with
+rest = T - min(T, S). With R = residual_tokens and G = group_size (R % G == 0):
+
+- keys   (per-channel, block flush): p < n_kq = rest - rest % R are quantized; the rest % R newest sit in
+         the fp16 ring ``k_res`` at slot p % R. Key groups cover tokens [g*G, (g+1)*G), always full.
+- values (per-token, sliding window): p < n_vq = rest - min(rest, R) are quantized; the min(rest, R)
+         newest sit in the fp16 ring ``v_win`` at slot p % R.
+
+This holds exactly the tensors `kvq_core.formats.kivi_format(bits, G, R)` counts (plus fp16 sinks),
+laid out with a batch axis and a fixed capacity so that one launch serves the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvq_core.formats import packed_row_bytes
+
+
+@dataclass
+class KiviCache:
+    """Tensors (shapes with B = batch, H = kv_heads, Tq = quantized-token capacity, D = head_dim):
+
+    k_codes, v_codes: uint8 [B, H, Tq, packed_row_bytes(bits, D)]   codes packed along channels
+    k_scale, k_zero:  fp16  [B, H, Tq // G, D]                      per-channel key groups of G tokens
+    v_scale, v_zero:  fp16  [B, H, Tq, D // min(G, D)]              per-token value groups of G channels
+    k_res, v_win:     fp16  [B, H, R, D]                            rings, slot = post-sink index % R
+    k_sink, v_sink:   fp16  [B, H, S, D]                            first S tokens
+    lens:             int32 [B]                                     tokens T per sequence (sinks included)
+    codebook:         fp16 [2**bits] levels in [-1, 1] for nuq (x = codebook[c] * scale + zero), else None
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    k_res: torch.Tensor
+    v_win: torch.Tensor
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    lens: torch.Tensor
+    bits: int
+    group_size: int
+    residual_tokens: int
+    sink_tokens: int
+    codebook: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_res.shape[-1]
+
+    @property
+    def quant_capacity(self) -> int:
+        return self.k_codes.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens a sequence can hold: sinks + quantized capacity + the R-token fp16 tail."""
+        return self.sink_tokens + self.quant_capacity + self.residual_tokens
+
+    def counts(self, t: int) -> dict[str, int]:
+        """Where a T-token sequence's tokens live: sinks, n_kq, n_vq, rest (post-sink tokens)."""
+        s = min(t, self.sink_tokens)
+        rest = t - s
+        r = self.residual_tokens
+        return {"sinks": s, "rest": rest, "n_kq": rest - rest % r, "n_vq": rest - min(rest, r)}
+
+    def bytes_read(self) -> int:
+        """Bytes a decode step reads at the current lens: valid codes, metadata, rings, sinks (host sync)."""
+        h, d, g = self.kv_heads, self.head_dim, self.group_size
+        row = packed_row_bytes(self.bits, d)
+        ngv = d // min(g, d)
+        total = 0
+        for t in self.lens.tolist():
+            c = self.counts(t)
+            total += h * (c["n_kq"] + c["n_vq"]) * row  # codes
+            total += h * (c["n_kq"] // g) * d * 2 * 2  # key scale + zero
+            total += h * c["n_vq"] * ngv * 2 * 2  # value scale + zero
+            total += h * (c["rest"] - c["n_kq"] + c["rest"] - c["n_vq"] + 2 * c["sinks"]) * d * 2
+        return total
+
+
+def allocate(
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    capacity: int,
+    bits: int,
+    group_size: int = 32,
+    residual_tokens: int = 128,
+    sink_tokens: int = 0,
+    device: torch.device | str = "cpu",
+    codebook: torch.Tensor | None = None,
+) -> KiviCache:
+    """An empty cache able to hold `capacity` tokens per sequence (lens = 0)."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    if residual_tokens < group_size or residual_tokens % group_size:
+        raise ValueError(
+            f"residual_tokens ({residual_tokens}) must be a positive multiple of group_size ({group_size})"
+        )
+    tq = max(0, capacity - sink_tokens)
+    tq = -(-tq // residual_tokens) * residual_tokens  # whole flush blocks
+    b, h, d, g, r, s = batch, kv_heads, head_dim, group_size, residual_tokens, sink_tokens
+    row = packed_row_bytes(bits, d)
+    f16 = dict(dtype=torch.float16, device=device)
+    return KiviCache(
+        k_codes=torch.zeros(b, h, tq, row, dtype=torch.uint8, device=device),
+        k_scale=torch.zeros(b, h, tq // g, d, **f16),
+        k_zero=torch.zeros(b, h, tq // g, d, **f16),
+        v_codes=torch.zeros(b, h, tq, row, dtype=torch.uint8, device=device),
+        v_scale=torch.zeros(b, h, tq, d // min(g, d), **f16),
+        v_zero=torch.zeros(b, h, tq, d // min(g, d), **f16),
+        k_res=torch.zeros(b, h, r, d, **f16),
+        v_win=torch.zeros(b, h, r, d, **f16),
+        k_sink=torch.zeros(b, h, s, d, **f16),
+        v_sink=torch.zeros(b, h, s, d, **f16),
+        lens=torch.zeros(b, dtype=torch.int32, device=device),
+        bits=bits,
+        group_size=g,
+        residual_tokens=r,
+        sink_tokens=s,
+        codebook=codebook,
+    )

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from kvq_kernels.kivi_layout import allocate
+from kvq_kernels.quantize_append import append_kivi, kivi_from_dense
+
+
+def assert_same_cache(c, ref):
+    """Bit-identical over everything a reader may touch: valid codes, scales, zeros, ring slots, sinks."""
+    r, g = c.residual_tokens, c.group_size
+    assert torch.equal(c.lens, ref.lens)
+    for i, t in enumerate(c.lens.tolist()):
+        n = c.counts(t)
+        for name, rows in (("k_codes", n["n_kq"]), ("k_scale", n["n_kq"] // g), ("k_zero", n["n_kq"] // g)):
+            assert torch.equal(getattr(c, name)[i, :, :rows], getattr(ref, name)[i, :, :rows]), name
+        for name in ("v_codes", "v_scale", "v_zero"):
+            assert torch.equal(getattr(c, name)[i, :, : n["n_vq"]], getattr(ref, name)[i, :, : n["n_vq"]]), name
+        ks = [p % r for p in range(n["n_kq"], n["rest"])]
+        vs = [p % r for p in range(n["n_vq"], n["rest"])]
+        assert torch.equal(c.k_res[i][:, ks], ref.k_res[i][:, ks])
+        assert torch.equal(c.v_win[i][:, vs], ref.v_win[i][:, vs])
+        assert torch.equal(c.k_sink[i, :, : n["sinks"]], ref.k_sink[i, :, : n["sinks"]])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_prefill_then_decode_is_bit_identical_to_kvq_core(bits, device):
+    b, h, d, g, r, s = 2, 3, 32, 16, 32, 3
+    total = 90  # crosses two key flushes (R = 32) and slides the value window
+    gen = torch.Generator().manual_seed(bits)
+    k = (torch.randn(b, h, total, d, generator=gen) * 3).half().to(device)
+    v = torch.randn(b, h, total, d, generator=gen).half().to(device)
+    c = allocate(b, h, d, 128, bits, g, r, s, device=device)
+    append_kivi(c, k[:, :, :37].contiguous(), v[:, :, :37].contiguous())  # prefill block
+    for j in range(37, 40):  # single decode tokens, one of them flushes a key block
+        append_kivi(c, k[:, :, j : j + 1].contiguous(), v[:, :, j : j + 1].contiguous())
+    append_kivi(c, k[:, :, 40:total].contiguous(), v[:, :, 40:total].contiguous())
+    ref = allocate(b, h, d, 128, bits, g, r, s, device=device)
+    kivi_from_dense(ref, k, v, [total] * b)
+    assert_same_cache(c, ref)
+
+
+def test_group_larger_than_head_dim_and_single_tokens(device):
+    b, h, d, g, r = 1, 2, 32, 64, 64
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(b, h, 140, d, generator=gen).half().to(device)
+    v = torch.randn(b, h, 140, d, generator=gen).half().to(device)
+    c = allocate(b, h, d, 256, 4, g, r, 0, device=device)
+    append_kivi(c, k[:, :, :127].contiguous(), v[:, :, :127].contiguous())
+    for j in range(127, 140):
+        append_kivi(c, k[:, :, j : j + 1].contiguous(), v[:, :, j : j + 1].contiguous())
+    ref = allocate(b, h, d, 256, 4, g, r, 0, device=device)
+    kivi_from_dense(ref, k, v, [140])
+    assert_same_cache(c, ref)
+
+
+def test_append_rejects_bad_input(device):
+    c = allocate(1, 2, 32, 64, 4, 16, 32, 0, device=device)
+    with pytest.raises(ValueError, match="float16"):
+        append_kivi(c, torch.randn(1, 2, 1, 32, device=device), torch.randn(1, 2, 1, 32, device=device))
+    x = torch.randn(1, 2, 200, 32, device=device).half()
+    with pytest.raises(ValueError, match="capacity"):
+        append_kivi(c, x, x)

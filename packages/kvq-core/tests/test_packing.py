@@ -53,3 +53,11 @@ def test_bad_input():
         packed_row_bytes(9, 4)
     with pytest.raises(ValueError, match="need 48"):
         unpack(torch.zeros(47, dtype=torch.uint8), 3, 128)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_empty_rows_round_trip(bits):
+    codes = torch.zeros(0, 3, 128, dtype=torch.uint8)  # a cache with no quantized tokens yet
+    packed = pack(codes, bits)
+    assert packed.shape == (0, 3, packed_row_bytes(bits, 128))
+    assert unpack(packed, bits, 128).shape == (0, 3, 128)

@@ -30,7 +30,7 @@ def _pack_plane(codes: torch.Tensor, w: int) -> torch.Tensor:
     pad = (-n) % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.int32)
     shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * w
     return (c << shifts).sum(-1).to(torch.uint8)
 
@@ -39,7 +39,7 @@ def _unpack_plane(packed: torch.Tensor, w: int, n: int) -> torch.Tensor:
     per = 8 // w
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * w
     c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << w) - 1)
-    return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n].to(torch.uint8)
 
 
 def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
@@ -57,7 +57,7 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
     if bits == TERNARY:
         pad = (-n) % TRITS_PER_BYTE
         c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-        c = c.reshape(*c.shape[:-1], -1, TRITS_PER_BYTE).to(torch.int32)
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // TRITS_PER_BYTE, TRITS_PER_BYTE).to(torch.int32)
         powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=codes.device)
         out = (c * powers).sum(-1).to(torch.uint8)
     else:
@@ -81,7 +81,7 @@ def unpack(packed: torch.Tensor, bits: float, n: int) -> torch.Tensor:
     if bits == TERNARY:
         powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=packed.device)
         c = (packed.to(torch.int32).unsqueeze(-1) // powers) % 3
-        return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+        return c.reshape(*packed.shape[:-1], packed.shape[-1] * TRITS_PER_BYTE)[..., :n].to(torch.uint8)
     out = torch.zeros(*packed.shape[:-1], n, dtype=torch.int32, device=packed.device)
     start, shift = 0, 0
     for w in bit_planes(int(bits)):

@@ -14,6 +14,7 @@ from kvq_core.formats import METHODS, bits_label, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS, HEADS, HEAD_DIM = 32768, 32, 128
+KERNEL_CSV = ROOT / "reports" / "measurements" / "kernel_decode_h100.csv"
 PLAN = ["kvq-sim", "plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2"]
 
 
@@ -31,7 +32,17 @@ def plan_output() -> str:
     return "```text\n$ " + " ".join(PLAN) + "\n" + out.rstrip("\n") + "\n```\n"
 
 
-SECTIONS = {"methods-table": methods_table, "plan-output": plan_output}
+def kernel_table() -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "packages/kvq-kernels/benchmarks/summarize.py"), str(KERNEL_CSV)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.rstrip("\n") + "\n"
+
+
+SECTIONS = {"methods-table": methods_table, "plan-output": plan_output, "kernel-table": kernel_table}
 
 
 def section(text: str, name: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow bench-sim
+.PHONY: install plan test lint test-slow bench-sim report report-png
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -21,3 +21,12 @@ test: install lint
 
 test-slow: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# The committed example report (deterministic: no date in the PDF, so a rerun gives identical bytes).
+report: install
+	kvq-sim report --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g -o reports/llama-7b.pdf
+
+# Its pages as PNG for review (pdftoppm: Debian poppler-utils).
+report-png: report
+	mkdir -p reports/png
+	pdftoppm -r 100 -png reports/llama-7b.pdf reports/png/llama-7b

@@ -58,6 +58,30 @@ def plan(model, gpu, bits, method, weight_bits, context, batch, prompt, generate
     click.echo({"table": render.table, "json": render.as_json, "csv": render.as_csv}[fmt](result))
 
 
+@main.command()
+@click.option("--model", required=True, help="model name (kvq-sim list models) or path to a config.json / YAML")
+@click.option("--gpu", "gpus", multiple=True, required=True, help="GPU name or hardware YAML; repeat for several")
+@click.option("--methods", default=None, help="comma list of method[:bits], e.g. kivi:2,kvquant:3 (fp16 always added)")
+@click.option("--measurements", type=click.Path(file_okay=False), default="reports/measurements", show_default=True)
+@click.option("--quality", type=click.Path(file_okay=False), default="reports/quality", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PDF to write")
+def report(model, gpus, methods, measurements, quality, output) -> None:
+    """A multi-page PDF: memory, max context and batch, decode speed, roofline, validation, quality."""
+    from pathlib import Path
+
+    from . import report as rep
+
+    try:
+        methods = methods or rep.DEFAULT_METHODS
+        inp = rep.resolve_inputs(
+            model, list(gpus), methods, measurements_dir=Path(measurements), quality_dir=Path(quality)
+        )
+        pages = rep.write_report(inp, Path(output))
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo(f"wrote {output} ({pages} pages)")
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["gpus", "models", "methods"]))
 def list_(what: str) -> None:

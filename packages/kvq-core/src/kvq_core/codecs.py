@@ -5,11 +5,15 @@ A codec is built from a `formats.StreamFormat` and holds the per-layer state its
 per-sequence tensors of a block ``x: [B, H, t, D]``; `shared()` the per-layer tensors. The tensors are
 exactly what `formats.stream_bytes` counts, in the dtypes it counts them in.
 
-Three families cover every method in kvq-core:
+Three families here cover the foundation methods:
 - `AffineCodec`: uniform asymmetric/symmetric grids, per-token or per-channel groups, optional
-  channel reorder and clipping (int baselines, KIVI, SKVQ).
+  channel reorder and clipping (int baselines, KIVI, SKVQ; block floating point with e8m0 scales).
 - `NuqCodec`: a non-uniform codebook per layer with dense-and-sparse outliers (KVQuant).
 - `Fp8Codec`: fp8 codes with one fp32 scale per layer (vLLM).
+The issue-8 methods have one module each, chosen by `make_codec` from the format's fields:
+`codecs_pq` (MILLION), `codecs_rotate` (RotateKV), `codecs_lowrank` (GEAR, CSKV), `codecs_vidkv`
+(VidKV). Token tiers (ZipCache, MiKV, eviction) and age steps (staircase) are stream layouts, not
+codecs: `cache_tiers`, `cache_staircase`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ CAT_DIM = {
     "outlier_values": 1,  # [B, t, k] fp16
     "outlier_indices": 1,  # [B, t, k] int16, flat h * D + d
     "outlier_pointers": 1,  # [B, t + 1] int32 (CSR row pointers; one column per token for keys)
+    "latent": 2,  # [B, 1, t, r] fp16 (CSKV: a token's coordinates in the layer's basis)
+    "lowrank_a": 2,  # [B, H, t, r] fp16 (GEAR: token factor of each chunk's error)
+    "lowrank_b": 2,  # [B, H, t / C, D * r] fp16 (GEAR: channel factor, one row per chunk)
 }
 
 
@@ -424,4 +431,24 @@ def make_codec(fmt: StreamFormat, head_dim: int) -> Codec:
         return NuqCodec(fmt, head_dim)
     if fmt.levels.startswith("float8"):
         return Fp8Codec(fmt, head_dim)
+    if fmt.levels == "product":
+        from .codecs_pq import PQCodec  # MILLION
+
+        return PQCodec(fmt, head_dim)
+    if fmt.rotate:
+        from .codecs_rotate import RotateCodec  # RotateKV
+
+        return RotateCodec(fmt, head_dim)
+    if fmt.latent_fraction:
+        from .codecs_lowrank import CskvCodec  # CSKV
+
+        return CskvCodec(fmt, head_dim)
+    if fmt.absmean or fmt.fft or fmt.mixed_fraction:
+        from .codecs_vidkv import VidkvCodec  # VidKV
+
+        return VidkvCodec(fmt, head_dim)
+    if fmt.lowrank_rank:
+        from .codecs_lowrank import GearCodec  # GEAR
+
+        return GearCodec(fmt, head_dim)
     return AffineCodec(fmt, head_dim)

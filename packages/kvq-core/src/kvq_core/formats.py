@@ -19,21 +19,41 @@ Layout (one layer, one sequence; H = kv heads, T = tokens, D = head_dim):
 - residual     fp16 ``[H, R_t, D]``: full-precision recent tokens (KIVI, SKVQ windows).
 - sinks        fp16 ``[H, S, D]``: the first S tokens kept in full precision.
 - shared       per layer, not per sequence: the nuq codebook ``[2**bits]`` fp16, the static
-               per-channel scales, channel-reorder indices int16 ``[H, D]``, an fp8 tensor scale.
+               per-channel scales, channel-reorder indices int16 ``[H, D]``, an fp8 tensor scale,
+               product-quantization codebooks ``[D / d_sub, 2**(bits * d_sub), d_sub]`` fp16.
+- salient      token tiers (ZipCache, MiKV, heavy-hitter eviction): of the Tq body tokens,
+               n_hi = salient_count(Tq) per head are stored at `salient_bits` (fp16 ``[H, n_hi, D]`` at
+               16, else per-token codes + scale/zero), the other Tq - n_hi at `bits` (0 = evicted);
+               per-layer fp16 channel normalisers ``[H, D]`` (ZipCache's channel-separable
+               quantization); fp32 attention scores ``[H, n]`` per scored token (`scores`: one tensor
+               for K and V, half of its bytes counted in each stream so `stream_bytes` stays exact).
+- lowrank      fp16 factors of the quantization error per compressed chunk of C tokens and head:
+               A ``[C, r]`` and B ``[D, r]`` (GEAR, arXiv:2403.05527).
+
+Fields added for the issue-8 methods (product codes, rotation, low-rank residual) default to
+"absent", so a format that does not set them has exactly the bytes it had before.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Literal
 
 Axis = Literal["token", "channel"]
-Levels = Literal["uniform", "nonuniform", "float8_e4m3", "float8_e5m2"]
+Levels = Literal["uniform", "nonuniform", "float8_e4m3", "float8_e5m2", "product"]
 Flush = Literal["block", "sliding"]
+Importance = Literal["", "accumulated", "normalized"]
 
 #: bytes of one stored metadata element, by dtype name.
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8_e4m3": 1}
+DTYPE_BYTES: dict[str, int] = {
+    "fp32": 4,
+    "fp16": 2,
+    "bf16": 2,
+    "fp8_e4m3": 1,
+    "e8m0": 1,
+}  # e8m0: a power-of-two scale (shared exponent)
 
 #: bit widths that pack into integer containers; 1.5 means ternary {0, 1, 2} (5 trits per byte).
 SUPPORTED_BITS: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 6, 7, 8)
@@ -41,6 +61,7 @@ SUPPORTED_BITS: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 6, 7, 8)
 TERNARY = 1.5
 TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256
 FULL_PRECISION_BYTES = 2  # residual window, sinks and outlier values are fp16
+SCORE_BYTES = 4  # fp32 accumulated attention per (token, kv head) of token-tier formats
 
 
 def bit_planes(bits: int) -> tuple[int, ...]:
@@ -93,6 +114,35 @@ class StreamFormat:
     clip_ratio:        min/max shrink factor before quantization (SKVQ); no bytes.
     groups_span_heads: per-token groups run over the token's whole H*D vector (after reordering)
                        instead of within each head: SKVQ groups, KVQuant per-token value scales.
+    pq_subspace_dims:  with levels="product": each head vector is split into D / pq_subspace_dims
+                       subspaces, each stored as one code of ``bits * pq_subspace_dims`` bits that
+                       indexes a per-layer k-means codebook (MILLION). `bits` stays bits/element.
+    rotate:            a fast Walsh-Hadamard rotation (after `reorder_channels`, across the token's
+                       heads) is applied before quantization (RotateKV); orthogonal, no bytes.
+    lowrank_rank:      rank r of fp16 factors of the quantization error, one pair per chunk of
+                       `residual_tokens` tokens and head (GEAR); needs block flush.
+    importance:        token tiers by attention score: "accumulated" (H2O heavy hitters: the
+                       high tier is fp16 and re-selected as scores grow; losers drop to `bits`)
+                       or "normalized" (ZipCache: each token's tier is chosen once, when it leaves
+                       the window, by its mean attention); "" = no tiers.
+    salient_fraction:  share of body tokens in the high tier (ceil), or
+    salient_budget:    a fixed number of high-tier body tokens per head (overrides the fraction).
+    salient_bits:      bits of the high tier (16 = fp16). `bits` = 0 evicts the low tier.
+    channel_normalize: divide channels by a per-layer fp16 normaliser before per-token codes
+                       (ZipCache's channel-separable token-wise quantization).
+    absmean:           1-bit / ternary symmetric codes whose per-group scale is mean |x| (BitNet-style,
+                       VidKV) instead of max |x|; no bytes.
+    mixed_fraction:    per-channel streams only (VidKV keys): this share of each head's channels, the
+                       widest-range ("anomalous") ones from calibration, is stored at `mixed_bits`
+                       (asymmetric, scale + zero per group); the others at `bits` (symmetric, scale).
+    fft:               the non-anomalous channels of each token are stored as their D' real
+                       orthonormal rFFT coefficients (VidKV's 1-bit + FFT keys).
+    latent_fraction:   channel shrinking (CSKV): each token's H*D vector is stored as its
+                       r = floor(f * H * D) coordinates (fp16, `bits` = 16) in a per-layer basis
+                       ``[H*D, r]`` fp16 from the calibration SVD; decode multiplies back.
+    age_steps:         staircase precision by age: ((n_1, b_1), (n_2, b_2), ...): past the window,
+                       the newest n_1 body tokens are stored per token at b_1 bits, the next n_2 at
+                       b_2, ..., all older ones at `bits`; a token steps down as it ages.
     """
 
     bits: float = 16
@@ -110,9 +160,25 @@ class StreamFormat:
     reorder_channels: bool = False
     clip_ratio: float = 1.0
     groups_span_heads: bool = False
+    pq_subspace_dims: int = 0
+    rotate: bool = False
+    lowrank_rank: int = 0
+    importance: Importance = ""
+    salient_fraction: float = 0.0
+    salient_budget: int = 0
+    salient_bits: float = 16
+    channel_normalize: bool = False
+    age_steps: tuple[tuple[int, float], ...] = ()
+    absmean: bool = False
+    mixed_fraction: float = 0.0
+    mixed_bits: float = 2
+    fft: bool = False
+    latent_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.bits != 16 and self.bits not in SUPPORTED_BITS:
+        if self.importance:
+            self._check_tiers()
+        elif self.bits != 16 and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"unsupported bit width {self.bits!r}; valid: {', '.join(map(str, SUPPORTED_BITS))}, 16")
         if self.axis not in ("token", "channel"):
             raise ValueError(f"axis must be 'token' or 'channel', got {self.axis!r}")
@@ -120,7 +186,7 @@ class StreamFormat:
             raise ValueError(f"group_size must be >= 1 or None, got {self.group_size}")
         if self.scale_dtype not in DTYPE_BYTES:
             raise ValueError(f"scale_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.scale_dtype!r}")
-        if self.levels not in ("uniform", "nonuniform", "float8_e4m3", "float8_e5m2"):
+        if self.levels not in ("uniform", "nonuniform", "float8_e4m3", "float8_e5m2", "product"):
             raise ValueError(f"unknown levels {self.levels!r}")
         if self.levels.startswith("float8") and self.bits != 8:
             raise ValueError(f"{self.levels} codes are 8 bits, got bits={self.bits}")
@@ -144,10 +210,99 @@ class StreamFormat:
             raise ValueError("groups_span_heads applies to per-token (axis='token') streams")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if (self.levels == "product") != (self.pq_subspace_dims > 0):
+            raise ValueError("product quantization needs levels='product' and pq_subspace_dims >= 1 together")
+        if self.pq_subspace_dims and self.pq_code_bits not in range(1, 9):
+            raise ValueError(
+                f"product codes must be 1..8 bits: bits ({self.bits}) x pq_subspace_dims "
+                f"({self.pq_subspace_dims}) = {self.bits * self.pq_subspace_dims}"
+            )
+        if self.absmean or self.mixed_fraction or self.fft:
+            if self.axis != "channel" or not self.group_size or self.levels != "uniform" or self.outlier_fraction:
+                raise ValueError("absmean / mixed channels / fft are per-channel uniform formats with groups (VidKV)")
+            if not 0 <= self.mixed_fraction < 1 or self.mixed_bits not in SUPPORTED_BITS:
+                raise ValueError(f"mixed_fraction must be in [0, 1) and mixed_bits in {SUPPORTED_BITS}")
+            if self.absmean and (self.bits not in (1, TERNARY) or not self.symmetric):
+                raise ValueError("absmean codes are symmetric 1-bit or ternary (1.5)")
+        if self.age_steps:
+            for n, b in self.age_steps:
+                if n < 1 or b not in (*SUPPORTED_BITS, 16):
+                    raise ValueError(f"age step ({n}, {b}) needs n >= 1 and bits in {SUPPORTED_BITS} or 16")
+            if self.tiered or self.axis != "token" or self.flush != "sliding" or self.outlier_fraction:
+                raise ValueError("age steps store per-token codes with a sliding window, without tiers or outliers")
+            if self.reorder_channels or self.groups_span_heads or self.levels != "uniform":
+                raise ValueError("age steps use plain uniform per-token codes per head")
+        if self.latent_fraction:
+            if not 0 < self.latent_fraction < 1 or self.bits != 16 or self.axis != "token":
+                raise ValueError("channel shrinking stores fp16 (bits=16) per-token latents, latent_fraction in (0, 1)")
+        if self.lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
+        if self.lowrank_rank and not (self.flush == "block" and self.residual_tokens):
+            raise ValueError("a low-rank residual is fitted per flushed chunk: needs flush='block' and residual_tokens")
+
+    def _check_tiers(self) -> None:
+        if self.importance not in ("accumulated", "normalized"):
+            raise ValueError(f"importance must be 'accumulated' or 'normalized', got {self.importance!r}")
+        for name, b in (("bits", self.bits), ("salient_bits", self.salient_bits)):
+            if b not in (0, *SUPPORTED_BITS, 16):
+                raise ValueError(
+                    f"{name} {b!r} unsupported; valid: 0 (evicted), {', '.join(map(str, SUPPORTED_BITS))}, 16"
+                )
+        if self.salient_bits == 0:
+            raise ValueError("the high tier cannot be evicted (salient_bits=0)")
+        if self.importance == "accumulated" and self.salient_bits != 16:
+            raise ValueError("heavy-hitter tiers re-select the high tier as scores grow, so it must be fp16 (16)")
+        if not (0 < self.salient_fraction <= 1 or self.salient_budget > 0):
+            raise ValueError("token tiers need salient_fraction in (0, 1] or salient_budget >= 1")
+        if (
+            self.axis != "token"
+            or self.flush != "sliding"
+            or self.outlier_fraction
+            or self.reorder_channels
+            or self.groups_span_heads
+            or self.levels != "uniform"
+        ):
+            raise ValueError("token tiers store per-token uniform codes per head with a sliding window only")
+
+    @property
+    def tiered(self) -> bool:
+        return bool(self.importance)
+
+    def salient_count(self, body_tokens: int) -> int:
+        """High-tier tokens per head among `body_tokens` quantized tokens: min(T, budget) or ceil(f * T)."""
+        if self.salient_budget:
+            return min(body_tokens, self.salient_budget)
+        f = Fraction(self.salient_fraction).limit_denominator(10**6)  # exact ceil: 0.2 * 5 is 1, not 2
+        return min(body_tokens, -(-body_tokens * f.numerator // f.denominator))
+
+    def scored_tokens(self, body_tokens: int, residual: int) -> int:
+        """Tokens per head whose fp32 attention score is kept: the window (+ the fp16 heavy hitters)."""
+        if not self.tiered:
+            return 0
+        return residual + (self.salient_count(body_tokens) if self.importance == "accumulated" else 0)
+
+    def mixed_channels(self, head_dim: int) -> int:
+        """Channels per head stored at `mixed_bits` (VidKV's anomalous channels): floor(fraction * D)."""
+        return math.floor(round(self.mixed_fraction * head_dim, 6))
+
+    @property
+    def pq_code_bits(self) -> int:
+        """Bits of one product-quantization code (one subspace of one head of one token)."""
+        return int(self.bits * self.pq_subspace_dims) if self.pq_subspace_dims else 0
+
+    def pq_subspaces(self, head_dim: int) -> int:
+        if head_dim % self.pq_subspace_dims:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of pq_subspace_dims {self.pq_subspace_dims}")
+        return head_dim // self.pq_subspace_dims
 
     @property
     def quantized(self) -> bool:
-        return self.bits != 16
+        """Whether tokens leave the fp16 window into a compressed body (codes, or CSKV's fp16 latents)."""
+        return self.bits != 16 or self.latent_fraction > 0
+
+    def latent_dims(self, kv_heads: int, head_dim: int) -> int:
+        """CSKV rank r: floor(latent_fraction * H * D), at least 1."""
+        return max(1, math.floor(round(self.latent_fraction * kv_heads * head_dim, 6)))
 
     @property
     def num_levels(self) -> int:
@@ -165,7 +320,7 @@ class StreamFormat:
 
     def num_groups(self, quantized_tokens: int, kv_heads: int, head_dim: int) -> int:
         """Scale (and zero) entries per sequence for `quantized_tokens` tokens, all heads."""
-        if self.levels in ("float8_e4m3", "float8_e5m2"):
+        if self.levels in ("float8_e4m3", "float8_e5m2", "product"):
             return 0
         if self.axis == "token":
             row = kv_heads * head_dim if self.groups_span_heads else head_dim
@@ -188,6 +343,9 @@ class ByteBreakdown:
     outlier_pointers: int = 0
     residual: int = 0
     sinks: int = 0
+    lowrank: int = 0  # GEAR's fp16 error factors, per sequence
+    salient: int = 0  # high-tier tokens (ZipCache / MiKV / heavy hitters): fp16 or codes + scale/zero
+    scores: int = 0  # fp32 attention scores of tiered formats: shared by K and V, half counted in each stream
     shared: int = 0  # codebooks, static scales, reorder indices, fp8 tensor scales: once per layer
 
     @property
@@ -200,7 +358,16 @@ class ByteBreakdown:
 
     @property
     def per_sequence(self) -> int:
-        return self.codes + self.metadata + self.outliers + self.residual + self.sinks
+        return (
+            self.codes
+            + self.metadata
+            + self.outliers
+            + self.residual
+            + self.sinks
+            + self.lowrank
+            + self.salient
+            + self.scores
+        )
 
     @property
     def total(self) -> int:
@@ -219,6 +386,10 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
     rest = tokens - sinks
     if not fmt.quantized:
         return ByteBreakdown(residual=tokens * h * d * FULL_PRECISION_BYTES)
+    if fmt.tiered:
+        return _tiered_bytes(fmt, rest, h, d, sinks)
+    if fmt.age_steps:
+        return _staircase_bytes(fmt, rest, h, d, sinks)
     resid = fmt.residual_count(rest)
     tq = rest - resid
     meta = DTYPE_BYTES[fmt.scale_dtype]
@@ -233,8 +404,37 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
         shared += h * d * meta * (1 if fmt.symmetric else 2)
     if tq and fmt.reorder_channels:
         shared += h * d * 2
+    if fmt.latent_fraction:
+        r = fmt.latent_dims(h, d)
+        return ByteBreakdown(
+            codes=tq * r * FULL_PRECISION_BYTES,  # fp16 latent coordinates per token
+            residual=resid * h * d * FULL_PRECISION_BYTES,
+            sinks=sinks * h * d * FULL_PRECISION_BYTES,
+            shared=h * d * r * FULL_PRECISION_BYTES if tq else 0,  # the basis [H*D, r]
+        )
+    if fmt.mixed_fraction:
+        k = fmt.mixed_channels(d)
+        blocks = math.ceil(tq / fmt.group_size)
+        return ByteBreakdown(
+            codes=h * tq * (packed_row_bytes(fmt.mixed_bits, k) + packed_row_bytes(fmt.bits, d - k)),
+            scales=blocks * h * d * meta,  # k anomalous channels + d - k (FFT) coefficients, one scale each
+            zeros=blocks * h * k * meta,  # the anomalous channels are asymmetric
+            residual=resid * h * d * FULL_PRECISION_BYTES,
+            sinks=sinks * h * d * FULL_PRECISION_BYTES,
+            shared=h * d * 2 if (tq and fmt.reorder_channels) else 0,
+        )
+    if tq and fmt.levels == "product":
+        shared += d * 2**fmt.pq_code_bits * FULL_PRECISION_BYTES  # [D / d_sub, 2**code_bits, d_sub]
+        codes = h * tq * packed_row_bytes(fmt.pq_code_bits, fmt.pq_subspaces(d))
+    else:
+        codes = h * tq * packed_row_bytes(fmt.bits, d)
+    lowrank = 0
+    if fmt.lowrank_rank:
+        chunk = fmt.residual_tokens  # block flush: tq is a whole number of chunks
+        lowrank = (tq // chunk) * h * fmt.lowrank_rank * (chunk + d) * FULL_PRECISION_BYTES
     return ByteBreakdown(
-        codes=h * tq * packed_row_bytes(fmt.bits, d),
+        codes=codes,
+        lowrank=lowrank,
         scales=groups * meta,
         zeros=0 if fmt.symmetric else groups * meta,
         outlier_values=tq * k * fmt.outlier_value_bits // 8,
@@ -243,6 +443,52 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
         residual=resid * h * d * FULL_PRECISION_BYTES,
         sinks=sinks * h * d * FULL_PRECISION_BYTES,
         shared=shared,
+    )
+
+
+def _token_codes_bytes(fmt: StreamFormat, bits: float, tokens: int, h: int, d: int) -> tuple[int, int]:
+    """(code bytes, scale + zero bytes) of `tokens` per-token codes per head, or fp16 rows at 16 bits."""
+    if bits == 0 or tokens == 0:
+        return 0, 0
+    if bits == 16:
+        return tokens * h * d * FULL_PRECISION_BYTES, 0
+    groups = tokens * h * math.ceil(d / (fmt.group_size or d))
+    return h * tokens * packed_row_bytes(bits, d), groups * DTYPE_BYTES[fmt.scale_dtype] * (1 if fmt.symmetric else 2)
+
+
+def _tiered_bytes(fmt: StreamFormat, rest: int, h: int, d: int, sinks: int) -> ByteBreakdown:
+    resid = fmt.residual_count(rest)
+    tq = rest - resid
+    n_hi = fmt.salient_count(tq)
+    hi_codes, hi_meta = _token_codes_bytes(fmt, fmt.salient_bits, n_hi, h, d)
+    lo_codes, lo_meta = _token_codes_bytes(fmt, fmt.bits, tq - n_hi, h, d)
+    meta = 1 if fmt.symmetric else 2
+    return ByteBreakdown(
+        codes=lo_codes,
+        scales=lo_meta // meta,
+        zeros=lo_meta - lo_meta // meta,
+        salient=hi_codes + hi_meta,
+        scores=fmt.scored_tokens(tq, resid) * h * SCORE_BYTES // 2,  # K and V share one fp32 tensor
+        residual=resid * h * d * FULL_PRECISION_BYTES,
+        sinks=sinks * h * d * FULL_PRECISION_BYTES,
+        shared=h * d * FULL_PRECISION_BYTES if (tq and fmt.channel_normalize) else 0,
+    )
+
+
+def _staircase_bytes(fmt: StreamFormat, rest: int, h: int, d: int, sinks: int) -> ByteBreakdown:
+    resid = fmt.residual_count(rest)
+    left = rest - resid
+    codes = meta = 0
+    for n, b in (*fmt.age_steps, (left, fmt.bits)):  # newest first; the last step takes all older tokens
+        c, m = _token_codes_bytes(fmt, b, min(left, n), h, d)
+        codes, meta, left = codes + c, meta + m, left - min(left, n)
+    per = 1 if fmt.symmetric else 2
+    return ByteBreakdown(
+        codes=codes,
+        scales=meta // per,
+        zeros=meta - meta // per,
+        residual=resid * h * d * FULL_PRECISION_BYTES,
+        sinks=sinks * h * d * FULL_PRECISION_BYTES,
     )
 
 
@@ -261,12 +507,26 @@ class KVFormat:
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        tiers = ("importance", "salient_fraction", "salient_budget", "residual_tokens")
+        if self.key.tiered != self.value.tiered or any(
+            getattr(self.key, t) != getattr(self.value, t) for t in tiers if self.key.tiered
+        ):
+            raise ValueError(f"K and V must select the same tokens: equal {', '.join(tiers)} in both streams")
 
     def breakdown(self, tokens: int, kv_heads: int, head_dim: int) -> ByteBreakdown:
         """Byte breakdown of one layer holding `tokens` tokens of one sequence (K + V)."""
         return stream_bytes(self.key, tokens, kv_heads, head_dim, self.sink_tokens) + stream_bytes(
             self.value, tokens, kv_heads, head_dim, self.sink_tokens
         )
+
+    def stored_tokens(self, tokens: int) -> int:
+        """Tokens per head a layer still holds after `tokens` arrived (fewer than `tokens` only with eviction)."""
+        k = self.key
+        if not (k.tiered and k.bits == 0):
+            return tokens
+        sinks = min(tokens, self.sink_tokens)
+        resid = k.residual_count(tokens - sinks)
+        return sinks + resid + k.salient_count(tokens - sinks - resid)
 
     def bytes(self, tokens: int, kv_heads: int, head_dim: int) -> int:
         """Exact bytes of one layer's K and V for one sequence of `tokens` tokens, shared data included."""
@@ -369,6 +629,83 @@ METHODS: dict[str, MethodSpec] = {
             (2, 1.5),
             "reordered channels, clipped per-token groups of 128, fp8 metadata, 128-token window, 5 sinks",
         ),
+        MethodSpec(
+            "million",
+            "MILLION (Wang et al., DAC 2025, arXiv:2504.03661)",
+            ((4, 4), (2, 2)),
+            (4, 4),
+            "product quantization: 8-bit codes per 2 (4-bit) or 4 (2-bit) channels, k-means codebooks, "
+            "fp16 window of 128",
+        ),
+        MethodSpec(
+            "rotatekv",
+            "RotateKV (Su et al., IJCAI 2025, arXiv:2501.16383)",
+            ((2, 2), (3, 3), (4, 4)),
+            (2, 2),
+            "pre-RoPE keys, outlier-aware reorder + Hadamard across heads, per-token codes, 1 fp16 sink",
+        ),
+        MethodSpec(
+            "gear",
+            "GEAR (Kang et al., arXiv:2403.05527)",
+            ((2, 2), (4, 4)),
+            (2, 2),
+            "KIVI-style codes (G=64) + rank-2 fp16 error per 64-token chunk + 2% fp16 outliers",
+        ),
+        MethodSpec(
+            "bfp",
+            "Accurate Block Quantization in LLMs with Outliers (Trukhanov & Soloveychik, arXiv:2403.20137)",
+            ((4, 4), (4, 8), (8, 8)),
+            (4, 4),
+            "block floating point: sign-magnitude codes + one 8-bit shared exponent per 32 channels of a token; "
+            "key channels rearranged so outliers share blocks",
+        ),
+        MethodSpec(
+            "staircase",
+            "staircase adaptive quantization (SAQ), Li, arXiv:2410.18441",
+            ((2, 2), (3, 3), (4, 4)),
+            (2, 2),
+            "age-based precision: fp16 window of 128, then 512 tokens at 8 bits, 2048 at 4 bits, older at "
+            "the named bits (per token per head, fp16 scale and zero)",
+        ),
+        MethodSpec(
+            "vidkv",
+            "VidKV (Tao et al., arXiv:2503.16257)",
+            ((1.5, 1.5), (1.25, 1.5)),
+            (1.5, 1.5),
+            "keys: anomalous channels (k-1 share) 2-bit, the rest 1-bit rFFT coefficients; values ternary "
+            "(1.58-bit) per channel, absmean scales; groups of 32 tokens, fp16 window of 128",
+        ),
+        MethodSpec(
+            "cskv",
+            "CSKV (Wang et al., arXiv:2409.10593), training-free channel shrinking",
+            ((4, 4), (8, 8)),
+            (4, 4),
+            "K and V shrunk to 1/4 (4) or 1/2 (8) of their channels by a calibration SVD basis, fp16 latents, "
+            "fp16 window of 128",
+        ),
+        MethodSpec(
+            "zipcache",
+            "ZipCache (He et al., NeurIPS 2024, arXiv:2405.14256)",
+            ((2, 2),),
+            (2, 2),
+            "salient 40% of tokens (normalized attention) at 4 bits, rest 2 bits, channel-separable "
+            "per-token codes, fp16 window of 128",
+        ),
+        MethodSpec(
+            "mikv",
+            "MiKV: No Token Left Behind (Yang et al., arXiv:2402.18096)",
+            ((2, 2), (3, 3), (4, 4)),
+            (2, 2),
+            "heavy hitters (20% by accumulated attention) fp16, the rest at low bits instead of evicted, "
+            "fp16 window of 128",
+        ),
+        MethodSpec(
+            "h2o",
+            "H2O (Zhang et al., NeurIPS 2023, arXiv:2306.14048); fixed budget as Scissorhands (arXiv:2305.17118)",
+            ((0, 0),),
+            (0, 0),
+            "eviction: 2048 heavy hitters (accumulated attention) + 128 recent tokens kept fp16, the rest dropped",
+        ),
     ]
 }
 
@@ -439,6 +776,151 @@ def skvq_format(
     )
 
 
+def million_format(bits: float = 4, window: int = 128) -> KVFormat:
+    """MILLION: d_sub = 8 / bits channels per 8-bit code (M = 64 for D = 128 at 4 bits, M = 32 at 2 bits).
+
+    The fp16 window is flushed `window` tokens at a time, as MILLION's residual buffer (128 = head_dim).
+    """
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"MILLION uses 8-bit codes over 8 / bits channels: bits must divide 8, got {bits}")
+    s = StreamFormat(
+        bits=bits, levels="product", pq_subspace_dims=int(8 // bits), residual_tokens=window, flush="block"
+    )
+    return KVFormat(f"million-{_fmt_bits(bits)}", s, s, citation=METHODS["million"].citation)
+
+
+def rotatekv_format(bits: float = 2, sink_tokens: int = 1) -> KVFormat:
+    """RotateKV: per-token codes after reorder + grouped-head Hadamard; keys pre-RoPE; fp16 sink token(s)."""
+    s = StreamFormat(bits=bits, axis="token", group_size=None, reorder_channels=True, rotate=True)
+    return KVFormat(
+        f"rotatekv-{_fmt_bits(bits)}",
+        s,
+        s,
+        sink_tokens=sink_tokens,
+        pre_rope_keys=True,
+        citation=METHODS["rotatekv"].citation,
+    )
+
+
+def gear_format(bits: float = 2, chunk: int = 64, rank: int = 2, outlier_fraction: float = 0.02) -> KVFormat:
+    """GEAR over KIVI-style quantization: buffer of `chunk` tokens, rank-`rank` error, 2% outliers."""
+
+    def stream(axis: Axis) -> StreamFormat:
+        return StreamFormat(
+            bits=bits,
+            axis=axis,
+            group_size=chunk,
+            outlier_fraction=outlier_fraction,
+            residual_tokens=chunk,
+            flush="block",
+            lowrank_rank=rank,
+        )
+
+    return KVFormat(
+        f"gear-{_fmt_bits(bits)}",
+        stream("channel"),
+        stream("token"),
+        citation=METHODS["gear"].citation,
+        extra={"chunk": chunk, "rank": rank},
+    )
+
+
+def bfp_format(key_bits: float = 4, value_bits: float = 4, block: int = 32) -> KVFormat:
+    """Block floating point: per token, blocks of `block` channels share a power-of-two scale (e8m0 exponent).
+
+    Codes are symmetric (sign-magnitude: 2**bits - 1 levels). Key channels are rearranged per head from
+    calibration (outlier channels gathered into the same blocks, the paper's compile-time permutation
+    of W_q / W_k rows; stored int16 here, where kvq cannot fold it into the weights).
+    """
+
+    def stream(b: float, reorder: bool) -> StreamFormat:
+        return StreamFormat(
+            bits=b, axis="token", group_size=block, symmetric=True, scale_dtype="e8m0", reorder_channels=reorder
+        )
+
+    return KVFormat(
+        f"bfp-{bits_label((key_bits, value_bits))}",
+        stream(key_bits, True),
+        stream(value_bits, False),
+        citation=METHODS["bfp"].citation,
+    )
+
+
+def staircase_format(bits: float = 2, window: int = 128, steps: tuple = ((512, 8), (2048, 4))) -> KVFormat:
+    """Older tokens at fewer bits: steps at or below `bits` are dropped (the 4-bit variant is 8 -> 4)."""
+    steps = tuple((n, b) for n, b in steps if b > bits)
+    s = StreamFormat(bits=bits, axis="token", residual_tokens=window, age_steps=steps)
+    return KVFormat(f"staircase-{_fmt_bits(bits)}", s, s, citation=METHODS["staircase"].citation)
+
+
+def vidkv_format(key_bits: float = 1.5, group_size: int = 32, window: int = 128) -> KVFormat:
+    """VidKV: key_bits = 1 + the share of 2-bit anomalous channels (VidKV's `difficult_ratio`)."""
+    if not 1 <= key_bits < 2:
+        raise ValueError(f"VidKV key bits are 1.x (1 + share of 2-bit channels), got {key_bits}")
+    common = dict(axis="channel", group_size=group_size, residual_tokens=window, flush="block", symmetric=True)
+    key = StreamFormat(
+        bits=1, absmean=True, mixed_fraction=key_bits - 1, mixed_bits=2, fft=True, reorder_channels=True, **common
+    )
+    value = StreamFormat(bits=TERNARY, absmean=True, **common)
+    return KVFormat(
+        f"vidkv-{bits_label((key_bits, 1.58))}",
+        key,
+        value,
+        citation=METHODS["vidkv"].citation,
+        extra={"group_size": group_size, "residual_tokens": window},
+    )
+
+
+def cskv_format(bits: float = 4, window: int = 128) -> KVFormat:
+    """CSKV: fp16 latents of rank bits / 16 x H*D (4 -> a quarter of the channels), a full-precision window."""
+    s = StreamFormat(bits=16, axis="token", latent_fraction=bits / 16, residual_tokens=window, flush="sliding")
+    return KVFormat(f"cskv-{_fmt_bits(bits)}", s, s, citation=METHODS["cskv"].citation)
+
+
+def zipcache_format(
+    bits: float = 2, salient_bits: float = 4, salient_fraction: float = 0.4, window: int = 128
+) -> KVFormat:
+    """ZipCache: tiers chosen once per token by normalized attention; channel-separable per-token codes."""
+    s = StreamFormat(
+        bits=bits,
+        axis="token",
+        residual_tokens=window,
+        importance="normalized",
+        salient_fraction=salient_fraction,
+        salient_bits=salient_bits,
+        channel_normalize=True,
+    )
+    return KVFormat(
+        f"zipcache-{_fmt_bits(salient_bits)}/{_fmt_bits(bits)}", s, s, citation=METHODS["zipcache"].citation
+    )
+
+
+def mikv_format(bits: float = 2, salient_fraction: float = 0.2, window: int = 128) -> KVFormat:
+    """MiKV: fp16 heavy hitters (H2O selection), the other tokens kept at `bits` instead of evicted.
+
+    Keys get a per-layer channel normaliser before their per-token codes (MiKV's outlier-aware balancing
+    of key channels); values are quantized per token directly.
+    """
+
+    def stream(normalize: bool) -> StreamFormat:
+        return StreamFormat(
+            bits=bits,
+            axis="token",
+            residual_tokens=window,
+            importance="accumulated",
+            salient_fraction=salient_fraction,
+            channel_normalize=normalize,
+        )
+
+    return KVFormat(f"mikv-{_fmt_bits(bits)}", stream(True), stream(False), citation=METHODS["mikv"].citation)
+
+
+def h2o_format(budget: int = 2048, window: int = 128, sink_tokens: int = 0) -> KVFormat:
+    """Heavy-hitter eviction at a fixed budget: `budget` fp16 heavy hitters + `window` recent tokens per head."""
+    s = StreamFormat(bits=0, axis="token", residual_tokens=window, importance="accumulated", salient_budget=budget)
+    return KVFormat(f"h2o-{budget}+{window}", s, s, sink_tokens=sink_tokens, citation=METHODS["h2o"].citation)
+
+
 def get_format(method: str, bits: str | float | tuple | None = None) -> KVFormat:
     """The format of a named method at the given bits (e.g. `get_format("kivi", 2)`).
 
@@ -469,6 +951,26 @@ def get_format(method: str, bits: str | float | tuple | None = None) -> KVFormat
         return kvquant_format(kb, 0.0)
     if method == "skvq":
         return skvq_format(kb, vb)
+    if method == "million":
+        return million_format(kb)
+    if method == "rotatekv":
+        return rotatekv_format(kb)
+    if method == "gear":
+        return gear_format(kb)
+    if method == "bfp":
+        return bfp_format(kb, vb)
+    if method == "staircase":
+        return staircase_format(kb)
+    if method == "vidkv":
+        return vidkv_format(kb)
+    if method == "cskv":
+        return cskv_format(kb)
+    if method == "zipcache":
+        return zipcache_format(kb)
+    if method == "mikv":
+        return mikv_format(kb)
+    if method == "h2o":
+        return h2o_format()
     raise AssertionError(method)  # every METHODS entry is handled above
 
 

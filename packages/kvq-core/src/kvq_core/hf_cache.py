@@ -12,12 +12,21 @@ Pre-RoPE methods (`fmt.pre_rope_keys`, KVQuant): the model hands the cache post-
 un-rotates them with the inverse rotation at their positions (RoPE is orthogonal, so this is exact up
 to fp32 rounding, ~1e-7 relative), quantizes the pre-RoPE keys, and re-applies RoPE after
 dequantization. Positions are the tokens' indices in the cache (0, 1, ...: unpadded inputs).
+
+Methods that pick tokens by attention score (ZipCache, MiKV, heavy-hitter eviction: formats with
+`StreamFormat.importance`) need each step's queries. The cache registers a forward hook on every
+attention module's `q_proj` that stashes its output; `update` reshapes it to ``[B, H_q, t, D]``,
+applies RoPE at the new tokens' positions (models that normalise q after q_proj, e.g. q_norm, are
+refused) and passes it to the layer. `KVQCache.remove_hooks()` detaches the hooks. With eviction a
+layer holds fewer tokens than it has seen; `get_mask_sizes` reports the held length and, as the
+offset, the number evicted, so the causal mask stays right for the new tokens.
 This module is the torch reference path; it imports transformers when it is imported.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from pathlib import Path
 
 import torch
@@ -71,10 +80,14 @@ class KVQLayer(CacheLayerMixin):
         super().__init__()
         if fmt.pre_rope_keys and rope is None:
             raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
+        if fmt.key.tiered and rope is None:
+            raise ValueError(f"{fmt.name} scores tokens by attention: pass model=... so the cache can read queries")
         self.fmt = fmt
         self.rope = rope if fmt.pre_rope_keys else None
+        self.query_rope = rope if fmt.key.tiered else None
         self.state = state
         self.layer: StreamingLayer | None = None
+        self.pending_queries: torch.Tensor | None = None  # q_proj output [B, t, H_q * D], set by the hook
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -91,7 +104,7 @@ class KVQLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         start = self.layer.tokens
         k_store = self.rope.unapply(key_states, start) if self.rope is not None else key_states
-        self.layer.append(k_store, value_states)
+        self.layer.append(k_store, value_states, self._queries(key_states, start))
         if first:
             return key_states, value_states  # the prefill attends in full precision
         keys = self.layer.keys()
@@ -99,11 +112,27 @@ class KVQLayer(CacheLayerMixin):
             keys = self.rope.apply(keys, 0)
         return keys.to(self.dtype), self.layer.values(self.dtype)
 
+    def _queries(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The step's post-RoPE queries ``[B, H_q, t, D]`` from the stashed q_proj output (tiered formats)."""
+        if self.query_rope is None:
+            return None
+        q, self.pending_queries = self.pending_queries, None
+        if q is None:
+            raise ValueError(f"{self.fmt.name} needs queries but the q_proj hook saw none (was remove_hooks() called?)")
+        b, t, _ = q.shape
+        d = key_states.shape[-1]
+        q = q.view(b, t, -1, d).transpose(1, 2)
+        return self.query_rope.apply(q, start)
+
     def get_seq_length(self) -> int:
         return 0 if self.layer is None else self.layer.tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        if self.layer is None:  # the prefill attends to its own full-precision tokens
+            return query_length, 0
+        seen = self.layer.tokens + query_length
+        held = self.fmt.stored_tokens(seen)  # < seen only with eviction; evicted tokens precede the window
+        return held, seen - held
 
     def get_max_length(self) -> int:
         return -1
@@ -146,15 +175,46 @@ class KVQCache(Cache):
             fmt = get_format(method, bits)
         state = load_calibration(calibration, model) if calibration is not None else {}
         self.fmt = fmt
-        rope = _Rope(_find_rotary(model)) if (fmt.pre_rope_keys and model is not None) else None
+        needs_rope = fmt.pre_rope_keys or fmt.key.tiered
+        rope = _Rope(_find_rotary(model)) if (needs_rope and model is not None) else None
         if fmt.pre_rope_keys and rope is None:
             raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
+        if fmt.key.tiered and rope is None:
+            raise ValueError(f"{fmt.name} scores tokens by attention: pass model=... so the cache can read queries")
         make = functools.partial(KVQLayer, fmt, rope)
+        self._hooks: list = []
         if model is not None:
             n = model.config.get_text_config(decoder=True).num_hidden_layers
             super().__init__(layers=[make(state.get(i)) for i in range(n)])
+            if fmt.key.tiered:
+                self._hook_queries(model)
         else:
             super().__init__(layer_class_to_replicate=make)
+
+    def _hook_queries(self, model: torch.nn.Module) -> None:
+        """Forward hooks on each attention module's q_proj that stash its output in the matching layer."""
+        attns = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+        if len(attns) != len(self.layers):
+            raise ValueError(f"found {len(attns)} attention modules with q_proj for {len(self.layers)} layers")
+        for attn in attns:
+            if hasattr(attn, "q_norm"):
+                raise ValueError(
+                    f"{type(attn).__name__} normalises queries after q_proj; token scoring cannot read them"
+                )
+            ref = weakref.ref(self.layers[attn.layer_idx])  # the hook must not keep a finished cache alive
+
+            def stash(module, args, out, ref=ref):
+                layer = ref()
+                if layer is not None:
+                    layer.pending_queries = out.detach()
+
+            self._hooks.append(attn.q_proj.register_forward_hook(stash))
+
+    def remove_hooks(self) -> None:
+        """Detach the q_proj hooks (tiered formats); the cache cannot take more tokens after this."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     @property
     def nbytes(self) -> int:

@@ -36,6 +36,7 @@ _TORCH_DTYPES = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "fp8_e4m3": torch.float8_e4m3fn,
+    "e8m0": torch.float8_e8m0fnu,  # powers of two 2**-127 .. 2**127: block floating point's shared exponent
 }
 
 

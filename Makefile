@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow bench-sim report report-png
+.PHONY: install plan test lint test-slow bench-sim report report-png calibrate validate
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -30,3 +30,17 @@ report: install
 report-png: report
 	mkdir -p reports/png
 	pdftoppm -r 100 -png reports/llama-7b.pdf reports/png/llama-7b
+
+# Issue 6: fit the H100 file from the training half of the committed measurements, carry the fit over to
+# the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
+KERNEL_CSV ?= reports/measurements/kernel_decode_h100.csv
+E2E_CSV ?= reports/measurements/e2e_decode_h100.csv
+E2E_ARG = $(if $(wildcard $(E2E_CSV)),--e2e $(E2E_CSV),)
+calibrate: install
+	kvq-sim calibrate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
+	for g in a100-80g a100-40g l40s h200; do kvq-sim calibrate --gpu $$g --transfer-from h100-80g; done
+
+validate: install
+	kvq-sim validate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
+	$(PYTHON) scripts/validation_residuals.py --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG) \
+		-o reports/validation_residuals.png

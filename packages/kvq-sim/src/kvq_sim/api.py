@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from .deployment import Deployment, resolve_method
 from .errors import SimInputError
 from .hardware import GIB, Hardware, load_hardware
-from .latency import StepTime, decode_step, decode_terms, prefill_seconds
+from .latency import StepTime, attention_seconds, decode_step, decode_terms, prefill_seconds
 from .memory import MemoryBreakdown, memory
 from .models import ModelShape, load_model
 from .planner import MAX_BATCH, MAX_CONTEXT_TOKENS, check_weights_fit, max_batch, max_context
@@ -232,7 +232,7 @@ def sweep(
                     total = used + dep.hardware.reserve_bytes
                     step = (
                         np.maximum(t.weight_bytes / g.weight_bw, t.gemm_flops / g.peak_flops)
-                        + np.maximum(t.kv_bytes / g.kv_bw, t.attn_flops / g.peak_flops)
+                        + attention_seconds(dep, b, c, t.kv_bytes, t.attn_flops)
                         + g.launch_s
                     )
                     cols["model"].append(mname)

@@ -82,6 +82,63 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
     click.echo(f"wrote {output} ({pages} pages)")
 
 
+@main.command()
+@click.option("--gpu", required=True, help="GPU name (kvq-sim list gpus) whose YAML receives the fit")
+@click.option("--measurements", default=None, help="kernel decode CSV (reports/measurements/kernel_decode_*.csv)")
+@click.option("--e2e", default=None, help="end-to-end decode-step CSV (reports/measurements/e2e_decode_*.csv)")
+@click.option("--transfer-from", default=None, help="instead of measurements: carry a measured GPU's fit over")
+@click.option("--dry-run", is_flag=True, help="print the fit and the YAML section; write nothing")
+def calibrate(gpu, measurements, e2e, transfer_from, dry_run) -> None:
+    """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's YAML."""
+    from . import calibrate as cal
+    from .hardware import load_hardware
+    from .measurements import read_e2e_csv, read_kernel_csv
+
+    try:
+        hw = load_hardware(gpu)
+        if transfer_from:
+            section = cal.transferred_yaml(load_hardware(transfer_from), hw)
+            path = None if dry_run else cal.write_calibration(gpu, section)
+            click.echo(section if dry_run else f"wrote calibration transferred from {transfer_from} to {path}")
+            return
+        if measurements is None:
+            raise SimInputError("give --measurements (a kernel decode CSV) or --transfer-from (a calibrated GPU)")
+        device = cal.check_device(hw)
+        kpts, kprov = read_kernel_csv(measurements, device)
+        epts, eprov = read_e2e_csv(e2e, device) if e2e else (None, None)
+        result = cal.calibrate(hw, kpts, epts)
+        section = cal.calibration_yaml(hw, result, kprov, eprov)
+        path = None if dry_run else cal.write_calibration(gpu, section)
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo(cal.summary(hw, result, path))
+    if dry_run:
+        click.echo(section)
+
+
+@main.command()
+@click.option("--gpu", required=True, help="calibrated GPU name (kvq-sim list gpus)")
+@click.option("--measurements", required=True, help="kernel decode CSV the GPU was calibrated from")
+@click.option("--e2e", default=None, help="end-to-end decode-step CSV (without it e2e and memory are not checked)")
+def validate(gpu, measurements, e2e) -> None:
+    """Predict every held-out measured point; exit 1 when a threshold of kvq_sim.validate is exceeded."""
+    from . import validate as val
+    from .calibrate import check_device
+    from .hardware import load_hardware
+    from .measurements import read_e2e_csv, read_kernel_csv
+
+    try:
+        hw = load_hardware(gpu)
+        device = check_device(hw)
+        kpts, _ = read_kernel_csv(measurements, device)
+        epts = read_e2e_csv(e2e, device)[0] if e2e else None
+        rep = val.validate(hw, kpts, epts)
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo(val.render(rep))
+    sys.exit(0 if rep.passed else 1)
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["gpus", "models", "methods"]))
 def list_(what: str) -> None:

@@ -13,6 +13,22 @@ MIB = 1 << 20
 
 
 @dataclass(frozen=True)
+class KernelFit:
+    """Fitted time of one decode-attention kernel family (kvq_sim.calibrate; model in latency.attention_kernel_us).
+
+    time_us = overhead_us + max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),
+                                unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements)
+    """
+
+    family: str  # impl, plus _<bits>b when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b
+    bound: str  # the form the data chose: "bandwidth" (compute terms 0) or "compute"
+    overhead_us: float  # fixed time per launch (launch, split-KV combine, tail)
+    bandwidth_efficiency: float  # fraction of hbm_bandwidth_gb_s the kernel streams at
+    unpack_ps_per_kv_element: float  # picoseconds per K/V element read and dequantized
+    dot_ps_per_q_element: float  # picoseconds per query-head multiply-add over K/V
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Efficiency factors and fixed costs a measurement fits; YAML defaults are uncalibrated priors."""
 
@@ -26,6 +42,11 @@ class Calibration:
     kernel_launch_overhead_us: float  # fixed cost per kernel in a decode step
     cuda_context_mib: float  # device memory the CUDA context + framework take before any tensor
     framework_workspace_mib: float  # cuBLAS / attention workspaces held during a step
+    attention_kernels: tuple[KernelFit, ...] = ()  # fitted kernel families; empty when uncalibrated
+
+    def kernel(self, family: str) -> KernelFit | None:
+        """The fitted family by exact name, or None when this GPU has no fit for it."""
+        return next((k for k in self.attention_kernels if k.family == family), None)
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,8 @@ class Hardware:
     interconnect_bandwidth_gb_s: float  # datasheet figure, both directions summed
     interconnect_latency_us: float
     calibration: Calibration
+    torch_device_name: str | None = None  # torch.cuda.get_device_name() of the measured GPU, if any
+    boost_clock_mhz: float | None = None  # SM boost clock: scales per-element (CUDA-core) costs in transfer
 
     @property
     def usable_memory_gib(self) -> float:
@@ -65,6 +88,7 @@ class Hardware:
 
 
 _INTERCONNECTS = ("nvlink", "pcie")
+_KERNEL_BOUNDS = ("bandwidth", "compute")
 _CAL_KEYS = {
     "weight_gemv": "weight_bandwidth_efficiency",
     "attention_fp16": "kv_fp16_bandwidth_efficiency",
@@ -164,6 +188,7 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
         kernel_launch_overhead_us=f.nonnegative("calibration.kernel_launch_overhead_us"),
         cuda_context_mib=f.nonnegative("calibration.cuda_context_mib"),
         framework_workspace_mib=f.nonnegative("calibration.framework_workspace_mib"),
+        attention_kernels=_kernel_fits(data.get("calibration", {}).get("attention_kernels", {}), where),
     )
     hw = Hardware(
         name=name,
@@ -181,10 +206,33 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
         interconnect_bandwidth_gb_s=f.positive("interconnect_bandwidth_gb_s", upper=1e6),
         interconnect_latency_us=f.nonnegative("interconnect_latency_us"),
         calibration=cal,
+        torch_device_name=f.text("torch_device_name") if "torch_device_name" in data else None,
+        boost_clock_mhz=f.positive("boost_clock_mhz", upper=1e4) if "boost_clock_mhz" in data else None,
     )
     if hw.reserve_bytes >= hw.usable_memory_bytes:
         raise SimInputError(f"{where}: calibration reserve ({hw.reserve_bytes / GIB:.2f} GiB) exceeds usable memory")
     return hw
+
+
+def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:
+    """The optional `calibration.attention_kernels` mapping: family name -> fitted parameters."""
+    if not isinstance(section, dict):
+        raise SimInputError(f"{where}: field 'calibration.attention_kernels' must be a mapping of kernel families")
+    fits = []
+    for family in sorted(section):
+        f = _Fields(section, f"{where} (calibration.attention_kernels)")
+        k = f"{family}."
+        fits.append(
+            KernelFit(
+                family=str(family),
+                bound=f.text(k + "bound", _KERNEL_BOUNDS),
+                overhead_us=f.nonnegative(k + "overhead_us"),
+                bandwidth_efficiency=f.fraction(k + "bandwidth_efficiency"),
+                unpack_ps_per_kv_element=f.nonnegative(k + "unpack_ps_per_kv_element"),
+                dot_ps_per_q_element=f.nonnegative(k + "dot_ps_per_q_element"),
+            )
+        )
+    return tuple(fits)
 
 
 def load_hardware(name_or_path: str) -> Hardware:

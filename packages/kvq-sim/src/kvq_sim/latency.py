@@ -4,7 +4,9 @@ Each operator takes max(bytes / (bandwidth * efficiency), flops / (peak * effici
 launch overhead per kernel and the tensor-parallel all-reduces or context-parallel combines. The
 efficiencies and overheads come from the hardware YAML's `calibration:` section. A quantized KV cache
 is assumed to be read by a fused dequantize + attention kernel: it wins only by reading fewer bytes
-(REFERENCES.md section 5: fp16 decode already runs at 80-100% of bandwidth).
+(REFERENCES.md section 5: fp16 decode already runs at 80-100% of bandwidth). When `kvq-sim calibrate`
+has fitted the kvq kernel family of the deployment's format (`calibration.attention_kernels`), attention
+takes that family's measured model instead (`attention_kernel_us`: overhead + max(bandwidth, unpack)).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .deployment import Deployment
+from .hardware import Hardware, KernelFit
 from .memory import kv_layer_streams, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
 
 # Kernels per layer in a decode step: 2 RMSNorms, qkv GEMV, RoPE + cache append, attention (+ split-KV
@@ -22,6 +25,76 @@ KERNELS_PER_LAYER = 10
 KERNELS_PER_STEP = 4
 ALL_REDUCES_PER_LAYER = 2  # after o_proj and after down_proj (Megatron tensor parallelism)
 BOUNDS = ("weights", "kv", "compute", "interconnect", "launch")
+# The eager benchmark step (benchmarks/e2e_decode.py) launches many more, smaller kernels than a fused
+# serving engine: torch.profiler on CPU counts 169 kernel-launching aten ops for 2 layers plus the final
+# norm and head (RMSNorm 8 each, RoPE ~20 each for q and k, 2 cache appends, 4 GEMVs, SiLU, mul, adds).
+EAGER_KERNELS_PER_LAYER = 80
+EAGER_KERNELS_PER_STEP = 9  # final RMSNorm (8) + LM head
+
+
+def attention_kernel_us(k: KernelFit, hbm_bandwidth_gb_s: float, bytes_read, kv_elements, q_elements):
+    """Time of one decode-attention launch of a fitted family; array arguments broadcast.
+
+    bytes_read: every cached byte read (codes, scales, zeros, residual); kv_elements = 2 * B * H_kv * T * D;
+    q_elements = 2 * B * H_q * T * D. E.g. kvq_fp16 (7 us, 0.93) at B=1, 32 heads, 64K tokens, 1.07 GB:
+    7 + 1.07e9 / (0.93 * 3350e9) s = 7 + 345 = 352 us.
+    """
+    import numpy as np
+
+    mem_us = bytes_read / (k.bandwidth_efficiency * hbm_bandwidth_gb_s * 1e3)  # GB/s * 1e3 = bytes/us
+    cmp_us = (k.unpack_ps_per_kv_element * kv_elements + k.dot_ps_per_q_element * q_elements) * 1e-6
+    return k.overhead_us + np.maximum(mem_us, cmp_us)
+
+
+def attention_family(dep: Deployment) -> str | None:
+    """The kvq kernel family that reads this deployment's cache, or None when kvq has no kernel for it."""
+    if dep.method == "fp16":
+        return "kvq_fp16"
+    kb, vb = dep.kv_bits
+    if dep.method == "kivi" and kb == vb and float(kb).is_integer():
+        return f"kvq_kivi_{int(kb)}b"
+    return None
+
+
+def attention_seconds(dep: Deployment, batch, context: int, kv_bytes, attn_flops):
+    """Decode attention of all layers on one GPU: the calibrated kernel family when there is one, else the
+    roofline max(kv_bytes / kv bandwidth, flops / peak). `kv_bytes`, `attn_flops` come from decode_terms."""
+    import numpy as np
+
+    hw, m = dep.hardware, dep.model
+    family = attention_family(dep)
+    fit = hw.calibration.kernel(family) if family else None
+    if fit is None:
+        eff = _kv_efficiency(dep)
+        return np.maximum(kv_bytes / (hw.hbm_bandwidth_gb_s * 1e9 * eff), attn_flops / _peak(hw))
+    tokens = kv_tokens_per_gpu(dep, context)
+    per_layer = attention_kernel_us(
+        fit,
+        hw.hbm_bandwidth_gb_s,
+        kv_bytes / m.num_hidden_layers,
+        2 * batch * dep.kv_heads_per_gpu * tokens * m.head_dim,
+        2 * batch * dep.heads_per_gpu * tokens * m.head_dim,
+    )
+    return m.num_hidden_layers * per_layer * 1e-6
+
+
+def eager_step_us(hw: Hardware, weight_read_bytes: float, layers: int, attention_us_per_layer: float) -> float:
+    """One step of the eager benchmark (benchmarks/e2e_decode.py): GEMVs stream the weights at the fitted
+    weight_gemv efficiency, attention per layer from its kernel family, and every other kernel
+    (EAGER_KERNELS_PER_LAYER per layer) costs kernel_launch_overhead_us."""
+    cal = hw.calibration
+    gemv_us = weight_read_bytes / (hw.hbm_bandwidth_gb_s * 1e3 * cal.weight_bandwidth_efficiency)
+    kernels = layers * EAGER_KERNELS_PER_LAYER + EAGER_KERNELS_PER_STEP
+    return gemv_us + layers * attention_us_per_layer + kernels * cal.kernel_launch_overhead_us
+
+
+def _kv_efficiency(dep: Deployment) -> float:
+    cal = dep.hardware.calibration
+    return cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
+
+
+def _peak(hw: Hardware) -> float:
+    return hw.fp16_dense_tflops * 1e12 * hw.calibration.tensor_core_efficiency
 
 
 @dataclass(frozen=True)
@@ -103,7 +176,7 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     tokens = kv_tokens_per_gpu(dep, context)
     key, value = kv_layer_streams(dep, tokens)
     kv_bytes = layers * (batch * (key.per_sequence + value.per_sequence) + key.shared + value.shared)
-    eff = cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
+    eff = _kv_efficiency(dep)
 
     comm = 0.0
     link = hw.link_bandwidth_bytes_s
@@ -132,6 +205,8 @@ def decode_step(dep: Deployment, batch: int, context: int) -> StepTime:
     t = decode_terms(dep, batch, context)
     w_mem, w_cmp = _split(t.weight_bytes, t.gemm_flops, t.weight_bw, t.peak_flops)
     kv_mem, kv_cmp = _split(t.kv_bytes, t.attn_flops, t.kv_bw, t.peak_flops)
+    if attention_family(dep) and dep.hardware.calibration.kernel(attention_family(dep)):
+        kv_mem, kv_cmp = float(attention_seconds(dep, batch, context, t.kv_bytes, t.attn_flops)), 0.0
     return StepTime(
         batch=batch,
         context=context,

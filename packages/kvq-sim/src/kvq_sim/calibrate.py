@@ -1,0 +1,454 @@
+"""Fit a GPU's decode efficiencies from the training half of its measurements and write them to its YAML.
+
+Per decode-attention kernel family (latency.attention_kernel_us), two candidate forms, each a
+non-negative least-squares fit of relative error on the training points:
+
+    bandwidth:  t = overhead + bytes / (eff * HBM)                      (2 parameters)
+    compute:    t = overhead + a * kv_elements + b * q_elements         (3 parameters; packed kernels
+                                                                          whose unpack, not HBM, binds)
+
+The compute form is taken when it cuts the training RMS relative error to at most COMPUTE_FORM_MIN_GAIN
+of the bandwidth form's, or when the bandwidth form's efficiency is below BANDWIDTH_FORM_MIN_EFFICIENCY;
+its bandwidth floor is then the best efficiency a
+bandwidth-bound family reached on this GPU. The end-to-end step (latency.eager_step_us) fits one more,
+the per-kernel overhead, after subtracting the attention the kernel fits predict and the weights streamed
+at the kvq_fp16 efficiency (every benchmark step reads the same weights through the same kernels, so the
+data cannot separate the two). Held-out points (measurements.split) are never read here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .configs import display_path, resolve
+from .errors import SimInputError
+from .hardware import Calibration, Hardware, KernelFit, load_hardware
+from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us
+from .measurements import E2EPoint, KernelPoint, Provenance, split
+
+# Take the 3-parameter compute form when it cuts training RMS relative error to <= 80% of the 2-parameter
+# bandwidth form's (c7c9282 sweep: KIVI-2 12.3% -> 6.7%, taken; kvq_fp16 5.84% -> 5.82%, not), or when the
+# bandwidth form needs an efficiency below half of HBM: a kernel whose time is linear in bytes at < 50% of
+# the datasheet bandwidth is bound by per-element work (KIVI-4 fits 0.20, KIVI-8 0.37), and must transfer
+# with SMs x clock, not with HBM bandwidth.
+COMPUTE_FORM_MIN_GAIN = 0.8
+COMPUTE_FORM_MIN_ABS_GAIN = 0.001  # and by at least 0.1 points of RMS: exact ties keep the simpler form
+BANDWIDTH_FORM_MIN_EFFICIENCY = 0.5
+# The benchmark model: LLaMA-7B shapes (configs/models/llama-7b.yaml), no embedding table (it feeds a
+# random hidden vector), one new token per sequence written at slot `context` (context + 1 tokens read).
+E2E_MODEL = "llama-7b"
+
+
+@dataclass(frozen=True)
+class FitStats:
+    """Training residuals of one fitted family or of the e2e step: relative, in percent."""
+
+    name: str
+    form: str
+    train_points: int
+    mape_pct: float
+    worst_pct: float
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    kernels: tuple[KernelFit, ...]
+    kernel_stats: tuple[FitStats, ...]
+    weight_gemv_efficiency: float | None  # None: no e2e training data, prior kept
+    kernel_overhead_us: float | None
+    e2e_stats: FitStats | None
+    notes: tuple[str, ...]  # what could not be fitted and why
+
+
+def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact non-negative least squares for a few columns: the best unconstrained fit over every
+    subset of columns whose coefficients are all >= 0 (2^k - 1 small solves; k <= 4 here)."""
+    best, best_x = math.inf, None
+    for mask in itertools.product((False, True), repeat=a.shape[1]):
+        cols = [i for i, m in enumerate(mask) if m]
+        if not cols:
+            continue
+        c, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if (c < 0).any():
+            continue
+        x = np.zeros(a.shape[1])
+        x[cols] = c
+        r = float(((a @ x - y) ** 2).sum())
+        if r < best:
+            best, best_x = r, x
+    if best_x is None:
+        raise SimInputError("no non-negative fit exists for these measurements")
+    return best_x
+
+
+def _relative_fit(cols: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
+    """Coefficients minimising sum(((cols @ x) / t - 1)^2), x >= 0; and the RMS relative error."""
+    x = nnls(cols / t[:, None], np.ones_like(t))
+    return x, float(np.sqrt(np.mean((cols @ x / t - 1) ** 2)))
+
+
+def _stats(name: str, form: str, pred: np.ndarray, meas: np.ndarray) -> FitStats:
+    err = np.abs(pred / meas - 1) * 100
+    return FitStats(name, form, len(meas), float(err.mean()), float(err.max()))
+
+
+def fit_kernel_family(
+    points: list[KernelPoint], hbm_bandwidth_gb_s: float, bandwidth_floor: float = 1.0
+) -> tuple[KernelFit, FitStats]:
+    """Fit one family from its training points (all of one `family`); see the module docstring."""
+    if len(points) < 3:
+        raise SimInputError(f"kernel family {points[0].family if points else '?'}: fewer than 3 training points")
+    t = np.array([p.time_us for p in points])
+    bw_us = np.array([p.bytes_read for p in points]) / (hbm_bandwidth_gb_s * 1e3)  # time at 100% of HBM
+    ones = np.ones_like(t)
+    xb, rms_b = _relative_fit(np.column_stack([ones, bw_us]), t)
+    kv = np.array([p.kv_elements for p in points], float) * 1e-6  # ps * elements * 1e-6 = us
+    q = np.array([p.q_elements for p in points], float) * 1e-6
+    xc, rms_c = _relative_fit(np.column_stack([ones, kv, q]), t)
+    family = points[0].family
+    plausible = xb[1] > 0 and 1.0 / xb[1] >= BANDWIDTH_FORM_MIN_EFFICIENCY
+    gain = rms_c <= COMPUTE_FORM_MIN_GAIN * rms_b and rms_b - rms_c >= COMPUTE_FORM_MIN_ABS_GAIN
+    if plausible and not gain:
+        eff = min(1.0, 1.0 / xb[1])
+        fit = KernelFit(family, "bandwidth", float(xb[0]), eff, 0.0, 0.0)
+    else:
+        fit = KernelFit(family, "compute", float(xc[0]), bandwidth_floor, float(xc[1]), float(xc[2]))
+    pred = attention_kernel_us(fit, hbm_bandwidth_gb_s, bw_us * hbm_bandwidth_gb_s * 1e3, kv * 1e6, q * 1e6)
+    return fit, _stats(family, fit.bound, pred, t)
+
+
+def fit_kernels(train: list[KernelPoint], hbm_bandwidth_gb_s: float) -> tuple[list[KernelFit], list[FitStats]]:
+    """Every family in `train`: bandwidth-form families first, whose best efficiency floors the others."""
+    families = sorted({p.family for p in train})
+    by = {f: [p for p in train if p.family == f] for f in families}
+    first = {f: fit_kernel_family(by[f], hbm_bandwidth_gb_s) for f in families}
+    floor = max((k.bandwidth_efficiency for k, _ in first.values() if k.bound == "bandwidth"), default=1.0)
+    out = {
+        f: (k, s) if k.bound == "bandwidth" else fit_kernel_family(by[f], hbm_bandwidth_gb_s, floor)
+        for f, (k, s) in first.items()
+    }
+    return [out[f][0] for f in families], [out[f][1] for f in families]
+
+
+def e2e_family(p: E2EPoint) -> str:
+    """The attention kernel family an e2e backend runs: torch SDPA flash, or kvq's fp16 / KIVI kernel."""
+    if p.backend == "sdpa":
+        return "sdpa_flash_fp16"
+    return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b"
+
+
+def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
+    """The simulator's view of one benchmark step: bytes the GEMVs read, attention per layer, memory."""
+    from .api import deployment
+    from .memory import activation_terms, kv_layer_streams, weight_bytes
+
+    dep = deployment(E2E_MODEL, hw, 16 if p.bits == 16 else p.bits, None if p.bits == 16 else "kivi", gpus=1)
+    m = dep.model
+    weights = weight_bytes(dep)[0] - m.vocab_size * m.hidden_size * 2  # no embedding table in the benchmark
+    tokens = p.context + 1
+    key, value = kv_layer_streams(dep, tokens)
+    kv_layer = p.batch * (key.per_sequence + value.per_sequence) + key.shared + value.shared
+    fit = hw.calibration.kernel(e2e_family(p))
+    attn_us = None
+    if fit is not None:
+        attn_us = float(
+            attention_kernel_us(
+                fit,
+                hw.hbm_bandwidth_gb_s,
+                kv_layer,
+                2 * p.batch * m.num_key_value_heads * tokens * m.head_dim,
+                2 * p.batch * m.num_attention_heads * tokens * m.head_dim,
+            )
+        )
+    decode_act, _ = activation_terms(dep, p.context)
+    return dict(
+        layers=m.num_hidden_layers,
+        weights_bytes=weights,
+        kv_bytes=m.num_hidden_layers * kv_layer,
+        attention_us_per_layer=attn_us,
+        memory_bytes=weights + m.num_hidden_layers * kv_layer + p.batch * decode_act,
+    )
+
+
+def fit_e2e(train: list[E2EPoint], hw: Hardware) -> tuple[float | None, float | None, FitStats | None, list[str]]:
+    """(weight_gemv efficiency, per-kernel overhead us, stats, notes) from e2e training points; `hw` must
+    already carry the kernel fits."""
+    notes, rows = [], []
+    for p in train:
+        e = e2e_terms(p, hw)
+        if e["attention_us_per_layer"] is None:
+            notes.append(f"e2e point {p.point_id}: no kernel fit for {e2e_family(p)}; not used")
+            continue
+        rest = p.step_us - e["layers"] * e["attention_us_per_layer"]
+        kernels = e["layers"] * EAGER_KERNELS_PER_LAYER + EAGER_KERNELS_PER_STEP
+        rows.append((e["weights_bytes"] / (hw.hbm_bandwidth_gb_s * 1e3), kernels, rest, p.step_us))
+    if not rows:
+        notes.append("e2e: no usable training points; weight_gemv and kernel_launch_overhead_us keep the file's values")
+        return None, None, None, notes
+    w_us, kernels, rest, step = (np.array(c, float) for c in zip(*rows))
+    # Every benchmark step reads the same weights through the same kernel count, so the data pin only
+    # their sum: weights stream at the best efficiency this GPU's kernels reached (the kvq_fp16 fit),
+    # and the per-kernel overhead takes the rest (least squares of relative error, >= 0).
+    fp16 = hw.calibration.kernel("kvq_fp16")
+    eff = (
+        fp16.bandwidth_efficiency if fp16 and fp16.bound == "bandwidth" else hw.calibration.weight_bandwidth_efficiency
+    )
+    if not (fp16 and fp16.bound == "bandwidth"):
+        notes.append(f"e2e: no bandwidth-bound kvq_fp16 fit; weight_gemv keeps its prior {eff}")
+    left = rest - w_us / eff
+    over = max(0.0, float(np.sum(left * kernels / step**2) / np.sum(kernels**2 / step**2)))
+    pred = w_us / eff + kernels * over + (step - rest)
+    return eff, over, _stats("e2e step", "gemv + attention + kernels", pred, step), notes
+
+
+def calibrate(hw: Hardware, kernel_points: list[KernelPoint], e2e_points: list[E2EPoint] | None) -> CalibrationResult:
+    """Fit kernels on their training split, then the e2e step on its training split."""
+    k_train, _ = split(kernel_points)
+    fits, kstats = fit_kernels(k_train, hw.hbm_bandwidth_gb_s)
+    hw_k = with_kernels(hw, fits)
+    notes: list[str] = []
+    eff = over = estats = None
+    if e2e_points:
+        e_train, _ = split(e2e_points)
+        if not e_train:
+            notes.append("e2e: every point of the file is held out; nothing to fit (the file's values kept)")
+        else:
+            eff, over, estats, n = fit_e2e(e_train, hw_k)
+            notes += n
+    else:
+        notes.append("e2e: no measurement file; weight_gemv and kernel_launch_overhead_us keep the file's values")
+    return CalibrationResult(tuple(fits), tuple(kstats), eff, over, estats, tuple(notes))
+
+
+def with_kernels(hw: Hardware, fits: list[KernelFit] | tuple[KernelFit, ...], **cal_fields) -> Hardware:
+    """`hw` with these kernel fits (and any other Calibration fields) in place: what the YAML will load as."""
+    return replace(hw, calibration=replace(hw.calibration, attention_kernels=tuple(fits), **cal_fields))
+
+
+def calibrated_hardware(hw: Hardware, r: CalibrationResult) -> Hardware:
+    cal = hw.calibration
+    fp16 = next((k for k in r.kernels if k.family == "kvq_fp16" and k.bound == "bandwidth"), None)
+    return with_kernels(
+        hw,
+        r.kernels,
+        calibrated=True,
+        weight_bandwidth_efficiency=r.weight_gemv_efficiency or cal.weight_bandwidth_efficiency,
+        kernel_launch_overhead_us=cal.kernel_launch_overhead_us
+        if r.kernel_overhead_us is None
+        else r.kernel_overhead_us,
+        kv_fp16_bandwidth_efficiency=fp16.bandwidth_efficiency if fp16 else cal.kv_fp16_bandwidth_efficiency,
+    )
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def calibration_yaml(hw: Hardware, r: CalibrationResult, kprov: Provenance, eprov: Provenance | None) -> str:
+    """The `calibration:` section text (with comments) for a GPU fitted from its own measurements."""
+    new = calibrated_hardware(hw, r).calibration
+    e2e_src = f"{eprov.path} (commit {eprov.commit}, {eprov.date})" if eprov else "none"
+    head = [
+        "  # Written by `kvq-sim calibrate` from the training half of the measurements (split: sha256 of each",
+        "  # point id, even = training; docs/validation.md). Held-out points are checked by `kvq-sim validate`.",
+        "  calibrated: true",
+        f'  source: "kvq-sim calibrate: {kprov.path} (commit {kprov.commit}, {kprov.date}); e2e: {e2e_src}"',
+        "  measurements:",
+        f'    kernel: {{file: "{kprov.path}", commit: "{kprov.commit}", date: "{kprov.date}"}}',
+    ]
+    if eprov:
+        head.append(f'    e2e: {{file: "{eprov.path}", commit: "{eprov.commit}", date: "{eprov.date}"}}')
+    stats = {s.name: s for s in r.kernel_stats}
+    per_kernel = {
+        k.family: (
+            f"{k.bound} bound; train {stats[k.family].train_points} pts, MAPE {stats[k.family].mape_pct:.2f}%, "
+            f"worst {stats[k.family].worst_pct:.2f}%",
+            f"{{train_points: {stats[k.family].train_points}, mape_pct: {stats[k.family].mape_pct:.2f}, "
+            f"worst_pct: {stats[k.family].worst_pct:.2f}}}",
+        )
+        for k in r.kernels
+    }
+    tail = []
+    if r.e2e_stats:
+        s = r.e2e_stats
+        tail.append(
+            f"  e2e_fit: {{train_points: {s.train_points}, mape_pct: {s.mape_pct:.2f}, worst_pct: {s.worst_pct:.2f}}}"
+        )
+    kept = " (not fitted by this run: no e2e training data; value kept from the file)"
+    weight_note = " (fit: the kvq_fp16 streaming efficiency)" if r.weight_gemv_efficiency else kept
+    launch_note = (
+        f" (fit on the eager e2e step, {EAGER_KERNELS_PER_LAYER} kernels/layer)"
+        if r.kernel_overhead_us is not None
+        else kept
+    )
+    return _section(new, head, weight_note, launch_note, per_kernel, tail)
+
+
+def _section(cal: Calibration, head, weight_note, launch_note, per_kernel: dict, tail) -> str:
+    lines = ["calibration:", *head, "  bandwidth_efficiency:"]
+    lines += [
+        "    # GEMV weight streaming in a decode step" + weight_note,
+        f"    weight_gemv: {_g(cal.weight_bandwidth_efficiency)}",
+        "    # fp16 decode attention without a fitted kernel family (kvq_fp16's efficiency when fitted)",
+        f"    attention_fp16: {_g(cal.kv_fp16_bandwidth_efficiency)}",
+        "    # quantized formats without a fitted kernel family (prior): streams codes like fp16",
+        f"    attention_quantized: {_g(cal.kv_quantized_bandwidth_efficiency)}",
+        "  # prior: H100 bf16 8192^3 matmul 684 of 989 TFLOP/s (REFERENCES.md section 5)",
+        f"  tensor_core_efficiency: {_g(cal.tensor_core_efficiency)}",
+        "  # prior: NCCL bus bandwidth ~80% of the link rate",
+        f"  interconnect_efficiency: {_g(cal.interconnect_efficiency)}",
+        "  # per kernel in a decode step" + launch_note,
+        f"  kernel_launch_overhead_us: {_g(cal.kernel_launch_overhead_us)}",
+        "  # prior: CUDA context + torch before the first tensor (not in max_memory_allocated)",
+        f"  cuda_context_mib: {_g(cal.cuda_context_mib)}",
+        "  # prior: cuBLAS workspace and attention split-KV scratch",
+        f"  framework_workspace_mib: {_g(cal.framework_workspace_mib)}",
+        "  # time_us = overhead_us + max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),",
+        "  #           (unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements) / 1e6)",
+        "  attention_kernels:",
+    ]
+    for k in cal.attention_kernels:
+        comment, fit = per_kernel[k.family]
+        lines += [
+            f"    {k.family}:  # {comment}",
+            f"      bound: {k.bound}",
+            f"      overhead_us: {_g(k.overhead_us)}",
+            f"      bandwidth_efficiency: {_g(k.bandwidth_efficiency)}"
+            + ("  # floor: best bandwidth-bound family" if k.bound == "compute" else ""),
+            f"      unpack_ps_per_kv_element: {_g(k.unpack_ps_per_kv_element)}",
+            f"      dot_ps_per_q_element: {_g(k.dot_ps_per_q_element)}",
+        ]
+        if fit:
+            lines.append(f"      fit: {fit}")
+    return "\n".join(lines + tail) + "\n"
+
+
+def transferred(src: Hardware, dst: Hardware) -> Calibration:
+    """`dst`'s calibration carried over from the measured `src` by the rules of docs/validation.md:
+
+    - bandwidth efficiencies (per kernel family, weight GEMV, fp16 attention): unchanged, as fractions of
+      each GPU's own datasheet memory bandwidth;
+    - per-element costs (ps per K/V or query element, CUDA-core unpack and FMA work): times
+      (src SMs * src boost clock) / (dst SMs * dst boost clock);
+    - fixed overheads (per launch, per kernel in a step): unchanged (host, driver and graph-replay bound);
+    - tensor-core, interconnect and memory-reserve priors: dst's own, untouched.
+    E.g. H100 -> A100: 132 * 1980 / (108 * 1410) = 1.716x the per-element cost.
+    """
+    for h in (src, dst):
+        if h.boost_clock_mhz is None:
+            raise SimInputError(f"{h.source_file}: field 'boost_clock_mhz' is needed to transfer a calibration")
+    if not src.calibration.calibrated:
+        raise SimInputError(f"{src.name} is not calibrated from measurements: run kvq-sim calibrate --gpu {src.name}")
+    scale = (src.sm_count * src.boost_clock_mhz) / (dst.sm_count * dst.boost_clock_mhz)
+    s = src.calibration
+    kernels = tuple(
+        replace(
+            k,
+            unpack_ps_per_kv_element=k.unpack_ps_per_kv_element * scale,
+            dot_ps_per_q_element=k.dot_ps_per_q_element * scale,
+        )
+        for k in s.attention_kernels
+    )
+    return replace(
+        dst.calibration,
+        calibrated=False,
+        source=f"transferred from {src.name} ({s.source}) by the rules of docs/validation.md",
+        weight_bandwidth_efficiency=s.weight_bandwidth_efficiency,
+        kv_fp16_bandwidth_efficiency=s.kv_fp16_bandwidth_efficiency,
+        kv_quantized_bandwidth_efficiency=s.kv_quantized_bandwidth_efficiency,
+        kernel_launch_overhead_us=s.kernel_launch_overhead_us,
+        attention_kernels=kernels,
+    )
+
+
+def transferred_yaml(src: Hardware, dst: Hardware) -> str:
+    """The `calibration:` section of a GPU without measurements, carried over from a measured one."""
+    cal = transferred(src, dst)
+    scale = (src.sm_count * src.boost_clock_mhz) / (dst.sm_count * dst.boost_clock_mhz)
+    head = [
+        f"  # TRANSFERRED, not measured on this GPU: `kvq-sim calibrate --gpu {dst.name} --transfer-from {src.name}`",
+        "  # (rules in docs/validation.md and kvq_sim.calibrate.transferred). Re-run after recalibrating the source.",
+        "  calibrated: false",
+        f'  source: "{cal.source}"',
+        f"  transferred_from: {src.name}",
+    ]
+    per_kernel = {
+        k.family: (
+            f"{k.bound} bound on {src.name}; per-element costs x {scale:.3f} "
+            f"= ({src.sm_count} SMs * {src.boost_clock_mhz:g} MHz) / ({dst.sm_count} * {dst.boost_clock_mhz:g})",
+            None,
+        )
+        for k in cal.attention_kernels
+    }
+    note = f" (transferred from {src.name})"
+    return _section(cal, head, note, note, per_kernel, [])
+
+
+def replace_calibration(text: str, section: str) -> str:
+    """`text` (a hardware YAML) with its top-level `calibration:` block replaced by `section`; the
+    lines before it, with their comments, are kept byte for byte."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("calibration:")), None)
+    if start is None:
+        return text + ("" if text.endswith("\n") else "\n") + section
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith((" ", "#"))),
+        len(lines),
+    )
+    return "".join(lines[:start]) + section + "".join(lines[end:])
+
+
+def write_calibration(gpu: str, section: str) -> Path:
+    """Replace the GPU file's calibration section and check the loader accepts the result (else restore)."""
+    path = resolve("hardware", gpu)
+    old = path.read_text()
+    path.write_text(replace_calibration(old, section))
+    try:
+        load_hardware(str(path))
+    except SimInputError:
+        path.write_text(old)
+        raise
+    return path
+
+
+def summary(hw: Hardware, r: CalibrationResult, path: Path | None) -> str:
+    out = [f"{hw.name}: fitted {len(r.kernels)} kernel families on training points"]
+    out.append(
+        f"{'family':18s} {'form':9s} {'n':>3s} {'overhead_us':>11s} {'bw_eff':>7s} {'ps/kv':>7s} {'ps/q':>6s} {'MAPE%':>6s} {'worst%':>6s}"
+    )
+    st = {s.name: s for s in r.kernel_stats}
+    for k in r.kernels:
+        s = st[k.family]
+        out.append(
+            f"{k.family:18s} {k.bound:9s} {s.train_points:3d} {k.overhead_us:11.2f} {k.bandwidth_efficiency:7.3f} "
+            f"{k.unpack_ps_per_kv_element:7.3f} {k.dot_ps_per_q_element:6.3f} {s.mape_pct:6.2f} {s.worst_pct:6.2f}"
+        )
+    if r.e2e_stats:
+        s = r.e2e_stats
+        out.append(
+            f"e2e step: weight_gemv efficiency {r.weight_gemv_efficiency:.3f}, {r.kernel_overhead_us:.3f} us per kernel "
+            f"({s.train_points} training points, MAPE {s.mape_pct:.2f}%, worst {s.worst_pct:.2f}%)"
+        )
+    out += [f"note: {n}" for n in r.notes]
+    if path is not None:
+        out.append(f"wrote calibration to {display_path(path)}")
+    return "\n".join(out)
+
+
+def check_device(hw: Hardware) -> str:
+    """The torch device name measurements must carry for this GPU (its YAML's `torch_device_name`)."""
+    if hw.torch_device_name is None:
+        raise SimInputError(
+            f"{hw.source_file}: no field 'torch_device_name', so no measurement can be matched to {hw.name}; "
+            "transferred GPUs are not calibrated from measurements (docs/validation.md)"
+        )
+    return hw.torch_device_name
+
+
+# Calibration is re-exported for callers that build one by hand in tests.
+__all__ = ["Calibration", "calibrate", "fit_kernel_family", "nnls"]

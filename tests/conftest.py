@@ -34,6 +34,6 @@ def kv_sample():
     if not KV_SAMPLE.exists():
         pytest.skip(f"{KV_SAMPLE} missing: run python scripts/capture_smollm2_kv.py")
     with safe_open(str(KV_SAMPLE), "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
         provenance = json.loads(f.metadata()["provenance"])
     return tensors, provenance

@@ -1,0 +1,220 @@
+"""Perplexity of a causal LM whose attention reads K/V through a given transformers `Cache`.
+
+Two protocols, both over consecutive non-overlapping windows of a token sequence starting at `start`:
+
+teacher-forced (`teacher_forced_perplexity`), window W, prefix P (default 1), chunk C (default 1):
+    the first P tokens of a window go through the cache in one forward (the prefill), then the
+    remaining tokens 1 chunk of C at a time, each chunk attending over the cache, which holds every
+    earlier token of the window as the method stores it. Every position 0..W-2 is scored on the next
+    token: W-1 predictions per window, exactly the predictions of one cache-free forward over the
+    window. With P = C = 1 every prediction after the first reads all earlier tokens from the cache;
+    with C > 1 the tokens within a chunk see each other as the cache's `update` returns them (usually
+    in full precision, as in a real chunked prefill); the prefill's own positions likewise.
+
+decode (`decode_perplexity`), prefill P (default 384), scored S (default 128):
+    a window is P + S tokens; the first P go through the cache in one forward (in full precision
+    for transformers' caches, which quantize after the prefill attends), then tokens P..P+S-2 are fed
+    one at a time. Scored: the S predictions of tokens P..P+S-1, i.e. the prefill's last position and
+    the S-1 decode steps, every decode step reading all earlier tokens from the cache.
+
+`cache_factory` is any callable returning a fresh transformers `Cache` (one per window), e.g.
+`transformers.DynamicCache` or `lambda: QuantizedCache("quanto", model.config, nbits=4)`; `None` in
+`forward_perplexity` means one cache-free forward per window (the reference the protocols equal with a
+full-precision cache). Perplexity is exp of the mean negative log-likelihood (natural log) over all
+scored tokens of all windows. torch and transformers are imported when this module is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Perplexity",
+    "tokenize",
+    "forward_perplexity",
+    "teacher_forced_perplexity",
+    "decode_perplexity",
+]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """A perplexity measurement: exp(nll_sum / tokens) over `windows` windows."""
+
+    protocol: str
+    nll_sum: float  # nats, summed over scored tokens
+    tokens: int  # scored tokens
+    windows: int
+    cache_measure: float | None = None  # mean over windows of measure_cache(cache) at each window's end
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per scored token (nats)."""
+        return self.nll_sum / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of `text` as one sequence [N] (int64), without special tokens added."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def _check_causal_lm(model) -> None:
+    if not callable(model) or not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"expected a transformers causal LM, got {type(model).__name__}")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
+
+
+def _windows(ids: torch.Tensor, length: int, windows: int, start: int) -> torch.Tensor:
+    """Consecutive windows [windows, length] of `ids` [N] from token `start`; error if the text is too short."""
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be one token sequence [N], got shape {tuple(ids.shape)}")
+    need = start + length * windows
+    if windows < 1 or length < 2:
+        raise ValueError(f"need at least one window of at least 2 tokens, got {windows} x {length}")
+    if ids.numel() < need:
+        raise ValueError(
+            f"text too short: {ids.numel()} tokens, the protocol needs {need} "
+            f"({windows} window(s) of {length} from token {start})"
+        )
+    return ids[start:need].view(windows, length)
+
+
+class _Progress:
+    """A one-line stderr progress display (tqdm when installed)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        except ImportError:  # tqdm is a transformers dependency; keep a plain fallback anyway
+            self.total, self.done, self.desc = total, 0, desc
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+        elif hasattr(self, "done"):
+            self.done += n
+            print(f"\r{self.desc}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif hasattr(self, "done"):
+            print(file=sys.stderr)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token NLL (fp64 log-softmax). logits: [T, V]; targets: [T]."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -logp.gather(-1, targets[:, None]).sum().item()
+
+
+@torch.no_grad()
+def _window_nll(model, x: torch.Tensor, cache_factory, prefix: int, chunk: int, score_from: int, bar, measure):
+    """(summed NLL of positions score_from..W-2 predicting their next token, measure(cache) or None).
+
+    Feeds x [W] through a fresh cache from `cache_factory`.
+    """
+    w = x.numel()
+    x = x[None]  # x: [1, W]
+    cache = cache_factory()
+    nll, pos = 0.0, 0
+    while pos < w - 1:  # the last token is only a target
+        end = prefix if pos == 0 else min(pos + chunk, w - 1)
+        logits = model(x[:, pos:end], past_key_values=cache, use_cache=True).logits[0]  # [end - pos, V]
+        lo = max(score_from, pos)
+        if lo < end:
+            nll += _nll(logits[lo - pos :], x[0, lo + 1 : end + 1])
+        bar.update(end - pos)
+        pos = end
+    return nll, (measure(cache) if measure is not None else None)
+
+
+def _run(model, xs, cache_factory, prefix, chunk, score_from, bar, measure) -> tuple[float, float | None]:
+    """Summed NLL over windows xs [N, W] and the mean of `measure` over windows (None without one)."""
+    results = [_window_nll(model, x, cache_factory, prefix, chunk, score_from, bar, measure) for x in xs]
+    bar.close()
+    nll = sum(r[0] for r in results)
+    return nll, (sum(r[1] for r in results) / len(results) if measure is not None else None)
+
+
+def forward_perplexity(
+    model, ids: torch.Tensor, *, window: int = 512, windows: int = 4, start: int = 0, progress: bool = False
+) -> Perplexity:
+    """Reference: one cache-free forward per window, W-1 scored predictions per window."""
+    _check_causal_lm(model)
+    xs = _windows(ids, window, windows, start)
+    bar = _Progress(windows, "forward", progress)
+    nll = 0.0
+    with torch.no_grad():
+        for x in xs:
+            logits = model(x[None], use_cache=False).logits[0]  # [W, V]
+            nll += _nll(logits[:-1], x[1:])
+            bar.update(1)
+    bar.close()
+    return Perplexity("forward", nll, windows * (window - 1), windows)
+
+
+def teacher_forced_perplexity(
+    model,
+    ids: torch.Tensor,
+    cache_factory: Callable[[], object],
+    *,
+    window: int = 512,
+    windows: int = 4,
+    prefix: int = 1,
+    chunk: int = 1,
+    start: int = 0,
+    progress: bool = True,
+    measure_cache: Callable[[object], float] | None = None,
+) -> Perplexity:
+    """Teacher-forced windows through the cache (module docstring): W-1 scored predictions per window.
+
+    measure_cache: called on each window's cache after its last forward (e.g. `hf_peers.held_bits_per_element`).
+    """
+    _check_causal_lm(model)
+    if not 1 <= prefix < window or chunk < 1:
+        raise ValueError(f"need 1 <= prefix < window and chunk >= 1, got prefix={prefix}, chunk={chunk}")
+    xs = _windows(ids, window, windows, start)
+    bar = _Progress(windows * (window - 1), "teacher-forced", progress)
+    nll, measured = _run(model, xs, cache_factory, prefix, chunk, 0, bar, measure_cache)
+    return Perplexity("teacher-forced", nll, windows * (window - 1), windows, measured)
+
+
+def decode_perplexity(
+    model,
+    ids: torch.Tensor,
+    cache_factory: Callable[[], object],
+    *,
+    prefill: int = 384,
+    scored: int = 128,
+    windows: int = 1,
+    start: int = 0,
+    progress: bool = True,
+    measure_cache: Callable[[object], float] | None = None,
+) -> Perplexity:
+    """Prefill P tokens through the cache, then score S next tokens one decode step at a time (module docstring).
+
+    measure_cache: as in `teacher_forced_perplexity`.
+    """
+    _check_causal_lm(model)
+    if prefill < 1 or scored < 1:
+        raise ValueError(f"need prefill >= 1 and scored >= 1, got {prefill}, {scored}")
+    xs = _windows(ids, prefill + scored, windows, start)
+    bar = _Progress(windows * (prefill + scored - 1), "decode", progress)
+    nll, measured = _run(model, xs, cache_factory, prefill, 1, prefill - 1, bar, measure_cache)
+    return Perplexity("decode", nll, windows * scored, windows, measured)

@@ -182,7 +182,9 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                    if torch.cuda.memory_allocated() > W.nbytes + (64 << 20):
+                    if torch.cuda.memory_allocated() > W.nbytes + (
+                        512 << 20
+                    ):  # do_bench keeps a 256 MB L2-flush buffer
                         raise RuntimeError("memory of the previous point is still allocated")
                     cache = build_cache(backend, bits, s, batch, context, dev)
                     x = torch.randn(batch, s.hidden, device=dev, dtype=torch.float16)

@@ -158,7 +158,7 @@ def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=(64, 4, 3)):
 
 
 #: (BLOCK_N, num_warps, num_stages) tried per bit width at batch 1, 32/32 heads, 128K context
-PROBE_CONFIGS = ((64, 4, 3), (32, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2))
+PROBE_CONFIGS = ((64, 4, 3), (32, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 2))
 
 
 def probe(bits_list, group) -> dict:

@@ -30,6 +30,9 @@ CASES = [
     ("gqa-4bit-group-ge-headdim", 4, 1, 8, 2, 32, 32, 64, 0, [231]),
     ("nuq-3bit", 3, 1, 6, 3, 32, 16, 32, 1, [150]),
     ("nuq-2bit", 2, 1, 4, 2, 32, 16, 32, 0, [99]),
+    # head_dim 128: channel slices wide enough for tl.dot (W = 128 / 4 and 128 / 8)
+    ("2bit-d128-value-groups", 2, 1, 4, 4, 128, 32, 64, 0, [300]),
+    ("3bit-d128-gqa", 3, 1, 4, 2, 128, 128, 128, 1, [400]),
 ]
 
 

@@ -51,6 +51,72 @@ def _dequant_values(lv, vs, vz, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, N
 
 
 @triton.jit
+def _slice_code(b0, b1, h, s: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes of channel slice s (channels j * PER + s) from the row's bytes, no interleave.
+
+    BITS 2/4/8: b0 = byte j of each row, code at bit BITS * s. BITS 3 (PER 8): b0 / b1 = bytes 2j / 2j + 1
+    of the 2-bit plane (channel 8j + s has its low bits in byte 2j + s // 4 at bit 2 * (s % 4)), h = byte j
+    of the 1-bit plane (bit s)."""
+    if BITS == 3:
+        if s < 4:
+            lo = (b0 >> (2 * s)) & 3
+        else:
+            lo = (b1 >> (2 * (s - 4))) & 3
+        return lo | (((h >> s) & 1) << 2)
+    else:
+        return (b0 >> (BITS * s)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _slice_levels(b0, b1, h, CB, s: tl.constexpr, BITS: tl.constexpr, NUQ: tl.constexpr, OUT: tl.constexpr):
+    c = _slice_code(b0, b1, h, s, BITS)
+    if NUQ:
+        return tl.load(CB + c).to(OUT)
+    else:
+        return c.to(OUT)
+
+
+@triton.jit
+def _qk_slice(qs, lev, DOT_DTYPE: tl.constexpr, SMALL: tl.constexpr):
+    """qs [HQ, W] . lev [N, W]^T -> [HQ, N]; W < 16 (no tl.dot) as a broadcast sum."""
+    if SMALL:
+        return tl.sum(qs.to(tl.float32)[:, None, :] * lev.to(tl.float32)[None, :, :], 2)
+    else:
+        return _dot(qs, tl.trans(lev), DOT_DTYPE)
+
+
+@triton.jit
+def _pv_slice(p, v, DOT_DTYPE: tl.constexpr, SMALL: tl.constexpr):
+    """p [HQ, N] @ v [N, W] -> [HQ, W]."""
+    if SMALL:
+        return tl.sum(p.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    else:
+        return _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), DOT_DTYPE)
+
+
+@triton.jit
+def _v_slice(b0, b1, h, CB, VS, VZ, rows, n_mask, p, ps, pz, offs_j, s: tl.constexpr, BITS: tl.constexpr,
+             NUQ: tl.constexpr, NGV: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, SMALL: tl.constexpr):  # fmt: skip
+    """p @ values of channel slice s: [HQ, W]. NGV == 1: (p * s) . c + p . z with ps = p * s, pz = p . z."""
+    if NGV == 1:
+        lev = _slice_levels(b0, b1, h, CB, s, BITS, NUQ, DOT_DTYPE)
+        return _pv_slice(ps, lev, DOT_DTYPE, SMALL) + pz[:, None]
+    else:
+        lev = _slice_levels(b0, b1, h, CB, s, BITS, NUQ, tl.float32)
+        grp = (offs_j * PER + s) // (HEAD_DIM // NGV)
+        mptr = rows[:, None] * NGV + grp[None, :]
+        vs = tl.load(VS + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(VZ + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        return _pv_slice(p, lev * vs + vz, DOT_DTYPE, SMALL)
+
+
+@triton.jit
+def _store_slice(ACC_PART, prow, h_mask, acc, offs_j, s: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr):
+    tl.store(ACC_PART + prow[:, None] * HEAD_DIM + (offs_j * PER + s)[None, :], acc, mask=h_mask[:, None])
+
+
+@triton.jit
 def _decode_kivi_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS,
@@ -59,6 +125,9 @@ def _decode_kivi_kernel(
 ):  # fmt: skip
     ROW_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
     NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)
+    PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS  # channel slices: PER codes a byte (3-bit: by c % 8)
+    W: tl.constexpr = HEAD_DIM // PER
+    SMALL: tl.constexpr = W < 16  # too narrow for tl.dot
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H_KV
@@ -78,43 +147,318 @@ def _decode_kivi_kernel(
 
     m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([HQ_PAD], tl.float32)
-    acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
     if split < NUM_SPLITS:
-        # quantized keys and values: p in [start, min(start + TOKENS_PER_SPLIT, n_vq))
+        # quantized keys and values: p in [start, min(start + TOKENS_PER_SPLIT, n_vq)). Codes are never
+        # interleaved into [BLOCK_N, D]: channel slice s (channels j * PER + s, W = D / PER of them) is
+        # extracted from the packed bytes by a shift and a mask, and scores / outputs are sums of per-slice
+        # dots against q / acc held in slice order (gathered from / scattered to memory once per program).
         start = split * TOKENS_PER_SPLIT
         end = tl.minimum(start + TOKENS_PER_SPLIT, n_vq)
+        offs_j = tl.arange(0, W)
+        qrow = Q + (row0 + offs_h)[:, None] * HEAD_DIM
+        q0 = tl.load(qrow + (offs_j * PER)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+        a0 = tl.zeros([HQ_PAD, W], tl.float32)
+        if PER > 1:
+            q1 = tl.load(qrow + (offs_j * PER + 1)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            a1 = tl.zeros([HQ_PAD, W], tl.float32)
+        if PER > 2:
+            q2 = tl.load(qrow + (offs_j * PER + 2)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            q3 = tl.load(qrow + (offs_j * PER + 3)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            a2 = tl.zeros([HQ_PAD, W], tl.float32)
+            a3 = tl.zeros([HQ_PAD, W], tl.float32)
+        if PER > 4:
+            q4 = tl.load(qrow + (offs_j * PER + 4)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            q5 = tl.load(qrow + (offs_j * PER + 5)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            q6 = tl.load(qrow + (offs_j * PER + 6)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            q7 = tl.load(qrow + (offs_j * PER + 7)[None, :], mask=h_mask[:, None], other=0.0).to(tl.float32) * qk_scale
+            a4 = tl.zeros([HQ_PAD, W], tl.float32)
+            a5 = tl.zeros([HQ_PAD, W], tl.float32)
+            a6 = tl.zeros([HQ_PAD, W], tl.float32)
+            a7 = tl.zeros([HQ_PAD, W], tl.float32)
         for t0 in range(start, end, BLOCK_N):
             offs_n = t0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             rows = bh * T_QCAP + offs_n  # int64 row index into [B, H, Tq, ...]
             g = bh * (T_QCAP // GROUP) + t0 // GROUP  # whole tile in one key group
-            ks = tl.load(KS + g * HEAD_DIM + offs_d).to(tl.float32)
             kz = tl.load(KZ + g * HEAD_DIM + offs_d).to(tl.float32)
-            kc = _levels(KC + rows * ROW_BYTES, n_mask, CB, BITS, HEAD_DIM, NUQ, DOT_DTYPE)
-            qs = (q * ks[None, :]).to(DOT_DTYPE)
             bias = tl.sum(q * kz[None, :], 1)
-            qk = _dot(qs, tl.trans(kc), DOT_DTYPE) + bias[:, None]
+            ksrow = KS + g * HEAD_DIM + offs_j * PER
+            kptr = KC + rows[:, None] * ROW_BYTES
+            vptr = VC + rows[:, None] * ROW_BYTES
+            if BITS == 3:
+                kb0 = tl.load(kptr + (2 * offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                kb1 = tl.load(kptr + (2 * offs_j + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                kh = tl.load(kptr + (HEAD_DIM // 4 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                vb0 = tl.load(vptr + (2 * offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                vb1 = tl.load(vptr + (2 * offs_j + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                vh = tl.load(vptr + (HEAD_DIM // 4 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+            else:
+                kb0 = tl.load(kptr + offs_j[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                kb1 = kb0
+                kh = kb0
+                vb0 = tl.load(vptr + offs_j[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                vb1 = vb0
+                vh = vb0
+            qk = bias[:, None] + _qk_slice(
+                (q0 * tl.load(ksrow)[None, :]).to(DOT_DTYPE),
+                _slice_levels(kb0, kb1, kh, CB, 0, BITS, NUQ, DOT_DTYPE),
+                DOT_DTYPE,
+                SMALL,
+            )
+            if PER > 1:
+                qk += _qk_slice(
+                    (q1 * tl.load(ksrow + 1)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 1, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+            if PER > 2:
+                qk += _qk_slice(
+                    (q2 * tl.load(ksrow + 2)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 2, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                qk += _qk_slice(
+                    (q3 * tl.load(ksrow + 3)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 3, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+            if PER > 4:
+                qk += _qk_slice(
+                    (q4 * tl.load(ksrow + 4)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 4, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                qk += _qk_slice(
+                    (q5 * tl.load(ksrow + 5)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 5, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                qk += _qk_slice(
+                    (q6 * tl.load(ksrow + 6)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 6, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                qk += _qk_slice(
+                    (q7 * tl.load(ksrow + 7)[None, :]).to(DOT_DTYPE),
+                    _slice_levels(kb0, kb1, kh, CB, 7, BITS, NUQ, DOT_DTYPE),
+                    DOT_DTYPE,
+                    SMALL,
+                )
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            vc = _levels(VC + rows * ROW_BYTES, n_mask, CB, BITS, HEAD_DIM, NUQ, DOT_DTYPE)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if NGV == 1:
-                # one value group per token: p . (c * s + z) = (p * s) . c + p . z, no per-element FMA
                 vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
                 vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
-                pv = _dot((p * vs[None, :]).to(DOT_DTYPE), vc, DOT_DTYPE) + tl.sum(p * vz[None, :], 1)[:, None]
+                ps = (p * vs[None, :]).to(DOT_DTYPE)
+                pz = tl.sum(p * vz[None, :], 1)
             else:
-                offs_g = tl.arange(0, NGV)
-                mptr = rows[:, None] * NGV + offs_g[None, :]
-                vs = tl.load(VS + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(VZ + mptr, mask=n_mask[:, None], other=0.0).to(tl.float32)
-                v = _dequant_values(vc.to(tl.float32), vs, vz, BLOCK_N, HEAD_DIM, NGV)
-                pv = _dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), DOT_DTYPE)
-            acc = acc * alpha[:, None] + pv
+                ps = p
+                pz = l_i
+            a0 = a0 * alpha[:, None] + _v_slice(
+                vb0,
+                vb1,
+                vh,
+                CB,
+                VS,
+                VZ,
+                rows,
+                n_mask,
+                p,
+                ps,
+                pz,
+                offs_j,
+                0,
+                BITS,
+                NUQ,
+                NGV,
+                PER,
+                HEAD_DIM,
+                DOT_DTYPE,
+                SMALL,
+            )
+            if PER > 1:
+                a1 = a1 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    1,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+            if PER > 2:
+                a2 = a2 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    2,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                a3 = a3 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    3,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+            if PER > 4:
+                a4 = a4 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    4,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                a5 = a5 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    5,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                a6 = a6 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    6,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
+                a7 = a7 * alpha[:, None] + _v_slice(
+                    vb0,
+                    vb1,
+                    vh,
+                    CB,
+                    VS,
+                    VZ,
+                    rows,
+                    n_mask,
+                    p,
+                    ps,
+                    pz,
+                    offs_j,
+                    7,
+                    BITS,
+                    NUQ,
+                    NGV,
+                    PER,
+                    HEAD_DIM,
+                    DOT_DTYPE,
+                    SMALL,
+                )
             m_i = m_new
+        prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + 1) + split
+        tl.store(M_PART + prow, m_i, mask=h_mask)
+        tl.store(L_PART + prow, l_i, mask=h_mask)
+        _store_slice(ACC_PART, prow, h_mask, a0, offs_j, 0, PER, HEAD_DIM)
+        if PER > 1:
+            _store_slice(ACC_PART, prow, h_mask, a1, offs_j, 1, PER, HEAD_DIM)
+        if PER > 2:
+            _store_slice(ACC_PART, prow, h_mask, a2, offs_j, 2, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a3, offs_j, 3, PER, HEAD_DIM)
+        if PER > 4:
+            _store_slice(ACC_PART, prow, h_mask, a4, offs_j, 4, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a5, offs_j, 5, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a6, offs_j, 6, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a7, offs_j, 7, PER, HEAD_DIM)
     else:
+        acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
         qd = q.to(DOT_DTYPE)
         for t0 in range(0, n_sink, BLOCK_N):  # sinks, fp16
             offs_n = t0 + tl.arange(0, BLOCK_N)
@@ -142,7 +486,7 @@ def _decode_kivi_kernel(
             qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
-    _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS + 1, m_i, l_i, acc, HEAD_DIM)
+        _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS + 1, m_i, l_i, acc, HEAD_DIM)
 
 
 def _check_cache(c: KiviCache, q: torch.Tensor, validate_lens: bool = True) -> None:

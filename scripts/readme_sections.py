@@ -42,7 +42,33 @@ def kernel_table() -> str:
     return out.rstrip("\n") + "\n"
 
 
-SECTIONS = {"methods-table": methods_table, "plan-output": plan_output, "kernel-table": kernel_table}
+def quality_table() -> str:
+    """kvq's caches beside transformers' on the same decode protocol, from reports/quality/*_decode.csv."""
+    import csv
+
+    rows = []
+    for name in ("hf_peers_decode.csv", "kvq_decode.csv"):
+        with open(ROOT / "reports" / "quality" / name) as f:
+            for r in csv.DictReader(f):
+                bits = float(r["avg_bits"]) if "avg_bits" in r else float(r["held_bits_per_element"])
+                who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
+                rows.append((who, r["cache"].removeprefix("kvq:"), float(r["ppl"]), bits))
+    full = next(p for who, c, p, _ in rows if c == "full")
+    lines = [
+        "| cache | from | bits/element stored | decode ppl | vs full fp32 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for who, cache, ppl, bits in sorted(rows, key=lambda r: (-r[3], r[2])):
+        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = {
+    "quality-table": quality_table,
+    "methods-table": methods_table,
+    "plan-output": plan_output,
+    "kernel-table": kernel_table,
+}
 
 
 def section(text: str, name: str) -> tuple[int, int]:

@@ -307,21 +307,23 @@ def kernel_comparison(directory: Path) -> Comparison:
         hw = _hardware_for(rows, path)
     except SimInputError as e:
         return Comparison(title, path, str(e))
-    cal = hw.calibration
+    from .measurements import read_kernel_csv, split
+    from .validate import predict_kernel
+
     groups: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    for r in rows:
-        fp16 = r["impl"].endswith("fp16")
-        eff = cal.kv_fp16_bandwidth_efficiency if fp16 else cal.kv_quantized_bandwidth_efficiency
-        pred = float(r["bytes_read"]) / (hw.hbm_bandwidth_gb_s * 1e3 * eff) + cal.kernel_launch_overhead_us
-        key = r["impl"] if fp16 else f"{r['impl']} {r['bits']}-bit"
+    _, held = split(read_kernel_csv(path, rows[0]["device"])[0])
+    for p in held:  # held-out points only: the calibration never saw them
+        pred = predict_kernel(hw, p)
+        if pred is None:
+            continue
+        key = p.impl if p.impl.endswith("fp16") else f"{p.impl} {p.bits}-bit"
         g = groups.setdefault(key, ([], [], []))
         g[0].append(pred)
-        g[1].append(float(r["time_us"]))
-        g[2].append(int(r["context"]))
+        g[1].append(p.time_us)
+        g[2].append(p.context)
     note = (
-        f"predicted: bytes read / ({hw.hbm_bandwidth_gb_s:,.0f} GB/s x KV efficiency) + "
-        f"{cal.kernel_launch_overhead_us:g} us launch ({hw.name}, "
-        f"{'calibrated' if cal.calibrated else 'uncalibrated priors'})"
+        f"held-out points; predicted: kvq-sim's per-family kernel model on {hw.name} "
+        f"({'calibrated on the training half' if hw.calibration.calibrated else 'uncalibrated priors'})"
     )
     return Comparison(title, path, None, groups, note)
 
@@ -341,19 +343,21 @@ def e2e_comparison(directory: Path, model: str = "llama-7b") -> Comparison:
         hw = _hardware_for(rows, path)
     except SimInputError as e:
         return Comparison(title, path, str(e))
-    shape = load_model(model)
+    from .measurements import read_e2e_csv, split
+    from .validate import predict_e2e
+
     groups: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    for r in rows:
-        bits = int(float(r["bits"]))
-        method = "fp16" if bits == 16 else "kivi"
-        dep = deployment(shape, hw, None if bits == 16 else bits, method, 16, 1, "tp")
-        pred = decode_step(dep, int(r["batch"]), int(r["context"])).step_s * 1e6
-        key = f"{r['backend']} fp16" if bits == 16 else f"{r['backend']} {bits}-bit"
+    _, held = split(read_e2e_csv(path, rows[0]["device"])[0])
+    for p in held:  # held-out steps only
+        pred, _ = predict_e2e(hw, p)
+        if pred is None:
+            continue
+        key = f"{p.backend} fp16" if p.bits == 16 else f"{p.backend} {p.bits}-bit"
         g = groups.setdefault(key, ([], [], []))
         g[0].append(pred)
-        g[1].append(float(r["step_us"]))
-        g[2].append(int(r["context"]))
-    note = f"predicted: kvq-sim decode_step on {hw.name} (fp16 weights; kivi format for quantized rows)"
+        g[1].append(p.step_us)
+        g[2].append(p.context)
+    note = f"held-out steps; predicted: kvq-sim's eager decode-step model on {hw.name} ({model} shape, fp16 weights)"
     return Comparison(title, path, None, groups, note)
 
 

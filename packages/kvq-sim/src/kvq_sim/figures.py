@@ -447,12 +447,12 @@ def _comparison_axes(ax_scatter, ax_err, comp: report.Comparison, colours_by_lab
     ax_scatter.set_xlabel("predicted (us, log scale)")
     ax_scatter.set_ylabel("measured (us, log scale)")
     ax_scatter.set_title(comp.title)
-    ax_scatter.legend(loc="lower right", fontsize=7.5)  # below the band: predictions under-estimate
+    ax_scatter.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)  # beside: no data hidden
     ax_err.axhline(0, color="black", lw=0.8)
     ax_err.set_xscale("log", base=2)
     ax_err.set_xlabel("context (tokens)")
-    ax_err.set_ylabel("prediction error (%, predicted / measured - 1)")
-    ax_err.set_title(f"{comp.title}: error vs context")
+    ax_err.set_ylabel("error (%): predicted / measured - 1")
+    ax_err.set_title("error vs context")
     ctxs = [c for v in comp.groups.values() for c in v[2]]
     _context_axis(ax_err, ctxs)
     n = len(errs)
@@ -472,7 +472,7 @@ def measured_page(inp: Inputs) -> Figure:
     fig = _page("Predicted vs measured decode latency", "Grey band: the spread that holds 90% of the points.")
     usable = [c for c in comps if c.missing is None]
     notes = [c.missing for c in comps if c.missing]
-    gs = fig.add_gridspec(len(usable) or 1, 2, left=0.08, right=0.97, top=0.85, bottom=0.2, wspace=0.3, hspace=0.45)
+    gs = fig.add_gridspec(len(usable) or 1, 2, left=0.06, right=0.97, top=0.85, bottom=0.2, wspace=0.9, hspace=0.45)
     for i, comp in enumerate(usable):
         notes.insert(i, _comparison_axes(fig.add_subplot(gs[i, 0]), fig.add_subplot(gs[i, 1]), comp, by_label))
     if not usable:

@@ -12,21 +12,6 @@ from kvq_core.hf_peers import PEER_CACHES, peer_cache_factory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1))
 

@@ -10,21 +10,6 @@ from kvq_core.formats import get_format, h2o_format, mikv_format  # noqa: E402
 from kvq_core.hf_cache import KVQCache  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _run(model, ids, cache, prefill):
     with torch.no_grad():
         out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]

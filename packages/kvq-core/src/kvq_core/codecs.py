@@ -335,11 +335,7 @@ class NuqCodec(Codec):
             codes = _unflat(quant.nuq_quantize(dense[:, None], self._codebook, scale, zero, "token", None), h)
             parts = {"scale": scale, "zero": zero}
         parts["codes"] = pack(codes, f.bits)
-        if k:
-            idx = torch.topk(mask.to(torch.int8), k, dim=-1).indices.sort(-1).values  # [B, t, k]
-            parts["outlier_values"] = torch.gather(rows, -1, idx).to(torch.float16)
-            parts["outlier_indices"] = idx.to(torch.int16)
-            parts["outlier_pointers"] = (torch.arange(t + 1, dtype=torch.int32) * k).expand(b, t + 1).contiguous()
+        parts.update(sparse_outliers(rows, mask, k))
         return parts
 
     def decode(self, parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
@@ -367,6 +363,23 @@ class NuqCodec(Codec):
         self._codebook = state["codebook"]
         self._scale = state.get("static_scale")
         self._zero = state.get("static_zero")
+
+
+def sparse_outliers(rows: torch.Tensor, mask: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The stored sparse outliers of a block, as `formats.stream_bytes` counts them; {} when k == 0.
+
+    rows: [B, t, H*D] values; mask: [B, t, H*D] with exactly k True per row. Returns fp16 values and int16
+    flat indices [B, t, k] (indices ascending per row) and int32 CSR row pointers [B, t + 1].
+    """
+    if not k:
+        return {}
+    b, t = rows.shape[:2]
+    idx = torch.topk(mask.to(torch.int8), k, dim=-1).indices.sort(-1).values  # [B, t, k]
+    return {
+        "outlier_values": torch.gather(rows, -1, idx).to(torch.float16),
+        "outlier_indices": idx.to(torch.int16),
+        "outlier_pointers": (torch.arange(t + 1, dtype=torch.int32) * k).expand(b, t + 1).contiguous(),
+    }
 
 
 def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:

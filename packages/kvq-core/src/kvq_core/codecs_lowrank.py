@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .codecs import Codec, _check_block, _flat, _topk_mask, _unflat
+from .codecs import Codec, _check_block, _flat, _topk_mask, _unflat, sparse_outliers
 from .formats import StreamFormat
 from .packing import pack, unpack
 
@@ -84,11 +84,7 @@ class GearCodec(Codec):
         }
         if zero is not None:
             parts["zero"] = zero
-        if k:
-            idx = torch.topk(mask.to(torch.int8), k, dim=-1).indices.sort(-1).values  # [B, t, k]
-            parts["outlier_values"] = torch.gather(rows, -1, idx).to(torch.float16)
-            parts["outlier_indices"] = idx.to(torch.int16)
-            parts["outlier_pointers"] = (torch.arange(t + 1, dtype=torch.int32) * k).expand(b, t + 1).contiguous()
+        parts.update(sparse_outliers(rows, mask, k))
         return parts
 
     def decode(self, parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:

@@ -32,15 +32,11 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import apply_rope, unapply_rope
 from .cache import StreamingLayer
 from .formats import KVFormat, get_format
 
 __all__ = ["KVQCache", "KVQLayer"]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class _Rope:
@@ -56,11 +52,11 @@ class _Rope:
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         cos, sin = self.cos_sin(x, start, x.shape[2])
-        return x.float() * cos + _rotate_half(x.float()) * sin
+        return apply_rope(x, cos=cos, sin=sin)
 
     def unapply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         cos, sin = self.cos_sin(x, start, x.shape[2])
-        return x.float() * cos - _rotate_half(x.float()) * sin
+        return unapply_rope(x, cos=cos, sin=sin)
 
 
 def _find_rotary(model: torch.nn.Module) -> torch.nn.Module:

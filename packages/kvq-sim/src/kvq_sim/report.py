@@ -292,26 +292,33 @@ def _hardware_for(rows: list[dict], path: Path):
     return load_hardware(DEVICE_HARDWARE[devices[0]])
 
 
-def kernel_comparison(directory: Path) -> Comparison:
-    """Attention kernels alone: predicted = bytes_read / (HBM bandwidth x KV efficiency) + one launch."""
-    path = directory / KERNEL_CSV
-    title = "attention kernel, one layer"
-    cmd = "python packages/kvq-kernels/benchmarks/bench_decode.py --out reports/measurements  (on an H100)"
+def _open_measurements(path: Path, title: str, cmd: str, need: set[str]):
+    """(device, hardware) of a measurement CSV, or a Comparison saying why the file cannot be used."""
     if not path.exists():
         return Comparison(title, path, f"{path} is missing; produce it with:\n  {cmd}")
     rows = _read_csv(path)
-    need = {"impl", "bits", "bytes_read", "time_us", "context", "device"}
     if not rows or not need <= set(rows[0]):
         return Comparison(title, path, f"{path} lacks columns {sorted(need - set(rows[0] if rows else ()))}")
     try:
-        hw = _hardware_for(rows, path)
+        return rows[0]["device"], _hardware_for(rows, path)
     except SimInputError as e:
         return Comparison(title, path, str(e))
+
+
+def kernel_comparison(directory: Path) -> Comparison:
+    """Attention kernels alone, held-out points, predicted by the calibrated per-family model (as validate)."""
+    path = directory / KERNEL_CSV
+    title = "attention kernel, one layer"
+    cmd = "python packages/kvq-kernels/benchmarks/bench_decode.py --out reports/measurements  (on an H100)"
+    opened = _open_measurements(path, title, cmd, {"impl", "bits", "bytes_read", "time_us", "context", "device"})
+    if isinstance(opened, Comparison):
+        return opened
+    device, hw = opened
     from .measurements import read_kernel_csv, split
     from .validate import predict_kernel
 
     groups: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    _, held = split(read_kernel_csv(path, rows[0]["device"])[0])
+    _, held = split(read_kernel_csv(path, device)[0])
     for p in held:  # held-out points only: the calibration never saw them
         pred = predict_kernel(hw, p)
         if pred is None:
@@ -329,25 +336,19 @@ def kernel_comparison(directory: Path) -> Comparison:
 
 
 def e2e_comparison(directory: Path, model: str = "llama-7b") -> Comparison:
-    """Whole decode step of a LLaMA-7B shape: predicted by `latency.decode_step` at the same point."""
+    """Whole decode step of a LLaMA-7B shape, held-out steps, predicted by the calibrated step model (as validate)."""
     path = directory / E2E_CSV
     title = "end-to-end decode step, llama-7b shape"
     cmd = "python benchmarks/e2e_decode.py --out reports/measurements/e2e_decode_h100.csv  (on an H100)"
-    if not path.exists():
-        return Comparison(title, path, f"{path} is missing; produce it with:\n  {cmd}")
-    rows = _read_csv(path)
-    need = {"backend", "bits", "batch", "context", "step_us", "device"}
-    if not rows or not need <= set(rows[0]):
-        return Comparison(title, path, f"{path} lacks columns {sorted(need - set(rows[0] if rows else ()))}")
-    try:
-        hw = _hardware_for(rows, path)
-    except SimInputError as e:
-        return Comparison(title, path, str(e))
+    opened = _open_measurements(path, title, cmd, {"backend", "bits", "batch", "context", "step_us", "device"})
+    if isinstance(opened, Comparison):
+        return opened
+    device, hw = opened
     from .measurements import read_e2e_csv, split
     from .validate import predict_e2e
 
     groups: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    _, held = split(read_e2e_csv(path, rows[0]["device"])[0])
+    _, held = split(read_e2e_csv(path, device)[0])
     for p in held:  # held-out steps only
         pred, _ = predict_e2e(hw, p)
         if pred is None:

@@ -18,8 +18,9 @@ from kvq_kernels.kivi_layout import allocate
 
 GROUP = 128
 RESIDUAL = 128
-#: (BLOCK_N, num_warps, num_stages) per bit width: fastest seen at 1 x 32 heads x 128K on the H100
-KIVI_CONFIG = {8: (128, 8, 2), 4: (128, 4, 1), 3: (64, 4, 2), 2: (128, 4, 1)}
+#: (BLOCK_N, num_warps, num_stages, prefetch) per bit width for LLaMA-7B's MHA (decode_kivi runs its
+#: CUDA-core path): fastest seen at 1 x 32 heads x 128K on the H100 (packages/kvq-kernels/benchmarks/tune_decode.py)
+KIVI_CONFIG = {8: (32, 4, 1, True), 4: (32, 4, 1, True), 3: (32, 4, 1, False), 2: (64, 4, 1, False)}
 
 
 class KvqCache:
@@ -60,8 +61,10 @@ class KvqCache:
         c = self.caches[i]
         c.k_res[:, :, self.slot] = k[:, :, 0]  # n_kq = context (a multiple of R): the new key is in the ring
         c.v_win[:, :, self.slot] = v[:, :, 0]
-        bn, warps, stages = self.cfg
-        out = decode_kivi(q.view(b, hq, d), c, validate_lens=False, block_n=bn, num_warps=warps, num_stages=stages)
+        bn, warps, stages, prefetch = self.cfg
+        out = decode_kivi(
+            q.view(b, hq, d), c, validate_lens=False, block_n=bn, num_warps=warps, num_stages=stages, prefetch=prefetch
+        )
         return out.view(b, hq, 1, d)
 
     @property

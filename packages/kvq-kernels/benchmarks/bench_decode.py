@@ -150,33 +150,53 @@ def kvq_fp16_fn(batch, hq, hkv, t):
     return lambda: decode_fp16(q, k, v, L, validate_lens=False)
 
 
-def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=(64, 4, 3)):
+def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True)):
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     c = random_kivi(batch, hkv, t, bits, group)
-    block_n, warps, stages = config
-    return lambda: decode_kivi(q, c, validate_lens=False, block_n=block_n, num_warps=warps, num_stages=stages)
+    path, block_n, warps, stages, prefetch = config
+    return lambda: decode_kivi(
+        q, c, validate_lens=False, block_n=block_n, num_warps=warps, num_stages=stages, path=path, prefetch=prefetch
+    )
 
 
-#: (BLOCK_N, num_warps, num_stages) tried per bit width at batch 1, 32/32 heads, 128K context
-PROBE_CONFIGS = ((64, 4, 3), (32, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 2))
+#: (path, BLOCK_N, num_warps, num_stages, prefetch) tried per bit width and head layout at batch 1, 128K
+#: context: MHA runs the CUDA-core kernel (decode_kivi_simt; prefetch = next tile's codes loaded ahead),
+#: GQA the tensor-core slices (decode_kivi; prefetch unused). Candidates from tune_decode.py runs.
+PROBE_CONFIGS = {
+    "simt": (("simt", 32, 4, 1, True), ("simt", 32, 4, 1, False), ("simt", 64, 4, 1, True), ("simt", 64, 4, 1, False)),
+    "tc": (("tc", 64, 4, 3, True), ("tc", 128, 4, 1, True), ("tc", 128, 8, 2, True), ("tc", 64, 4, 2, True),
+           ("tc", 128, 4, 2, True)),
+}  # fmt: skip
 
 
-def probe(bits_list, group) -> dict:
-    """Pick each bit width's fastest kernel config at one large point (1 x 32 heads x 128K)."""
+def config_name(cfg) -> str:
+    name = "{}-bn{}-w{}-s{}".format(*cfg[:4])
+    return name + ("-pf" if cfg[0] == "simt" and cfg[4] else "")
+
+
+def probe(bits_list, group, heads) -> dict:
+    """Pick the fastest kernel config per (bits, q_heads, kv_heads) at one large point (batch 1, 128K)."""
     best = {}
-    for bits in bits_list:
-        if bits == 16:
-            continue
-        times = {}
-        for cfg in PROBE_CONFIGS:
-            if group % cfg[0]:
+    for hq, hkv in heads:
+        path = "simt" if hq == hkv else "tc"
+        for bits in bits_list:
+            if bits == 16:
                 continue
-            try:
-                times[cfg] = time_rotation(functools.partial(kvq_kivi_fn, 1, 32, 32, 131072, bits, group, cfg), 1 << 30)
-            except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory of deep pipelines
-                print(f"probe {bits}-bit {cfg}: skipped ({e})")
-        best[bits] = min(times, key=times.get)
-        print(f"probe {bits}-bit: " + ", ".join(f"{c}: {us:.0f} us" for c, us in times.items()) + f" -> {best[bits]}")
+            times = {}
+            for cfg in PROBE_CONFIGS[path]:
+                if group % cfg[1]:
+                    continue
+                try:
+                    fn = functools.partial(kvq_kivi_fn, 1, hq, hkv, 131072, bits, group, cfg)
+                    times[cfg] = time_rotation(fn, kv_bytes(bits, 1, hkv, 131072, group))
+                except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory of deep pipelines
+                    print(f"probe {bits}-bit {cfg}: skipped ({e})")
+            best[(bits, hq, hkv)] = min(times, key=times.get)
+            print(
+                f"probe {hq}/{hkv} {bits}-bit: "
+                + ", ".join(f"{config_name(c)}: {us:.0f} us" for c, us in times.items())
+                + f" -> {config_name(best[(bits, hq, hkv)])}"
+            )
     return best
 
 
@@ -211,8 +231,8 @@ def main() -> None:
     hbm = hbm_read_tb_s()
     print(f"streaming read (torch sum, 4 GiB): {hbm:.3f} TB/s")
     bits_list = [int(b) for b in args.bits.split(",")]
-    configs = probe(bits_list, args.group)
     heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
+    configs = probe(bits_list, args.group, heads)
     path = os.path.join(args.out, "kernel_decode_h100.csv")
     fields = list(prov) + [
         "impl", "bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context",
@@ -251,7 +271,9 @@ def main() -> None:
                             impl = "kvq_fp16"
                         else:
                             us = time_rotation(
-                                functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, args.group, configs[bits]),
+                                functools.partial(
+                                    kvq_kivi_fn, batch, hq, hkv, t, bits, args.group, configs[(bits, hq, hkv)]
+                                ),
                                 nbytes,
                             )
                             impl = "kvq_kivi"
@@ -260,7 +282,7 @@ def main() -> None:
                         w.writerow(dict(row, impl=impl, bytes_read=nbytes + qo, time_us=f"{us:.2f}", eff_bw_tb_s=f"{bw:.4f}",
                                         frac_of_hbm_read=f"{bw / hbm:.4f}", sdpa_time_us=f"{sdpa_us:.2f}" if sdpa_us else "",
                                         speedup_vs_sdpa=f"{sp:.4f}" if sp else "",
-                                        config="bn{}-w{}-s{}".format(*configs[bits]) if bits < 16 else "bn64-w4-s3"))  # fmt: skip
+                                        config=config_name(configs[(bits, hq, hkv)]) if bits < 16 else "bn64-w4-s3"))  # fmt: skip
                         fh.flush()
                         results.append((hq, hkv, batch, t, bits, us, bw, sp))
                         torch.cuda.empty_cache()

@@ -36,15 +36,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,bits,b,hq,hkv,d,group,res,sinks,lens", CASES, ids=[c[0] for c in CASES])
+# MHA cases also run the CUDA-core kernel (decode_kivi_simt); "tc" is the tensor-core slice kernel
+MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
+    ("mha-3bit-d64-sinks", 3, 2, 3, 3, 64, 16, 32, 3, [45, 190]),
+    ("mha-nuq-4bit-value-groups", 4, 1, 2, 2, 64, 16, 32, 0, [133]),
+    ("mha-2bit-d32-two-words", 2, 1, 2, 2, 32, 32, 32, 1, [129]),
+]
+PATH_CASES = [(*c, "tc") for c in CASES] + [(*c, "simt") for c in MHA_CASES]
+
+
+@pytest.mark.parametrize(
+    "name,bits,b,hq,hkv,d,group,res,sinks,lens,path", PATH_CASES, ids=[f"{c[0]}-{c[-1]}" for c in PATH_CASES]
+)
 def test_equals_attention_over_kvq_core_dequantized_cache(
-    name, bits, b, hq, hkv, d, group, res, sinks, lens, device, dtype
+    name, bits, b, hq, hkv, d, group, res, sinks, lens, path, device, dtype
 ):
-    c = random_cache(b, hkv, d, 2 * max(lens) + 64, bits, group, res, sinks, lens, device, nuq=name.startswith("nuq"))
+    nuq = name.startswith("nuq") or "nuq" in name
+    c = random_cache(b, hkv, d, 2 * max(lens) + 64, bits, group, res, sinks, lens, device, nuq=nuq)
     q = torch.randn(b, hq, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ref = decode_kivi_reference(q, c)  # fp64 over kvq_core.quant.dequantize(unpack(codes))
     same_math = decode_kivi_reference(q, c, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
-    out = decode_kivi(q, c, splits=2, block_n=16)
+    out = decode_kivi(q, c, splits=2, block_n=16, path=path)
     err = (out.double() - ref).abs().max().item()
     base = (same_math.double() - ref).abs().max().item()
     assert err <= 2 * base + 1e-6, (err, base)  # atol 1e-6: ~8 fp32 ulps of outputs of order 1
@@ -68,3 +80,21 @@ def test_bad_inputs_raise_before_launch(device, dtype):
     c.v_codes = c.v_codes[:, :, :, :-1]
     with pytest.raises(ValueError, match="v_codes"):
         decode_kivi(q, c)
+    q = torch.randn(1, 4, 32, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match="one query head per KV head"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="simt")
+    with pytest.raises(ValueError, match="path must be"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="fast")
+
+
+@pytest.mark.parametrize("prefetch,defer", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("bits,group", [(4, 16), (3, 32), (2, 64)])
+def test_simt_variants_agree_with_reference(prefetch, defer, bits, group, device, dtype):
+    """The CUDA-core kernel's loop variants (register prefetch, deferred token sums) compute the same attention."""
+    c = random_cache(2, 2, 64, 400, bits, group, 64, 1, [5, 333], device, seed=3)
+    q = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    ref = decode_kivi_reference(q, c)
+    same_math = decode_kivi_reference(q, c, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
+    out = decode_kivi(q, c, splits=3, block_n=16, path="simt", prefetch=prefetch, defer=defer)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * (same_math.double() - ref).abs().max().item() + 1e-6

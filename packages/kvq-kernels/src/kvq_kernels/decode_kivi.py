@@ -24,30 +24,10 @@ from kvq_core.quant import dequantize, nuq_dequantize
 
 from ._launch import check, check_lens, interpreting, next_pow2, num_splits
 from .combine import alloc_partials, combine
-from .decode_fp16 import LOG2E, _dot, _softmax_update, _store_partial
+from .decode_fp16 import LOG2E, _dot
+from .decode_kivi_simt import _decode_kivi_simt_kernel
 from .kivi_layout import KiviCache
-from .packed import load_codes
-
-
-@triton.jit
-def _levels(ROW_PTRS, row_mask, CB, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, NUQ: tl.constexpr, OUT: tl.constexpr):
-    """Levels [N, HEAD_DIM] of N packed rows: the code itself (uniform, converted while unpacking)
-    or codebook[code] (nuq; a table of 2**BITS fp16, L1-resident)."""
-    if NUQ:
-        return tl.load(CB + load_codes(ROW_PTRS, row_mask, BITS, HEAD_DIM, tl.int32)).to(OUT)
-    else:
-        return load_codes(ROW_PTRS, row_mask, BITS, HEAD_DIM, OUT)
-
-
-@triton.jit
-def _dequant_values(lv, vs, vz, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NGV: tl.constexpr):
-    """lv [BLOCK_N, D] levels, vs / vz [BLOCK_N, NGV] per-token channel groups -> values [BLOCK_N, D]."""
-    if NGV == 1:
-        return lv * vs + vz
-    else:
-        x = tl.reshape(lv, (BLOCK_N, NGV, HEAD_DIM // NGV))
-        x = x * vs[:, :, None] + vz[:, :, None]
-        return tl.reshape(x, (BLOCK_N, HEAD_DIM))
+from .kivi_tail import fp16_tail
 
 
 @triton.jit
@@ -72,6 +52,10 @@ def _slice_levels(b0, b1, h, CB, s: tl.constexpr, BITS: tl.constexpr, NUQ: tl.co
     c = _slice_code(b0, b1, h, s, BITS)
     if NUQ:
         return tl.load(CB + c).to(OUT)
+    elif OUT == tl.float16:
+        # no int->float conversion (a quarter-rate instruction): 0x6400 | c is the fp16 1024 + c
+        # (exact for c < 1024); subtracting 1024 is exact too
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
     else:
         return c.to(OUT)
 
@@ -458,35 +442,11 @@ def _decode_kivi_kernel(
             _store_slice(ACC_PART, prow, h_mask, a6, offs_j, 6, PER, HEAD_DIM)
             _store_slice(ACC_PART, prow, h_mask, a7, offs_j, 7, PER, HEAD_DIM)
     else:
-        acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
-        qd = q.to(DOT_DTYPE)
-        for t0 in range(0, n_sink, BLOCK_N):  # sinks, fp16
-            offs_n = t0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_sink
-            ptrs = (bh * S + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-            k = tl.load(KSINK + ptrs, mask=n_mask[:, None], other=0.0)
-            v = tl.load(VSINK + ptrs, mask=n_mask[:, None], other=0.0)
-            qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
-        for t0 in range(n_vq, rest, BLOCK_N):  # value window (<= R tokens); keys quantized or fp16
-            offs_n = t0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < rest
-            kq = n_mask & (offs_n < n_kq)
-            rows = bh * T_QCAP + offs_n
-            g = bh * (T_QCAP // GROUP) + offs_n // GROUP
-            mptr = g[:, None] * HEAD_DIM + offs_d[None, :]
-            ks = tl.load(KS + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(KZ + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
-            kc = _levels(KC + rows * ROW_BYTES, kq, CB, BITS, HEAD_DIM, NUQ, tl.float32)
-            ring = (bh * R + offs_n % R)[:, None] * HEAD_DIM + offs_d[None, :]
-            kr = tl.load(KRES + ring, mask=(n_mask & ~kq)[:, None], other=0.0).to(tl.float32)
-            k = tl.where(kq[:, None], kc * ks + kz, kr)
-            v = tl.load(VWIN + ring, mask=n_mask[:, None], other=0.0)
-            qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
-        _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, split, NUM_SPLITS + 1, m_i, l_i, acc, HEAD_DIM)
+        fp16_tail(
+            Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, CB, M_PART, L_PART, ACC_PART,
+            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, NUM_SPLITS,
+            BITS, GROUP, NUQ, HQ_PER_KV, HQ_PAD, HEAD_DIM, BLOCK_N, DOT_DTYPE,
+        )  # fmt: skip
 
 
 def _check_cache(c: KiviCache, q: torch.Tensor, validate_lens: bool = True) -> None:
@@ -530,6 +490,9 @@ def decode_kivi(
     validate_lens: bool = True,
     num_warps: int = 4,
     num_stages: int = 3,
+    path: str = "auto",
+    prefetch: bool = True,
+    defer: bool = True,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over a packed KIVI cache (`kivi_layout.KiviCache`).
 
@@ -537,7 +500,9 @@ def decode_kivi(
     j // (query_heads // kv_heads) (GQA; MHA when equal). Uniform codes dequantize as c * scale + zero,
     nuq codes (cache.codebook set) as codebook[c] * scale + zero. max_len bounds the split sizes
     (default: the cache capacity, so no host sync); validate_lens=False skips the one host sync
-    that range-checks lens (for CUDA-graph capture). Returns [batch, query_heads, head_dim] in q's dtype.
+    that range-checks lens (for CUDA-graph capture). path: "tc" (tensor-core channel slices, any GQA group),
+    "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for MHA
+    where its word layout applies, else tc). Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
@@ -552,7 +517,16 @@ def decode_kivi(
     if g % block_n or block_n < 16:
         raise ValueError(f"block_n ({block_n}) must be >= 16 and divide group_size ({g})")
     max_len = cache.quant_capacity if max_len is None else max_len
-    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device)
+    simt_ok = hq == h_kv and (d * cache.bits) % 32 == 0 and d // (16 if cache.bits == 3 else 32 // cache.bits) >= 2
+    if path not in ("auto", "tc", "simt"):
+        raise ValueError(f"path must be 'auto', 'tc' or 'simt', got {path!r}")
+    if path == "simt" and not simt_ok:
+        raise ValueError(
+            "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
+        )
+    simt = path == "simt" or (path == "auto" and simt_ok)
+    # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
+    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
     m, l_part, acc = alloc_partials(batch * hq, n_split + 1, d, q.device)
@@ -560,6 +534,15 @@ def decode_kivi(
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
     c = cache
+    if simt:
+        _decode_kivi_simt_kernel[(batch * h_kv, n_split + 1)](
+            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
+            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split,
+            BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype,
+            PREFETCH=prefetch, DEFER=defer, FMA=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return combine(m, l_part, acc, torch.empty_like(q))
     _decode_kivi_kernel[(batch * h_kv, n_split + 1)](
         q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
         c.lens, cb, m, l_part, acc, scale, h_kv, c.quant_capacity, c.residual_tokens, c.sink_tokens,

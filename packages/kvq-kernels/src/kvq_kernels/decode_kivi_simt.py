@@ -1,0 +1,271 @@
+"""Fused dequantize + split-KV decode attention over a packed KIVI cache on CUDA cores (one query head per KV head).
+
+With one query head per KV head (MHA), a tensor-core dot would pad the query to 16 rows and need
+the dequantized tile rewritten into its operand layout through shared memory; both cost more than
+the arithmetic. Here each program streams 32-bit words of codes instead: a word holds PER = 32 / BITS
+channels of one token (channel c at word c // PER, bit BITS * (c % PER), which is
+`kvq_core.packing`'s byte order read little-endian; 3-bit: the 2-bit plane's words plus the 1-bit
+plane's bit c % 32 of word c // 32). Codes become exact fp32 without an int->float conversion:
+the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c.
+
+Scores are q.k = sum_c (q_c s_c) code_c + q.z (key scale folded into the query once per tile, as
+in `decode_kivi`); values accumulate as sum_n (p_n s_n) code_n + sum_n p_n z_n. Grid, splits, the
+fp16 tail program and the combine pass are `decode_kivi`'s.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kivi_tail import fp16_tail_one_head
+
+MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
+TWO_23 = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _c(x, s: tl.constexpr, BITS: tl.constexpr, INPLACE: tl.constexpr):
+    """Code s of each word: shifted down (the int code), or, INPLACE, left where it sits within its 16-bit
+    half and or-ed with MAGIC: the fp32 2**23 + code * 2**(BITS * (s % H)), H = 16 // BITS codes a half
+    (one AND-OR per code; `_inplace_scale` undoes the power of two)."""
+    if INPLACE:
+        H: tl.constexpr = 16 // BITS
+        # (x | MAGIC) & (mask | MAGIC) == (x & mask) | MAGIC: one AND with an immediate per code
+        if s < H:
+            return (x | MAGIC) & ((((1 << BITS) - 1) << (BITS * s)) | 0x4B000000)
+        else:
+            return ((x >> 16) | MAGIC) & ((((1 << BITS) - 1) << (BITS * (s - H))) | 0x4B000000)
+    else:
+        return (x >> (BITS * s)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _inplace_scale(offs_d, BITS: tl.constexpr):
+    """2**-(BITS * (c % H)) per channel c (H = 16 // BITS): the weight of an INPLACE code."""
+    return tl.exp2(-(BITS * (offs_d % (16 // BITS))).to(tl.float32))
+
+
+@triton.jit
+def _spread(x, BITS: tl.constexpr, INPLACE: tl.constexpr = False):
+    """int32 words [N, W] -> codes [N, W * PER] in channel order (PER = 32 / BITS; channel k of word w at bit BITS * k).
+
+    join() adds a minor dimension held in registers; joining (evens, odds) recursively (bit-reversed
+    leaves) makes the flattened index equal the channel, so the final reshape moves no data.
+    """
+    N: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    if BITS == 8:
+        y = tl.join(
+            tl.join(_c(x, 0, 8, INPLACE), _c(x, 2, 8, INPLACE)), tl.join(_c(x, 1, 8, INPLACE), _c(x, 3, 8, INPLACE))
+        )
+        return tl.reshape(y, (N, W * 4))
+    elif BITS == 4:
+        e = tl.join(
+            tl.join(_c(x, 0, 4, INPLACE), _c(x, 4, 4, INPLACE)), tl.join(_c(x, 2, 4, INPLACE), _c(x, 6, 4, INPLACE))
+        )
+        o = tl.join(
+            tl.join(_c(x, 1, 4, INPLACE), _c(x, 5, 4, INPLACE)), tl.join(_c(x, 3, 4, INPLACE), _c(x, 7, 4, INPLACE))
+        )
+        return tl.reshape(tl.join(e, o), (N, W * 8))
+    else:  # BITS 2: 16 channels a word
+        e0 = tl.join(
+            tl.join(_c(x, 0, 2, INPLACE), _c(x, 8, 2, INPLACE)), tl.join(_c(x, 4, 2, INPLACE), _c(x, 12, 2, INPLACE))
+        )
+        e1 = tl.join(
+            tl.join(_c(x, 2, 2, INPLACE), _c(x, 10, 2, INPLACE)), tl.join(_c(x, 6, 2, INPLACE), _c(x, 14, 2, INPLACE))
+        )
+        o0 = tl.join(
+            tl.join(_c(x, 1, 2, INPLACE), _c(x, 9, 2, INPLACE)), tl.join(_c(x, 5, 2, INPLACE), _c(x, 13, 2, INPLACE))
+        )
+        o1 = tl.join(
+            tl.join(_c(x, 3, 2, INPLACE), _c(x, 11, 2, INPLACE)), tl.join(_c(x, 7, 2, INPLACE), _c(x, 15, 2, INPLACE))
+        )
+        return tl.reshape(tl.join(tl.join(e0, e1), tl.join(o0, o1)), (N, W * 16))
+
+
+@triton.jit
+def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The int32 words of N code rows (`BASE` + rows * row words; rows int32 within one head, BASE that
+    head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo)."""
+    ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
+    if BITS == 3:
+        W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow
+        offs_w = tl.arange(0, W)
+        lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
+        # channel 16 w + k takes bit 2 from bit 16 (w % 2) + k of 1-bit-plane word w // 2
+        hi = tl.load(BASE + rows[:, None] * ROW_WORDS + (W + offs_w // 2)[None, :], mask=n_mask[:, None], other=0)
+        return lo, hi
+    else:
+        offs_w = tl.arange(0, ROW_WORDS)
+        lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
+        return lo, lo
+
+
+@triton.jit
+def _unpack(lo, hi, BITS: tl.constexpr, INPLACE: tl.constexpr):
+    """int32 codes [N, HEAD_DIM] in channel order from `_load_words` (INPLACE: see `_c`; not for 3-bit)."""
+    if BITS == 3:
+        offs_w = tl.arange(0, lo.shape[1])
+        h = (hi >> ((offs_w % 2) * 16)[None, :]) & 0xFFFF
+        # spread the 16 high bits as a 2-bit plane (bit k -> bit 2k) so both planes spread alike
+        h = (h | (h << 8)) & 0x00FF00FF
+        h = (h | (h << 4)) & 0x0F0F0F0F
+        h = (h | (h << 2)) & 0x33333333
+        h = (h | (h << 1)) & 0x55555555
+        return _spread(lo, 2) | (_spread(h, 2) << 2)
+    else:
+        return _spread(lo, BITS, INPLACE)
+
+
+@triton.jit
+def _levels_f32(codes, CB, NUQ: tl.constexpr):
+    """fp32 levels of int32 codes: the code (uniform) or codebook[code] (nuq)."""
+    if NUQ:
+        return tl.load(CB + codes).to(tl.float32)
+    else:
+        return (codes | MAGIC).to(tl.float32, bitcast=True) - TWO_23
+
+
+@triton.jit
+def _scaled(v, w, INPLACE: tl.constexpr, FMA: tl.constexpr):
+    """v * w for levels v; INPLACE levels (2**23 + code * 2**j) give code * 2**j * w: with FMA in one
+    rounding, fma(v, w, -2**23 w) (2**23 w is exact); else (v - 2**23) * w (the CPU interpreter does not fuse)."""
+    if INPLACE:
+        if FMA:
+            return tl.fma(v, w, -TWO_23 * w)
+        else:
+            return (v - TWO_23) * w
+    else:
+        return v * w
+
+
+@triton.jit
+def _decode_kivi_simt_kernel(
+    Q, KC8, KC, KS, KZ, VC, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
+    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS,
+    BITS: tl.constexpr, GROUP: tl.constexpr, NUQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    """KC / VC: the code rows viewed as int32 (KC8: the key rows as bytes, for the tail); one query head per KV head."""
+    NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)  # value groups per token
+    ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
+    INPLACE: tl.constexpr = (not NUQ) and BITS != 3  # codes kept in place under the magic exponent (`_c`)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H_KV
+    bh = pid_bh.to(tl.int64)
+    seq_len = tl.load(LENS + b)
+    n_sink = tl.minimum(seq_len, S)
+    rest = seq_len - n_sink
+    n_kq = rest - rest % R
+    n_vq = rest - tl.minimum(rest, R)
+    if split < NUM_SPLITS:
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_g = tl.arange(0, NGV)
+        q = tl.load(Q + bh * HEAD_DIM + offs_d).to(tl.float32) * qk_scale  # log2 units
+        if INPLACE:
+            sc = _inplace_scale(offs_d, BITS)
+        else:
+            sc = tl.full([HEAD_DIM], 1.0, tl.float32)
+        if DEFER:  # per-token partials, summed over tokens once at the end (no cross-warp sum per tile)
+            acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # sum_n p_n s_n code_n (value groups: s_n,g)
+            acc_z = tl.zeros([BLOCK_N, NGV], tl.float32)  # sum_n p_n z_n per value group
+        else:
+            acc = tl.zeros([HEAD_DIM], tl.float32)
+            acc_z = tl.zeros([NGV], tl.float32)
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        start = split * TOKENS_PER_SPLIT
+        end = tl.minimum(start + TOKENS_PER_SPLIT, n_vq)
+        # tile t0's code words, scales and zeros are loaded one iteration ahead (registers double-buffer)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # 64-bit bases of this (batch, kv head); token offsets below are 32-bit (capacity * row words < 2**31)
+        KH = KC + bh * T_QCAP * ROW_WORDS
+        VH = VC + bh * T_QCAP * ROW_WORDS
+        VSH = VS + bh * T_QCAP * NGV
+        VZH = VZ + bh * T_QCAP * NGV
+        kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM)
+        vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM)
+        vmeta = offs_n[:, None] * NGV + offs_g[None, :]
+        vs = tl.load(VSH + vmeta, mask=n_mask[:, None], other=0.0)
+        vz = tl.load(VZH + vmeta, mask=n_mask[:, None], other=0.0)
+        for t0 in range(start, end, BLOCK_N):
+            ckl, ckh, cvl, cvh, cvs, cvz, c_mask = kl, kh, vl, vh, vs, vz, n_mask
+            if PREFETCH:
+                offs_n += BLOCK_N
+                n_mask = offs_n < end
+                kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM)
+                vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM)
+                vmeta = offs_n[:, None] * NGV + offs_g[None, :]
+                vs = tl.load(VSH + vmeta, mask=n_mask[:, None], other=0.0)
+                vz = tl.load(VZH + vmeta, mask=n_mask[:, None], other=0.0)
+            else:
+                crows = t0 + tl.arange(0, BLOCK_N)
+                c_mask = crows < end
+                ckl, ckh = _load_words(KH, crows, c_mask, BITS, HEAD_DIM)
+                cvl, cvh = _load_words(VH, crows, c_mask, BITS, HEAD_DIM)
+                vmeta = crows[:, None] * NGV + offs_g[None, :]
+                cvs = tl.load(VSH + vmeta, mask=c_mask[:, None], other=0.0)
+                cvz = tl.load(VZH + vmeta, mask=c_mask[:, None], other=0.0)
+            g = bh * (T_QCAP // GROUP) + t0 // GROUP  # the whole tile lies in one key group
+            qs = q * tl.load(KS + g * HEAD_DIM + offs_d).to(tl.float32)
+            bias = tl.sum(q * tl.load(KZ + g * HEAD_DIM + offs_d).to(tl.float32), 0)
+            if INPLACE:  # k = 2**23 + code * 2**j exactly; fma(k, a, -2**23 a) = code * 2**j * a, one rounding
+                a = qs * sc
+                k = _unpack(ckl, ckh, BITS, True).to(tl.float32, bitcast=True)
+                if FMA:
+                    qk = tl.sum(tl.fma(k, a[None, :], (-TWO_23 * a)[None, :]), 1) + bias
+                else:
+                    qk = tl.sum((k - TWO_23) * a[None, :], 1) + bias
+            else:
+                k = _levels_f32(_unpack(ckl, ckh, BITS, False), CB, NUQ)
+                qk = tl.sum(k * qs[None, :], 1) + bias
+            qk = tl.where(c_mask, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 0))
+            if m_new > m_i:  # rescale only when the running max grows (rare after the first tiles)
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha
+                acc_z = acc_z * alpha
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(qk - m_i)
+            l_i = l_i + tl.sum(p, 0)
+            ps = p[:, None] * cvs.to(tl.float32)  # [N, NGV]
+            if INPLACE:
+                v = _unpack(cvl, cvh, BITS, True).to(tl.float32, bitcast=True)
+            else:
+                v = _levels_f32(_unpack(cvl, cvh, BITS, False), CB, NUQ)
+            if NGV == 1:
+                pv = _scaled(v, ps, INPLACE, FMA)
+            else:
+                v3 = tl.reshape(v, (BLOCK_N, NGV, HEAD_DIM // NGV))
+                pv = tl.reshape(_scaled(v3, ps[:, :, None], INPLACE, FMA), (BLOCK_N, HEAD_DIM))
+            pz = p[:, None] * cvz.to(tl.float32)
+            if DEFER:
+                acc += pv
+                acc_z += pz
+            else:
+                acc += tl.sum(pv, 0)
+                acc_z += tl.sum(pz, 0)
+        if DEFER:
+            out = tl.sum(acc, 0) * sc
+            z = tl.sum(acc_z, 0)  # [NGV]
+        else:
+            out = acc * sc
+            z = acc_z
+        if NGV == 1:
+            out = out + z
+        else:
+            out = tl.reshape(tl.reshape(out, (NGV, HEAD_DIM // NGV)) + z[:, None], (HEAD_DIM,))
+        prow = bh * (NUM_SPLITS + 1) + split
+        tl.store(M_PART + prow, m_i)
+        tl.store(L_PART + prow, l_i)
+        tl.store(ACC_PART + prow * HEAD_DIM + offs_d, out)
+    else:
+        fp16_tail_one_head(
+            Q, KC8, KS, KZ, KRES, VWIN, KSINK, VSINK, CB, M_PART, L_PART, ACC_PART,
+            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, NUM_SPLITS,
+            BITS, GROUP, NUQ, HEAD_DIM, 16,
+        )  # fmt: skip

@@ -529,17 +529,20 @@ def decode_kivi(
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    m, l_part, acc = alloc_partials(batch * hq, n_split + 1, d, q.device)
+    tail_tokens = 32  # CUDA-core path: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
+    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if simt else 1
+    m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
     dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
     c = cache
     if simt:
-        _decode_kivi_simt_kernel[(batch * h_kv, n_split + 1)](
+        _decode_kivi_simt_kernel[(batch * h_kv, n_split + n_tail)](
             q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split,
-            BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
+            BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
+            DOT_DTYPE=dot_dtype,
             PREFETCH=prefetch, DEFER=defer, FMA=not interpreting(), num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))

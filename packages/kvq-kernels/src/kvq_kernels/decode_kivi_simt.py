@@ -143,11 +143,12 @@ def _scaled(v, w, INPLACE: tl.constexpr, FMA: tl.constexpr):
 @triton.jit
 def _decode_kivi_simt_kernel(
     Q, KC8, KC, KS, KZ, VC, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
-    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS,
+    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, NUQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr, FMA: tl.constexpr,
+    TAIL_TOKENS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
-    """KC / VC: the code rows viewed as int32 (KC8: the key rows as bytes, for the tail); one query head per KV head."""
+    """KC / VC: the code rows viewed as int32 (KC8: the key rows as bytes, for the tail); one query head per KV head.
+    Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its sinks and window."""
     NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)  # value groups per token
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     INPLACE: tl.constexpr = (not NUQ) and BITS != 3  # codes kept in place under the magic exponent (`_c`)
@@ -259,13 +260,14 @@ def _decode_kivi_simt_kernel(
             out = out + z
         else:
             out = tl.reshape(tl.reshape(out, (NGV, HEAD_DIM // NGV)) + z[:, None], (HEAD_DIM,))
-        prow = bh * (NUM_SPLITS + 1) + split
+        prow = bh * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i)
         tl.store(L_PART + prow, l_i)
         tl.store(ACC_PART + prow * HEAD_DIM + offs_d, out)
     else:
         fp16_tail_one_head(
             Q, KC8, KS, KZ, KRES, VWIN, KSINK, VSINK, CB, M_PART, L_PART, ACC_PART,
-            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, NUM_SPLITS,
+            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, split, NUM_SPLITS + N_TAIL,
+            (split - NUM_SPLITS) * TAIL_TOKENS, (split - NUM_SPLITS + 1) * TAIL_TOKENS,
             BITS, GROUP, NUQ, HEAD_DIM, 16,
         )  # fmt: skip

@@ -75,22 +75,24 @@ def fp16_tail(
 @triton.jit
 def fp16_tail_one_head(
     Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, CB, M_PART, L_PART, ACC_PART,
-    qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, NUM_SPLITS,
+    qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, part, NUM_PARTS, tail_start, tail_end,
     BITS: tl.constexpr, GROUP: tl.constexpr, NUQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """`fp16_tail` for one query head per KV head, on CUDA cores (fp32 sums; no padded tensor-core dot),
-    so that the CUDA-core kernel's register budget is set by its main loop, not by this tail."""
+    over tail tokens [tail_start, tail_end) of the sinks-then-window sequence; writes partial `part` of
+    NUM_PARTS. Several programs share one row's tail (small tiles keep the registers of the CUDA-core
+    kernel set by its main loop; more programs keep short contexts from waiting on one serial tail)."""
     ROW_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + bh * HEAD_DIM + offs_d).to(tl.float32) * qk_scale  # log2 units
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for t0 in range(0, n_sink + rest - n_vq, BLOCK_N):  # sinks, then the value window's tokens
+    for t0 in range(tail_start, tl.minimum(tail_end, n_sink + rest - n_vq), BLOCK_N):  # sinks, then the window
         offs_t = t0 + tl.arange(0, BLOCK_N)
         is_sink = offs_t < n_sink
         offs_n = n_vq + offs_t - n_sink  # post-sink index of window tokens
-        n_mask = offs_t < n_sink + rest - n_vq
+        n_mask = (offs_t < n_sink + rest - n_vq) & (offs_t < tail_end)
         win = n_mask & ~is_sink
         kq = win & (offs_n < n_kq)
         sptr = (bh * S + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -112,7 +114,7 @@ def fp16_tail_one_head(
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    prow = bh * (NUM_SPLITS + 1) + NUM_SPLITS
+    prow = bh * NUM_PARTS + part
     tl.store(M_PART + prow, m_i)
     tl.store(L_PART + prow, l_i)
     tl.store(ACC_PART + prow * HEAD_DIM + offs_d, acc)

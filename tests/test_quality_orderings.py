@@ -76,7 +76,10 @@ def k_post_of(t, i, fmt, k):
     return apply_rope(k[0], cos=t["cos"], sin=t["sin"]).float()[None] if fmt.pre_rope_keys else k
 
 
-ALL = [(m, b) for m, spec in METHODS.items() for b in spec.bits]
+# XQuant rebuilds K/V from the layer input and MiniCache merges layer pairs: neither reconstructs one
+# layer's K/V sample alone (packages/kvq-core/tests/test_xquant.py, test_minicache.py test them).
+NOT_KV_STREAMS = {"xquant", "xquant-cl", "minicache"}
+ALL = [(m, b) for m, spec in METHODS.items() for b in spec.bits if m not in NOT_KV_STREAMS]
 FOUNDATION = {"fp16", "int", "fp8-e4m3", "fp8-e5m2", "kivi", "kvquant", "kvquant-dense", "skvq"}  # issue 2
 
 

@@ -30,6 +30,13 @@ Layout (one layer, one sequence; H = kv heads, T = tokens, D = head_dim):
 - lowrank      fp16 factors of the quantization error per compressed chunk of C tokens and head:
                A ``[C, r]`` and B ``[D, r]`` (GEAR, arXiv:2403.05527).
 
+- X caches     XQuant / XQuant-CL (`KVFormat.cache_input`): one per-token stream of the layer input,
+               ``hidden_size`` channels per token (`key` describes it), instead of K and V;
+               `KVFormat.remat_flops_per_token` is the matmul cost of rebuilding K and V from it.
+- merged pairs MiniCache (`KVFormat.merge_depth_fraction`): per deep layer pair and stream, an fp16
+               direction ``[H, T, D]``, fp16 magnitudes ``[2, H, T]`` and n retained tokens
+               ``[2, H, n, D]`` fp16 + int32 indices ``[n]`` (`pair_breakdown`, `model_bytes`).
+
 Fields added for the issue-8 methods (product codes, rotation, low-rank residual) default to
 "absent", so a format that does not set them has exactly the bytes it had before.
 """
@@ -45,6 +52,7 @@ Axis = Literal["token", "channel"]
 Levels = Literal["uniform", "nonuniform", "float8_e4m3", "float8_e5m2", "product"]
 Flush = Literal["block", "sliding"]
 Importance = Literal["", "accumulated", "normalized"]
+CacheInput = Literal["kv", "x", "x-delta"]
 
 #: bytes of one stored metadata element, by dtype name.
 DTYPE_BYTES: dict[str, int] = {
@@ -346,6 +354,7 @@ class ByteBreakdown:
     lowrank: int = 0  # GEAR's fp16 error factors, per sequence
     salient: int = 0  # high-tier tokens (ZipCache / MiKV / heavy hitters): fp16 or codes + scale/zero
     scores: int = 0  # fp32 attention scores of tiered formats: shared by K and V, half counted in each stream
+    retained: int = 0  # MiniCache: unmerged fp16 tokens + their int32 indices
     shared: int = 0  # codebooks, static scales, reorder indices, fp8 tensor scales: once per layer
 
     @property
@@ -367,6 +376,7 @@ class ByteBreakdown:
             + self.lowrank
             + self.salient
             + self.scores
+            + self.retained
         )
 
     @property
@@ -503,21 +513,127 @@ class KVFormat:
     pre_rope_keys: bool = False
     citation: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    cache_input: CacheInput = "kv"
+    merge_depth_fraction: float = 0.0
+    retain_fraction: float = 0.0
+
+    # cache_input:          what a layer stores. "kv": K and V (every method but XQuant). "x": the
+    #                       layer input X (post-RMSNorm, `hidden_size` channels per token) from which
+    #                       K = X W_k and V = X W_v are rematerialized at every decode step (XQuant);
+    #                       "x-delta": the quantized difference of the pre-norm residual stream from
+    #                       the previous layer's reconstruction (XQuant-CL). X formats store one
+    #                       stream, described by `key` (`value` is the same object, counted once),
+    #                       of one "head" of `hidden_size` channels.
+    # merge_depth_fraction: MiniCache: this share of the layers, the deepest ones, is merged in
+    #                       adjacent pairs (see `merge_pairs`); 0 = no merging.
+    # retain_fraction:      MiniCache: the share of tokens per pair and stream kept unmerged, at which
+    #                       `bytes` is stated; a cache holds a data-dependent count (`retained=`).
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.cache_input not in ("kv", "x", "x-delta"):
+            raise ValueError(f"cache_input must be 'kv', 'x' or 'x-delta', got {self.cache_input!r}")
+        if not 0.0 <= self.merge_depth_fraction <= 1.0 or not 0.0 <= self.retain_fraction <= 1.0:
+            raise ValueError("merge_depth_fraction and retain_fraction must be in [0, 1]")
+        if self.merge_depth_fraction and (self.key.quantized or self.value.quantized or self.cache_input != "kv"):
+            raise ValueError("cross-layer merging is implemented for fp16 K/V streams only")
         tiers = ("importance", "salient_fraction", "salient_budget", "residual_tokens")
         if self.key.tiered != self.value.tiered or any(
             getattr(self.key, t) != getattr(self.value, t) for t in tiers if self.key.tiered
         ):
             raise ValueError(f"K and V must select the same tokens: equal {', '.join(tiers)} in both streams")
 
-    def breakdown(self, tokens: int, kv_heads: int, head_dim: int) -> ByteBreakdown:
-        """Byte breakdown of one layer holding `tokens` tokens of one sequence (K + V)."""
+    def breakdown(self, tokens: int, kv_heads: int, head_dim: int, hidden_size: int | None = None) -> ByteBreakdown:
+        """Byte breakdown of one layer holding `tokens` tokens of one sequence (K + V).
+
+        X formats (`cache_input` "x" / "x-delta") store `hidden_size` channels per token; without it
+        they assume multi-head attention, hidden_size = kv_heads * head_dim (exact for llama-7b; a GQA
+        caller must pass it: SmolLM2 stores 576 X channels where K + V have 2 x 3 x 64 = 384).
+        Merging formats (MiniCache) give one layer of the merged region at `retain_fraction`: half
+        of `pair_breakdown`; `model_bytes` adds the unmerged layers.
+        """
+        if self.cache_input != "kv":
+            hidden = kv_heads * head_dim if hidden_size is None else hidden_size
+            return stream_bytes(self.key, tokens, 1, hidden, self.sink_tokens)
+        if self.merge_depth_fraction:
+            n = math.ceil(self.retain_fraction * tokens)
+            pair = self.pair_breakdown(tokens, kv_heads, head_dim, n, n)
+            return ByteBreakdown(**{f: getattr(pair, f) // 2 for f in pair.__dataclass_fields__})  # all even
+        return self._kv_breakdown(tokens, kv_heads, head_dim)
+
+    def _kv_breakdown(self, tokens: int, kv_heads: int, head_dim: int) -> ByteBreakdown:
         return stream_bytes(self.key, tokens, kv_heads, head_dim, self.sink_tokens) + stream_bytes(
             self.value, tokens, kv_heads, head_dim, self.sink_tokens
         )
+
+    def merge_pairs(self, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """Adjacent layer pairs merged by MiniCache: (S, S+1), (S+2, S+3), ... from
+        S = num_layers - floor(merge_depth_fraction * num_layers); an odd last layer stays unmerged.
+
+        >>> get_format("minicache", 16).merge_pairs(30)[:2]   # SmolLM2: S = 15
+        ((15, 16), (17, 18))
+        """
+        if not self.merge_depth_fraction:
+            return ()
+        start = num_layers - math.floor(self.merge_depth_fraction * num_layers)
+        return tuple((i, i + 1) for i in range(start, num_layers - 1, 2))
+
+    def pair_breakdown(
+        self, tokens: int, kv_heads: int, head_dim: int, retained_k: int, retained_v: int
+    ) -> ByteBreakdown:
+        """Exact bytes of one merged layer pair (MiniCache) for one sequence, per stream (K, V):
+
+        codes     the shared SLERP direction, fp16 ``[H, T, D]``;
+        scales    the per-token magnitudes of both layers, fp16 ``[2, H, T]``;
+        retained  n unmerged tokens of both layers, fp16 ``[2, H, n, D]``, and their int32 indices ``[n]``.
+        """
+        h, d = kv_heads, head_dim
+        out = ByteBreakdown()
+        for n in (retained_k, retained_v):
+            if not 0 <= n <= tokens:
+                raise ValueError(f"retained tokens must be in [0, {tokens}], got {n}")
+            out = out + ByteBreakdown(
+                codes=h * tokens * d * FULL_PRECISION_BYTES,
+                scales=2 * h * tokens * FULL_PRECISION_BYTES,
+                retained=2 * h * n * d * FULL_PRECISION_BYTES + n * 4,
+            )
+        return out
+
+    def model_bytes(
+        self,
+        tokens: int,
+        kv_heads: int,
+        head_dim: int,
+        num_layers: int,
+        hidden_size: int | None = None,
+        retained: dict[tuple[int, int], tuple[int, int]] | None = None,
+    ) -> int:
+        """Exact bytes of all `num_layers` layers for one sequence.
+
+        retained: MiniCache's actual unmerged counts per pair, {(l, l+1): (n_k, n_v)}; default: every
+        pair at `retain_fraction` (ceil). Unmerged layers are stored as `key` / `value` say (fp16).
+        """
+        pairs = self.merge_pairs(num_layers)
+        if not pairs:
+            return num_layers * self.bytes(tokens, kv_heads, head_dim, hidden_size)
+        n = math.ceil(self.retain_fraction * tokens)
+        total = (num_layers - 2 * len(pairs)) * self._kv_breakdown(tokens, kv_heads, head_dim).total
+        for p in pairs:
+            nk, nv = (retained or {}).get(p, (n, n))
+            total += self.pair_breakdown(tokens, kv_heads, head_dim, nk, nv).total
+        return total
+
+    def remat_flops_per_token(self, kv_heads: int, head_dim: int, hidden_size: int | None = None) -> int:
+        """Extra FLOPs per cached token per layer per decode step to rematerialize K and V: 0 for
+        K/V-storing formats; for X formats 2 * hidden_size * (k_out + v_out), k_out = v_out =
+        kv_heads * head_dim (the X W_k and X W_v matmuls; RMSNorm, RoPE and XQuant-CL's delta
+        accumulation are elementwise and not counted). llama-7b: 2 * 4096 * 8192 = 67.1 MFLOP.
+        """
+        if self.cache_input == "kv":
+            return 0
+        hidden = kv_heads * head_dim if hidden_size is None else hidden_size
+        return 2 * hidden * 2 * kv_heads * head_dim
 
     def stored_tokens(self, tokens: int) -> int:
         """Tokens per head a layer still holds after `tokens` arrived (fewer than `tokens` only with eviction)."""
@@ -528,15 +644,19 @@ class KVFormat:
         resid = k.residual_count(tokens - sinks)
         return sinks + resid + k.salient_count(tokens - sinks - resid)
 
-    def bytes(self, tokens: int, kv_heads: int, head_dim: int) -> int:
+    def bytes(self, tokens: int, kv_heads: int, head_dim: int, hidden_size: int | None = None) -> int:
         """Exact bytes of one layer's K and V for one sequence of `tokens` tokens, shared data included."""
-        return self.breakdown(tokens, kv_heads, head_dim).total
+        return self.breakdown(tokens, kv_heads, head_dim, hidden_size).total
 
-    def avg_bits(self, tokens: int, kv_heads: int, head_dim: int) -> float:
-        """Average stored bits per K/V element at this context, all metadata included."""
+    def avg_bits(self, tokens: int, kv_heads: int, head_dim: int, hidden_size: int | None = None) -> float:
+        """Average stored bits per K/V element at this context, all metadata included.
+
+        X formats are charged per K/V element too (their bytes over 2 * tokens * kv_heads * head_dim),
+        so 4-bit XQuant on SmolLM2 (576 X channels for 384 K/V channels) is ~6.4 bits, not 4.25.
+        """
         if tokens < 1:
             raise ValueError("avg_bits needs tokens >= 1")
-        return 8 * self.bytes(tokens, kv_heads, head_dim) / (2 * tokens * kv_heads * head_dim)
+        return 8 * self.bytes(tokens, kv_heads, head_dim, hidden_size) / (2 * tokens * kv_heads * head_dim)
 
     def with_(self, **changes) -> KVFormat:
         return replace(self, **changes)
@@ -705,6 +825,31 @@ METHODS: dict[str, MethodSpec] = {
             ((0, 0),),
             (0, 0),
             "eviction: 2048 heavy hitters (accumulated attention) + 128 recent tokens kept fp16, the rest dropped",
+        ),
+        MethodSpec(
+            "xquant",
+            "XQuant (Tomar et al., arXiv:2508.10395)",
+            ((2, 2), (3, 3), (4, 4), (8, 8)),
+            (4, 4),
+            "caches the post-norm layer input X (per token, groups of 128, fp16 scale/zero) and "
+            "rematerializes K = X W_k, V = X W_v each step; smaller than K+V only where hidden_size < "
+            "2 x kv_heads x head_dim (MHA), bits here for an MHA layer",
+        ),
+        MethodSpec(
+            "xquant-cl",
+            "XQuant-CL (Tomar et al., arXiv:2508.10395)",
+            ((2, 2), (3, 3), (4, 4), (8, 8)),
+            (3, 3),
+            "as xquant, but each layer stores the quantized delta of its pre-norm input from the previous "
+            "layer's reconstruction (an accumulator); bits here for an MHA layer",
+        ),
+        MethodSpec(
+            "minicache",
+            "MiniCache (Liu et al., NeurIPS 2024, arXiv:2405.14366)",
+            ((16, 16),),
+            (16, 16),
+            "fp16; the deeper half of the layers merged in adjacent pairs (SLERP direction shared, per-layer "
+            "token magnitudes), 10% most distinct tokens kept unmerged; bits here for a merged layer",
         ),
     ]
 }
@@ -921,6 +1066,44 @@ def h2o_format(budget: int = 2048, window: int = 128, sink_tokens: int = 0) -> K
     return KVFormat(f"h2o-{budget}+{window}", s, s, sink_tokens=sink_tokens, citation=METHODS["h2o"].citation)
 
 
+def xquant_format(bits: float = 4, group_size: int = 128, cross_layer: bool = False) -> KVFormat:
+    """XQuant / XQuant-CL: one per-token stream of X (hidden_size channels), asymmetric, fp16 scale/zero.
+
+    X is quantized uniformly per token (arXiv:2508.10395); kvq groups each token's channels by 128, the
+    group width of its other per-token formats (0.25 bits of metadata per element). XQuant-CL stores
+    every layer's delta at the same width (layer 0's delta is its whole input), so every layer has the
+    same bytes. The paper's SVD down-projection for GQA models is not implemented.
+    """
+    s = StreamFormat(bits=bits, axis="token", group_size=group_size)
+    name = "xquant-cl" if cross_layer else "xquant"
+    return KVFormat(
+        f"{name}-{_fmt_bits(bits)}",
+        s,
+        s,
+        citation=METHODS[name].citation,
+        cache_input="x-delta" if cross_layer else "x",
+        extra={"group_size": group_size},
+    )
+
+
+def minicache_format(merge_depth_fraction: float = 0.5, retain_fraction: float = 0.1, slerp_t: float = 0.6) -> KVFormat:
+    """MiniCache over an fp16 cache: layers from L - floor(f * L) on merged in pairs (arXiv:2405.14366).
+
+    slerp_t: the interpolation weight of the upper layer's direction (the paper's t = 0.6); no bytes.
+    retain_fraction: the stated share of unmerged tokens (the paper picks them by a threshold on the
+    angular distance; kvq's cache sets that threshold at the prefill's (1 - f) quantile).
+    """
+    return KVFormat(
+        f"minicache-{merge_depth_fraction:g}",
+        _FP16,
+        _FP16,
+        citation=METHODS["minicache"].citation,
+        merge_depth_fraction=merge_depth_fraction,
+        retain_fraction=retain_fraction,
+        extra={"slerp_t": slerp_t},
+    )
+
+
 def get_format(method: str, bits: str | float | tuple | None = None) -> KVFormat:
     """The format of a named method at the given bits (e.g. `get_format("kivi", 2)`).
 
@@ -971,6 +1154,10 @@ def get_format(method: str, bits: str | float | tuple | None = None) -> KVFormat
         return mikv_format(kb)
     if method == "h2o":
         return h2o_format()
+    if method in ("xquant", "xquant-cl"):
+        return xquant_format(kb, cross_layer=method == "xquant-cl")
+    if method == "minicache":
+        return minicache_format()
     raise AssertionError(method)  # every METHODS entry is handled above
 
 

@@ -20,6 +20,12 @@ applies RoPE at the new tokens' positions (models that normalise q after q_proj,
 refused) and passes it to the layer. `KVQCache.remove_hooks()` detaches the hooks. With eviction a
 layer holds fewer tokens than it has seen; `get_mask_sizes` reports the held length and, as the
 offset, the number evicted, so the causal mask stays right for the new tokens.
+XQuant / XQuant-CL (`fmt.cache_input` "x" / "x-delta", `cache_xquant`) store each layer's input
+hidden state instead of K/V, captured by forward pre-hooks (k_proj's input, or the decoder layer's
+for the cross-layer deltas), and rematerialize K, V from the model's own k_proj / v_proj weights at
+every step. MiniCache (`fmt.merge_depth_fraction`, `cache_minicache`) holds adjacent deep layers as
+merged pairs; `KVQCache.retained` reports the unmerged tokens each pair holds, and `nbytes` equals
+``batch * fmt.model_bytes(T, kv_heads, head_dim, num_layers, retained=cache.retained)``.
 This module is the torch reference path; it imports transformers when it is imported.
 """
 
@@ -179,13 +185,32 @@ class KVQCache(Cache):
             raise ValueError(f"{fmt.name} scores tokens by attention: pass model=... so the cache can read queries")
         make = functools.partial(KVQLayer, fmt, rope)
         self._hooks: list = []
-        if model is not None:
+        if fmt.cache_input != "kv" or fmt.merge_depth_fraction:
+            super().__init__(layers=self._method_layers(fmt, model))
+        elif model is not None:
             n = model.config.get_text_config(decoder=True).num_hidden_layers
             super().__init__(layers=[make(state.get(i)) for i in range(n)])
             if fmt.key.tiered:
                 self._hook_queries(model)
         else:
             super().__init__(layer_class_to_replicate=make)
+
+    def _method_layers(self, fmt: KVFormat, model: torch.nn.Module | None) -> list:
+        """Layers of the methods that are not per-layer K/V streams: XQuant (X codes) and MiniCache (pairs)."""
+        if model is None:
+            raise ValueError(f"{fmt.name} needs the model: pass model=... (its weights or its layer count)")
+        if fmt.cache_input != "kv":
+            from .cache_xquant import attach_xquant  # imported here: cache_xquant builds on KVQLayer
+
+            return attach_xquant(self, fmt, model, _Rope(_find_rotary(model)))
+        from .cache_minicache import minicache_layers
+
+        return minicache_layers(fmt, model.config.get_text_config(decoder=True).num_hidden_layers)
+
+    @property
+    def retained(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """MiniCache: unmerged tokens held per merged pair, {(l, l+1): (n_k, n_v)}; {} for other methods."""
+        return {lay.pair.layers: lay.pair.retained for lay in self.layers if getattr(lay, "side", None) == 0}
 
     def _hook_queries(self, model: torch.nn.Module) -> None:
         """Forward hooks on each attention module's q_proj that stash its output in the matching layer."""
@@ -207,7 +232,8 @@ class KVQCache(Cache):
             self._hooks.append(attn.q_proj.register_forward_hook(stash))
 
     def remove_hooks(self) -> None:
-        """Detach the q_proj hooks (tiered formats); the cache cannot take more tokens after this."""
+        """Detach the q_proj hooks (tiered formats) or XQuant's hidden-state hooks; the cache cannot take
+        more tokens after this."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

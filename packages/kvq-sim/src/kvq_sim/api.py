@@ -7,15 +7,49 @@ from dataclasses import asdict, dataclass
 from .deployment import Deployment, resolve_method
 from .errors import SimInputError
 from .hardware import GIB, Hardware, load_hardware
-from .latency import StepTime, attention_seconds, decode_step, decode_terms, prefill_seconds
+from .latency import StepTime, attention_seconds, decode_step, decode_terms, prefill_seconds, remat_flops_per_token
 from .memory import MemoryBreakdown, memory
 from .models import ModelShape, load_model
 from .planner import MAX_BATCH, MAX_CONTEXT_TOKENS, check_weights_fit, max_batch, max_context
+from .recipes import WeightScheme, get_recipe
 
 #: contexts at which the plan reports max batch (4K, 32K, 128K tokens)
 PROBE_CONTEXTS = (4096, 32768, 131072)
 #: context at which `kvq-sim list methods` reports average bits (KVQuant's 32K accounting point)
 LIST_CONTEXT = 32768
+#: a long generation's decode steps are summed exactly up to this many; beyond, the step time is evaluated
+#: at this many + 1 evenly spaced steps and summed by the trapezoid rule (it is near-linear in context:
+#: llama-7b kivi-2 at batch 8, 1000 + 32000 tokens: equal to the exact sum within 1e-15 on a100-80g and h100-80g)
+EXACT_DECODE_STEPS = 2048
+
+
+@dataclass(frozen=True)
+class GenerationTime:
+    """One batch of requests of `prompt_tokens` prompt + `gen_tokens` generated tokens, served in lockstep:
+    all prompts prefilled, then `gen_tokens` decode steps at context prompt + 1 .. prompt + gen_tokens."""
+
+    prompt_tokens: int
+    gen_tokens: int
+    batch: int
+    prefill_s: float  # all `batch` prompts, one after another (a shared prefix is prefilled once)
+    decode_s: float  # the sum of the decode steps
+    first_step_s: float  # decode step at prompt + 1 tokens
+    last_step_s: float  # decode step at prompt + gen_tokens tokens
+    exact_sum: bool  # every step evaluated (else trapezoid over EXACT_DECODE_STEPS + 1 of them)
+
+    @property
+    def request_s(self) -> float:
+        """Time from arrival to last token of every request in the batch."""
+        return self.prefill_s + self.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the whole request (prefill included)."""
+        return self.batch * self.gen_tokens / self.request_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.gen_tokens / self.decode_s
 
 
 @dataclass(frozen=True)
@@ -52,6 +86,13 @@ class PlanResult:
     fp16_max_context_batch1: int | None
     batch_rows: tuple[BatchRow, ...]
     assumptions: tuple[str, ...]
+    recipe: str = ""
+    activation_bits: int = 16
+    weight_avg_bits: float = 16.0  # stored bits per linear weight, metadata included (llama-7b q_proj shape)
+    shared_prefix_tokens: int = 0
+    prefix_reads: str = "per-sequence"
+    kv_remat_flops_per_token_layer: int = 0  # extra FLOPs per cached token per layer per decode step
+    generation: GenerationTime | None = None
 
     @property
     def context_gain_over_fp16(self) -> float | None:
@@ -67,6 +108,11 @@ class PlanResult:
                 step_s=self.decode.step_s, tokens_per_s=self.decode.tokens_per_s, bound=self.decode.bound
             )
         d["context_gain_over_fp16"] = self.context_gain_over_fp16
+        if self.generation is not None:
+            g = self.generation
+            d["generation"].update(
+                request_s=g.request_s, tokens_per_s=g.tokens_per_s, decode_tokens_per_s=g.decode_tokens_per_s
+            )
         return d
 
 
@@ -78,12 +124,30 @@ def deployment(
     weight_bits: int = 16,
     gpus: int | None = None,
     parallel: str = "tp",
+    *,
+    weight_scheme: WeightScheme | None = None,
+    activation_bits: int = 16,
+    shared_prefix_tokens: int = 0,
+    prefix_reads: str = "per-sequence",
 ) -> Deployment:
     """Build a validated Deployment from names (or loaded configs) as the CLI takes them."""
     shape = model if isinstance(model, ModelShape) else load_model(model)
     hw = gpu if isinstance(gpu, Hardware) else load_hardware(gpu)
     name, kv, fmt = resolve_method(method, bits)
-    return Deployment(shape, hw, name, kv, fmt, weight_bits, hw.gpus if gpus is None else gpus, parallel)
+    return Deployment(
+        shape,
+        hw,
+        name,
+        kv,
+        fmt,
+        weight_bits,
+        hw.gpus if gpus is None else gpus,
+        parallel,
+        weight_scheme=weight_scheme,
+        activation_bits=activation_bits,
+        shared_prefix_tokens=shared_prefix_tokens,
+        prefix_reads=prefix_reads,
+    )
 
 
 def _check_range(label: str, value: int | None, upper: int) -> None:
@@ -94,11 +158,24 @@ def _check_range(label: str, value: int | None, upper: int) -> None:
 def assumptions(dep: Deployment) -> tuple[str, ...]:
     """Plain-language assumptions a user needs to read the numbers."""
     hw, f = dep.hardware, dep.kv_format
-    w = {16: "fp16", 8: "int8, per-row fp16 scale", 4: "int4, group 128 fp16 scale+zero"}[dep.weight_bits]
+    w = dep.weights.name
     cal = "calibrated" if hw.calibration.calibrated else "UNCALIBRATED priors"
     par = {"tp": "tensor parallel (heads, MLP and vocab split)", "cp": "context parallel (tokens split)"}
+    extra = []
+    if dep.activation_bits != 16:
+        extra.append(
+            f"activations: {dep.activation_bits}-bit GEMM inputs, linear layers at the INT8 tensor-core peak "
+            f"({hw.int8_dense_tops:,.0f} TOPS dense); activation memory still counted at fp16 (conservative)"
+        )
+    if dep.shared_prefix_tokens:
+        reads = "once per sequence (paged attention)" if dep.prefix_reads == "per-sequence" else "once per batch"
+        extra.append(
+            f"shared prefix: the first {dep.shared_prefix_tokens:,} tokens of every sequence stored once per GPU; "
+            f"decode attention reads it {reads}"
+        )
     return (
         f"weights: {w}; embeddings and LM head fp16",
+        *extra,
         f"usable memory per GPU: {hw.usable_memory_gib:.2f} GiB, minus {hw.reserve_bytes / GIB:.2f} GiB CUDA context"
         " + workspace reserve",
         f"KV format {f.name}: codes, scales/zeros, outliers, fp16 residual window and sinks, per-layer shared"
@@ -115,7 +192,7 @@ def plan(
     gpu: str | Hardware,
     bits: str | float | None = None,
     method: str | None = None,
-    weight_bits: int = 16,
+    weight_bits: int | None = None,
     context: int | None = None,
     batch: int | None = None,
     gpus: int | None = None,
@@ -123,19 +200,69 @@ def plan(
     prompt: int | None = None,
     generate: int | None = None,
     probe_contexts: tuple[int, ...] = PROBE_CONTEXTS,
+    recipe: str | None = None,
+    shared_prefix_tokens: int = 0,
+    prefix_reads: str = "per-sequence",
+    gen_tokens: int | None = None,
 ) -> PlanResult:
-    """Answer a sizing question: with context and batch, does it fit; with one of them, the max of the other."""
+    """Answer a sizing question: with context and batch, does it fit; with one of them, the max of the other.
+
+    recipe: a serving recipe (recipes.RECIPES) setting weights, activations and the KV method + bits;
+    shared_prefix_tokens: of every sequence's context, a prefix stored once (SCBench shared context);
+    gen_tokens: with `prompt`, a long-generation workload: size for prompt + gen_tokens and time the request.
+    """
     _check_range("context", context, MAX_CONTEXT_TOKENS)
     _check_range("batch", batch, MAX_BATCH)
     _check_range("prompt", prompt, MAX_CONTEXT_TOKENS)
     _check_range("generate", generate, MAX_CONTEXT_TOKENS)
+    _check_range("gen-tokens", gen_tokens, MAX_CONTEXT_TOKENS)
+    if not (isinstance(shared_prefix_tokens, int) and 0 <= shared_prefix_tokens <= MAX_CONTEXT_TOKENS):
+        raise SimInputError(
+            f"shared-prefix-tokens must be an integer in 0..{MAX_CONTEXT_TOKENS:,}, got {shared_prefix_tokens!r}"
+        )
+    if gen_tokens is not None:
+        if generate is not None:
+            raise SimInputError("give either --generate or --gen-tokens, not both")
+        if prompt is None:
+            raise SimInputError("--gen-tokens needs --prompt (the prompt length)")
+        generate = gen_tokens
     if (prompt is None) != (generate is None):
         raise SimInputError("give both --prompt and --generate (a workload), or neither")
     if prompt is not None:
         if context is not None:
             raise SimInputError("give either --context or --prompt/--generate, not both")
         context = prompt + generate
-    dep = deployment(model, gpu, bits, method, weight_bits, gpus, parallel)
+    if shared_prefix_tokens:
+        limit, what = (prompt, "--prompt") if prompt is not None else (context, "--context")
+        if limit is not None and shared_prefix_tokens > limit:
+            raise SimInputError(f"shared prefix of {shared_prefix_tokens:,} tokens exceeds {what} {limit:,}")
+    elif prefix_reads != "per-sequence":
+        raise SimInputError("--prefix-reads needs --shared-prefix-tokens")
+    scheme, activation_bits = None, 16
+    if recipe is not None:
+        r = get_recipe(recipe)
+        if method is not None or bits is not None:
+            raise SimInputError(
+                f"--recipe {r.name} sets the KV method and bits ({r.kv_method} {r.kv_bits}); drop --method/--bits"
+            )
+        if weight_bits is not None and weight_bits != r.weights.bits:
+            raise SimInputError(f"--recipe {r.name} has {r.weights.bits}-bit weights; drop --weight-bits {weight_bits}")
+        method, bits, weight_bits = r.kv_method, r.kv_bits, r.weights.bits
+        scheme, activation_bits = r.weights, r.activation_bits
+    weight_bits = 16 if weight_bits is None else weight_bits
+    dep = deployment(
+        model,
+        gpu,
+        bits,
+        method,
+        weight_bits,
+        gpus,
+        parallel,
+        weight_scheme=scheme,
+        activation_bits=activation_bits,
+        shared_prefix_tokens=shared_prefix_tokens,
+        prefix_reads=prefix_reads,
+    )
     check_weights_fit(dep)
     base = dep.with_method("fp16")
 
@@ -155,7 +282,7 @@ def plan(
             unbounded, context = True, dep.model.sliding_window or MAX_CONTEXT_TOKENS
     point_batch = max(batch, 1)  # report the memory of one sequence when none fits
     mb = memory(dep, point_batch, max(context, 1))
-    fmt, kvh, d = dep.kv_format, dep.kv_heads_per_gpu, dep.model.head_dim
+    fmt = dep.kv_format
     tokens = max(mb.kv_tokens_per_gpu, 1)
     return PlanResult(
         model=dep.model.name,
@@ -171,7 +298,7 @@ def plan(
         context=context,
         unbounded=unbounded,
         fits=bool(mb.fits) and batch > 0 and context > 0,
-        kv_avg_bits=fmt.avg_bits(tokens, kvh, d),
+        kv_avg_bits=_avg_bits(dep, tokens),
         memory=mb,
         decode=decode_step(dep, point_batch, max(context, 1)) if mb.fits else None,
         prefill_s=prefill_seconds(dep, prompt) if prompt is not None else None,
@@ -179,6 +306,61 @@ def plan(
         fp16_max_context_batch1=max_context(base, 1),
         batch_rows=tuple(BatchRow(c, max_batch(dep, c), max_batch(base, c)) for c in probe_contexts),
         assumptions=assumptions(dep),
+        recipe=recipe or "",
+        activation_bits=dep.activation_bits,
+        weight_avg_bits=dep.weights.avg_bits(dep.model.q_size, dep.model.hidden_size),
+        shared_prefix_tokens=dep.shared_prefix_tokens,
+        prefix_reads=dep.prefix_reads,
+        kv_remat_flops_per_token_layer=remat_flops_per_token(dep),
+        generation=generation_time(dep, batch, prompt, gen_tokens) if gen_tokens and mb.fits and batch else None,
+    )
+
+
+def _avg_bits(dep: Deployment, tokens: int) -> float:
+    """The format's average bits per K/V element on one GPU; X-cache formats (XQuant) store `hidden_size`
+    channels per token, which kvq-core needs to be told for GQA models; merging formats average all layers."""
+    f, kvh, d = dep.kv_format, dep.kv_heads_per_gpu, dep.model.head_dim
+    layers = dep.model.num_hidden_layers
+    if getattr(f, "merge_pairs", None) and f.merge_pairs(layers):  # MiniCache: the whole model's average
+        return 8 * f.model_bytes(tokens, kvh, d, layers) / (2 * tokens * kvh * d * layers)
+    if getattr(f, "cache_input", "kv") != "kv":
+        return f.avg_bits(tokens, kvh, d, dep.model.hidden_size)
+    return f.avg_bits(tokens, kvh, d)
+
+
+def generation_time(dep: Deployment, batch: int, prompt: int, gen_tokens: int) -> GenerationTime:
+    """Prefill of `batch` prompts plus the sum of `gen_tokens` decode steps as the context grows.
+
+    sum_{i=1..M} step(prompt + i): exact for M <= EXACT_DECODE_STEPS; else the trapezoid rule over
+    EXACT_DECODE_STEPS + 1 evenly spaced steps, with the end correction (f(1) + f(M)) / 2 that turns an
+    integral into a sum of integer points. With a shared prefix of P tokens the prefix is prefilled once:
+    prefill(prompt) + (batch - 1) * (prefill(prompt) - prefill(P)).
+    """
+    import numpy as np
+
+    def step(i: int) -> float:
+        return decode_step(dep, batch, prompt + i).step_s
+
+    if gen_tokens <= EXACT_DECODE_STEPS:
+        times = [step(i) for i in range(1, gen_tokens + 1)]
+        decode_s, first, last = float(sum(times)), times[0], times[-1]
+    else:
+        xs = np.unique(np.linspace(1, gen_tokens, EXACT_DECODE_STEPS + 1).round().astype(np.int64))
+        ys = np.array([step(int(i)) for i in xs])
+        integral = float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
+        decode_s, first, last = integral + (ys[0] + ys[-1]) / 2, float(ys[0]), float(ys[-1])
+    one = prefill_seconds(dep, prompt)
+    p = dep.prefix_tokens(prompt)
+    prefill_s = one + (batch - 1) * (one - (prefill_seconds(dep, p) if p else 0.0))
+    return GenerationTime(
+        prompt_tokens=prompt,
+        gen_tokens=gen_tokens,
+        batch=batch,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        first_step_s=first,
+        last_step_s=last,
+        exact_sum=gen_tokens <= EXACT_DECODE_STEPS,
     )
 
 

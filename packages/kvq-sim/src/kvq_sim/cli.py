@@ -27,15 +27,48 @@ def main() -> None:
 @click.option("--gpu", required=True, help="GPU or node name (kvq-sim list gpus) or path to a hardware YAML")
 @click.option("--bits", default=None, help="KV bits: 2, 3, 4, 8, 16 or k<bits>v<bits> (e.g. k2v1.5)")
 @click.option("--method", default=None, help="KV method (kvq-sim list methods); default for a bare --bits: kivi")
-@click.option("--weight-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True)
+@click.option("--weight-bits", type=int, default=None, help="weight bits: 16 (default), 8, 4, 2")
+@click.option("--recipe", default=None, help="serving recipe: weights, activations, KV (kvq-sim list recipes)")
 @click.option("--context", type=int, default=None, help="tokens per sequence (alone: max batch at this context)")
 @click.option("--batch", type=int, default=None, help="sequences (alone: max context at this batch)")
 @click.option("--prompt", type=int, default=None, help="workload prompt tokens (with --generate)")
 @click.option("--generate", type=int, default=None, help="workload generated tokens (with --prompt)")
+@click.option(
+    "--gen-tokens",
+    type=int,
+    default=None,
+    help="long generation: tokens generated per request (with --prompt); times the request",
+)
+@click.option(
+    "--shared-prefix-tokens", type=int, default=0, help="tokens of each context shared by the batch, stored once"
+)
+@click.option(
+    "--prefix-reads",
+    type=click.Choice(["per-sequence", "shared"]),
+    default="per-sequence",
+    help="decode attention reads the shared prefix once per sequence (paged) or once per batch (cascade kernel)",
+)
 @click.option("--gpus", type=int, default=None, help="GPUs to use (default: all of the node)")
 @click.option("--parallel", type=click.Choice(["tp", "cp"]), default="tp", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-def plan(model, gpu, bits, method, weight_bits, context, batch, prompt, generate, gpus, parallel, fmt) -> None:
+def plan(
+    model,
+    gpu,
+    bits,
+    method,
+    weight_bits,
+    recipe,
+    context,
+    batch,
+    prompt,
+    generate,
+    gen_tokens,
+    shared_prefix_tokens,
+    prefix_reads,
+    gpus,
+    parallel,
+    fmt,
+) -> None:
     """Max context, max batch, memory breakdown and decode speed of one deployment."""
     from . import api, render
 
@@ -45,13 +78,17 @@ def plan(model, gpu, bits, method, weight_bits, context, batch, prompt, generate
             gpu,
             bits=bits,
             method=method,
-            weight_bits=int(weight_bits),
+            weight_bits=weight_bits,
             context=context,
             batch=batch,
             gpus=gpus,
             parallel=parallel,
             prompt=prompt,
             generate=generate,
+            recipe=recipe,
+            shared_prefix_tokens=shared_prefix_tokens,
+            prefix_reads=prefix_reads,
+            gen_tokens=gen_tokens,
         )
     except SimInputError as e:
         _fail(str(e))
@@ -140,9 +177,9 @@ def validate(gpu, measurements, e2e) -> None:
 
 
 @main.command("list")
-@click.argument("what", type=click.Choice(["gpus", "models", "methods"]))
+@click.argument("what", type=click.Choice(["gpus", "models", "methods", "recipes"]))
 def list_(what: str) -> None:
-    """List the GPUs, models or KV methods kvq-sim knows."""
+    """List the GPUs, models, KV methods or serving recipes kvq-sim knows."""
     try:
         click.echo(_listing(what))
     except SimInputError as e:
@@ -173,6 +210,17 @@ def _listing(what: str) -> str:
                 f"{n:<15}{m.num_hidden_layers:>6}{m.hidden_size:>8}  {m.num_attention_heads:>3}/{m.num_key_value_heads:<4}"
                 f"{m.params / 1e9:>6.2f} B  {kv_kib:>9.1f} KiB  {window}"
             )
+        return "\n".join(rows)
+    if what == "recipes":
+        from .recipes import RECIPES, TRAINING_NOTE
+
+        ref = load_model("llama-7b")
+        rows = ["recipe           W/A/KV       weight bits   KV method   note"]
+        for r in RECIPES.values():
+            wavg = r.weights.avg_bits(ref.q_size, ref.hidden_size)
+            note = TRAINING_NOTE if r.needs_training else r.note
+            rows.append(f"{r.name:<17}{r.label:<13}{wavg:>8.3f}      {r.kv_method} {r.kv_bits:<7} {note}")
+            rows.append(f"{'':<17}{r.citation}")
         return "\n".join(rows)
     from kvq_core.formats import METHODS, bits_label, get_format
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
@@ -11,9 +11,11 @@ from kvq_core.formats import METHODS, KVFormat, bits_label, get_format, method_f
 from .errors import SimInputError
 from .hardware import Hardware
 from .models import ModelShape
+from .recipes import ACTIVATION_BITS, WEIGHT_SCHEMES, WeightScheme
 
 ParallelMode = Literal["tp", "cp"]
-WEIGHT_BITS = (16, 8, 4)
+PrefixReads = Literal["per-sequence", "shared"]
+WEIGHT_BITS = (16, 8, 4, 2)
 # 2048 tokens per prefill chunk: a common chunked-prefill serving budget; an assumption the CLI prints.
 DEFAULT_PREFILL_CHUNK_TOKENS = 2048
 
@@ -52,6 +54,10 @@ class Deployment:
     gpus: int = 1
     parallel: ParallelMode = "tp"
     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
+    weight_scheme: WeightScheme | None = None  # None: the --weight-bits preset (recipes.WEIGHT_SCHEMES)
+    activation_bits: int = 16  # 8 or 4: GEMMs at the INT8 tensor-core peak
+    shared_prefix_tokens: int = 0  # of each sequence's context, one prefix stored once per GPU (SCBench)
+    prefix_reads: PrefixReads = "per-sequence"  # decode attention reads the prefix per sequence or once
 
     def __post_init__(self) -> None:
         m = self.model
@@ -59,6 +65,16 @@ class Deployment:
             raise SimInputError(
                 f"weight bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}"
             )
+        if self.weight_scheme is not None and self.weight_scheme.bits != self.weight_bits:
+            raise SimInputError(f"weight scheme is {self.weight_scheme.bits}-bit, weight_bits {self.weight_bits}")
+        if self.activation_bits not in ACTIVATION_BITS:
+            raise SimInputError(
+                f"activation bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, got {self.activation_bits}"
+            )
+        if self.shared_prefix_tokens < 0:
+            raise SimInputError(f"shared prefix must be >= 0 tokens, got {self.shared_prefix_tokens}")
+        if self.prefix_reads not in ("per-sequence", "shared"):
+            raise SimInputError(f"prefix reads must be 'per-sequence' or 'shared', got {self.prefix_reads!r}")
         if self.parallel not in ("tp", "cp"):
             raise SimInputError(f"parallel must be 'tp' or 'cp', got {self.parallel!r}")
         if not 1 <= self.gpus <= 1024:
@@ -93,6 +109,15 @@ class Deployment:
         return max(1, self.model.num_key_value_heads // self.tp)
 
     @property
+    def weights(self) -> WeightScheme:
+        """How the linear weights are stored: the recipe's scheme, else the --weight-bits preset."""
+        return self.weight_scheme or WEIGHT_SCHEMES[self.weight_bits]
+
+    def prefix_tokens(self, context: int) -> int:
+        """Tokens of a `context`-token sequence that belong to the shared prefix (at most the context)."""
+        return min(self.shared_prefix_tokens, context)
+
+    @property
     def bits_label(self) -> str:
         return bits_label(self.kv_bits)
 
@@ -104,14 +129,4 @@ class Deployment:
     def with_method(self, method: str, bits: str | float | None = None) -> Deployment:
         """The same deployment with another KV method (used for the fp16 baseline)."""
         name, kv, fmt = resolve_method(method, bits)
-        return Deployment(
-            self.model,
-            self.hardware,
-            name,
-            kv,
-            fmt,
-            self.weight_bits,
-            self.gpus,
-            self.parallel,
-            self.prefill_chunk_tokens,
-        )
+        return replace(self, method=name, kv_bits=kv, kv_format=fmt)

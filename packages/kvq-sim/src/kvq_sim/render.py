@@ -24,7 +24,7 @@ def table(r: PlanResult) -> str:
     par = f", {r.gpus} GPUs {r.parallel}" if r.gpus > 1 else ""
     lines = [
         f"kvq-sim plan: {r.model} on {r.gpu}{par}, KV {r.method} {r.bits}-bit ({r.kv_format}), "
-        f"{r.weight_bits}-bit weights",
+        f"{r.weight_bits}-bit weights" + (f", recipe {r.recipe} (A{r.activation_bits})" if r.recipe else ""),
         "",
     ]
     if r.unbounded:
@@ -44,6 +44,12 @@ def table(r: PlanResult) -> str:
         ("KV outliers (values, indices, pointers)", m.kv_outliers_bytes),
         ("KV fp16 residual window + sinks", m.kv_full_precision_bytes),
         ("KV per-layer shared (codebooks, reorder)", m.kv_shared_bytes),
+        *([("KV tiers (low-rank, salient tokens, scores)", m.kv_tiers_bytes)] if m.kv_tiers_bytes else []),
+        *(
+            [(f"KV shared prefix ({r.shared_prefix_tokens:,} tokens, once)", m.kv_shared_prefix_bytes)]
+            if r.shared_prefix_tokens
+            else []
+        ),
         ("activations (peak)", m.activation_bytes),
         ("allocator rounding", m.allocator_rounding_bytes),
         ("CUDA context + workspace reserve", m.reserve_bytes),
@@ -51,6 +57,13 @@ def table(r: PlanResult) -> str:
     lines += [f"  {name:<42}{_gib(b)}" for name, b in rows]
     lines.append(f"  {'total':<42}{_gib(m.total_bytes)}   of {m.usable_bytes / GIB:.2f} GiB usable")
     lines.append(f"  KV average: {r.kv_avg_bits:.3f} bits/element (all metadata included)")
+    if r.weight_bits != 16:
+        lines.append(f"  weights average: {r.weight_avg_bits:.3f} bits/weight in linear layers (metadata included)")
+    if r.kv_remat_flops_per_token_layer:
+        lines.append(
+            f"  KV extra compute: {r.kv_remat_flops_per_token_layer / 1e6:,.1f} MFLOP per cached token per layer "
+            "per decode step (rematerialization)"
+        )
     lines.append("")
     gain = r.context_gain_over_fp16
     lines.append(
@@ -78,6 +91,19 @@ def table(r: PlanResult) -> str:
         )
     if r.prefill_s is not None:
         lines.append(f"prefill of the prompt: {r.prefill_s:.3f} s")
+    if r.generation is not None:
+        g = r.generation
+        how = "exact sum" if g.exact_sum else "trapezoid sum"
+        lines.append(
+            f"generation of {g.gen_tokens:,} tokens after a {g.prompt_tokens:,}-token prompt, batch {g.batch:,} in lockstep:"
+        )
+        lines.append(
+            f"  time per request: {g.request_s:,.2f} s = prefill {g.prefill_s:,.2f} s (all {g.batch:,} prompts) "
+            f"+ decode {g.decode_s:,.2f} s ({how} of steps {g.first_step_s * 1e3:.3f} -> {g.last_step_s * 1e3:.3f} ms)"
+        )
+        lines.append(
+            f"  throughput: {g.tokens_per_s:,.1f} generated tokens/s ({g.decode_tokens_per_s:,.1f} during decode)"
+        )
     lines.append("")
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in r.assumptions]

@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow bench-sim report report-png calibrate validate
+.PHONY: install plan test lint test-slow bench-sim report report-png calibrate validate quality
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -44,3 +44,22 @@ validate: install
 	kvq-sim validate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
 	$(PYTHON) scripts/validation_residuals.py --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG) \
 		-o reports/validation_residuals.png
+
+# Issue 5: every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`).
+# Decode: window at token 512, prefill 384 + 128 scored; teacher-forced: 4 windows of 512, chunks of 16.
+QUALITY_DIR = reports/quality
+QUALITY_PEERS = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 fp8
+QUALITY_KVQ = fp16 kivi:2 kivi:4 kvquant:2 kvquant:3 kvquant:4 kvquant-dense:2 kvquant-dense:3 int:4 int:8 \
+	skvq:k2v1.5 skvq:4
+QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:4 bfp:4 bfp:k4v8 bfp:8 staircase:2 \
+	staircase:3 staircase:4 vidkv:1.5 vidkv:k1.25v1.5 cskv:4 cskv:8 zipcache:2 mikv:2 mikv:3 mikv:4 h2o:0 \
+	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8
+quality: install
+	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
+		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv
+	kvq-eval $(QUALITY_PEERS) --protocol decode --csv $(QUALITY_DIR)/hf_peers_decode.csv
+	kvq-eval $(QUALITY_PEERS) --protocol teacher-forced --csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv
+	kvq-eval $(QUALITY_KVQ) --protocol decode --csv $(QUALITY_DIR)/kvq_decode.csv
+	kvq-eval $(QUALITY_KVQ) --protocol teacher-forced --csv $(QUALITY_DIR)/kvq_teacher_forced.csv
+	kvq-eval $(QUALITY_MORE) --protocol decode --csv $(QUALITY_DIR)/kvq_decode_more_methods.csv
+	kvq-eval generate $(QUALITY_KVQ) $(QUALITY_MORE) quanto:2 hqq:2 fp8 --csv $(QUALITY_DIR)/generate.csv

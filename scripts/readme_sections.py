@@ -43,23 +43,33 @@ def kernel_table() -> str:
 
 
 def quality_table() -> str:
-    """kvq's caches beside transformers' on the same decode protocol, from reports/quality/*_decode.csv."""
+    """kvq's caches beside transformers' on the same decode protocol (reports/quality/*decode*.csv), with the
+    teacher-forced perplexity where that protocol was run (reports/quality/*teacher_forced.csv)."""
     import csv
 
+    def read(names):
+        for name in names:
+            with open(ROOT / "reports" / "quality" / name) as f:
+                yield from csv.DictReader(f)
+
+    tf = {}
+    for r in read(("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv")):
+        tf[r["cache"].removeprefix("kvq:")] = float(r["ppl"])
     rows = []
-    for name in ("hf_peers_decode.csv", "kvq_decode.csv"):
-        with open(ROOT / "reports" / "quality" / name) as f:
-            for r in csv.DictReader(f):
-                bits = float(r["avg_bits"]) if "avg_bits" in r else float(r["held_bits_per_element"])
-                who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
-                rows.append((who, r["cache"].removeprefix("kvq:"), float(r["ppl"]), bits))
+    for r in read(("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")):
+        bits = float(r["avg_bits"]) if r.get("avg_bits") else float(r["held_bits_per_element"])
+        who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
+        rows.append((who, r["cache"].removeprefix("kvq:"), float(r["ppl"]), bits))
     full = next(p for who, c, p, _ in rows if c == "full")
+    full_tf = tf.get("full")
     lines = [
-        "| cache | from | bits/element stored | decode ppl | vs full fp32 |",
-        "| --- | --- | --- | --- | --- |",
+        "| cache | from | bits/element stored | decode ppl | vs full fp32 | teacher-forced ppl |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for who, cache, ppl, bits in sorted(rows, key=lambda r: (-r[3], r[2])):
-        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% |")
+        t = tf.get(cache)
+        tfs = "-" if t is None else (f"{t:.3f}" + (f" ({100 * (t / full_tf - 1):+.1f}%)" if full_tf else ""))
+        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% | {tfs} |")
     return "\n".join(lines) + "\n"
 
 

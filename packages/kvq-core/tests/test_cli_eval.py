@@ -1,0 +1,223 @@
+"""`kvq-eval`: the console script exists, bad input is one line on stderr with exit 2, CSV rows carry provenance.
+
+End-to-end runs use a tiny random Llama saved with a word-level tokenizer (`--model DIR`), so they take
+seconds; the real SmolLM2 runs are tests/test_generate_smollm2.py and tests/test_quality_slice.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvq_core import cli_eval
+from kvq_core.cli_eval import CSV_COLUMNS, GENERATE_COLUMNS, append_csv, main, parse_cache
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc == 2
+    ours = [line for line in err.splitlines() if line.startswith("kvq-eval:")]  # model loading may draw bars
+    assert len(ours) == 1 and ours[0].startswith("kvq-eval: error: ") and err.strip().endswith(ours[0]), err
+    for fragment in fragments:
+        assert fragment in ours[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A directory holding a tiny random Llama (2 layers, 2 KV heads x 16) and a word-level tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(
+        path
+    )
+    return path
+
+
+def text_file(tmp_path: Path, tokens: int) -> Path:
+    path = tmp_path / f"text{tokens}.txt"
+    path.write_text(" ".join(WORDS[(7 * i * i + i) % len(WORDS)] for i in range(tokens)))
+    return path
+
+
+# -- the entry point ------------------------------------------------------------------------------
+def test_console_script_is_declared_and_installed():
+    text = PYPROJECT.read_text()  # tomllib is 3.11+; kvq-core supports 3.10
+    assert '[project.scripts]\nkvq-eval = "kvq_core.cli_eval:main"\n' in text
+    installed = importlib.metadata.entry_points(group="console_scripts", name="kvq-eval")
+    assert [ep.value for ep in installed] == ["kvq_core.cli_eval:main"], "re-run pip install -e packages/kvq-core"
+
+
+def test_help_runs_from_the_console_script():
+    exe = shutil.which("kvq-eval")
+    assert exe is not None, "kvq-eval not on PATH: pip install -e packages/kvq-core --no-deps"
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "--protocol {decode,teacher-forced,both}" in res.stdout
+    assert "quanto:2" in res.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from kvq_core import cli_eval; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+# -- cache names ------------------------------------------------------------------------------------
+def test_cache_names():
+    assert parse_cache("quanto:2").peer == "quanto-2"
+    assert parse_cache("fp8").peer == "fp8"
+    assert parse_cache("full").label == "full"
+    assert parse_cache("kivi:2").label == "kvq:kivi-2"
+    assert parse_cache("skvq:k2v1.5").fmt.name == "skvq-k2v1.5"
+    assert all(parse_cache(name).fmt is not None for name in cli_eval.every_kvq_cache())
+
+
+# -- bad input: one line, exit 2, no traceback -----------------------------------------------------
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["nosuch:2"], "unknown cache 'nosuch:2'"),
+        (["kivi:5"], "no 5-bit variant"),
+        (["quanto:3"], "valid: quanto:2, quanto:4"),
+        (["hqq"], "no variant 'hqq'"),
+        ([], "name at least one cache"),
+        (["kivi:2", "--windows", "0"], "--windows"),
+        (["kivi:2", "--text", "/nonexistent/text.txt"], "--text /nonexistent/text.txt"),
+        (["kivi:2", "--model", "/nonexistent/model"], "not a directory"),
+        (["kivi:2", "--calibration", "/nonexistent/calib.pt"], "no such file"),
+    ],
+    ids=[
+        "unknown-method",
+        "bad-bits",
+        "bad-peer-bits",
+        "peer-without-bits",
+        "no-cache",
+        "windows",
+        "text",
+        "model",
+        "calib",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    rc, _, err = run(argv, capsys)
+    assert_usage_error(rc, err, fragment)
+
+
+def test_generate_bad_cache(capsys):
+    rc, _, err = run(["generate", "kivi:7"], capsys)
+    assert_usage_error(rc, err, "no 7-bit variant")
+
+
+def test_directory_that_is_not_a_causal_lm(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    rc, _, err = run(["kivi:2", "--model", str(tmp_path)], capsys)
+    assert_usage_error(rc, err, "'t5' model is not a causal LM")
+
+
+def test_directory_without_config(capsys, tmp_path):
+    rc, _, err = run(["kivi:2", "--model", str(tmp_path)], capsys)
+    assert_usage_error(rc, err, "no config.json")
+
+
+def test_text_shorter_than_one_window(capsys, tmp_path, tiny_dir):
+    argv = ["kivi:2", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 100))]
+    rc, _, err = run(argv, capsys)  # decode needs token 512 + 512
+    assert_usage_error(rc, err, "text too short: 100 tokens", "needs 1024")
+
+
+def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):
+    import transformers
+
+    from kvq_core.hf_cache import save_calibration
+
+    other = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+        )
+    )
+    path = tmp_path / "other.pt"
+    save_calibration({}, path, model=other)
+    text = text_file(tmp_path, 200)
+    argv = ["kvquant:2", "--model", str(tiny_dir), "--text", str(text), "--calibration", str(path), "--start", "0"]
+    rc, _, err = run([*argv, "--prefill", "32", "--scored", "8"], capsys)
+    assert_usage_error(rc, err, "was made for model llama:L3")
+
+
+# -- CSV rows -----------------------------------------------------------------------------------------
+def test_both_protocols_write_rows_with_provenance(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "q.csv"
+    argv = ["full", "kivi:2", "kvquant:2", "--protocol", "both", "--model", str(tiny_dir)]
+    argv += ["--text", str(text_file(tmp_path, 300)), "--calibration-text", str(text_file(tmp_path, 120))]
+    argv += ["--start", "0", "--prefill", "40", "--scored", "24", "--window", "64", "--windows", "2"]
+    rc, stdout, err = run([*argv, "--no-progress", "--csv", str(out)], capsys)
+    assert rc == 0, err
+    with out.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert [(r["cache"], r["protocol"]) for r in rows] == [
+        (c, p) for c in ("full", "kvq:kivi-2", "kvq:kvquant-nuq2-1%") for p in ("decode", "teacher-forced")
+    ]
+    for r in rows:
+        assert float(r["ppl"]) > 1 and r["torch"] and r["transformers"] and r["commit"] and r["date"]
+        assert r["params"] == ("prefill=40 scored=24" if r["protocol"] == "decode" else "window=64 prefix=1 chunk=16")
+    assert {r["scored_tokens"] for r in rows} == {"48", "126"}  # 2 x 24 decode, 2 x 63 teacher-forced
+    assert rows[0]["avg_bits"] == "32.000"  # fp32 DynamicCache, measured
+    assert rows[4]["calibration"].startswith("512 tokens") and rows[2]["calibration"] == "none"
+    assert "avg bits" in stdout.splitlines()[0]
+    # the full-precision cache equals the cache-free forward; a 2-bit cache is worse on random weights too
+    assert float(rows[1]["ppl"]) < float(rows[3]["ppl"]) * 1.5
+
+
+def test_generate_rows(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "g.csv"
+    argv = ["generate", "kivi:8", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 100))]
+    rc, _, err = run([*argv, "--start", "0", "--prompt-tokens", "40", "--new-tokens", "8", "--csv", str(out)], capsys)
+    assert rc == 0, err
+    with out.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == GENERATE_COLUMNS
+    assert [r["cache"] for r in rows] == ["full", "kvq:kivi-8"]  # the full cache always runs first
+    assert rows[0]["agree_with_full"] == "1.0000" and rows[0]["new_tokens"] == "8"
+
+
+def test_append_to_an_older_schema_keeps_old_rows(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("cache,ppl,cpu\nkvq:int4,13.9,x86_64\n")
+    append_csv(path, {c: "1" for c in CSV_COLUMNS}, CSV_COLUMNS)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["cache"] == "kvq:int4" and rows[0]["protocol"] == "" and rows[1]["protocol"] == "1"

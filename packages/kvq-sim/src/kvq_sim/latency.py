@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .deployment import Deployment
 from .hardware import Hardware, KernelFit
-from .memory import kv_layer_streams, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
+from .memory import kv_layer_groups, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
 
 # Kernels per layer in a decode step: 2 RMSNorms, qkv GEMV, RoPE + cache append, attention (+ split-KV
 # combine), o_proj, gate/up GEMV, activation, down GEMV. Plus 4 per step: embedding, final norm, LM head,
@@ -46,13 +46,24 @@ def attention_kernel_us(k: KernelFit, hbm_bandwidth_gb_s: float, bytes_read, kv_
     return k.overhead_us + np.maximum(mem_us, cmp_us)
 
 
+def remat_flops_per_token(dep: Deployment) -> int:
+    """Extra FLOPs per cached token per layer per decode step the format declares (XQuant rematerializes
+    K, V = X W_k, X W_v: 2 * hidden * 2 * kv_heads * head_dim); 0 for K/V-storing formats and for a
+    kvq-core without the field. Under tensor parallelism each GPU rematerializes its own KV heads."""
+    f = getattr(dep.kv_format, "remat_flops_per_token", 0)
+    if callable(f):
+        return int(f(dep.kv_heads_per_gpu, dep.model.head_dim, dep.model.hidden_size))
+    return int(f)
+
+
 def attention_family(dep: Deployment) -> str | None:
     """The kvq kernel family that reads this deployment's cache, or None when kvq has no kernel for it."""
     if dep.method == "fp16":
         return "kvq_fp16"
     kb, vb = dep.kv_bits
     if dep.method == "kivi" and kb == vb and float(kb).is_integer():
-        return f"kvq_kivi_{int(kb)}b"
+        m = dep.model
+        return f"kvq_kivi_{int(kb)}b_{'mha' if m.num_attention_heads == m.num_key_value_heads else 'gqa'}"
     return None
 
 
@@ -68,11 +79,15 @@ def attention_seconds(dep: Deployment, batch, context: int, kv_bytes, attn_flops
         eff = _kv_efficiency(dep)
         return np.maximum(kv_bytes / (hw.hbm_bandwidth_gb_s * 1e9 * eff), attn_flops / _peak(hw))
     tokens = kv_tokens_per_gpu(dep, context)
+    unpacked = batch * tokens  # cached tokens dequantized; a prefix read once per batch is unpacked once
+    if dep.prefix_reads == "shared" and dep.prefix_tokens(context):
+        p = kv_tokens_per_gpu(dep, dep.prefix_tokens(context))
+        unpacked = batch * (tokens - p) + p
     per_layer = attention_kernel_us(
         fit,
         hw.hbm_bandwidth_gb_s,
         kv_bytes / m.num_hidden_layers,
-        2 * batch * dep.kv_heads_per_gpu * tokens * m.head_dim,
+        2 * dep.kv_heads_per_gpu * unpacked * m.head_dim,
         2 * batch * dep.heads_per_gpu * tokens * m.head_dim,
     )
     return m.num_hidden_layers * per_layer * 1e-6
@@ -95,6 +110,15 @@ def _kv_efficiency(dep: Deployment) -> float:
 
 def _peak(hw: Hardware) -> float:
     return hw.fp16_dense_tflops * 1e12 * hw.calibration.tensor_core_efficiency
+
+
+def _gemm_peak(dep: Deployment) -> float:
+    """Linear-layer FLOP/s: fp16 tensor cores, or INT8 ones when activations are 8 (or 4) bits (W4A8 GEMMs
+    run on INT8 tensor cores after the int4 -> int8 unpack, QServe sec. 4.1; A100 624 vs 312 dense)."""
+    hw = dep.hardware
+    if dep.activation_bits == 16:
+        return _peak(hw)
+    return hw.int8_dense_tops * 1e12 * hw.calibration.tensor_core_efficiency
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,7 @@ class DecodeTerms:
     peak_flops: float  # FLOP/s after efficiency
     interconnect_s: object
     launch_s: float
+    gemm_peak_flops: float = 0.0  # FLOP/s of the linear layers after efficiency (INT8 peak with A8); 0: peak_flops
 
 
 def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
@@ -163,7 +188,7 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     # Weights: attention projections always; MoE reads only the experts the batch routes to.
     all_weights = weight_bytes(dep)[0]
     expert_bytes = sum(
-        lin.count * sum(linear_tensor_bytes(*_shard(dep, lin), dep.weight_bits)) for lin in m.linears() if lin.count > 1
+        lin.count * sum(linear_tensor_bytes(*_shard(dep, lin), dep.weights)) for lin in m.linears() if lin.count > 1
     )
     touched = _expected_experts(m.num_local_experts, m.num_experts_per_tok, batch) if m.is_moe else 1
     w_bytes = all_weights - expert_bytes + expert_bytes * touched / m.num_local_experts
@@ -172,10 +197,16 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     active_linear = (m.active_params - m.embedding_params - layers * m.layer_small_params) / dep.tp
     head_params = m.vocab_size * m.hidden_size / dep.tp
 
-    # Attention: every cached byte of the format, once per step, per layer.
+    # Attention: every cached byte of the format, once per step, per layer. A shared prefix is read once
+    # per sequence (paged attention) unless prefix_reads == "shared" (a cascade kernel reads it once).
+    # A merged layer pair (MiniCache) is read by both its layers: the shared direction (codes) twice.
     tokens = kv_tokens_per_gpu(dep, context)
-    key, value = kv_layer_streams(dep, tokens)
-    kv_bytes = layers * (batch * (key.per_sequence + value.per_sequence) + key.shared + value.shared)
+    kv_bytes = 0
+    for g in kv_layer_groups(dep, context):
+        prefix_reads = g.prefix_bytes if dep.prefix_reads == "shared" else batch * g.prefix_bytes
+        twice = g.key.codes + g.value.codes if g.merged_pair else 0
+        per_seq = g.key.per_sequence + g.value.per_sequence + twice
+        kv_bytes += g.layers * (batch * per_seq + g.key.shared + g.value.shared + prefix_reads)
     eff = _kv_efficiency(dep)
 
     comm = 0.0
@@ -191,19 +222,21 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
         weight_bytes=w_bytes,
         gemm_flops=2 * batch * (active_linear + head_params),
         kv_bytes=kv_bytes,
-        attn_flops=layers * 4 * batch * dep.heads_per_gpu * tokens * m.head_dim,  # q.k and p.v
+        # q.k and p.v, plus any rematerialization of K and V from the cached tokens (XQuant)
+        attn_flops=layers * batch * tokens * (4 * dep.heads_per_gpu * m.head_dim + remat_flops_per_token(dep)),
         weight_bw=hbm * cal.weight_bandwidth_efficiency,
         kv_bw=hbm * eff,
         peak_flops=hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency,
         interconnect_s=comm,
         launch_s=(layers * KERNELS_PER_LAYER + KERNELS_PER_STEP) * cal.kernel_launch_overhead_us * 1e-6,
+        gemm_peak_flops=_gemm_peak(dep),
     )
 
 
 def decode_step(dep: Deployment, batch: int, context: int) -> StepTime:
     """One decode step of `batch` sequences at `context` tokens on one GPU (all GPUs do the same work)."""
     t = decode_terms(dep, batch, context)
-    w_mem, w_cmp = _split(t.weight_bytes, t.gemm_flops, t.weight_bw, t.peak_flops)
+    w_mem, w_cmp = _split(t.weight_bytes, t.gemm_flops, t.weight_bw, t.gemm_peak_flops or t.peak_flops)
     kv_mem, kv_cmp = _split(t.kv_bytes, t.attn_flops, t.kv_bw, t.peak_flops)
     if attention_family(dep) and dep.hardware.calibration.kernel(attention_family(dep)):
         kv_mem, kv_cmp = float(attention_seconds(dep, batch, context, t.kv_bytes, t.attn_flops)), 0.0

@@ -61,8 +61,11 @@ class KernelPoint:
 
     @property
     def family(self) -> str:
-        """Kernel family a calibration fits: the implementation, and its bit width when packed."""
-        return self.impl if self.bits == 16 else f"{self.impl}_{self.bits}b"
+        """Kernel family a calibration fits: the implementation, and for packed KIVI its bit width and head
+        layout (kvq-kernels runs a CUDA-core kernel for MHA and tensor-core slices for GQA: two kernels)."""
+        if self.bits == 16:
+            return self.impl
+        return f"{self.impl}_{self.bits}b_{'mha' if self.q_heads == self.kv_heads else 'gqa'}"
 
     @property
     def point_id(self) -> str:

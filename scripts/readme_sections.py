@@ -42,6 +42,24 @@ def kernel_table() -> str:
     return out.rstrip("\n") + "\n"
 
 
+VALIDATE = [
+    "kvq-sim", "validate", "--gpu", "h100-80g",
+    "--measurements", "reports/measurements/kernel_decode_h100.csv",
+    "--e2e", "reports/measurements/e2e_decode_h100.csv",
+]  # fmt: skip
+
+
+def validation_table() -> str:
+    """`kvq-sim validate`'s per-family table and verdicts on the committed H100 measurements (it exits 1 on a FAIL)."""
+    out = subprocess.run(VALIDATE, capture_output=True, text=True, cwd=ROOT).stdout
+    lines = out.splitlines()
+    head = [ln for ln in lines if ln.startswith("| kernel family")][:1]
+    sep = [lines[lines.index(head[0]) + 1]] if head else []
+    table = [ln for ln in lines if ln.startswith(("| kvq_", "| sdpa_"))]
+    verdicts = [ln for ln in lines if ln.startswith(("PASS ", "FAIL ", "NOT "))]
+    return "```text\n$ " + " ".join(VALIDATE) + "\n" + "\n".join(head + sep + table + [""] + verdicts) + "\n```\n"
+
+
 def quality_table() -> str:
     """kvq's caches beside transformers' on the same decode protocol (reports/quality/*decode*.csv), with the
     teacher-forced perplexity where that protocol was run (reports/quality/*teacher_forced.csv)."""
@@ -78,6 +96,7 @@ SECTIONS = {
     "methods-table": methods_table,
     "plan-output": plan_output,
     "kernel-table": kernel_table,
+    "validation-table": validation_table,
 }
 
 

@@ -215,3 +215,26 @@ def test_csv_from_another_device_is_a_one_line_error(tmp_path):
 def test_gpu_without_measurements_cannot_be_calibrated_from_a_csv():
     code, lines = _run(["calibrate", "--gpu", "l40s", "--measurements", str(KERNEL_CSV), "--dry-run"])
     assert code == 2 and len(lines) == 1 and "torch_device_name" in lines[0]
+
+
+def test_e2e_cache_bytes_equal_the_benchmark_caches_measured_bytes():
+    """The memory check's cache term is exact: it equals the cache_bytes column (tensor bytes the benchmark held)."""
+    from kvq_sim.calibrate import e2e_cache_bytes
+    from kvq_sim.measurements import read_e2e_csv
+
+    pts, _ = read_e2e_csv(E2E_CSV, H100)
+    assert pts
+    for p in pts:
+        assert e2e_cache_bytes(p.backend, p.bits, p.batch, p.context + 1, 32, 128, 32) == p.cache_bytes, p.point_id
+
+
+def test_e2e_cache_bytes_match_kvq_kernels_allocate():
+    torch = pytest.importorskip("torch")
+    from kvq_kernels.kivi_layout import allocate
+    from kvq_sim.calibrate import e2e_cache_bytes
+
+    for bits, batch, tokens in ((4, 2, 300), (2, 1, 129), (8, 3, 128)):
+        c = allocate(batch, 3, 64, tokens, bits, 128, 128, 0)
+        parts = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.lens)
+        assert e2e_cache_bytes("kvq", bits, batch, tokens, 3, 64, 1) == sum(t.nbytes for t in parts)
+    assert torch is not None

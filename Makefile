@@ -53,7 +53,8 @@ QUALITY_KVQ = fp16 kivi:2 kivi:4 kvquant:2 kvquant:3 kvquant:4 kvquant-dense:2 k
 	skvq:k2v1.5 skvq:4
 QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:4 bfp:4 bfp:k4v8 bfp:8 staircase:2 \
 	staircase:3 staircase:4 vidkv:1.5 vidkv:k1.25v1.5 cskv:4 cskv:8 zipcache:2 mikv:2 mikv:3 mikv:4 h2o:0 \
-	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8
+	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8 \
+	xquant:4 xquant:8 xquant-cl:4 xquant-cl:2 minicache
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
 		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv

@@ -60,6 +60,45 @@ def validation_table() -> str:
     return "```text\n$ " + " ".join(VALIDATE) + "\n" + "\n".join(head + sep + table + [""] + verdicts) + "\n```\n"
 
 
+#: issue 8's seed systems -> (kvq-core method or kvq-sim recipe, note). Ticks are computed, not typed:
+#: kvq-core = a registered format; kvq-sim = `kvq-sim plan --method` / `--recipe` accepts it (tested for every
+#: method and recipe in packages/kvq-sim/tests/test_serving.py); quality = a decode row in reports/quality.
+SEEDS = [
+    ("KIVI", "kivi", ""), ("KVQuant", "kvquant", ""), ("SKVQ", "skvq", ""), ("MILLION", "million", ""),
+    ("RotateKV", "rotatekv", ""), ("GEAR", "gear", ""), ("ZipCache", "zipcache", ""), ("MiKV", "mikv", ""),
+    ("Scissorhands / Locret / KVCrush (eviction)", "h2o", "one faithful training-free policy (heavy hitters + recent window)"),
+    ("VidKV", "vidkv", ""), ("XQuant / XQuant-CL", "xquant", ""), ("CSKV", "cskv", ""), ("MiniCache", "minicache", ""),
+    ("Block floating point + channel rearrangement", "bfp", ""), ("Staircase / age-based precision", "staircase", ""),
+    ("QServe W4A8KV4", "qserve-w4a8kv4", "changes weights: simulator only"),
+    ("AccLLM W2A8KV4", "accllm-w2a8kv4", "changes weights and hardware: simulator only"),
+    ("EdgeQAT", "edgeqat-w4a4kv4", "needs training: costed by bit widths only"),
+    ("RoSTE", "roste-w4a4kv4", "needs training: costed by bit widths only"),
+    ("SCBench shared prefix", "--shared-prefix-tokens", "a workload, not a cache format: simulator only"),
+    ("Reasoning-model serving (long generation)", "--gen-tokens", "a workload: simulator only"),
+]  # fmt: skip
+
+
+def seed_coverage() -> str:
+    import csv
+
+    from kvq_sim.recipes import RECIPES
+
+    rated = set()
+    for path in (ROOT / "reports" / "quality").glob("*decode*.csv"):
+        with open(path) as f:
+            rated |= {r["method"] for r in csv.DictReader(f) if r.get("method")}
+    lines = [
+        "| seed system | kvq name | kvq-core | kvq-sim | quality row | note |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for system, name, note in SEEDS:
+        core = name in METHODS
+        sim = core or name in RECIPES or name.startswith("--")
+        tick = lambda ok: "yes" if ok else "-"  # noqa: E731
+        lines.append(f"| {system} | `{name}` | {tick(core)} | {tick(sim)} | {tick(name in rated)} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
 def quality_table() -> str:
     """kvq's caches beside transformers' on the same decode protocol (reports/quality/*decode*.csv), with the
     teacher-forced perplexity where that protocol was run (reports/quality/*teacher_forced.csv)."""
@@ -97,6 +136,7 @@ SECTIONS = {
     "plan-output": plan_output,
     "kernel-table": kernel_table,
     "validation-table": validation_table,
+    "seed-coverage": seed_coverage,
 }
 
 

@@ -221,3 +221,15 @@ def test_append_to_an_older_schema_keeps_old_rows(tmp_path):
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["cache"] == "kvq:int4" and rows[0]["protocol"] == "" and rows[1]["protocol"] == "1"
+
+
+def test_avg_bits_charge_x_caching_formats_by_the_models_hidden_size(tiny_dir):
+    """XQuant stores hidden_size channels per token: on this GQA model (64 hidden, 2 x 2 x 16 K/V channels) its
+    bits per K/V element are the format's bytes at hidden_size 64, not the one-head-per-KV-head default."""
+    from kvq_core.cli_eval import CacheMaker, load_model, parse_cache
+
+    model = load_model(tiny_dir)[0]
+    spec = parse_cache("xquant:4")
+    got = CacheMaker(spec, model, None, None).avg_bits(128, None)
+    assert got == pytest.approx(spec.fmt.avg_bits(128, 2, 16, 64))
+    assert got > spec.fmt.avg_bits(128, 2, 16)  # 64 X channels > 2 * 2 * 16 / 2 per K or V

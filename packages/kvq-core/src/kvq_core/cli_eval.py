@@ -313,8 +313,18 @@ class CacheMaker:
         """The format's stored bits per element at `tokens` (kvq), or the measured held bits (peers)."""
         if self.spec.peer is not None:
             return held
-        _, kv_heads, head_dim = _dims(self.model)
-        return self.spec.fmt.avg_bits(tokens, kv_heads, head_dim)
+        layers, kv_heads, head_dim = _dims(self.model)
+        hidden = getattr(
+            self.model.config, "hidden_size", None
+        )  # X-caching formats (XQuant) store hidden_size channels
+        fmt = self.spec.fmt
+        if getattr(fmt, "merge_depth_fraction", 0):  # MiniCache: the whole model's bytes (merged pairs + the rest)
+            return (
+                8
+                * fmt.model_bytes(tokens, kv_heads, head_dim, layers, hidden)
+                / (2 * layers * tokens * kv_heads * head_dim)
+            )
+        return fmt.avg_bits(tokens, kv_heads, head_dim, hidden)
 
 
 def _read_text(path: Path | None, split: str) -> tuple[str, str]:

@@ -64,3 +64,12 @@ def test_invalid_formats():
         StreamFormat(bits=2, scale_dtype="fp4")
     with pytest.raises(ValueError, match="outlier_fraction"):
         StreamFormat(bits=2, outlier_fraction=0.7)
+
+
+@pytest.mark.parametrize("method,bits", [("xquant", 4), ("xquant-cl", 4), ("minicache", 16)])
+def test_streaming_layer_refuses_formats_it_cannot_hold(method, bits):
+    from kvq_core.cache import StreamingLayer
+    from kvq_core.formats import get_format
+
+    with pytest.raises(ValueError, match="use KVQCache"):
+        StreamingLayer(get_format(method, bits), 64)

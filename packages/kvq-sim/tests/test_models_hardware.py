@@ -88,3 +88,16 @@ def test_hardware_validation_names_file_and_field(tmp_path):
         load_hardware(str(p))
     with pytest.raises(SimInputError, match="unknown GPU 'b200'; valid: .*a100-80g"):
         load_hardware("b200")
+
+
+def test_own_gpu_file_missing_a_field_suggests_a_base(tmp_path):
+    from click.testing import CliRunner
+
+    from kvq_sim.cli import main
+
+    f = tmp_path / "my-gpu.yaml"
+    f.write_text("name: my-gpu\nhbm_bandwidth_gb_s: 2000\n")
+    r = CliRunner().invoke(main, ["plan", "--model", "llama-7b", "--gpu", str(f), "--bits", "2"])
+    assert r.exit_code == 2
+    assert "missing field" in r.output and "base: <gpu>" in r.output
+    assert len(r.output.strip().splitlines()) == 1

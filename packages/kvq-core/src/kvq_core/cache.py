@@ -177,6 +177,11 @@ class StreamingLayer:
     def __init__(self, fmt: KVFormat, head_dim: int):
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if getattr(fmt, "cache_input", "kv") != "kv" or getattr(fmt, "merge_depth_fraction", 0.0):
+            raise ValueError(
+                f"{fmt.name}: a StreamingLayer holds one layer's K and V; this format caches the layer input or "
+                "merges layers across the model: use KVQCache (kvq_core.hf_cache), which routes it"
+            )
         self.fmt = fmt
         self.head_dim = head_dim
         self.tiers = None

@@ -159,6 +159,8 @@ def needs_calibration(fmt: KVFormat, head_dim: int) -> bool:
     """True if any codec of the format holds state fitted from calibration data (a fresh codec reports uncalibrated)."""
     from .cache import StreamingLayer
 
+    if getattr(fmt, "cache_input", "kv") != "kv" or getattr(fmt, "merge_depth_fraction", 0.0):
+        return False  # XQuant's per-token X codes and MiniCache's merge fit nothing from calibration text
     layer = StreamingLayer(fmt, head_dim)
     codecs = [getattr(getattr(layer, s, None), "codec", None) for s in ("k", "v")]
     return any(c is not None and not c.calibrated for c in codecs)

@@ -106,7 +106,10 @@ class _Fields:
         node = self.data
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise SimInputError(f"{self.where}: missing field '{key}'")
+                hint = ""
+                if "base" not in self.data:  # a user's own GPU file: inherit everything it does not set
+                    hint = " (or start the file with 'base: <gpu>' to inherit the fields it does not set; kvq-sim list gpus)"
+                raise SimInputError(f"{self.where}: missing field '{key}'{hint}")
             node = node[part]
         return node
 

@@ -144,9 +144,12 @@ def test_generation_time_sums_decode_steps(monkeypatch):
         sum(decode_step(dep, 4, 1000 + i).step_s for i in (range(1, 301)))
     )
     assert g.tokens_per_s == pytest.approx(4 * 300 / (g.prefill_s + g.decode_s))
-    monkeypatch.setattr(api, "EXACT_DECODE_STEPS", 64)  # trapezoid over 65 steps: the step is linear in context
+    # trapezoid over 65 steps: the step is linear in context between changes of the kernel's split count
+    # (kvq_sim.grids), so the sum moves only by the few steps where the grid changes
+    monkeypatch.setattr(api, "EXACT_DECODE_STEPS", 64)
     t = generation_time(dep, 4, 1000, 300)
-    assert not t.exact_sum and t.decode_s == pytest.approx(g.decode_s, rel=1e-9)
+    assert not t.exact_sum and t.decode_s == pytest.approx(g.decode_s, rel=1e-3)
+    assert t.decode_s != g.decode_s
 
 
 def test_gen_tokens_sizes_for_prompt_plus_generation():

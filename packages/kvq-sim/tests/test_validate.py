@@ -12,7 +12,7 @@ from kvq_sim import calibrate as cal
 from kvq_sim.cli import main
 from kvq_sim.configs import CONFIG_DIR
 from kvq_sim.hardware import load_hardware
-from kvq_sim.latency import attention_kernel_us, decode_step
+from kvq_sim.latency import attention_kernel_us, decode_step, grid_terms
 from kvq_sim.measurements import KernelPoint, is_training, read_kernel_csv, split
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -153,8 +153,12 @@ def test_decode_step_attention_comes_from_the_fitted_family():
     assert fit is not None
     step = decode_step(dep, 8, 32768)
     key_value = 2 * 8 * 32 * 32768 * 128
-    per_layer = attention_kernel_us(fit, 3350, step.kv_read_bytes / 32, key_value, key_value)
+    g = grid_terms(fit, 132, 8, 32, 32, 32768, 128)
+    assert g is not None and g.programs_per_sm > 0  # the fitted family carries its launch grid
+    per_layer = attention_kernel_us(fit, 3350, step.kv_read_bytes / 32, key_value, key_value, g)
     assert step.kv_s == pytest.approx(32 * float(per_layer) * 1e-6, rel=1e-9)
+    without = attention_kernel_us(fit, 3350, step.kv_read_bytes / 32, key_value, key_value)
+    assert float(per_layer) > float(without)  # per-program time is charged
 
 
 def test_transfer_scales_per_element_costs_by_sms_times_clock():
@@ -243,3 +247,13 @@ def test_e2e_cache_bytes_match_kvq_kernels_allocate():
         parts = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.lens)
         assert e2e_cache_bytes("kvq", bits, batch, tokens, 3, 64, 1) == sum(t.nbytes for t in parts)
     assert torch is not None
+
+
+def test_transferred_calibrations_are_named_as_such():
+    from kvq_sim.api import assumptions, deployment
+
+    assert load_hardware("h100-80g").calibration.status == "calibrated"
+    for gpu in ("a100-80g", "l40s", "h200"):
+        assert load_hardware(gpu).calibration.status == "transferred from h100-80g"
+        text = " ".join(assumptions(deployment("llama-7b", gpu, 2, "kivi")))
+        assert "transferred from h100-80g" in text and "UNCALIBRATED" not in text

@@ -18,8 +18,9 @@ PROBE_CONTEXTS = (4096, 32768, 131072)
 #: context at which `kvq-sim list methods` reports average bits (KVQuant's 32K accounting point)
 LIST_CONTEXT = 32768
 #: a long generation's decode steps are summed exactly up to this many; beyond, the step time is evaluated
-#: at this many + 1 evenly spaced steps and summed by the trapezoid rule (it is near-linear in context:
-#: llama-7b kivi-2 at batch 8, 1000 + 32000 tokens: equal to the exact sum within 1e-15 on a100-80g and h100-80g)
+#: at this many + 1 evenly spaced steps and summed by the trapezoid rule (it is linear in context between
+#: changes of the kernel's launch grid: llama-7b kivi-2 at batch 8, 1000 + 32000 tokens: equal to the exact
+#: sum within 3e-10 on a100-80g and 1e-15 on h100-80g)
 EXACT_DECODE_STEPS = 2048
 
 
@@ -159,7 +160,9 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
     """Plain-language assumptions a user needs to read the numbers."""
     hw, f = dep.hardware, dep.kv_format
     w = dep.weights.name
-    cal = "calibrated" if hw.calibration.calibrated else "UNCALIBRATED priors"
+    cal = {"calibrated": "calibrated efficiencies", "uncalibrated priors": "UNCALIBRATED prior efficiencies"}.get(
+        hw.calibration.status, f"efficiencies {hw.calibration.status} (not measured on this GPU)"
+    )
     par = {"tp": "tensor parallel (heads, MLP and vocab split)", "cp": "context parallel (tokens split)"}
     extra = []
     if dep.activation_bits != 16:
@@ -183,7 +186,7 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
         "allocator: tensors > 1 MiB rounded up to 2 MiB, smaller to 512 B; fragmentation not modelled",
         f"activations: max(decode step, one {dep.prefill_chunk_tokens}-token prefill chunk); fused dequantization",
         f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
-        f"latency: roofline with {cal} efficiencies ({hw.source_file})",
+        f"latency: roofline with {cal} ({hw.source_file})",
     )
 
 

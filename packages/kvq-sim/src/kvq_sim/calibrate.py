@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import numpy as np
 from .configs import display_path, resolve
 from .errors import SimInputError
 from .hardware import Calibration, Hardware, KernelFit, load_hardware
-from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us
+from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us, grid_terms
 from .measurements import E2EPoint, KernelPoint, Provenance, split
 
 # Take the 3-parameter compute form when it cuts training RMS relative error to <= 80% of the 2-parameter
@@ -98,39 +100,111 @@ def _stats(name: str, form: str, pred: np.ndarray, meas: np.ndarray) -> FitStats
     return FitStats(name, form, len(meas), float(err.mean()), float(err.max()))
 
 
+#: Resident programs per SM tried for the wave-tail factor (0: not modelled); the fit keeps the one with
+#: the lowest training error (ties within WAVE_TIE_RMS keep the earlier, simpler, entry).
+PROGRAMS_PER_SM_CHOICES = (0, 1, 2, 4)
+WAVE_TIE_RMS = 0.001
+#: kvq-kernels benchmark formats (bench_decode.py random_kivi): fp16 residual window 128, no sinks; the
+#: CUDA-core path gives the window ceil(128 / 32) = 4 tail programs per row, the tensor-core path 1.
+BENCH_TAIL_PROGRAMS = {"simt": 4, "tc": 1}
+
+
+def family_grid(points: list[KernelPoint]) -> dict:
+    """Launch-grid fields (KernelFit.grid ...) of one family from its points' impl and config tags: torch
+    SDPA runs FlashAttention-2's grid; kvq kernels the kvq grid with the tag's BLOCK_N (bn<N>), 8 waves for
+    the CUDA-core path (simt-*) and 4 otherwise (kvq_kernels decode_kivi / decode_fp16). {} without tags."""
+    if points[0].impl.startswith("sdpa_flash"):
+        return dict(grid="flash")
+    tags = Counter(p.config for p in points if p.config)
+    if not tags:
+        return {}
+    tag = tags.most_common(1)[0][0]
+    bn = re.search(r"bn(\d+)", tag)
+    if bn is None:
+        return {}
+    path = "simt" if tag.startswith("simt") else ("tc" if tag.startswith("tc") else "")
+    return dict(
+        grid="kvq",
+        block_tokens=int(bn.group(1)),
+        split_waves=8 if path == "simt" else 4,
+        tail_programs_per_row=BENCH_TAIL_PROGRAMS.get(path, 0),
+    )
+
+
+def _grid(points: list[KernelPoint], fit: KernelFit, sms: int) -> list:
+    return [grid_terms(fit, sms, p.batch, p.q_heads, p.kv_heads, p.context, p.head_dim) for p in points]
+
+
 def fit_kernel_family(
-    points: list[KernelPoint], hbm_bandwidth_gb_s: float, bandwidth_floor: float = 1.0
+    points: list[KernelPoint], hbm_bandwidth_gb_s: float, bandwidth_floor: float = 1.0, sms: int = 0
 ) -> tuple[KernelFit, FitStats]:
-    """Fit one family from its training points (all of one `family`); see the module docstring."""
+    """Fit one family from its training points (all of one `family`); see the module docstring.
+
+    With `sms` (the GPU's SM count) and a known launch grid (family_grid), each form gains a per-program
+    term and the wave-tail factor, and FlashAttention's split and non-split kernels get one efficiency each.
+    """
     if len(points) < 3:
         raise SimInputError(f"kernel family {points[0].family if points else '?'}: fewer than 3 training points")
+    family = points[0].family
     t = np.array([p.time_us for p in points])
     bw_us = np.array([p.bytes_read for p in points]) / (hbm_bandwidth_gb_s * 1e3)  # time at 100% of HBM
     ones = np.ones_like(t)
-    xb, rms_b = _relative_fit(np.column_stack([ones, bw_us]), t)
     kv = np.array([p.kv_elements for p in points], float) * 1e-6  # ps * elements * 1e-6 = us
     q = np.array([p.q_elements for p in points], float) * 1e-6
-    xc, rms_c = _relative_fit(np.column_stack([ones, kv, q]), t)
-    family = points[0].family
-    plausible = xb[1] > 0 and 1.0 / xb[1] >= BANDWIDTH_FORM_MIN_EFFICIENCY
-    gain = rms_c <= COMPUTE_FORM_MIN_GAIN * rms_b and rms_b - rms_c >= COMPUTE_FORM_MIN_ABS_GAIN
-    if plausible and not gain:
-        eff = min(1.0, 1.0 / xb[1])
-        fit = KernelFit(family, "bandwidth", float(xb[0]), eff, 0.0, 0.0)
-    else:
-        fit = KernelFit(family, "compute", float(xc[0]), bandwidth_floor, float(xc[1]), float(xc[2]))
-    pred = attention_kernel_us(fit, hbm_bandwidth_gb_s, bw_us * hbm_bandwidth_gb_s * 1e3, kv * 1e6, q * 1e6)
+    gfields = family_grid(points) if sms else {}
+    base = KernelFit(family, "bandwidth", 0.0, 1.0, 0.0, 0.0, **gfields)
+    best = None
+    for per_sm in PROGRAMS_PER_SM_CHOICES if gfields else (0,):
+        shell = replace(base, programs_per_sm=per_sm)
+        g = _grid(points, shell, sms) if gfields else None
+        prog = np.array([float(x.programs_per_sm) for x in g]) if g else np.zeros_like(t)
+        wave = np.array([float(x.wave) for x in g]) if g else ones
+        split_ = np.array([bool(x.split) for x in g]) if g else np.ones_like(t, bool)
+        extra = [prog] if gfields else []
+        two = gfields.get("grid") == "flash"
+        bw_cols = [bw_us * wave * split_, bw_us * wave * ~split_] if two else [bw_us * wave]
+        xb, rms_b = _relative_fit(np.column_stack([ones, *extra, *bw_cols]), t)
+        xc, rms_c = _relative_fit(np.column_stack([ones, *extra, kv * wave, q * wave]), t)
+        n = len(extra)
+        prog_us_b = float(xb[1]) if n else 0.0
+        prog_us_c = float(xc[1]) if n else 0.0
+        inv = xb[1 + n :]
+        plausible = all(v > 0 and 1.0 / v >= BANDWIDTH_FORM_MIN_EFFICIENCY for v in inv if v > 0) and inv[0] > 0
+        gain = rms_c <= COMPUTE_FORM_MIN_GAIN * rms_b and rms_b - rms_c >= COMPUTE_FORM_MIN_ABS_GAIN
+        if two or (plausible and not gain):
+            eff = min(1.0, 1.0 / inv[0]) if inv[0] > 0 else 1.0
+            nosplit = (min(1.0, 1.0 / inv[1]) if inv[1] > 0 else eff) if two else 0.0
+            fit = replace(shell, bound="bandwidth", overhead_us=float(xb[0]), bandwidth_efficiency=eff,
+                          program_us=prog_us_b, nosplit_bandwidth_efficiency=nosplit)  # fmt: skip
+            rms = rms_b
+        else:
+            fit = replace(shell, bound="compute", overhead_us=float(xc[0]), bandwidth_efficiency=bandwidth_floor,
+                          unpack_ps_per_kv_element=float(xc[1 + n]), dot_ps_per_q_element=float(xc[2 + n]),
+                          program_us=prog_us_c)  # fmt: skip
+            rms = rms_c
+        if best is None or rms < best[0] - WAVE_TIE_RMS:
+            best = (rms, fit)
+    fit = best[1]
+    g = _grid(points, fit, sms) if fit.grid else [None] * len(points)
+    pred = np.array(
+        [
+            float(attention_kernel_us(fit, hbm_bandwidth_gb_s, p.bytes_read, p.kv_elements, p.q_elements, gi))
+            for p, gi in zip(points, g)
+        ]
+    )
     return fit, _stats(family, fit.bound, pred, t)
 
 
-def fit_kernels(train: list[KernelPoint], hbm_bandwidth_gb_s: float) -> tuple[list[KernelFit], list[FitStats]]:
+def fit_kernels(
+    train: list[KernelPoint], hbm_bandwidth_gb_s: float, sms: int = 0
+) -> tuple[list[KernelFit], list[FitStats]]:
     """Every family in `train`: bandwidth-form families first, whose best efficiency floors the others."""
     families = sorted({p.family for p in train})
     by = {f: [p for p in train if p.family == f] for f in families}
-    first = {f: fit_kernel_family(by[f], hbm_bandwidth_gb_s) for f in families}
+    first = {f: fit_kernel_family(by[f], hbm_bandwidth_gb_s, sms=sms) for f in families}
     floor = max((k.bandwidth_efficiency for k, _ in first.values() if k.bound == "bandwidth"), default=1.0)
     out = {
-        f: (k, s) if k.bound == "bandwidth" else fit_kernel_family(by[f], hbm_bandwidth_gb_s, floor)
+        f: (k, s) if k.bound == "bandwidth" else fit_kernel_family(by[f], hbm_bandwidth_gb_s, floor, sms)
         for f, (k, s) in first.items()
     }
     return [out[f][0] for f in families], [out[f][1] for f in families]
@@ -173,6 +247,7 @@ def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
                 kv_layer,
                 2 * p.batch * m.num_key_value_heads * tokens * m.head_dim,
                 2 * p.batch * m.num_attention_heads * tokens * m.head_dim,
+                grid_terms(fit, hw.sm_count, p.batch, m.num_attention_heads, m.num_key_value_heads, tokens, m.head_dim),
             )
         )
     decode_act, _ = activation_terms(dep, p.context)
@@ -247,7 +322,7 @@ def fit_e2e(train: list[E2EPoint], hw: Hardware) -> tuple[float | None, float | 
 def calibrate(hw: Hardware, kernel_points: list[KernelPoint], e2e_points: list[E2EPoint] | None) -> CalibrationResult:
     """Fit kernels on their training split, then the e2e step on its training split."""
     k_train, _ = split(kernel_points)
-    fits, kstats = fit_kernels(k_train, hw.hbm_bandwidth_gb_s)
+    fits, kstats = fit_kernels(k_train, hw.hbm_bandwidth_gb_s, hw.sm_count)
     hw_k = with_kernels(hw, fits)
     notes: list[str] = []
     eff = over = estats = None
@@ -346,8 +421,11 @@ def _section(cal: Calibration, head, weight_note, launch_note, per_kernel: dict,
         f"  cuda_context_mib: {_g(cal.cuda_context_mib)}",
         "  # prior: cuBLAS workspace and attention split-KV scratch",
         f"  framework_workspace_mib: {_g(cal.framework_workspace_mib)}",
-        "  # time_us = overhead_us + max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),",
-        "  #           (unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements) / 1e6)",
+        "  # time_us = overhead_us + program_us * programs / sm_count",
+        "  #           + wave * max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),",
+        "  #                        (unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements) / 1e6)",
+        "  # programs, split and wave = ceil(w) / w (w = programs / (sm_count * programs_per_sm)) from the",
+        "  # family's launch grid (kvq_sim.grids); a launch that does not split streams at nosplit_bandwidth_efficiency.",
         "  attention_kernels:",
     ]
     for k in cal.attention_kernels:
@@ -361,6 +439,20 @@ def _section(cal: Calibration, head, weight_note, launch_note, per_kernel: dict,
             f"      unpack_ps_per_kv_element: {_g(k.unpack_ps_per_kv_element)}",
             f"      dot_ps_per_q_element: {_g(k.dot_ps_per_q_element)}",
         ]
+        if k.grid:
+            lines += [
+                f"      grid: {k.grid}  # launch rule: kvq_sim.grids",
+                f"      program_us: {_g(k.program_us)}",
+                f"      programs_per_sm: {k.programs_per_sm}"
+                + ("  # wave tail not modelled" if not k.programs_per_sm else ""),
+                f"      nosplit_bandwidth_efficiency: {_g(k.nosplit_bandwidth_efficiency)}",
+            ]
+            if k.grid == "kvq":
+                lines += [
+                    f"      block_tokens: {k.block_tokens}",
+                    f"      split_waves: {k.split_waves}",
+                    f"      tail_programs_per_row: {k.tail_programs_per_row}",
+                ]
         if fit:
             lines.append(f"      fit: {fit}")
     return "\n".join(lines + tail) + "\n"
@@ -374,6 +466,8 @@ def transferred(src: Hardware, dst: Hardware) -> Calibration:
     - per-element costs (ps per K/V or query element, CUDA-core unpack and FMA work): times
       (src SMs * src boost clock) / (dst SMs * dst boost clock);
     - fixed overheads (per launch, per kernel in a step): unchanged (host, driver and graph-replay bound);
+    - per-program time (program_us): times src boost clock / dst boost clock (work of one SM); the launch
+      grid itself (programs, splits, wave tail) is recomputed with dst's SM count;
     - tensor-core, interconnect and memory-reserve priors: dst's own, untouched.
     E.g. H100 -> A100: 132 * 1980 / (108 * 1410) = 1.716x the per-element cost.
     """
@@ -389,6 +483,7 @@ def transferred(src: Hardware, dst: Hardware) -> Calibration:
             k,
             unpack_ps_per_kv_element=k.unpack_ps_per_kv_element * scale,
             dot_ps_per_q_element=k.dot_ps_per_q_element * scale,
+            program_us=k.program_us * src.boost_clock_mhz / dst.boost_clock_mhz,
         )
         for k in s.attention_kernels
     )
@@ -457,14 +552,16 @@ def write_calibration(gpu: str, section: str) -> Path:
 def summary(hw: Hardware, r: CalibrationResult, path: Path | None) -> str:
     out = [f"{hw.name}: fitted {len(r.kernels)} kernel families on training points"]
     out.append(
-        f"{'family':18s} {'form':9s} {'n':>3s} {'overhead_us':>11s} {'bw_eff':>7s} {'ps/kv':>7s} {'ps/q':>6s} {'MAPE%':>6s} {'worst%':>6s}"
+        f"{'family':18s} {'form':9s} {'n':>3s} {'overhead_us':>11s} {'prog_us':>7s} {'/SM':>3s} {'bw_eff':>7s} "
+        f"{'ps/kv':>7s} {'ps/q':>6s} {'MAPE%':>6s} {'worst%':>6s}"
     )
     st = {s.name: s for s in r.kernel_stats}
     for k in r.kernels:
         s = st[k.family]
         out.append(
-            f"{k.family:18s} {k.bound:9s} {s.train_points:3d} {k.overhead_us:11.2f} {k.bandwidth_efficiency:7.3f} "
-            f"{k.unpack_ps_per_kv_element:7.3f} {k.dot_ps_per_q_element:6.3f} {s.mape_pct:6.2f} {s.worst_pct:6.2f}"
+            f"{k.family:18s} {k.bound:9s} {s.train_points:3d} {k.overhead_us:11.2f} {k.program_us:7.3f} "
+            f"{k.programs_per_sm:3d} {k.bandwidth_efficiency:7.3f} {k.unpack_ps_per_kv_element:7.3f} "
+            f"{k.dot_ps_per_q_element:6.3f} {s.mape_pct:6.2f} {s.worst_pct:6.2f}"
         )
     if r.e2e_stats:
         s = r.e2e_stats

@@ -105,7 +105,7 @@ def title_page(inp: Inputs) -> Figure:
     hw_lines = []
     for g in inp.gpus:
         h = inp.deps[g, inp.series[0]].hardware
-        cal = "calibrated" if h.calibration.calibrated else "uncalibrated priors"
+        cal = h.calibration.status
         hw_lines.append(
             f"  {g:<12} {h.usable_memory_gib:6.2f} GiB usable  {h.hbm_bandwidth_gb_s:6,.0f} GB/s  "
             f"{h.fp16_dense_tflops:5,.0f} TFLOP/s fp16   latency efficiencies: {cal}"

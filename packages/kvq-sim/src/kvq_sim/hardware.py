@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .configs import CONFIG_DIR, display_path, names_in, read_yaml, resolve
 from .errors import SimInputError
+from .grids import GRIDS
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -16,8 +17,12 @@ MIB = 1 << 20
 class KernelFit:
     """Fitted time of one decode-attention kernel family (kvq_sim.calibrate; model in latency.attention_kernel_us).
 
-    time_us = overhead_us + max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),
-                                unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements)
+    time_us = overhead_us + program_us * programs / SMs
+              + wave * max(bytes / (efficiency * hbm_bandwidth_gb_s),
+                           unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements)
+    where programs and the split come from the kernel's launch rule (kvq_sim.grids, `grid`), wave =
+    ceil(w) / w for w = main programs / (SMs * programs_per_sm) (1 when programs_per_sm is 0), and
+    efficiency is nosplit_bandwidth_efficiency for a launch that does not split the context (when set).
     """
 
     family: str  # impl, plus _<bits>b_<mha|gqa> when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b_mha
@@ -26,6 +31,13 @@ class KernelFit:
     bandwidth_efficiency: float  # fraction of hbm_bandwidth_gb_s the kernel streams at
     unpack_ps_per_kv_element: float  # picoseconds per K/V element read and dequantized
     dot_ps_per_q_element: float  # picoseconds per query-head multiply-add over K/V
+    grid: str = ""  # launch rule (kvq_sim.grids.GRIDS): "kvq", "flash", or "" (no grid terms)
+    block_tokens: int = 0  # kvq grid: context tokens per tile (the kernel's BLOCK_N)
+    split_waves: int = 0  # kvq grid: waves of programs the split rule aims for
+    tail_programs_per_row: int = 0  # kvq grid: extra programs per (sequence, KV head) for the fp16 tail
+    program_us: float = 0.0  # fixed time per program per SM (prologue, partial write, combine share)
+    programs_per_sm: int = 0  # resident programs per SM for the wave-tail factor; 0: not modelled
+    nosplit_bandwidth_efficiency: float = 0.0  # efficiency of launches that do not split; 0: same as split
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,17 @@ class Calibration:
     cuda_context_mib: float  # device memory the CUDA context + framework take before any tensor
     framework_workspace_mib: float  # cuBLAS / attention workspaces held during a step
     attention_kernels: tuple[KernelFit, ...] = ()  # fitted kernel families; empty when uncalibrated
+
+    @property
+    def status(self) -> str:
+        """How the latency efficiencies were obtained: "calibrated" (fitted to this GPU's measurements),
+        "transferred from <gpu>" (another GPU's fit scaled by docs/validation.md's rules) or "uncalibrated
+        priors" (the YAML's defaults)."""
+        if self.calibrated:
+            return "calibrated"
+        if self.source.startswith("transferred from "):
+            return "transferred from " + self.source.split()[2]
+        return "uncalibrated priors"
 
     def kernel(self, family: str) -> KernelFit | None:
         """The fitted family by exact name, or None when this GPU has no fit for it."""
@@ -233,9 +256,33 @@ def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:
                 bandwidth_efficiency=f.fraction(k + "bandwidth_efficiency"),
                 unpack_ps_per_kv_element=f.nonnegative(k + "unpack_ps_per_kv_element"),
                 dot_ps_per_q_element=f.nonnegative(k + "dot_ps_per_q_element"),
+                **_grid_fields(section[family], f, k, where),
             )
         )
     return tuple(fits)
+
+
+def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
+    """The optional launch-grid fields of one fitted family (absent: no grid terms, as before them)."""
+    if not isinstance(entry, dict) or "grid" not in entry:
+        return {}
+    out = dict(
+        grid=f.text(k + "grid", GRIDS),
+        program_us=f.nonnegative(k + "program_us"),
+        programs_per_sm=int(f.nonnegative(k + "programs_per_sm")),
+        nosplit_bandwidth_efficiency=f.nonnegative(k + "nosplit_bandwidth_efficiency"),
+    )
+    if out["nosplit_bandwidth_efficiency"] > 1:
+        raise SimInputError(
+            f"{where}: field 'calibration.attention_kernels.{k}nosplit_bandwidth_efficiency' must be <= 1"
+        )
+    if out["grid"] == "kvq":
+        out.update(
+            block_tokens=int(f.positive(k + "block_tokens", upper=1 << 20, integer=True)),
+            split_waves=int(f.positive(k + "split_waves", upper=1 << 10, integer=True)),
+            tail_programs_per_row=int(f.nonnegative(k + "tail_programs_per_row")),
+        )
+    return out
 
 
 def load_hardware(name_or_path: str) -> Hardware:

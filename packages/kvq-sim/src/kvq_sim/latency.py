@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .deployment import Deployment
+from .grids import launch, wave_factor
 from .hardware import Hardware, KernelFit
 from .memory import kv_layer_groups, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
 
@@ -32,18 +33,56 @@ EAGER_KERNELS_PER_LAYER = 80
 EAGER_KERNELS_PER_STEP = 9  # final RMSNorm (8) + LM head
 
 
-def attention_kernel_us(k: KernelFit, hbm_bandwidth_gb_s: float, bytes_read, kv_elements, q_elements):
+def attention_kernel_us(
+    k: KernelFit, hbm_bandwidth_gb_s: float, bytes_read, kv_elements, q_elements, grid: GridTerms | None = None
+):
     """Time of one decode-attention launch of a fitted family; array arguments broadcast.
 
     bytes_read: every cached byte read (codes, scales, zeros, residual); kv_elements = 2 * B * H_kv * T * D;
-    q_elements = 2 * B * H_q * T * D. E.g. kvq_fp16 (7 us, 0.93) at B=1, 32 heads, 64K tokens, 1.07 GB:
+    q_elements = 2 * B * H_q * T * D; grid: the launch's program terms (`grid_terms`), None for a family
+    without a grid model. E.g. kvq_fp16 (7 us, 0.93, no grid) at B=1, 32 heads, 64K tokens, 1.07 GB:
     7 + 1.07e9 / (0.93 * 3350e9) s = 7 + 345 = 352 us.
     """
     import numpy as np
 
-    mem_us = bytes_read / (k.bandwidth_efficiency * hbm_bandwidth_gb_s * 1e3)  # GB/s * 1e3 = bytes/us
+    eff = k.bandwidth_efficiency
+    fixed, wave = k.overhead_us, 1.0
+    if grid is not None:
+        fixed = fixed + k.program_us * grid.programs_per_sm
+        wave = grid.wave
+        if k.nosplit_bandwidth_efficiency > 0:
+            eff = np.where(grid.split, k.bandwidth_efficiency, k.nosplit_bandwidth_efficiency)
+    mem_us = bytes_read / (eff * hbm_bandwidth_gb_s * 1e3)  # GB/s * 1e3 = bytes/us
     cmp_us = (k.unpack_ps_per_kv_element * kv_elements + k.dot_ps_per_q_element * q_elements) * 1e-6
-    return k.overhead_us + np.maximum(mem_us, cmp_us)
+    return fixed + wave * np.maximum(mem_us, cmp_us)
+
+
+@dataclass(frozen=True)
+class GridTerms:
+    """Per-launch grid inputs of attention_kernel_us; numpy arrays over batch (or scalars)."""
+
+    programs_per_sm: object  # all programs (main + tail) / SMs
+    wave: object  # ceil(w) / w over the main programs, 1 where not modelled
+    split: object  # bool: the launch splits the context
+
+
+def grid_terms(k: KernelFit, sms: int, batch, q_heads: int, kv_heads: int, context: int, head_dim: int):
+    """GridTerms of family `k` for each batch value, or None when `k` has no grid model."""
+    import numpy as np
+
+    if not k.grid:
+        return None
+    b = np.atleast_1d(np.asarray(batch, dtype=np.int64))
+    per = [
+        launch(k.grid, int(x), q_heads, kv_heads, context, head_dim, sms, k.block_tokens, k.split_waves,
+               k.tail_programs_per_row)
+        for x in b
+    ]  # fmt: skip
+    shape = np.shape(batch)
+    prog = np.array([(p.programs + p.tail_programs) / sms for p in per]).reshape(shape)
+    wave = np.array([wave_factor(p.programs, sms, k.programs_per_sm) for p in per]).reshape(shape)
+    split = np.array([p.split for p in per]).reshape(shape)
+    return GridTerms(prog, wave, split)
 
 
 def remat_flops_per_token(dep: Deployment) -> int:
@@ -89,6 +128,7 @@ def attention_seconds(dep: Deployment, batch, context: int, kv_bytes, attn_flops
         kv_bytes / m.num_hidden_layers,
         2 * dep.kv_heads_per_gpu * unpacked * m.head_dim,
         2 * batch * dep.heads_per_gpu * tokens * m.head_dim,
+        grid_terms(fit, hw.sm_count, batch, dep.heads_per_gpu, dep.kv_heads_per_gpu, tokens, m.head_dim),
     )
     return m.num_hidden_layers * per_layer * 1e-6
 

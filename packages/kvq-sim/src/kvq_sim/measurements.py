@@ -58,6 +58,7 @@ class KernelPoint:
     context: int
     bytes_read: int  # every cached byte the kernel must read (codes, scales, zeros, residual)
     time_us: float
+    config: str = ""  # the benchmark's launch configuration tag (e.g. simt-bn64-w4-s1-pf); "" when absent
 
     @property
     def family(self) -> str:
@@ -172,6 +173,7 @@ def read_kernel_csv(path: str | Path, device: str) -> tuple[list[KernelPoint], P
             context=_num(r, "context", path),
             bytes_read=_num(r, "bytes_read", path),
             time_us=_num(r, "time_us", path, float),
+            config=(r.get("config") or "").strip(),
         )
         for r in rows
     ]

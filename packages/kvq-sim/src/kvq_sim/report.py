@@ -330,7 +330,7 @@ def kernel_comparison(directory: Path) -> Comparison:
         g[2].append(p.context)
     note = (
         f"held-out points; predicted: kvq-sim's per-family kernel model on {hw.name} "
-        f"({'calibrated on the training half' if hw.calibration.calibrated else 'uncalibrated priors'})"
+        f"({'calibrated on the training half' if hw.calibration.calibrated else hw.calibration.status})"
     )
     return Comparison(title, path, None, groups, note)
 

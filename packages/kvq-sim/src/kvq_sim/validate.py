@@ -13,7 +13,7 @@ import numpy as np
 
 from .calibrate import e2e_family, e2e_terms
 from .hardware import MIB, Hardware
-from .latency import attention_kernel_us, eager_step_us
+from .latency import attention_kernel_us, eager_step_us, grid_terms
 from .measurements import E2EPoint, KernelPoint, split
 
 KERNEL_MIN_KV_BYTES = 64 * MIB  # kernel thresholds apply to launches reading at least this much KV
@@ -61,7 +61,8 @@ def predict_kernel(hw: Hardware, p: KernelPoint) -> float | None:
     fit = hw.calibration.kernel(p.family)
     if fit is None:
         return None
-    return float(attention_kernel_us(fit, hw.hbm_bandwidth_gb_s, p.bytes_read, p.kv_elements, p.q_elements))
+    g = grid_terms(fit, hw.sm_count, p.batch, p.q_heads, p.kv_heads, p.context, p.head_dim)
+    return float(attention_kernel_us(fit, hw.hbm_bandwidth_gb_s, p.bytes_read, p.kv_elements, p.q_elements, g))
 
 
 def predict_e2e(hw: Hardware, p: E2EPoint) -> tuple[float | None, int]:

@@ -1,0 +1,73 @@
+"""Launch grids the kernel cost model uses: the kvq rule equals the kernels' own, FlashAttention's
+heuristic on cases worked by hand, the wave-tail factor, and the YAML fields that carry them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from kvq_sim.errors import SimInputError
+from kvq_sim.grids import flash_split_count, kvq_split_count, launch, wave_factor
+from kvq_sim.hardware import load_hardware, parse_hardware
+
+
+def test_kvq_rule_is_the_kernels_rule():
+    pytest.importorskip("torch")
+    from kvq_kernels._launch import split_count
+
+    for pps in (1, 3, 8, 32, 64, 96, 256, 1024, 8192):
+        for tiles in (1, 2, 7, 8, 32, 97, 1024, 16384):
+            for sms, waves in ((132, 4), (132, 8), (108, 4), (142, 8), (4, 4)):
+                assert kvq_split_count(pps, tiles, sms, waves) == split_count(pps, tiles, sms, waves)
+
+
+def test_kvq_rule_fills_whole_waves():
+    # GQA 32/8 at batch 8: 64 programs per split; 9 splits (the old rule) leave 4.36 waves of 132 SMs,
+    # 10 give 4.85 (fill 0.97)
+    assert kvq_split_count(64, 1024, 132, 4) == 10
+    assert kvq_split_count(64, 8, 132, 4) == 8  # at most one split per tile
+    assert kvq_split_count(2048, 1024, 132, 4) == 1
+
+
+def test_flash_heuristic_by_hand():
+    # rows >= 0.8 * slots: no split
+    assert flash_split_count(256, 264, 128) == 1
+    # 8 rows, 128 blocks: fill 8s/264; s = 26..31 are not eligible or < 0.85 of the best (s = 33: 1.0);
+    # s = 32 (ceil(128/32) = 4 != ceil(128/31) = 5) fills 256/264 = 0.97
+    assert flash_split_count(8, 264, 128) == 32
+    # 32 rows: the best eligible fill is 0.97 (s = 8, 16, 32), so anything >= 0.824 qualifies:
+    # s = 6 fills 192/264 = 0.727, s = 7 fills 224/264 = 0.848
+    assert flash_split_count(32, 264, 128) == 7
+    assert flash_split_count(32, 264, 3) == 3  # never more splits than blocks
+
+
+def test_launch_and_wave_factor():
+    mha = launch("kvq", 1, 32, 32, 131072, 128, 132, block_tokens=64, split_waves=8, tail_programs_per_row=4)
+    s = kvq_split_count(32, 131072 // 64, 132, 8)
+    assert (mha.programs, mha.tail_programs, mha.split) == (32 * s, 32 * 4, True)
+    fl = launch("flash", 8, 32, 8, 16384, 128, 132)  # q heads of a KV head packed into one M block
+    assert (fl.programs, fl.split) == (64 * flash_split_count(64, 264, 128), True)
+    assert launch("", 2, 32, 8, 100, 128, 132).programs == 16
+    assert wave_factor(576, 132, 1) == pytest.approx(5 / (576 / 132))
+    assert wave_factor(264, 132, 2) == 1.0 and wave_factor(577, 132, 0) == 1.0
+    assert math.isclose(wave_factor(1, 132, 1), 132.0)
+
+
+def _h100_with(family_fields: dict) -> dict:
+    data = yaml.safe_load(open(load_hardware("h100-80g").source_file))
+    fam = next(iter(data["calibration"]["attention_kernels"]))
+    data["calibration"]["attention_kernels"][fam].update(family_fields)
+    return data
+
+
+def test_yaml_grid_fields_are_checked():
+    with pytest.raises(SimInputError, match=r"grid"):
+        parse_hardware(_h100_with({"grid": "bogus"}), "x.yaml", "x")
+    with pytest.raises(SimInputError, match=r"block_tokens"):
+        d = _h100_with({"grid": "kvq"})
+        next(iter(d["calibration"]["attention_kernels"].values())).pop("block_tokens", None)
+        parse_hardware(d, "x.yaml", "x")
+    with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency"):
+        parse_hardware(_h100_with({"nosplit_bandwidth_efficiency": 1.5}), "x.yaml", "x")

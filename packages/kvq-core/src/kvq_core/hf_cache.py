@@ -78,7 +78,7 @@ class KVQLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, fmt: KVFormat, rope: _Rope | None = None, state: dict | None = None):
+    def __init__(self, fmt: KVFormat, rope: _Rope | None = None, state: dict | None = None, kernels: bool = False):
         super().__init__()
         if fmt.pre_rope_keys and rope is None:
             raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
@@ -90,9 +90,18 @@ class KVQLayer(CacheLayerMixin):
         self.state = state
         self.layer: StreamingLayer | None = None
         self.pending_queries: torch.Tensor | None = None  # q_proj output [B, t, H_q * D], set by the hook
+        self.kernels = kernels  # store packed in kvq-kernels' layout and decode with its fused kernel
+        self.store = None  # kvq_kernels.hf_attention.KiviKernelStore on the kernel path
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.kernels:
+            from kvq_kernels.hf_attention import KiviKernelStore, kivi_params
+
+            b, h, _, d = key_states.shape
+            self.store = KiviKernelStore(*kivi_params(self.fmt), b, h, d, key_states.device)
+            self.is_initialized = True
+            return
         self.layer = StreamingLayer(self.fmt, key_states.shape[-1])
         if self.state is not None:
             for stream, name in ((self.layer.k, "k"), (self.layer.v, "v")):
@@ -104,6 +113,8 @@ class KVQLayer(CacheLayerMixin):
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)
+        if self.store is not None:
+            return self._update_kernel(key_states, value_states, first)
         start = self.layer.tokens
         k_store = self.rope.unapply(key_states, start) if self.rope is not None else key_states
         self.layer.append(k_store, value_states, self._queries(key_states, start))
@@ -113,6 +124,21 @@ class KVQLayer(CacheLayerMixin):
         if self.rope is not None:
             keys = self.rope.apply(keys, 0)
         return keys.to(self.dtype), self.layer.values(self.dtype)
+
+    def _update_kernel(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool):
+        """Kernel path: append through the fused quantize/append kernel; the prefill attends in full
+        precision (torch SDPA), a decode step hands back its own token, marked for the fused decode."""
+        if not first and key_states.shape[2] != 1:
+            raise ValueError(
+                f"the kvq kernel path decodes one token per step after the prefill, got {key_states.shape[2]}; "
+                "use KVQCache(..., kernels=False) for chunked or speculative decoding"
+            )
+        self.store.append(key_states, value_states)
+        if not first:
+            from kvq_kernels.hf_attention import mark
+
+            mark(key_states, self.store)
+        return key_states, value_states
 
     def _queries(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
         """The step's post-RoPE queries ``[B, H_q, t, D]`` from the stashed q_proj output (tiered formats)."""
@@ -127,9 +153,13 @@ class KVQLayer(CacheLayerMixin):
         return self.query_rope.apply(q, start)
 
     def get_seq_length(self) -> int:
+        if self.store is not None:
+            return self.store.tokens
         return 0 if self.layer is None else self.layer.tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.store is not None:
+            return self.store.tokens + query_length, 0
         if self.layer is None:  # the prefill attends to its own full-precision tokens
             return query_length, 0
         seen = self.layer.tokens + query_length
@@ -141,6 +171,7 @@ class KVQLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.layer = None
+        self.store = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -151,6 +182,11 @@ class KVQLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
+        """Bytes the format stores for the tokens held (the kernel path preallocates more capacity:
+        `store.allocated_bytes`)."""
+        if self.store is not None:
+            s = self.store
+            return s.batch * self.fmt.bytes(s.tokens, s.kv_heads, s.head_dim)
         return 0 if self.layer is None else self.layer.nbytes
 
 
@@ -160,6 +196,12 @@ class KVQCache(Cache):
     method, bits:  a kvq-core method and width (`kvq_core.formats.METHODS`), or `fmt=` a `KVFormat`.
     model:         the causal LM; needed for pre-RoPE methods (its rotary embedding) and to size layers.
     calibration:   a dict or a path saved by `save_calibration` with per-layer codec state.
+    kernels:       "auto" (default): kvq-kernels' fused quantize/append and decode-attention kernels when
+                   the format has them (KIVI, 2/3/4/8 bits), `model` is given and on a CUDA device, and
+                   kvq_kernels imports; else the torch reference path. True: the kernels or a clear error
+                   (on CPU they run only under TRITON_INTERPRET=1). False: the torch path. The kernel path
+                   switches `model` to the "kvq" attention function (`kvq_kernels.hf_attention.enable`),
+                   which runs torch SDPA for everything but this cache's decode steps.
     """
 
     def __init__(
@@ -170,11 +212,13 @@ class KVQCache(Cache):
         fmt: KVFormat | None = None,
         model: torch.nn.Module | None = None,
         calibration: dict | str | Path | None = None,
+        kernels: bool | str = "auto",
     ):
         if fmt is None:
             if method is None:
                 raise ValueError("give a method name (e.g. 'kivi') or fmt=KVFormat")
             fmt = get_format(method, bits)
+        self.kernels = _use_kernels(kernels, fmt, model)
         state = load_calibration(calibration, model) if calibration is not None else {}
         self.fmt = fmt
         needs_rope = fmt.pre_rope_keys or fmt.key.tiered
@@ -183,7 +227,7 @@ class KVQCache(Cache):
             raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
         if fmt.key.tiered and rope is None:
             raise ValueError(f"{fmt.name} scores tokens by attention: pass model=... so the cache can read queries")
-        make = functools.partial(KVQLayer, fmt, rope)
+        make = functools.partial(KVQLayer, fmt, rope, kernels=self.kernels)
         self._hooks: list = []
         if fmt.cache_input != "kv" or fmt.merge_depth_fraction:
             super().__init__(layers=self._method_layers(fmt, model))
@@ -242,6 +286,37 @@ class KVQCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (equals the format's count, layers x batch)."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+def _use_kernels(kernels: bool | str, fmt: KVFormat, model: torch.nn.Module | None) -> bool:
+    """Resolve KVQCache's `kernels` argument (see its docstring); switches `model` to the "kvq" attention."""
+    if kernels not in (True, False, "auto"):
+        raise ValueError(f"kernels must be True, False or 'auto', got {kernels!r}")
+    if kernels is False:
+        return False
+    want = kernels is True
+    try:
+        from kvq_kernels._launch import interpreting
+        from kvq_kernels.hf_attention import enable, kivi_params
+    except ImportError as e:  # kvq-kernels (or triton) not installed
+        if want:
+            raise ValueError(f"kernels=True needs kvq-kernels and triton: {e}") from None
+        return False
+    reason = None
+    if kivi_params(fmt) is None:
+        reason = f"{fmt.name} has no fused kernel (KIVI formats with 2/3/4/8 bits, group a power of two >= 16 do)"
+    elif model is None:
+        reason = "pass model=... so the cache can switch its attention to the fused kernel"
+    else:
+        device = next(model.parameters()).device
+        if device.type != "cuda" and not (want and interpreting()):  # "auto" never picks the slow interpreter
+            reason = f"the model is on {device}; the kernels run on CUDA (or, with kernels=True, on CPU under TRITON_INTERPRET=1)"
+    if reason:
+        if want:
+            raise ValueError(f"kernels=True: {reason}")
+        return False
+    enable(model)
+    return True
 
 
 def save_calibration(state: dict, path: str | Path, model: torch.nn.Module | None = None, **info) -> None:

@@ -109,11 +109,12 @@ def quantize_channel_blocks(x: torch.Tensor, codes, scale, zero, dst_row0: torch
     _quantize_channels[(n,)](x, codes, scale, zero, dst_row0, BITS=bits, HEAD_DIM=d, GROUP=g)
 
 
-def append_kivi(cache: KiviCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+def append_kivi(cache: KiviCache, k_new: torch.Tensor, v_new: torch.Tensor, lens_host: list[int] | None = None) -> None:
     """Append n new tokens per sequence (k_new, v_new fp16 [B, H, n, D]) to `cache` in place.
 
     Values leaving the R-token window are quantized per token; each time R keys have gathered in the
-    residual ring they are quantized per channel in groups of G (block flush). Reads lens on the host.
+    residual ring they are quantized per channel in groups of G (block flush). Reads lens on the host
+    (one sync) unless the caller passes them as `lens_host` (it must equal cache.lens).
     """
     c = cache
     b, h, d = c.batch, c.kv_heads, c.head_dim
@@ -122,7 +123,9 @@ def append_kivi(cache: KiviCache, k_new: torch.Tensor, v_new: torch.Tensor) -> N
     n = k_new.shape[2]
     check("k_new", k_new, torch.float16, (b, h, n, d))
     check("v_new", v_new, torch.float16, (b, h, n, d))
-    lens = c.lens.tolist()
+    lens = c.lens.tolist() if lens_host is None else [int(x) for x in lens_host]
+    if len(lens) != b:
+        raise ValueError(f"lens_host must hold {b} lengths, got {len(lens)}")
     if max(lens, default=0) + n > c.capacity:
         raise ValueError(f"appending {n} tokens to lens up to {max(lens)} exceeds the capacity {c.capacity}")
     s, r, g, tq = c.sink_tokens, c.residual_tokens, c.group_size, c.quant_capacity

@@ -1,0 +1,149 @@
+"""Decode through transformers with kvq's cache on the GPU: the fused-kernel path against the torch path
+and transformers' own DynamicCache (fp16, SDPA), on a randomly initialised SmolLM2-135M-shaped Llama.
+
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src KVQ_COMMIT=<sha> \\
+        python benchmarks/hf_cache_decode.py --out reports/measurements/hf_cache_decode_h100.csv
+
+First a correctness check: kvq's KIVI cache with kernels=True against kernels=False (the same format
+through kvq-core's torch reference, which dequantizes the whole history every step) on one prompt and
+40 decode steps; the largest logit difference is printed and must stay below 2e-2 (fp16 model). Then per
+prompt length the median time of one decode step (model forward of one token, CUDA events over 20 steps
+after 3 warm-up steps) and the peak memory, per cache. Random weights: the shapes (30 layers, 9/3 heads,
+head_dim 64, hidden 576) set the cost; text quality is measured on CPU with the real weights (kvq-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from kvq_core.hf_cache import KVQCache
+
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
+)  # fmt: skip
+COLUMNS = ("device", "driver", "torch", "triton", "transformers", "commit", "date", "cache", "bits", "batch",
+           "prompt", "step_ms", "max_allocated_bytes", "cache_bytes")  # fmt: skip
+
+
+def provenance() -> dict:
+    import triton
+
+    try:
+        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        drv = "unknown"
+    return dict(
+        device=torch.cuda.get_device_name(), driver=drv, torch=torch.__version__, triton=triton.__version__,
+        transformers=transformers.__version__, commit=os.environ.get("KVQ_COMMIT", "unknown"),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )  # fmt: skip
+
+
+def make_cache(kind: str, bits: int, model):
+    if kind == "dynamic":
+        return transformers.DynamicCache()
+    return KVQCache("kivi", bits, model=model, kernels=(kind == "kvq-kernel"))
+
+
+def decode_steps(model, cache, ids, steps: int) -> list[float]:
+    """Per-step times (ms) of `steps` one-token forwards after the prefill of `ids` (CUDA events; wall
+    clock on CPU, for the --smoke run)."""
+    times = []
+    tok = ids[:, -1:]
+    cuda = ids.is_cuda
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(steps):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t0 = time.perf_counter()
+            logits = model(tok, past_key_values=cache, use_cache=True).logits
+            if cuda:
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                times.append((time.perf_counter() - t0) * 1e3)
+            tok = logits[:, -1:].argmax(-1)
+    return times
+
+
+def check(model, bits: int, device: str) -> float:
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), device=device)
+    outs = []
+    for kernels in (False, True):
+        cache = KVQCache("kivi", bits, model=model, kernels=kernels)
+        with torch.no_grad():
+            got = [model(ids[:, :260], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]]
+            for t in range(260, 300):
+                got.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        outs.append(torch.stack(got, 1).float())
+    return float((outs[0] - outs[1]).abs().max())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompts", default="1024,8192,32768")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="2 layers, CPU under TRITON_INTERPRET=1: checks the script")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = dict(SMOLLM2, num_hidden_layers=2, vocab_size=512) if args.smoke else SMOLLM2
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(device, dtype).eval()
+    prov = provenance() if device == "cuda" else dict.fromkeys(COLUMNS[:7], "smoke")
+    print(prov)
+    for bits in (4, 2):
+        err = check(model, bits, device)
+        print(f"correct kivi-{bits}: kernel vs torch path, 40 decode steps: max |logit diff| {err:.3e}")
+        if not err < 2e-2:
+            print("FAILED: the kernel path disagrees with the torch path", file=sys.stderr)
+            return 1
+    rows = []
+    for prompt in (int(x) for x in args.prompts.split(",")):
+        ids = torch.randint(0, cfg["vocab_size"], (1, prompt), device=device)
+        for kind, bits in (("dynamic", 16), ("kvq-kernel", 4), ("kvq-kernel", 2), ("kvq-torch", 4), ("kvq-torch", 2)):
+            model.set_attn_implementation("sdpa")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            cache = make_cache(kind, bits, model)
+            t0 = time.time()
+            steps = args.steps if kind != "kvq-torch" or prompt <= 8192 else 5
+            times = decode_steps(model, cache, ids, 3 + steps)[3:]
+            med = sorted(times)[len(times) // 2]
+            nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
+                x.nbytes for lay in cache.layers for x in (lay.keys, lay.values))  # fmt: skip
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+            rows.append(dict(prov, cache=kind, bits=bits, batch=1, prompt=prompt, step_ms=f"{med:.3f}",
+                             max_allocated_bytes=peak, cache_bytes=nbytes))  # fmt: skip
+            print(f"{kind:11s} {bits:2d}-bit prompt {prompt:6d}: {med:8.3f} ms/step  "
+                  f"peak {peak / 2**30:6.2f} GiB  cache {nbytes / 2**20:8.1f} MiB  "
+                  f"({time.time() - t0:.0f} s)")  # fmt: skip
+            del cache
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

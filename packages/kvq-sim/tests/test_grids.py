@@ -20,7 +20,8 @@ def test_kvq_rule_is_the_kernels_rule():
     for pps in (1, 3, 8, 32, 64, 96, 256, 1024, 8192):
         for tiles in (1, 2, 7, 8, 32, 97, 1024, 16384):
             for sms, waves in ((132, 4), (132, 8), (108, 4), (142, 8), (4, 4)):
-                assert kvq_split_count(pps, tiles, sms, waves) == split_count(pps, tiles, sms, waves)
+                for fill in (True, False):
+                    assert kvq_split_count(pps, tiles, sms, waves, fill) == split_count(pps, tiles, sms, waves, fill)
 
 
 def test_kvq_rule_fills_whole_waves():
@@ -44,8 +45,9 @@ def test_flash_heuristic_by_hand():
 
 
 def test_launch_and_wave_factor():
-    mha = launch("kvq", 1, 32, 32, 131072, 128, 132, block_tokens=64, split_waves=8, tail_programs_per_row=4)
-    s = kvq_split_count(32, 131072 // 64, 132, 8)
+    mha = launch("kvq-nofill", 1, 32, 32, 131072, 128, 132, block_tokens=64, split_waves=8, tail_programs_per_row=4)
+    s = kvq_split_count(32, 131072 // 64, 132, 8, fill=False)
+    assert s == 33  # ceil(8 * 132 / 32)
     assert (mha.programs, mha.tail_programs, mha.split) == (32 * s, 32 * 4, True)
     fl = launch("flash", 8, 32, 8, 16384, 128, 132)  # q heads of a KV head packed into one M block
     assert (fl.programs, fl.split) == (64 * flash_split_count(64, 264, 128), True)

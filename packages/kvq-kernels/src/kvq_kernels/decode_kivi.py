@@ -526,7 +526,7 @@ def decode_kivi(
         )
     simt = path == "simt" or (path == "auto" and simt_ok)
     # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
-    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4)
+    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
     tail_tokens = 32  # CUDA-core path: the sinks and fp16 window are shared by ceil((S + R) / 32) programs

@@ -124,7 +124,7 @@ def family_grid(points: list[KernelPoint]) -> dict:
         return {}
     path = "simt" if tag.startswith("simt") else ("tc" if tag.startswith("tc") else "")
     return dict(
-        grid="kvq",
+        grid="kvq-nofill" if path == "simt" else "kvq",
         block_tokens=int(bn.group(1)),
         split_waves=8 if path == "simt" else 4,
         tail_programs_per_row=BENCH_TAIL_PROGRAMS.get(path, 0),
@@ -447,7 +447,7 @@ def _section(cal: Calibration, head, weight_note, launch_note, per_kernel: dict,
                 + ("  # wave tail not modelled" if not k.programs_per_sm else ""),
                 f"      nosplit_bandwidth_efficiency: {_g(k.nosplit_bandwidth_efficiency)}",
             ]
-            if k.grid == "kvq":
+            if k.grid.startswith("kvq"):
                 lines += [
                     f"      block_tokens: {k.block_tokens}",
                     f"      split_waves: {k.split_waves}",

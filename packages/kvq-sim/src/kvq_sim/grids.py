@@ -3,7 +3,8 @@ launch runs and whether it splits the context. Torch-free restatements of each k
 
 - "kvq": kvq-kernels' split-KV kernels (`kvq_kernels._launch.split_count`, asserted equal in the tests):
   B * H_kv programs per split, splits for about `waves` waves of the SMs, whole waves preferred, plus
-  tail programs for the fp16 residual window and sinks.
+  tail programs for the fp16 residual window and sinks. "kvq-nofill": the same without the whole-wave
+  preference (the CUDA-core KIVI kernel).
 - "flash": FlashAttention-2 as torch SDPA runs it (flash-attention csrc/flash_attn/flash_api.cpp,
   `num_splits_heuristic` called with 2 * multiProcessorCount slots, kBlockN 128 for head_dim 65-128,
   256 up to 64, 64 above; decode with more query than KV heads packs the query heads of a KV head into
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GRIDS = ("", "kvq", "flash")  # "" : no grid model (fixed-cost and streaming terms only)
+GRIDS = ("", "kvq", "kvq-nofill", "flash")  # "": no grid model (fixed-cost and streaming terms only)
 
 
 @dataclass(frozen=True)
@@ -26,20 +27,22 @@ class Launch:
     split: bool  # the context is split across programs (a combine pass follows)
 
 
-def kvq_split_count(programs_per_split: int, tiles: int, sms: int, waves: int) -> int:
+def kvq_split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill: bool = True) -> int:
     """kvq-kernels' split rule (kvq_kernels._launch.split_count)."""
     pps = max(programs_per_split, 1)
     want = math.ceil(waves * sms / pps)
+    if not fill:
+        return max(1, min(tiles, want))
     lo = max(1, min(tiles, want))
     hi = max(lo, min(tiles, 2 * want))
 
-    def fill(s: int) -> float:
+    def fullness(s: int) -> float:
         w = pps * s / sms
         return w / math.ceil(w)
 
     kept = sorted({math.ceil(tiles / math.ceil(tiles / s)) for s in range(lo, hi + 1)})
-    best = max(fill(s) for s in kept)
-    return next(s for s in kept if fill(s) >= best - 0.02)
+    best = max(fullness(s) for s in kept)
+    return next(s for s in kept if fullness(s) >= best - 0.02)
 
 
 def flash_split_count(rows: int, slots: int, n_blocks: int, max_splits: int = 128) -> int:
@@ -77,10 +80,10 @@ def launch(
     tail_programs_per_row: int = 0,
 ) -> Launch:
     """The grid one decode-attention launch runs; `grid` is a KernelFit.grid ("" gives one program per row)."""
-    if grid == "kvq":
+    if grid in ("kvq", "kvq-nofill"):
         rows = batch * kv_heads
         tiles = max(1, math.ceil(context / block_tokens))
-        s = kvq_split_count(rows, tiles, sms, split_waves)
+        s = kvq_split_count(rows, tiles, sms, split_waves, fill=grid == "kvq")
         return Launch(rows * s, rows * tail_programs_per_row, s > 1)
     if grid == "flash":
         rows = batch * kv_heads * math.ceil((q_heads // kv_heads) / 64)

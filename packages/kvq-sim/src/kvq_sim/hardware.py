@@ -276,7 +276,7 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
         raise SimInputError(
             f"{where}: field 'calibration.attention_kernels.{k}nosplit_bandwidth_efficiency' must be <= 1"
         )
-    if out["grid"] == "kvq":
+    if out["grid"].startswith("kvq"):
         out.update(
             block_tokens=int(f.positive(k + "block_tokens", upper=1 << 20, integer=True)),
             split_waves=int(f.positive(k + "split_waves", upper=1 << 10, integer=True)),

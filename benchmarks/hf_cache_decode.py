@@ -32,7 +32,12 @@ SMOLLM2 = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
 )  # fmt: skip
-COLUMNS = ("device", "driver", "torch", "triton", "transformers", "commit", "date", "cache", "bits", "batch",
+LLAMA_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, head_dim=128, max_position_embeddings=65536, rope_theta=10000.0,
+)  # fmt: skip
+SHAPES = {"smollm2-135m": SMOLLM2, "llama-7b": LLAMA_7B}
+COLUMNS = ("device", "driver", "torch", "triton", "transformers", "commit", "date", "shape", "cache", "bits", "batch",
            "prompt", "step_ms", "max_allocated_bytes", "cache_bytes")  # fmt: skip
 
 
@@ -100,12 +105,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", default="1024,8192,32768")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    ap.add_argument("--torch-path-max-prompt", type=int, default=8192, help="skip the slow torch path above this")
     ap.add_argument("--smoke", action="store_true", help="2 layers, CPU under TRITON_INTERPRET=1: checks the script")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    cfg = dict(SMOLLM2, num_hidden_layers=2, vocab_size=512) if args.smoke else SMOLLM2
+    cfg = dict(SHAPES[args.shape], num_hidden_layers=2, vocab_size=512) if args.smoke else SHAPES[args.shape]
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(device, dtype).eval()
+    torch.set_default_dtype(dtype)  # random init directly in the run dtype, on the device (7B: 13.5 GB)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    torch.set_default_dtype(torch.float32)
     prov = provenance() if device == "cuda" else dict.fromkeys(COLUMNS[:7], "smoke")
     print(prov)
     for bits in (4, 2):
@@ -118,21 +128,23 @@ def main(argv=None) -> int:
     for prompt in (int(x) for x in args.prompts.split(",")):
         ids = torch.randint(0, cfg["vocab_size"], (1, prompt), device=device)
         for kind, bits in (("dynamic", 16), ("kvq-kernel", 4), ("kvq-kernel", 2), ("kvq-torch", 4), ("kvq-torch", 2)):
+            if kind == "kvq-torch" and prompt > args.torch_path_max_prompt:
+                continue
             model.set_attn_implementation("sdpa")
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             cache = make_cache(kind, bits, model)
             t0 = time.time()
-            steps = args.steps if kind != "kvq-torch" or prompt <= 8192 else 5
+            steps = args.steps
             times = decode_steps(model, cache, ids, 3 + steps)[3:]
             med = sorted(times)[len(times) // 2]
             nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
                 x.nbytes for lay in cache.layers for x in (lay.keys, lay.values))  # fmt: skip
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-            rows.append(dict(prov, cache=kind, bits=bits, batch=1, prompt=prompt, step_ms=f"{med:.3f}",
+            rows.append(dict(prov, shape=args.shape, cache=kind, bits=bits, batch=1, prompt=prompt, step_ms=f"{med:.3f}",
                              max_allocated_bytes=peak, cache_bytes=nbytes))  # fmt: skip
-            print(f"{kind:11s} {bits:2d}-bit prompt {prompt:6d}: {med:8.3f} ms/step  "
+            print(f"{args.shape} {kind:11s} {bits:2d}-bit prompt {prompt:6d}: {med:8.3f} ms/step  "
                   f"peak {peak / 2**30:6.2f} GiB  cache {nbytes / 2**20:8.1f} MiB  "
                   f"({time.time() - t0:.0f} s)")  # fmt: skip
             del cache

@@ -131,7 +131,12 @@ def test_shared_prefix_reads_flag():
     b, t = 16, 32768
     prefix = memory(per_seq, b, t).kv_shared_prefix_bytes
     assert decode_step(per_seq, b, t).kv_read_bytes - decode_step(once, b, t).kv_read_bytes == (b - 1) * prefix
-    assert decode_step(once, b, t).kv_s < decode_step(per_seq, b, t).kv_s
+    # the fitted kvq_kivi_2b_gqa kernel is bound by per-query multiply-adds, which a shared read does
+    # not remove: never slower; a bandwidth-bound family (fp16) is faster by the bytes not read
+    assert decode_step(once, b, t).kv_s <= decode_step(per_seq, b, t).kv_s
+    fp16 = [deployment("llama-3-8b", "a100-80g", 16, None, prefix_reads=r, **kw) for r in ("per-sequence", "shared")]
+    assert fp16[0].hardware.calibration.kernel("kvq_fp16").bound == "bandwidth"
+    assert decode_step(fp16[1], b, t).kv_s < decode_step(fp16[0], b, t).kv_s
 
 
 # --- 3. long generation ----------------------------------------------------------------------------

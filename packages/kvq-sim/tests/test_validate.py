@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[3]
 KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h100.csv"
 E2E_CSV = ROOT / "reports/measurements/e2e_decode_h100.csv"
 H100 = "NVIDIA H100 80GB HBM3"
-# The ce78a59 sweep (CUDA-core MHA kernels, tensor-core GQA slices; each its own fitted family) misses
-# the kernel gate: held-out MAPE 6.85% (> 5%), worst 42.8% (> 15%) at short contexts x large batch,
-# where the packed kernels are latency bound per program; run-to-run noise is far smaller (median 0.2%,
-# p95 2%: kernel_decode_h100_repeat.csv). The gate is strict for every other file (docs/validation.md).
-KNOWN_FAILING_COMMITS = {"7241230-dirty", "ce78a59"}
+# The kernel gate's worst-case bound fails on the 87d61aa sweep: held-out MAPE 3.42% (<= 5%, asserted
+# below), worst 18.1% (> 15%) at batch 1, 16K-64K tokens (64-256 MB), where every kernel, torch's SDPA
+# included, streams slower per byte than at shorter or longer contexts and the grid-aware model
+# (kvq_sim.grids) has no term for it. Run-to-run noise is far smaller (docs/validation.md).
+# Earlier sweeps: ce78a59 (MAPE 6.85%, worst 42.8% before the grid terms), 7241230-dirty.
+KNOWN_FAILING_COMMITS = {"7241230-dirty", "ce78a59", "87d61aa"}
 
 
 def _validate_args() -> list[str]:
@@ -37,12 +38,23 @@ def _kernel_commit() -> str:
 
 @pytest.mark.xfail(
     _kernel_commit() in KNOWN_FAILING_COMMITS,
-    reason="kernel_decode_h100.csv @ ce78a59: kernel MAPE 6.85% > 5%, worst 42.8% > 15%",
+    reason="kernel_decode_h100.csv @ 87d61aa: kernel worst 18.1% > 15% (MAPE 3.42% passes)",
     strict=True,
 )
 def test_validate_passes_on_committed_measurements():
     r = CliRunner().invoke(main, _validate_args())
     assert r.exit_code == 0, r.output
+
+
+def test_kernel_mape_passes_on_committed_measurements():
+    """The kernel gate's MAPE bound (<= 5% over held-out points with >= 64 MiB of KV) holds on its own."""
+    from kvq_sim.validate import KERNEL_MAPE_MAX_PCT, KERNEL_MIN_KV_BYTES, validate
+
+    pts, _ = read_kernel_csv(KERNEL_CSV, H100)
+    rep = validate(load_hardware("h100-80g"), pts, None)
+    errs = [abs(p.err_pct) for p in rep.kernel if p.kv_bytes >= KERNEL_MIN_KV_BYTES]
+    assert len(errs) > 100
+    assert sum(errs) / len(errs) <= KERNEL_MAPE_MAX_PCT
 
 
 def test_memory_validation_passes():

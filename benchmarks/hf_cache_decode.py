@@ -6,7 +6,8 @@ and transformers' own DynamicCache (fp16, SDPA), on a randomly initialised SmolL
 
 First a correctness check: kvq's KIVI cache with kernels=True against kernels=False (the same format
 through kvq-core's torch reference, which dequantizes the whole history every step) on one prompt and
-40 decode steps; the largest logit difference is printed and must stay below 2e-2 (fp16 model). Then per
+40 decode steps: the largest logit difference between the two must be at most a quarter of the largest
+difference quantization itself makes (torch path against transformers' fp16 DynamicCache). Then per
 prompt length the median time of one decode step (model forward of one token, CUDA events over 20 steps
 after 3 warm-up steps) and the peak memory, per cache. Random weights: the shapes (30 layers, 9/3 heads,
 head_dim 64, hidden 576) set the cost; text quality is measured on CPU with the real weights (kvq-eval).
@@ -86,18 +87,25 @@ def decode_steps(model, cache, ids, steps: int) -> list[float]:
     return times
 
 
-def check(model, bits: int, device: str) -> float:
+def _prompt_then_steps(model, cache, ids) -> torch.Tensor:
+    """Last-token logits of a 260-token prefill and of 40 one-token steps, fp32 [B, 41, vocab]."""
+    with torch.no_grad():
+        got = [model(ids[:, :260], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]]
+        for t in range(260, 300):
+            got.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(got, 1).float()
+
+
+def check(model, bits: int, device: str) -> tuple[float, float]:
+    """(max |kernel - torch path|, max |torch path - fp16 DynamicCache|) over the logits: the kernel path
+    must disagree with kvq-core's reference over the same codes far less than quantization moves them."""
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 300), device=device)
-    outs = []
-    for kernels in (False, True):
-        cache = KVQCache("kivi", bits, model=model, kernels=kernels)
-        with torch.no_grad():
-            got = [model(ids[:, :260], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]]
-            for t in range(260, 300):
-                got.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
-        outs.append(torch.stack(got, 1).float())
-    return float((outs[0] - outs[1]).abs().max())
+    model.set_attn_implementation("sdpa")
+    full = _prompt_then_steps(model, transformers.DynamicCache(), ids)
+    ref = _prompt_then_steps(model, KVQCache("kivi", bits, model=model, kernels=False), ids)
+    got = _prompt_then_steps(model, KVQCache("kivi", bits, model=model, kernels=True), ids)
+    return float((got - ref).abs().max()), float((ref - full).abs().max())
 
 
 def main(argv=None) -> int:
@@ -119,9 +127,10 @@ def main(argv=None) -> int:
     prov = provenance() if device == "cuda" else dict.fromkeys(COLUMNS[:7], "smoke")
     print(prov)
     for bits in (4, 2):
-        err = check(model, bits, device)
-        print(f"correct kivi-{bits}: kernel vs torch path, 40 decode steps: max |logit diff| {err:.3e}")
-        if not err < 2e-2:
+        err, quant = check(model, bits, device)
+        print(f"correct kivi-{bits}: 40 decode steps, max |logit diff| kernel vs torch path {err:.3e}, "
+              f"torch path vs fp16 cache {quant:.3e}")  # fmt: skip
+        if not err <= 0.25 * quant:
             print("FAILED: the kernel path disagrees with the torch path", file=sys.stderr)
             return 1
     rows = []

@@ -130,7 +130,39 @@ def quality_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+HF_CSVS = ("hf_cache_decode_smollm2_h100.csv", "hf_cache_decode_llama7b_h100.csv")
+
+
+def hf_table() -> str:
+    """One decode step through transformers with each cache, from benchmarks/hf_cache_decode.py's CSVs."""
+    import csv
+
+    lines = []
+    for name in HF_CSVS:
+        rows = list(csv.DictReader(open(ROOT / "reports" / "measurements" / name, newline="")))
+        r0 = rows[0]
+        shape = r0.get("shape") or "smollm2-135m"  # the first SmolLM2 run predates the column
+        lines += [
+            f"`{shape}` (random weights), batch 1: measured {r0['date']} on {r0['device']} (driver {r0['driver']}, "
+            f"torch {r0['torch']}, triton {r0['triton']}, transformers {r0['transformers']}, commit {r0['commit']}; "
+            f"`reports/measurements/{name}`).",
+            "",
+            "| prompt | cache | ms per decode step | peak GiB | cache MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        label = {"dynamic": "transformers DynamicCache fp16", "kvq-kernel": "KVQCache kivi-{b}, kernels",
+                 "kvq-torch": "KVQCache kivi-{b}, torch path"}  # fmt: skip
+        for r in rows:
+            lines.append(
+                f"| {int(r['prompt']) // 1024}K | {label[r['cache']].format(b=r['bits'])} | {float(r['step_ms']):.1f} | "
+                f"{int(r['max_allocated_bytes']) / 2**30:.2f} | {int(r['cache_bytes']) / 2**20:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 SECTIONS = {
+    "hf-table": hf_table,
     "quality-table": quality_table,
     "methods-table": methods_table,
     "plan-output": plan_output,

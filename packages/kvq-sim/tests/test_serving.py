@@ -150,11 +150,10 @@ def test_generation_time_sums_decode_steps(monkeypatch):
     )
     assert g.tokens_per_s == pytest.approx(4 * 300 / (g.prefill_s + g.decode_s))
     # trapezoid over 65 steps: the step is linear in context between changes of the kernel's split count
-    # (kvq_sim.grids), so the sum moves only by the few steps where the grid changes
+    # (kvq_sim.grids), so the sum can move only by the few steps where the grid changes
     monkeypatch.setattr(api, "EXACT_DECODE_STEPS", 64)
     t = generation_time(dep, 4, 1000, 300)
     assert not t.exact_sum and t.decode_s == pytest.approx(g.decode_s, rel=1e-3)
-    assert t.decode_s != g.decode_s
 
 
 def test_gen_tokens_sizes_for_prompt_plus_generation():

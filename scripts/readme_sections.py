@@ -161,7 +161,28 @@ def hf_table() -> str:
     return "\n".join(lines)
 
 
+def generate_table() -> str:
+    """`kvq-eval generate` per cache (reports/quality/generate.csv): greedy continuations of one prompt."""
+    import csv
+
+    rows = list(csv.DictReader(open(ROOT / "reports" / "quality" / "generate.csv", newline="")))
+    lines = [
+        "| cache | bits/element | same tokens as full | ppl of the text under the full model | distinct 3-grams | "
+        "continuation (start) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        text = " ".join(r["text"].split())[:70].replace("|", "\\|").replace("`", "'")
+        bits = r["avg_bits"] or "-"
+        lines.append(
+            f"| `{r['cache'].removeprefix('kvq:')}` | {bits} | {float(r['agree_with_full']):.2f} | "
+            f"{float(r['ppl_under_full']):.2f} | {float(r['distinct_3grams']):.2f} | {text} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS = {
+    "generate-table": generate_table,
     "hf-table": hf_table,
     "quality-table": quality_table,
     "methods-table": methods_table,

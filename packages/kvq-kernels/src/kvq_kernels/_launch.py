@@ -57,7 +57,7 @@ def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill:
     """The split rule: `want` = splits for `waves` waves of programs (at most one split per tile). With
     `fill`, among want .. 2 * want (counts the kernels' whole-tile split sizes keep) the smallest whose last
     wave is fullest (within 2%): a partly filled last wave idles SMs. H100 sweeps: the tensor-core and fp16
-    kernels (one resident program per SM) gained up to 11% (GQA at batch 8: 9 splits, 4.36 waves of 132
+    kernels (one resident program per SM) gained up to 10% (GQA at batch 8: 9 splits, 4.36 waves of 132
     programs, became 10 splits, 4.85 waves); the CUDA-core kernel, several programs per SM, lost up to 12%
     (MHA batch 1, 16K: 32 -> 37 splits), so it runs without `fill`."""
     pps = max(programs_per_split, 1)

@@ -169,7 +169,7 @@ def fit_kernel_family(
         prog_us_b = float(xb[1]) if n else 0.0
         prog_us_c = float(xc[1]) if n else 0.0
         inv = xb[1 + n :]
-        plausible = all(v > 0 and 1.0 / v >= BANDWIDTH_FORM_MIN_EFFICIENCY for v in inv if v > 0) and inv[0] > 0
+        plausible = inv[0] > 0 and all(1.0 / v >= BANDWIDTH_FORM_MIN_EFFICIENCY for v in inv if v > 0)
         gain = rms_c <= COMPUTE_FORM_MIN_GAIN * rms_b and rms_b - rms_c >= COMPUTE_FORM_MIN_ABS_GAIN
         if two or (plausible and not gain):
             eff = min(1.0, 1.0 / inv[0]) if inv[0] > 0 else 1.0
@@ -491,6 +491,7 @@ def transferred(src: Hardware, dst: Hardware) -> Calibration:
         dst.calibration,
         calibrated=False,
         source=f"transferred from {src.name} ({s.source}) by the rules of docs/validation.md",
+        transferred_from=src.name,
         weight_bandwidth_efficiency=s.weight_bandwidth_efficiency,
         kv_fp16_bandwidth_efficiency=s.kv_fp16_bandwidth_efficiency,
         kv_quantized_bandwidth_efficiency=s.kv_quantized_bandwidth_efficiency,

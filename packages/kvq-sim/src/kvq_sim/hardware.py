@@ -55,6 +55,7 @@ class Calibration:
     cuda_context_mib: float  # device memory the CUDA context + framework take before any tensor
     framework_workspace_mib: float  # cuBLAS / attention workspaces held during a step
     attention_kernels: tuple[KernelFit, ...] = ()  # fitted kernel families; empty when uncalibrated
+    transferred_from: str = ""  # the measured GPU this calibration was carried over from; "" if none
 
     @property
     def status(self) -> str:
@@ -63,8 +64,8 @@ class Calibration:
         priors" (the YAML's defaults)."""
         if self.calibrated:
             return "calibrated"
-        if self.source.startswith("transferred from "):
-            return "transferred from " + self.source.split()[2]
+        if self.transferred_from:
+            return f"transferred from {self.transferred_from}"
         return "uncalibrated priors"
 
     def kernel(self, family: str) -> KernelFit | None:
@@ -215,6 +216,9 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
         cuda_context_mib=f.nonnegative("calibration.cuda_context_mib"),
         framework_workspace_mib=f.nonnegative("calibration.framework_workspace_mib"),
         attention_kernels=_kernel_fits(data.get("calibration", {}).get("attention_kernels", {}), where),
+        transferred_from=f.text("calibration.transferred_from")
+        if "transferred_from" in data.get("calibration", {})
+        else "",
     )
     hw = Hardware(
         name=name,

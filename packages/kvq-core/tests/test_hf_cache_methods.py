@@ -10,14 +10,6 @@ from kvq_core.formats import get_format, h2o_format, mikv_format  # noqa: E402
 from kvq_core.hf_cache import KVQCache  # noqa: E402
 
 
-def _run(model, ids, cache, prefill):
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        for t in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize(
     "method,bits",
     [
@@ -46,21 +38,21 @@ def test_generate_and_bytes(tiny, method, bits):
 @pytest.mark.parametrize(
     "fmt", [h2o_format(4096, 4), mikv_format(2, 1.0, window=4)], ids=["h2o-no-evict", "mikv-all-fp16"]
 )
-def test_all_fp16_tiers_match_dynamic_cache(tiny, fmt):
+def test_all_fp16_tiers_match_dynamic_cache(tiny, fmt, prefill_then_steps):
     # Nothing evicted, every body token in the fp16 high tier (held in tier order, not time order):
     # attention over a set of post-RoPE keys does not depend on their order, so logits equal the fp16 cache's.
     ids = torch.randint(0, 97, (2, 30))
-    ref = _run(tiny, ids, transformers.DynamicCache(), 22)
+    ref = prefill_then_steps(tiny, ids, transformers.DynamicCache(), 22)
     cache = KVQCache(fmt=fmt, model=tiny)
-    torch.testing.assert_close(_run(tiny, ids, cache, 22), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(prefill_then_steps(tiny, ids, cache, 22), ref, atol=2e-3, rtol=2e-3)
     cache.remove_hooks()
 
 
-def test_eviction_holds_the_budget_and_masks_right(tiny):
+def test_eviction_holds_the_budget_and_masks_right(tiny, prefill_then_steps):
     fmt = h2o_format(16, 8)
     ids = torch.randint(0, 97, (2, 60))
     cache = KVQCache(fmt=fmt, model=tiny)
-    logits = _run(tiny, ids, cache, 40)
+    logits = prefill_then_steps(tiny, ids, cache, 40)
     assert torch.isfinite(logits).all()
     layer = cache.layers[0]
     assert layer.get_seq_length() == 60 and layer.layer.keys().shape == (2, 2, 24, 16)
@@ -68,7 +60,7 @@ def test_eviction_holds_the_budget_and_masks_right(tiny):
     assert cache.nbytes == 2 * (2 * fmt.breakdown(60, 2, 16).per_sequence)
     cache.remove_hooks()
     with pytest.raises(ValueError, match="needs queries"):
-        _run(tiny, ids[:, :2], cache, 1)
+        prefill_then_steps(tiny, ids[:, :2], cache, 1)
 
 
 def test_tiered_formats_need_the_model():
@@ -79,9 +71,9 @@ def test_tiered_formats_need_the_model():
 @pytest.mark.parametrize(
     "method,bits,key", [("million", 2, "codebook"), ("rotatekv", 2, "reorder"), ("cskv", 4, "basis")]
 )
-def test_calibration_loads_into_the_cache(tiny, method, bits, key):
+def test_calibration_loads_into_the_cache(tiny, method, bits, key, prefill_then_steps):
     ids = torch.randint(0, 97, (1, 64))
     state = calibrate(tiny, ids, method, bits, fisher=False)
     cache = KVQCache(method, bits, model=tiny, calibration=state)
-    _run(tiny, torch.randint(0, 97, (1, 140)), cache, 139)
+    prefill_then_steps(tiny, torch.randint(0, 97, (1, 140)), cache, 139)
     assert torch.equal(cache.layers[1].layer.k.codec.shared()[key], state[1]["k"][key])  # loaded, not re-fitted

@@ -13,19 +13,9 @@ from kvq_core.hf_cache import KVQCache  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny4():
+def tiny4(make_tiny_llama):
     """A tiny random Llama with 4 layers (GQA 4/2 heads, head_dim 16): minicache-0.5 merges pair (2, 3)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(layers=4)
 
 
 def test_slerp_merge_properties():
@@ -78,20 +68,12 @@ def test_generate_and_bytes_at_actual_retention(tiny4, retain):
         assert cache.nbytes == 2 * fmt.model_bytes(total, 2, 16, 4)
 
 
-def _run(model, ids, cache, prefill):
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        for t in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    return torch.cat(out, 1)
-
-
-def test_retain_everything_matches_dynamic_cache(tiny4):
+def test_retain_everything_matches_dynamic_cache(tiny4, prefill_then_steps):
     # f = 1: every token of the pair is kept in fp16, so merging changes nothing but fp16 rounding
     ids = torch.randint(0, 97, (2, 30))
-    ref = _run(tiny4, ids, transformers.DynamicCache(), 22)
+    ref = prefill_then_steps(tiny4, ids, transformers.DynamicCache(), 22)
     cache = KVQCache(fmt=minicache_format(0.5, 1.0), model=tiny4)
-    torch.testing.assert_close(_run(tiny4, ids, cache, 22), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(prefill_then_steps(tiny4, ids, cache, 22), ref, atol=2e-3, rtol=2e-3)
     assert cache.retained == {(2, 3): (30, 30)}
 
 

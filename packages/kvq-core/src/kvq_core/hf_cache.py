@@ -135,9 +135,7 @@ class KVQLayer(CacheLayerMixin):
             )
         self.store.append(key_states, value_states)
         if not first:
-            from kvq_kernels.hf_attention import mark
-
-            mark(key_states, self.store)
+            self.store.mark(key_states)
         return key_states, value_states
 
     def _queries(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ CUDA device (or on CPU tensors under TRITON_INTERPRET=1, which is how CI tests i
 - the prefill attends in full precision (as the torch path and KIVI), through torch SDPA;
 - each decode step's attention is one `decode_kivi` launch (+ its combine) over the packed codes, the fp16
   residual ring and the new token, in the layer's own store. The layer hands transformers the step's own
-  one-token K/V and marks it (`mark`); the "kvq" attention function finds the mark and runs the kernel.
+  one-token K/V and marks it (`KiviKernelStore.mark`); the "kvq" attention function finds the mark and runs the kernel.
   Anything unmarked (prefill, other caches, other layers) goes to torch SDPA unchanged, so a model switched
   to "kvq" (`enable`) still runs with any other cache.
 Inputs must be unpadded (every sequence of the batch equally long), as on the torch path.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .decode_kivi import decode_kivi
 from .kivi_layout import KiviCache, allocate
@@ -87,6 +88,10 @@ class KiviKernelStore:
         out = decode_kivi(qq.contiguous(), self.cache, sm_scale=scaling, max_len=max(n_kq, 1), validate_lens=False)
         return out.to(q.dtype)
 
+    def mark(self, key: torch.Tensor) -> None:
+        """Tell the "kvq" attention function that this key tensor's attention is this store's decode step."""
+        _PENDING[id(key)] = (key, self)
+
     @property
     def allocated_bytes(self) -> int:
         """Bytes of the preallocated tensors (capacity); `KVQLayer.nbytes` reports the format's count."""
@@ -95,15 +100,8 @@ class KiviKernelStore:
         return sum(getattr(c, n).nbytes for n in names)
 
 
-def mark(key: torch.Tensor, store: KiviKernelStore) -> None:
-    """Tell the "kvq" attention function that this key tensor's attention is `store`'s decode step."""
-    _PENDING[id(key)] = (key, store)
-
-
 def kvq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: fused KIVI decode for marked keys, torch SDPA for the rest."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     hit = _PENDING.pop(id(key), None)
     if hit is None or hit[0] is not key:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

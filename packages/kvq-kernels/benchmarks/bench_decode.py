@@ -5,8 +5,12 @@ Run on the GPU machine from the repo root:
         python packages/kvq-kernels/benchmarks/bench_decode.py --out $OUT
 Steps: correctness on the GPU against the fp64 torch references (random data), a streaming-read
 ceiling (torch sum over 4 GiB), then the sweep. Each point is timed as the median of CUDA-graph
-replays (do_bench, L2 flushed between replays); shapes whose KV is under 256 MB are replayed as a
-rotation over several cache copies, so no timing reads a KV that sits in the 50 MB L2.
+replays, with L2 flushed between replays by *reading* a 256 MB buffer (`median_us`); shapes whose KV
+is under 256 MB are replayed as a rotation over several cache copies, so no timing reads a KV that
+sits in the 50 MB L2. The flush reads rather than writes (triton's do_bench zeroes a buffer): a
+write flush leaves up to 50 MB of dirty lines that the timed kernel must write back to HBM
+(flush_effect.py measures the difference); in a model's decode step the attention kernel follows
+weight reads, which leave L2 clean.
 Effective bandwidth = bytes the kernel must read (codes, scales, zeros, fp16 rings; q) / time.
 """
 
@@ -25,7 +29,6 @@ import time
 import torch
 import triton
 import triton.runtime.errors
-from triton.testing import do_bench
 
 from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
 from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference
@@ -105,12 +108,54 @@ def correctness() -> None:
 
 def hbm_read_tb_s() -> float:
     x = torch.randn(2**30, device="cuda", dtype=torch.float32)  # 4 GiB
-    ms = do_bench(x.sum, warmup=25, rep=200, return_mode="median")
+    us = median_us(x.sum, rep_ms=200.0)
     del x
-    return 2**32 / (ms * 1e-3) / 1e12
+    return 2**32 / (us * 1e-6) / 1e12
 
 
-def time_rotation(make_fn, nbytes: int) -> float:
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.ones(ROTATE_BYTES // 4, device="cuda", dtype=torch.float32)
+
+
+def flush_l2(mode: str = "read") -> None:
+    """Evict L2: "read" leaves it holding clean lines of a 256 MB buffer, "write" (do_bench's) dirty ones."""
+    buf = _flush_buffer()
+    if mode == "read":
+        buf.sum()
+    elif mode == "write":
+        buf.zero_()
+    else:
+        raise ValueError(f"flush mode must be 'read' or 'write', not {mode!r}")
+
+
+def median_us(fn, flush: str = "read", warmup_ms: float = 10.0, rep_ms: float = 60.0) -> float:
+    """Median microseconds of fn() over CUDA-event timed runs, L2 flushed (`flush_l2`) before each."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est_ms))):
+        fn()
+    n = max(5, int(rep_ms / est_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        flush_l2(flush)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def time_rotation(make_fn, nbytes: int, flush: str = "read") -> float:
     """Median microseconds of one call: a CUDA graph over ceil(ROTATE_BYTES / nbytes) fresh inputs."""
     copies = max(1, min(32, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
     fns = [make_fn() for _ in range(copies)]
@@ -124,9 +169,9 @@ def time_rotation(make_fn, nbytes: int) -> float:
     with torch.cuda.graph(graph):
         for f in fns:
             f()
-    ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+    us = median_us(graph.replay, flush)
     del graph, fns
-    return ms * 1e3 / copies
+    return us / copies
 
 
 def sdpa_fn(batch, hq, hkv, t):
@@ -237,7 +282,7 @@ def main() -> None:
     fields = list(prov) + [
         "impl", "bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context",
         "bytes_read", "time_us", "eff_bw_tb_s", "frac_of_hbm_read", "hbm_read_tb_s",
-        "sdpa_time_us", "speedup_vs_sdpa", "config",
+        "sdpa_time_us", "speedup_vs_sdpa", "config", "l2_flush",
     ]  # fmt: skip
     results = []
     stopped = None
@@ -259,7 +304,7 @@ def main() -> None:
                             continue  # does not fit: skipped (the CSV lists the points it holds)
                         row = dict(prov, bits=bits, group_size=args.group if bits < 16 else "", batch=batch,
                                    q_heads=hq, kv_heads=hkv, head_dim=HEAD_DIM, context=t,
-                                   hbm_read_tb_s=f"{hbm:.4f}")  # fmt: skip
+                                   hbm_read_tb_s=f"{hbm:.4f}", l2_flush="read 256 MB")  # fmt: skip
                         qo = 2 * batch * hq * HEAD_DIM * 2  # q read + out written
                         if bits == 16:
                             sdpa_us = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), nbytes)

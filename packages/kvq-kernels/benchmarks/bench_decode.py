@@ -155,10 +155,13 @@ def median_us(fn, flush: str = "read", warmup_ms: float = 10.0, rep_ms: float = 
     return times[len(times) // 2] * 1e3
 
 
-def time_rotation(make_fn, nbytes: int, flush: str = "read") -> float:
-    """Median microseconds of one call: a CUDA graph over ceil(ROTATE_BYTES / nbytes) fresh inputs."""
-    copies = max(1, min(32, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
-    fns = [make_fn() for _ in range(copies)]
+def rotation_copies(nbytes: int) -> int:
+    """Cache copies a replay rotates over so that consecutive reads of one copy are >= 256 MB apart."""
+    return max(1, min(32, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def capture(fns, passes: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph calling every fn in order, `passes` times over (fns warmed up on a side stream first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -167,10 +170,28 @@ def time_rotation(make_fn, nbytes: int, flush: str = "read") -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    us = median_us(graph.replay, flush)
-    del graph, fns
+        for _ in range(passes):
+            for f in fns:
+                f()
+    return graph
+
+
+def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool = False) -> float:
+    """Median microseconds of one call: a CUDA graph over `rotation_copies(nbytes)` fresh inputs.
+
+    differential=False: one pass's replay time / copies (includes 1/copies of the replay's own start
+    cost). differential=True: (two passes - one pass) / copies, which cancels the per-replay cost.
+    """
+    copies = rotation_copies(nbytes)
+    fns = [make_fn() for _ in range(copies)]
+    one = capture(fns)
+    us = median_us(one.replay, flush)
+    del one
+    if differential:
+        two = capture(fns, passes=2)
+        us = median_us(two.replay, flush) - us
+        del two
+    del fns
     return us / copies
 
 

@@ -38,6 +38,10 @@ HEAD_DIM = 128
 ROTATE_BYTES = 256 * 2**20  # 5x the 50 MB L2
 BITS = (16, 8, 4, 3, 2)
 CONTEXTS = (1024, 4096, 16384, 65536, 131072, 524288, 1048576)
+#: Extra contexts at small batches, where the kernels split the context over programs (FlashAttention's
+#: split-KV kernel runs below ~211 rows): kvq-sim fits that regime's fixed and streaming terms on them.
+SPLIT_REGIME_CONTEXTS = (8192, 32768, 262144)
+SPLIT_REGIME_MAX_BATCH = 8
 BATCHES = (1, 8, 32, 64, 256)
 HEADS = ((32, 32), (32, 8))  # (query heads, kv heads)
 
@@ -283,6 +287,11 @@ def main() -> None:
     ap.add_argument("--commit", default=os.environ.get("KVQ_COMMIT", "unknown"))
     ap.add_argument("--group", type=int, default=128, help="KIVI group size (tokens for keys, channels for values)")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument(
+        "--split-contexts",
+        default=",".join(map(str, SPLIT_REGIME_CONTEXTS)),
+        help=f"extra contexts at batch <= {SPLIT_REGIME_MAX_BATCH} ('' for none)",
+    )
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--heads", default="32/32,32/8")
@@ -312,7 +321,10 @@ def main() -> None:
         w.writeheader()
         for hq, hkv in heads:
             for batch in [int(x) for x in args.batches.split(",")]:
-                for t in [int(x) for x in args.contexts.split(",")]:
+                extra = (
+                    args.split_contexts.split(",") if batch <= SPLIT_REGIME_MAX_BATCH and args.split_contexts else []
+                )
+                for t in sorted({int(x) for x in [*args.contexts.split(","), *extra]}):
                     if stopped is None and time.time() - t_start > args.budget_s:
                         stopped = (hq, hkv, batch, t)
                     if stopped:

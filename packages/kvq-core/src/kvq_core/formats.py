@@ -576,6 +576,17 @@ class KVFormat:
         """
         if not self.merge_depth_fraction:
             return ()
+        pairs = self.extra.get("pairs")
+        if pairs is not None:  # chosen on calibration text (`cache_minicache.calibrate_pairs`)
+            pairs = tuple((int(a), int(b)) for a, b in pairs)
+            flat = [i for p in pairs for i in p]
+            if (
+                any(b != a + 1 for a, b in pairs)
+                or len(set(flat)) != len(flat)
+                or any(not 0 <= i < num_layers for i in flat)
+            ):
+                raise ValueError(f"{self.name}: pairs {pairs} are not disjoint adjacent layers of {num_layers}")
+            return tuple(sorted(pairs))
         start = num_layers - math.floor(self.merge_depth_fraction * num_layers)
         return tuple((i, i + 1) for i in range(start, num_layers - 1, 2))
 
@@ -614,9 +625,9 @@ class KVFormat:
         retained: MiniCache's actual unmerged counts per pair, {(l, l+1): (n_k, n_v)}; default: every
         pair at `retain_fraction` (ceil). Unmerged layers are stored as `key` / `value` say (fp16).
         """
-        pairs = self.merge_pairs(num_layers)
-        if not pairs:
+        if not self.merge_depth_fraction:
             return num_layers * self.bytes(tokens, kv_heads, head_dim, hidden_size)
+        pairs = self.merge_pairs(num_layers)  # may be () when calibration merged no pair
         n = math.ceil(self.retain_fraction * tokens)
         total = (num_layers - 2 * len(pairs)) * self._kv_breakdown(tokens, kv_heads, head_dim).total
         for p in pairs:
@@ -1091,21 +1102,35 @@ def xquant_format(bits: float = 4, group_size: int = 128, cross_layer: bool = Fa
     )
 
 
-def minicache_format(merge_depth_fraction: float = 0.5, retain_fraction: float = 0.1, slerp_t: float = 0.6) -> KVFormat:
+def minicache_format(
+    merge_depth_fraction: float = 0.5,
+    retain_fraction: float = 0.1,
+    slerp_t: float = 0.6,
+    pairs: tuple[tuple[int, int], ...] | None = None,
+) -> KVFormat:
     """MiniCache over an fp16 cache: layers from L - floor(f * L) on merged in pairs (arXiv:2405.14366).
 
     slerp_t: the interpolation weight of the upper layer's direction (the paper's t = 0.6); no bytes.
     retain_fraction: the stated share of unmerged tokens (the paper picks them by a threshold on the
     angular distance; kvq's cache sets that threshold at the prefill's (1 - f) quantile).
+    pairs: the merged layer pairs given explicitly (``((l, l + 1), ...)``, e.g. chosen on calibration
+    text by `cache_minicache.calibrate_pairs`) instead of every pair of the deepest f; () merges none.
+    The name lists them: ``minicache-L24+28`` merges (24, 25) and (28, 29).
     """
+    name = f"minicache-{merge_depth_fraction:g}"
+    extra: dict = {"slerp_t": slerp_t}
+    if pairs is not None:
+        pairs = tuple(sorted((int(a), int(b)) for a, b in pairs))
+        name = "minicache-L" + ("+".join(str(a) for a, _ in pairs) or "none")
+        extra["pairs"] = pairs
     return KVFormat(
-        f"minicache-{merge_depth_fraction:g}",
+        name,
         _FP16,
         _FP16,
         citation=METHODS["minicache"].citation,
         merge_depth_fraction=merge_depth_fraction,
         retain_fraction=retain_fraction,
-        extra={"slerp_t": slerp_t},
+        extra=extra,
     )
 
 

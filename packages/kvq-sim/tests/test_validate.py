@@ -19,12 +19,10 @@ ROOT = Path(__file__).resolve().parents[3]
 KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h100.csv"
 E2E_CSV = ROOT / "reports/measurements/e2e_decode_h100.csv"
 H100 = "NVIDIA H100 80GB HBM3"
-# The kernel gate's worst-case bound fails on the 87d61aa sweep: held-out MAPE 3.42% (<= 5%, asserted
-# below), worst 18.1% (> 15%) at batch 1, 16K-64K tokens (64-256 MB), where every kernel, torch's SDPA
-# included, streams slower per byte than at shorter or longer contexts and the grid-aware model
-# (kvq_sim.grids) has no term for it. Run-to-run noise is far smaller (docs/validation.md).
-# Earlier sweeps: ce78a59 (MAPE 6.85%, worst 42.8% before the grid terms), 7241230-dirty.
-KNOWN_FAILING_COMMITS = {"7241230-dirty", "ce78a59", "87d61aa"}
+# History of the kernel gate on the committed sweep: 7241230-dirty and ce78a59 failed (before the grid
+# terms), 87d61aa passed MAPE (3.42%) but not the worst case (18.1% at batch 1, 64-256 MB). The sweep at
+# 129c193 flushes L2 by reading (a write flush had added 4-9% to those launches, flush_effect_h100.csv)
+# and measures three more contexts in the split-KV regime; on it the gate passes (docs/validation.md).
 
 
 def _validate_args() -> list[str]:
@@ -36,25 +34,11 @@ def _kernel_commit() -> str:
     return read_kernel_csv(KERNEL_CSV, H100)[1].commit
 
 
-@pytest.mark.xfail(
-    _kernel_commit() in KNOWN_FAILING_COMMITS,
-    reason="kernel_decode_h100.csv @ 87d61aa: kernel worst 18.1% > 15% (MAPE 3.42% passes)",
-    strict=True,
-)
 def test_validate_passes_on_committed_measurements():
+    """The CI gate: kernel, e2e and memory checks all pass on the committed H100 measurements."""
     r = CliRunner().invoke(main, _validate_args())
     assert r.exit_code == 0, r.output
-
-
-def test_kernel_mape_passes_on_committed_measurements():
-    """The kernel gate's MAPE bound (<= 5% over held-out points with >= 64 MiB of KV) holds on its own."""
-    from kvq_sim.validate import KERNEL_MAPE_MAX_PCT, KERNEL_MIN_KV_BYTES, validate
-
-    pts, _ = read_kernel_csv(KERNEL_CSV, H100)
-    rep = validate(load_hardware("h100-80g"), pts, None)
-    errs = [abs(p.err_pct) for p in rep.kernel if p.kv_bytes >= KERNEL_MIN_KV_BYTES]
-    assert len(errs) > 100
-    assert sum(errs) / len(errs) <= KERNEL_MAPE_MAX_PCT
+    assert r.output.count("PASS ") == 3, r.output
 
 
 def test_memory_validation_passes():
@@ -64,7 +48,7 @@ def test_memory_validation_passes():
 
 
 def test_end_to_end_step_validation_passes():
-    """The e2e decode-step check passes on the committed H100 steps (MAPE 5.52% <= 8% when committed)."""
+    """The e2e decode-step check passes on the committed H100 steps (MAPE 6.16% <= 8% when committed)."""
     r = CliRunner().invoke(main, _validate_args())
     assert "PASS e2e" in r.output, r.output
 

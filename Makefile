@@ -55,12 +55,17 @@ QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:
 	staircase:3 staircase:4 vidkv:1.5 vidkv:k1.25v1.5 cskv:4 cskv:8 zipcache:2 mikv:2 mikv:3 mikv:4 h2o:0 \
 	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8 \
 	xquant:4 xquant:8 xquant-cl:4 xquant-cl:2 minicache
+# A 4K-token window (prefill 3968, 128 scored), where the 128-token fp16 windows weigh 3% instead of 25%.
+QUALITY_LONG = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 kivi:2 kivi:4 million:2 gear:2 kvquant:2 kvquant:3 kvquant:4 \
+	rotatekv:3 vidkv:1.5 int:4
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
-		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv
+		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv \
+		$(QUALITY_DIR)/decode_4k.csv
 	kvq-eval $(QUALITY_PEERS) --protocol decode --csv $(QUALITY_DIR)/hf_peers_decode.csv
 	kvq-eval $(QUALITY_PEERS) --protocol teacher-forced --csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv
 	kvq-eval $(QUALITY_KVQ) --protocol decode --csv $(QUALITY_DIR)/kvq_decode.csv
 	kvq-eval $(QUALITY_KVQ) --protocol teacher-forced --csv $(QUALITY_DIR)/kvq_teacher_forced.csv
 	kvq-eval $(QUALITY_MORE) --protocol decode --csv $(QUALITY_DIR)/kvq_decode_more_methods.csv
 	kvq-eval generate $(QUALITY_KVQ) $(QUALITY_MORE) quanto:2 hqq:2 fp8 --csv $(QUALITY_DIR)/generate.csv
+	kvq-eval $(QUALITY_LONG) --protocol decode --prefill 3968 --scored 128 --csv $(QUALITY_DIR)/decode_4k.csv

@@ -112,11 +112,7 @@ def quality_table() -> str:
     tf = {}
     for r in read(("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv")):
         tf[r["cache"].removeprefix("kvq:")] = float(r["ppl"])
-    rows = []
-    for r in read(("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")):
-        bits = float(r["avg_bits"]) if r.get("avg_bits") else float(r["held_bits_per_element"])
-        who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
-        rows.append((who, r["cache"].removeprefix("kvq:"), float(r["ppl"]), bits))
+    rows = [(who, cache, ppl, bits) for who, cache, _, bits, ppl in _decode_rows()]
     full = next(p for who, c, p, _ in rows if c == "full")
     full_tf = tf.get("full")
     lines = [
@@ -127,6 +123,83 @@ def quality_table() -> str:
         t = tf.get(cache)
         tfs = "-" if t is None else (f"{t:.3f}" + (f" ({100 * (t / full_tf - 1):+.1f}%)" if full_tf else ""))
         lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% | {tfs} |")
+    return "\n".join(lines) + "\n"
+
+
+#: Issue 5's targets on the decode protocol, by bits per element *stored* (at the 512-token window):
+#: (band label, low bits exclusive, high bits inclusive, max perplexity increase % of the band's best kvq cache;
+#: the naive int baselines sit in the same bands and are listed as the band's worst).
+QUALITY_TARGETS = (
+    ("~4-bit (3.75-4.75 stored)", 3.75, 4.75, 0.5),
+    ("~3-bit (2.75-3.75 stored)", 2.75, 3.75, 2.0),
+    ("~2-bit (up to 2.75 stored)", 0.0, 2.75, 8.0),
+)
+
+
+def _decode_rows(names=("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")) -> list[tuple]:
+    """(who, cache, nominal bits, stored bits, decode ppl) of every row of the named reports/quality CSVs."""
+    import csv
+
+    rows = []
+    for name in names:
+        with open(ROOT / "reports" / "quality" / name) as f:
+            for r in csv.DictReader(f):
+                bits = float(r["avg_bits"]) if r.get("avg_bits") else float(r["held_bits_per_element"])
+                who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
+                rows.append((who, r["cache"].removeprefix("kvq:"), r.get("bits", ""), bits, float(r["ppl"])))
+    return rows
+
+
+def _targets(rows) -> list[str]:
+    full = next(p for _, c, _, _, p in rows if c == "full")
+    kvq = [r for r in rows if r[0] == "kvq"]
+
+    def inc(r) -> float:
+        return 100 * (r[4] / full - 1)
+
+    lines = [
+        "| target (decode ppl vs full) | kvq caches in band | best kvq cache (bits, ppl, increase) | worst in band | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, lo, hi, tol in QUALITY_TARGETS:
+        band = sorted((r for r in kvq if lo < r[3] <= hi), key=lambda r: r[4])
+        if not band:
+            lines.append(f"| {label}: best <= {tol:g}% | 0 | - | - | - |")
+            continue
+        best, worst = band[0], band[-1]
+        lines.append(
+            f"| {label}: best <= {tol:g}% | {len(band)} | `{best[1]}` ({best[3]:.2f}, {best[4]:.3f}, "
+            f"{inc(best):+.1f}%) | `{worst[1]}` ({inc(worst):+.1f}%) | {'yes' if inc(best) <= tol else 'no'} |"
+        )
+    lines += ["", "| transformers backend (bits, ppl) | best kvq cache at equal or fewer bits (bits, ppl) | kvq better |",
+              "| --- | --- | --- |"]  # fmt: skip
+    peers = sorted((r for r in rows if r[0] == "transformers" and r[1] != "full"), key=lambda r: -r[3])
+    for _, cache, _, bits, ppl in peers:
+        best = min((r for r in kvq if r[3] <= bits), key=lambda r: r[4])
+        lines.append(
+            f"| `{cache}` ({bits:.2f}, {ppl:.3f}) | `{best[1]}` ({best[3]:.2f}, {best[4]:.3f}) | "
+            f"{'yes' if best[4] < ppl else 'no'} |"
+        )
+    return lines
+
+
+def quality_targets() -> str:
+    """Issue 5's targets against the decode rows, per stored-bits band: the best kvq cache and whether the target
+    holds, then each transformers backend against kvq's best cache at equal or fewer stored bits; for the
+    default 512-token window and for the 4K-token window (reports/quality/decode_4k.csv)."""
+    lines = ["512-token window (prefill 384, 128 scored; the quality table above):", ""]
+    lines += _targets(_decode_rows())
+    lines += ["", "4K-token window (prefill 3968, 128 scored; `reports/quality/decode_4k.csv`):", ""]
+    long_rows = _decode_rows(("decode_4k.csv",))
+    lines += _targets(long_rows)
+    full = next(p for _, c, _, _, p in long_rows if c == "full")
+    lines += [
+        "",
+        "| cache (4K window) | from | bits/element stored | decode ppl | vs full fp32 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for who, cache, _, bits, ppl in sorted(long_rows, key=lambda r: (-r[3], r[4])):
+        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +258,7 @@ SECTIONS = {
     "generate-table": generate_table,
     "hf-table": hf_table,
     "quality-table": quality_table,
+    "quality-targets": quality_targets,
     "methods-table": methods_table,
     "plan-output": plan_output,
     "kernel-table": kernel_table,

@@ -13,9 +13,10 @@ import argparse
 import functools
 import itertools
 import math
+import os
 
 import torch
-from bench_decode import HEAD_DIM, correctness, kv_bytes, random_kivi, sdpa_fn, time_rotation
+from bench_decode import HEAD_DIM, correctness, kv_bytes, provenance, random_kivi, sdpa_fn, time_rotation
 
 from kvq_kernels._launch import num_sms
 from kvq_kernels.decode_kivi import decode_kivi
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--waves", default="4,8,16")
     ap.add_argument("--skip-correctness", action="store_true")
     a = ap.parse_args()
+    print(provenance(os.environ.get("KVQ_COMMIT", "unknown")))
     if not a.skip_correctness:
         correctness()  # exits non-zero on a wrong kernel
     hq, hkv = (int(x) for x in a.heads.split("/"))

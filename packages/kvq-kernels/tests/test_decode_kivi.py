@@ -98,3 +98,28 @@ def test_simt_variants_agree_with_reference(prefetch, defer, bits, group, device
     out = decode_kivi(q, c, splits=3, block_n=16, path="simt", prefetch=prefetch, defer=defer)
     err = (out.double() - ref).abs().max().item()
     assert err <= 2 * (same_math.double() - ref).abs().max().item() + 1e-6
+
+
+def test_launch_config_defaults():
+    """The tensor-core defaults are the tuned table (decode_kivi.TC_BLOCK_N / TC_WARPS_STAGES); BLOCK_N halves
+    until it divides the group; the CUDA-core default is unchanged."""
+    from kvq_kernels.decode_kivi import launch_config
+
+    assert [launch_config("tc", b, 128) for b in (2, 3, 4, 8)] == [(128, 4, 1), (32, 2, 2), (128, 4, 1), (128, 4, 1)]
+    assert launch_config("tc", 4, 64) == (64, 4, 2)
+    assert launch_config("tc", 2, 32) == (32, 2, 2)  # KIVI's default group of 32
+    assert launch_config("tc", 4, 96) == (32, 2, 2)  # 128 and 64 do not divide 96
+    assert launch_config("simt", 2, 128) == (64, 4, 3)
+    assert launch_config("simt", 4, 32) == (32, 4, 3)
+
+
+def test_default_launch_matches_explicit_config(device, dtype):
+    """Leaving block_n / num_warps / num_stages to the defaults gives the same output as passing them."""
+    from kvq_kernels.decode_kivi import launch_config
+
+    c = random_cache(2, 2, 64, 128, 2, 32, 32, 0, [70, 100], device)
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    bn, warps, stages = launch_config("tc", 2, 32)
+    out = decode_kivi(q, c, splits=2)
+    ref = decode_kivi(q, c, splits=2, block_n=bn, num_warps=warps, num_stages=stages, path="tc")
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

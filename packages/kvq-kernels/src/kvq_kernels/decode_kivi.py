@@ -480,6 +480,30 @@ def _check_cache(c: KiviCache, q: torch.Tensor, validate_lens: bool = True) -> N
     check_lens(c.lens, b, c.capacity, q.device, validate_lens)
 
 
+#: Tensor-core path defaults, from tune_decode.py's grid (BLOCK_N 32/64/128 x 2/4 warps x 1-3 stages) on the
+#: H100 at 32/8 heads, head_dim 128, group 128, 128K tokens, batch 1 and 32
+#: (reports/measurements/tune_tc_h100_log.txt). BLOCK_N per bit width: 128 for 2/4/8-bit (the fastest at
+#: batch 32, within 5-15% of the fastest at batch 1), 32 for 3-bit (the fastest at both). Warps and stages
+#: per BLOCK_N, the best at both batches for that tile: 128 -> (4, 1), 64 -> (4, 2), 32 -> (2, 2); 16 is not
+#: measured and takes 32's. The earlier fixed default, (64, 4, 3), took 1.6-2.0x as long on those shapes.
+TC_BLOCK_N = {2: 128, 3: 32, 4: 128, 8: 128}
+TC_WARPS_STAGES = {128: (4, 1), 64: (4, 2), 32: (2, 2), 16: (2, 2)}
+#: CUDA-core (MHA) path default, kept from before (bench_decode's probe times BLOCK_N 32/64 with 4 warps and
+#: 1 stage and picks per bit width; this default was not timed against those picks).
+SIMT_CONFIG = (64, 4, 3)
+
+
+def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]:
+    """Default (BLOCK_N, num_warps, num_stages) of a path ("tc" / "simt") and bit width. BLOCK_N is halved
+    until it divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
+    bn = TC_BLOCK_N.get(bits, 64) if path == "tc" else SIMT_CONFIG[0]
+    while bn > 1 and (bn > group_size or group_size % bn):
+        bn //= 2
+    if path == "tc":
+        return (bn, *TC_WARPS_STAGES.get(bn, (4, 3)))
+    return bn, SIMT_CONFIG[1], SIMT_CONFIG[2]
+
+
 def decode_kivi(
     q: torch.Tensor,
     cache: KiviCache,
@@ -488,8 +512,8 @@ def decode_kivi(
     block_n: int | None = None,
     max_len: int | None = None,
     validate_lens: bool = True,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     path: str = "auto",
     prefetch: bool = True,
     defer: bool = True,
@@ -502,7 +526,8 @@ def decode_kivi(
     (default: the cache capacity, so no host sync); validate_lens=False skips the one host sync
     that range-checks lens (for CUDA-graph capture). path: "tc" (tensor-core channel slices, any GQA group),
     "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for MHA
-    where its word layout applies, else tc). Returns [batch, query_heads, head_dim] in q's dtype.
+    where its word layout applies, else tc). block_n / num_warps / num_stages left None take the path's
+    measured defaults (`launch_config`). Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
@@ -513,9 +538,6 @@ def decode_kivi(
     if hq % h_kv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h_kv})")
     g = cache.group_size
-    block_n = block_n or min(64, g)
-    if g % block_n or block_n < 16:
-        raise ValueError(f"block_n ({block_n}) must be >= 16 and divide group_size ({g})")
     max_len = cache.quant_capacity if max_len is None else max_len
     simt_ok = hq == h_kv and (d * cache.bits) % 32 == 0 and d // (16 if cache.bits == 3 else 32 // cache.bits) >= 2
     if path not in ("auto", "tc", "simt"):
@@ -525,6 +547,10 @@ def decode_kivi(
             "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
     simt = path == "simt" or (path == "auto" and simt_ok)
+    bn0, warps0, stages0 = launch_config("simt" if simt else "tc", cache.bits, g)
+    block_n, num_warps, num_stages = block_n or bn0, num_warps or warps0, num_stages or stages0
+    if g % block_n or block_n < 16:
+        raise ValueError(f"block_n ({block_n}) must be >= 16 and divide group_size ({g})")
     # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n

@@ -79,14 +79,10 @@ SEEDS = [
 
 
 def seed_coverage() -> str:
-    import csv
-
     from kvq_sim.recipes import RECIPES
 
-    rated = set()
-    for path in (ROOT / "reports" / "quality").glob("*decode*.csv"):
-        with open(path) as f:
-            rated |= {r["method"] for r in csv.DictReader(f) if r.get("method")}
+    decode_csvs = sorted(p.name for p in (ROOT / "reports" / "quality").glob("*decode*.csv"))
+    rated = {r["method"] for r in _quality_csv(decode_csvs) if r.get("method")}
     lines = [
         "| seed system | kvq name | kvq-core | kvq-sim | quality row | note |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -99,31 +95,52 @@ def seed_coverage() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quality_csv(names):
+    """Rows (dicts) of the named reports/quality CSVs, in order."""
+    import csv
+
+    for name in names:
+        with open(ROOT / "reports" / "quality" / name, newline="") as f:
+            yield from csv.DictReader(f)
+
+
+def _decode_rows(names=("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")) -> list[tuple]:
+    """(who, cache, stored bits, decode ppl) of every row of the named reports/quality CSVs."""
+    rows = []
+    for r in _quality_csv(names):
+        bits = float(r["avg_bits"]) if r.get("avg_bits") else float(r["held_bits_per_element"])
+        who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
+        rows.append((who, r["cache"].removeprefix("kvq:"), bits, float(r["ppl"])))
+    return rows
+
+
+def _ppl_table(rows, first_column: str = "cache", tf: dict | None = None) -> list[str]:
+    """Markdown rows of `_decode_rows` output, most stored bits first, with the increase over `full`; with `tf`
+    (cache -> teacher-forced ppl), a teacher-forced column."""
+    full = next(p for _, c, _, p in rows if c == "full")
+    head = f"| {first_column} | from | bits/element stored | decode ppl | vs full fp32 |"
+    lines = [head + (" teacher-forced ppl |" if tf is not None else ""), "| --- " * (6 if tf is not None else 5) + "|"]
+    full_tf = tf.get("full") if tf else None
+    for who, cache, bits, ppl in sorted(rows, key=lambda r: (-r[2], r[3])):
+        line = f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% |"
+        if tf is not None:
+            t = tf.get(cache)
+            line += " " + (
+                "-" if t is None else f"{t:.3f}" + (f" ({100 * (t / full_tf - 1):+.1f}%)" if full_tf else "")
+            )
+            line += " |"
+        lines.append(line)
+    return lines
+
+
 def quality_table() -> str:
     """kvq's caches beside transformers' on the same decode protocol (reports/quality/*decode*.csv), with the
     teacher-forced perplexity where that protocol was run (reports/quality/*teacher_forced.csv)."""
-    import csv
-
-    def read(names):
-        for name in names:
-            with open(ROOT / "reports" / "quality" / name) as f:
-                yield from csv.DictReader(f)
-
-    tf = {}
-    for r in read(("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv")):
-        tf[r["cache"].removeprefix("kvq:")] = float(r["ppl"])
-    rows = [(who, cache, ppl, bits) for who, cache, _, bits, ppl in _decode_rows()]
-    full = next(p for who, c, p, _ in rows if c == "full")
-    full_tf = tf.get("full")
-    lines = [
-        "| cache | from | bits/element stored | decode ppl | vs full fp32 | teacher-forced ppl |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for who, cache, ppl, bits in sorted(rows, key=lambda r: (-r[3], r[2])):
-        t = tf.get(cache)
-        tfs = "-" if t is None else (f"{t:.3f}" + (f" ({100 * (t / full_tf - 1):+.1f}%)" if full_tf else ""))
-        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% | {tfs} |")
-    return "\n".join(lines) + "\n"
+    tf = {
+        r["cache"].removeprefix("kvq:"): float(r["ppl"])
+        for r in _quality_csv(("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv"))
+    }
+    return "\n".join(_ppl_table(_decode_rows(), tf=tf)) + "\n"
 
 
 #: Issue 5's targets on the decode protocol, by bits per element *stored* (at the 512-token window):
@@ -136,49 +153,35 @@ QUALITY_TARGETS = (
 )
 
 
-def _decode_rows(names=("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")) -> list[tuple]:
-    """(who, cache, nominal bits, stored bits, decode ppl) of every row of the named reports/quality CSVs."""
-    import csv
-
-    rows = []
-    for name in names:
-        with open(ROOT / "reports" / "quality" / name) as f:
-            for r in csv.DictReader(f):
-                bits = float(r["avg_bits"]) if r.get("avg_bits") else float(r["held_bits_per_element"])
-                who = "kvq" if r["cache"].startswith("kvq:") else "transformers"
-                rows.append((who, r["cache"].removeprefix("kvq:"), r.get("bits", ""), bits, float(r["ppl"])))
-    return rows
-
-
 def _targets(rows) -> list[str]:
-    full = next(p for _, c, _, _, p in rows if c == "full")
+    full = next(p for _, c, _, p in rows if c == "full")
     kvq = [r for r in rows if r[0] == "kvq"]
 
     def inc(r) -> float:
-        return 100 * (r[4] / full - 1)
+        return 100 * (r[3] / full - 1)
 
     lines = [
         "| target (decode ppl vs full) | kvq caches in band | best kvq cache (bits, ppl, increase) | worst in band | met |",
         "| --- | --- | --- | --- | --- |",
     ]
     for label, lo, hi, tol in QUALITY_TARGETS:
-        band = sorted((r for r in kvq if lo < r[3] <= hi), key=lambda r: r[4])
+        band = sorted((r for r in kvq if lo < r[2] <= hi), key=lambda r: r[3])
         if not band:
             lines.append(f"| {label}: best <= {tol:g}% | 0 | - | - | - |")
             continue
         best, worst = band[0], band[-1]
         lines.append(
-            f"| {label}: best <= {tol:g}% | {len(band)} | `{best[1]}` ({best[3]:.2f}, {best[4]:.3f}, "
+            f"| {label}: best <= {tol:g}% | {len(band)} | `{best[1]}` ({best[2]:.2f}, {best[3]:.3f}, "
             f"{inc(best):+.1f}%) | `{worst[1]}` ({inc(worst):+.1f}%) | {'yes' if inc(best) <= tol else 'no'} |"
         )
     lines += ["", "| transformers backend (bits, ppl) | best kvq cache at equal or fewer bits (bits, ppl) | kvq better |",
               "| --- | --- | --- |"]  # fmt: skip
-    peers = sorted((r for r in rows if r[0] == "transformers" and r[1] != "full"), key=lambda r: -r[3])
-    for _, cache, _, bits, ppl in peers:
-        best = min((r for r in kvq if r[3] <= bits), key=lambda r: r[4])
+    peers = sorted((r for r in rows if r[0] == "transformers" and r[1] != "full"), key=lambda r: -r[2])
+    for _, cache, bits, ppl in peers:
+        best = min((r for r in kvq if r[2] <= bits), key=lambda r: r[3])
         lines.append(
-            f"| `{cache}` ({bits:.2f}, {ppl:.3f}) | `{best[1]}` ({best[3]:.2f}, {best[4]:.3f}) | "
-            f"{'yes' if best[4] < ppl else 'no'} |"
+            f"| `{cache}` ({bits:.2f}, {ppl:.3f}) | `{best[1]}` ({best[2]:.2f}, {best[3]:.3f}) | "
+            f"{'yes' if best[3] < ppl else 'no'} |"
         )
     return lines
 
@@ -187,19 +190,12 @@ def quality_targets() -> str:
     """Issue 5's targets against the decode rows, per stored-bits band: the best kvq cache and whether the target
     holds, then each transformers backend against kvq's best cache at equal or fewer stored bits; for the
     default 512-token window and for the 4K-token window (reports/quality/decode_4k.csv)."""
+    long_rows = _decode_rows(("decode_4k.csv",))
     lines = ["512-token window (prefill 384, 128 scored; the quality table above):", ""]
     lines += _targets(_decode_rows())
     lines += ["", "4K-token window (prefill 3968, 128 scored; `reports/quality/decode_4k.csv`):", ""]
-    long_rows = _decode_rows(("decode_4k.csv",))
     lines += _targets(long_rows)
-    full = next(p for _, c, _, _, p in long_rows if c == "full")
-    lines += [
-        "",
-        "| cache (4K window) | from | bits/element stored | decode ppl | vs full fp32 |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for who, cache, _, bits, ppl in sorted(long_rows, key=lambda r: (-r[3], r[4])):
-        lines.append(f"| `{cache}` | {who} | {bits:.2f} | {ppl:.3f} | {100 * (ppl / full - 1):+.1f}% |")
+    lines += ["", *_ppl_table(long_rows, first_column="cache (4K window)")]
     return "\n".join(lines) + "\n"
 
 
@@ -236,9 +232,7 @@ def hf_table() -> str:
 
 def generate_table() -> str:
     """`kvq-eval generate` per cache (reports/quality/generate.csv): greedy continuations of one prompt."""
-    import csv
-
-    rows = list(csv.DictReader(open(ROOT / "reports" / "quality" / "generate.csv", newline="")))
+    rows = list(_quality_csv(("generate.csv",)))
     lines = [
         "| cache | bits/element | same tokens as full | ppl of the text under the full model | distinct 3-grams | "
         "continuation (start) |",

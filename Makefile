@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow bench-sim report report-png calibrate validate quality
+.PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate quality
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -17,10 +17,14 @@ lint: install
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow and not live" -q $(PYTEST_ARGS)
 
 test-slow: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# Wall-clock checks of the simulator's scaling on this CPU: meaningful on a quiet machine only.
+live-check: install
+	$(PYTHON) -m pytest -m live -q $(PYTEST_ARGS)
 
 # The committed example report (deterministic: no date in the PDF, so a rerun gives identical bytes).
 report: install

@@ -1,0 +1,126 @@
+"""Write kvq-sim's predictions for points about to be measured, before they are measured.
+
+Two kinds of plan:
+
+  multigpu  the multi-GPU decode-step grid of benchmarks/multigpu_decode.py (TP and CP at 1, 2 and 4 GPUs of an
+            H100 node; llama-7b and llama-2-70b; batch 1/8/64; 4K/32K/128K tokens; fp16, KIVI-4, KIVI-2 KV);
+  like      the points of an existing measurement CSV (kernel sweep or e2e step) predicted for another GPU, e.g.
+            the H100 sweep's points on the H200 with the calibration the H200 file has now (transferred).
+
+    python scripts/predict_points.py multigpu -o reports/predictions/multigpu_h100_prior.csv
+    python scripts/predict_points.py like --gpu h200 --kernel reports/measurements/kernel_decode_h100.csv \
+        --e2e reports/measurements/e2e_decode_h100.csv -o reports/predictions/h200_cold.csv
+
+Each row carries the commit and whether the tree was clean, so the file proves what the model said beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kvq_sim import api
+from kvq_sim.hardware import load_hardware
+from kvq_sim.latency import decode_step
+from kvq_sim.measurements import read_e2e_csv, read_kernel_csv
+from kvq_sim.memory import memory
+from kvq_sim.validate import predict_e2e, predict_kernel
+
+MODELS = ("llama-7b", "llama-2-70b")
+BATCHES = (1, 8, 64)
+CONTEXTS = (4096, 32768, 131072)
+KV = {"fp16": ("fp16", "16"), "kivi4": ("kivi", "4"), "kivi2": ("kivi", "2")}
+LAYOUTS = (("tp", 1), ("tp", 2), ("tp", 4), ("cp", 2), ("cp", 4))
+NODE, SINGLE = "8x-h100", "h100-80g"
+
+
+def _provenance() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()
+
+    return {
+        "predicted_at_commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "tree_clean": git("status", "--porcelain", "--untracked-files=no") == "",
+        "predicted_date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def multigpu_rows() -> list[dict]:
+    rows = []
+    for model, (parallel, gpus), kv, batch, context in itertools.product(MODELS, LAYOUTS, KV, BATCHES, CONTEXTS):
+        method, bits = KV[kv]
+        dep = api.deployment(
+            model, SINGLE if gpus == 1 else NODE, bits=bits, method=method, gpus=gpus, parallel=parallel
+        )
+        st, mem = decode_step(dep, batch, context), memory(dep, batch, context)
+        rows.append(
+            dict(
+                model=model,
+                parallel=parallel,
+                gpus=gpus,
+                batch=batch,
+                context=context,
+                kv=kv,
+                fits=mem.fits,
+                memory_gib_per_gpu=round(mem.total_bytes / 2**30, 2),
+                step_us=round(st.step_s * 1e6, 2),
+                weights_us=round(st.weights_s * 1e6, 2),
+                kv_us=round(st.kv_s * 1e6, 2),
+                compute_us=round(st.compute_s * 1e6, 2),
+                interconnect_us=round(st.interconnect_s * 1e6, 2),
+                launch_us=round(st.launch_s * 1e6, 2),
+                calibration=dep.hardware.calibration.status,
+            )
+        )
+    return rows
+
+
+def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dict]:
+    hw = load_hardware(gpu)
+    rows = []
+    if kernel_csv:
+        src = pd.read_csv(kernel_csv, nrows=1)["device"][0]
+        for p in read_kernel_csv(kernel_csv, src)[0]:
+            t = predict_kernel(hw, p)
+            rows.append(dict(kind="kernel", point_id=p.point_id, family=p.family, predicted_us=t))
+    if e2e_csv:
+        src = pd.read_csv(e2e_csv, nrows=1)["device"][0]
+        for p in read_e2e_csv(e2e_csv, src)[0]:
+            t, mem = predict_e2e(hw, p)
+            rows.append(dict(kind="e2e", point_id=p.point_id, family="e2e", predicted_us=t, predicted_memory=mem))
+    for r in rows:
+        r["gpu"], r["calibration"] = gpu, hw.calibration.status
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="plan", required=True)
+    sub.add_parser("multigpu").add_argument("-o", "--out", required=True)
+    like = sub.add_parser("like")
+    like.add_argument("--gpu", required=True)
+    like.add_argument("--kernel")
+    like.add_argument("--e2e")
+    like.add_argument("-o", "--out", required=True)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        print(f"error: {out} exists; predictions are written once, before measuring", file=sys.stderr)
+        return 2
+    rows = multigpu_rows() if args.plan == "multigpu" else like_rows(args.gpu, args.kernel, args.e2e)
+    prov = _provenance()
+    df = pd.DataFrame([{**r, **prov} for r in rows])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"wrote {len(df)} predictions to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

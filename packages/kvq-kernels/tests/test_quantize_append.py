@@ -60,3 +60,21 @@ def test_append_rejects_bad_input(device):
     x = torch.randn(1, 2, 200, 32, device=device).half()
     with pytest.raises(ValueError, match="capacity"):
         append_kivi(c, x, x)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_filled_to_capacity_matches_kvq_core_and_no_further(sinks, device):
+    """At `capacity` tokens every key code row fits the Tq rows (one token more would flush a key block
+    past them, into the next head's rows); appending beyond it raises."""
+    c = allocate(1, 2, 16, 32, 4, 16, 16, sinks, device=device)
+    assert c.capacity == sinks + c.quant_capacity + 16 - 1
+    gen = torch.Generator().manual_seed(sinks)
+    k = torch.randn(1, 2, c.capacity, 16, generator=gen).half().to(device)
+    v = torch.randn(1, 2, c.capacity, 16, generator=gen).half().to(device)
+    append_kivi(c, k[:, :, :-1].contiguous(), v[:, :, :-1].contiguous())
+    append_kivi(c, k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous())
+    ref = allocate(1, 2, 16, 32, 4, 16, 16, sinks, device=device)
+    kivi_from_dense(ref, k, v, [c.capacity])
+    assert_same_cache(c, ref)
+    with pytest.raises(ValueError, match="exceeds the capacity"):
+        append_kivi(c, k[:, :, :1].contiguous(), v[:, :, :1].contiguous())

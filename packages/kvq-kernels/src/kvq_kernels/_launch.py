@@ -26,15 +26,60 @@ def check(name: str, t: torch.Tensor, dtype: torch.dtype | tuple[torch.dtype, ..
         raise ValueError(f"{name} must be contiguous (call .contiguous()); got strides {t.stride()}")
 
 
-def check_lens(lens: torch.Tensor, batch: int, capacity: int, device: torch.device, values: bool = True) -> None:
-    """lens: int32 [batch], each in [0, capacity]; `values` reads them on the host (one sync) before launching."""
+def check_lens(lens: torch.Tensor, batch: int, capacity: int, device: torch.device, values: bool = True) -> int | None:
+    """lens: int32 [batch], each in [0, capacity]. With `values`, reads min and max on the host (one device
+    sync: it waits for all queued GPU work and cannot be captured in a CUDA graph) and returns the max."""
     check("lens", lens, torch.int32, (batch,))
-    if lens.device != device:
-        raise ValueError(f"lens is on {lens.device}, the cache on {device}")
-    if values and batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
-        raise ValueError(
-            f"lens must lie in [0, {capacity}] (the cache capacity); got min {int(lens.min())}, max {int(lens.max())}"
-        )
+    check_device("lens", lens, device)
+    if not values or batch == 0:
+        return None
+    lo, hi = torch.stack(torch.aminmax(lens)).tolist()
+    if lo < 0 or hi > capacity:
+        raise ValueError(f"lens must lie in [0, {capacity}] (the cache capacity); got min {lo}, max {hi}")
+    return hi
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all tensors of a launch on one device)")
+
+
+def check_launchable(device: torch.device) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"tensors on {device} need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """`value` as an int in [lo, hi] (bools and floats rejected), else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {value}")
+    return value
+
+
+def check_pow2(name: str, value, lo: int, hi: int) -> int:
+    """`value` as a power of two in [lo, hi] (Triton's tl.arange and num_warps need powers of two)."""
+    check_int(name, value, lo, hi)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_sm_scale(sm_scale) -> None:
+    """None (1/sqrt(head_dim)) or a finite positive number: a NaN scale would turn every output to NaN."""
+    if sm_scale is None:
+        return
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
+    if sm_scale <= 0:
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+
+
+#: Tile rows a launcher accepts: tl.dot needs >= 16; a [256, 128] fp32 tile already fills half an H100 SM's
+#: 256 KiB register file, so larger tiles spill.
+BLOCK_N_RANGE = (16, 256)
 
 
 def num_sms(device: torch.device) -> int:

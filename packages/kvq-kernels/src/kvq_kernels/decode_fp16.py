@@ -14,7 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check, check_lens, interpreting, next_pow2, num_splits
+from ._launch import (
+    BLOCK_N_RANGE,
+    check,
+    check_device,
+    check_int,
+    check_launchable,
+    check_lens,
+    check_pow2,
+    check_sm_scale,
+    interpreting,
+    next_pow2,
+    num_splits,
+)
 from .combine import alloc_partials, combine
 
 LOG2E = 1.4426950408889634  # 1/ln(2): softmax in base 2
@@ -103,9 +115,12 @@ def decode_fp16(
     k, v: [batch, kv_heads, capacity, head_dim], contiguous; tokens [0, lens[b]) of sequence b are valid.
     lens: int32 [batch], each in [0, capacity]; a length-0 sequence gives zeros.
     GQA:  query head j attends KV head j // (query_heads // kv_heads); MHA when the counts are equal.
-    sm_scale defaults to 1/sqrt(head_dim); splits (of the context, flash-decoding) defaults to about
-    4 waves of programs; max_len (tokens) bounds the split sizes, default capacity (no host sync); validate_lens=False skips the
-    one host sync that range-checks lens (for CUDA-graph capture).
+    sm_scale: a positive number, default 1/sqrt(head_dim). splits (>= 1, of the context, flash-decoding)
+    defaults to about 4 waves of programs. block_n: tile rows, a power of two in [16, 256].
+    max_len (tokens): at least max(lens); it sizes the splits. Default capacity (no host sync).
+    validate_lens=True reads lens on the host (one device sync) to check them against capacity and max_len;
+    False skips that sync (for CUDA-graph capture): the caller then guarantees 0 <= lens <= max_len.
+    NaN/Inf in q, k or v are not checked (that would be a sync per call): they propagate to the output.
     Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -120,13 +135,24 @@ def decode_fp16(
     check("q", q, dt, (batch, hq, d))
     check("k", k, q.dtype, (batch, h_kv, cap, d))
     check("v", v, q.dtype, (batch, h_kv, cap, d))
-    if h_kv < 1 or hq % h_kv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h_kv})")
+    if h_kv < 1 or hq < 1 or hq % h_kv:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of kv heads ({h_kv})")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    check_lens(lens, batch, cap, q.device, validate_lens)
+    check_device("k", k, q.device)
+    check_device("v", v, q.device)
+    check_launchable(q.device)
+    check_sm_scale(sm_scale)
+    check_pow2("block_n", block_n, *BLOCK_N_RANGE)
+    if splits is not None:
+        check_int("splits", splits, 1)
+    max_len = cap if max_len is None else check_int("max_len", max_len, 0, cap)
+    longest = check_lens(lens, batch, cap, q.device, validate_lens)
+    if longest is not None and max_len < longest:
+        raise ValueError(
+            f"max_len ({max_len}) is below the longest sequence ({longest} tokens), whose attention would be "
+            "cut short; pass max_len >= max(lens) or leave it None"
+        )
     group = hq // h_kv
     max_len = cap if max_len is None else max_len
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device)

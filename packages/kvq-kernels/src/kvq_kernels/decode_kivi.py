@@ -22,11 +22,21 @@ import triton.language as tl
 from kvq_core.packing import unpack
 from kvq_core.quant import dequantize, nuq_dequantize
 
-from ._launch import check, check_lens, interpreting, next_pow2, num_splits
+from ._launch import (
+    BLOCK_N_RANGE,
+    check,
+    check_int,
+    check_launchable,
+    check_pow2,
+    check_sm_scale,
+    interpreting,
+    next_pow2,
+    num_splits,
+)
 from .combine import alloc_partials, combine
 from .decode_fp16 import LOG2E, _dot
 from .decode_kivi_simt import _decode_kivi_simt_kernel
-from .kivi_layout import KiviCache
+from .kivi_layout import KiviCache, check_cache
 from .kivi_tail import fp16_tail
 
 
@@ -449,37 +459,6 @@ def _decode_kivi_kernel(
         )  # fmt: skip
 
 
-def _check_cache(c: KiviCache, q: torch.Tensor, validate_lens: bool = True) -> None:
-    b, h, d, tq = c.batch, c.kv_heads, c.head_dim, c.quant_capacity
-    g, r, s = c.group_size, c.residual_tokens, c.sink_tokens
-    if c.bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {c.bits}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
-    if g < 16 or g & (g - 1) or r % g or tq % r:
-        raise ValueError(
-            f"need group_size a power of two >= 16 dividing residual_tokens dividing the quantized capacity; got G={g}, R={r}, Tq={tq}"
-        )
-    row = d * c.bits // 8
-    check("k_codes", c.k_codes, torch.uint8, (b, h, tq, row))
-    check("v_codes", c.v_codes, torch.uint8, (b, h, tq, row))
-    check("k_scale", c.k_scale, torch.float16, (b, h, tq // g, d))
-    check("k_zero", c.k_zero, torch.float16, (b, h, tq // g, d))
-    ngv = d // min(g, d)
-    check("v_scale", c.v_scale, torch.float16, (b, h, tq, ngv))
-    check("v_zero", c.v_zero, torch.float16, (b, h, tq, ngv))
-    for name in ("k_res", "v_win"):
-        check(name, getattr(c, name), torch.float16, (b, h, r, d))
-    for name in ("k_sink", "v_sink"):
-        check(name, getattr(c, name), torch.float16, (b, h, s, d))
-    if c.codebook is not None:
-        check("codebook", c.codebook, torch.float16, (2**c.bits,))
-    for name in ("k_codes", "v_codes", "k_scale", "k_res", "v_win", "k_sink", "lens"):
-        if getattr(c, name).device != q.device:
-            raise ValueError(f"cache.{name} is on {getattr(c, name).device}, q on {q.device}")
-    check_lens(c.lens, b, c.capacity, q.device, validate_lens)
-
-
 #: Tensor-core path defaults, from tune_decode.py's grid (BLOCK_N 32/64/128 x 2/4 warps x 1-3 stages) on the
 #: H100 at 32/8 heads, head_dim 128, group 128, 128K tokens, batch 1 and 32
 #: (reports/measurements/tune_tc_h100_log.txt). BLOCK_N per bit width: 128 for 2/4/8-bit (the fastest at
@@ -522,35 +501,55 @@ def decode_kivi(
 
     q: [batch, query_heads, head_dim] fp16 (fp32 for CPU tests); query head j reads KV head
     j // (query_heads // kv_heads) (GQA; MHA when equal). Uniform codes dequantize as c * scale + zero,
-    nuq codes (cache.codebook set) as codebook[c] * scale + zero. max_len bounds the split sizes
-    (default: the cache capacity, so no host sync); validate_lens=False skips the one host sync
-    that range-checks lens (for CUDA-graph capture). path: "tc" (tensor-core channel slices, any GQA group),
+    nuq codes (cache.codebook set) as codebook[c] * scale + zero. sm_scale: a positive number, default
+    1/sqrt(head_dim). splits: >= 1 (default: waves of programs over the SMs). max_len (tokens) sizes the
+    splits: at least the most quantized tokens (n_vq, see `kivi_layout`) of any sequence, which max(lens)
+    always is; default the quantized capacity (no host sync). validate_lens=True reads lens on the host
+    (one device sync) to check them against the capacity and max_len; False skips that sync (for
+    CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor-core channel slices, any GQA group),
     "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for MHA
-    where its word layout applies, else tc). block_n / num_warps / num_stages left None take the path's
-    measured defaults (`launch_config`). Returns [batch, query_heads, head_dim] in q's dtype.
+    where its word layout applies, else tc). block_n (a power of two in [16, 256] dividing group_size),
+    num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
+    (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
+    propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
     batch, hq, d = q.shape
+    longest = check_cache(cache, q.device, validate_lens)
     check("q", q, (torch.float16, torch.float32), (cache.batch, hq, cache.head_dim))
-    _check_cache(cache, q, validate_lens)
+    check_launchable(q.device)
     h_kv = cache.kv_heads
-    if hq % h_kv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h_kv})")
-    g = cache.group_size
-    max_len = cache.quant_capacity if max_len is None else max_len
-    simt_ok = hq == h_kv and (d * cache.bits) % 32 == 0 and d // (16 if cache.bits == 3 else 32 // cache.bits) >= 2
+    if hq < 1 or hq % h_kv:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of kv heads ({h_kv})")
+    check_sm_scale(sm_scale)
+    if splits is not None:
+        check_int("splits", splits, 1)
     if path not in ("auto", "tc", "simt"):
         raise ValueError(f"path must be 'auto', 'tc' or 'simt', got {path!r}")
+    g = cache.group_size
+    if max_len is None:
+        max_len = cache.quant_capacity
+    else:
+        check_int("max_len", max_len, 0, cache.capacity)
+        n_vq = cache.counts(longest)["n_vq"] if longest is not None else 0
+        if max_len < n_vq:
+            raise ValueError(
+                f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
+                "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
+            )
+    simt_ok = hq == h_kv and (d * cache.bits) % 32 == 0 and d // (16 if cache.bits == 3 else 32 // cache.bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
             "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
     simt = path == "simt" or (path == "auto" and simt_ok)
     bn0, warps0, stages0 = launch_config("simt" if simt else "tc", cache.bits, g)
-    block_n, num_warps, num_stages = block_n or bn0, num_warps or warps0, num_stages or stages0
-    if g % block_n or block_n < 16:
-        raise ValueError(f"block_n ({block_n}) must be >= 16 and divide group_size ({g})")
+    block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
+    num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
+    num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
+    if g % block_n:
+        raise ValueError(f"block_n ({block_n}) must divide group_size ({g}): a tile never straddles a key group")
     # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n

@@ -55,6 +55,8 @@ class KiviKernelStore:
         self.batch, self.kv_heads, self.head_dim, self.device = batch, kv_heads, head_dim, device
         self.tokens = 0
         self.cache: KiviCache = self._allocate(max(capacity, 2 * residual_tokens))
+        # 0, or NaN once a decode step stored a non-finite key or value; `attend` adds it to its output
+        self.nonfinite = torch.zeros((), dtype=torch.float32, device=device)
 
     def _allocate(self, capacity: int) -> KiviCache:
         return allocate(self.batch, self.kv_heads, self.head_dim, capacity, self.bits, self.group, self.residual,
@@ -72,12 +74,23 @@ class KiviKernelStore:
         self.cache = new
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens k, v [B, H_kv, n, D] (any float dtype; kept as fp16 like the format's residual)."""
+        """Store new tokens k, v [B, H_kv, n, D] (any float dtype; kept as fp16 like the format's residual,
+        so a value beyond fp16's +-65504 is stored as Inf).
+
+        NaN/Inf in a prefill block (n > 1, or the first append) raise a ValueError (append_kivi's
+        check_values: one device sync per layer per prompt). A decode step is not checked on the host (a
+        sync per layer per token would stall the GPU queue): a non-finite key or value there sets
+        `nonfinite` on the device (about six tiny kernels, no sync) and every later `attend` of this layer
+        returns NaN, never attention over a silently finite code."""
         n = k.shape[2]
         if self.tokens + n > self.cache.capacity:
             self._grow(self.tokens + n)
-        append_kivi(self.cache, k.to(torch.float16).contiguous(), v.to(torch.float16).contiguous(),
-                    lens_host=[self.tokens] * self.batch)  # fmt: skip
+        k16, v16 = k.to(torch.float16).contiguous(), v.to(torch.float16).contiguous()
+        prefill = n > 1 or self.tokens == 0
+        append_kivi(self.cache, k16, v16, lens_host=[self.tokens] * self.batch, check_values=prefill)
+        if not prefill:
+            bad = ~(torch.isfinite(k16).all() & torch.isfinite(v16).all())
+            self.nonfinite = torch.where(bad, float("nan"), self.nonfinite)
         self.tokens += n
 
     def attend(self, q: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -86,7 +99,7 @@ class KiviKernelStore:
         rest = self.tokens
         n_kq = rest - rest % self.residual
         out = decode_kivi(qq.contiguous(), self.cache, sm_scale=scaling, max_len=max(n_kq, 1), validate_lens=False)
-        return out.to(q.dtype)
+        return (out + self.nonfinite).to(q.dtype)  # NaN after a non-finite decode token (see `append`)
 
     def mark(self, key: torch.Tensor) -> None:
         """Tell the "kvq" attention function that this key tensor's attention is this store's decode step."""

@@ -20,6 +20,8 @@ import torch
 
 from kvq_core.formats import packed_row_bytes
 
+from ._launch import check, check_device, check_int, check_lens
+
 
 @dataclass
 class KiviCache:
@@ -69,8 +71,9 @@ class KiviCache:
 
     @property
     def capacity(self) -> int:
-        """Most tokens a sequence can hold: sinks + quantized capacity + the R-token fp16 tail."""
-        return self.sink_tokens + self.quant_capacity + self.residual_tokens
+        """Most tokens a sequence can hold: sinks + quantized capacity + R - 1. The key ring flushes when it
+        holds R tokens, so at S + Tq + R tokens n_kq = Tq + R key rows would overrun the Tq-row codes."""
+        return self.sink_tokens + self.quant_capacity + self.residual_tokens - 1
 
     def counts(self, t: int) -> dict[str, int]:
         """Where a T-token sequence's tokens live: sinks, n_kq, n_vq, rest (post-sink tokens)."""
@@ -106,23 +109,30 @@ def allocate(
     device: torch.device | str = "cpu",
     codebook: torch.Tensor | None = None,
 ) -> KiviCache:
-    """An empty cache able to hold `capacity` tokens per sequence (lens = 0)."""
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
-    if residual_tokens < group_size or residual_tokens % group_size:
+    """An empty cache able to hold `capacity` tokens per sequence (lens = 0).
+
+    codebook: None (uniform codes) or finite fp16 [2**bits] levels in [-1, 1] (nuq), on `device`.
+    """
+    check_int("batch", batch, 0)
+    check_int("kv_heads", kv_heads, 1)
+    check_int("capacity", capacity, 0)
+    check_int("sink_tokens", sink_tokens, 0)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits!r}")
+    if not isinstance(head_dim, int) or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim!r}")
+    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+    if not isinstance(residual_tokens, int) or residual_tokens < group_size or residual_tokens % group_size:
         raise ValueError(
-            f"residual_tokens ({residual_tokens}) must be a positive multiple of group_size ({group_size})"
+            f"residual_tokens ({residual_tokens!r}) must be a positive multiple of group_size ({group_size})"
         )
     tq = max(0, capacity - sink_tokens)
     tq = -(-tq // residual_tokens) * residual_tokens  # whole flush blocks
     b, h, d, g, r, s = batch, kv_heads, head_dim, group_size, residual_tokens, sink_tokens
     row = packed_row_bytes(bits, d)
     f16 = dict(dtype=torch.float16, device=device)
-    return KiviCache(
+    cache = KiviCache(
         k_codes=torch.zeros(b, h, tq, row, dtype=torch.uint8, device=device),
         k_scale=torch.zeros(b, h, tq // g, d, **f16),
         k_zero=torch.zeros(b, h, tq // g, d, **f16),
@@ -140,3 +150,62 @@ def allocate(
         sink_tokens=s,
         codebook=codebook,
     )
+    if codebook is not None:
+        check_codebook(codebook, bits, cache.k_codes.device)
+    return cache
+
+
+def check_codebook(codebook: torch.Tensor, bits: int, device: torch.device) -> None:
+    """fp16 [2**bits] finite levels in [-1, 1] on `device` (reads the levels on the host: not for hot paths)."""
+    check("codebook", codebook, torch.float16, (2**bits,))
+    check_device("codebook", codebook, device)
+    if not bool(torch.isfinite(codebook).all()) or float(codebook.abs().max()) > 1:
+        raise ValueError(f"codebook levels must be finite and in [-1, 1], got {codebook.tolist()}")
+
+
+def check_cache(c: KiviCache, device: torch.device, validate_lens: bool = True) -> int | None:
+    """Raise ValueError unless every tensor of `c` has the dtype, shape and device its parameters imply.
+    With validate_lens, reads lens on the host (one device sync), checks them and returns the longest."""
+    if not isinstance(c, KiviCache):
+        raise ValueError(f"cache must be a kvq_kernels.kivi_layout.KiviCache, got {type(c).__name__}")
+    if c.bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {c.bits}")
+    for name in ("k_codes", "k_res"):
+        t = getattr(c, name)
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(
+                f"cache.{name} must be a 4-D [batch, kv_heads, ...] tensor, got {getattr(t, 'shape', t)!r}"
+            )
+    b, h, tq = c.k_codes.shape[:3]
+    d = c.k_res.shape[-1]
+    g, r, s = c.group_size, c.residual_tokens, c.sink_tokens
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if g < 16 or g & (g - 1) or r < g or r % g or tq % r:
+        raise ValueError(
+            "need group_size a power of two >= 16 dividing residual_tokens dividing the quantized capacity; "
+            f"got G={g}, R={r}, Tq={tq}"
+        )
+    if h < 1:
+        raise ValueError(f"cache needs at least one kv head, got k_codes of shape {list(c.k_codes.shape)}")
+    row = packed_row_bytes(c.bits, d)
+    ngv = d // min(g, d)
+    shapes = {
+        "k_codes": (torch.uint8, (b, h, tq, row)),
+        "v_codes": (torch.uint8, (b, h, tq, row)),
+        "k_scale": (torch.float16, (b, h, tq // g, d)),
+        "k_zero": (torch.float16, (b, h, tq // g, d)),
+        "v_scale": (torch.float16, (b, h, tq, ngv)),
+        "v_zero": (torch.float16, (b, h, tq, ngv)),
+        "k_res": (torch.float16, (b, h, r, d)),
+        "v_win": (torch.float16, (b, h, r, d)),
+        "k_sink": (torch.float16, (b, h, s, d)),
+        "v_sink": (torch.float16, (b, h, s, d)),
+    }
+    for name, (dtype, shape) in shapes.items():
+        check(f"cache.{name}", getattr(c, name), dtype, shape)
+        check_device(f"cache.{name}", getattr(c, name), device)
+    if c.codebook is not None:
+        check("cache.codebook", c.codebook, torch.float16, (2**c.bits,))
+        check_device("cache.codebook", c.codebook, device)
+    return check_lens(c.lens, b, c.capacity, device, validate_lens)

@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from kvq_core.packing import pack
-from kvq_core.quant import choose_qparams, quantize
+from kvq_core.quant import check_finite, choose_qparams, quantize
 
-from ._launch import check
-from .kivi_layout import KiviCache
+from ._launch import check, check_device, check_int, check_launchable
+from .kivi_layout import KiviCache, check_cache
 from .packed import store_codes
 
 
@@ -109,25 +109,54 @@ def quantize_channel_blocks(x: torch.Tensor, codes, scale, zero, dst_row0: torch
     _quantize_channels[(n,)](x, codes, scale, zero, dst_row0, BITS=bits, HEAD_DIM=d, GROUP=g)
 
 
-def append_kivi(cache: KiviCache, k_new: torch.Tensor, v_new: torch.Tensor, lens_host: list[int] | None = None) -> None:
-    """Append n new tokens per sequence (k_new, v_new fp16 [B, H, n, D]) to `cache` in place.
+def append_kivi(
+    cache: KiviCache,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    lens_host: list[int] | None = None,
+    check_values: bool = True,
+) -> None:
+    """Append n new tokens per sequence (k_new, v_new fp16 [B, H, n, D], on the cache's device) to `cache` in place.
 
     Values leaving the R-token window are quantized per token; each time R keys have gathered in the
     residual ring they are quantized per channel in groups of G (block flush). Reads lens on the host
     (one sync) unless the caller passes them as `lens_host` (it must equal cache.lens).
+    check_values=True raises, as kvq_core.quant does, if k_new or v_new holds NaN or Inf (the group min/max
+    would store them as finite codes), and checks lens_host against cache.lens: one device sync, which waits
+    for all queued GPU work. A caller that cannot sync per token (a decode loop, CUDA-graph capture) passes
+    False and handles non-finite input itself (`hf_attention.KiviKernelStore` turns its output to NaN).
     """
     c = cache
+    if not isinstance(c, KiviCache) or not isinstance(c.k_codes, torch.Tensor):
+        raise ValueError(f"cache must be a KiviCache (kivi_layout.allocate), got {type(c).__name__}")
+    dev = c.k_codes.device
+    check_cache(c, dev, validate_lens=False)
     b, h, d = c.batch, c.kv_heads, c.head_dim
     if not isinstance(k_new, torch.Tensor) or k_new.dim() != 4:
         raise ValueError(f"k_new must be [batch, kv_heads, new_tokens, head_dim], got {getattr(k_new, 'shape', None)}")
     n = k_new.shape[2]
     check("k_new", k_new, torch.float16, (b, h, n, d))
     check("v_new", v_new, torch.float16, (b, h, n, d))
-    lens = c.lens.tolist() if lens_host is None else [int(x) for x in lens_host]
-    if len(lens) != b:
-        raise ValueError(f"lens_host must hold {b} lengths, got {len(lens)}")
+    check_device("k_new", k_new, dev)
+    check_device("v_new", v_new, dev)
+    check_launchable(dev)
+    if lens_host is None:
+        lens = c.lens.tolist()
+    else:
+        if not isinstance(lens_host, (list, tuple)) or len(lens_host) != b:
+            raise ValueError(f"lens_host must be a list of {b} lengths, got {lens_host!r}")
+        for x in lens_host:
+            check_int("lens_host entry", x, 0, c.capacity)
+        lens = list(lens_host)
+        if check_values and lens != c.lens.tolist():
+            raise ValueError(f"lens_host {lens} differs from cache.lens {c.lens.tolist()}")
+    if min(lens, default=0) < 0 or max(lens, default=0) > c.capacity:
+        raise ValueError(f"cache.lens must lie in [0, {c.capacity}] (the cache capacity), got {lens}")
     if max(lens, default=0) + n > c.capacity:
         raise ValueError(f"appending {n} tokens to lens up to {max(lens)} exceeds the capacity {c.capacity}")
+    if check_values:
+        check_finite(k_new, "k_new")
+        check_finite(v_new, "v_new")
     s, r, g, tq = c.sink_tokens, c.residual_tokens, c.group_size, c.quant_capacity
     v_src, v_dst, k_src, k_dst = [], [], [], []
     ring_writes = []  # (b, kv, slot tensor, new-token index tensor)
@@ -156,7 +185,6 @@ def append_kivi(cache: KiviCache, k_new: torch.Tensor, v_new: torch.Tensor, lens
             if r1 > keep0:
                 ps = list(range(keep0, r1))
                 ring_writes.append((ring, i, [p % r for p in ps], new[i][:, [p + off for p in ps]]))
-    dev = c.k_codes.device
     if v_src:
         x = torch.cat([t.reshape(-1, d) for t in v_src])  # rows ordered (seq, head, token)
         rows = [((i * h + hh) * tq + p) for i, q0, q1 in v_dst for hh in range(h) for p in range(q0, q1)]

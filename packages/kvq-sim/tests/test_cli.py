@@ -17,12 +17,12 @@ def run(*args):
 def test_plan_table_json_csv():
     r = run("plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2")
     assert r.exit_code == 0 and "max context at batch 1" in r.output and "assumptions:" in r.output
-    j = json.loads(run("plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2", "--format", "json").output)
+    j = json.loads(run("plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2", "--format", "json").stdout)
     assert j["method"] == "kivi" and j["fits"] and j["memory"]["total_bytes"] <= j["memory"]["usable_bytes"]
     c = run(
         "plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits", "k2v1.5", "--method", "skvq", "--format", "csv"
     )
-    assert c.exit_code == 0 and len(c.output.strip().splitlines()) == 2
+    assert c.exit_code == 0 and len(c.stdout.strip().splitlines()) == 2
 
 
 def test_plan_workload_and_parallel():

@@ -75,3 +75,67 @@ def test_sweep_matches_scalar_model():
         assert c["total_bytes"][i] == m.total_bytes and bool(c["fits"][i]) == m.fits
         assert c["step_s"][i] == pytest.approx(decode_step(dep, b, t).step_s, rel=1e-12)
     assert isinstance(s.columns["fits"], np.ndarray)
+
+
+# --- inputs that produced nonsense: eviction, bare --bits 0, a batch that fits nowhere, trained context ---
+
+
+def test_eviction_is_capped_by_its_budget_not_reported_in_billions():
+    from kvq_sim.api import plan
+
+    for gpu in ("a100-80g", "8x-h100"):
+        r = plan("llama-7b", gpu, method="h2o")
+        assert r.unbounded and r.context == 2048 + 128 and r.cache_cap == "h2o eviction"  # budget + recent window
+        assert r.memory.activation_bytes < 1 << 30  # split-KV partials over the kept tokens, not 2 billion
+    r = plan("mistral-7b", "a100-80g", 2)
+    assert r.unbounded and r.context == 4096 and r.cache_cap == "sliding window"
+
+
+def test_bare_bits_picks_only_fp16_or_kivi():
+    from kvq_sim.errors import SimInputError
+
+    with pytest.raises(SimInputError, match=r"--bits 0 stores no KV: it is eviction.*--method h2o"):
+        deployment("llama-7b", "a100-80g", "0")
+    with pytest.raises(SimInputError, match=r"--bits k2v1.5 is not a width of kivi.*--method \(skvq\)"):
+        deployment("llama-7b", "a100-80g", "k2v1.5")
+    assert deployment("llama-7b", "a100-80g", "0", "h2o").method == "h2o"
+    assert (
+        deployment("llama-7b", "a100-80g", 8).method == "kivi"
+        and deployment("llama-7b", "a100-80g", 16).method == "fp16"
+    )
+
+
+def test_batch_that_fits_at_no_context_is_an_error_with_the_real_limit():
+    from kvq_sim.api import plan
+    from kvq_sim.errors import SimInputError
+
+    most = max_batch(deployment("llama-7b", "a100-80g"), 1)
+    assert fits(deployment("llama-7b", "a100-80g"), most, 1) and not fits(
+        deployment("llama-7b", "a100-80g"), most + 1, 1
+    )
+    with pytest.raises(
+        SimInputError,
+        match=f"batch 16,777,216 does not fit a100-80g even at 1 token per sequence: at most {most:,} sequences",
+    ):
+        plan("llama-7b", "a100-80g", batch=1 << 24)
+
+
+def test_context_beyond_max_position_embeddings_warns_or_is_refused():
+    from kvq_sim.api import plan
+    from kvq_sim.errors import SimInputError
+
+    r = plan("llama-3-8b", "h100-80g", 2)  # the max context memory holds: an answer, always with a warning
+    assert r.context == 2_752_640 and r.max_position_embeddings == 8192
+    assert r.warnings == (
+        "the max context 2,752,640 tokens is what memory holds; llama-3-8b was trained for at most 8,192 tokens "
+        "(max_position_embeddings)",
+    )
+    assert plan("llama-3-8b", "h100-80g", 2, context=8192).warnings == ()
+    r = plan("llama-3-8b", "h100-80g", 2, context=8193)
+    assert r.context == 8193 and len(r.warnings) == 1 and "8,193 tokens per sequence exceed" in r.warnings[0]
+    with pytest.raises(
+        SimInputError, match=r"8,193 tokens per sequence exceed llama-3-8b's max_position_embeddings \(8,192\)"
+    ):
+        plan("llama-3-8b", "h100-80g", 2, context=8193, strict_context=True)
+    with pytest.raises(SimInputError, match="9,000 tokens per sequence exceed"):
+        plan("llama-3-8b", "h100-80g", 2, prompt=8000, gen_tokens=1000, strict_context=True)

@@ -77,7 +77,7 @@ class PlanResult:
     question: str
     batch: int
     context: int
-    unbounded: bool  # a sliding window caps the cache: any context fits
+    unbounded: bool  # a sliding window or an eviction budget caps the cache: any context fits
     fits: bool
     kv_avg_bits: float
     memory: MemoryBreakdown
@@ -94,6 +94,9 @@ class PlanResult:
     prefix_reads: str = "per-sequence"
     kv_remat_flops_per_token_layer: int = 0  # extra FLOPs per cached token per layer per decode step
     generation: GenerationTime | None = None
+    cache_cap: str = ""  # what caps the cache when unbounded: "sliding window" or "<method> eviction"
+    max_position_embeddings: int | None = None  # the model's trained context, when its config states it
+    warnings: tuple[str, ...] = ()  # printed on stderr by the CLI: e.g. a context beyond the trained one
 
     @property
     def context_gain_over_fp16(self) -> float | None:
@@ -152,7 +155,7 @@ def deployment(
 
 
 def _check_range(label: str, value: int | None, upper: int) -> None:
-    if value is not None and not (isinstance(value, int) and 1 <= value <= upper):
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= upper):
         raise SimInputError(f"{label} must be an integer in 1..{upper:,}, got {value!r}")
 
 
@@ -207,19 +210,27 @@ def plan(
     shared_prefix_tokens: int = 0,
     prefix_reads: str = "per-sequence",
     gen_tokens: int | None = None,
+    strict_context: bool = False,
 ) -> PlanResult:
     """Answer a sizing question: with context and batch, does it fit; with one of them, the max of the other.
 
     recipe: a serving recipe (recipes.RECIPES) setting weights, activations and the KV method + bits;
     shared_prefix_tokens: of every sequence's context, a prefix stored once (SCBench shared context);
-    gen_tokens: with `prompt`, a long-generation workload: size for prompt + gen_tokens and time the request.
+    gen_tokens: with `prompt`, a long-generation workload: size for prompt + gen_tokens and time the request;
+    strict_context: refuse a context (or prompt + generation) beyond the model's max_position_embeddings
+    instead of planning it with a warning. A max context found by the search is an answer, not a request:
+    beyond max_position_embeddings it always comes with a warning.
     """
     _check_range("context", context, MAX_CONTEXT_TOKENS)
     _check_range("batch", batch, MAX_BATCH)
     _check_range("prompt", prompt, MAX_CONTEXT_TOKENS)
     _check_range("generate", generate, MAX_CONTEXT_TOKENS)
     _check_range("gen-tokens", gen_tokens, MAX_CONTEXT_TOKENS)
-    if not (isinstance(shared_prefix_tokens, int) and 0 <= shared_prefix_tokens <= MAX_CONTEXT_TOKENS):
+    if not (
+        isinstance(shared_prefix_tokens, int)
+        and not isinstance(shared_prefix_tokens, bool)
+        and 0 <= shared_prefix_tokens <= MAX_CONTEXT_TOKENS
+    ):
         raise SimInputError(
             f"shared-prefix-tokens must be an integer in 0..{MAX_CONTEXT_TOKENS:,}, got {shared_prefix_tokens!r}"
         )
@@ -235,6 +246,10 @@ def plan(
         if context is not None:
             raise SimInputError("give either --context or --prompt/--generate, not both")
         context = prompt + generate
+        if context > MAX_CONTEXT_TOKENS:
+            raise SimInputError(
+                f"prompt + generated tokens = {context:,} exceeds the context limit of {MAX_CONTEXT_TOKENS:,} tokens"
+            )
     if shared_prefix_tokens:
         limit, what = (prompt, "--prompt") if prompt is not None else (context, "--context")
         if limit is not None and shared_prefix_tokens > limit:
@@ -268,8 +283,17 @@ def plan(
     )
     check_weights_fit(dep)
     base = dep.with_method("fp16")
+    positions, warnings = dep.model.max_position_embeddings, []
+    if context is not None and positions is not None and context > positions:
+        beyond = (
+            f"{context:,} tokens per sequence exceed {dep.model.name}'s max_position_embeddings ({positions:,}), "
+            "the longest context it was trained for"
+        )
+        if strict_context:
+            raise SimInputError(f"{beyond} (--strict-context refuses it)")
+        warnings.append(f"{beyond}: memory planned as asked, quality there unknown")
 
-    unbounded = False
+    unbounded, cap = False, ""
     if context is not None and batch is not None:
         question = f"does batch {batch} x {context:,} tokens fit?"
     elif context is not None:
@@ -281,8 +305,26 @@ def plan(
         batch = batch or 1
         question = f"max context at batch {batch}"
         context = max_context(dep, batch)
+        if context == 0:
+            most = max_batch(dep, 1)
+            raise SimInputError(
+                f"batch {batch:,} does not fit {dep.hardware.name} even at 1 token per sequence: "
+                f"at most {most:,} sequences fit ({dep.model.name}, KV {dep.method} {dep.bits_label}-bit)"
+            )
         if context is None:
-            unbounded, context = True, dep.model.sliding_window or MAX_CONTEXT_TOKENS
+            if dep.cache_cap is None:  # nothing caps the cache, yet 2^34 tokens fit: no real GPU does this
+                raise SimInputError(f"more than {MAX_CONTEXT_TOKENS:,} tokens fit: not a meaningful plan")
+            unbounded, (context, cap) = True, dep.cache_cap
+            if positions is not None:
+                warnings.append(
+                    f"any context fits in memory ({cap} caps the cache), but {dep.model.name} was trained for "
+                    f"at most {positions:,} tokens (max_position_embeddings)"
+                )
+        elif positions is not None and context > positions:
+            warnings.append(
+                f"the max context {context:,} tokens is what memory holds; {dep.model.name} was trained for at "
+                f"most {positions:,} tokens (max_position_embeddings)"
+            )
     point_batch = max(batch, 1)  # report the memory of one sequence when none fits
     mb = memory(dep, point_batch, max(context, 1))
     fmt = dep.kv_format
@@ -316,6 +358,9 @@ def plan(
         prefix_reads=dep.prefix_reads,
         kv_remat_flops_per_token_layer=remat_flops_per_token(dep),
         generation=generation_time(dep, batch, prompt, gen_tokens) if gen_tokens and mb.fits and batch else None,
+        cache_cap=cap,
+        max_position_embeddings=positions,
+        warnings=tuple(warnings),
     )
 
 

@@ -17,7 +17,27 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group()
+class _Group(click.Group):
+    """click's group with its usage errors (a bad option value, a missing option) on one stderr line and
+    exit code 2, like every other input error; click would print the usage block above them."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            see = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            _fail(" ".join(e.format_message().split()) + see)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            _fail("aborted")
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """Memory, bandwidth and decode-latency simulator for quantized KV caches."""
 
@@ -51,6 +71,13 @@ def main() -> None:
 @click.option("--gpus", type=int, default=None, help="GPUs to use (default: all of the node)")
 @click.option("--parallel", type=click.Choice(["tp", "cp"]), default="tp", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "--strict-context",
+    is_flag=True,
+    help="refuse (exit 2) a --context or --prompt + generated tokens beyond the model's max_position_embeddings; "
+    "without it such a context is planned with a warning on stderr. A max context the search finds beyond "
+    "max_position_embeddings is always printed, with a warning on stderr",
+)
 def plan(
     model,
     gpu,
@@ -68,6 +95,7 @@ def plan(
     gpus,
     parallel,
     fmt,
+    strict_context,
 ) -> None:
     """Max context, max batch, memory breakdown and decode speed of one deployment."""
     from . import api, render
@@ -89,9 +117,12 @@ def plan(
             shared_prefix_tokens=shared_prefix_tokens,
             prefix_reads=prefix_reads,
             gen_tokens=gen_tokens,
+            strict_context=strict_context,
         )
     except SimInputError as e:
         _fail(str(e))
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
     click.echo({"table": render.table, "json": render.as_json, "csv": render.as_csv}[fmt](result))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -12,32 +13,70 @@ from .errors import SimInputError
 # packages/kvq-sim/src/kvq_sim/configs.py -> repository root is four levels up; KVQ_CONFIG_DIR overrides.
 CONFIG_DIR = Path(os.environ.get("KVQ_CONFIG_DIR", Path(__file__).resolve().parents[4] / "configs"))
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader parses ~10x faster
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # the C loader parses ~10x faster
+    """The safe loader, refusing a field given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)):
+                if key in seen:
+                    raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: field {key!r} given twice")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_text(path: Path) -> str:
+    """A config file's text; an unreadable or non-UTF-8 file is a SimInputError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SimInputError(f"{display_path(path)}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SimInputError(f"{display_path(path)}: not UTF-8 text (byte {e.start})") from None
 
 
 def read_yaml(path: Path) -> dict:
     """Parse one YAML mapping; a syntax error or non-mapping is a SimInputError naming the file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SimInputError(f"{path}: cannot read ({e.strerror})") from None
+    text, where = read_text(path), display_path(path)
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SimInputError(f"{path}:{where} malformed YAML: {problem}") from None
+        raise SimInputError(f"{where}:{line} malformed YAML: {problem}") from None
+    except _DuplicateKey as e:
+        raise SimInputError(f"{where}: {e}") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() (4300) digits
+        raise SimInputError(f"{where}: unreadable value: {str(e).splitlines()[0]}") from None
+    if data is None:
+        raise SimInputError(f"{where}: empty file, expected a mapping of fields")
     if not isinstance(data, dict):
-        raise SimInputError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+        raise SimInputError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def unknown_field(key, known, where: str, section: str = "") -> SimInputError:
+    """The error for a field no reader uses, naming the closest known one (a misspelt field is otherwise
+    ignored and its default used in silence)."""
+    name = f"{section}.{key}" if section else str(key)
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}"
+    return SimInputError(f"{where}: unknown field '{name}'{hint}")
 
 
 def display_path(path: Path) -> str:
     """The path relative to the working directory when possible, for short error messages."""
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
         return str(path)
 
 
@@ -54,10 +93,12 @@ def resolve(kind: str, name_or_path: str) -> Path:
     label = _LABEL.get(kind, kind)
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json") or os.sep in name_or_path:
+        if p.is_dir():
+            raise SimInputError(f"{label} config {name_or_path} is a directory, not a file")
         if not p.is_file():
             raise SimInputError(f"{label} config file not found: {name_or_path}")
         return p
     candidate = CONFIG_DIR / kind / f"{name_or_path}.yaml"
-    if candidate.is_file():
+    if name_or_path and candidate.is_file():
         return candidate
     raise SimInputError(f"unknown {label} {name_or_path!r}; valid: {', '.join(names_in(kind))} (or a path to a file)")

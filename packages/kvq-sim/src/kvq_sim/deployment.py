@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
-from kvq_core.formats import METHODS, KVFormat, bits_label, get_format, method_for_bits, parse_bits
+from kvq_core.formats import DEFAULT_METHOD_FOR_BITS, METHODS, KVFormat, bits_label, get_format, parse_bits
 
 from .errors import SimInputError
 from .hardware import Hardware
@@ -20,11 +20,17 @@ WEIGHT_BITS = (16, 8, 4, 2)
 DEFAULT_PREFILL_CHUNK_TOKENS = 2048
 
 
+#: the methods a bare --bits picks: fp16 at 16 bits, KIVI at the widths it has (2, 3, 4, 8); any other
+#: width is stored by a method the user names, never one picked for them
+BARE_BITS_METHODS = ("fp16", DEFAULT_METHOD_FOR_BITS)
+
+
 def resolve_method(method: str | None, bits: str | float | None) -> tuple[str, tuple[float, float], KVFormat]:
-    """(method, (key_bits, value_bits), format) from CLI-style inputs; a bare bits picks `method_for_bits`."""
+    """(method, (key_bits, value_bits), format) from CLI-style inputs; a bare bits picks fp16 or KIVI only."""
     try:
-        if method is None:
-            method = "fp16" if bits is None else method_for_bits(bits)
+        if method is None and bits is not None:
+            method = _bare_bits_method(parse_bits(bits), bits)
+        method = method or "fp16"
         if method not in METHODS:
             raise SimInputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         fmt = get_format(method, bits)
@@ -34,6 +40,25 @@ def resolve_method(method: str | None, bits: str | float | None) -> tuple[str, t
     except ValueError as e:
         raise SimInputError(str(e)) from None
     return method, kv, fmt
+
+
+def _bare_bits_method(kv: tuple[float, float], bits) -> str:
+    for name in BARE_BITS_METHODS:
+        if kv in METHODS[name].bits:
+            return name
+    storing = [n for n, spec in METHODS.items() if kv in spec.bits]
+    if kv == (0, 0):
+        raise SimInputError(
+            f"--bits 0 stores no KV: it is eviction, not quantization; name the eviction method "
+            f"(--method {' or --method '.join(storing)})"
+        )
+    if not storing:
+        valid = sorted({bits_label(b) for s in METHODS.values() for b in s.bits}, key=lambda x: (len(x), x))
+        raise SimInputError(f"no method stores {bits_label(kv)}-bit KV; valid bits: {', '.join(valid)}")
+    raise SimInputError(
+        f"--bits {bits} is not a width of {DEFAULT_METHOD_FOR_BITS} (the default method): name the method that "
+        f"stores {bits_label(kv)}-bit KV with --method ({', '.join(storing)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +102,7 @@ class Deployment:
             raise SimInputError(f"prefix reads must be 'per-sequence' or 'shared', got {self.prefix_reads!r}")
         if self.parallel not in ("tp", "cp"):
             raise SimInputError(f"parallel must be 'tp' or 'cp', got {self.parallel!r}")
-        if not 1 <= self.gpus <= 1024:
+        if not (isinstance(self.gpus, int) and not isinstance(self.gpus, bool) and 1 <= self.gpus <= 1024):
             raise SimInputError(f"gpus must be in 1..1024, got {self.gpus}")
         if self.hardware.gpus > 1 and self.gpus > self.hardware.gpus:
             raise SimInputError(f"{self.hardware.name} has {self.hardware.gpus} GPUs, asked for {self.gpus}")
@@ -112,6 +137,17 @@ class Deployment:
     def weights(self) -> WeightScheme:
         """How the linear weights are stored: the recipe's scheme, else the --weight-bits preset."""
         return self.weight_scheme or WEIGHT_SCHEMES[self.weight_bits]
+
+    @cached_property
+    def cache_cap(self) -> tuple[int, str] | None:
+        """(tokens, why) when a sequence's cache stops growing with the context: the model's sliding window,
+        or the format's eviction budget (sinks + recent window + heavy hitters: H2O keeps 2,176); else None."""
+        window = self.model.sliding_window
+        evicted = self.kv_format.stored_tokens(1 << 62)  # tokens an evicting format keeps of an endless context
+        caps = [(window, "sliding window")] if window is not None else []
+        if evicted < 1 << 62:
+            caps.append((evicted, f"{self.method} eviction"))
+        return min(caps) if caps else None
 
     def prefix_tokens(self, context: int) -> int:
         """Tokens of a `context`-token sequence that belong to the shared prefix (at most the context)."""

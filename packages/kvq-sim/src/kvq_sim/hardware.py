@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .configs import CONFIG_DIR, display_path, names_in, read_yaml, resolve
+from .configs import CONFIG_DIR, display_path, names_in, read_yaml, resolve, unknown_field
 from .errors import SimInputError
 from .grids import GRIDS
 
@@ -118,6 +119,71 @@ _CAL_KEYS = {
     "attention_fp16": "kv_fp16_bandwidth_efficiency",
     "attention_quantized": "kv_quantized_bandwidth_efficiency",
 }
+#: the lowest efficiency accepted: 0.1% of a datasheet peak (the slowest measured kvq kernel streams at 9%)
+MIN_EFFICIENCY = 1e-3
+
+# Every field a hardware YAML may hold: None is a value, a dict a section, "*" any name (a kernel family).
+_FIT = dict.fromkeys(("train_points", "mape_pct", "worst_pct"))
+_PROVENANCE = dict.fromkeys(("file", "commit", "date"))
+_KERNEL = {
+    **dict.fromkeys(
+        (
+            "bound", "overhead_us", "bandwidth_efficiency", "unpack_ps_per_kv_element", "dot_ps_per_q_element",
+            "grid", "program_us", "programs_per_sm", "nosplit_bandwidth_efficiency", "block_tokens",
+            "split_waves", "tail_programs_per_row",
+        )
+    ),
+    "fit": _FIT,
+}  # fmt: skip
+_SCHEMA = {
+    **dict.fromkeys(
+        (
+            "base", "description", "gpus", "nominal_memory_gib", "usable_memory_bytes", "hbm_bandwidth_gb_s",
+            "fp16_dense_tflops", "int8_dense_tops", "l2_mib", "sm_count", "boost_clock_mhz", "torch_device_name",
+            "interconnect", "interconnect_bandwidth_gb_s", "interconnect_latency_us",
+        )
+    ),
+    "calibration": {
+        **dict.fromkeys(
+            (
+                "calibrated", "source", "transferred_from", "tensor_core_efficiency", "interconnect_efficiency",
+                "kernel_launch_overhead_us", "cuda_context_mib", "framework_workspace_mib",
+            )
+        ),
+        "measurements": {"kernel": _PROVENANCE, "e2e": _PROVENANCE},
+        "bandwidth_efficiency": dict.fromkeys(_CAL_KEYS),
+        "attention_kernels": {"*": _KERNEL},
+        "e2e_fit": _FIT,
+    },
+}  # fmt: skip
+
+#: per-GPU fields a calibration is measured with: a `base:` file that changes one describes another GPU,
+#: so the base's fit is carried over by the transfer rules (kvq_sim.calibrate.transferred), not reused as is
+PER_GPU_FIELDS = (
+    "nominal_memory_gib", "usable_memory_bytes", "hbm_bandwidth_gb_s", "fp16_dense_tflops", "int8_dense_tops",
+    "l2_mib", "sm_count", "boost_clock_mhz",
+)  # fmt: skip
+
+
+def _check_schema(node, schema: dict, where: str, section: str = "") -> None:
+    """Every section a mapping and every field a known one; a misspelt field names the closest known one."""
+    if not isinstance(node, dict):
+        got = "nothing" if node is None else type(node).__name__
+        raise SimInputError(f"{where}: field '{section}' must be a mapping of fields, got {got}")
+    for key, value in node.items():
+        if "*" in schema:
+            if not isinstance(key, str):
+                raise SimInputError(f"{where}: field '{section}.{key}' must be named by a string")
+            sub = schema["*"]
+        elif key in schema:
+            sub = schema[key]
+        else:
+            raise unknown_field(key, schema, where, section)
+        name = f"{section}.{key}" if section else str(key)
+        if isinstance(sub, dict):
+            _check_schema(value, sub, where, name)
+        elif isinstance(value, (dict, list)):
+            raise SimInputError(f"{where}: field '{name}' must be a single value, got a {type(value).__name__}")
 
 
 class _Fields:
@@ -137,25 +203,24 @@ class _Fields:
             node = node[part]
         return node
 
-    def positive(self, key: str, *, upper: float = float("inf"), integer: bool = False) -> float:
+    def number(self, key: str, low: float, high: float, *, integer: bool = False, low_open: bool = False) -> float:
+        """A finite number in [low, high] ((low, high] with low_open); NaN, inf, bools and strings are refused."""
         v = self._get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= upper
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (low < v if low_open else low <= v) and v <= high
         if ok and integer and not float(v).is_integer():
             ok = False
         if not ok:
-            kind = "a positive integer" if integer else "a positive number"
-            bound = f" <= {upper:g}" if upper != float("inf") else ""
-            raise SimInputError(f"{self.where}: field '{key}' must be {kind}{bound}, got {v!r}")
+            kind = "an integer" if integer else "a number"
+            if low == 0 and low_open:
+                kind = f"a positive {kind.split()[-1]}"
+            elif low > 0:
+                kind = f"a positive {kind.split()[-1]} from {low:g}"
+            raise SimInputError(f"{self.where}: field '{key}' must be {kind} up to {high:g}, got {v!r}{_text_hint(v)}")
         return int(v) if integer else float(v)
 
     def fraction(self, key: str) -> float:
-        return self.positive(key, upper=1.0)
-
-    def nonnegative(self, key: str) -> float:
-        v = self._get(key)
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
-            raise SimInputError(f"{self.where}: field '{key}' must be a number >= 0, got {v!r}")
-        return float(v)
+        return self.number(key, MIN_EFFICIENCY, 1.0)
 
     def text(self, key: str, choices: tuple[str, ...] | None = None) -> str:
         v = self._get(key)
@@ -171,26 +236,75 @@ class _Fields:
         return v
 
 
-def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The file's fields over those of its `base:` GPU (node files name the GPU they are made of)."""
-    data = read_yaml(path)
-    base = data.get("base")
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise SimInputError(f"{display_path(path)}: field 'base' must be a GPU name, got {base!r}")
-    base_path = resolve("hardware", base) if "/" in base or base.endswith(".yaml") else _named(base, path)
-    if base_path in seen:
-        raise SimInputError(f"{display_path(path)}: field 'base' forms a cycle through {base!r}")
-    parent = _merged(base_path, (*seen, path))
-    merged = {**parent, **{k: v for k, v in data.items() if k not in ("base", "calibration")}}
-    merged["calibration"] = {**parent.get("calibration", {}), **data.get("calibration", {})}
-    if "bandwidth_efficiency" in data.get("calibration", {}):
+def _text_hint(v) -> str:
+    """Why a number-looking value is text: YAML 1.1 reads 1e3 as a string (a float needs '.' and a signed exponent)."""
+    try:
+        float(v) if isinstance(v, str) else None
+    except ValueError:
+        return ""
+    return " (text, not a number: write exponents as 1.0e+3)" if isinstance(v, str) else ""
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    """The child's fields over its base's; `calibration` and its `bandwidth_efficiency` merge field by field."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("base", "calibration")}}
+    merged["calibration"] = {**parent.get("calibration", {}), **child.get("calibration", {})}
+    if "bandwidth_efficiency" in child.get("calibration", {}):
         merged["calibration"]["bandwidth_efficiency"] = {
             **parent.get("calibration", {}).get("bandwidth_efficiency", {}),
-            **data["calibration"]["bandwidth_efficiency"],
+            **child["calibration"]["bandwidth_efficiency"],
         }
     return merged
+
+
+def _load(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, Hardware, Hardware]:
+    """(merged fields, the Hardware, the Hardware whose file set `calibration.calibrated`) of one file and its
+    `base:` chain. A file that changes a per-GPU field of its base (PER_GPU_FIELDS) is another GPU: usable
+    memory follows a changed nominal memory (the base's measured gap kept), and a calibration made on
+    the base is carried over by the transfer rules and labelled so, never reported as measured on it."""
+    where = display_path(path)
+    data = read_yaml(path)
+    _check_schema(data, _SCHEMA, where)
+    base = data.get("base")
+    if base is None:
+        hw = parse_hardware(data, where, path.stem)
+        return data, hw, hw
+    if not isinstance(base, str) or not base:
+        raise SimInputError(f"{where}: field 'base' must be a GPU name, got {base!r}")
+    base_path = resolve("hardware", base) if "/" in base or base.endswith(".yaml") else _named(base, path)
+    if base_path.resolve() in (*seen, path.resolve()):
+        raise SimInputError(f"{where}: field 'base' forms a cycle through {base!r}")
+    parent_data, parent, origin = _load(base_path, (*seen, path.resolve()))
+    merged = _merge(parent_data, data)
+    f = _Fields(merged, where)
+    if "nominal_memory_gib" in data and "usable_memory_bytes" not in data:
+        # the driver and ECC keep the same bytes of a larger or smaller memory: the base's measured gap
+        nominal = f.number("nominal_memory_gib", *_BOUNDS["nominal_memory_gib"])
+        gap = parent.nominal_memory_gib * GIB - parent.usable_memory_bytes
+        merged["usable_memory_bytes"] = max(1, round(nominal * GIB - gap))
+    if "calibrated" in data.get("calibration", {}):
+        hw = parse_hardware(merged, where, path.stem)
+        return merged, hw, hw
+    if "torch_device_name" not in data and any(merged.get(k) != parent_data.get(k) for k in PER_GPU_FIELDS):
+        merged.pop("torch_device_name", None)  # measurements of the base GPU must not match this one
+    hw = parse_hardware(merged, where, path.stem)
+    if any(getattr(hw, k) != getattr(origin, k) for k in PER_GPU_FIELDS):
+        hw = replace(hw, calibration=_carried_over(origin, hw))
+    return merged, hw, origin
+
+
+def _carried_over(origin: Hardware, hw: Hardware) -> Calibration:
+    """`hw`'s calibration when its per-GPU fields differ from those of the GPU its calibration was made for:
+    a measured fit transferred from that GPU, a transferred one re-transferred from its measured source,
+    uncalibrated priors left as they are."""
+    from .calibrate import transferred  # numpy; only for a file that redefines its base GPU
+
+    cal = hw.calibration
+    if cal.calibrated:
+        return transferred(replace(origin, calibration=cal), hw)
+    if cal.transferred_from:
+        return transferred(load_hardware(cal.transferred_from), hw)
+    return cal
 
 
 def _named(base: str, referrer: Path) -> Path:
@@ -203,42 +317,58 @@ def _named(base: str, referrer: Path) -> Path:
     )
 
 
+#: (low, high) of each per-GPU number: physical ranges with room beyond every GPU made (B200: 8,000 GB/s,
+#: 2,250 dense fp16 TFLOP/s, 192 GB), so a unit slip (GB/s given in TB/s, bytes in GiB) is refused.
+_BOUNDS = {
+    "gpus": (1, 1024),
+    "nominal_memory_gib": (1, 16384),
+    "usable_memory_bytes": (GIB, 16384 * GIB),
+    "hbm_bandwidth_gb_s": (10, 100_000),
+    "fp16_dense_tflops": (1, 100_000),
+    "int8_dense_tops": (1, 200_000),
+    "l2_mib": (0.25, 65536),
+    "sm_count": (1, 65536),
+    "boost_clock_mhz": (100, 10_000),
+    "interconnect_bandwidth_gb_s": (0.1, 100_000),
+    "interconnect_latency_us": (0, 1e6),
+}
+#: (low, high) of calibrated costs: 0 (not modelled) up to a second per launch or a microsecond per element
+_COST_BOUNDS = (0, 1e6)
+
+
 def parse_hardware(data: dict, where: str, name: str) -> Hardware:
     """Validate a hardware mapping (already merged with its base) into a Hardware."""
     f = _Fields(data, where)
+    cal_section = f._get("calibration")
     cal = Calibration(
         calibrated=f.boolean("calibration.calibrated"),
         source=f.text("calibration.source"),
         **{attr: f.fraction(f"calibration.bandwidth_efficiency.{key}") for key, attr in _CAL_KEYS.items()},
         tensor_core_efficiency=f.fraction("calibration.tensor_core_efficiency"),
         interconnect_efficiency=f.fraction("calibration.interconnect_efficiency"),
-        kernel_launch_overhead_us=f.nonnegative("calibration.kernel_launch_overhead_us"),
-        cuda_context_mib=f.nonnegative("calibration.cuda_context_mib"),
-        framework_workspace_mib=f.nonnegative("calibration.framework_workspace_mib"),
-        attention_kernels=_kernel_fits(data.get("calibration", {}).get("attention_kernels", {}), where),
-        transferred_from=f.text("calibration.transferred_from")
-        if "transferred_from" in data.get("calibration", {})
-        else "",
+        kernel_launch_overhead_us=f.number("calibration.kernel_launch_overhead_us", 0, 1e4),
+        cuda_context_mib=f.number("calibration.cuda_context_mib", 0, 1 << 20),
+        framework_workspace_mib=f.number("calibration.framework_workspace_mib", 0, 1 << 20),
+        attention_kernels=_kernel_fits(cal_section.get("attention_kernels", {}), where),
+        transferred_from=f.text("calibration.transferred_from") if "transferred_from" in cal_section else "",
     )
+    ints = ("gpus", "usable_memory_bytes", "sm_count")
+    num = {k: f.number(k, *_BOUNDS[k], integer=k in ints) for k in _BOUNDS if k != "boost_clock_mhz"}
     hw = Hardware(
         name=name,
         description=f.text("description"),
         source_file=where,
-        gpus=int(f.positive("gpus", upper=1024, integer=True)),
-        nominal_memory_gib=f.positive("nominal_memory_gib", upper=1 << 16),
-        usable_memory_bytes=int(f.positive("usable_memory_bytes", upper=1 << 46, integer=True)),
-        hbm_bandwidth_gb_s=f.positive("hbm_bandwidth_gb_s", upper=1e6),
-        fp16_dense_tflops=f.positive("fp16_dense_tflops", upper=1e6),
-        int8_dense_tops=f.positive("int8_dense_tops", upper=1e6),
-        l2_mib=f.positive("l2_mib", upper=1 << 16),
-        sm_count=int(f.positive("sm_count", upper=1 << 16, integer=True)),
+        **num,
         interconnect=f.text("interconnect", _INTERCONNECTS),
-        interconnect_bandwidth_gb_s=f.positive("interconnect_bandwidth_gb_s", upper=1e6),
-        interconnect_latency_us=f.nonnegative("interconnect_latency_us"),
         calibration=cal,
         torch_device_name=f.text("torch_device_name") if "torch_device_name" in data else None,
-        boost_clock_mhz=f.positive("boost_clock_mhz", upper=1e4) if "boost_clock_mhz" in data else None,
+        boost_clock_mhz=f.number("boost_clock_mhz", *_BOUNDS["boost_clock_mhz"]) if "boost_clock_mhz" in data else None,
     )
+    if hw.usable_memory_bytes > hw.nominal_memory_gib * GIB:
+        raise SimInputError(
+            f"{where}: usable_memory_bytes ({hw.usable_memory_gib:.2f} GiB) exceeds nominal_memory_gib "
+            f"({hw.nominal_memory_gib:g} GiB)"
+        )
     if hw.reserve_bytes >= hw.usable_memory_bytes:
         raise SimInputError(f"{where}: calibration reserve ({hw.reserve_bytes / GIB:.2f} GiB) exceeds usable memory")
     return hw
@@ -256,10 +386,10 @@ def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:
             KernelFit(
                 family=str(family),
                 bound=f.text(k + "bound", _KERNEL_BOUNDS),
-                overhead_us=f.nonnegative(k + "overhead_us"),
+                overhead_us=f.number(k + "overhead_us", *_COST_BOUNDS),
                 bandwidth_efficiency=f.fraction(k + "bandwidth_efficiency"),
-                unpack_ps_per_kv_element=f.nonnegative(k + "unpack_ps_per_kv_element"),
-                dot_ps_per_q_element=f.nonnegative(k + "dot_ps_per_q_element"),
+                unpack_ps_per_kv_element=f.number(k + "unpack_ps_per_kv_element", *_COST_BOUNDS),
+                dot_ps_per_q_element=f.number(k + "dot_ps_per_q_element", *_COST_BOUNDS),
                 **_grid_fields(section[family], f, k, where),
             )
         )
@@ -267,33 +397,29 @@ def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:
 
 
 def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
-    """The optional launch-grid fields of one fitted family (absent: no grid terms, as before them)."""
+    """The optional launch-grid fields of one fitted family (absent: no grid terms)."""
     if not isinstance(entry, dict) or "grid" not in entry:
         return {}
     out = dict(
         grid=f.text(k + "grid", GRIDS),
-        program_us=f.nonnegative(k + "program_us"),
-        programs_per_sm=int(f.nonnegative(k + "programs_per_sm")),
-        nosplit_bandwidth_efficiency=f.nonnegative(k + "nosplit_bandwidth_efficiency"),
+        program_us=f.number(k + "program_us", *_COST_BOUNDS),
+        programs_per_sm=f.number(k + "programs_per_sm", 0, 1024, integer=True),
+        nosplit_bandwidth_efficiency=f.number(k + "nosplit_bandwidth_efficiency", 0, 1),
     )
-    if out["nosplit_bandwidth_efficiency"] > 1:
-        raise SimInputError(
-            f"{where}: field 'calibration.attention_kernels.{k}nosplit_bandwidth_efficiency' must be <= 1"
-        )
+    if 0 < out["nosplit_bandwidth_efficiency"] < MIN_EFFICIENCY:
+        out["nosplit_bandwidth_efficiency"] = f.fraction(k + "nosplit_bandwidth_efficiency")  # raises
     if out["grid"].startswith("kvq"):
         out.update(
-            block_tokens=int(f.positive(k + "block_tokens", upper=1 << 20, integer=True)),
-            split_waves=int(f.positive(k + "split_waves", upper=1 << 10, integer=True)),
-            tail_programs_per_row=int(f.nonnegative(k + "tail_programs_per_row")),
+            block_tokens=f.number(k + "block_tokens", 1, 1 << 20, integer=True),
+            split_waves=f.number(k + "split_waves", 1, 1 << 10, integer=True),
+            tail_programs_per_row=f.number(k + "tail_programs_per_row", 0, 1024, integer=True),
         )
     return out
 
 
 def load_hardware(name_or_path: str) -> Hardware:
     """A GPU or node by exact name (configs/hardware/<name>.yaml) or from a user's YAML path."""
-    path = resolve("hardware", name_or_path)
-    where = display_path(path)
-    return parse_hardware(_merged(path), where, path.stem)
+    return _load(resolve("hardware", name_or_path))[1]
 
 
 def hardware_names() -> list[str]:

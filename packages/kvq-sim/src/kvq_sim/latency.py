@@ -262,8 +262,12 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
         weight_bytes=w_bytes,
         gemm_flops=2 * batch * (active_linear + head_params),
         kv_bytes=kv_bytes,
-        # q.k and p.v, plus any rematerialization of K and V from the cached tokens (XQuant)
-        attn_flops=layers * batch * tokens * (4 * dep.heads_per_gpu * m.head_dim + remat_flops_per_token(dep)),
+        # q.k and p.v over the tokens still cached (all but an evicting format's dropped ones), plus any
+        # rematerialization of K and V from them (XQuant)
+        attn_flops=layers
+        * batch
+        * dep.kv_format.stored_tokens(tokens)
+        * (4 * dep.heads_per_gpu * m.head_dim + remat_flops_per_token(dep)),
         weight_bw=hbm * cal.weight_bandwidth_efficiency,
         kv_bw=hbm * eff,
         peak_flops=hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency,

@@ -240,7 +240,8 @@ def activation_terms(dep: Deployment, context: int) -> tuple[int, int]:
     Decode, per sequence (fp16 unless noted):  2 * (2*hidden + 2*q + 2*kv + 3*top_k*ffn/tp)
         (residual + normed hidden, q and attention output, new k and v, gate/up/activated MLP)
         + 4 * vocab/tp                                  fp32 logits
-        + 4 * heads/tp * ceil(T/512) * (head_dim + 2)   fp32 split-KV partials (output, max, sum)
+        + 4 * heads/tp * ceil(T/512) * (head_dim + 2)   fp32 split-KV partials (output, max, sum), T the
+                                                        tokens the cache holds (an eviction budget caps it)
     Prefill of one chunk of C = min(chunk, context) tokens: the same fp16 buffers for C tokens (the
     chunk's fp16 K and V wait there before quantization) and fp32 logits of its last token; flash
     attention keeps no C x T scores. Fused dequantization is assumed: no fp16 copy of the cache.
@@ -251,7 +252,8 @@ def activation_terms(dep: Deployment, context: int) -> tuple[int, int]:
     ffn = math.ceil(m.intermediate_size / dep.tp) * m.num_experts_per_tok
     vocab = math.ceil(m.vocab_size / dep.tp)
     per_token = 2 * (2 * m.hidden_size + 2 * q + 2 * kv + 3 * ffn)
-    partitions = -(-kv_tokens_per_gpu(dep, context) // SPLIT_KV_PARTITION_TOKENS)
+    # partials cover the tokens the cache still holds: an evicting format (H2O) reads its budget, not the context
+    partitions = -(-dep.kv_format.stored_tokens(kv_tokens_per_gpu(dep, context)) // SPLIT_KV_PARTITION_TOKENS)
     decode = per_token + 4 * vocab + 4 * dep.heads_per_gpu * partitions * (m.head_dim + 2)
     chunk = min(dep.prefill_chunk_tokens, context)
     prefill = chunk * per_token + 4 * vocab

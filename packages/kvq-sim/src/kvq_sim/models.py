@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from .configs import display_path, names_in, read_yaml, resolve
+from .configs import display_path, names_in, read_text, read_yaml, resolve, unknown_field
 from .errors import SimInputError
+
+#: the largest layer count, width, head count or vocabulary accepted (16.7 M; llama-3-70b's widest is 128,256)
+MAX_SHAPE = 1 << 24
+#: the longest trained context accepted (17 billion tokens; the planner's own ceiling)
+MAX_POSITIONS = 1 << 34
+#: every field kvq-sim reads from a model config; a kvq YAML may hold only these
+FIELDS = (
+    "name", "source", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size", "tie_word_embeddings", "sliding_window", "use_sliding_window",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "attention_bias", "max_position_embeddings",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class ModelShape:
     num_local_experts: int = 1
     num_experts_per_tok: int = 1
     attention_bias: bool = False
+    max_position_embeddings: int | None = None  # the longest context the model was trained for; None: not stated
 
     @property
     def q_size(self) -> int:
@@ -103,15 +115,34 @@ class ModelShape:
         return context if self.sliding_window is None else min(context, self.sliding_window)
 
 
-def _int(data: dict, key: str, where: str, default: int | None = None, minimum: int = 1) -> int:
+def _int(data: dict, key: str, where: str, default: int | None = None, maximum: int = MAX_SHAPE) -> int:
     v = data.get(key, default)
-    if v is None or isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= 1 << 24:
-        raise SimInputError(f"{where}: field '{key}' must be an integer in {minimum}..{1 << 24}, got {v!r}")
+    if v is None or isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= maximum:
+        huge = isinstance(v, int) and abs(v) > 1 << 64  # repr of a 5,000-digit integer raises ValueError
+        got = f"a {v.bit_length()}-bit integer" if huge else repr(v)
+        raise SimInputError(f"{where}: field '{key}' must be an integer in 1..{maximum:,}, got {got}")
     return v
 
 
-def parse_model(data: dict, where: str, name: str) -> ModelShape:
+def _check_fields(data: dict, where: str, strict: bool) -> None:
+    """Refuse misspelt fields: any unknown field of a kvq YAML (strict); in a Hugging Face config.json,
+    which holds many fields kvq-sim does not read, a field within a typo of one it reads and lacks."""
+    for key in data:
+        if key in FIELDS:
+            continue
+        if strict or not isinstance(key, str):
+            raise unknown_field(key, FIELDS, where)
+        close = difflib.get_close_matches(key, [f for f in FIELDS if f not in data], n=1, cutoff=0.85)
+        if close:
+            raise SimInputError(f"{where}: unknown field '{key}'; did you mean '{close[0]}'?")
+
+
+def parse_model(data: dict, where: str, name: str, strict: bool = False) -> ModelShape:
     """Validate a Hugging Face style config mapping into a ModelShape; errors name the file and field."""
+    _check_fields(data, where, strict)
+    for text in ("name", "source"):
+        if not isinstance(data.get(text, ""), str):
+            raise SimInputError(f"{where}: field '{text}' must be a string, got {data[text]!r}")
     heads = _int(data, "num_attention_heads", where)
     hidden = _int(data, "hidden_size", where)
     kv = _int(data, "num_key_value_heads", where, default=heads)  # absent = multi-head attention
@@ -123,6 +154,9 @@ def parse_model(data: dict, where: str, name: str) -> ModelShape:
     head_dim = _int({"head_dim": head_dim}, "head_dim", where)
     if heads % kv:
         raise SimInputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    for flag in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
+        if not isinstance(data.get(flag, False), bool):
+            raise SimInputError(f"{where}: field '{flag}' must be true or false, got {data[flag]!r}")
     window = data.get("sliding_window")
     if data.get("use_sliding_window") is False:  # Qwen2 configs carry a window they do not use
         window = None
@@ -132,9 +166,9 @@ def parse_model(data: dict, where: str, name: str) -> ModelShape:
     top_k = _int(data, "num_experts_per_tok", where, default=1 if experts == 1 else None)
     if top_k > experts:
         raise SimInputError(f"{where}: num_experts_per_tok {top_k} exceeds num_local_experts {experts}")
-    for flag in ("tie_word_embeddings", "attention_bias"):
-        if not isinstance(data.get(flag, False), bool):
-            raise SimInputError(f"{where}: field '{flag}' must be true or false, got {data[flag]!r}")
+    positions = data.get("max_position_embeddings")
+    if positions is not None:
+        positions = _int(data, "max_position_embeddings", where, maximum=MAX_POSITIONS)
     return ModelShape(
         name=str(data.get("name", name)),
         source=str(data.get("source", where)),
@@ -150,6 +184,7 @@ def parse_model(data: dict, where: str, name: str) -> ModelShape:
         num_local_experts=experts,
         num_experts_per_tok=top_k,
         attention_bias=data.get("attention_bias", False),
+        max_position_embeddings=positions,
     )
 
 
@@ -158,16 +193,18 @@ def load_model(name_or_path: str) -> ModelShape:
     path = resolve("models", name_or_path)
     where = display_path(path)
     if path.suffix == ".json":
+        text = read_text(path)
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SimInputError(f"{where}: cannot read JSON ({e})") from None
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SimInputError(f"{where}: line {e.lineno} column {e.colno}: malformed JSON: {e.msg}") from None
+        except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() (4300) digits
+            raise SimInputError(f"{where}: unreadable value: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise SimInputError(f"{where}: expected a JSON object")
+            raise SimInputError(f"{where}: expected a JSON object of fields, got {type(data).__name__}")
         name = path.parent.name if path.name == "config.json" else path.stem
-    else:
-        data, name = read_yaml(path), path.stem
-    return parse_model(data, where, name)
+        return parse_model(data, where, name)
+    return parse_model(read_yaml(path), where, path.stem, strict=True)
 
 
 def model_names() -> list[str]:

@@ -28,7 +28,7 @@ def table(r: PlanResult) -> str:
         "",
     ]
     if r.unbounded:
-        answer = f"any context (sliding window caps the cache at {r.context:,} tokens)"
+        answer = f"any context ({r.cache_cap} caps the cache at {r.context:,} tokens)"
     elif "fit?" in r.question:
         answer = "yes" if r.fits else "no"
     elif "batch at" in r.question:

@@ -80,7 +80,7 @@ def test_malformed_and_invalid_yaml(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"hidden_size": 4096}')
     r = run("plan", "--model", str(cfg), "--gpu", "a100-80g")
-    assert r.exit_code == 2 and "config.json: field 'num_attention_heads'" in r.stderr
+    assert r.exit_code == 2 and "config.json: missing field 'num_attention_heads'" in r.stderr
 
 
 def test_plan_imports_no_torch_or_triton():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
@@ -28,6 +29,8 @@ BARE_BITS_METHODS = ("fp16", DEFAULT_METHOD_FOR_BITS)
 def resolve_method(method: str | None, bits: str | float | None) -> tuple[str, tuple[float, float], KVFormat]:
     """(method, (key_bits, value_bits), format) from CLI-style inputs; a bare bits picks fp16 or KIVI only."""
     try:
+        if bits is not None and not all(map(math.isfinite, parse_bits(bits))):
+            raise SimInputError(f"cannot read bits {bits!r}: not a finite number")
         if method is None and bits is not None:
             method = _bare_bits_method(parse_bits(bits), bits)
         method = method or "fp16"
@@ -49,7 +52,7 @@ def _bare_bits_method(kv: tuple[float, float], bits) -> str:
     storing = [n for n, spec in METHODS.items() if kv in spec.bits]
     if kv == (0, 0):
         raise SimInputError(
-            f"--bits 0 stores no KV: it is eviction, not quantization; name the eviction method "
+            f"--bits {bits} stores no KV: it is eviction, not quantization; name the eviction method "
             f"(--method {' or --method '.join(storing)})"
         )
     if not storing:

@@ -379,9 +379,9 @@ def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:
     if not isinstance(section, dict):
         raise SimInputError(f"{where}: field 'calibration.attention_kernels' must be a mapping of kernel families")
     fits = []
+    f = _Fields({"base": None, "calibration": {"attention_kernels": section}}, where)  # no 'base:' hint
     for family in sorted(section):
-        f = _Fields(section, f"{where} (calibration.attention_kernels)")
-        k = f"{family}."
+        k = f"calibration.attention_kernels.{family}."
         fits.append(
             KernelFit(
                 family=str(family),

@@ -117,6 +117,8 @@ class ModelShape:
 
 def _int(data: dict, key: str, where: str, default: int | None = None, maximum: int = MAX_SHAPE) -> int:
     v = data.get(key, default)
+    if v is None and key not in data:
+        raise SimInputError(f"{where}: missing field '{key}' (an integer in 1..{maximum:,})")
     if v is None or isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= maximum:
         huge = isinstance(v, int) and abs(v) > 1 << 64  # repr of a 5,000-digit integer raises ValueError
         got = f"a {v.bit_length()}-bit integer" if huge else repr(v)

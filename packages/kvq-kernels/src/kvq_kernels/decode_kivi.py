@@ -550,6 +550,14 @@ def decode_kivi(
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
     if g % block_n:
         raise ValueError(f"block_n ({block_n}) must divide group_size ({g}): a tile never straddles a key group")
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    if not simt and dot_dtype == tl.float16 and d < 32 and cache.bits < 8:
+        # measured on an H100: fp16 q at head_dim 16 with 2/3/4-bit codes gave errors of 0.3-1.6 against the
+        # fp64 reference (fp32 q, 8-bit codes, head_dim >= 32 and the CUDA-core path: at most 6e-4)
+        raise ValueError(
+            f"the tensor-core path gives wrong attention for fp16 q at head_dim {d} with {cache.bits}-bit codes; "
+            "pass q in fp32, or path='simt' (one query head per KV head)"
+        )
     # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
@@ -557,7 +565,6 @@ def decode_kivi(
     tail_tokens = 32  # CUDA-core path: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
     n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if simt else 1
     m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
-    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
     c = cache

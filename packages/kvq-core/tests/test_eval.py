@@ -55,6 +55,10 @@ def test_bad_input(tiny, ids):
         forward_perplexity(tiny.model, ids, window=10, windows=1)
     with pytest.raises(ValueError, match="prefix"):
         teacher_forced_perplexity(tiny, ids, transformers.DynamicCache, window=10, prefix=10, progress=False)
+    with pytest.raises(ValueError, match="start must be >= 0, got -5"):
+        forward_perplexity(tiny, ids, window=10, windows=1, start=-5)
+    with pytest.raises(ValueError, match="windows must be an integer, got 1.5"):
+        forward_perplexity(tiny, ids, window=10, windows=1.5)
     with pytest.raises(ValueError, match="valid: " + ", ".join(PEER_CACHES)):
         peer_cache_factory("quanto-3", tiny.config)
 

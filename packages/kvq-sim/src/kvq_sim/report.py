@@ -20,6 +20,7 @@ from pathlib import Path
 from .api import deployment
 from .deployment import Deployment
 from .errors import SimInputError
+from .files import check_destination, replacing
 from .hardware import GIB, load_hardware
 from .latency import decode_step, decode_terms
 from .memory import memory
@@ -279,8 +280,14 @@ class Comparison:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a CSV as dicts; a non-UTF-8 or malformed file is a SimInputError naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise SimInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (csv.Error, OSError) as e:
+        raise SimInputError(f"{path}: unreadable CSV ({e})") from None
 
 
 def _hardware_for(rows: list[dict], path: Path):
@@ -392,7 +399,11 @@ def quality(directory: Path) -> Quality:
     rows, skipped = [], []
     files = sorted(directory.glob("*.csv")) if directory.is_dir() else []
     for path in files:
-        data = _read_csv(path)
+        try:
+            data = _read_csv(path)
+        except SimInputError as e:
+            skipped.append(f"{path.name}: {str(e).removeprefix(f'{path}: ')}")
+            continue
         lacking = [c for c in QUALITY_COLUMNS if not data or c not in data[0]]
         if lacking:
             skipped.append(f"{path.name}: lacks columns {', '.join(lacking)}")
@@ -428,8 +439,24 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 # ---- the PDF ----------------------------------------------------------------------------------------
 
 
+PDF_MAGIC = b"%PDF-"
+
+
+def check_output(out: Path) -> None:
+    """Before any rendering: `out` can be written, and is not an existing file other than a PDF (a report
+    replaces only an earlier PDF, whose bytes it keeps in `<name>.bak`)."""
+    check_destination(out, "report")
+    if out.is_file():
+        with open(out, "rb") as f:
+            head = f.read(len(PDF_MAGIC))
+        if head != PDF_MAGIC:
+            raise SimInputError(
+                f"report {out} exists and is not a PDF; refusing to overwrite it (remove it or choose another -o)"
+            )
+
+
 def write_report(inp: Inputs, out: Path) -> int:
-    """Draw every page into `out` (a PDF); return the page count."""
+    """Draw every page into `out` (a PDF) atomically; return the page count. `check_output` first."""
     from matplotlib.backends.backend_pdf import PdfPages
 
     from .figures import build_pages, rc
@@ -437,12 +464,11 @@ def write_report(inp: Inputs, out: Path) -> int:
     date = report_date()
     meta = {"Creator": PRODUCER, "Producer": PRODUCER, "CreationDate": date, "ModDate": date}
     meta["Title"] = f"kvq-sim report: {inp.model} on {', '.join(inp.gpus)}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
     with matplotlib.rc_context(rc()):
         pages = build_pages(inp)
-        with PdfPages(out, metadata=meta) as pdf:
+        with replacing(out) as tmp, PdfPages(tmp, metadata=meta) as pdf:
             for fig in pages:
                 pdf.savefig(fig)
     return len(pages)

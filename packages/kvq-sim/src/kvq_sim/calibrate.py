@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .configs import display_path, resolve
+from .configs import display_path, read_text, read_yaml, resolve
 from .errors import SimInputError
+from .files import backup_path, check_destination, replacing
 from .hardware import Calibration, Hardware, KernelFit, load_hardware
 from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us, grid_terms
 from .measurements import E2EPoint, KernelPoint, Provenance, split
@@ -42,6 +43,15 @@ from .measurements import E2EPoint, KernelPoint, Provenance, split
 COMPUTE_FORM_MIN_GAIN = 0.8
 COMPUTE_FORM_MIN_ABS_GAIN = 0.001  # and by at least 0.1 points of RMS: exact ties keep the simpler form
 BANDWIDTH_FORM_MIN_EFFICIENCY = 0.5
+#: Fewest training points per kernel family: the compute form has 3 parameters.
+MIN_TRAINING_POINTS = 3
+#: A fitted family or e2e step whose training MAPE is above this is not written without --accept-worse-fit
+#: (the committed H100 fit's worst family: sdpa_flash_fp16, 4.80%; all-equal times fit at ~40,000%).
+FIT_MAPE_MAX_PCT = 20.0
+#: A new fit is worse than the file's when a family's (or the e2e step's) training MAPE rises by more than
+#: this many points: two repeat runs of the H100 sweep moved each family by at most 0.13 points
+#: (kvq_kivi_3b_gqa 3.29% -> 3.42%, reports/measurements/kernel_decode_h100_repeat.csv).
+FIT_WORSE_TOLERANCE_PCT = 1.0
 # The benchmark model: LLaMA-7B shapes (configs/models/llama-7b.yaml), no embedding table (it feeds a
 # random hidden vector), one new token per sequence written at slot `context` (context + 1 tokens read).
 E2E_MODEL = "llama-7b"
@@ -76,7 +86,10 @@ def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         cols = [i for i, m in enumerate(mask) if m]
         if not cols:
             continue
-        c, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        try:
+            c, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        except np.linalg.LinAlgError as e:  # the inputs are checked finite and positive, so this is a bug
+            raise SimInputError(f"least-squares fit failed ({e}); the measurements cannot be fitted") from None
         if (c < 0).any():
             continue
         x = np.zeros(a.shape[1])
@@ -143,10 +156,18 @@ def fit_kernel_family(
     With `sms` (the GPU's SM count) and a known launch grid (family_grid), each form gains a per-program
     term and the wave-tail factor, and FlashAttention's split and non-split kernels get one efficiency each.
     """
-    if len(points) < 3:
-        raise SimInputError(f"kernel family {points[0].family if points else '?'}: fewer than 3 training points")
+    if len(points) < MIN_TRAINING_POINTS:
+        name = points[0].family if points else "?"
+        raise SimInputError(
+            f"kernel family {name}: {len(points)} training point(s), at least {MIN_TRAINING_POINTS} needed"
+        )
     family = points[0].family
     t = np.array([p.time_us for p in points])
+    if len(set(t.tolist())) == 1:
+        raise SimInputError(
+            f"kernel family {family}: all {len(t)} training times are {t[0]:g} us while the launches differ; "
+            "a fit to constant times is meaningless (a broken timer or a copied column?)"
+        )
     bw_us = np.array([p.bytes_read for p in points]) / (hbm_bandwidth_gb_s * 1e3)  # time at 100% of HBM
     ones = np.ones_like(t)
     kv = np.array([p.kv_elements for p in points], float) * 1e-6  # ps * elements * 1e-6 = us
@@ -304,6 +325,11 @@ def fit_e2e(train: list[E2EPoint], hw: Hardware) -> tuple[float | None, float | 
         notes.append("e2e: no usable training points; weight_gemv and kernel_launch_overhead_us keep the file's values")
         return None, None, None, notes
     w_us, kernels, rest, step = (np.array(c, float) for c in zip(*rows))
+    if len(step) > 1 and len(set(step.tolist())) == 1:
+        raise SimInputError(
+            f"e2e: all {len(step)} training steps take {step[0]:g} us while batch and context differ; "
+            "a fit to constant times is meaningless"
+        )
     # Every benchmark step reads the same weights through the same kernel count, so the data pin only
     # their sum: weights stream at the best efficiency this GPU's kernels reached (the kvq_fp16 fit),
     # and the per-kernel overhead takes the rest (least squares of relative error, >= 0).
@@ -319,10 +345,20 @@ def fit_e2e(train: list[E2EPoint], hw: Hardware) -> tuple[float | None, float | 
     return eff, over, _stats("e2e step", "gemv + attention + kernels", pred, step), notes
 
 
-def calibrate(hw: Hardware, kernel_points: list[KernelPoint], e2e_points: list[E2EPoint] | None) -> CalibrationResult:
-    """Fit kernels on their training split, then the e2e step on its training split."""
+def calibrate(
+    hw: Hardware, kernel_points: list[KernelPoint], e2e_points: list[E2EPoint] | None, source: str = ""
+) -> CalibrationResult:
+    """Fit kernels on their training split, then the e2e step on its training split; `source` (the kernel
+    file) prefixes the error of a family that cannot be fitted."""
     k_train, _ = split(kernel_points)
-    fits, kstats = fit_kernels(k_train, hw.hbm_bandwidth_gb_s, hw.sm_count)
+    try:
+        if not k_train:
+            raise SimInputError(
+                f"all {len(kernel_points)} points are held out for validation; no training point to fit"
+            )
+        fits, kstats = fit_kernels(k_train, hw.hbm_bandwidth_gb_s, hw.sm_count)
+    except SimInputError as e:
+        raise SimInputError(f"{source}: {e}" if source else str(e)) from None
     hw_k = with_kernels(hw, fits)
     notes: list[str] = []
     eff = over = estats = None
@@ -537,20 +573,81 @@ def replace_calibration(text: str, section: str) -> str:
     return "".join(lines[:start]) + section + "".join(lines[end:])
 
 
-def write_calibration(gpu: str, section: str) -> Path:
-    """Replace the GPU file's calibration section and check the loader accepts the result (else restore)."""
+def calibration_path(gpu: str) -> Path:
+    """The YAML file `kvq-sim calibrate --gpu` rewrites, checked writable before any fitting."""
     path = resolve("hardware", gpu)
-    old = path.read_text()
-    path.write_text(replace_calibration(old, section))
-    try:
-        load_hardware(str(path))
-    except SimInputError:
-        path.write_text(old)
-        raise
+    check_destination(path, "GPU file")
     return path
 
 
-def summary(hw: Hardware, r: CalibrationResult, path: Path | None) -> str:
+def file_calibration(path: Path) -> dict:
+    """The `calibration:` mapping written in this file itself (not inherited from a `base:`), {} if none."""
+    cal = read_yaml(path).get("calibration")
+    return cal if isinstance(cal, dict) else {}
+
+
+def check_transfer(src_name: str, dst: Path, overwrite_measured: bool) -> None:
+    """A GPU is not transferred onto itself, and a measured calibration is not replaced by a transferred
+    one unless `overwrite_measured` (a re-measurement is the way to update a measured GPU)."""
+    if resolve("hardware", src_name).resolve() == dst.resolve():
+        raise SimInputError(
+            f"--transfer-from {src_name} is the GPU being calibrated ({display_path(dst)}); "
+            "a transfer carries another, measured GPU's fit over"
+        )
+    if file_calibration(dst).get("calibrated") is True and not overwrite_measured:
+        raise SimInputError(
+            f"{display_path(dst)} holds a calibration measured on this GPU; refusing to replace it with one "
+            "transferred from another GPU (pass --overwrite-measured to do so)"
+        )
+
+
+def fit_regressions(path: Path, r: CalibrationResult) -> list[str]:
+    """Why the fit `r` is worse than the measured one `path` holds (or poor by itself): a training MAPE above
+    FIT_MAPE_MAX_PCT, a family of the file missing from the fit, or a MAPE up by more than
+    FIT_WORSE_TOLERANCE_PCT points on a family or the e2e step. [] when it may be written."""
+    new = {s.name: s.mape_pct for s in r.kernel_stats}
+    if r.e2e_stats:
+        new["e2e step"] = r.e2e_stats.mape_pct
+    out = [f"{n}: training MAPE {m:.2f}% (above {FIT_MAPE_MAX_PCT:g}%)" for n, m in new.items() if m > FIT_MAPE_MAX_PCT]
+    cal = file_calibration(path)
+    if cal.get("calibrated") is not True:
+        return out
+    old = {}
+    kernels = cal.get("attention_kernels")
+    for family, k in (kernels if isinstance(kernels, dict) else {}).items():
+        fit = k.get("fit") if isinstance(k, dict) else None
+        old[family] = fit.get("mape_pct") if isinstance(fit, dict) else None
+    e2e = cal.get("e2e_fit")
+    if isinstance(e2e, dict) and r.e2e_stats:
+        old["e2e step"] = e2e.get("mape_pct")
+    for name, was in old.items():
+        if name not in new:
+            out.append(f"{name}: fitted in the file, missing from these measurements")
+        elif isinstance(was, (int, float)) and new[name] > was + FIT_WORSE_TOLERANCE_PCT:
+            out.append(f"{name}: training MAPE {new[name]:.2f}%, the file's {was:.2f}%")
+    return out
+
+
+def write_calibration(path: Path, section: str) -> bool:
+    """Replace the GPU file's calibration section atomically, keeping its previous text in `<file>.bak`;
+    the new text is loaded from its temporary file first, and not written if the loader refuses it.
+    False when the file already holds exactly this section."""
+    old = read_text(path)
+    new = replace_calibration(old, section)
+    if new == old:
+        return False
+    with replacing(path) as tmp:
+        tmp.write_text(new, encoding="utf-8")
+        try:
+            load_hardware(str(tmp))
+        except SimInputError as e:
+            raise SimInputError(
+                f"{display_path(path)}: the new calibration does not load, file left as it was: {e}"
+            ) from None
+    return True
+
+
+def summary(hw: Hardware, r: CalibrationResult) -> str:
     out = [f"{hw.name}: fitted {len(r.kernels)} kernel families on training points"]
     out.append(
         f"{'family':18s} {'form':9s} {'n':>3s} {'overhead_us':>11s} {'prog_us':>7s} {'/SM':>3s} {'bw_eff':>7s} "
@@ -571,9 +668,15 @@ def summary(hw: Hardware, r: CalibrationResult, path: Path | None) -> str:
             f"({s.train_points} training points, MAPE {s.mape_pct:.2f}%, worst {s.worst_pct:.2f}%)"
         )
     out += [f"note: {n}" for n in r.notes]
-    if path is not None:
-        out.append(f"wrote calibration to {display_path(path)}")
     return "\n".join(out)
+
+
+def written(path: Path, changed: bool, what: str = "calibration") -> str:
+    """The last line of `kvq-sim calibrate`: where the section went, or that the file already held it."""
+    where = display_path(path)
+    if not changed:
+        return f"{where} already holds this {what}; not rewritten"
+    return f"wrote {what} to {where} (previous version: {display_path(backup_path(path))})"
 
 
 def check_device(hw: Hardware) -> str:

@@ -137,7 +137,13 @@ def plan(
 @click.option("--methods", default=None, help="comma list of method[:bits], e.g. kivi:2,kvquant:3 (fp16 always added)")
 @click.option("--measurements", type=click.Path(file_okay=False), default="reports/measurements", show_default=True)
 @click.option("--quality", type=click.Path(file_okay=False), default="reports/quality", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PDF to write")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="PDF to write; checked before rendering. An existing PDF is replaced (its previous bytes kept in "
+    "<output>.bak); any other existing file is refused",
+)
 def report(model, gpus, methods, measurements, quality, output) -> None:
     """A multi-page PDF: memory, max context and batch, decode speed, roofline, validation, quality."""
     from pathlib import Path
@@ -145,6 +151,7 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
     from . import report as rep
 
     try:
+        rep.check_output(Path(output))
         methods = methods or rep.DEFAULT_METHODS
         inp = rep.resolve_inputs(
             model, list(gpus), methods, measurements_dir=Path(measurements), quality_dir=Path(quality)
@@ -156,37 +163,72 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
 
 
 @main.command()
-@click.option("--gpu", required=True, help="GPU name (kvq-sim list gpus) whose YAML receives the fit")
+@click.option(
+    "--gpu", required=True, help="GPU name (kvq-sim list gpus) or hardware YAML path whose calibration is rewritten"
+)
 @click.option("--measurements", default=None, help="kernel decode CSV (reports/measurements/kernel_decode_*.csv)")
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (reports/measurements/e2e_decode_*.csv)")
-@click.option("--transfer-from", default=None, help="instead of measurements: carry a measured GPU's fit over")
+@click.option("--transfer-from", default=None, help="instead of measurements: carry another, measured GPU's fit over")
+@click.option(
+    "--overwrite-measured",
+    is_flag=True,
+    help="with --transfer-from: replace a calibration that was measured on --gpu itself (refused without it)",
+)
+@click.option(
+    "--accept-worse-fit",
+    is_flag=True,
+    help="write a fit with a family's training MAPE above 20%, or more than 1 point above the file's measured "
+    "fit, or missing a family the file has (refused without it)",
+)
 @click.option("--dry-run", is_flag=True, help="print the fit and the YAML section; write nothing")
-def calibrate(gpu, measurements, e2e, transfer_from, dry_run) -> None:
-    """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's YAML."""
+def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_worse_fit, dry_run) -> None:
+    """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's YAML.
+
+    The YAML is checked writable before any fitting, rewritten atomically (temporary file, then rename) and
+    only when its text changes; its previous text is kept in <file>.bak beside it.
+    """
     from . import calibrate as cal
+    from .configs import resolve
     from .hardware import load_hardware
     from .measurements import read_e2e_csv, read_kernel_csv
 
     try:
+        if transfer_from and (measurements or e2e):
+            raise SimInputError("give --measurements (and --e2e) or --transfer-from, not both")
+        if not transfer_from and measurements is None:
+            raise SimInputError("give --measurements (a kernel decode CSV) or --transfer-from (a calibrated GPU)")
+        path = resolve("hardware", gpu) if dry_run else cal.calibration_path(gpu)
         hw = load_hardware(gpu)
         if transfer_from:
+            cal.check_transfer(transfer_from, path, overwrite_measured)
             section = cal.transferred_yaml(load_hardware(transfer_from), hw)
-            path = None if dry_run else cal.write_calibration(gpu, section)
-            click.echo(section if dry_run else f"wrote calibration transferred from {transfer_from} to {path}")
+            if dry_run:
+                click.echo(section)
+                return
+            changed = cal.write_calibration(path, section)
+            click.echo(cal.written(path, changed, f"calibration transferred from {transfer_from}"))
             return
-        if measurements is None:
-            raise SimInputError("give --measurements (a kernel decode CSV) or --transfer-from (a calibrated GPU)")
         device = cal.check_device(hw)
         kpts, kprov = read_kernel_csv(measurements, device)
         epts, eprov = read_e2e_csv(e2e, device) if e2e else (None, None)
-        result = cal.calibrate(hw, kpts, epts)
+        result = cal.calibrate(hw, kpts, epts, source=measurements)
+        worse = cal.fit_regressions(path, result)
+        if worse and not accept_worse_fit and not dry_run:
+            raise SimInputError(
+                f"{cal.display_path(path)} not written: the new fit is worse ({'; '.join(worse)}); "
+                "pass --accept-worse-fit to write it"
+            )
         section = cal.calibration_yaml(hw, result, kprov, eprov)
-        path = None if dry_run else cal.write_calibration(gpu, section)
+        changed = None if dry_run else cal.write_calibration(path, section)
     except SimInputError as e:
         _fail(str(e))
-    click.echo(cal.summary(hw, result, path))
+    click.echo(cal.summary(hw, result))
     if dry_run:
+        for w in worse:
+            click.echo(f"warning: without --accept-worse-fit this fit would not be written: {w}", err=True)
         click.echo(section)
+    else:
+        click.echo(cal.written(path, changed))
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import math
 import os
 import platform
@@ -280,12 +281,13 @@ class Comparison:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    """The rows of a CSV as dicts; a non-UTF-8 or malformed file is a SimInputError naming it."""
+    """The rows of a CSV as dicts; an unreadable, non-UTF-8 or malformed file is a SimInputError naming it."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        data = path.read_bytes()
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
     except UnicodeDecodeError as e:
-        raise SimInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        row = data.count(b"\n", 0, e.start) + 1
+        raise SimInputError(f"{path}, row {row}: not UTF-8 text (byte {e.start})") from None
     except (csv.Error, OSError) as e:
         raise SimInputError(f"{path}: unreadable CSV ({e})") from None
 
@@ -402,7 +404,7 @@ def quality(directory: Path) -> Quality:
         try:
             data = _read_csv(path)
         except SimInputError as e:
-            skipped.append(f"{path.name}: {str(e).removeprefix(f'{path}: ')}")
+            skipped.append(str(e).replace(str(path), path.name, 1))
             continue
         lacking = [c for c in QUALITY_COLUMNS if not data or c not in data[0]]
         if lacking:

@@ -182,3 +182,24 @@ def test_plan_does_not_import_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_failed_render_leaves_the_earlier_pdf_and_no_temporary(inp, tmp_path, monkeypatch):
+    out = tmp_path / "r.pdf"
+    out.write_bytes(b"%PDF-1.4 earlier\n")
+    report.check_output(out)  # an earlier PDF may be replaced
+
+    # a page matplotlib cannot save fails inside the PDF writer, after the temporary file was opened
+    monkeypatch.setattr(figures, "build_pages", lambda _inp: ["page 3"])
+    with pytest.raises(ValueError, match="page 3"):
+        report.write_report(inp, out)
+    assert out.read_bytes() == b"%PDF-1.4 earlier\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.pdf"]
+
+
+def test_check_output_refuses_a_file_that_is_not_a_pdf(tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    with pytest.raises(report.SimInputError, match=r"notes\.md exists and is not a PDF; refusing to overwrite it"):
+        report.check_output(notes)
+    assert notes.read_text() == "# notes\n"

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from kvq_sim import calibrate as cal
 from kvq_sim.cli import main
 from kvq_sim.configs import CONFIG_DIR
+from kvq_sim.errors import SimInputError
 from kvq_sim.hardware import load_hardware
 from kvq_sim.latency import attention_kernel_us, decode_step, grid_terms
 from kvq_sim.measurements import KernelPoint, is_training, read_kernel_csv, split
@@ -253,3 +254,61 @@ def test_transferred_calibrations_are_named_as_such():
         assert load_hardware(gpu).calibration.status == "transferred from h100-80g"
         text = " ".join(assumptions(deployment("llama-7b", gpu, 2, "kivi")))
         assert "transferred from h100-80g" in text and "UNCALIBRATED" not in text
+
+
+# --- writing the GPU file: atomic, checked, previous text kept ------------------------------------------------------
+
+
+def _h100_copy(tmp_path) -> Path:
+    copy = tmp_path / "h100-copy.yaml"
+    shutil.copy(CONFIG_DIR / "hardware" / "h100-80g.yaml", copy)
+    return copy
+
+
+def test_a_section_the_loader_refuses_leaves_the_file_untouched(tmp_path):
+    copy = _h100_copy(tmp_path)
+    old = copy.read_bytes()
+    with pytest.raises(SimInputError, match=r"h100-copy\.yaml: the new calibration does not load, file left as it was"):
+        cal.write_calibration(copy, "calibration:\n  calibrated: maybe\n")
+    assert copy.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h100-copy.yaml"]  # no .bak, no temporary file
+
+
+def test_write_calibration_keeps_the_previous_text_and_skips_an_identical_one(tmp_path):
+    copy = _h100_copy(tmp_path)
+    old = copy.read_bytes()
+    section = cal.transferred_yaml(load_hardware("h100-80g"), load_hardware(str(copy)))
+    assert cal.write_calibration(copy, section) is True
+    assert copy.with_name("h100-copy.yaml.bak").read_bytes() == old
+    assert "transferred_from: h100-80g" in copy.read_text()
+    copy.with_name("h100-copy.yaml.bak").unlink()
+    assert cal.write_calibration(copy, section) is False
+    assert not copy.with_name("h100-copy.yaml.bak").exists()
+
+
+def test_committed_fit_is_not_worse_than_the_file_and_a_worse_one_is_named():
+    hw = load_hardware("h100-80g")
+    kpts, _ = read_kernel_csv(KERNEL_CSV, H100)
+    r = cal.calibrate(hw, kpts, None)
+    path = CONFIG_DIR / "hardware" / "h100-80g.yaml"
+    assert cal.fit_regressions(path, r) == []
+    stats = tuple(replace(s, mape_pct=s.mape_pct + 1.5) if s.name == "kvq_fp16" else s for s in r.kernel_stats)
+    assert cal.fit_regressions(path, replace(r, kernel_stats=stats)) == [
+        "kvq_fp16: training MAPE 4.46%, the file's 2.96%"
+    ]
+    fewer = replace(
+        r,
+        kernels=tuple(k for k in r.kernels if k.family != "kvq_fp16"),
+        kernel_stats=tuple(s for s in r.kernel_stats if s.name != "kvq_fp16"),
+    )
+    assert cal.fit_regressions(path, fewer) == ["kvq_fp16: fitted in the file, missing from these measurements"]
+
+
+def test_constant_times_and_held_out_only_points_are_not_fitted():
+    hw = load_hardware("h100-80g")
+    train, held = split(read_kernel_csv(KERNEL_CSV, H100)[0])
+    flat = [replace(p, time_us=10.0) for p in train if p.family == "kvq_fp16"]
+    with pytest.raises(SimInputError, match=r"kernel family kvq_fp16: all 31 training times are 10 us"):
+        cal.fit_kernel_family(flat, hw.hbm_bandwidth_gb_s)
+    with pytest.raises(SimInputError, match=rf"^k\.csv: all {len(held)} points are held out for validation"):
+        cal.calibrate(hw, held, None, source="k.csv")

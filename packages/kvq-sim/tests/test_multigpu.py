@@ -120,3 +120,37 @@ def test_missing_column_and_bad_bytes(tmp_path):
     p.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(SimInputError, match="UTF-8"):
         read_steps(p)
+
+
+def test_calibrate_then_validate_through_the_cli(tmp_path):
+    """calibrate --multigpu writes the fit file (YAML library, beside the node YAML), the node names it, validate
+    passes on the held-out half; the shipped configs are untouched (KVQ_CONFIG_DIR points at a copy)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from kvq_sim.configs import CONFIG_DIR
+
+    cfg = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, cfg)
+    hw = load_hardware(NODE)
+    pts = _synthesized(hw)
+    csv_path = tmp_path / "steps.csv"
+    _write(csv_path, [{**GOOD, **dataclasses.asdict(p), "mode": "graph"} for p in pts])
+    env = {**__import__("os").environ, "KVQ_CONFIG_DIR": str(cfg)}
+
+    def sim(*args):
+        return subprocess.run([sys.executable, "-m", "kvq_sim.cli", *args], env=env, capture_output=True, text=True)
+
+    r = sim("calibrate", "--gpu", NODE, "--multigpu", str(csv_path))
+    assert r.returncode == 0, r.stderr
+    fit_file = cfg / "hardware" / "fits" / f"{NODE}-collectives.yaml"
+    assert fit_file.is_file() and "collectives_fit" in r.stderr
+    assert sim("validate", "--gpu", NODE, "--multigpu", str(csv_path)).returncode == 1  # not named yet: no fits
+    node = cfg / "hardware" / f"{NODE}.yaml"
+    node.write_text(node.read_text() + f"collectives_fit: fits/{NODE}-collectives.yaml\n")
+    r = sim("validate", "--gpu", NODE, "--multigpu", str(csv_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "tp4" in r.stdout
+    r = sim("calibrate", "--gpu", "h100-80g", "--multigpu", str(csv_path))
+    assert r.returncode == 2 and "single GPU" in r.stderr

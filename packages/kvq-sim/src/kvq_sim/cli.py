@@ -180,8 +180,14 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
     help="write a fit with a family's training MAPE above 20%, or more than 1 point above the file's measured "
     "fit, or missing a family the file has (refused without it)",
 )
+@click.option(
+    "--multigpu",
+    default=None,
+    help="instead: multi-GPU decode-step CSV (benchmarks/multigpu_decode.py) whose training half fits the node's "
+    "collective costs per layout, written to the file its YAML names in collectives_fit",
+)
 @click.option("--dry-run", is_flag=True, help="print the fit and the YAML section; write nothing")
-def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_worse_fit, dry_run) -> None:
+def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_worse_fit, multigpu, dry_run) -> None:
     """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's YAML.
 
     The YAML is checked writable before any fitting, rewritten atomically (temporary file, then rename) and
@@ -192,6 +198,9 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
     from .hardware import load_hardware
     from .measurements import read_e2e_csv, read_kernel_csv
 
+    if multigpu:
+        _calibrate_multigpu(gpu, multigpu, measurements or e2e or transfer_from, dry_run)
+        return
     try:
         if transfer_from and (measurements or e2e):
             raise SimInputError("give --measurements (and --e2e) or --transfer-from, not both")
@@ -231,17 +240,61 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
         click.echo(cal.written(path, changed))
 
 
+def _calibrate_multigpu(gpu: str, csv_path: str, other, dry_run: bool) -> None:
+    from . import multigpu as mg
+    from .configs import display_path, resolve
+    from .hardware import load_hardware
+
+    try:
+        if other:
+            raise SimInputError("--multigpu fits collectives alone: drop --measurements, --e2e and --transfer-from")
+        hw = load_hardware(gpu)
+        if hw.gpus < 2:
+            raise SimInputError(f"{gpu} is a single GPU: --multigpu fits a node of several (e.g. 8x-h100)")
+        path, named = mg.fit_file_path(resolve("hardware", gpu))
+        points, prov = mg.read_steps(csv_path)
+        if prov["device"] != (hw.torch_device_name or prov["device"]):
+            raise SimInputError(f"{csv_path}: measured on {prov['device']}, but {gpu} describes {hw.torch_device_name}")
+        fits = mg.fit(hw, points)
+        doc = mg.fit_document(fits, prov)
+        changed = None if dry_run else mg.write_fit(path, doc)
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo(mg.render_fits(fits))
+    if dry_run:
+        return
+    click.echo(f"{'wrote' if changed else 'unchanged:'} {display_path(path)}")
+    if not named:
+        click.echo(
+            f"note: add 'collectives_fit: {path.relative_to(resolve('hardware', gpu).parent)}' to "
+            f"{display_path(resolve('hardware', gpu))} so plans use it",
+            err=True,
+        )
+
+
 @main.command()
 @click.option("--gpu", required=True, help="calibrated GPU name (kvq-sim list gpus)")
-@click.option("--measurements", required=True, help="kernel decode CSV the GPU was calibrated from")
+@click.option("--measurements", default=None, help="kernel decode CSV the GPU was calibrated from")
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (without it e2e and memory are not checked)")
-def validate(gpu, measurements, e2e) -> None:
+@click.option("--multigpu", default=None, help="multi-GPU decode-step CSV: check the node's collective fits")
+def validate(gpu, measurements, e2e, multigpu) -> None:
     """Predict every held-out measured point; exit 1 when a threshold of kvq_sim.validate is exceeded."""
     from . import validate as val
     from .calibrate import check_device
     from .hardware import load_hardware
     from .measurements import read_e2e_csv, read_kernel_csv
 
+    if measurements is None and multigpu is None:
+        _fail("give --measurements (a kernel decode CSV) and/or --multigpu (a multi-GPU decode-step CSV)")
+    if measurements is None:
+        from . import multigpu as mg
+
+        try:
+            text, ok = mg.validate_steps(load_hardware(gpu), mg.read_steps(multigpu)[0])
+        except SimInputError as e:
+            _fail(str(e))
+        click.echo(text)
+        sys.exit(0 if ok else 1)
     try:
         hw = load_hardware(gpu)
         device = check_device(hw)
@@ -251,7 +304,17 @@ def validate(gpu, measurements, e2e) -> None:
     except SimInputError as e:
         _fail(str(e))
     click.echo(val.render(rep))
-    sys.exit(0 if rep.passed else 1)
+    ok = rep.passed
+    if multigpu:
+        from . import multigpu as mg
+
+        try:
+            text, mg_ok = mg.validate_steps(hw, mg.read_steps(multigpu)[0])
+        except SimInputError as e:
+            _fail(str(e))
+        click.echo(text)
+        ok = ok and mg_ok
+    sys.exit(0 if ok else 1)
 
 
 @main.command("list")

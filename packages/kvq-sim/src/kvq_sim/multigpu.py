@@ -180,3 +180,87 @@ def held_out_errors(prior: Hardware, fitted: Hardware, points: list[StepPoint]) 
             )
         )
     return out
+
+
+def fit_file_path(hw_yaml: Path) -> tuple[Path, bool]:
+    """(where the node's collective fit is written, whether its YAML already names that file)."""
+    from .configs import read_yaml
+
+    ref = read_yaml(hw_yaml).get("collectives_fit")
+    if isinstance(ref, str) and ref:
+        return hw_yaml.parent / ref, True
+    return hw_yaml.parent / "fits" / f"{hw_yaml.stem}-collectives.yaml", False
+
+
+def fit_document(fits: tuple[CollectiveFit, ...], prov: dict) -> dict:
+    """The fit file's content: provenance, then {layout: fields} (written by a YAML library, read by hardware)."""
+    return {
+        "source": f"kvq-sim calibrate --multigpu {prov['file']} (device {prov['device']}, commit {prov['commit']}, "
+        f"measured {prov['date']}); training half of the points, CUDA-graph steps",
+        "layouts": {
+            f.layout: {
+                "shard_scale": round(f.shard_scale, 5),
+                "latency_us": round(f.latency_us, 3),
+                "bandwidth_gb_s": round(f.bandwidth_gb_s, 3),
+                "train_points": f.train_points,
+                "mape_pct": round(f.mape_pct, 3),
+                "worst_pct": round(f.worst_pct, 3),
+            }
+            for f in fits
+        },
+    }
+
+
+def write_fit(path: Path, doc: dict) -> bool:
+    """Write the fit file atomically (the previous one kept as .bak); False when the bytes are unchanged."""
+    import yaml
+
+    from .files import check_destination, replacing
+
+    check_destination(path, "collective fit")
+    before = path.read_bytes() if path.is_file() else None
+    text = "# Measured collective costs per layout: written by `kvq-sim calibrate --multigpu`; do not edit.\n"
+    text += yaml.safe_dump(doc, sort_keys=False, width=120)
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return before != text.encode()
+
+
+def render_fits(fits: tuple[CollectiveFit, ...]) -> str:
+    rows = [
+        f"{'layout':7s} {'train':>5s} {'shard_scale':>11s} {'latency_us':>10s} {'GB/s':>8s} {'MAPE%':>6s} {'worst%':>6s}"
+    ]
+    for f in fits:
+        rows.append(
+            f"{f.layout:7s} {f.train_points:5d} {f.shard_scale:11.3f} {f.latency_us:10.2f} {f.bandwidth_gb_s:8.1f} "
+            f"{f.mape_pct:6.2f} {f.worst_pct:6.2f}"
+        )
+    return "\n".join(rows)
+
+
+def validate_steps(hw: Hardware, points: list[StepPoint]) -> tuple[str, bool]:
+    """The held-out table (prior error beside the fitted one, per layout) and whether the thresholds hold."""
+    if not hw.collectives:
+        return f"{hw.name}: no measured collective fits: run kvq-sim calibrate --gpu {hw.name} --multigpu CSV", False
+    prior = replace(hw, collectives=())
+    rows = held_out_errors(prior, hw, [p for p in points if p.gpus > 1])
+    out = [
+        f"multi-GPU decode step on {hw.name}, held-out points (CUDA graphs):",
+        f"{'layout':7s} {'n':>3s} {'prior MAPE%':>11s} {'prior signed%':>13s} {'fitted MAPE%':>12s} {'worst%':>7s}",
+    ]
+    for r in rows:
+        out.append(
+            f"{r.layout:7s} {r.points:3d} {r.prior_mape_pct:11.2f} {r.prior_signed_pct:+13.2f} "
+            f"{r.fitted_mape_pct:12.2f} {r.fitted_worst_pct:7.2f}"
+        )
+    held = [p for p in points if p.gpus > 1 and not is_training(p.point_id)]
+    fitted = [p for p in held if hw.collective(p.layout) is not None]
+    if not fitted:
+        return "\n".join([*out, "FAIL: no held-out point of a fitted layout"]), False
+    errs = np.array([abs(predict(hw, p) / p.step_us - 1) * 100 for p in fitted])
+    ok = errs.mean() <= MULTIGPU_MAPE_MAX_PCT and errs.max() <= MULTIGPU_WORST_MAX_PCT
+    out.append(
+        f"{'PASS' if ok else 'FAIL'}: {len(fitted)} held-out points, MAPE {errs.mean():.2f}% (max "
+        f"{MULTIGPU_MAPE_MAX_PCT:g}%), worst {errs.max():.2f}% (max {MULTIGPU_WORST_MAX_PCT:g}%)"
+    )
+    return "\n".join(out), bool(ok)

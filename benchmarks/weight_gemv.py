@@ -55,6 +55,11 @@ def _int4(n: int, k: int):
     return (w, sz), deq, packed_u8.nbytes + sz.nbytes
 
 
+# One compiled graph per (shape, tokens) point: 12 per format, past dynamo's default limit of 8 recompiles
+# (beyond it the call silently runs eager, which is not the path being measured).
+torch._dynamo.config.recompile_limit = 64
+
+
 @torch.compile(dynamic=False)
 def _int8_compiled(x, w, scales):
     """gpt-fast's int8 weight-only linear: the int8 read, cast and scale fused by the compiler."""

@@ -71,13 +71,15 @@ def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], 
         if row["mode"] != mode:
             continue
         where = f"{path}, row {i}"
+        # a step timed over fewer layers than the model has carries the whole model's time in step_us_scaled
+        col = "step_us_scaled" if row.get("step_us_scaled") not in (None, "") else "step_us"
         try:
             gpus, batch, context = int(row["gpus"]), int(row["batch"]), int(row["context"])
-            step = float(row["step_us"])
+            step = float(row[col])
         except (TypeError, ValueError):
             raise SimInputError(f"{where}: gpus, batch, context must be integers and step_us a number") from None
         if not (math.isfinite(step) and step > 0) or min(gpus, batch, context) < 1:
-            raise SimInputError(f"{where}: column 'step_us' must be a positive finite time, got {row['step_us']!r}")
+            raise SimInputError(f"{where}: column '{col}' must be a positive finite time, got {row[col]!r}")
         if row["kv"] not in KV_METHODS:
             raise SimInputError(f"{where}: column 'kv' must be one of {', '.join(KV_METHODS)}, got {row['kv']!r}")
         if row["parallel"] not in ("tp", "cp"):

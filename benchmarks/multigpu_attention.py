@@ -1,0 +1,231 @@
+"""One GPU's share of decode attention for `multigpu_decode.py`: its KV cache, attention, and softmax-state merge.
+
+Tensor parallelism: a GPU holds all tokens of its KV heads and calls the public kvq kernels (`decode_fp16`,
+`decode_kivi`), whose output is final. Context parallelism: a GPU holds a slice of every sequence's tokens
+and needs the softmax state of its slice (max m, sum l, unnormalized acc, log2 units as in
+`kvq_kernels.combine`), which the public launchers fold away. `fp16_state` and `kivi_state` therefore
+launch the same split-KV kernels with the launchers' own arguments (adapted from
+`kvq_kernels.decode_fp16.decode_fp16` and `kvq_kernels.decode_kivi.decode_kivi`) and return the partial
+states; `merge_splits` folds a GPU's splits into one state and `merge_ranks` merges the GPUs' states with
+kvq's `combine` kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from kvq_e2e_backend import GROUP, KIVI_CONFIG, RESIDUAL  # benchmarks/kvq_e2e_backend.py: e2e_decode's settings
+
+from kvq_core.formats import packed_row_bytes
+from kvq_kernels._launch import interpreting, next_pow2, num_splits
+from kvq_kernels.combine import alloc_partials, combine
+from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
+from kvq_kernels.decode_kivi import _decode_kivi_kernel, decode_kivi, dequantize_cache, launch_config
+from kvq_kernels.decode_kivi_simt import _decode_kivi_simt_kernel
+from kvq_kernels.kivi_layout import KiviCache, allocate
+
+#: KV format name -> bits per element (16 = fp16 K and V; else KIVI, group 128, residual 128, no sinks)
+KV_BITS = {"fp16": 16, "kivi4": 4, "kivi2": 2}
+FP16_BLOCK_N = 64  # decode_fp16's default tile rows
+
+
+def kv_bits(kv: str) -> int:
+    if kv not in KV_BITS:
+        raise ValueError(f"unknown KV format {kv!r}; valid: {', '.join(KV_BITS)}")
+    return KV_BITS[kv]
+
+
+@dataclass(frozen=True)
+class KvSpec:
+    """The cache one GPU holds for one layer: `old_tokens` cached tokens per sequence, plus one slot for the
+    step's new token when `appends` (tensor parallelism: every GPU; context parallelism: the last one)."""
+
+    kv: str
+    batch: int
+    kv_heads: int
+    head_dim: int
+    old_tokens: int
+    appends: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.old_tokens + int(self.appends)
+
+    def layer_bytes(self) -> int:
+        """Bytes of the tensors `LayerCache` allocates for one layer (the CPU test holds them equal)."""
+        b, h, d, t = self.batch, self.kv_heads, self.head_dim, self.tokens
+        bits = kv_bits(self.kv)
+        if bits == 16:
+            return 2 * b * h * t * d * 2 + b * 4  # K, V fp16 + int32 lens
+        tq = -(-t // RESIDUAL) * RESIDUAL  # allocate(): whole flush blocks of quantized capacity
+        codes = 2 * b * h * tq * packed_row_bytes(bits, d)
+        k_meta = 2 * b * h * (tq // GROUP) * d * 2  # per-channel key scale + zero
+        v_meta = 2 * b * h * tq * (d // min(GROUP, d)) * 2  # per-token value scale + zero
+        rings = 2 * b * h * RESIDUAL * d * 2
+        return codes + k_meta + v_meta + rings + b * 4
+
+
+class LayerCache:
+    """One layer's KV cache on one GPU, filled with random data (never zeros), lens = spec.tokens.
+
+    fp16: k, v [batch, kv_heads, tokens, head_dim] in `dtype` (the kernel reads K/V in q's dtype: fp32 in the
+    CPU test); the new token goes to slot old_tokens.
+    KIVI: a `KiviCache` (group 128, residual 128); old_tokens is a multiple of 128, so the new token is the
+    first of a fresh key ring and the newest of the value window: both fp16 rings, slot old_tokens % 128,
+    written with a plain copy (no host sync, CUDA-graph capturable), as `kvq_e2e_backend.KvqCache` does.
+    """
+
+    def __init__(self, spec: KvSpec, heads: int, seed: int, device, dtype=torch.float16):
+        self.spec, self.heads = spec, heads
+        self.bits = kv_bits(spec.kv)
+        b, h, d, t = spec.batch, spec.kv_heads, spec.head_dim, spec.tokens
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.lens = torch.full((b,), t, dtype=torch.int32, device=device)
+        if self.bits == 16:
+            self.k = torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g)
+            self.v = torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g)
+            return
+        if spec.old_tokens % RESIDUAL:
+            raise ValueError(f"a KIVI shard holds a multiple of {RESIDUAL} tokens, got {spec.old_tokens}")
+        c = allocate(b, h, d, t, self.bits, GROUP, RESIDUAL, 0, device=device)
+        span = 2.0 / (2**self.bits - 1)  # keeps dequantized values ~ N(0, 1)-sized
+        for x in (c.k_codes, c.v_codes):
+            x.random_(0, 256, generator=g)
+        for x in (c.k_scale, c.v_scale):
+            x.uniform_(0.5 * span, span, generator=g)
+        for x in (c.k_zero, c.v_zero):
+            x.uniform_(-1.5, -0.5, generator=g)
+        for x in (c.k_res, c.v_win):
+            x.normal_(generator=g)
+        c.lens.copy_(self.lens)
+        self.kivi: KiviCache = c
+        self.slot = spec.old_tokens % RESIDUAL
+        mha = heads == h
+        # MHA runs decode_kivi's CUDA-core path with e2e_decode's tuned tiles; GQA the tensor-core defaults
+        self.cfg = KIVI_CONFIG[self.bits] if mha else (None, None, None, True)
+
+    @property
+    def nbytes(self) -> int:
+        if self.bits == 16:
+            return self.k.nbytes + self.v.nbytes + self.lens.nbytes
+        c = self.kivi
+        parts = (c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink)
+        return sum(x.nbytes for x in parts) + c.lens.nbytes
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's new token: k, v [batch, kv_heads, head_dim]; no-op on a GPU that does not append."""
+        if not self.spec.appends:
+            return
+        if self.bits == 16:
+            t = self.spec.old_tokens
+            self.k[:, :, t] = k
+            self.v[:, :, t] = v
+        else:
+            self.kivi.k_res[:, :, self.slot] = k
+            self.kivi.v_win[:, :, self.slot] = v
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention output [batch, heads, head_dim] of q [batch, heads, head_dim] over this cache."""
+        if self.bits == 16:
+            return decode_fp16(q, self.k, self.v, self.lens, validate_lens=False)
+        bn, warps, stages, prefetch = self.cfg
+        return decode_kivi(
+            q, self.kivi, validate_lens=False, block_n=bn, num_warps=warps, num_stages=stages, prefetch=prefetch
+        )
+
+    def state(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-split softmax state of q over this cache: m, l [B * heads, splits], acc [B * heads, splits, D]."""
+        if self.bits == 16:
+            return fp16_state(q, self.k, self.v, self.lens)
+        return kivi_state(q, self.kivi, *self.cfg)
+
+    def old_kv(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 K, V [len(rows), kv_heads, old_tokens, head_dim] of the cached tokens (KIVI: kvq_core's
+        dequantization, the spec), for the single-process reference."""
+        t = self.spec.old_tokens
+        if self.bits == 16:
+            return self.k[rows, :, :t].float(), self.v[rows, :, :t].float()
+        kv = [dequantize_cache(self.kivi, b) for b in rows]
+        return torch.stack([k[:, :t] for k, _ in kv]), torch.stack([v[:, :t] for _, v in kv])
+
+
+def fp16_state(q, k, v, lens):
+    """`decode_fp16`'s launch without its combine; shapes as there (lens guaranteed by the caller)."""
+    batch, hq, d = q.shape
+    h_kv, cap = k.shape[1], k.shape[2]
+    n_split = num_splits(batch * h_kv, cap, FP16_BLOCK_N, q.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(cap, 1), n_split), FP16_BLOCK_N) * FP16_BLOCK_N
+    n_split = max(1, triton.cdiv(max(cap, 1), tokens_per_split))
+    m, l_part, acc = alloc_partials(batch * hq, n_split, d, q.device)
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    group = hq // h_kv
+    _decode_fp16_kernel[(batch * h_kv, n_split)](
+        q, k, v, lens, m, l_part, acc, LOG2E / math.sqrt(d), h_kv, cap, tokens_per_split, n_split,
+        HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=FP16_BLOCK_N, DOT_DTYPE=dot_dtype,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return m, l_part, acc
+
+
+def kivi_state(q, c: KiviCache, block_n=None, num_warps=None, num_stages=None, prefetch=True):
+    """`decode_kivi`'s launch (path "auto", no sinks) without its combine; the same tile defaults."""
+    batch, hq, d = q.shape
+    h_kv, g = c.kv_heads, c.group_size
+    simt = hq == h_kv and (d * c.bits) % 32 == 0 and d // (32 // c.bits) >= 2
+    bn0, warps0, stages0 = launch_config("simt" if simt else "tc", c.bits, g)
+    block_n, num_warps, num_stages = block_n or bn0, num_warps or warps0, num_stages or stages0
+    max_len = c.quant_capacity
+    n_split = num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
+    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
+    tail_tokens = 32
+    n_tail = triton.cdiv(c.sink_tokens + c.residual_tokens, tail_tokens) if simt else 1
+    m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    scale = LOG2E / math.sqrt(d)
+    cb = c.k_scale  # uniform codes: the codebook pointer is unused
+    if simt:
+        _decode_kivi_simt_kernel[(batch * h_kv, n_split + n_tail)](
+            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
+            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
+            BITS=c.bits, GROUP=g, NUQ=False, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
+            DOT_DTYPE=dot_dtype, PREFETCH=prefetch, DEFER=True, FMA=not interpreting(), num_warps=num_warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+        return m, l_part, acc
+    _decode_kivi_kernel[(batch * h_kv, n_split + 1)](
+        q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
+        c.lens, cb, m, l_part, acc, scale, h_kv, c.quant_capacity, c.residual_tokens, c.sink_tokens,
+        tokens_per_split, n_split,
+        BITS=c.bits, GROUP=g, NUQ=False, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)),
+        HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return m, l_part, acc
+
+
+def merge_splits(m: torch.Tensor, l_part: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Fold the splits of one GPU into one state, packed [rows, D + 2] fp32 as (acc, m, l).
+
+    The same merge as `combine.merge_state`, in torch: m = max_s m_s, l = sum_s l_s 2^(m_s - m),
+    acc = sum_s acc_s 2^(m_s - m). Every split of a GPU's slice holds tokens, so m is finite.
+    """
+    m_max = m.amax(1, keepdim=True)  # [rows, 1]
+    w = torch.exp2(m - m_max)  # [rows, splits]
+    l_sum = (l_part * w).sum(1, keepdim=True)
+    acc_sum = (acc * w[:, :, None]).sum(1)  # [rows, D]
+    return torch.cat([acc_sum, m_max, l_sum], 1)
+
+
+def merge_ranks(states: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Merge the GPUs' states [world, rows, D + 2] (each from `merge_splits`) into out [B, heads, D] with
+    kvq's split-KV combine kernel: the GPUs are its splits."""
+    d = states.shape[2] - 2
+    acc = states[:, :, :d].transpose(0, 1).contiguous()  # [rows, world, D]
+    m = states[:, :, d].t().contiguous()  # [rows, world]
+    l_part = states[:, :, d + 1].t().contiguous()
+    return combine(m, l_part, acc, out)

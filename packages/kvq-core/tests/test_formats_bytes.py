@@ -108,3 +108,20 @@ def test_incremental_reconstruction_equals_decoding_the_whole_body(method, bits)
     for stream in (layer.k, layer.v):
         whole = stream.codec.decode(stream.body, stream.quantized_tokens)
         assert torch.equal(stream._deq, whole)
+
+
+@pytest.mark.parametrize("method,bits", ALL, ids=[f"{m}-{b[0]}-{b[1]}" for m, b in ALL])
+def test_held_bytes_equal_format_bytes_after_calibration(method, bits):
+    # calibration adds per-layer state (codebooks, channel orders, bases, normalisers): the format counts it
+    h, d = SHAPES["smollm2"]
+    fmt = get_format(method, bits)
+    layer = StreamingLayer(fmt, d)
+    g = torch.Generator().manual_seed(2)
+    layer.calibrate(torch.randn(1, h, 64, d, generator=g), torch.randn(1, h, 64, d, generator=g))
+    total = 0
+    for t in [160, 1, 31]:
+        q = torch.randn(1, h, t, d, generator=g)
+        layer.append(torch.randn(1, h, t, d, generator=g), torch.randn(1, h, t, d, generator=g), q)
+        total += t
+        bd = fmt.breakdown(total, h, d)
+        assert layer.nbytes == bd.per_sequence + bd.shared, (total, sorted(layer.tensors()))

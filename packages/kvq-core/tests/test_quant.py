@@ -73,8 +73,14 @@ def test_scale_dtype_rounding_is_outward():
     for name in ["fp16", "bf16", "fp8_e4m3", "fp32"]:
         assert (round_to_dtype(v, name, "down").double() <= v).all()
         assert (round_to_dtype(v, name, "up").double() >= v).all()
-    with pytest.raises(ValueError, match="out of the fp8_e4m3 range"):
+    with pytest.raises(ValueError, match=r"value 10000 is beyond the fp8_e4m3 range \[-448, 448\]"):
         round_to_dtype(torch.tensor([1e4]), "fp8_e4m3", "up")
+    with pytest.raises(ValueError, match=r"value -70000 is beyond the fp16 range \[-65504, 65504\]"):
+        round_to_dtype(torch.tensor([-7e4]), "fp16", "down")
+    # beyond the range on the side the rounding goes away from: the range's end is the correct answer
+    assert round_to_dtype(torch.tensor([1e4]), "fp8_e4m3", "down").item() == 448
+    assert round_to_dtype(torch.tensor([-7e4]), "fp16", "up").item() == -65504
+    assert round_to_dtype(torch.tensor([0.0]), "e8m0", "up").item() == 2.0**-127
 
 
 def test_nuq_round_trip_hits_levels():

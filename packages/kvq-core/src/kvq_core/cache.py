@@ -19,10 +19,13 @@ hands both streams to one `cache_tiers.TieredLayer`, which takes the step's quer
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .codecs import CAT_DIM, Codec, make_codec
 from .formats import FULL_PRECISION_BYTES, KVFormat, StreamFormat, get_format
+from .quant import check_finite, check_kv_range
 
 __all__ = ["QuantizedStream", "StreamingLayer"]
 
@@ -34,6 +37,10 @@ class QuantizedStream:
     """One stream (keys or values) of one layer, for a batch of sequences of equal length."""
 
     def __init__(self, fmt: StreamFormat, head_dim: int, sink_tokens: int = 0, codec: Codec | None = None):
+        if not isinstance(fmt, StreamFormat):
+            raise ValueError(f"fmt must be a StreamFormat, got {type(fmt).__name__}")
+        check_count("head_dim", head_dim, 1)
+        check_count("sink_tokens", sink_tokens, 0)
         self.fmt = fmt
         self.head_dim = head_dim
         self.sink_tokens = sink_tokens
@@ -47,7 +54,11 @@ class QuantizedStream:
 
     # -- appending -------------------------------------------------------------------------------
     def append(self, x: torch.Tensor) -> None:
-        """Append a block ``x: [B, H, t, D]`` (t >= 1) of new tokens."""
+        """Append a block ``x: [B, H, t, D]`` of new tokens (floating point, finite, within fp16's +-65504).
+
+        Every token is held in fp16 (sinks, window) before it is quantized, so a block with a larger
+        value is refused with a ValueError naming it rather than stored as inf.
+        """
         self._check(x)
         if x.shape[2] == 0:
             return
@@ -131,6 +142,10 @@ class QuantizedStream:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"a K/V block must be a torch.Tensor [batch, kv_heads, tokens, head_dim], got {type(x).__name__}"
+            )
         if x.dim() != 4:
             raise ValueError(f"expected [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
         if x.shape[-1] != self.head_dim:
@@ -142,8 +157,7 @@ class QuantizedStream:
             raise ValueError(
                 f"batch/heads mismatch: cache holds {tuple(ref.shape[:2])}, block has {tuple(x.shape[:2])}"
             )
-        if not torch.isfinite(x).all():
-            raise ValueError("K/V block contains NaN or Inf; KV quantization needs finite input")
+        check_kv_range(x)
 
     @staticmethod
     def _len(t: torch.Tensor | None) -> int:
@@ -152,6 +166,30 @@ class QuantizedStream:
     @staticmethod
     def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
         return b.contiguous() if a is None else torch.cat([a, b], dim=2)
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """`value` if it is an integer >= `minimum` (bool refused); else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_block(x, name: str, head_dim: int, layout: str = "[batch, kv_heads, tokens, head_dim]") -> None:
+    """A K/V (or query) block must be a floating-point tensor of 4 dims (`layout`) ending in `head_dim`."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.shape[-1] != head_dim:
+        raise ValueError(f"head_dim mismatch: the layer has {head_dim}, {name} has {x.shape[-1]}")
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
 def _make_stream(fmt: StreamFormat, head_dim: int, sink_tokens: int):
@@ -175,8 +213,9 @@ class StreamingLayer:
     """
 
     def __init__(self, fmt: KVFormat, head_dim: int):
-        if head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if not isinstance(fmt, KVFormat):
+            raise ValueError(f"fmt must be a KVFormat (e.g. get_format('kivi', 2)), got {type(fmt).__name__}")
+        check_count("head_dim", head_dim, 1)
         if getattr(fmt, "cache_input", "kv") != "kv" or getattr(fmt, "merge_depth_fraction", 0.0):
             raise ValueError(
                 f"{fmt.name}: a StreamingLayer holds one layer's K and V; this format caches the layer input or "
@@ -205,7 +244,19 @@ class StreamingLayer:
         k_weights: torch.Tensor | None = None,
         v_weights: torch.Tensor | None = None,
     ) -> None:
-        """Fit per-layer state (codebooks, channel order, clip, ranges) on calibration K/V ``[B, H, T, D]``."""
+        """Fit per-layer state (codebooks, channel order, clip, ranges) on calibration K/V ``[B, H, T, D]``.
+
+        `k_weights`, `v_weights`: optional Fisher weights broadcastable to K and V (KVQuant's codebooks).
+        """
+        for name, x, w in (("calibration K", k, k_weights), ("calibration V", v, v_weights)):
+            check_block(x, name, self.head_dim)
+            if x.shape[2] < 1:
+                raise ValueError(f"{name} holds no tokens")
+            check_kv_range(x, name)
+            if w is not None:
+                if not isinstance(w, torch.Tensor) or torch.broadcast_shapes(w.shape, x.shape) != x.shape:
+                    raise ValueError(f"{name} weights must be a tensor broadcastable to {tuple(x.shape)}")
+                check_finite(w, f"{name} weights")
         if self.tiers is not None:
             return self.tiers.calibrate(k, v, k_weights, v_weights)
         if self.k.codec is not None:
@@ -216,17 +267,29 @@ class StreamingLayer:
     def append(self, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         """Append ``k, v: [B, H_kv, t, D]``; `queries` ``[B, H_q, t, D]`` (post-RoPE) feed tiered formats'
         attention scores and are ignored by every other format."""
+        check_block(k, "K", self.head_dim)
+        check_block(v, "V", self.head_dim)
+        if queries is not None:
+            check_block(queries, "queries", self.head_dim, "[batch, q_heads, tokens, head_dim]")
+            if queries.shape[0] != k.shape[0] or queries.shape[2] != k.shape[2]:
+                raise ValueError(
+                    f"queries {tuple(queries.shape)} must have K's batch and tokens, K is {tuple(k.shape)}"
+                )
         if k.shape != v.shape:
             raise ValueError(f"K and V blocks must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        check_kv_range(k, "K")  # both checked before either stream changes
+        check_kv_range(v, "V")
         if self.tiers is not None:
             return self.tiers.append(k, v, queries)
         self.k.append(k)
         self.v.append(v)
 
     def keys(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        _check_dtype(dtype)
         return self.tiers.keys(dtype) if self.tiers is not None else self.k.dequantized(dtype)
 
     def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        _check_dtype(dtype)
         return self.tiers.values(dtype) if self.tiers is not None else self.v.dequantized(dtype)
 
     @property

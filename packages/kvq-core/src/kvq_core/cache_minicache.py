@@ -50,6 +50,7 @@ import torch
 
 from .formats import KVFormat, get_format, minicache_format
 from .hf_cache import KVQCache, KVQLayer
+from .quant import FP16_MAX, check_kv_range
 
 __all__ = ["MergedPair", "MiniCacheLayer", "calibrate_pairs", "minicache_layers", "slerp_merge"]
 
@@ -137,8 +138,20 @@ class MergedPair:
         if self.pending is None:
             raise ValueError(f"layer {self.layers[1]} updated before layer {self.layers[0]} in this forward")
         (k_lo, v_lo), self.pending = self.pending, None
-        if k_lo.shape != k_hi.shape:
-            raise ValueError(f"pair {self.layers}: K shapes differ, {tuple(k_lo.shape)} vs {tuple(k_hi.shape)}")
+        if k_lo.shape != k_hi.shape or v_lo.shape != v_hi.shape:
+            raise ValueError(
+                f"pair {self.layers}: K/V shapes differ, {tuple(k_lo.shape)} vs {tuple(k_hi.shape)}, "
+                f"{tuple(v_lo.shape)} vs {tuple(v_hi.shape)}"
+            )
+        for name, x in (("K", k_lo), ("V", v_lo), ("K", k_hi), ("V", v_hi)):
+            check_kv_range(x, f"{name} of layers {self.layers}")
+            # magnitudes are stored fp16: a token's norm beyond 65504 would be stored as inf
+            peak = float(x.float().norm(dim=-1).amax()) if x.numel() else 0.0
+            if peak > FP16_MAX:
+                raise ValueError(
+                    f"MiniCache stores token norms in fp16: a {name} vector of layers {self.layers} has norm "
+                    f"{peak:g}, beyond {FP16_MAX:g}"
+                )
         f = self.fmt.retain_fraction
         self.k.append(k_lo, k_hi, self.t, f, self.tokens)
         self.v.append(v_lo, v_hi, self.t, f, self.tokens)

@@ -15,10 +15,15 @@ import torch
 
 from .cache_tiers import TokenTier
 from .formats import StreamFormat
+from .quant import check_kv_range
 
 __all__ = ["StaircaseStream"]
 
 _FP = torch.float16
+
+
+def _shape_of(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 class StaircaseStream:
@@ -39,11 +44,17 @@ class StaircaseStream:
         self.tokens = 0
 
     def append(self, x: torch.Tensor) -> None:
-        """Append a block ``x: [B, H, t, D]``."""
-        if x.dim() != 4 or x.shape[-1] != self.head_dim:
-            raise ValueError(f"expected [batch, kv_heads, tokens, {self.head_dim}], got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("K/V block contains NaN or Inf; KV quantization needs finite input")
+        """Append a block ``x: [B, H, t, D]`` (finite, within fp16's +-65504: tokens wait in the fp16 window)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
+            raise ValueError(f"expected a tensor [batch, kv_heads, tokens, {self.head_dim}], got {_shape_of(x)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"K/V must be floating point, got {x.dtype}")
+        check_kv_range(x)
+        ref = self.residual if self.residual is not None else self.sinks
+        if ref is not None and ref.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"batch/heads mismatch: cache holds {tuple(ref.shape[:2])}, block has {tuple(x.shape[:2])}"
+            )
         xs = x.to(_FP)
         have = 0 if self.sinks is None else self.sinks.shape[2]
         take = min(self.sink_tokens - have, xs.shape[2])

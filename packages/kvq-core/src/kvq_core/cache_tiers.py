@@ -34,6 +34,7 @@ import torch
 
 from .codecs import AffineCodec
 from .formats import KVFormat, StreamFormat
+from .quant import check_kv_range
 
 __all__ = ["TieredLayer", "TokenTier"]
 
@@ -164,8 +165,20 @@ class TieredLayer:
             raise ValueError(
                 f"K and V blocks must both be [B, H, t, {self.head_dim}], got {tuple(k.shape)}, {tuple(v.shape)}"
             )
-        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise ValueError("K/V block contains NaN or Inf; KV quantization needs finite input")
+        if queries is not None and (
+            queries.dim() != 4 or queries.shape[1] % k.shape[1] or queries.shape[0] != k.shape[0]
+        ):  # checked before any state changes
+            raise ValueError(
+                f"queries [B, H_q, t, D] need K's batch and H_q a multiple of {k.shape[1]} KV heads, "
+                f"got {tuple(queries.shape)}"
+            )
+        ref = self.k.window if self.k.window is not None else self.k.sinks
+        if ref is not None and ref.shape[:2] != k.shape[:2]:
+            raise ValueError(
+                f"batch/heads mismatch: cache holds {tuple(ref.shape[:2])}, block has {tuple(k.shape[:2])}"
+            )
+        check_kv_range(k, "K block")  # held in fp16 (sinks, window, high tier): within +-65504
+        check_kv_range(v, "V block")
         if k.shape[2] == 0:
             return
         b, h, t, _ = k.shape
@@ -271,6 +284,8 @@ class TieredLayer:
 
     def calibrate(self, k, v, k_weights=None, v_weights=None) -> None:
         """Fit the channel normalisers (ZipCache) on calibration K/V ``[B, H, T, D]``; nothing else is calibrated."""
+        check_kv_range(k, "calibration K")
+        check_kv_range(v, "calibration V")
         self.k.fit_norm(k)
         self.v.fit_norm(v)
 

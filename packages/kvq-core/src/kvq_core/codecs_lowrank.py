@@ -103,7 +103,10 @@ class GearCodec(Codec):
 
 
 class CskvCodec(Codec):
-    """Per-token fp16 latents ``[B, 1, t, r]`` in a per-layer SVD basis ``[H*D, r]`` (fp16, shared)."""
+    """Per-token fp16 latents ``[B, 1, t, r]`` in a per-layer SVD basis ``[H*D, r]`` (fp16, shared).
+
+    A latent coordinate beyond fp16's +-65504 (possible for inputs near that limit) saturates there.
+    """
 
     _MAX_ROWS = 1 << 15  # SVD sample: 32,768 calibration tokens
 
@@ -131,7 +134,10 @@ class CskvCodec(Codec):
         _check_block(x)
         if not self.calibrated:
             self.calibrate(x)  # uncalibrated: fit the basis on the first block (the prefill)
-        return {"latent": (_flat(x.float()) @ self._basis.float()).to(torch.float16)}
+        # coordinates saturate at fp16's 65504: a unit basis vector can sum sqrt(H*D) inputs near the fp16
+        # limit into one coordinate, which would otherwise be stored as inf
+        z = _flat(x.float()) @ self._basis.float()
+        return {"latent": z.clamp(-quant.FP16_MAX, quant.FP16_MAX).to(torch.float16)}
 
     def decode(self, parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
         h = self._basis.shape[0] // self._d

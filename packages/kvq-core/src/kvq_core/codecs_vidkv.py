@@ -65,10 +65,12 @@ def absmean_quantize(y: torch.Tensor, bits: float, g: int) -> tuple[torch.Tensor
     """Per-channel groups of g tokens: (codes uint8 ``[B, H, t, C]``, fp16 scale ``[B, H, t / g, C]``).
 
     1 bit: code = x >= 0, x_hat = (2 code - 1) s. Ternary: code = 1 + sign(x) where |x| > s / 2, else 1,
-    x_hat = (code - 1) s. s = mean |x| over the group, rounded to fp16.
+    x_hat = (code - 1) s. s = mean |x| over the group, rounded to fp16, saturating at fp16's 65504: an
+    rFFT coefficient can exceed its inputs by sqrt(D') (the DC term of D' channels all equal to 65504 is
+    65504 sqrt(D')), and such a group reconstructs at that bound rather than as inf.
     """
     yg = _groups(y, g)
-    scale = yg.abs().mean(-2).to(torch.float16)  # [B, H, t/G, C]
+    scale = yg.abs().mean(-2).clamp_max(quant.FP16_MAX).to(torch.float16)  # [B, H, t/G, C]
     s = scale.float()[..., None, :]
     if bits == 1:
         codes = (yg >= 0).to(torch.uint8)
@@ -96,8 +98,13 @@ class VidkvCodec(Codec):
         return not self.fmt.reorder_channels or self._perm is not None
 
     def calibrate(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Anomalous channels per head: the k widest calibration ranges (max - min over batch and tokens)."""
+        """Anomalous channels per head: the k widest calibration ranges (max - min over batch and tokens).
+
+        Only a stream that reorders (keys) has a channel order; values keep theirs and store none.
+        """
         _check_block(x)
+        if not self.fmt.reorder_channels:
+            return
         rng = x.float().amax(dim=(0, 2)) - x.float().amin(dim=(0, 2))  # [H, D]
         top = torch.topk(rng, self.k, dim=-1).indices.sort(-1).values
         rest = torch.ones_like(rng, dtype=torch.bool).scatter_(-1, top, False)
@@ -153,4 +160,10 @@ class VidkvCodec(Codec):
         return {"reorder": self._perm} if self._perm is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self._perm = state.get("reorder")
+        perm = state.get("reorder")
+        if perm is not None and not self.fmt.reorder_channels:
+            # a stream without reorder keeps its channel order: only the identity is consistent with it
+            if not torch.equal(perm.long(), torch.arange(perm.shape[-1]).expand_as(perm)):
+                raise ValueError("calibration state has a channel order for a VidKV stream that does not reorder")
+            perm = None
+        self._perm = perm

@@ -44,6 +44,7 @@ Fields added for the issue-8 methods (product codes, rotation, low-rank residual
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Literal
@@ -72,6 +73,23 @@ FULL_PRECISION_BYTES = 2  # residual window, sinks and outlier values are fp16
 SCORE_BYTES = 4  # fp32 accumulated attention per (token, kv head) of token-tier formats
 
 
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """`value` as an int if it is an integer >= `minimum` (bool refused); else a ValueError naming `name`.
+
+    >>> check_count("tokens", 5.5)
+    Traceback (most recent call last):
+    ValueError: tokens must be an integer >= 0, got 5.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def bit_planes(bits: int) -> tuple[int, ...]:
     """Plane widths of a `bits`-wide code, low-order bits first: 3 -> (2, 1), 7 -> (4, 2, 1).
 
@@ -92,8 +110,7 @@ def packed_row_bytes(bits: float, n: int) -> int:
     >>> packed_row_bytes(2, 128), packed_row_bytes(3, 128), packed_row_bytes(1.5, 128)
     (32, 48, 26)
     """
-    if n < 0:
-        raise ValueError(f"row length must be >= 0, got {n}")
+    check_count("row length", n, 0)
     if bits == TERNARY:
         return math.ceil(n / TRITS_PER_BYTE)
     if bits not in SUPPORTED_BITS:
@@ -184,6 +201,12 @@ class StreamFormat:
     latent_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("bits", "salient_bits", "mixed_bits", "outlier_fraction", "clip_ratio", "salient_fraction"):
+            _check_number(name, getattr(self, name))
+        for name in ("residual_tokens", "pq_subspace_dims", "lowrank_rank", "salient_budget"):
+            check_count(name, getattr(self, name), 0)
+        if self.group_size is not None:
+            check_count("group_size", self.group_size, 1)
         if self.importance:
             self._check_tiers()
         elif self.bits != 16 and self.bits not in SUPPORTED_BITS:
@@ -278,6 +301,7 @@ class StreamFormat:
 
     def salient_count(self, body_tokens: int) -> int:
         """High-tier tokens per head among `body_tokens` quantized tokens: min(T, budget) or ceil(f * T)."""
+        check_count("body_tokens", body_tokens, 0)
         if self.salient_budget:
             return min(body_tokens, self.salient_budget)
         f = Fraction(self.salient_fraction).limit_denominator(10**6)  # exact ceil: 0.2 * 5 is 1, not 2
@@ -389,9 +413,9 @@ class ByteBreakdown:
 
 def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, sink_tokens: int) -> ByteBreakdown:
     """Exact bytes of one stream (K or V) of one layer holding `tokens` tokens of one sequence."""
-    if tokens < 0 or kv_heads < 1 or head_dim < 1:
-        raise ValueError(f"need tokens >= 0, kv_heads >= 1, head_dim >= 1; got {tokens}, {kv_heads}, {head_dim}")
-    h, d = kv_heads, head_dim
+    tokens = check_count("tokens", tokens, 0)
+    h, d = check_count("kv_heads", kv_heads, 1), check_count("head_dim", head_dim, 1)
+    sink_tokens = check_count("sink_tokens", sink_tokens, 0)
     sinks = min(tokens, sink_tokens)
     rest = tokens - sinks
     if not fmt.quantized:
@@ -530,8 +554,9 @@ class KVFormat:
     #                       `bytes` is stated; a cache holds a data-dependent count (`retained=`).
 
     def __post_init__(self) -> None:
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        check_count("sink_tokens", self.sink_tokens, 0)
+        if not isinstance(self.key, StreamFormat) or not isinstance(self.value, StreamFormat):
+            raise ValueError("key and value must be StreamFormat descriptions")
         if self.cache_input not in ("kv", "x", "x-delta"):
             raise ValueError(f"cache_input must be 'kv', 'x' or 'x-delta', got {self.cache_input!r}")
         if not 0.0 <= self.merge_depth_fraction <= 1.0 or not 0.0 <= self.retain_fraction <= 1.0:
@@ -554,10 +579,12 @@ class KVFormat:
         of `pair_breakdown`; `model_bytes` adds the unmerged layers.
         """
         if self.cache_input != "kv":
-            hidden = kv_heads * head_dim if hidden_size is None else hidden_size
+            check_count("kv_heads", kv_heads, 1)
+            check_count("head_dim", head_dim, 1)
+            hidden = kv_heads * head_dim if hidden_size is None else check_count("hidden_size", hidden_size, 1)
             return stream_bytes(self.key, tokens, 1, hidden, self.sink_tokens)
         if self.merge_depth_fraction:
-            n = math.ceil(self.retain_fraction * tokens)
+            n = math.ceil(self.retain_fraction * check_count("tokens", tokens, 0))
             pair = self.pair_breakdown(tokens, kv_heads, head_dim, n, n)
             return ByteBreakdown(**{f: getattr(pair, f) // 2 for f in pair.__dataclass_fields__})  # all even
         return self._kv_breakdown(tokens, kv_heads, head_dim)
@@ -574,6 +601,7 @@ class KVFormat:
         >>> get_format("minicache", 16).merge_pairs(30)[:2]   # SmolLM2: S = 15
         ((15, 16), (17, 18))
         """
+        check_count("num_layers", num_layers, 1)
         if not self.merge_depth_fraction:
             return ()
         pairs = self.extra.get("pairs")
@@ -599,10 +627,11 @@ class KVFormat:
         scales    the per-token magnitudes of both layers, fp16 ``[2, H, T]``;
         retained  n unmerged tokens of both layers, fp16 ``[2, H, n, D]``, and their int32 indices ``[n]``.
         """
-        h, d = kv_heads, head_dim
+        tokens = check_count("tokens", tokens, 0)
+        h, d = check_count("kv_heads", kv_heads, 1), check_count("head_dim", head_dim, 1)
         out = ByteBreakdown()
         for n in (retained_k, retained_v):
-            if not 0 <= n <= tokens:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= tokens:
                 raise ValueError(f"retained tokens must be in [0, {tokens}], got {n}")
             out = out + ByteBreakdown(
                 codes=h * tokens * d * FULL_PRECISION_BYTES,
@@ -625,6 +654,7 @@ class KVFormat:
         retained: MiniCache's actual unmerged counts per pair, {(l, l+1): (n_k, n_v)}; default: every
         pair at `retain_fraction` (ceil). Unmerged layers are stored as `key` / `value` say (fp16).
         """
+        check_count("num_layers", num_layers, 1)
         if not self.merge_depth_fraction:
             return num_layers * self.bytes(tokens, kv_heads, head_dim, hidden_size)
         pairs = self.merge_pairs(num_layers)  # may be () when calibration merged no pair
@@ -641,14 +671,17 @@ class KVFormat:
         kv_heads * head_dim (the X W_k and X W_v matmuls; RMSNorm, RoPE and XQuant-CL's delta
         accumulation are elementwise and not counted). llama-7b: 2 * 4096 * 8192 = 67.1 MFLOP.
         """
+        check_count("kv_heads", kv_heads, 1)
+        check_count("head_dim", head_dim, 1)
         if self.cache_input == "kv":
             return 0
-        hidden = kv_heads * head_dim if hidden_size is None else hidden_size
+        hidden = kv_heads * head_dim if hidden_size is None else check_count("hidden_size", hidden_size, 1)
         return 2 * hidden * 2 * kv_heads * head_dim
 
     def stored_tokens(self, tokens: int) -> int:
         """Tokens per head a layer still holds after `tokens` arrived (fewer than `tokens` only with eviction)."""
         k = self.key
+        check_count("tokens", tokens, 0)
         if not (k.tiered and k.bits == 0):
             return tokens
         sinks = min(tokens, self.sink_tokens)
@@ -665,8 +698,7 @@ class KVFormat:
         X formats are charged per K/V element too (their bytes over 2 * tokens * kv_heads * head_dim),
         so 4-bit XQuant on SmolLM2 (576 X channels for 384 K/V channels) is ~6.4 bits, not 4.25.
         """
-        if tokens < 1:
-            raise ValueError("avg_bits needs tokens >= 1")
+        check_count("tokens", tokens, 1)
         return 8 * self.bytes(tokens, kv_heads, head_dim, hidden_size) / (2 * tokens * kv_heads * head_dim)
 
     def with_(self, **changes) -> KVFormat:
@@ -691,21 +723,27 @@ class MethodSpec:
 
 def parse_bits(spec: str | float | int | tuple) -> tuple[float, float]:
     """'2' -> (2, 2); 'k2v1.5' -> (2, 1.5); (4, 2) -> (4, 2)."""
+    if isinstance(spec, bool):
+        raise ValueError(f"cannot read bits {spec!r}: use a number (e.g. 2) or 'k<bits>v<bits>' (e.g. k2v1.5)")
     if isinstance(spec, tuple):
-        k, v = spec
-        return float(k), float(v)
-    if isinstance(spec, (int, float)):
-        return float(spec), float(spec)
-    s = str(spec).strip().lower()
+        if len(spec) != 2 or not all(
+            isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) for b in spec
+        ):
+            raise ValueError(f"cannot read bits {spec!r}: a tuple must be (key_bits, value_bits), e.g. (2, 1.5)")
+        return float(spec[0]), float(spec[1])
+    # a number is read as its text, so a non-finite one gets the same error as unreadable text
+    s = str(float(spec) if isinstance(spec, numbers.Real) else spec).strip().lower()
     try:
         if s.startswith("k") and "v" in s:
             k, v = s[1:].split("v", 1)
-            return float(k), float(v)
-        return float(s), float(s)
+            kv = float(k), float(v)
+        else:
+            kv = float(s), float(s)
     except ValueError:
-        raise ValueError(
-            f"cannot read bits {spec!r}: use a number (e.g. 2) or 'k<bits>v<bits>' (e.g. k2v1.5)"
-        ) from None
+        kv = (math.nan, math.nan)
+    if not all(math.isfinite(b) for b in kv):
+        raise ValueError(f"cannot read bits {spec!r}: use a number (e.g. 2) or 'k<bits>v<bits>' (e.g. k2v1.5)")
+    return kv
 
 
 def _fmt_bits(b: float) -> str:
@@ -1139,7 +1177,7 @@ def get_format(method: str, bits: str | float | tuple | None = None) -> KVFormat
 
     Raises ValueError listing the valid names / bit widths for an unknown method or bits.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     spec = METHODS[method]
     kv = spec.default_bits if bits is None else parse_bits(bits)

@@ -6,6 +6,8 @@ by the diagonal Fisher information, i.e. the squared gradient of the language-mo
 respect to each K/V activation (arXiv:2401.18079, section 3.3); SKVQ's channel order and clip ratio
 come from the same activations. Pre-RoPE formats see pre-RoPE keys (and gradients): both are
 un-rotated with the inverse RoPE rotation, which is orthogonal, so the Fisher weights carry over.
+A left-padded batch (`attention_mask`) is calibrated on its rows' own tokens only: each row at its own
+positions 0, 1, ..., padding out of the loss, and only real tokens reach the quantizer's fit.
 
 The result is a dict {layer: {"k": state, "v": state}} that `hf_cache.save_calibration` writes and
 `KVQCache(..., calibration=path)` loads.
@@ -18,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .cache import StreamingLayer
 from .formats import KVFormat, get_format
-from .hf_cache import _find_rotary, _Rope
+from .hf_cache import _find_rotary, _Rope, left_padding
 
 __all__ = ["record_kv", "calibrate"]
 
@@ -56,19 +58,34 @@ class _RecordingLayer(CacheLayerMixin):
         return -1
 
 
-def record_kv(model: torch.nn.Module, input_ids: torch.Tensor, fisher: bool = True):
+def record_kv(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    fisher: bool = True,
+    attention_mask: torch.Tensor | None = None,
+):
     """Per-layer (K, V, dLoss/dK, dLoss/dV) of one pass over `input_ids` [B, T]; grads None if not fisher.
 
     K is post-RoPE, as transformers passes it to a cache. Shapes: [B, H_kv, T, D].
+    attention_mask: [B, T], 1 = token, 0 = left padding (None: none). Each row runs at its own positions
+    0, 1, ...; padded positions hold the model's K/V for the padding tokens, get no loss (gradient 0)
+    and are for the caller to drop (`calibrate` does). The loss is the mean over all rows' tokens.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"calibration needs input_ids [batch, tokens >= 2], got shape {tuple(input_ids.shape)}")
+    inputs = {"labels": input_ids if fisher else None}
+    if any(_padding(input_ids, attention_mask)):  # each row at its own positions; padding out of the loss
+        mask = attention_mask.long()
+        inputs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        # a row's first token has no prediction alone; in the batch a padded position would predict it
+        predicted = mask * torch.nn.functional.pad(mask[:, :-1], (1, 0))
+        inputs["labels"] = input_ids.masked_fill(predicted == 0, -100) if fisher else None
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = Cache(layers=[_RecordingLayer() for _ in range(n_layers)])
     was_training = model.training
     model.eval()
     with torch.set_grad_enabled(fisher):
-        out = model(input_ids, past_key_values=cache, use_cache=True, labels=input_ids if fisher else None)
+        out = model(input_ids, past_key_values=cache, use_cache=True, **inputs)
         if fisher:
             model.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -91,13 +108,19 @@ def calibrate(
     *,
     fmt: KVFormat | None = None,
     fisher: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict:
-    """Calibrated codec state per layer for a method, from one pass over calibration `input_ids`."""
+    """Calibrated codec state per layer for a method, from one pass over calibration `input_ids` [B, T]
+    (`attention_mask` [B, T]: left padding, see `record_kv`; only the rows' own tokens are fitted)."""
     fmt = fmt or get_format(method, bits)
     rope = _Rope(_find_rotary(model)) if fmt.pre_rope_keys else None
+    lead = _padding(input_ids, attention_mask)
     state = {}
-    for i, (k, v, kg, vg) in enumerate(record_kv(model, input_ids, fisher)):
-        if rope is not None:  # gradients rotate like the keys (the rotation is orthogonal)
+    for i, (k, v, kg, vg) in enumerate(record_kv(model, input_ids, fisher, attention_mask)):
+        if any(lead):  # each row's own tokens, rows end to end: [1, H_kv, real tokens, D]
+            k, kg = (None if x is None else _own_tokens(x, lead, rope) for x in (k, kg))
+            v, vg = (None if x is None else _own_tokens(x, lead, None) for x in (v, vg))
+        elif rope is not None:  # gradients rotate like the keys (the rotation is orthogonal)
             k = rope.unapply(k, 0)
             kg = rope.unapply(kg, 0) if kg is not None else None
         layer = StreamingLayer(fmt, k.shape[-1])
@@ -110,3 +133,26 @@ def calibrate(
             if stream.codec is not None
         }
     return state
+
+
+def _padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Leading padded positions per row (left padding only), checked against `input_ids`."""
+    if attention_mask is None:
+        return [0] * input_ids.shape[0]
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    lead = left_padding(attention_mask)
+    short = [i for i, p in enumerate(lead) if input_ids.shape[1] - p < 2]
+    if short:
+        raise ValueError(f"calibration needs >= 2 tokens in every row; row {short[0]} has fewer besides padding")
+    return lead
+
+
+def _own_tokens(x: torch.Tensor, lead: list[int], rope: _Rope | None) -> torch.Tensor:
+    """Rows' unpadded tokens ``[1, H, sum(T - lead), D]`` from ``x: [B, H, T, D]``; with `rope`, each row
+    un-rotated at its own positions 0, 1, ... (gradients rotate like the keys)."""
+    rows = [x[i : i + 1, :, p:] for i, p in enumerate(lead)]
+    if rope is not None:
+        rows = [rope.unapply(r, 0) for r in rows]
+    return torch.cat(rows, 2)

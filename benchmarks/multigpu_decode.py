@@ -94,20 +94,25 @@ class Shape:
     rope_theta: float = 10000.0
 
 
-#: the CPU test's shape: GQA (2 query heads per KV head), head_dim 16 (the kernels' smallest)
-TINY = Shape("tiny", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, vocab=128)
+#: CPU-test shapes, head_dim 16 (the kernels' smallest): GQA with 2 query heads per KV head (KIVI's
+#: tensor-core path, as llama-2-70b) and MHA (KIVI's CUDA-core path, as llama-7b)
+TINY = {
+    "tiny-gqa": Shape("tiny-gqa", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, vocab=128),
+    "tiny-mha": Shape("tiny-mha", layers=2, hidden=64, heads=4, kv_heads=4, head_dim=16, ffn=96, vocab=128),
+}
 
 
 def model_names() -> list[str]:
     from kvq_sim.models import model_names as sim_names
 
-    return ["tiny", *sim_names()]
+    return [*TINY, *sim_names()]
 
 
 def load_shape(name: str) -> Shape:
-    """ "tiny" or a dense model of configs/models/ by exact name (read through kvq_sim, as kvq-sim plans it)."""
-    if name == "tiny":
-        return TINY
+    """A `TINY` shape, or a dense model of configs/models/ by exact name (read through kvq_sim, as kvq-sim
+    plans it)."""
+    if name in TINY:
+        return TINY[name]
     from kvq_sim.models import load_model
 
     if name not in model_names():
@@ -581,7 +586,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-7b", help="tiny or a configs/models name (llama-7b, llama-2-70b, ...)")
+    ap.add_argument(
+        "--model",
+        default="llama-7b",
+        help="a configs/models name (llama-7b, llama-2-70b, ...) or tiny-gqa / tiny-mha (CPU test)",
+    )
     ap.add_argument("--batch", default="1,8,64")
     ap.add_argument("--context", default="4096,32768,131072")
     ap.add_argument("--kv", default="fp16,kivi4,kivi2", help=f"of {', '.join(KV_BITS)}")
@@ -601,7 +610,10 @@ def main(argv=None) -> int:
     args.parallel = parse_list(args.parallel, list(PARALLEL), str)
     args.modes = parse_list(args.modes, list(MODES), str)
     args.layers = None if args.layers == "auto" else int(args.layers)
-    s = load_shape(args.model)
+    try:
+        s = load_shape(args.model)
+    except ValueError as e:
+        ap.error(str(e))
     if args.dry_run:
         return dry_run(args, s)
 

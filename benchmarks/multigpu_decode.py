@@ -19,8 +19,12 @@ Before timing, every point checks layer 0 of its step against a single-process f
 same layer (full weights regenerated from the same seed, the KV gathered from all GPUs, KIVI dequantized
 by kvq_core) on rows 0 and B - 1; a point over the tolerance is recorded as failed and not timed.
 Timing: CUDA events around each eager call or CUDA-graph replay (the graph captures the whole step,
-collectives included), median / p10 / p90 over repetitions after warm-up, the maximum over GPUs of each;
-a barrier between points. No L2 flush: each layer's weights alone exceed the 50 MB L2.
+collectives included, and its logits must equal the eager step's), median / p10 / p90 over repetitions
+after warm-up, the maximum over GPUs of each; a barrier between points. No L2 flush: each layer's
+weights alone exceed the 50 MB L2. Memory is planned before allocating (weights and KV per GPU, workspace,
+the check's reference) against torch.cuda.mem_get_info: --layers auto runs all layers when they fit,
+else as many as fit; the final norm + LM head is timed alone (head_us), so per_layer_us =
+(step_us - head_us) / layers_run and step_us_scaled = head_us + layers_model * per_layer_us.
 
     PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src:packages/kvq-sim/src KVQ_COMMIT=<sha> \\
         torchrun --standalone --nproc_per_node 2 benchmarks/multigpu_decode.py --model llama-7b --out $OUT

@@ -187,6 +187,13 @@ def check_block(x, name: str, head_dim: int, layout: str = "[batch, kv_heads, to
         raise ValueError(f"head_dim mismatch: the layer has {head_dim}, {name} has {x.shape[-1]}")
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def _check_dtype(dtype) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -254,7 +261,7 @@ class StreamingLayer:
                 raise ValueError(f"{name} holds no tokens")
             check_kv_range(x, name)
             if w is not None:
-                if not isinstance(w, torch.Tensor) or torch.broadcast_shapes(w.shape, x.shape) != x.shape:
+                if not isinstance(w, torch.Tensor) or not _broadcasts_to(w.shape, x.shape):
                     raise ValueError(f"{name} weights must be a tensor broadcastable to {tuple(x.shape)}")
                 check_finite(w, f"{name} weights")
         if self.tiers is not None:

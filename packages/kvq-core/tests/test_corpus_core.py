@@ -1,4 +1,5 @@
-"""Bad inputs to the kvq_core API: each raises one clear ValueError line naming the problem, and a rejected
+"""Bad inputs to the kvq_core API (quant, formats, StreamingLayer and the other streams, reference
+attention): each raises one clear ValueError line naming the problem, and a rejected
 append or calibration leaves the cache it was given as it was. In-process, tiny tensors.
 
 The reported examples are named `reported-*`: `choose_qparams(x, -1)` and `bytes(5.5, ...)` were accepted;
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from kvq_core import StreamingLayer, get_format
+from kvq_core.attention import apply_rope, attention_reference, kv_head_of, rope_cos_sin
 from kvq_core.cache import QuantizedStream
 from kvq_core.cache_minicache import MergedPair
 from kvq_core.codecs_vidkv import VidkvCodec
@@ -178,6 +180,15 @@ CASES = [
     ("rotatekv-fp16-limit-after-rotation", lambda x: append_to("rotatekv", 2, signs(65504.0)), r"zero point \(group minimum\) -\d+ is beyond the fp16 range \[-65504, 65504\]"),
     ("skvq-beyond-fp8-metadata", lambda x: append_to("skvq", 4, signs(500.0, (1, 2, 200, 64))), r"is beyond the fp8_e4m3 range \[-448, 448\]"),
     ("minicache-norm-beyond-fp16", lambda x: merge_pair(filled(60000.0, (1, 2, 4, 64))), r"MiniCache stores token norms in fp16: .* norm 480000, beyond 65504"),
+    # reference attention and RoPE
+    ("rope-odd-head-dim", lambda x: rope_cos_sin(torch.arange(4), 5, 1e4), r"RoPE needs an even integer head_dim >= 2, got 5"),
+    ("rope-theta-0", lambda x: rope_cos_sin(torch.arange(4), 16, 0), r"RoPE theta must be a finite number > 0, got 0"),
+    ("rope-positions-2d", lambda x: apply_rope(x.k, torch.zeros(2, 4), theta=1e4), r"positions must be a 1-D tensor \[T\], got shape \(2, 4\)"),
+    ("rope-of-a-list", lambda x: apply_rope([1.0, 2.0], theta=1e4), r"x must be a floating-point tensor \[\.\.\., T, D\], got list"),
+    ("kv-head-of-zero-kv-heads", lambda x: kv_head_of(4, 0), r"KV heads must be an integer >= 1, got 0"),
+    ("attention-int-keys", lambda x: attention_reference(x.k, x.k.int(), x.k), r"k must be a floating-point tensor \[B, H, T, D\]"),
+    ("attention-negative-scale", lambda x: attention_reference(x.k, x.k, x.k, scale=-1.0), r"scale must be a finite number > 0, got -1\.0"),
+    ("attention-int-dtype", lambda x: attention_reference(x.k, x.k, x.k, dtype=torch.int64), r"dtype must be a floating-point torch\.dtype"),
     ("vidkv-value-stream-given-a-channel-order", vidkv_value_codec_loads, r"calibration state has a channel order for a VidKV stream that does not reorder"),
 ]  # fmt: skip
 

@@ -11,6 +11,9 @@ Conventions are transformers' Llama ones:
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 __all__ = ["rope_cos_sin", "apply_rope", "unapply_rope", "attention_reference", "kv_head_of"]
@@ -24,12 +27,25 @@ def rope_cos_sin(
     Example: head_dim 4, theta 10000: inv_freq = [1, 0.01, 1, 0.01], so position 1 has
     cos = [cos 1, cos 0.01, cos 1, cos 0.01].
     """
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"RoPE needs an even integer head_dim >= 2, got {head_dim!r}")
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"RoPE theta must be a finite number > 0, got {theta!r}")
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+        raise ValueError(f"positions must be a 1-D tensor [T], got {_shape_of(positions)}")
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
     freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _shape_of(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor [..., T, D], got {_shape_of(x)}")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +54,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_cos_sin(x, positions, theta, cos, sin):
+    _check_x(x)
     if (cos is None) != (sin is None):
         raise ValueError("give both cos and sin, or neither (then positions and theta)")
     if cos is None:
@@ -87,6 +104,9 @@ def unapply_rope(
 
 def kv_head_of(q_heads: int, kv_heads: int) -> torch.Tensor:
     """KV head index read by each query head: [H_q] with entry h = h // (H_q // H_kv)."""
+    for name, n in (("query heads", q_heads), ("KV heads", kv_heads)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     return torch.arange(q_heads) // (q_heads // kv_heads)
@@ -109,6 +129,15 @@ def attention_reference(
     scale: default 1/sqrt(D).
     Returns [B, H_q, T_q, D_v].
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor [B, H, T, D], got {_shape_of(t)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0)
+    ):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:

@@ -308,13 +308,15 @@ class KVQCache(Cache):
 
         def read_mask(module, args, kwargs):
             cache = ref()
-            if cache is None:
+            if cache is None:  # the cache is gone: so is the need for its hook on a model that lives on
+                handle.remove()
                 return
             given = {**dict(zip(names, args)), **kwargs}
             if given.get("past_key_values") is cache:
                 cache.set_attention_mask(given.get("attention_mask"))
 
-        self._hooks.append(model.register_forward_pre_hook(read_mask, with_kwargs=True))
+        handle = model.register_forward_pre_hook(read_mask, with_kwargs=True)
+        self._hooks.append(handle)
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         """Give the cache the attention mask of the next forward (the hook installed with `model=` does this).

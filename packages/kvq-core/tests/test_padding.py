@@ -75,13 +75,12 @@ def test_padded_row_matches_alone(tiny, ids, fmt):
     long = KVQCache(fmt=fmt, model=tiny, kernels=False)
     torch.testing.assert_close(got[0], _alone(tiny, ids[:1], long), atol=ATOL, rtol=0)
     assert cache.get_seq_length() == LONG + STEPS  # positions, padding included, as the model counts them
-    if fmt.merge_depth_fraction:
-        return  # MiniCache's bytes depend on each row's retained tokens, below
-    # bytes: each row its own tokens' count (2 layers, 2 KV heads x 16, hidden 64 for XQuant)
-    assert cache.nbytes == short.nbytes + long.nbytes
-    assert cache.nbytes == 2 * (fmt.bytes(LONG + STEPS, 2, 16, 64) + fmt.bytes(SHORT + STEPS, 2, 16, 64))
-    for hook_free in (cache, short, long):
-        hook_free.remove_hooks()
+    assert cache.nbytes == short.nbytes + long.nbytes  # each row holds its own tokens
+    if not fmt.merge_depth_fraction:  # (MiniCache's count depends on the tokens each row retains)
+        # 2 layers, 2 KV heads x 16, hidden 64 for XQuant
+        assert cache.nbytes == 2 * (fmt.bytes(LONG + STEPS, 2, 16, 64) + fmt.bytes(SHORT + STEPS, 2, 16, 64))
+    for c in (cache, short, long):
+        c.remove_hooks()
 
 
 def test_the_comparison_sees_padding(tiny, ids):
@@ -114,7 +113,7 @@ def test_unpadded_mask_keeps_batched_layers(tiny, ids):
     b = KVQCache("kivi", 2, model=tiny)
     seq = ids[:, :140]
     with torch.no_grad():
-        ref = tiny(seq, past_key_values=a, use_cache=True).logits
+        tiny(seq, past_key_values=a, use_cache=True)
         ref = tiny(ids[:, 140:141], past_key_values=a, use_cache=True).logits
         tiny(seq, attention_mask=torch.ones_like(seq), past_key_values=b, use_cache=True)
         got = tiny(ids[:, 140:141], attention_mask=torch.ones_like(ids[:, :141]), past_key_values=b, use_cache=True)
@@ -137,20 +136,21 @@ def test_padded_slots_are_zero(tiny, ids):
         assert k.shape[2] in (LONG, LONG + 1, LONG + 2, LONG + 3)
         assert torch.isfinite(k).all() and torch.isfinite(v).all()
         assert not k[1, :, :PAD].any() and not v[1, :, :PAD].any()
-        assert k[1, :, PAD:].abs().amin(-1).gt(0).any()
+        assert k[1, :, PAD:].abs().sum(-1).gt(0).all()  # every token slot holds a key
 
 
-def test_chunked_prefill_row_starting_late(tiny, ids, prefill_then_steps):
-    # the padded row's first token arrives in the second chunk: its layers start there
+def test_chunked_prefill_row_starting_late(tiny, ids):
+    # the padded row's first token arrives in the second chunk: its layers start there (KVQuant
+    # quantizes every token past its sink, with a codebook fitted on the row's first block)
     mask = torch.ones(2, 60, dtype=torch.long)
     mask[1, :45] = 0
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = KVQCache("int", 4, model=tiny)
+    cache = KVQCache("kvquant", 3, model=tiny)
     with torch.no_grad():
         for lo, hi in ((0, 40), (40, 52), (52, 60)):
             kw = dict(attention_mask=mask[:, :hi], position_ids=pos[:, lo:hi], past_key_values=cache, use_cache=True)
             last = tiny(ids[:, lo:hi], **kw).logits[1, -1]
-    alone = KVQCache("int", 4, model=tiny)
+    alone = KVQCache("kvquant", 3, model=tiny)
     with torch.no_grad():
         tiny(ids[1:, 45:52], past_key_values=alone, use_cache=True)
         ref = tiny(ids[1:, 52:60], past_key_values=alone, use_cache=True).logits[0, -1]

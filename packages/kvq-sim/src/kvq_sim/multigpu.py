@@ -103,37 +103,70 @@ def _deployment(hw: Hardware, p: StepPoint):
 
 
 def terms(hw: Hardware, p: StepPoint) -> tuple[float, float, float]:
-    """(step us without collectives, collective calls per step, collective bytes per step) of kvq-sim's model."""
-    from .latency import collective_terms, decode_step
+    """(step us without collectives, collective calls per step, collective bytes per step) of one benchmark step.
+
+    The step is the benchmark's (benchmarks/multigpu_decode.py, built like benchmarks/e2e_decode.py): unfused
+    eager kernels captured in a CUDA graph, so it is costed by `eager_step_us` with each GPU's share: the
+    weights it holds (no embedding table: the benchmark reads none) and attention over its heads (TP) or its
+    slice of the context (CP), from the fitted kernel families."""
+    from .latency import attention_seconds, collective_terms, decode_terms, eager_step_us
+    from .memory import weight_bytes
 
     dep = _deployment(replace(hw, collectives=()), p)
-    st = decode_step(dep, p.batch, p.context)
+    m = dep.model
+    embedding = 0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size * 2
+    weights = weight_bytes(dep)[0] - embedding
+    t = decode_terms(dep, p.batch, p.context)
+    attn_us = float(attention_seconds(dep, p.batch, p.context, t.kv_bytes, t.attn_flops)) * 1e6 / m.num_hidden_layers
     calls, nbytes = collective_terms(dep, p.batch)
-    return (st.step_s - st.interconnect_s) * 1e6, calls, nbytes
+    return eager_step_us(dep.hardware, weights, m.num_hidden_layers, attn_us), calls, float(nbytes)
 
 
 def predict(hw: Hardware, p: StepPoint) -> float:
-    """Predicted step us with whatever collective fits `hw` carries (priors when none)."""
-    from .latency import decode_step
+    """Predicted benchmark step us: the layout's measured fit when `hw` carries one, else the priors (the
+    datasheet link at the calibrated efficiency and `interconnect_latency_us` per call)."""
+    base, calls, nbytes = terms(hw, p)
+    f = hw.collective(p.layout) if p.gpus > 1 else None
+    if f is None:
+        return base + calls * hw.interconnect_latency_us + (nbytes / hw.link_bandwidth_bytes_s * 1e6 if calls else 0)
+    return f.shard_scale * base + calls * f.latency_us + (nbytes / (f.bandwidth_gb_s * 1e3) if f.bandwidth_gb_s else 0)
 
-    st = decode_step(_deployment(hw, p), p.batch, p.context)
-    return st.step_s * 1e6
+
+def _solve(rows: np.ndarray, t: np.ndarray, free_scale: bool) -> np.ndarray:
+    """(scale, latency us per call, us per byte) minimising the relative error, all >= 0; scale 1 unless free."""
+    from .calibrate import nnls
+
+    if free_scale:
+        return nnls(rows / t[:, None], np.ones_like(t))
+    x = nnls(rows[:, 1:] / t[:, None], (t - rows[:, 0]) / t)
+    return np.r_[1.0, x]
+
+
+def _loo_mape(rows: np.ndarray, t: np.ndarray, free_scale: bool) -> float:
+    """Leave-one-out relative error over the training points: how well the form predicts a point it did not see."""
+    errs = []
+    for i in range(len(t)):
+        keep = np.arange(len(t)) != i
+        x = _solve(rows[keep], t[keep], free_scale)
+        errs.append(abs(rows[i] @ x / t[i] - 1))
+    return float(np.mean(errs) * 100)
 
 
 def fit(hw: Hardware, points: list[StepPoint]) -> tuple[CollectiveFit, ...]:
-    """One fit per layout with at least 3 training points: relative least squares, non-negative coefficients."""
-    from .calibrate import nnls
-
+    """One fit per multi-GPU layout with at least 4 training points. Two forms are tried: collectives only (the
+    sharded single-GPU model kept at scale 1) and collectives plus a free scale on the rest of the step (what
+    sharding gains or loses); the form with the lower leave-one-out error on the training points is kept, so a
+    scale is fitted only where the training data support it."""
     fits = []
-    for layout in sorted({p.layout for p in points}):
-        train = [p for p in points if p.layout == layout and p.gpus > 1 and is_training(p.point_id)]
-        if len(train) < 3:
+    for layout in sorted({p.layout for p in points if p.gpus > 1}):
+        train = [p for p in points if p.layout == layout and is_training(p.point_id)]
+        if len(train) < 4:
             continue
         rows = np.array([terms(hw, p) for p in train])  # [n, 3]: base us, calls, bytes
         t = np.array([p.step_us for p in train])
-        x = nnls(rows / t[:, None], np.ones_like(t))
-        pred = rows @ x
-        err = np.abs(pred / t - 1) * 100
+        free = _loo_mape(rows, t, True) < _loo_mape(rows, t, False)
+        x = _solve(rows, t, free)
+        err = np.abs(rows @ x / t - 1) * 100
         scale, lat_us, us_per_byte = (float(v) for v in x)
         fits.append(
             CollectiveFit(
@@ -147,7 +180,7 @@ def fit(hw: Hardware, points: list[StepPoint]) -> tuple[CollectiveFit, ...]:
             )
         )
     if not fits:
-        raise SimInputError("no layout has 3 or more training points: nothing to fit")
+        raise SimInputError("no multi-GPU layout has 4 or more training points: nothing to fit")
     return tuple(fits)
 
 

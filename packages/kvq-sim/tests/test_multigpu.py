@@ -48,7 +48,7 @@ def test_fit_recovers_known_costs():
 
 
 def test_fitted_node_predicts_held_out_points_and_reports_the_prior_error():
-    hw = load_hardware(NODE)
+    hw = dataclasses.replace(load_hardware(NODE), collectives=())
     pts = _synthesized(hw)
     fitted = dataclasses.replace(hw, collectives=fit(hw, pts))
     for row in held_out_errors(hw, fitted, pts):
@@ -59,7 +59,7 @@ def test_fitted_node_predicts_held_out_points_and_reports_the_prior_error():
 
 
 def test_fit_applies_only_to_its_layout():
-    hw = load_hardware(NODE)
+    hw = dataclasses.replace(load_hardware(NODE), collectives=())
     tp2 = CollectiveFit("tp2", shard_scale=1.5, latency_us=100.0, bandwidth_gb_s=50.0)
     fitted = dataclasses.replace(hw, collectives=(tp2,))
     for gpus, parallel in ((4, "tp"), (2, "cp")):
@@ -133,6 +133,9 @@ def test_calibrate_then_validate_through_the_cli(tmp_path):
 
     cfg = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, cfg)
+    shutil.rmtree(cfg / "hardware" / "fits")  # start from a node without a fit
+    node = cfg / "hardware" / f"{NODE}.yaml"
+    node.write_text("".join(ln for ln in node.read_text().splitlines(True) if not ln.startswith("collectives_fit")))
     hw = load_hardware(NODE)
     pts = _synthesized(hw)
     csv_path = tmp_path / "steps.csv"
@@ -147,7 +150,6 @@ def test_calibrate_then_validate_through_the_cli(tmp_path):
     fit_file = cfg / "hardware" / "fits" / f"{NODE}-collectives.yaml"
     assert fit_file.is_file() and "collectives_fit" in r.stderr
     assert sim("validate", "--gpu", NODE, "--multigpu", str(csv_path)).returncode == 1  # not named yet: no fits
-    node = cfg / "hardware" / f"{NODE}.yaml"
     node.write_text(node.read_text() + f"collectives_fit: fits/{NODE}-collectives.yaml\n")
     r = sim("validate", "--gpu", NODE, "--multigpu", str(csv_path))
     assert r.returncode == 0, r.stdout + r.stderr

@@ -190,7 +190,22 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
         f"activations: max(decode step, one {dep.prefill_chunk_tokens}-token prefill chunk); fused dequantization",
         f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
         f"latency: roofline with {cal} ({hw.source_file})",
-    )
+    ) + ((_collectives_note(dep),) if dep.gpus > 1 else ())
+
+
+def _collectives_note(dep: Deployment) -> str:
+    """Where the collective costs of a multi-GPU plan come from: a measured fit of this layout, or the priors."""
+    from .latency import layout
+
+    hw, name = dep.hardware, layout(dep)
+    f = hw.collective(name)
+    if f is None:
+        return (
+            f"collectives: priors ({hw.interconnect_latency_us:g} us per call, datasheet link x "
+            f"{hw.calibration.interconnect_efficiency:g}); {name} not measured on {hw.name}"
+        )
+    bw = f"{f.bandwidth_gb_s:,.0f} GB/s" if f.bandwidth_gb_s else "per-byte cost not resolved"
+    return f"collectives: measured {name} fit, {f.latency_us:.1f} us per call, {bw} ({hw.collectives_source})"
 
 
 def plan(

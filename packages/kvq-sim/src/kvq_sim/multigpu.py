@@ -230,8 +230,7 @@ def fit_file_path(hw_yaml: Path) -> tuple[Path, bool]:
 def fit_document(fits: tuple[CollectiveFit, ...], prov: dict) -> dict:
     """The fit file's content: provenance, then {layout: fields} (written by a YAML library, read by hardware)."""
     return {
-        "source": f"kvq-sim calibrate --multigpu {prov['file']} (device {prov['device']}, commit {prov['commit']}, "
-        f"measured {prov['date']}); training half of the points, CUDA-graph steps",
+        "source": f"{prov['file']} at {prov['commit']} ({prov['device']}, {prov['date']}), training half",
         "layouts": {
             f.layout: {
                 "shard_scale": round(f.shard_scale, 5),
@@ -267,7 +266,8 @@ def render_fits(fits: tuple[CollectiveFit, ...]) -> str:
     ]
     for f in fits:
         rows.append(
-            f"{f.layout:7s} {f.train_points:5d} {f.shard_scale:11.3f} {f.latency_us:10.2f} {f.bandwidth_gb_s:8.1f} "
+            f"{f.layout:7s} {f.train_points:5d} {f.shard_scale:11.3f} {f.latency_us:10.2f} "
+            f"{(f'{f.bandwidth_gb_s:8.1f}' if f.bandwidth_gb_s else '       -')} "
             f"{f.mape_pct:6.2f} {f.worst_pct:6.2f}"
         )
     return "\n".join(rows)

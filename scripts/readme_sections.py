@@ -60,6 +60,17 @@ def validation_table() -> str:
     return "```text\n$ " + " ".join(VALIDATE) + "\n" + "\n".join(head + sep + table + [""] + verdicts) + "\n```\n"
 
 
+VALIDATE_MULTIGPU = [
+    "kvq-sim", "validate", "--gpu", "8x-h100", "--multigpu", "reports/measurements/multigpu_decode_h100.csv",
+]  # fmt: skip
+
+
+def multigpu_table() -> str:
+    """`kvq-sim validate --multigpu` on the committed 4x H100 sweep: prior and fitted held-out errors per layout."""
+    out = subprocess.run(VALIDATE_MULTIGPU, capture_output=True, text=True, cwd=ROOT).stdout
+    return "```text\n$ " + " ".join(VALIDATE_MULTIGPU) + "\n" + out.rstrip("\n") + "\n```\n"
+
+
 #: issue 8's seed systems -> (kvq-core method or kvq-sim recipe, note). Ticks are computed, not typed:
 #: kvq-core = a registered format; kvq-sim = `kvq-sim plan --method` / `--recipe` accepts it (tested for every
 #: method and recipe in packages/kvq-sim/tests/test_serving.py); quality = a decode row in reports/quality.
@@ -257,6 +268,7 @@ SECTIONS = {
     "plan-output": plan_output,
     "kernel-table": kernel_table,
     "validation-table": validation_table,
+    "multigpu-table": multigpu_table,
     "seed-coverage": seed_coverage,
 }
 

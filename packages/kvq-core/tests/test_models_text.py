@@ -1,5 +1,10 @@
 """The offline text (kvq_core.models.pydoc_text): deterministic, and calibration disjoint from evaluation."""
 
+import hashlib
+import os
+import subprocess
+import sys
+
 import pytest
 
 from kvq_core.models import TEXT_SPLITS, pydoc_text, pydoc_topics
@@ -18,7 +23,11 @@ def test_splits_are_disjoint_whole_topics_covering_everything():
 
 def test_deterministic_sorted_order():
     assert [name for name, _ in pydoc_topics()] == sorted(name for name, _ in pydoc_topics())
-    assert pydoc_text("evaluation") == pydoc_text("evaluation")
+    # the same text in another interpreter with another hash seed (set or dict order would change it)
+    code = "import hashlib; from kvq_core.models import pydoc_text; print(hashlib.sha256(pydoc_text('evaluation').encode()).hexdigest())"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert other.strip() == hashlib.sha256(pydoc_text("evaluation").encode()).hexdigest()
 
 
 def test_unknown_split_lists_valid_ones():

@@ -9,10 +9,10 @@ kernels are the ones torch itself ships and gpt-fast-style decoders call:
   int4   torch._weight_int4pack_mm(x, W_packed, 128, sz)    tinygemm layout, bf16, group 128
 Shapes are LLaMA-7B's four projections (qkv 12288x4096, o 4096x4096, gate+up 22016x4096, down 4096x11008) at
 1, 8 and 64 tokens. Each point replays a CUDA graph over enough weight copies that no read hits the 50 MB L2,
-with L2 flushed by reading 256 MB between replays (bench_decode.time_rotation). Correctness first: every
+with L2 flushed by reading 256 MB between replays (kvq_kernels.benchmarking.time_rotation). Correctness first: every
 format against an fp32 matmul of its own dequantized weight.
 
-    PYTHONPATH=packages/kvq-kernels/benchmarks:... python benchmarks/weight_gemv.py --out $OUT
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src python benchmarks/weight_gemv.py --out $OUT
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_decode import hbm_read_tb_s, provenance, time_rotation
+
+from kvq_kernels.benchmarking import hbm_read_tb_s, provenance, time_rotation
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
 TOKENS = (1, 8, 64)

@@ -17,7 +17,8 @@ import functools
 import os
 
 import torch
-from bench_decode import kv_bytes, kvq_fp16_fn, kvq_kivi_fn, provenance, sdpa_fn, time_rotation
+
+from kvq_kernels.benchmarking import kv_bytes, kvq_fp16_fn, kvq_kivi_fn, provenance, sdpa_fn, time_rotation
 
 #: (impl, bits, batch, q_heads, kv_heads, context): batch 1 across the 64 MB .. 4 GB range, plus controls.
 POINTS = [

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_decode import HEAD_DIM, random_kivi
 
+from kvq_kernels.benchmarking import HEAD_DIM, random_kivi
 from kvq_kernels.decode_kivi import decode_kivi
 
 

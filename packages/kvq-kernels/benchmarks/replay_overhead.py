@@ -17,8 +17,9 @@ import csv
 import os
 
 import torch
-from bench_decode import capture, kv_bytes, median_us, provenance, rotation_copies, time_rotation
 from flush_effect import make
+
+from kvq_kernels.benchmarking import capture, kv_bytes, median_us, provenance, rotation_copies, time_rotation
 
 POINTS = [
     (impl, 16, 1, 32, 8, t) for t in (4096, 16384, 65536, 131072, 1048576) for impl in ("sdpa_flash_fp16", "kvq_fp16")

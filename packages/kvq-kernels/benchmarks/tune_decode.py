@@ -1,10 +1,10 @@
 """Tune the packed decode kernels' launch configs at one shape (GPU; not a test). Prints one line per config.
 
-    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src:packages/kvq-kernels/benchmarks \\
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src \\
         python packages/kvq-kernels/benchmarks/tune_decode.py --bits 4,2 --heads 32/32 --context 131072
 
 A config is path,BLOCK_N,num_warps,num_stages,prefetch,defer,waves (waves: programs per SM-count,
-which sets the number of context splits). Timing as in bench_decode (CUDA-graph replays, L2 flushed).
+which sets the number of context splits). Timing as in kvq_kernels.benchmarking (CUDA-graph replays, L2 flushed).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import math
 import os
 
 import torch
-from bench_decode import HEAD_DIM, correctness, kv_bytes, provenance, random_kivi, sdpa_fn, time_rotation
 
 from kvq_kernels._launch import num_sms
+from kvq_kernels.benchmarking import HEAD_DIM, correctness, kv_bytes, provenance, random_kivi, sdpa_fn, time_rotation
 from kvq_kernels.decode_kivi import decode_kivi
 
 

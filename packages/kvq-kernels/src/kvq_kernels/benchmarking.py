@@ -1,0 +1,395 @@
+"""GPU benchmark helpers: decode kernel timing with L2 flushed, bandwidth ceilings, and the kernel-decode CSV sweep.
+
+Each point is timed as the median of CUDA-graph replays, with L2 flushed between replays by *reading* a
+256 MB buffer (`median_us`); shapes whose KV is under 256 MB are replayed as a rotation over several cache
+copies, so no timing reads a KV that sits in the 50 MB L2. The flush reads rather than writes (triton's
+do_bench zeroes a buffer): a write flush leaves up to 50 MB of dirty lines that the timed kernel must write
+back to HBM (benchmarks/flush_effect.py measures the difference); in a model's decode step the attention
+kernel follows weight reads, which leave L2 clean. Effective bandwidth = bytes the kernel must read (codes,
+scales, zeros, fp16 rings; q) / time. Used by `kvq-bench` (bench_cli.py) and benchmarks/bench_decode.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import math
+import subprocess
+import sys
+import time
+
+import torch
+import triton
+import triton.runtime.errors
+
+from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
+from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, launch_config
+from kvq_kernels.kivi_layout import allocate
+
+HEAD_DIM = 128
+ROTATE_BYTES = 256 * 2**20  # 5x the 50 MB L2
+BITS = (16, 8, 4, 3, 2)
+CONTEXTS = (1024, 4096, 16384, 65536, 131072, 524288, 1048576)
+#: Extra contexts at small batches, where the kernels split the context over programs (FlashAttention's
+#: split-KV kernel runs below ~211 rows): kvq-sim fits that regime's fixed and streaming terms on them.
+SPLIT_REGIME_CONTEXTS = (8192, 32768, 262144)
+SPLIT_REGIME_MAX_BATCH = 8
+BATCHES = (1, 8, 32, 64, 256)
+HEADS = ((32, 32), (32, 8))  # (query heads, kv heads)
+
+
+def provenance(commit: str) -> dict:
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    return {
+        "device": torch.cuda.get_device_name(),
+        "driver": driver,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def random_kivi(batch, kv_heads, tokens, bits, group, residual=128, sinks=0, nuq=False):
+    """A KIVI cache holding `tokens` random tokens per sequence (random bytes are valid codes)."""
+    levels = 2**bits
+    cb = torch.sort(torch.rand(levels, device="cuda") * 2 - 1).values.half() if nuq else None
+    c = allocate(batch, kv_heads, HEAD_DIM, tokens, bits, group, residual, sinks, device="cuda", codebook=cb)
+    c.k_codes.random_(0, 256)
+    c.v_codes.random_(0, 256)
+    span = 1.0 if nuq else 2.0 / (levels - 1)  # keeps dequantized values ~ N(0, 1)-sized
+    c.k_scale.uniform_(0.5 * span, span)
+    c.v_scale.uniform_(0.5 * span, span)
+    for t in (c.k_zero, c.v_zero):
+        t.uniform_(-1.5, -0.5)
+    for t in (c.k_res, c.v_win, c.k_sink, c.v_sink):
+        t.normal_()
+    c.lens.fill_(tokens)
+    return c
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def correctness(bits_list=(8, 4, 3, 2)) -> None:
+    """Every kernel against its fp64 torch reference on random data (fp16 always, KIVI at `bits_list`)."""
+    torch.manual_seed(0)
+    rows = []
+    for hq, hkv, lens, cap in ((32, 8, [1, 97, 4099], 4100), (9, 3, [300, 5000], 5000), (32, 32, [2048], 2048)):
+        b = len(lens)
+        q = torch.randn(b, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
+        k = torch.randn(b, hkv, cap, HEAD_DIM, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        L = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        e = rel_err(decode_fp16(q, k, v, L), decode_reference(q, k, v, L))
+        rows.append(("fp16", hq, hkv, lens, e))
+        for bits in [b for b in bits_list if b != 16]:
+            for group, sinks, nuq in ((32, 4, False), (128, 0, False), (32, 0, True)):
+                c = random_kivi(b, hkv, cap, bits, group, 128, sinks, nuq)
+                c.lens.copy_(L)
+                e = rel_err(decode_kivi(q, c), decode_kivi_reference(q, c))
+                rows.append((f"kivi{bits} G{group} S{sinks}{' nuq' if nuq else ''}", hq, hkv, lens, e))
+    worst = max(r[-1] for r in rows)
+    for r in rows:
+        print(f"correct {r[0]:<22} heads {r[1]}/{r[2]} lens {r[3]}: rel err {r[4]:.2e}")
+    if not worst < 2e-3:  # fp16 operands: 1e-3 .. 1e-2 expected for pure bf16; fp16 dot with fp32 acc lands ~5e-4
+        sys.exit(f"correctness FAILED: worst relative error {worst:.2e}")
+    print(f"correctness ok: worst relative error {worst:.2e}")
+
+
+def hbm_read_tb_s() -> float:
+    """Streaming-read ceiling: torch sum over 4 GiB, TB/s."""
+    x = torch.randn(2**30, device="cuda", dtype=torch.float32)  # 4 GiB
+    us = median_us(x.sum, rep_ms=200.0)
+    del x
+    return 2**32 / (us * 1e-6) / 1e12
+
+
+def copy_tb_s() -> float:
+    """Device-to-device copy of 2 GiB, counted as bytes read + bytes written per second, TB/s."""
+    src = torch.empty(2**29, device="cuda", dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    us = median_us(functools.partial(dst.copy_, src), rep_ms=200.0)
+    del src, dst
+    return 2 * 2**31 / (us * 1e-6) / 1e12
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """Dense bf16 matmul peak: median time of an n x n x n product of random matrices, 2 n^3 FLOP per run."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    us = median_us(functools.partial(torch.mm, a, b, out=c), rep_ms=200.0)
+    del a, b, c
+    return 2 * n**3 / (us * 1e-6) / 1e12
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.ones(ROTATE_BYTES // 4, device="cuda", dtype=torch.float32)
+
+
+def flush_l2(mode: str = "read") -> None:
+    """Evict L2: "read" leaves it holding clean lines of a 256 MB buffer, "write" (do_bench's) dirty ones."""
+    buf = _flush_buffer()
+    if mode == "read":
+        buf.sum()
+    elif mode == "write":
+        buf.zero_()
+    else:
+        raise ValueError(f"flush mode must be 'read' or 'write', not {mode!r}")
+
+
+def median_us(fn, flush: str = "read", warmup_ms: float = 10.0, rep_ms: float = 60.0) -> float:
+    """Median microseconds of fn() over CUDA-event timed runs, L2 flushed (`flush_l2`) before each."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est_ms))):
+        fn()
+    n = max(5, int(rep_ms / est_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        flush_l2(flush)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def rotation_copies(nbytes: int) -> int:
+    """Cache copies a replay rotates over so that consecutive reads of one copy are >= 256 MB apart."""
+    return max(1, min(32, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def capture(fns, passes: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph calling every fn in order, `passes` times over (fns warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:  # warm-up: compiles, allocator pools
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(passes):
+            for f in fns:
+                f()
+    return graph
+
+
+def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool = False) -> float:
+    """Median microseconds of one call: a CUDA graph over `rotation_copies(nbytes)` fresh inputs.
+
+    differential=False: one pass's replay time / copies (includes 1/copies of the replay's own start
+    cost). differential=True: (two passes - one pass) / copies, which cancels the per-replay cost.
+    """
+    copies = rotation_copies(nbytes)
+    fns = [make_fn() for _ in range(copies)]
+    one = capture(fns)
+    us = median_us(one.replay, flush)
+    del one
+    if differential:
+        two = capture(fns, passes=2)
+        us = median_us(two.replay, flush) - us
+        del two
+    del fns
+    return us / copies
+
+
+def sdpa_fn(batch, hq, hkv, t):
+    q = torch.randn(batch, hq, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def f():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
+
+    return f
+
+
+def kvq_fp16_fn(batch, hq, hkv, t):
+    q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    L = torch.full((batch,), t, dtype=torch.int32, device="cuda")
+    return lambda: decode_fp16(q, k, v, L, validate_lens=False)
+
+
+def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True)):
+    q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
+    c = random_kivi(batch, hkv, t, bits, group)
+    path, block_n, warps, stages, prefetch = config
+    return lambda: decode_kivi(
+        q, c, validate_lens=False, block_n=block_n, num_warps=warps, num_stages=stages, path=path, prefetch=prefetch
+    )
+
+
+#: (path, BLOCK_N, num_warps, num_stages, prefetch) tried per bit width and head layout at batch 1, 128K
+#: context: MHA runs the CUDA-core kernel (decode_kivi_simt; prefetch = next tile's codes loaded ahead),
+#: GQA the tensor-core slices (decode_kivi; prefetch unused). Candidates from tune_decode.py runs.
+PROBE_CONFIGS = {
+    "simt": (("simt", 32, 4, 1, True), ("simt", 32, 4, 1, False), ("simt", 64, 4, 1, True), ("simt", 64, 4, 1, False)),
+    "tc": (("tc", 64, 4, 3, True), ("tc", 128, 4, 1, True), ("tc", 128, 8, 2, True), ("tc", 64, 4, 2, True),
+           ("tc", 128, 4, 2, True)),
+}  # fmt: skip
+
+
+def config_name(cfg) -> str:
+    name = "{}-bn{}-w{}-s{}".format(*cfg[:4])
+    return name + ("-pf" if cfg[0] == "simt" and cfg[4] else "")
+
+
+def probe(bits_list, group, heads) -> dict:
+    """Pick the fastest kernel config per (bits, q_heads, kv_heads) at one large point (batch 1, 128K)."""
+    best = {}
+    for hq, hkv in heads:
+        path = "simt" if hq == hkv else "tc"
+        for bits in bits_list:
+            if bits == 16:
+                continue
+            times = {}
+            for cfg in PROBE_CONFIGS[path]:
+                if group % cfg[1]:
+                    continue
+                try:
+                    fn = functools.partial(kvq_kivi_fn, 1, hq, hkv, 131072, bits, group, cfg)
+                    times[cfg] = time_rotation(fn, kv_bytes(bits, 1, hkv, 131072, group))
+                except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory of deep pipelines
+                    print(f"probe {bits}-bit {cfg}: skipped ({e})")
+            best[(bits, hq, hkv)] = min(times, key=times.get)
+            print(
+                f"probe {hq}/{hkv} {bits}-bit: "
+                + ", ".join(f"{config_name(c)}: {us:.0f} us" for c, us in times.items())
+                + f" -> {config_name(best[(bits, hq, hkv)])}"
+            )
+    return best
+
+
+def default_configs(bits_list, group, heads) -> dict:
+    """The launch config `decode_kivi` takes without arguments per (bits, q_heads, kv_heads): the CUDA-core
+    path for MHA, tensor-core slices for GQA, each at its measured default (`launch_config`). No probe."""
+    out = {}
+    for hq, hkv in heads:
+        path = "simt" if hq == hkv else "tc"
+        for bits in bits_list:
+            if bits != 16:
+                out[(bits, hq, hkv)] = (path, *launch_config(path, bits, group), True)
+    return out
+
+
+def kv_bytes(bits, batch, hkv, t, group, residual=128) -> int:
+    """Bytes one decode step must read (KIVI layout; 16 = fp16 K and V), q and out excluded."""
+    if bits == 16:
+        return 2 * batch * hkv * t * HEAD_DIM * 2
+    n_kq, n_vq = t - t % residual, t - min(t, residual)
+    row = HEAD_DIM * bits // 8
+    per_seq = (n_kq + n_vq) * row + (n_kq // group) * HEAD_DIM * 4 + n_vq * (HEAD_DIM // min(group, HEAD_DIM)) * 4
+    per_seq += ((t - n_kq) + (t - n_vq)) * HEAD_DIM * 2
+    return batch * hkv * per_seq
+
+
+#: kernel-decode CSV columns after the provenance ones (`provenance`); kvq_sim.measurements reads them
+KERNEL_FIELDS = (
+    "impl", "bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context",
+    "bytes_read", "time_us", "eff_bw_tb_s", "frac_of_hbm_read", "hbm_read_tb_s",
+    "sdpa_time_us", "speedup_vs_sdpa", "config", "l2_flush",
+)  # fmt: skip
+#: the fp16 kernel's launch tag (decode_fp16's BLOCK_N, warps, stages)
+FP16_CONFIG = "bn64-w4-s3"
+
+
+def decode_grid(heads, batches, contexts, split_contexts=()) -> list[tuple[int, int, int, int]]:
+    """Sweep points (q_heads, kv_heads, batch, context) in sweep order: per head layout and batch, the
+    contexts ascending, plus `split_contexts` at batches <= SPLIT_REGIME_MAX_BATCH."""
+    points = []
+    for hq, hkv in heads:
+        for batch in batches:
+            extra = split_contexts if batch <= SPLIT_REGIME_MAX_BATCH else ()
+            points += [(hq, hkv, batch, t) for t in sorted({*contexts, *extra})]
+    return points
+
+
+def kernel_row(
+    prov, impl, bits, group, batch, q_heads, kv_heads, context, kv_bytes_read, time_us, hbm, sdpa_us, config
+):
+    """One kernel-decode CSV row: `kv_bytes_read` (`kv_bytes`) plus q read and out written over `time_us`;
+    `hbm` the streaming-read ceiling in TB/s; `sdpa_us` SDPA's time at the same point or None."""
+    nbytes = kv_bytes_read + 2 * batch * q_heads * HEAD_DIM * 2  # + q read + out written, fp16
+    bw = nbytes / (time_us * 1e-6) / 1e12
+    sp = sdpa_us / time_us if sdpa_us else None
+    return dict(prov, impl=impl, bits=bits, group_size=group if bits < 16 else "", batch=batch, q_heads=q_heads,
+                kv_heads=kv_heads, head_dim=HEAD_DIM, context=context, bytes_read=nbytes, time_us=f"{time_us:.2f}",
+                eff_bw_tb_s=f"{bw:.4f}", frac_of_hbm_read=f"{bw / hbm:.4f}", hbm_read_tb_s=f"{hbm:.4f}",
+                sdpa_time_us=f"{sdpa_us:.2f}" if sdpa_us else "", speedup_vs_sdpa=f"{sp:.4f}" if sp else "",
+                config=config, l2_flush="read 256 MB")  # fmt: skip
+
+
+def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start, progress=iter):
+    """Time every point of `points` (`decode_grid`) at each of `bits_list` (16: SDPA flash and kvq_fp16)
+    and write the CSV rows to `path` as they come. Points whose KV does not fit in free memory are left out;
+    the sweep stops at the first point reached `budget_s` seconds after `t_start`. `progress` wraps the
+    point iterable (a progress bar). Returns ([(hq, hkv, batch, context, bits, us, TB/s, speedup)], the point
+    the budget stopped at or None)."""
+    results = []
+    stopped = None
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*prov, *KERNEL_FIELDS])
+        w.writeheader()
+        for hq, hkv, batch, t in progress(points):
+            if time.time() - t_start > budget_s:
+                stopped = (hq, hkv, batch, t)
+                break
+            free = torch.cuda.mem_get_info()[0]
+            sdpa_us = None
+            for bits in [16, *[b for b in bits_list if b != 16]] if 16 in bits_list else bits_list:
+                nbytes = kv_bytes(bits, batch, hkv, t, group)
+                if nbytes * 1.15 + 2**30 > free:
+                    continue  # does not fit: skipped (the CSV lists the points it holds)
+                row = functools.partial(kernel_row, prov, bits=bits, group=group, batch=batch, q_heads=hq,
+                                        kv_heads=hkv, context=t, kv_bytes_read=nbytes, hbm=hbm)  # fmt: skip
+                if bits == 16:
+                    sdpa_us = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), nbytes)
+                    w.writerow(row(impl="sdpa_flash_fp16", time_us=sdpa_us, sdpa_us=sdpa_us, config=""))
+                    us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t), nbytes)
+                    impl, config = "kvq_fp16", FP16_CONFIG
+                else:
+                    cfg = configs[(bits, hq, hkv)]
+                    us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg), nbytes)
+                    impl, config = "kvq_kivi", config_name(cfg)
+                r = row(impl=impl, time_us=us, sdpa_us=sdpa_us, config=config)
+                w.writerow(r)
+                fh.flush()
+                bw = r["bytes_read"] / (us * 1e-6) / 1e12
+                results.append((hq, hkv, batch, t, bits, us, bw, sdpa_us / us if sdpa_us else None))
+                torch.cuda.empty_cache()
+    return results, stopped
+
+
+def print_table(results, hbm, batches, contexts) -> None:
+    """The sweep's results at `batches` x `contexts`: time, effective TB/s, % of the read ceiling, vs SDPA."""
+    print(
+        f"\n{'heads':>6} {'batch':>5} {'context':>8} {'bits':>4} {'time_us':>10} {'TB/s':>6} {'%HBM':>5} {'vs SDPA':>7}"
+    )
+    for hq, hkv, batch, t, bits, us, bw, sp in results:
+        if batch in batches and t in contexts:
+            sps = f"{sp:.2f}x" if sp else "-"
+            print(f"{hq}/{hkv:<3} {batch:>5} {t:>8} {bits:>4} {us:>10.1f} {bw:>6.2f} {100 * bw / hbm:>5.0f} {sps:>7}")

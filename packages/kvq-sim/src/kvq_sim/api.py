@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .deployment import Deployment, resolve_method
 from .errors import SimInputError
@@ -97,6 +97,7 @@ class PlanResult:
     cache_cap: str = ""  # what caps the cache when unbounded: "sliding window" or "<method> eviction"
     max_position_embeddings: int | None = None  # the model's trained context, when its config states it
     warnings: tuple[str, ...] = ()  # printed on stderr by the CLI: e.g. a context beyond the trained one
+    term_sources: dict = field(default_factory=dict)  # step term -> where its efficiency comes from
 
     @property
     def context_gain_over_fp16(self) -> float | None:
@@ -191,6 +192,35 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
         f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
         f"latency: roofline with {cal} ({hw.source_file})",
     ) + ((_collectives_note(dep),) if dep.gpus > 1 else ())
+
+
+def term_sources(dep: Deployment) -> dict[str, str]:
+    """Where each decode-step term's efficiency comes from: measured on this GPU, transferred from a measured
+    one (docs/validation.md's rules), or a prior; a KV method without a kvq kernel says so."""
+    from .latency import attention_family
+
+    cal, hw = dep.hardware.calibration, dep.hardware
+    origin = {"calibrated": f"measured on {hw.name}", "uncalibrated priors": "prior (not measured)"}.get(
+        cal.status, f"{cal.status} (not measured on {hw.name})"
+    )
+    weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, {origin}"
+    if dep.weight_bits != 16 or dep.weight_scheme is not None:
+        weights += f"; applied to {dep.weights.name} weights as if fp16 (quantized GEMV not measured)"
+    family = attention_family(dep)
+    fit = cal.kernel(family) if family else None
+    if fit is not None:
+        kv = f"kernel family {family}, {origin}"
+    else:
+        what = f"no fitted kernel family {family}" if family else f"no kvq kernel for {dep.method}"
+        eff = cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
+        kv = f"{what}: roofline at bandwidth efficiency {eff:.2f} (prior, not a measured kernel)"
+    return {
+        "weights": weights,
+        "kv_read": kv,
+        "compute": f"tensor-core efficiency {cal.tensor_core_efficiency:.2f} (prior)",
+        "interconnect": _collectives_note(dep) if dep.gpus > 1 else "none (1 GPU)",
+        "launch": f"{cal.kernel_launch_overhead_us:.2f} us per kernel, {origin}",
+    }
 
 
 def _collectives_note(dep: Deployment) -> str:
@@ -376,6 +406,7 @@ def plan(
         cache_cap=cap,
         max_position_embeddings=positions,
         warnings=tuple(warnings),
+        term_sources=term_sources(dep),
     )
 
 

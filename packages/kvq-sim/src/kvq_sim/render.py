@@ -89,6 +89,9 @@ def table(r: PlanResult) -> str:
             f"  weights {d.weights_s * 1e3:.3f} ms, KV read {d.kv_s * 1e3:.3f} ms, compute {d.compute_s * 1e3:.3f} ms, "
             f"interconnect {d.interconnect_s * 1e3:.3f} ms, launch {d.launch_s * 1e3:.3f} ms"
         )
+        names = {"weights": "weights", "kv_read": "KV read", "compute": "compute", "interconnect": "interconnect",
+                 "launch": "launch"}  # fmt: skip
+        lines += [f"    {names[k]}: {v}" for k, v in r.term_sources.items()]
     if r.prefill_s is not None:
         lines.append(f"prefill of the prompt: {r.prefill_s:.3f} s")
     if r.generation is not None:

@@ -1,0 +1,45 @@
+"""Every decode-step term says where its efficiency comes from, in the table and in JSON; a method without a
+measured kvq kernel says so next to its KV time."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvq_sim import api
+
+
+def _sources(**kw):
+    return api.plan("llama-7b", kw.pop("gpu", "h100-80g"), context=32768, **kw).term_sources
+
+
+def test_measured_kernel_and_missing_kernel_are_told_apart():
+    kivi = _sources(bits="2")
+    assert kivi["kv_read"] == "kernel family kvq_kivi_2b_mha, measured on h100-80g"
+    kvquant = _sources(bits="2", method="kvquant")
+    assert kvquant["kv_read"].startswith("no kvq kernel for kvquant: roofline at bandwidth efficiency")
+    assert "prior, not a measured kernel" in kvquant["kv_read"]
+
+
+def test_transferred_gpu_and_quantized_weights_are_labelled():
+    s = _sources(bits="4", gpu="a100-80g", weight_bits=4)
+    assert "transferred from h100-80g (not measured on a100-80g)" in s["kv_read"]
+    assert "as if fp16 (quantized GEMV not measured)" in s["weights"]
+    assert s["interconnect"] == "none (1 GPU)"
+
+
+@pytest.mark.parametrize("gpus,expect", [(2, "collectives: measured tp2 fit"), (8, "collectives: priors")])
+def test_multi_gpu_interconnect_source(gpus, expect):
+    s = api.plan("llama-7b", "8x-h100", bits="16", gpus=gpus, context=32768).term_sources
+    assert s["interconnect"].startswith(expect)
+
+
+def test_json_and_table_carry_the_sources():
+    cmd = [sys.executable, "-m", "kvq_sim.cli", "plan", "--model", "llama-7b", "--gpu", "h100-80g", "--method", "int",
+           "--bits", "2", "--context", "8192"]  # fmt: skip
+    out = json.loads(subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True, check=True).stdout)
+    assert set(out["term_sources"]) == {"weights", "kv_read", "compute", "interconnect", "launch"}
+    assert out["term_sources"]["kv_read"].startswith("no kvq kernel for int")
+    table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "    KV read: no kvq kernel for int" in table

@@ -1,0 +1,333 @@
+"""`kvq-bench`: measure this GPU (bandwidth, matmul peak, decode kernels) and draft its kvq-sim hardware YAML.
+
+Writes `kernel_decode_<slug>.csv` (kvq_kernels.benchmarking's schema, read by `kvq-sim calibrate`) and
+`<slug>.yaml` (a hardware file kvq_sim.hardware loads) into --out. Without a CUDA GPU it exits 2 before
+importing any Triton code. The pure parts (GpuInfo, the YAML draft, the sweep plans, the output checks)
+run on CPU and are tested there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NO_GPU = "error: kvq-bench needs a CUDA GPU (torch sees none)"
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What kvq-bench found out about one GPU: reported by the driver, or measured (GB/s, TFLOP/s)."""
+
+    name: str  # torch.cuda.get_device_name(): the CSV's device column and the YAML's torch_device_name
+    memory_bytes: int  # torch total_memory
+    sm_count: int
+    l2_bytes: int
+    max_sm_clock_mhz: float | None  # nvidia-smi clocks.max.sm; None where nvidia-smi is absent
+    max_memory_clock_mhz: float | None  # nvidia-smi clocks.max.memory
+    driver: str
+    read_gb_s: float  # streaming read (torch sum over 4 GiB)
+    copy_gb_s: float  # device-to-device copy, bytes read + written
+    matmul_tflops: float  # bf16 8192^3 matmul, median run
+
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+
+def slug(name: str) -> str:
+    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The decode sweep's grid (kvq_kernels.benchmarking.decode_grid) and whether launch configs are probed."""
+
+    bits: tuple[int, ...]  # 16: SDPA flash and kvq_fp16
+    heads: tuple[tuple[int, int], ...]  # (query heads, kv heads)
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    split_contexts: tuple[int, ...]  # extra contexts at batch <= 8
+    probe: bool  # time PROBE_CONFIGS per bit width (full) or take decode_kivi's defaults (quick)
+
+
+#: --quick: 4 contexts x 2 batches x 2 head layouts x (SDPA, fp16, 4-bit, 2-bit), about 64 points. The contexts
+#: are chosen for kvq-sim's fixed split (sha256 of each point id): every kernel family gets at least 4 training
+#: and 2 held-out points (with 4096, 32768 and 131072 the 4-bit GQA family got 1 training point, and
+#: `kvq-sim calibrate` needs 3).
+QUICK = SweepPlan(
+    bits=(16, 4, 2),
+    heads=((32, 8), (32, 32)),
+    batches=(1, 8),
+    contexts=(1024, 4096, 16384, 131072),
+    split_contexts=(),
+    probe=False,
+)
+
+
+def full_plan() -> SweepPlan:
+    """benchmarks/bench_decode.py's default grid (kvq_kernels.benchmarking constants), configs probed."""
+    from kvq_kernels import benchmarking as bm
+
+    return SweepPlan(bm.BITS, bm.HEADS, bm.BATCHES, bm.CONTEXTS, bm.SPLIT_REGIME_CONTEXTS, probe=True)
+
+
+def output_paths(out_dir: str | Path, gpu_slug: str) -> tuple[Path, Path]:
+    """(kernel CSV, hardware YAML) kvq-bench writes for a GPU."""
+    out = Path(out_dir)
+    return out / f"kernel_decode_{gpu_slug}.csv", out / f"{gpu_slug}.yaml"
+
+
+def check_outputs(paths, force: bool) -> None:
+    """Refuse (ValueError) an --out that is a file, or existing outputs without --force; create --out."""
+    out = Path(paths[0]).parent
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise ValueError(f"refusing to overwrite {', '.join(existing)} (pass --force, or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+MEASURED = "measured by kvq-bench, not the datasheet: replace with the datasheet figure"
+
+
+def draft_hardware(info: GpuInfo) -> dict:
+    """The kvq-sim hardware mapping (kvq_sim.hardware's schema) of one GPU, with uncalibrated priors."""
+    hw = {
+        "description": f"{info.name} (drafted by kvq-bench)",
+        "gpus": 1,
+        "nominal_memory_gib": math.ceil(info.memory_bytes / GIB),
+        "usable_memory_bytes": info.memory_bytes,
+        "hbm_bandwidth_gb_s": round(info.read_gb_s, 1),
+        "fp16_dense_tflops": round(info.matmul_tflops, 1),
+        "int8_dense_tops": round(2 * info.matmul_tflops, 1),
+        "l2_mib": round(info.l2_bytes / MIB, 2),
+        "sm_count": info.sm_count,
+    }
+    if info.max_sm_clock_mhz:
+        hw["boost_clock_mhz"] = info.max_sm_clock_mhz
+    hw.update(
+        torch_device_name=info.name,
+        interconnect="pcie",
+        interconnect_bandwidth_gb_s=64,
+        interconnect_latency_us=25,
+        # the priors of configs/hardware/h100-80g.yaml before it was calibrated; `kvq-sim calibrate` replaces
+        # this section with a fit of this GPU's measurements
+        calibration={
+            "calibrated": False,
+            "source": "uncalibrated priors (kvq-bench draft): run kvq-sim calibrate with the kvq-bench CSV",
+            "bandwidth_efficiency": {"weight_gemv": 0.85, "attention_fp16": 0.80, "attention_quantized": 0.80},
+            "tensor_core_efficiency": 0.69,
+            "interconnect_efficiency": 0.80,
+            "kernel_launch_overhead_us": 3.0,
+            "cuda_context_mib": 512,
+            "framework_workspace_mib": 256,
+        },
+    )
+    return hw
+
+
+#: the comment after each field's line in the drafted YAML
+_COMMENTS = {
+    "nominal_memory_gib": "total_memory rounded up to whole GiB: replace with the datasheet figure",
+    "usable_memory_bytes": "measured: torch total_memory",
+    "hbm_bandwidth_gb_s": MEASURED,
+    "fp16_dense_tflops": MEASURED,
+    "int8_dense_tops": "2x the measured bf16 matmul (the datasheet ratio of A100, H100, L40S): "
+    "replace with the datasheet figure",
+    "l2_mib": "reported by the driver (torch L2_cache_size)",
+    "sm_count": "reported by the driver",
+    "boost_clock_mhz": "nvidia-smi clocks.max.sm",
+    "torch_device_name": "torch.cuda.get_device_name(): measurements must match it",
+    "interconnect": "prior: a single GPU; set nvlink and its bandwidth for a node",
+    "interconnect_bandwidth_gb_s": "prior: PCIe Gen4 x16, both directions summed",
+    "interconnect_latency_us": "prior: small-message NCCL all-reduce over PCIe",
+    "weight_gemv": "prior: fraction of hbm_bandwidth_gb_s a decode GEMV streams at",
+    "attention_fp16": "prior: same for fp16 decode attention",
+    "attention_quantized": "prior: same for fused dequantize + attention",
+    "tensor_core_efficiency": "prior: H100 bf16 8192^3 matmul 684 of 989 datasheet TFLOP/s",
+    "interconnect_efficiency": "prior: NCCL bus bandwidth ~80% of the link rate",
+    "kernel_launch_overhead_us": "prior: per kernel in an eager decode step",
+    "cuda_context_mib": "prior: CUDA context + torch before the first tensor",
+    "framework_workspace_mib": "prior: cuBLAS workspace and attention split-KV scratch",
+}
+
+
+def draft_yaml(info: GpuInfo) -> str:
+    """`draft_hardware` as YAML text (written by PyYAML), a header naming the measured fields, and a comment
+    on each field saying where its value came from."""
+    import yaml
+
+    text = yaml.safe_dump(draft_hardware(info), sort_keys=False, width=10_000)
+    lines = []
+    for line in text.splitlines():
+        key = line.strip().split(":", 1)[0]
+        if key in _COMMENTS and not line.rstrip().endswith(":"):
+            line = f"{line}  # {_COMMENTS[key]}"
+        lines.append(line)
+    clocks = ", ".join(
+        f"{what} {mhz:g} MHz"
+        for what, mhz in (("SM", info.max_sm_clock_mhz), ("memory", info.max_memory_clock_mhz))
+        if mhz
+    )
+    header = [
+        f"# {info.name}: drafted by kvq-bench (driver {info.driver}{'; max clocks ' + clocks if clocks else ''}).",
+        f"# Measured here: streaming read {info.read_gb_s:.0f} GB/s, copy {info.copy_gb_s:.0f} GB/s (read + write),",
+        f"# bf16 matmul {info.matmul_tflops:.0f} TFLOP/s.",
+        "# hbm_bandwidth_gb_s, fp16_dense_tflops and int8_dense_tops hold measured values, not the datasheet's:",
+        "# replace them with the datasheet figures BEFORE `kvq-sim calibrate` (fitted efficiencies are fractions",
+        "# of these numbers). The calibration section holds uncalibrated priors until `kvq-sim calibrate` fits it.",
+    ]
+    return "\n".join([*header, *lines]) + "\n"
+
+
+def _nvidia_smi(fields: str, uuid: str | None) -> list[str] | None:
+    """One GPU's values of `nvidia-smi --query-gpu=<fields>`; None when nvidia-smi is absent or fails."""
+    cmd = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
+    for extra in ([f"--id={uuid}"] if uuid else [], []):
+        try:
+            out = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode == 0 and out.stdout.strip():
+            return [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+    return None
+
+
+def _mhz(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:  # "[N/A]"
+        return None
+    return v if v > 0 else None
+
+
+def _commit() -> str:
+    """KVQ_COMMIT, else the installed kvq-kernels version."""
+    if os.environ.get("KVQ_COMMIT"):
+        return os.environ["KVQ_COMMIT"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"kvq-kernels {version('kvq-kernels')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _progress(total: int):
+    """A progress bar over the sweep's points: tqdm where installed, else a line every 10%."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+
+    def wrap(points):
+        if tqdm is not None:
+            yield from tqdm(points, total=total, desc="decode sweep", unit="pt")
+            return
+        step = max(1, total // 10)
+        for i, p in enumerate(points):
+            if i % step == 0:
+                print(f"decode sweep: {i}/{total} points", flush=True)
+            yield p
+
+    return wrap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="kvq-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".", help="directory for the CSV and YAML (default: the current one)")
+    ap.add_argument("--quick", action="store_true", help="a compact sweep (about a minute) for a first fit")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop the sweep after this many seconds")
+    ap.add_argument("--group", type=int, default=128, help="KIVI group size (tokens for keys, channels for values)")
+    ap.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(NO_GPU, file=sys.stderr)
+        sys.exit(2)
+    t_start = time.time()
+    name = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    csv_path, yaml_path = output_paths(args.out, slug(name))
+    try:
+        check_outputs((csv_path, yaml_path), args.force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    from kvq_kernels import benchmarking as bm
+
+    plan = QUICK if args.quick else full_plan()
+    prov = bm.provenance(_commit())
+    print(", ".join(f"{k} {v}" for k, v in prov.items()))
+    bm.correctness([b for b in plan.bits if b != 16])
+    read = bm.hbm_read_tb_s()
+    copy = bm.copy_tb_s()
+    mm = bm.matmul_tflops()
+    print(
+        f"streaming read {read * 1e3:.0f} GB/s, copy {copy * 1e3:.0f} GB/s (read + write), bf16 matmul {mm:.0f} TFLOP/s"
+    )
+    uuid = getattr(props, "uuid", None)
+    smi = _nvidia_smi("driver_version,clocks.max.sm,clocks.max.memory", f"GPU-{uuid}" if uuid else None)
+    info = GpuInfo(
+        name=name,
+        memory_bytes=props.total_memory,
+        sm_count=props.multi_processor_count,
+        l2_bytes=props.L2_cache_size,
+        max_sm_clock_mhz=_mhz(smi[1]) if smi else None,
+        max_memory_clock_mhz=_mhz(smi[2]) if smi else None,
+        driver=smi[0] if smi else prov["driver"] or "unknown",
+        read_gb_s=read * 1e3,
+        copy_gb_s=copy * 1e3,
+        matmul_tflops=mm,
+    )
+    yaml_path.write_text(draft_yaml(info), encoding="utf-8")
+    kivi_bits = [b for b in plan.bits if b != 16]
+    configs = (
+        bm.probe(plan.bits, args.group, plan.heads)
+        if plan.probe
+        else bm.default_configs(kivi_bits, args.group, plan.heads)
+    )
+    points = bm.decode_grid(plan.heads, plan.batches, plan.contexts, plan.split_contexts)
+    results, stopped = bm.sweep(
+        csv_path, prov, read, points, plan.bits, args.group, configs, args.budget_s, t_start, _progress(len(points))
+    )
+    if stopped:
+        print(f"sweep stopped by --budget-s at heads {stopped[0]}/{stopped[1]} batch {stopped[2]} context {stopped[3]}")
+    bm.print_table(results, read, (1, max(plan.batches) if args.quick else 32), (4096, 131072))
+    print(f"\n{'GPU':<22} {name}")
+    for label, value in (
+        ("memory", f"{info.memory_bytes / GIB:.1f} GiB"),
+        ("SMs / L2", f"{info.sm_count} / {info.l2_bytes / MIB:g} MiB"),
+        ("max SM / memory clock", f"{info.max_sm_clock_mhz or '?'} / {info.max_memory_clock_mhz or '?'} MHz"),
+        ("driver", info.driver),
+        ("streaming read", f"{info.read_gb_s:.0f} GB/s"),
+        ("copy (read + write)", f"{info.copy_gb_s:.0f} GB/s"),
+        ("bf16 matmul", f"{info.matmul_tflops:.0f} TFLOP/s"),
+        ("decode sweep", f"{len(results)} kvq points (plus SDPA) in {time.time() - t_start:.0f} s total"),
+        ("wrote", f"{csv_path}, {yaml_path}"),
+    ):
+        print(f"{label:<22} {value}")
+    print("\nnext (the YAML's header names the measured fields to replace with datasheet figures first):")
+    print(f"  kvq-sim calibrate --gpu {yaml_path} --measurements {csv_path}")
+    print(f"  kvq-sim validate --gpu {yaml_path} --measurements {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

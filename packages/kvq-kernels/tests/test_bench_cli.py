@@ -1,0 +1,167 @@
+"""kvq-bench on CPU: the no-GPU refusal, the drafted YAML and the CSV as kvq-sim reads them, output checks."""
+
+import csv
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kvq_kernels import bench_cli
+from kvq_kernels.bench_cli import QUICK, GpuInfo, check_outputs, draft_yaml, output_paths
+from kvq_sim.hardware import load_hardware
+from kvq_sim.measurements import KernelPoint, is_training, read_kernel_csv
+
+FAKE = GpuInfo(
+    name="NVIDIA Fake 48GB",
+    memory_bytes=50_657_755_136,
+    sm_count=142,
+    l2_bytes=96 * 2**20,
+    max_sm_clock_mhz=2520.0,
+    max_memory_clock_mhz=9001.0,
+    driver="999.1",
+    read_gb_s=801.37,
+    copy_gb_s=760.2,
+    matmul_tflops=301.77,
+)
+
+
+def test_refuses_without_gpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run(
+        [sys.executable, "-m", "kvq_kernels.bench_cli", "--quick"], env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [bench_cli.NO_GPU]
+    assert "triton" not in p.stdout
+
+
+def test_draft_yaml_loads_with_measured_numbers(tmp_path):
+    path = tmp_path / f"{FAKE.slug}.yaml"
+    path.write_text(draft_yaml(FAKE))
+    hw = load_hardware(str(path))  # rejects any field outside kvq_sim.hardware's schema
+    assert FAKE.slug == "nvidia-fake-48gb"
+    assert hw.torch_device_name == FAKE.name
+    assert (hw.hbm_bandwidth_gb_s, hw.fp16_dense_tflops, hw.int8_dense_tops) == (801.4, 301.8, 603.5)
+    assert (hw.usable_memory_bytes, hw.nominal_memory_gib, hw.sm_count, hw.l2_mib) == (50_657_755_136, 48, 142, 96)
+    assert hw.boost_clock_mhz == 2520.0
+    assert hw.calibration.status == "uncalibrated priors"
+    text = path.read_text()
+    for field in ("hbm_bandwidth_gb_s", "fp16_dense_tflops"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{field}:"))
+        assert line.endswith(f"# {bench_cli.MEASURED}")
+
+
+def test_draft_yaml_without_nvidia_smi_clock(tmp_path):
+    info = GpuInfo(**{**FAKE.__dict__, "max_sm_clock_mhz": None, "max_memory_clock_mhz": None})
+    path = tmp_path / "g.yaml"
+    path.write_text(draft_yaml(info))
+    assert load_hardware(str(path)).boost_clock_mhz is None
+
+
+def _fake_rows():
+    """Rows as kvq_kernels.benchmarking.sweep writes them, for one fp16 and one 4-bit point."""
+    from kvq_kernels.benchmarking import KERNEL_FIELDS, kernel_row, kv_bytes
+
+    prov = dict(device=FAKE.name, driver="999.1", torch="t", triton="x", commit="abc1234", date="2026-01-01T00:00:00Z")
+    rows = []
+    for batch, t in ((1, 4096), (8, 131072)):
+        fp16 = kv_bytes(16, batch, 8, t, 128)
+        sdpa_us = fp16 / 700e3 + 9
+        point = dict(bits=16, group=128, batch=batch, q_heads=32, kv_heads=8, context=t, hbm=0.8)
+        rows.append(kernel_row(prov, impl="sdpa_flash_fp16", kv_bytes_read=fp16, time_us=sdpa_us,
+                               sdpa_us=sdpa_us, config="", **point))  # fmt: skip
+        rows.append(kernel_row(prov, impl="kvq_fp16", kv_bytes_read=fp16, time_us=sdpa_us * 0.9,
+                               sdpa_us=sdpa_us, config="bn64-w4-s3", **point))  # fmt: skip
+        q4 = kv_bytes(4, batch, 8, t, 128)
+        rows.append(kernel_row(prov, impl="kvq_kivi", kv_bytes_read=q4, time_us=q4 / 500e3 + 7, sdpa_us=sdpa_us,
+                               config="tc-bn128-w4-s1", **{**point, "bits": 4}))  # fmt: skip
+    return [*prov, *KERNEL_FIELDS], rows
+
+
+def _write_csv(path, fields, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_csv_rows_read_back_by_kvq_sim(tmp_path):
+    fields, rows = _fake_rows()
+    path = tmp_path / "kernel_decode_fake.csv"
+    _write_csv(path, fields, rows)
+    points, prov = read_kernel_csv(path, FAKE.name)
+    assert [p.impl for p in points] == ["sdpa_flash_fp16", "kvq_fp16", "kvq_kivi"] * 2
+    assert points[2] == KernelPoint(
+        impl="kvq_kivi", bits=4, group_size=128, batch=1, q_heads=32, kv_heads=8, head_dim=128, context=4096,
+        bytes_read=int(rows[2]["bytes_read"]), time_us=float(rows[2]["time_us"]), config="tc-bn128-w4-s1",
+    )  # fmt: skip
+    assert points[0].group_size == 0 and points[0].family == "sdpa_flash_fp16"
+    assert points[5].family == "kvq_kivi_4b_gqa"
+    assert (prov.device, prov.commit) == (FAKE.name, "abc1234")
+
+
+def test_quick_grid_trains_every_family():
+    """`kvq-sim calibrate` fits each kernel family from at least 3 training points of the fixed split."""
+    from kvq_kernels.benchmarking import decode_grid
+
+    train, held = Counter(), Counter()
+    for hq, hkv, batch, t in decode_grid(QUICK.heads, QUICK.batches, QUICK.contexts, QUICK.split_contexts):
+        for bits in QUICK.bits:
+            for impl in ("sdpa_flash_fp16", "kvq_fp16") if bits == 16 else ("kvq_kivi",):
+                p = KernelPoint(impl, bits, 0 if bits == 16 else 128, batch, hq, hkv, 128, t, 1, 1.0)
+                (train if is_training(p.point_id) else held)[p.family] += 1
+    assert len(train) == 6
+    assert min(train.values()) >= 4 and min(held[f] for f in train) >= 2, (train, held)
+
+
+def test_output_checks(tmp_path):
+    paths = output_paths(tmp_path / "new", "g")
+    assert [p.name for p in paths] == ["kernel_decode_g.csv", "g.yaml"]
+    check_outputs(paths, force=False)  # creates the directory
+    assert Path(paths[0]).parent.is_dir()
+    paths[1].write_text("x")
+    with pytest.raises(ValueError, match=r"refusing to overwrite .*g\.yaml \(pass --force"):
+        check_outputs(paths, force=False)
+    check_outputs(paths, force=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        check_outputs(output_paths(tmp_path / "file", "g"), force=False)
+
+
+def test_quick_outputs_calibrate_and_validate(tmp_path):
+    """The drafted YAML and a quick-grid CSV (times from a bandwidth model) go through `kvq-sim calibrate`
+    and `kvq-sim validate` as the README's commands run them."""
+    from click.testing import CliRunner
+
+    from kvq_kernels.benchmarking import KERNEL_FIELDS, config_name, decode_grid, default_configs, kernel_row, kv_bytes
+    from kvq_sim.cli import main as kvq_sim
+
+    csv_path, yaml_path = output_paths(tmp_path, FAKE.slug)
+    yaml_path.write_text(draft_yaml(FAKE))
+    prov = dict(device=FAKE.name, driver="1", torch="t", triton="x", commit="c", date="2026-01-01T00:00:00Z")
+    configs = default_configs(QUICK.bits, 128, QUICK.heads)
+    rows = []
+    for hq, hkv, batch, t in decode_grid(QUICK.heads, QUICK.batches, QUICK.contexts, QUICK.split_contexts):
+        for bits in QUICK.bits:
+            nbytes = kv_bytes(bits, batch, hkv, t, 128)
+            point = dict(bits=bits, group=128, batch=batch, q_heads=hq, kv_heads=hkv, context=t, kv_bytes_read=nbytes,
+                         hbm=0.8, sdpa_us=None)  # fmt: skip
+            if bits == 16:
+                rows.append(kernel_row(prov, impl="sdpa_flash_fp16", time_us=9 + nbytes / 680e3, config="", **point))
+                rows.append(kernel_row(prov, impl="kvq_fp16", time_us=5 + nbytes / 720e3, config="bn64-w4-s3", **point))
+            else:
+                cfg = config_name(configs[(bits, hq, hkv)])
+                rows.append(kernel_row(prov, impl="kvq_kivi", time_us=6 + nbytes / 400e3, config=cfg, **point))
+    _write_csv(csv_path, [*prov, *KERNEL_FIELDS], rows)
+    args = ["--gpu", str(yaml_path), "--measurements", str(csv_path)]
+    cal = CliRunner().invoke(kvq_sim, ["calibrate", *args])
+    assert cal.exit_code == 0, cal.output
+    hw = load_hardware(str(yaml_path))
+    assert hw.calibration.calibrated and hw.torch_device_name == FAKE.name
+    assert len(hw.calibration.attention_kernels) == 6
+    val = CliRunner().invoke(kvq_sim, ["validate", *args])
+    assert val.exit_code == 0, val.output
+    assert "PASS kernel" in val.output

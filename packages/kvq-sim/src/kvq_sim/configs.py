@@ -10,8 +10,19 @@ import yaml
 
 from .errors import SimInputError
 
-# packages/kvq-sim/src/kvq_sim/configs.py -> repository root is four levels up; KVQ_CONFIG_DIR overrides.
-CONFIG_DIR = Path(os.environ.get("KVQ_CONFIG_DIR", Path(__file__).resolve().parents[4] / "configs"))
+
+def _config_dir() -> Path:
+    """KVQ_CONFIG_DIR if set; else the repository's configs/ (packages/kvq-sim/src/kvq_sim/configs.py is four
+    levels below the root) in a checkout; else the copy a wheel ships inside the package (kvq_sim/configs)."""
+    if "KVQ_CONFIG_DIR" in os.environ:
+        return Path(os.environ["KVQ_CONFIG_DIR"])
+    here = Path(__file__).resolve()
+    if len(here.parents) > 4 and (here.parents[4] / "configs" / "hardware").is_dir():
+        return here.parents[4] / "configs"
+    return here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class _DuplicateKey(ValueError):

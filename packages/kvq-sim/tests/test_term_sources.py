@@ -43,3 +43,19 @@ def test_json_and_table_carry_the_sources():
     assert out["term_sources"]["kv_read"].startswith("no kvq kernel for int")
     table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "    KV read: no kvq kernel for int" in table
+
+
+def test_kernel_sweep_alone_leaves_step_terms_as_priors():
+    """A GPU calibrated from a kernel sweep without decode steps (kvq-bench's output) has measured attention
+    kernels but prior GEMV and launch costs, and says so."""
+    import dataclasses
+
+    from kvq_sim.hardware import load_hardware
+
+    hw = load_hardware("h100-80g")
+    assert hw.calibration.e2e_measured
+    swept = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, e2e_measured=False))
+    s = api.plan("llama-7b", swept, bits="2", context=32768).term_sources
+    assert s["kv_read"] == "kernel family kvq_kivi_2b_mha, measured on h100-80g"
+    assert s["weights"].endswith("prior (no decode-step fit on h100-80g)")
+    assert s["launch"].endswith("prior (no decode-step fit on h100-80g)")

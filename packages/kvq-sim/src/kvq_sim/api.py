@@ -203,7 +203,10 @@ def term_sources(dep: Deployment) -> dict[str, str]:
     origin = {"calibrated": f"measured on {hw.name}", "uncalibrated priors": "prior (not measured)"}.get(
         cal.status, f"{cal.status} (not measured on {hw.name})"
     )
-    weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, {origin}"
+    # the GEMV efficiency and per-kernel cost are fitted on whole decode steps only: a kernel sweep alone
+    # leaves them at the file's priors
+    step_origin = origin if cal.e2e_measured or not cal.calibrated else f"prior (no decode-step fit on {hw.name})"
+    weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, {step_origin}"
     if dep.weight_bits != 16 or dep.weight_scheme is not None:
         weights += f"; applied to {dep.weights.name} weights as if fp16 (quantized GEMV not measured)"
     family = attention_family(dep)
@@ -219,7 +222,7 @@ def term_sources(dep: Deployment) -> dict[str, str]:
         "kv_read": kv,
         "compute": f"tensor-core efficiency {cal.tensor_core_efficiency:.2f} (prior)",
         "interconnect": _collectives_note(dep) if dep.gpus > 1 else "none (1 GPU)",
-        "launch": f"{cal.kernel_launch_overhead_us:.2f} us per kernel, {origin}",
+        "launch": f"{cal.kernel_launch_overhead_us:.2f} us per kernel, {step_origin}",
     }
 
 

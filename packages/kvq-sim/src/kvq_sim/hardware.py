@@ -57,6 +57,7 @@ class Calibration:
     framework_workspace_mib: float  # cuBLAS / attention workspaces held during a step
     attention_kernels: tuple[KernelFit, ...] = ()  # fitted kernel families; empty when uncalibrated
     transferred_from: str = ""  # the measured GPU this calibration was carried over from; "" if none
+    e2e_measured: bool = False  # weight GEMV efficiency and per-kernel cost fitted on decode steps (`e2e_fit`)
 
     @property
     def status(self) -> str:
@@ -371,6 +372,7 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
         framework_workspace_mib=f.number("calibration.framework_workspace_mib", 0, 1 << 20),
         attention_kernels=_kernel_fits(cal_section.get("attention_kernels", {}), where),
         transferred_from=f.text("calibration.transferred_from") if "transferred_from" in cal_section else "",
+        e2e_measured="e2e_fit" in cal_section,
     )
     ints = ("gpus", "usable_memory_bytes", "sm_count")
     num = {k: f.number(k, *_BOUNDS[k], integer=k in ints) for k in _BOUNDS if k != "boost_clock_mhz"}

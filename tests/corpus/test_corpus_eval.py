@@ -1,8 +1,8 @@
 """Bad-input corpus for `kvq-eval`: cache names and bit widths, window options, --csv destinations, --calibration files.
 
 Each case runs kvq-eval in a subprocess and must fail cleanly (tests/corpus/conftest.py): exit 2, one stderr line
-naming the problem, no traceback, and no file in the case's folder changed, created or removed. Ids that name an
-example of issue 14 carry its words (`csv-README.md-rewritten-to-174-bytes`, `calibration-torch-pickle-runs-code`,
+naming the problem, no traceback, and no file in the case's folder changed, created or removed. Ids that name a
+reported bad input carry its words (`csv-README.md-rewritten-to-174-bytes`, `calibration-torch-pickle-runs-code`,
 ...). Most cases fail before torch is imported (a tenth of a second each); the few that need the model use a tiny
 random Llama saved to a folder. A positive control at the end appends to a kvq-eval CSV and keeps its rows.
 """

@@ -4,7 +4,7 @@ YAML that `calibrate` rewrites, and the PDF `report -o` writes.
 Every case runs the CLI in a subprocess (tests/corpus/conftest.py) on copies made in tmp_path: configs/ through
 KVQ_CONFIG_DIR, and the committed measurement CSVs, so nothing in the repository can be written. A bad case
 must exit 2 with one stderr line naming the problem (file, row and column for a CSV cell), print no traceback,
-and leave every copied config and CSV byte for byte as it was. Ids that name an example of issue 14 carry its
+and leave every copied config and CSV byte for byte as it was. Ids that name a reported bad input carry its
 words (`transfer-from-h100-80g-to-itself`, `all-equal-times-written-into-configs-hardware`, ...). Positive
 controls at the end prove the same runs succeed, write atomically and keep the replaced file as `.bak`.
 """
@@ -335,7 +335,7 @@ def test_e2e_all_equal_step_times_are_not_fitted(cli, world):
 
 
 def test_validate_time_us_inf_no_longer_passes(cli, world):
-    """Issue 14: a `time_us=inf` row passed validate. Put inf on a held-out point, the ones validate reads."""
+    """A `time_us=inf` row must not pass validate: the inf sits on a held-out point, the ones validate reads."""
     header, rows = _table((world / K).read_text())
     line = next(n for n, r in enumerate(rows, 2) if not is_training(_kernel_id(dict(zip(header, r)))))
     _write_bad(world, K, cell("time_us", "inf", line))

@@ -1,7 +1,7 @@
 """Bad-input corpus for `kvq-sim plan` / `kvq-sim list`, hardware YAML and model config.json / YAML files.
 
 Each bad case runs the CLI in a subprocess and must fail cleanly (tests/corpus/conftest.py): exit 2, one stderr
-line naming the problem, no traceback, and no config file changed. Case ids that name an example of issue 14
+line naming the problem, no traceback, and no config file changed. Case ids that name a reported bad input
 carry that example's words (`bits-0-silently-picked-eviction`, `hbm_bandwith_gb_s-misspelt`, ...). Positive
 controls at the end prove the harness can see a working run.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kvq_kernels.benchmarking import fill_random
 from kvq_kernels.decode_fp16 import decode_fp16
 from kvq_kernels.decode_kivi import decode_kivi
 from kvq_kernels.kivi_layout import allocate
@@ -35,17 +36,9 @@ class KvqCache:
             self.lens = lens
             return
         self.caches = []
-        span = 2.0 / (2**bits - 1)
         for _ in range(s.layers):
             c = allocate(batch, s.kv_heads, s.head_dim, context + 1, bits, GROUP, RESIDUAL, 0, device=device)
-            for t in (c.k_codes, c.v_codes):
-                t.random_(0, 256, generator=g)
-            for t in (c.k_scale, c.v_scale):
-                t.uniform_(0.5 * span, span, generator=g)
-            for t in (c.k_zero, c.v_zero):
-                t.uniform_(-1.5, -0.5, generator=g)
-            for t in (c.k_res, c.v_win):
-                t.normal_(generator=g)
+            fill_random(c, g)
             c.lens.copy_(lens)
             self.caches.append(c)
         self.slot = context % RESIDUAL  # post-sink index of the new token = context; ring slot p % R

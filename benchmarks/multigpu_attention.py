@@ -22,6 +22,7 @@ from kvq_e2e_backend import GROUP, KIVI_CONFIG, RESIDUAL  # benchmarks/kvq_e2e_b
 
 from kvq_core.formats import packed_row_bytes
 from kvq_kernels._launch import interpreting, next_pow2, num_splits
+from kvq_kernels.benchmarking import fill_random
 from kvq_kernels.combine import alloc_partials, combine
 from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
 from kvq_kernels.decode_kivi import _decode_kivi_kernel, decode_kivi, dequantize_cache, launch_config
@@ -91,16 +92,7 @@ class LayerCache:
             return
         if spec.old_tokens % RESIDUAL:
             raise ValueError(f"a KIVI shard holds a multiple of {RESIDUAL} tokens, got {spec.old_tokens}")
-        c = allocate(b, h, d, t, self.bits, GROUP, RESIDUAL, 0, device=device)
-        span = 2.0 / (2**self.bits - 1)  # keeps dequantized values ~ N(0, 1)-sized
-        for x in (c.k_codes, c.v_codes):
-            x.random_(0, 256, generator=g)
-        for x in (c.k_scale, c.v_scale):
-            x.uniform_(0.5 * span, span, generator=g)
-        for x in (c.k_zero, c.v_zero):
-            x.uniform_(-1.5, -0.5, generator=g)
-        for x in (c.k_res, c.v_win):
-            x.normal_(generator=g)
+        c = fill_random(allocate(b, h, d, t, self.bits, GROUP, RESIDUAL, 0, device=device), g)
         c.lens.copy_(self.lens)
         self.kivi: KiviCache = c
         self.slot = spec.old_tokens % RESIDUAL

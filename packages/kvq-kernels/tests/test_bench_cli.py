@@ -165,3 +165,25 @@ def test_quick_outputs_calibrate_and_validate(tmp_path):
     val = CliRunner().invoke(kvq_sim, ["validate", *args])
     assert val.exit_code == 0, val.output
     assert "PASS kernel" in val.output
+
+
+def test_fill_random_is_seeded_and_in_range():
+    """The benchmarks' random KIVI caches: the same generator seed gives the same cache, scales lie in
+    [span/2, span] for span = 2 / (2^bits - 1), and the fp16 window is filled (never left at zeros)."""
+    import torch
+
+    from kvq_kernels.benchmarking import fill_random
+    from kvq_kernels.kivi_layout import allocate
+
+    def make(seed):
+        c = allocate(2, 3, 64, 300, 4, 32, 128, 0, device="cpu")
+        return fill_random(c, torch.Generator().manual_seed(seed))
+
+    a, b, other = make(1), make(1), make(2)
+    assert torch.equal(a.k_codes, b.k_codes) and torch.equal(a.v_win, b.v_win)
+    assert not torch.equal(a.k_codes, other.k_codes)
+    span = 2.0 / 15
+    fp16_step = 1e-3  # the scales are stored in fp16: 2^-11 relative rounding, with margin
+    assert 0.5 * span * (1 - fp16_step) <= a.k_scale.float().min()
+    assert a.k_scale.float().max() <= span * (1 + fp16_step)
+    assert a.v_win.abs().sum() > 0 and a.k_codes.float().std() > 50

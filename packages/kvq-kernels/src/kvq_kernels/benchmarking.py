@@ -56,20 +56,27 @@ def provenance(commit: str) -> dict:
     }
 
 
+def fill_random(c, generator: torch.Generator | None = None):
+    """Fill a KIVI cache (`kivi_layout.KiviCache`) with random contents and return it: random bytes (all valid
+    codes), scales and zeros that keep dequantized values ~ N(0, 1)-sized, normal fp16 window and sink tokens.
+    Lengths are left to the caller."""
+    span = 1.0 if c.codebook is not None else 2.0 / (2**c.bits - 1)
+    for x in (c.k_codes, c.v_codes):
+        x.random_(0, 256, generator=generator)
+    for x in (c.k_scale, c.v_scale):
+        x.uniform_(0.5 * span, span, generator=generator)
+    for x in (c.k_zero, c.v_zero):
+        x.uniform_(-1.5, -0.5, generator=generator)
+    for x in (c.k_res, c.v_win, c.k_sink, c.v_sink):
+        x.normal_(generator=generator)
+    return c
+
+
 def random_kivi(batch, kv_heads, tokens, bits, group, residual=128, sinks=0, nuq=False):
-    """A KIVI cache holding `tokens` random tokens per sequence (random bytes are valid codes)."""
-    levels = 2**bits
-    cb = torch.sort(torch.rand(levels, device="cuda") * 2 - 1).values.half() if nuq else None
+    """A KIVI cache holding `tokens` random tokens per sequence (`fill_random`)."""
+    cb = torch.sort(torch.rand(2**bits, device="cuda") * 2 - 1).values.half() if nuq else None
     c = allocate(batch, kv_heads, HEAD_DIM, tokens, bits, group, residual, sinks, device="cuda", codebook=cb)
-    c.k_codes.random_(0, 256)
-    c.v_codes.random_(0, 256)
-    span = 1.0 if nuq else 2.0 / (levels - 1)  # keeps dequantized values ~ N(0, 1)-sized
-    c.k_scale.uniform_(0.5 * span, span)
-    c.v_scale.uniform_(0.5 * span, span)
-    for t in (c.k_zero, c.v_zero):
-        t.uniform_(-1.5, -0.5)
-    for t in (c.k_res, c.v_win, c.k_sink, c.v_sink):
-        t.normal_()
+    fill_random(c)
     c.lens.fill_(tokens)
     return c
 

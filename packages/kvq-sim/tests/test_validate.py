@@ -321,15 +321,10 @@ MULTIGPU_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_h100.csv"
 
 
 def _multigpu_held_out():
-    import numpy as np
-
     from kvq_sim.hardware import load_hardware
-    from kvq_sim.measurements import is_training
-    from kvq_sim.multigpu import predict, read_steps
+    from kvq_sim.multigpu import fitted_errors_pct, read_steps
 
-    hw = load_hardware("8x-h100")
-    pts = [p for p in read_steps(MULTIGPU_CSV)[0] if p.gpus > 1 and not is_training(p.point_id)]
-    return np.array([abs(predict(hw, p) / p.step_us - 1) * 100 for p in pts])
+    return fitted_errors_pct(load_hardware("8x-h100"), read_steps(MULTIGPU_CSV)[0])
 
 
 def test_multigpu_held_out_mape_within_target():

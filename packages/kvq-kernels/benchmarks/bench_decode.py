@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 
+from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import (
     BATCHES,
     BITS,
@@ -25,7 +26,6 @@ from kvq_kernels.benchmarking import (
     hbm_read_tb_s,
     print_table,
     probe,
-    provenance,
     sweep,
 )
 
@@ -37,7 +37,7 @@ def _ints(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--commit", default=os.environ.get("KVQ_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="default: this checkout's (KVQ_COMMIT outside one)")
     ap.add_argument("--group", type=int, default=128, help="KIVI group size (tokens for keys, channels for values)")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument(
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
     t_start = time.time()
-    prov = provenance(args.commit)
+    prov = provenance(args.commit, CSV_FIELDS)
     print(prov)
     if not args.skip_correctness:
         correctness()

@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from kvq_kernels.benchmarking import kv_bytes, kvq_fp16_fn, kvq_kivi_fn, provenance, sdpa_fn, time_rotation
+from kvq_core.provenance import CSV_FIELDS, provenance
+from kvq_kernels.benchmarking import kv_bytes, kvq_fp16_fn, kvq_kivi_fn, sdpa_fn, time_rotation
 
 #: (impl, bits, batch, q_heads, kv_heads, context): batch 1 across the 64 MB .. 4 GB range, plus controls.
 POINTS = [
@@ -46,9 +47,9 @@ def make(impl, bits, batch, hq, hkv, t):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--commit", default=os.environ.get("KVQ_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="default: this checkout's (KVQ_COMMIT outside one)")
     args = ap.parse_args()
-    prov = provenance(args.commit)
+    prov = provenance(args.commit, CSV_FIELDS)
     print(prov)
     path = os.path.join(args.out, "flush_effect_h100.csv")
     fields = [*prov, "impl", "bits", "batch", "q_heads", "kv_heads", "context", "kv_bytes",

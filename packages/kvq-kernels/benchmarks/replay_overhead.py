@@ -19,7 +19,8 @@ import os
 import torch
 from flush_effect import make
 
-from kvq_kernels.benchmarking import capture, kv_bytes, median_us, provenance, rotation_copies, time_rotation
+from kvq_core.provenance import CSV_FIELDS, provenance
+from kvq_kernels.benchmarking import capture, kv_bytes, median_us, rotation_copies, time_rotation
 
 POINTS = [
     (impl, 16, 1, 32, 8, t) for t in (4096, 16384, 65536, 131072, 1048576) for impl in ("sdpa_flash_fp16", "kvq_fp16")
@@ -36,9 +37,9 @@ POINTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--commit", default=os.environ.get("KVQ_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="default: this checkout's (KVQ_COMMIT outside one)")
     args = ap.parse_args()
-    prov = provenance(args.commit)
+    prov = provenance(args.commit, CSV_FIELDS)
     print(prov)
     x = torch.zeros(1, device="cuda")
     tiny = capture([lambda: x.add_(1)])

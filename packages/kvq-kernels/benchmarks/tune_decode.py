@@ -13,12 +13,12 @@ import argparse
 import functools
 import itertools
 import math
-import os
 
 import torch
 
+from kvq_core.provenance import provenance
 from kvq_kernels._launch import num_sms
-from kvq_kernels.benchmarking import HEAD_DIM, correctness, kv_bytes, provenance, random_kivi, sdpa_fn, time_rotation
+from kvq_kernels.benchmarking import HEAD_DIM, correctness, kv_bytes, random_kivi, sdpa_fn, time_rotation
 from kvq_kernels.decode_kivi import decode_kivi
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--waves", default="4,8,16")
     ap.add_argument("--skip-correctness", action="store_true")
     a = ap.parse_args()
-    print(provenance(os.environ.get("KVQ_COMMIT", "unknown")))
+    print(provenance())
     if not a.skip_correctness:
         correctness()  # exits non-zero on a wrong kernel
     hq, hkv = (int(x) for x in a.heads.split("/"))

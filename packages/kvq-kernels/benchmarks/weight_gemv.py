@@ -12,7 +12,8 @@ Shapes are LLaMA-7B's four projections (qkv 12288x4096, o 4096x4096, gate+up 220
 with L2 flushed by reading 256 MB between replays (kvq_kernels.benchmarking.time_rotation). Correctness first: every
 format against an fp32 matmul of its own dequantized weight.
 
-    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src python benchmarks/weight_gemv.py --out $OUT
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src \\
+        python packages/kvq-kernels/benchmarks/weight_gemv.py --out $OUT
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kvq_kernels.benchmarking import hbm_read_tb_s, provenance, time_rotation
+from kvq_core.provenance import CSV_FIELDS, provenance
+from kvq_kernels.benchmarking import hbm_read_tb_s, time_rotation
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
 TOKENS = (1, 8, 64)
@@ -88,11 +90,11 @@ def _make(fmt: str, n: int, k: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--commit", default=os.environ.get("KVQ_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=None, help="default: this checkout's (KVQ_COMMIT outside one)")
     ap.add_argument("--formats", default="fp16,int8,int8-compile,int4")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    prov = provenance(args.commit)
+    prov = provenance(args.commit, CSV_FIELDS)
     read_tb_s = hbm_read_tb_s()
     print(f"streaming read ceiling {read_tb_s:.3f} TB/s on {prov['device']}")
     rows, failed = [], []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import subprocess
 import sys
@@ -75,7 +74,7 @@ QUICK = SweepPlan(
 
 
 def full_plan() -> SweepPlan:
-    """benchmarks/bench_decode.py's default grid (kvq_kernels.benchmarking constants), configs probed."""
+    """packages/kvq-kernels/benchmarks/bench_decode.py's default grid (kvq_kernels.benchmarking constants), configs probed."""
     from kvq_kernels import benchmarking as bm
 
     return SweepPlan(bm.BITS, bm.HEADS, bm.BATCHES, bm.CONTEXTS, bm.SPLIT_REGIME_CONTEXTS, probe=True)
@@ -212,16 +211,20 @@ def _mhz(text: str) -> float | None:
     return v if v > 0 else None
 
 
-def _commit() -> str:
-    """KVQ_COMMIT, else the installed kvq-kernels version."""
-    if os.environ.get("KVQ_COMMIT"):
-        return os.environ["KVQ_COMMIT"]
+def _provenance() -> dict:
+    """The CSV's provenance columns (kvq_core.provenance); the commit of a kvq-bench installed from a wheel,
+    outside any checkout and without KVQ_COMMIT, is the installed kvq-kernels version."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return f"kvq-kernels {version('kvq-kernels')}"
-    except PackageNotFoundError:
-        return "unknown"
+    from kvq_core.provenance import CSV_FIELDS, provenance
+
+    prov = provenance(fields=CSV_FIELDS)
+    if prov["commit"] == "unknown":
+        try:
+            prov["commit"] = f"kvq-kernels {version('kvq-kernels')}"
+        except PackageNotFoundError:
+            pass
+    return prov
 
 
 def _progress(total: int):
@@ -274,7 +277,7 @@ def main(argv=None) -> None:
     from kvq_kernels import benchmarking as bm
 
     plan = QUICK if args.quick else full_plan()
-    prov = bm.provenance(_commit())
+    prov = _provenance()
     print(", ".join(f"{k} {v}" for k, v in prov.items()))
     bm.correctness([b for b in plan.bits if b != 16])
     read = bm.hbm_read_tb_s()

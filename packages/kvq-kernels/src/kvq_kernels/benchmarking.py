@@ -4,18 +4,17 @@ Each point is timed as the median of CUDA-graph replays, with L2 flushed between
 256 MB buffer (`median_us`); shapes whose KV is under 256 MB are replayed as a rotation over several cache
 copies, so no timing reads a KV that sits in the 50 MB L2. The flush reads rather than writes (triton's
 do_bench zeroes a buffer): a write flush leaves up to 50 MB of dirty lines that the timed kernel must write
-back to HBM (benchmarks/flush_effect.py measures the difference); in a model's decode step the attention
-kernel follows weight reads, which leave L2 clean. Effective bandwidth = bytes the kernel must read (codes,
-scales, zeros, fp16 rings; q) / time. Used by `kvq-bench` (bench_cli.py) and benchmarks/bench_decode.py.
+back to HBM (packages/kvq-kernels/benchmarks/flush_effect.py measures the difference); in a model's decode
+step the attention kernel follows weight reads, which leave L2 clean. Effective bandwidth = bytes the kernel must read (codes,
+scales, zeros, fp16 rings; q) / time. Used by `kvq-bench` (bench_cli.py) and
+packages/kvq-kernels/benchmarks/ (bench_decode.py, tune_decode.py, ...).
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import functools
 import math
-import subprocess
 import sys
 import time
 
@@ -37,23 +36,6 @@ SPLIT_REGIME_CONTEXTS = (8192, 32768, 262144)
 SPLIT_REGIME_MAX_BATCH = 8
 BATCHES = (1, 8, 32, 64, 256)
 HEADS = ((32, 32), (32, 8))  # (query heads, kv heads)
-
-
-def provenance(commit: str) -> dict:
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        driver = "unknown"
-    return {
-        "device": torch.cuda.get_device_name(),
-        "driver": driver,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
 
 
 def fill_random(c, generator: torch.Generator | None = None):
@@ -314,7 +296,8 @@ def kv_bytes(bits, batch, hkv, t, group, residual=128) -> int:
     return batch * hkv * per_seq
 
 
-#: kernel-decode CSV columns after the provenance ones (`provenance`); kvq_sim.measurements reads them
+#: kernel-decode CSV columns after the provenance ones (`kvq_core.provenance.CSV_FIELDS`); kvq_sim.measurements
+#: reads them
 KERNEL_FIELDS = (
     "impl", "bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context",
     "bytes_read", "time_us", "eff_bw_tb_s", "frac_of_hbm_read", "hbm_read_tb_s",

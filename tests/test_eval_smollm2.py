@@ -43,7 +43,7 @@ def test_decode_full_cache_equals_one_forward(smollm2, eval_ids):
 @pytest.mark.model
 @pytest.mark.slow
 def test_hf_quantized_caches_order_on_reference_decode_protocol(smollm2):
-    """REFERENCES.md section 7's decode protocol: full <= quanto 4-bit < quanto 2-bit (11.744, 11.797, 59.65)."""
+    """docs/references.md §7's decode protocol: full <= quanto 4-bit < quanto 2-bit (11.744, 11.797, 59.65)."""
     pytest.importorskip("optimum.quanto")
     model, tok = smollm2
     ids = tokenize(tok, pydoc_text("evaluation"))

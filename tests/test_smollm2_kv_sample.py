@@ -56,7 +56,7 @@ def _outlier_ratio(x):
 def test_pre_rope_keys_have_outlier_channels(kv_sample):
     t, prov = kv_sample
     ratios = torch.stack([_outlier_ratio(t[f"L{i}.k_pre"]) for i in prov["layers"]])  # [layers, H_kv]
-    # REFERENCES.md section 7: about 5 across layers; measured here 3.1-6.8 per head, 4.4 mean
+    # docs/references.md §7: about 5 across layers; measured here 3.1-6.8 per head, 4.4 mean
     assert ratios.amax(dim=1).min() > 3
     assert ratios.mean() > 3.5
 

@@ -41,7 +41,7 @@ def test_kivi_accounting_by_hand():
     expect = (h * t * d * 2 // 8) + (t // 32) * d * h * 4  # keys: codes + scale/zero
     expect += (h * tq_v * d * 2 // 8) + tq_v * h * (d // 32) * 4 + 128 * h * d * 2  # values
     assert fmt.bytes(t, h, d) == expect
-    assert fmt.avg_bits(t, h, d) == pytest.approx(3.03, abs=0.01)  # REFERENCES.md s.2: ~3.05 (KVQuant's count)
+    assert fmt.avg_bits(t, h, d) == pytest.approx(3.03, abs=0.01)  # docs/references.md §2: ~3.05 (KVQuant's count)
 
 
 def test_kvquant_outlier_accounting_matches_paper():

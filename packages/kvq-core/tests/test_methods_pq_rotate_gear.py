@@ -14,7 +14,7 @@ from kvq_core.packing import unpack
 def _kv(h=4, t=512, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, h, t, d, generator=g)
-    x[..., 3] *= 8  # a fixed outlier channel, as real keys have (REFERENCES.md s.7)
+    x[..., 3] *= 8  # a fixed outlier channel, as real keys have (docs/references.md §7)
     return x
 
 

@@ -1,4 +1,4 @@
-"""The seed papers' capacity claims (REFERENCES.md section 4), reproduced with their assumptions stated."""
+"""The seed papers' capacity claims (docs/references.md §4), reproduced with their assumptions stated."""
 
 import pytest
 

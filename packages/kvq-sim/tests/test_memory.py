@@ -7,7 +7,7 @@ import pytest
 from kvq_sim.api import deployment
 from kvq_sim.memory import alloc_bytes, memory
 
-L7, H7, D = 32, 32, 128  # llama-7b: layers, KV heads, head_dim (REFERENCES.md section 6)
+L7, H7, D = 32, 32, 128  # llama-7b: layers, KV heads, head_dim (docs/references.md §6)
 
 
 def kv(model, gpu, bits, method, batch, context, gpus=1, parallel="tp"):

@@ -1,4 +1,4 @@
-"""Model shapes against REFERENCES.md section 6, Hugging Face config.json reading, hardware validation."""
+"""Model shapes against docs/references.md §6, Hugging Face config.json reading, hardware validation."""
 
 import json
 
@@ -8,7 +8,7 @@ from kvq_sim.errors import SimInputError
 from kvq_sim.hardware import hardware_names, load_hardware
 from kvq_sim.models import load_model, model_names
 
-# (params in billions, fp16 KV KiB per token) from REFERENCES.md section 6, rounded as printed there.
+# (params in billions, fp16 KV KiB per token) from docs/references.md §6, rounded as printed there.
 REFERENCE = {
     "llama-7b": (6.74, 512),
     "llama-2-7b": (6.74, 512),
@@ -30,7 +30,7 @@ def test_params_and_kv_per_token_match_references(name):
 
 
 def test_mixtral_active_params():
-    assert load_model("mixtral-8x7b").active_params / 1e9 == pytest.approx(12.9, rel=0.005)  # REFERENCES 6
+    assert load_model("mixtral-8x7b").active_params / 1e9 == pytest.approx(12.9, rel=0.005)  # docs/references.md §6
 
 
 def test_every_config_loads():
@@ -73,7 +73,8 @@ def test_tied_embeddings_count_once():
 
 def test_node_inherits_gpu_fields():
     node, gpu = load_hardware("8x-h100"), load_hardware("h100-80g")
-    assert node.gpus == 8 and node.usable_memory_bytes == gpu.usable_memory_bytes == 85_017_493_504  # REFERENCES 5
+    # usable memory: docs/references.md §5
+    assert node.gpus == 8 and node.usable_memory_bytes == gpu.usable_memory_bytes == 85_017_493_504
     assert node.hbm_bandwidth_gb_s == 3350 and node.interconnect == "nvlink"
     assert load_hardware("4x-l40s").interconnect == "pcie"
 

@@ -1,4 +1,4 @@
-"""Launch grids the kernel cost model uses: the kvq rule equals the kernels' own, FlashAttention's
+"""Launch grids the kernel cost model uses: the kvq grid runs the kernels' own split rule, FlashAttention's
 heuristic on cases worked by hand, the wave-tail factor, and the YAML fields that carry them."""
 
 from __future__ import annotations
@@ -8,28 +8,28 @@ import math
 import pytest
 import yaml
 
+from kvq_core import splits
+from kvq_sim import grids
 from kvq_sim.errors import SimInputError
-from kvq_sim.grids import flash_split_count, kvq_split_count, launch, wave_factor
+from kvq_sim.grids import flash_split_count, launch, wave_factor
 from kvq_sim.hardware import load_hardware, parse_hardware
 
 
-def test_kvq_rule_is_the_kernels_rule():
+def test_kvq_grid_and_the_kernels_run_one_split_rule():
+    """The cost model and the kernels' launchers call the same function (its cases: kvq-core test_splits)."""
+    assert grids.split_count is splits.split_count
     pytest.importorskip("torch")
-    from kvq_kernels._launch import split_count
+    from kvq_kernels import _launch
 
-    for pps in (1, 3, 8, 32, 64, 96, 256, 1024, 8192):
-        for tiles in (1, 2, 7, 8, 32, 97, 1024, 16384):
-            for sms, waves in ((132, 4), (132, 8), (108, 4), (142, 8), (4, 4)):
-                for fill in (True, False):
-                    assert kvq_split_count(pps, tiles, sms, waves, fill) == split_count(pps, tiles, sms, waves, fill)
+    assert _launch.split_count is splits.split_count
 
 
-def test_kvq_rule_fills_whole_waves():
-    # GQA 32/8 at batch 8: 64 programs per split; 9 splits (the old rule) leave 4.36 waves of 132 SMs,
-    # 10 give 4.85 (fill 0.97)
-    assert kvq_split_count(64, 1024, 132, 4) == 10
-    assert kvq_split_count(64, 8, 132, 4) == 8  # at most one split per tile
-    assert kvq_split_count(2048, 1024, 132, 4) == 1
+def test_kvq_grid_splits_by_the_rule():
+    # GQA 32/8 at batch 8, 16K tokens of BLOCK_N 64 on 132 SMs: 64 rows, 10 splits (kvq_core.splits example)
+    gqa = launch("kvq", 8, 32, 8, 16384, 128, 132, block_tokens=64, split_waves=4, tail_programs_per_row=1)
+    assert (gqa.programs, gqa.tail_programs, gqa.split) == (64 * 10, 64, True)
+    one = launch("kvq", 66, 32, 8, 16384, 128, 132, block_tokens=64, split_waves=4)  # 528 rows: 4 waves
+    assert (one.programs, one.split) == (528, False)
 
 
 def test_flash_heuristic_by_hand():
@@ -46,7 +46,7 @@ def test_flash_heuristic_by_hand():
 
 def test_launch_and_wave_factor():
     mha = launch("kvq-nofill", 1, 32, 32, 131072, 128, 132, block_tokens=64, split_waves=8, tail_programs_per_row=4)
-    s = kvq_split_count(32, 131072 // 64, 132, 8, fill=False)
+    s = splits.split_count(32, 131072 // 64, 132, 8, fill=False)
     assert s == 33  # ceil(8 * 132 / 32)
     assert (mha.programs, mha.tail_programs, mha.split) == (32 * s, 32 * 4, True)
     fl = launch("flash", 8, 32, 8, 16384, 128, 132)  # q heads of a KV head packed into one M block

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from kvq_core.splits import split_count
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
@@ -91,34 +93,9 @@ def num_sms(device: torch.device) -> int:
 def num_splits(
     programs_per_split: int, max_tokens: int, block_n: int, device: torch.device, waves: int = 4, fill: bool = True
 ) -> int:
-    """Splits of the context: at least about `waves` waves of programs over the SMs (whole waves with `fill`).
-
-    `split_count` is the rule; kvq_sim.grids.kvq_split_count restates it (torch-free) for the cost model.
-    """
+    """Splits of the context: at least about `waves` waves of programs over the SMs (whole waves with `fill`);
+    the rule is kvq_core.splits.split_count, which the simulator's cost model runs too."""
     return split_count(programs_per_split, max(1, math.ceil(max_tokens / block_n)), num_sms(device), waves, fill)
-
-
-def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill: bool = True) -> int:
-    """The split rule: `want` = splits for `waves` waves of programs (at most one split per tile). With
-    `fill`, among want .. 2 * want (counts the kernels' whole-tile split sizes keep) the smallest whose last
-    wave is fullest (within 2%): a partly filled last wave idles SMs. H100 sweeps: the tensor-core and fp16
-    kernels (one resident program per SM) gained up to 10% (GQA at batch 8: 9 splits, 4.36 waves of 132
-    programs, became 10 splits, 4.85 waves); the CUDA-core kernel, several programs per SM, lost up to 12%
-    (MHA batch 1, 16K: 32 -> 37 splits), so it runs without `fill`."""
-    pps = max(programs_per_split, 1)
-    want = math.ceil(waves * sms / pps)
-    if not fill:
-        return max(1, min(tiles, want))
-    lo = max(1, min(tiles, want))
-    hi = max(lo, min(tiles, 2 * want))
-
-    def fullness(s: int) -> float:
-        w = pps * s / sms
-        return w / math.ceil(w)
-
-    kept = sorted({math.ceil(tiles / math.ceil(tiles / s)) for s in range(lo, hi + 1)})
-    best = max(fullness(s) for s in kept)
-    return next(s for s in kept if fullness(s) >= best - 0.02)
 
 
 def next_pow2(n: int) -> int:

@@ -1,7 +1,7 @@
 """Launch grids of the decode-attention kernels the simulator costs: how many programs (thread blocks) a
-launch runs and whether it splits the context. Torch-free restatements of each kernel's own rule.
+launch runs and whether it splits the context (torch-free).
 
-- "kvq": kvq-kernels' split-KV kernels (`kvq_kernels._launch.split_count`, asserted equal in the tests):
+- "kvq": kvq-kernels' split-KV kernels, whose launchers run the same rule (kvq_core.splits.split_count):
   B * H_kv programs per split, splits for about `waves` waves of the SMs, whole waves preferred, plus
   tail programs for the fp16 residual window and sinks. "kvq-nofill": the same without the whole-wave
   preference (the CUDA-core KIVI kernel).
@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvq_core.splits import split_count
+
 GRIDS = ("", "kvq", "kvq-nofill", "flash")  # "": no grid model (fixed-cost and streaming terms only)
 
 
@@ -25,24 +27,6 @@ class Launch:
     programs: int  # programs of the main pass over the context (wave quantization applies to these)
     tail_programs: int  # short extra programs (fp16 residual window, sinks); fixed cost only
     split: bool  # the context is split across programs (a combine pass follows)
-
-
-def kvq_split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill: bool = True) -> int:
-    """kvq-kernels' split rule (kvq_kernels._launch.split_count)."""
-    pps = max(programs_per_split, 1)
-    want = math.ceil(waves * sms / pps)
-    if not fill:
-        return max(1, min(tiles, want))
-    lo = max(1, min(tiles, want))
-    hi = max(lo, min(tiles, 2 * want))
-
-    def fullness(s: int) -> float:
-        w = pps * s / sms
-        return w / math.ceil(w)
-
-    kept = sorted({math.ceil(tiles / math.ceil(tiles / s)) for s in range(lo, hi + 1)})
-    best = max(fullness(s) for s in kept)
-    return next(s for s in kept if fullness(s) >= best - 0.02)
 
 
 def flash_split_count(rows: int, slots: int, n_blocks: int, max_splits: int = 128) -> int:
@@ -83,7 +67,7 @@ def launch(
     if grid in ("kvq", "kvq-nofill"):
         rows = batch * kv_heads
         tiles = max(1, math.ceil(context / block_tokens))
-        s = kvq_split_count(rows, tiles, sms, split_waves, fill=grid == "kvq")
+        s = split_count(rows, tiles, sms, split_waves, fill=grid == "kvq")
         return Launch(rows * s, rows * tail_programs_per_row, s > 1)
     if grid == "flash":
         rows = batch * kv_heads * math.ceil((q_heads // kv_heads) / 64)

@@ -1,0 +1,59 @@
+"""The split-KV rule (kvq_core.splits.split_count) on cases worked by hand, and that it imports without torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kvq_core.splits import split_count
+
+# (programs_per_split, tiles, sms, waves, fill, splits); each worked in the comment beside it
+CASES = [
+    # GQA 32/8 at batch 8 on an H100: 64 programs per split, want = ceil(4 * 132 / 64) = 9 (last of 4.36
+    # waves 36% busy); 10, 12, .., 18 all fill the last wave to 0.97 (10: 4.85 waves): the smallest wins
+    pytest.param(64, 1024, 132, 4, True, 10, id="gqa-batch8-h100-fills-whole-waves"),
+    pytest.param(64, 1024, 132, 4, False, 9, id="gqa-batch8-h100-nofill"),
+    # CUDA-core MHA at batch 1, 16K tokens of BLOCK_N 32 (512 tiles), 8 waves: want = ceil(8 * 132 / 32) = 33,
+    # what the kernel launches (no fill). With fill only whole-tile split sizes count: 32, 35, 37, .., 64
+    # splits (16, 15, 14, .., 8 tiles each); 37 (8.97 waves, fullness 0.997) is the fullest
+    pytest.param(32, 512, 132, 8, False, 33, id="mha-batch1-16k-nofill"),
+    pytest.param(32, 512, 132, 8, True, 37, id="mha-batch1-16k-fill"),
+    # more programs per split than waves * SMs: one split
+    pytest.param(2048, 1024, 132, 4, True, 1, id="one-split-when-rows-fill-the-gpu"),
+    # at most one split per tile
+    pytest.param(64, 8, 132, 4, True, 8, id="capped-by-tiles"),
+    pytest.param(7, 1, 132, 4, True, 1, id="one-tile"),
+    # 9 tiles, want 4: a split size of ceil(9 / 4) = 3 tiles gives 3 splits of work (fullness 0.75), the
+    # only other kept count, 5 (split size 2), fills its last wave to 0.625: 3
+    pytest.param(1, 9, 4, 1, True, 3, id="whole-tile-split-sizes"),
+    pytest.param(1, 9, 4, 1, False, 4, id="whole-tile-split-sizes-nofill"),
+    # 100 tiles on 4 SMs, want 16: kept counts 15, 17, 20, 25 (split sizes 7, 6, 5, 4 tiles); 20 fills 5 waves
+    pytest.param(1, 100, 4, 4, True, 20, id="kept-count-above-want"),
+    # 0 programs per split counts as 1
+    pytest.param(0, 100, 4, 4, True, 20, id="zero-programs-as-one"),
+    # waves 0: want 0, still one split
+    pytest.param(64, 1024, 132, 0, True, 1, id="zero-waves"),
+    # 3 programs per split on 4 SMs, want 2: 2 and 3 splits leave the last wave 0.75 busy, 4 fill 3 waves
+    pytest.param(3, 1000, 4, 1, True, 4, id="up-to-twice-want"),
+]
+
+
+@pytest.mark.parametrize("programs_per_split,tiles,sms,waves,fill,splits", CASES)
+def test_split_count_worked_cases(programs_per_split, tiles, sms, waves, fill, splits):
+    assert split_count(programs_per_split, tiles, sms, waves, fill) == splits
+
+
+def test_split_count_bounds():
+    for pps in (1, 3, 32, 64, 96, 1024):
+        for tiles in (1, 2, 7, 97, 1024):
+            for sms, waves in ((132, 4), (108, 8), (4, 4)):
+                want = -(-waves * sms // pps)
+                nofill = split_count(pps, tiles, sms, waves, fill=False)
+                assert nofill == max(1, min(tiles, want))
+                assert 1 <= split_count(pps, tiles, sms, waves) <= max(1, min(tiles, 2 * want))
+
+
+def test_splits_import_without_torch():
+    code = "import sys, kvq_core.splits; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False"]

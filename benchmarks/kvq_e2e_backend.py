@@ -1,11 +1,12 @@
 """kvq-kernels attention backend for `e2e_decode.py`: one cache per layer, fused decode kernels.
 
-bits 16: `decode_fp16` over fp16 K/V [B, H, T + 1, D]; bits 4 / 2: `decode_kivi` over a packed KIVI cache
-(group 128, residual 128, no sinks). The cache holds `context` random tokens (never zero) plus the step's
-token: lens = context + 1 is fixed, so the step writes the new K/V into one fixed slot (the fp16 tail /
-residual rings) with a plain copy and launches the kernel: no host syncs, no index lists, CUDA-graph
-capturable. (A real server would quantize-and-flush through `append_kivi`; at one token per step that
-is a ring write on 127 of 128 steps.)
+bits 16: `decode_fp16` over fp16 K/V [B, H, T + 1, D]; bits 8 / 4 / 3 / 2: `decode_kivi` over a packed KIVI
+cache, group and residual window kvq_sim.calibrate.E2E_KIVI_GROUP / E2E_KIVI_RESIDUAL (128 each, at every bit
+width: the format kvq-sim counts for these rows), no sinks. The cache holds `context` random tokens (never
+zero) plus the step's token: lens = context + 1 is fixed, so the step writes the new K/V into one fixed slot
+(the fp16 tail / residual rings) with a plain copy and launches the kernel: no host syncs, no index lists,
+CUDA-graph capturable. (A real server would quantize-and-flush through `append_kivi`; at one token per step
+that is a ring write on 127 of 128 steps.)
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from kvq_kernels.benchmarking import fill_random
 from kvq_kernels.decode_fp16 import decode_fp16
 from kvq_kernels.decode_kivi import decode_kivi
 from kvq_kernels.kivi_layout import allocate
+from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP
+from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
 
-GROUP = 128
-RESIDUAL = 128
-#: (BLOCK_N, num_warps, num_stages, prefetch) per bit width for LLaMA-7B's MHA (decode_kivi runs its
-#: CUDA-core path): fastest seen at 1 x 32 heads x 128K on the H100 (packages/kvq-kernels/benchmarks/tune_decode.py)
+#: decode_kivi launch config (BLOCK_N, num_warps, num_stages, prefetch) per bit width for LLaMA-7B's MHA (its
+#: CUDA-core path), not a group size: fastest seen at 1 x 32 heads x 128K on the H100
+#: (packages/kvq-kernels/benchmarks/tune_decode.py)
 KIVI_CONFIG = {8: (32, 4, 1, True), 4: (32, 4, 1, True), 3: (32, 4, 1, False), 2: (64, 4, 1, False)}
 
 

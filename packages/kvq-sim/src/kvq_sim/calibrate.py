@@ -238,9 +238,11 @@ def e2e_family(p: E2EPoint) -> str:
     return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b_mha"  # LLaMA-7B: one query head per KV head
 
 
-#: KIVI group size per bit width in the end-to-end benchmark (benchmarks/kvq_e2e_backend.py KIVI_CONFIG),
-#: residual 128 as kivi_format's default; its CSV rows were measured with these formats.
-E2E_KIVI_GROUP = {8: 128, 4: 128, 3: 64, 2: 128}
+#: KIVI group and fp16 residual window of the end-to-end benchmark's packed caches at every bit width:
+#: benchmarks/kvq_e2e_backend.py imports them and passes them to kvq_kernels.kivi_layout.allocate, so the
+#: format counted here is the one its CSV rows were measured with.
+E2E_KIVI_GROUP = 128
+E2E_KIVI_RESIDUAL = 128
 
 
 def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
@@ -252,7 +254,8 @@ def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
 
     dep = deployment(E2E_MODEL, hw, 16 if p.bits == 16 else p.bits, None if p.bits == 16 else "kivi", gpus=1)
     if p.bits != 16:  # the format the benchmark stored, not KIVI's default group of 32
-        dep = dataclasses.replace(dep, kv_format=kivi_format(p.bits, group_size=E2E_KIVI_GROUP[p.bits]))
+        fmt = kivi_format(p.bits, group_size=E2E_KIVI_GROUP, residual_tokens=E2E_KIVI_RESIDUAL)
+        dep = dataclasses.replace(dep, kv_format=fmt)
     m = dep.model
     weights = weight_bytes(dep)[0] - m.vocab_size * m.hidden_size * 2  # no embedding table in the benchmark
     tokens = p.context + 1
@@ -285,24 +288,22 @@ def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
 #: triton.testing.do_bench allocates a 256 MiB L2-flush buffer inside the timed region (Triton's
 #: nvidia driver.py, get_empty_cache_for_benchmark), so it counts in the step's max_memory_allocated.
 DO_BENCH_FLUSH_BYTES = 256 * 1024 * 1024
-#: benchmarks/kvq_e2e_backend.py: KIVI group and residual window of its packed caches
-E2E_BACKEND_GROUP = 128
-E2E_BACKEND_RESIDUAL = 128
 
 
 def e2e_cache_bytes(backend: str, bits: int, batch: int, tokens: int, kv_heads: int, head_dim: int, layers: int) -> int:
     """Bytes of the caches the e2e benchmark allocates (benchmarks/kvq_e2e_backend.py), all layers.
 
-    fp16: K and V [B, H, T, D]. Packed: `kvq_kernels.kivi_layout.allocate(B, H, D, T, bits, 128, 128)`, whose
-    capacity is preallocated: quantized rows rounded up to whole flush blocks of R tokens and both fp16 rings
-    of R tokens, so it holds more than the format counts at T tokens (what the kernels read). Memory is
+    fp16: K and V [B, H, T, D]. Packed: `kvq_kernels.kivi_layout.allocate(B, H, D, T, bits, G, R)` with
+    G = E2E_KIVI_GROUP and R = E2E_KIVI_RESIDUAL, whose capacity is preallocated: quantized rows rounded up to
+    whole flush blocks of R tokens and both fp16 rings of R tokens, so it holds more than the format counts at
+    T tokens (what the kernels read). Memory is
     validated against this layout; latency against the format's bytes. The kvq backend also holds int32
     lengths [B]: one tensor for fp16, one per layer for packed caches."""
     h, d = kv_heads, head_dim
     lens = 0 if backend == "sdpa" else 4 * batch
     if bits == 16:
         return layers * 2 * batch * h * tokens * d * 2 + lens
-    g, r = E2E_BACKEND_GROUP, E2E_BACKEND_RESIDUAL
+    g, r = E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL
     tq = -(-tokens // r) * r
     row = d * bits // 8
     per_head = 2 * tq * row + 2 * (tq // g) * d * 2 + 2 * tq * (d // min(g, d)) * 2 + 2 * r * d * 2

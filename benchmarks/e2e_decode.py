@@ -1,15 +1,16 @@
 """End-to-end decode step of a LLaMA-7B-shaped model with random fp16 weights, over a quantized KV cache.
 
-Each of 32 layers: RMSNorm, fused QKV projection, RoPE, append of the new token's K/V, decode
-attention over the cache, output projection, RMSNorm, SwiGLU MLP; then the final norm and LM head.
-One step decodes one token per sequence at a fixed context. Timed per step with CUDA graph replays
+Each layer: RMSNorm, fused QKV projection, RoPE, append of the new token's K/V, decode attention over the
+cache, output projection, RMSNorm, SwiGLU MLP; then the final norm and LM head. One step decodes one token
+per sequence at a fixed context. The shape is configs/models/llama-7b.yaml (kvq_sim.calibrate.E2E_MODEL,
+the model kvq-sim's e2e calibration assumes), read through kvq_sim. Timed per step with CUDA graph replays
 (median of `triton.testing.do_bench`); memory from `torch.cuda.max_memory_allocated` and the cache
-tensors' bytes. Writes CSV rows with provenance; prints a short table last.
+tensors' bytes. Writes CSV rows with provenance (kvq_core.provenance); prints a short table last.
 
     python benchmarks/e2e_decode.py --out $OUT/e2e_decode.csv [--quick]
 
 Attention backends: `sdpa` (torch SDPA flash, fp16 KV, the baseline), and the kvq-kernels fused
-kernels for fp16 and KIVI 4/2-bit caches (`kvq`).
+kernels for fp16 and KIVI 4/2-bit caches (`kvq`, benchmarks/kvq_e2e_backend.py).
 """
 
 from __future__ import annotations
@@ -22,20 +23,45 @@ from dataclasses import dataclass
 
 import torch
 
+from kvq_core.attention import apply_rope
+from kvq_core.provenance import CSV_FIELDS, provenance
+from kvq_sim.calibrate import E2E_MODEL
+
+#: RoPE base: configs/models/ hold none (a step's cost does not depend on it); LLaMA's (Touvron et al. 2023)
+ROPE_THETA = 10000.0
+
 
 @dataclass(frozen=True)
 class Shape:
-    layers: int = 32
-    hidden: int = 4096
-    heads: int = 32
-    kv_heads: int = 32
-    head_dim: int = 128
-    ffn: int = 11008
-    vocab: int = 32000
-    rope_theta: float = 10000.0
+    """A dense LLaMA-shaped decoder (RMSNorm, RoPE, SwiGLU) as the benchmarks build it."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_theta: float = ROPE_THETA
 
 
-LLAMA_7B = Shape()
+def model_shape(name: str) -> Shape:
+    """A model of configs/models/ by exact name, read through kvq_sim (as kvq-sim plans it); dense
+    full-attention models without biases only. An unknown name is an error listing the valid ones."""
+    from kvq_sim.errors import SimInputError
+    from kvq_sim.models import load_model
+
+    try:
+        m = load_model(name)
+    except SimInputError as e:
+        raise ValueError(str(e)) from None
+    if m.is_moe or m.sliding_window is not None or m.attention_bias:
+        raise ValueError(f"{name}: the benchmarks build dense full-attention LLaMA layers without biases only")
+    return Shape(
+        name, m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim,
+        m.intermediate_size, m.vocab_size,
+    )  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -44,14 +70,17 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of x [B, H, 1, D] at positions pos [B]."""
+    """kvq_core's rotate-half RoPE (`apply_rope`) of x [B, H, 1, D] at per-sequence positions pos [B], computed
+    in fp32 and returned in x's dtype. The cos/sin tables [B, 1, 1, D] are built here, on x's device in fp32,
+    in every call (kvq-sim's EAGER_KERNELS_PER_LAYER counts these kernels): `rope_cos_sin` builds tables
+    along T (one position per token, shared by the batch) on the CPU in fp64, which a CUDA graph cannot
+    capture."""
     d = x.shape[-1]
     inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     ang = pos.float()[:, None] * inv[None]  # [B, D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, None]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, None]  # [B, 1, 1, D]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, None]
-    x1, x2 = x.float().chunk(2, -1)
-    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+    return apply_rope(x, cos=cos, sin=sin).to(x.dtype)
 
 
 class Weights:
@@ -133,30 +162,6 @@ def build_cache(backend: str, bits: int, s: Shape, batch: int, context: int, dev
     raise ValueError(f"unknown backend {backend!r}; valid: sdpa, kvq")
 
 
-def provenance() -> dict:
-    import datetime
-    import os
-    import subprocess
-
-    import triton
-
-    drv = "n/a"
-    try:
-        drv = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        pass
-    return dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        driver=drv,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        commit=os.environ.get("KVQ_COMMIT", "unknown"),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    )
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -166,12 +171,12 @@ def main(argv=None) -> int:
     import triton
 
     dev = "cuda"
-    s = LLAMA_7B
+    s = model_shape(E2E_MODEL)
     W = Weights(s, dev)
     usable = torch.cuda.get_device_properties(0).total_memory
     contexts = [4096, 32768] if args.quick else [4096, 32768, 131072]
     rows = []
-    prov = provenance()
+    prov = provenance(fields=CSV_FIELDS)
     for backend in args.backends.split(","):
         for bits in [16] if backend == "sdpa" else [16, 4, 2]:
             for batch in [1, 8] if args.quick else [1, 8, 32]:

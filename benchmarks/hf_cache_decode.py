@@ -1,7 +1,7 @@
 """Decode through transformers with kvq's cache on the GPU: the fused-kernel path against the torch path
 and transformers' own DynamicCache (fp16, SDPA), on a randomly initialised SmolLM2-135M-shaped Llama.
 
-    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src KVQ_COMMIT=<sha> \\
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src:packages/kvq-sim/src KVQ_COMMIT=<sha> \\
         python benchmarks/hf_cache_decode.py --out reports/measurements/hf_cache_decode_h100.csv
 
 First a correctness check: kvq's KIVI cache with kernels=True against kernels=False (the same format
@@ -9,17 +9,14 @@ through kvq-core's torch reference, which dequantizes the whole history every st
 40 decode steps: the largest logit difference between the two must be at most a quarter of the largest
 difference quantization itself makes (torch path against transformers' fp16 DynamicCache). Then per
 prompt length the median time of one decode step (model forward of one token, CUDA events over 20 steps
-after 3 warm-up steps) and the peak memory, per cache. Random weights: the shapes (30 layers, 9/3 heads,
-head_dim 64, hidden 576) set the cost; text quality is measured on CPU with the real weights (kvq-eval).
+after 3 warm-up steps) and the peak memory, per cache. Random weights: the shapes (configs/models/, read
+through kvq_sim) set the cost; text quality is measured on CPU with the real weights (kvq-eval).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,32 +25,28 @@ import torch
 import transformers
 
 from kvq_core.hf_cache import KVQCache
+from kvq_core.provenance import provenance
+from kvq_sim.models import load_model
 
-SMOLLM2 = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
-)  # fmt: skip
-LLAMA_7B = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, head_dim=128, max_position_embeddings=65536, rope_theta=10000.0,
-)  # fmt: skip
-SHAPES = {"smollm2-135m": SMOLLM2, "llama-7b": LLAMA_7B}
-COLUMNS = ("device", "driver", "torch", "triton", "transformers", "commit", "date", "shape", "cache", "bits", "batch",
-           "prompt", "step_ms", "max_allocated_bytes", "cache_bytes")  # fmt: skip
+#: the shapes --shape offers (configs/models/ names)
+SHAPES = ("smollm2-135m", "llama-7b")
+#: RoPE base per shape (configs/models/ hold none): SmolLM2-135M's config.json; LLaMA's 10000 otherwise
+ROPE_THETA = {"smollm2-135m": 100000.0}
+#: RoPE table length: above the longest prompt (32K; the models were trained to 8K and 2K: random weights)
+MAX_POSITIONS = 65536
+PROVENANCE_FIELDS = ("device", "driver", "torch", "triton", "transformers", "commit", "date")
+COLUMNS = (*PROVENANCE_FIELDS, "shape", "cache", "bits", "batch", "prompt", "step_ms", "max_allocated_bytes",
+           "cache_bytes")  # fmt: skip
 
 
-def provenance() -> dict:
-    import triton
-
-    try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
-    except OSError:
-        drv = "unknown"
+def llama_config(name: str) -> dict:
+    """transformers.LlamaConfig arguments of a configs/models/ model (kvq_sim's loader, as kvq-sim plans it)."""
+    m = load_model(name)
     return dict(
-        device=torch.cuda.get_device_name(), driver=drv, torch=torch.__version__, triton=triton.__version__,
-        transformers=transformers.__version__, commit=os.environ.get("KVQ_COMMIT", "unknown"),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, tie_word_embeddings=m.tie_word_embeddings,
+        rope_theta=ROPE_THETA.get(name, 10000.0), max_position_embeddings=MAX_POSITIONS,
     )  # fmt: skip
 
 
@@ -113,18 +106,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", default="1024,8192,32768")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    ap.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
     ap.add_argument("--torch-path-max-prompt", type=int, default=8192, help="skip the slow torch path above this")
     ap.add_argument("--smoke", action="store_true", help="2 layers, CPU under TRITON_INTERPRET=1: checks the script")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    cfg = dict(SHAPES[args.shape], num_hidden_layers=2, vocab_size=512) if args.smoke else SHAPES[args.shape]
+    cfg = llama_config(args.shape)
+    if args.smoke:
+        cfg.update(num_hidden_layers=2, vocab_size=512)
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
     torch.set_default_dtype(dtype)  # random init directly in the run dtype, on the device (7B: 13.5 GB)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
     torch.set_default_dtype(torch.float32)
-    prov = provenance() if device == "cuda" else dict.fromkeys(COLUMNS[:7], "smoke")
+    prov = provenance(fields=PROVENANCE_FIELDS)
     print(prov)
     for bits in (4, 2):
         err, quant = check(model, bits, device)

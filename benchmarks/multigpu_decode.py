@@ -46,10 +46,8 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import datetime  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -60,8 +58,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when imported by the tests
-from e2e_decode import rms_norm, rope  # noqa: E402
+from e2e_decode import Shape, model_shape, rms_norm, rope  # noqa: E402
 from multigpu_attention import KV_BITS, RESIDUAL, KvSpec, LayerCache, merge_ranks, merge_splits  # noqa: E402
+
+from kvq_core.provenance import provenance  # noqa: E402
 
 WEIGHT_STD = 0.02  # as e2e_decode: keeps 80 layers' residual stream finite in fp16
 #: A point passes its check when layer 0's update (out - x) errs against the fp32 reference by at most twice
@@ -77,28 +77,14 @@ MEMORY_FILL = 0.95
 WORKSPACE_BYTES = 2 * 2**30
 MODES = ("eager", "graph")
 PARALLEL = ("tp", "cp")
+#: the CSV's provenance columns (kvq_core.provenance), after the measured ones
+PROVENANCE_FIELDS = ("device", "gpu_count", "driver", "nccl", "torch", "triton", "commit", "date")
 CSV_FIELDS = (
     "model", "parallel", "gpus", "batch", "context", "kv", "mode", "status", "reason",
     "layers_model", "layers_run", "step_us", "p10_us", "p90_us", "head_us", "per_layer_us", "step_us_scaled",
     "collectives_timed", "collectives_per_step", "reps", "check_rel_err", "check_tolerance",
-    "weights_bytes_per_gpu", "kv_bytes_per_gpu",
-    "device", "gpu_count", "driver", "nccl", "torch", "triton", "commit", "date",
+    "weights_bytes_per_gpu", "kv_bytes_per_gpu", *PROVENANCE_FIELDS,
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A LLaMA-shaped decoder (dense, RMSNorm, RoPE, SwiGLU)."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    rope_theta: float = 10000.0
 
 
 #: CPU-test shapes, head_dim 16 (the kernels' smallest): GQA with 2 query heads per KV head (KIVI's
@@ -116,21 +102,12 @@ def model_names() -> list[str]:
 
 
 def load_shape(name: str) -> Shape:
-    """A `TINY` shape, or a dense model of configs/models/ by exact name (read through kvq_sim, as kvq-sim
-    plans it)."""
+    """A `TINY` shape, or a dense model of configs/models/ by exact name (`e2e_decode.model_shape`)."""
     if name in TINY:
         return TINY[name]
-    from kvq_sim.models import load_model
-
     if name not in model_names():
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(model_names())}")
-    m = load_model(name)
-    if m.is_moe or m.sliding_window is not None or m.attention_bias:
-        raise ValueError(f"{name}: the benchmark builds dense full-attention LLaMA layers without biases only")
-    return Shape(
-        name, m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim,
-        m.intermediate_size, m.vocab_size,
-    )  # fmt: skip
+    return model_shape(name)
 
 
 @dataclass(frozen=True)
@@ -440,46 +417,6 @@ def time_us(fn, rep_s: float, device) -> tuple[float, float, float, int]:
     return med, p10, p90, reps
 
 
-def provenance(device) -> dict:
-    cuda = device.type == "cuda"
-    driver, nccl = "n/a", "n/a"
-    if cuda:
-        try:
-            driver = (
-                subprocess.run(
-                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                )
-                .stdout.split("\n")[0]
-                .strip()
-            )
-        except OSError:
-            driver = "unknown"
-        nccl = ".".join(map(str, torch.cuda.nccl.version()))
-    commit = os.environ.get("KVQ_COMMIT")
-    if not commit:
-        try:
-            git = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
-            )
-            commit = git.stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-    import triton
-
-    return dict(
-        device=torch.cuda.get_device_name(device) if cuda else "cpu",
-        gpu_count=torch.cuda.device_count() if cuda else 0,
-        driver=driver,
-        nccl=nccl,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        commit=commit,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    )
-
-
 def parse_list(text: str, valid=None, kind=int) -> list:
     items = [kind(x) for x in text.split(",") if x]
     if valid is not None:
@@ -653,7 +590,7 @@ def main(argv=None) -> int:
         device, dtype = torch.device("cpu"), torch.float32
         if world > 1:
             dist.init_process_group("gloo")
-    prov = provenance(device)
+    prov = provenance(fields=PROVENANCE_FIELDS)
     path = Path(args.out) / f"multigpu_decode_{s.name}_{world}gpu.csv"
     rows: list[dict] = []
     fh = writer = None

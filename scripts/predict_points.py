@@ -17,14 +17,13 @@ Each row carries the commit and whether the tree was clean, so the file proves w
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from kvq_core.provenance import commit_of, utc_now
 from kvq_sim import api
 from kvq_sim.hardware import load_hardware
 from kvq_sim.latency import decode_step
@@ -41,14 +40,9 @@ NODE, SINGLE = "8x-h100", "h100-80g"
 
 
 def _provenance() -> dict:
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()
-
-    return {
-        "predicted_at_commit": git("rev-parse", "--short", "HEAD") or "unknown",
-        "tree_clean": git("status", "--porcelain", "--untracked-files=no") == "",
-        "predicted_date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    """The predictions' provenance columns (kvq_core.provenance): commit, whether the tree was clean, date."""
+    sha, dirty = commit_of()
+    return {"predicted_at_commit": sha, "tree_clean": dirty is False, "predicted_date": utc_now()}
 
 
 def multigpu_rows() -> list[dict]:

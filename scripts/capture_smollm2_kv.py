@@ -11,7 +11,7 @@ For each captured layer the sample holds (fp16, batch dim dropped):
 and once: `cos`, `sin` [T, D] fp32 from the model's rotary embedding, `input_ids` [T] int64.
 Post-RoPE queries are `apply_rope(q_pre, cos=cos, sin=sin)`; they are not stored (saves 1/3 of the file).
 The safetensors metadata key "provenance" is a JSON header: model file, text split and token slice,
-layers, token count, rope theta, transformers/torch versions, date.
+layers, token count, rope theta, and kvq_core.provenance's torch, transformers, python, commit and date.
 
 Before saving, the script checks on the fp32 activations that RoPE re-applied to the pre-RoPE keys
 reproduces the cache's post-RoPE keys, and that `kvq_core.attention.attention_reference` reproduces the
@@ -21,18 +21,17 @@ model's attention output; it exits non-zero if either does not hold.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from kvq_core.attention import apply_rope, attention_reference, rope_cos_sin
 from kvq_core.models import find_smollm2_gguf, load_smollm2, pydoc_text
+from kvq_core.provenance import provenance
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_kv_sample.safetensors"
 DEFAULT_LAYERS = (0, 10, 20, 29)  # first, two middle, last of 30
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
             tensors[f"L{i}.{name}"] = acts[f"L{i}.{name}"].half().contiguous()
         tensors[f"L{i}.attn_out"] = acts[f"L{i}.attn_out"][:, -args.attn_out_tokens :].half().contiguous()
     cfg = model.config
-    provenance = {
+    header = {
         "model_file": find_smollm2_gguf().name,
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32 by transformers)",
         "text": f"kvq_core.models.pydoc_text({args.split!r})",
@@ -148,13 +147,11 @@ def main(argv=None) -> int:
         "attn_out_last_tokens": args.attn_out_tokens,
         "dtype": "float16 activations; cos/sin float32",
         "check_max_errors_fp32": errs,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
+        **provenance(fields=("torch", "transformers", "python", "commit", "date")),
         "command": "python scripts/capture_smollm2_kv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata={"provenance": json.dumps(provenance)})
+    save_file(tensors, str(args.out), metadata={"provenance": json.dumps(header)})
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB)")
     return 0
 

@@ -273,17 +273,43 @@ def _calibrate_multigpu(gpu: str, csv_path: str, other, dry_run: bool) -> None:
 
 
 @main.command()
-@click.option("--gpu", required=True, help="calibrated GPU name (kvq-sim list gpus)")
+@click.option("--gpu", default=None, help="calibrated GPU name (kvq-sim list gpus); not with --published")
 @click.option("--measurements", default=None, help="kernel decode CSV the GPU was calibrated from")
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (without it e2e and memory are not checked)")
 @click.option("--multigpu", default=None, help="multi-GPU decode-step CSV: check the node's collective fits")
-def validate(gpu, measurements, e2e, multigpu) -> None:
+@click.option(
+    "--published",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[CSV]",
+    help="instead: predict published measurements of other systems (default: reports/published/points.csv) and "
+    "print errors per source and GPU/parallelism class, held-out and calibration apart",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="with --published")
+@click.option("--max-mape", type=float, default=None, help="with --published: exit 1 above this held-out MAPE (%)")
+@click.option(
+    "--max-class-bias",
+    type=float,
+    default=None,
+    help="with --published: exit 1 when a held-out GPU/parallelism class's signed mean error is beyond +-this (%)",
+)
+def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_class_bias) -> None:
     """Predict every held-out measured point; exit 1 when a threshold of kvq_sim.validate is exceeded."""
     from . import validate as val
     from .calibrate import check_device
     from .hardware import load_hardware
     from .measurements import read_e2e_csv, read_kernel_csv
 
+    if published is not None:
+        if gpu or measurements or e2e or multigpu:
+            _fail("--published checks its own file: drop --gpu, --measurements, --e2e and --multigpu")
+        _validate_published(published, fmt, max_mape, max_class_bias)
+        return
+    if fmt != "table" or max_mape is not None or max_class_bias is not None:
+        _fail("--format, --max-mape and --max-class-bias go with --published")
+    if gpu is None:
+        _fail("give --gpu (a calibrated GPU) with --measurements and/or --multigpu, or --published")
     if measurements is None and multigpu is None:
         _fail("give --measurements (a kernel decode CSV) and/or --multigpu (a multi-GPU decode-step CSV)")
     if measurements is None:
@@ -315,6 +341,22 @@ def validate(gpu, measurements, e2e, multigpu) -> None:
         click.echo(text)
         ok = ok and mg_ok
     sys.exit(0 if ok else 1)
+
+
+def _validate_published(csv_path: str, fmt: str, max_mape, max_class_bias) -> None:
+    import json
+
+    from . import published as pub
+
+    try:
+        rep = pub.validate(csv_path or pub.DEFAULT_CSV)
+    except SimInputError as e:
+        _fail(str(e))
+    click.echo(json.dumps(rep.to_dict(), indent=1) if fmt == "json" else pub.render(rep))
+    bad = pub.over_thresholds(rep, max_mape, max_class_bias)
+    for line in bad:
+        click.echo(f"FAIL {line}", err=True)
+    sys.exit(1 if bad else 0)
 
 
 @main.command("list")

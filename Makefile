@@ -26,6 +26,12 @@ test-slow: install
 live-check: install
 	$(PYTHON) -m pytest -m live -q $(PYTEST_ARGS)
 
+# Speed of kvq-sim itself: cold `kvq-sim plan` and a 100,000-point API sweep (targets < 0.5 s and < 1 s).
+# The GPU benchmarks are run by hand on a GPU machine: kernels in packages/kvq-kernels/benchmarks/, whole-model
+# decode steps in benchmarks/ (each file's docstring gives its command).
+bench-sim: install
+	$(PYTHON) packages/kvq-sim/benchmarks/bench_speed.py
+
 # The committed example report (deterministic: no date in the PDF, so a rerun gives identical bytes).
 report: install
 	kvq-sim report --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g -o reports/llama-7b.pdf
@@ -35,7 +41,7 @@ report-png: report
 	mkdir -p reports/png
 	pdftoppm -r 100 -png reports/llama-7b.pdf reports/png/llama-7b
 
-# Issue 6: fit the H100 file from the training half of the committed measurements, carry the fit over to
+# Fit the H100 file from the training half of the committed measurements, carry the fit over to
 # the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
 KERNEL_CSV ?= reports/measurements/kernel_decode_h100.csv
 E2E_CSV ?= reports/measurements/e2e_decode_h100.csv
@@ -49,7 +55,7 @@ validate: install
 	$(PYTHON) scripts/validation_residuals.py --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG) \
 		-o reports/validation_residuals.png
 
-# Issue 5: every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`).
+# Every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`).
 # Decode: window at token 512, prefill 384 + 128 scored; teacher-forced: 4 windows of 512, chunks of 16.
 QUALITY_DIR = reports/quality
 QUALITY_PEERS = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 fp8

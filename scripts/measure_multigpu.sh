@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU decode-step sweep on one node (issue: multi-GPU measured), run on the GPU machine from a clean tree:
+# Multi-GPU decode-step sweep on one node (benchmarks/multigpu_decode.py), run on the GPU machine from a clean tree:
 #   bash scripts/measure_multigpu.sh <model> <seconds per run> <GPU counts, e.g. "4 2 1"> [parallel modes]
 # Each (GPU count, parallelism) is its own torchrun under a hard timeout (a hung collective cannot eat the
 # lease); CSVs land in $OUT/mg/<model>_<parallel><N>/, packed into $OUT/mg_<model>.tgz at the end.

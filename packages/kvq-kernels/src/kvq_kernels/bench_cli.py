@@ -120,8 +120,8 @@ def draft_hardware(info: GpuInfo) -> dict:
         interconnect="pcie",
         interconnect_bandwidth_gb_s=64,
         interconnect_latency_us=25,
-        # the priors of configs/hardware/h100-80g.yaml before it was calibrated; `kvq-sim calibrate` replaces
-        # this section with a fit of this GPU's measurements
+        # uncalibrated priors (each field's source in _COMMENTS); `kvq-sim calibrate` replaces this section
+        # with a fit of this GPU's measurements
         calibration={
             "calibrated": False,
             "source": "uncalibrated priors (kvq-bench draft): run kvq-sim calibrate with the kvq-bench CSV",

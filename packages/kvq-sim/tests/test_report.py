@@ -1,8 +1,8 @@
-"""`kvq-sim report`: figures carry the expected series and labels, the PDF is byte-identical across renders,
-has one page per section, its pages are not blank, and bad or missing inputs degrade as documented."""
+"""`kvq-sim report`: the data module computes what the pages show, figures carry the expected series, labels,
+colours and panels, the PDF is byte-identical across renders with one page per section and no blank page, and
+bad or missing inputs degrade as documented (warnings on stderr, never on a page)."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,117 +13,193 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from kvq_sim import figures, report
+from kvq_sim import figures, report, report_data
 from kvq_sim.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
-METHODS = "kivi:2,kvquant:3"
+METHODS = "kivi:2,kivi:4,kvquant:3"
 CONTEXTS = (4096, 262144, 1 << 20)  # three points keep the test fast
 
 
 @pytest.fixture(scope="module")
 def inp(tmp_path_factory):
-    """Two GPUs, fp16 + two methods, the repository's measurements and an empty quality folder."""
+    """a100-80g, l40s and h100-80g (same memory as the a100-80g), fp16 + three series, the repository's
+    measurements and an empty quality folder."""
     empty = tmp_path_factory.mktemp("quality")
-    return report.resolve_inputs(
-        "llama-7b", ["a100-80g", "l40s"], METHODS, CONTEXTS, ROOT / "reports" / "measurements", empty
+    return report_data.resolve_inputs(
+        "llama-7b", ["a100-80g", "l40s", "h100-80g"], METHODS, CONTEXTS, ROOT / "reports" / "measurements", empty
     )
 
 
 @pytest.fixture(scope="module")
-def pages(inp):
+def data(inp):
+    return report_data.report_data(inp)
+
+
+@pytest.fixture(scope="module")
+def pages(data):
     with matplotlib.rc_context(figures.rc()):
-        return figures.build_pages(inp)
+        pages = figures.build_pages(data)
+        for fig in pages:
+            FigureCanvasAgg(fig).draw()  # tick labels are set when drawn
+    return pages
+
+
+def _texts(fig) -> str:
+    """The page's text with wrapped lines joined, for phrase searches."""
+    return " ".join(" ".join(figures.page_text(fig)).split())
 
 
 def test_parse_methods_puts_fp16_first_once():
-    s = report.parse_methods("kivi:2, fp16 ,kivi:2,skvq:k2v1.5")
+    s = report_data.parse_methods("kivi:2, fp16 ,kivi:2,skvq:k2v1.5")
     assert [x.label for x in s] == ["fp16", "kivi 2-bit", "skvq k2v1.5-bit"]
 
 
-def test_memory_page_bars_per_series_and_gpu(pages):
-    ax_a100, ax_l40s = pages[1].axes
-    assert ax_a100.get_title().startswith("a100-80g") and ax_l40s.get_title().startswith("l40s")
-    assert [t.get_text() for t in ax_a100.get_yticklabels()] == ["fp16", "kivi 2-bit", "kvquant 3-bit"]
-    assert ax_a100.get_xlabel() == "memory per GPU (GiB)"
-    # 9 parts x 3 series stacked; each bar ends at or below the usable memory (max context fits)
-    assert len(ax_a100.patches) == 9 * 3
+def test_report_data_imports_without_matplotlib():
+    code = "import sys, kvq_sim.report_data; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_same_memory_gpus_share_one_panel_with_the_reason(data, pages):
+    # a100-80g and h100-80g: 85,017,493,504 usable bytes and the same reserve each, so the same limits
+    assert data.memory["a100-80g"] == data.memory["h100-80g"] != data.memory["l40s"]
+    assert data.memory_groups == (("a100-80g", "h100-80g"), ("l40s",))
+    for i in (1, 2, 3):  # memory, max context, max batch: memory alone decides them
+        titles = [ax.get_title() for ax in pages[i].axes if ax.get_title()]
+        assert titles == ["a100-80g, h100-80g (79.18 GiB usable)", "l40s (47.18 GiB usable)"], i
+        assert "a100-80g and h100-80g have the same usable memory and reserve" in _texts(pages[i]), i
+    assert [ax.get_title() for ax in pages[4].axes[:3]] == ["a100-80g", "l40s", "h100-80g"]  # latency differs
+
+
+def test_memory_page_bars_and_left_labels(data, pages):
+    ax = pages[1].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["fp16", "kivi 2-bit", "kivi 4-bit", "kvquant 3-bit"]
+    assert ax.get_xlabel() == "memory per GPU (GiB)"
+    assert "the label at the left end of each bar" in _texts(pages[1])
+    assert len(ax.patches) == 9 * 4  # 9 parts x 4 series stacked
     ends = {}
-    for p in ax_a100.patches:
+    for p in ax.patches:
         y = round(p.get_y(), 3)
         ends[y] = max(ends.get(y, 0), p.get_x() + p.get_width())
     assert all(70 < e <= 79.19 for e in ends.values())
+    labels = [t for t in ax.texts if "tokens" in t.get_text()]
+    assert labels[0].get_text() == "134,400 tokens, 16.00 bits" and labels[0].get_position()[0] < 5  # at the left
 
 
-def test_context_pages_carry_series_and_units(inp, pages):
-    colours = figures.series_colours(inp.series)
-    ax = pages[3].axes[0]  # max batch vs context, a100-80g
-    assert [ln.get_label() for ln in ax.get_lines()] == ["fp16", "kivi 2-bit", "kvquant 3-bit"]
-    assert [ln.get_color() for ln in ax.get_lines()] == [colours[s] for s in inp.series]
-    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
-    assert "tokens" in ax.get_xlabel() and "sequences" in ax.get_ylabel()
-    # fp16 fits 131K tokens on an A100 and kivi 2-bit 698K: the fp16 curve stops at 4K, kivi at 256K
+def test_token_counts_exact_and_context_axes_state_the_unit(pages):
+    """No '131K' (K = 1024) anywhere: labels give exact tokens, axes count KiTok and say what it is."""
+    for i, fig in enumerate(pages):
+        text = _texts(fig)
+        assert not re.search(r"\b\d+(\.\d+)?[KMG]\b", text), (i + 1, re.findall(r"\b\d+(?:\.\d+)?[KMG]\b", text))
+    assert "fp16: 134,400 tokens" in _texts(pages[2])
+    for ax in pages[3].axes[:2] + pages[4].axes[3:6]:
+        assert ax.get_xlabel() == "context (KiTok = 1,024 tokens)"
+        assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["4", "16", "64"]
+
+
+def test_one_colour_per_family_one_marker_per_bit_width(inp, data, pages):
+    st = figures.styles(data)
+    kivi2, kivi4 = (s for s in inp.series if s.method == "kivi")
+    assert st.colour("kivi") == st.handle(kivi2).get_color() == st.handle(kivi4).get_color()
+    assert st.marker(kivi2.bits) != st.marker(kivi4.bits) and st.linestyles[kivi2] != st.linestyles[kivi4]
+    assert st.colour("fp16") == "black"
+    assert len({st.colour(m) for m in data.methods}) == len(data.methods)
+    ax = pages[3].axes[0]  # max batch, a100-80g and h100-80g
+    assert [ln.get_label() for ln in ax.get_lines()] == ["fp16", "kivi 2-bit", "kivi 4-bit", "kvquant 3-bit"]
+    assert [ln.get_color() for ln in ax.get_lines()] == [st.colour(s.method) for s in inp.series]
+    # fp16 fits 134,400 tokens on an A100 and kivi 2-bit 714,757: the fp16 curve stops at 4K, kivi 2-bit at 256K
     fp16, kivi = ax.get_lines()[:2]
     assert max(fp16.get_xdata()) == 4096 and max(kivi.get_xdata()) == 262144
+
+
+def test_latency_page_labels(pages):
     lat = pages[4].axes
-    assert lat[0].get_ylabel() == "decode step, batch 1 (ms)" and lat[2].get_ylabel() == "tokens/s at max batch"
+    assert lat[0].get_ylabel() == "decode step, batch 1 (ms)" and lat[3].get_ylabel() == "tokens/s at max batch"
     legend_texts = {t.get_text() for leg in pages[4].legends for t in leg.get_texts()}
     assert {"fp16", "kivi 2-bit", "kvquant 3-bit", "kv"} <= legend_texts
 
 
-def test_max_context_page_marks_fp16(pages):
-    ax = pages[2].axes[0]
-    notes = [t.get_text() for t in ax.texts]
-    assert any(n.startswith("fp16, a100-80g: 131K") for n in notes) and any(n.startswith("fp16, l40s") for n in notes)
-    assert "bits" in ax.get_xlabel() and "tokens" in ax.get_ylabel()
-
-
-def test_roofline_points_on_the_roof(inp):
-    r = report.roofline(inp, "a100-80g")
+def test_roofline_points_on_the_roof(data):
+    r = data.rooflines["a100-80g"]
     att = {p.series.label: p for p in r.points if p.series}
     # 2-bit codes read ~5x fewer bytes per FLOP than fp16: higher intensity, memory bound below the ridge
     assert att["kivi 2-bit"].intensity > 4 * att["fp16"].intensity
     assert all(p.tflops <= r.eff_peak_tflops + 1e-9 for p in r.points)
 
 
-def test_measured_page_uses_kernel_csv_and_explains_missing_e2e(pages):
+def test_measured_page_numbers_come_from_the_data(data, pages):
+    kernel = data.comparisons[0]
+    assert kernel.path.name == "kernel_decode_h100.csv" and kernel.missing is None
+    errs = sorted(abs(e) for e in kernel.rel_errors)
+    assert kernel.median_abs_error_pct == pytest.approx(100 * float(np.median(errs)))
+    assert kernel.p90_abs_error_pct == pytest.approx(100 * float(np.percentile(errs, 90)))
     fig = pages[6]
-    scatter = fig.axes[0]
-    labels = {t.get_text() for t in scatter.get_legend().get_texts()}
-    assert {"kvq_fp16", "kvq_kivi 2-bit", "predicted = measured"} <= labels
-    text = "\n".join(t.get_text() for t in fig.texts)
-    if not (ROOT / "reports/measurements/e2e_decode_h100.csv").exists():
-        assert "e2e_decode_h100.csv is missing" in text and "benchmarks/e2e_decode.py" in text
+    labels = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
+    assert {"kvq_fp16", "kvq_kivi 2-bit", "sdpa_flash_fp16", "predicted = measured"} <= labels
+    assert f"median |error| {kernel.median_abs_error_pct:.1f}%" in _texts(fig)
+
+
+def test_measured_page_ticks_do_not_overlap(pages):
+    fig = pages[6]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels() if t.get_text()]
+            boxes = [b for b in boxes if b.width > 0]
+            for a, b in zip(boxes, boxes[1:]):
+                assert not a.overlaps(b), [t.get_text() for t in axis.get_ticklabels()]
 
 
 def test_missing_inputs_degrade_to_explanations(tmp_path):
-    inp = report.resolve_inputs("llama-7b", ["a100-80g"], "kivi:2", CONTEXTS, tmp_path / "none", tmp_path / "none")
+    inp = report_data.resolve_inputs("llama-7b", ["a100-80g"], "kivi:2", CONTEXTS, tmp_path / "none", tmp_path / "x")
+    d = report_data.report_data(inp)
     with matplotlib.rc_context(figures.rc()):
-        measured, quality = figures.measured_page(inp), figures.quality_page(inp)
+        measured, quality = figures.measured_page(d), figures.quality_page(d)
     assert not measured.axes and "kernel_decode_h100.csv is missing" in measured.texts[-1].get_text()
     assert not quality.axes and "No usable quality results" in quality.texts[-1].get_text()
 
 
-def test_quality_pareto_page(tmp_path, inp):
+def test_quality_panels_one_window_each_warnings_on_stderr(tmp_path, capsys):
     q = tmp_path / "q"
     q.mkdir()
-    (q / "smollm2.csv").write_text(
-        "method,bits,avg_bits,ppl,protocol\nfp16,16,16,11.74,decode\nkivi,2,3.0,12.9,decode\n"
-        "kivi,4,5.0,11.8,decode\nint,2,2.25,40.0,decode\n"
+    head = "method,bits,avg_bits,ppl,protocol,params\n"
+    (q / "short.csv").write_text(
+        head + "fp16,,16,11.74,decode,prefill=384 scored=128\nkivi,2,3.0,12.9,decode,prefill=384 scored=128\n"
+        "kivi,4,5.0,11.8,decode,prefill=384 scored=128\nint,2,2.25,40.0,decode,prefill=384 scored=128\n"
     )
+    (q / "long.csv").write_text(head + "kivi,2,2.2,19.9,decode,prefill=3968 scored=128\n")
     (q / "other.csv").write_text("cache,ppl\nfull,11.7\n")
-    assert report.pareto([(16, 11.74), (3, 12.9), (5, 11.8), (2.25, 40.0), (4, 13.0)]) == [
-        (2.25, 40.0),
-        (3, 12.9),
-        (5, 11.8),
-        (16, 11.74),
+    rows = [
+        report_data.QualityRow("m", None, x, y) for x, y in [(16, 11.74), (3, 12.9), (5, 11.8), (2.25, 40), (4, 13)]
+    ]
+    assert report_data.pareto(rows) == [(2.25, 40.0), (3, 12.9), (5, 11.8), (16, 11.74)]
+    inp = report_data.resolve_inputs("llama-7b", ["a100-80g"], METHODS, CONTEXTS, q, q)
+    d = report_data.report_data(inp)
+    assert [(p.protocol, p.window_tokens, len(p.rows)) for p in d.quality.panels] == [
+        ("decode", 512, 4),
+        ("decode", 4096, 1),
     ]
     with matplotlib.rc_context(figures.rc()):
-        fig = figures.quality_page(report.resolve_inputs("llama-7b", ["a100-80g"], METHODS, CONTEXTS, q, q))
-    ax = fig.axes[0]
-    assert ax.get_xlabel() == "average bits per K/V element" and ax.get_ylabel() == "perplexity"
-    assert len(ax.collections) == 4  # one marker per row
-    assert "other.csv: lacks columns method, bits, avg_bits" in fig.texts[-1].get_text()
+        fig = figures.quality_page(d)
+    assert [ax.get_title() for ax in fig.axes] == ["decode, 512-token window", "decode, 4,096-token window"]
+    assert len(fig.axes[0].collections) == 4  # one marker per row
+    assert "other.csv" not in _texts(fig) and "skipped" not in _texts(fig)
+    report.write_report(inp, tmp_path / "r.pdf")
+    assert "warning: quality file skipped: other.csv: lacks columns method, bits, avg_bits" in capsys.readouterr().err
+
+
+def test_committed_quality_page_has_distinct_colours_and_no_warning(tmp_path):
+    inp = report_data.resolve_inputs("llama-7b", ["a100-80g"], METHODS, CONTEXTS, tmp_path, ROOT / "reports/quality")
+    d = report_data.report_data(inp)
+    with matplotlib.rc_context(figures.rc()):
+        fig = figures.quality_page(d)
+    method_legend = fig.legends[0]
+    colours = [h.get_color() for h in method_legend.legend_handles]
+    assert len(colours) > 20 and len(set(colours)) == len(colours)
+    windows = [(p.protocol, p.window_tokens) for p in d.quality.panels]
+    assert len(windows) == len(set(windows)) and ("decode", 4096) in windows and ("decode", 512) in windows
+    assert "lacks columns" not in _texts(fig)
 
 
 def test_pages_not_blank_on_agg_canvas(pages):
@@ -135,7 +211,7 @@ def test_pages_not_blank_on_agg_canvas(pages):
         assert inked > 0.003, f"page {i + 1} is nearly blank ({inked:.4f} of pixels inked)"
 
 
-def test_pdf_deterministic_page_count_and_png(inp, tmp_path):
+def test_pdf_deterministic_page_count_and_fingerprint(inp, tmp_path):
     a, b = tmp_path / "a.pdf", tmp_path / "b.pdf"
     assert report.write_report(inp, a) == len(figures.PAGES) == 8
     report.write_report(inp, b)
@@ -143,22 +219,22 @@ def test_pdf_deterministic_page_count_and_png(inp, tmp_path):
     assert data == b.read_bytes(), "two renders of the same inputs differ"
     assert len(re.findall(rb"/Type /Page\b", data)) == 8
     assert b"CreationDate" not in data and b"/Producer (kvq-sim report)" in data
-    if shutil.which("pdftoppm") is None:
-        pytest.skip("pdftoppm not installed (apt-get install poppler-utils): PNG rendering of the PDF not checked")
-    subprocess.run(["pdftoppm", "-r", "30", "-png", str(a), str(tmp_path / "p")], check=True)
-    pngs = sorted(tmp_path.glob("p-*.png"))
-    assert len(pngs) == 8
-    for png in pngs:
-        img = matplotlib.image.imread(png)[..., :3]
-        assert (img < 0.8).any(axis=-1).mean() > 0.003, f"{png.name} is nearly blank"
+    assert re.fullmatch(r"[0-9a-f]{64}", report.read_fingerprint(data))
+    assert "matplotlib " + matplotlib.__version__ in report.read_environment(data)
 
 
-def test_source_date_epoch_sets_the_date(inp, tmp_path, monkeypatch):
+def test_write_pngs(inp, tmp_path):
+    pngs = report.write_pngs(inp, tmp_path / "png", dpi=20)
+    assert [p.name for p in pngs] == [f"page-{i}.png" for i in range(1, 9)]
+    assert all(matplotlib.image.imread(p).shape[1] == 220 for p in pngs)  # 11 in x 20 dpi
+
+
+def test_source_date_epoch_sets_the_date(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    assert report.report_date().year == 2023
+    assert report_data.report_date().year == 2023
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
     with pytest.raises(report.SimInputError, match="SOURCE_DATE_EPOCH"):
-        report.report_date()
+        report_data.report_date()
 
 
 @pytest.mark.parametrize(
@@ -190,7 +266,7 @@ def test_a_failed_render_leaves_the_earlier_pdf_and_no_temporary(inp, tmp_path, 
     report.check_output(out)  # an earlier PDF may be replaced
 
     # a page matplotlib cannot save fails inside the PDF writer, after the temporary file was opened
-    monkeypatch.setattr(figures, "build_pages", lambda _inp: ["page 3"])
+    monkeypatch.setattr(figures, "build_pages", lambda _data: ["page 3"])
     with pytest.raises(ValueError, match="page 3"):
         report.write_report(inp, out)
     assert out.read_bytes() == b"%PDF-1.4 earlier\n"

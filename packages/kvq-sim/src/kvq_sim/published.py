@@ -147,8 +147,8 @@ class Report:
     def overall(self, split: str) -> Stats:
         return self.stats(split).get("all", Stats(0, math.nan, math.nan))
 
-    def worst(self, n: int = WORST_SHOWN) -> list[Result]:
-        return sorted(self.predicted, key=lambda r: -abs(r.err_pct))[:n]
+    def worst(self, split: str, n: int = WORST_SHOWN) -> list[Result]:
+        return sorted((r for r in self.predicted if r.point.split == split), key=lambda r: -abs(r.err_pct))[:n]
 
     def to_dict(self) -> dict:
         def table(key) -> dict:
@@ -282,8 +282,10 @@ def load(path: str | Path = DEFAULT_CSV) -> list[Point]:
 def predict(p: Point) -> Result:
     """kvq-sim's prediction of one point through the public API, or the reason it cannot express it."""
     from .api import deployment, generation_time
+    from .hardware import load_hardware
     from .latency import prefill_seconds
     from .memory import memory
+    from .models import load_model
 
     if p.pp > 1:
         return Result(p, None, f"pipeline parallelism (pp={p.pp}) is not modelled")
@@ -291,10 +293,11 @@ def predict(p: Point) -> Result:
         return Result(p, None, "tensor and context parallelism together are not modelled")
     method, bits = KV[p.kv_precision]
     scheme = WEIGHTS[p.weight_precision]
+    shape, hw = load_model(p.model), load_hardware(p.gpu)  # a broken config is an error, not a point's reason
     try:
         dep = deployment(
-            p.model,
-            p.gpu,
+            shape,
+            hw,
             bits,
             method,
             scheme.bits,
@@ -367,19 +370,19 @@ def render(rep: Report) -> str:
     out += _table(rep, "source", lambda p: p.source)
     out += _table(rep, "GPU / parallelism", lambda p: p.klass)
     out += _table(rep, "metric", lambda p: p.metric)
-    out += [
-        "Largest errors (positive: kvq-sim slower or larger than measured; throughput as ms per output token):",
-        "",
-        "| point | split | class | engine | measured | predicted | error % |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for r in rep.worst():
-        p = r.point
-        out.append(
-            f"| {p.point_id} | {p.split} | {p.klass} | {p.engine} | {_fmt(p, p.measured)} | "
-            f"{_fmt(p, r.predicted)} | {r.err_pct:+.1f} |"
-        )
-    out.append("")
+    out += ["Largest errors (positive: kvq-sim slower or larger than measured; throughput as ms per output token):", ""]
+    for split in SPLITS:
+        out += [
+            f"| {split} point | source | class | metric | measured | predicted | error % |",
+            "|---|---|---|---|---:|---:|---:|",
+        ]
+        for r in rep.worst(split):
+            p = r.point
+            out.append(
+                f"| {p.point_id} | {p.source} | {p.klass} | {p.metric} | {_fmt(p, p.measured)} | "
+                f"{_fmt(p, r.predicted)} | {r.err_pct:+.1f} |"
+            )
+        out.append("")
     if rep.unexpressible:
         out += ["Not expressible in kvq-sim (not in the statistics):", ""]
         out += [f"- {r.point.point_id} ({r.point.split}): {r.reason}" for r in rep.unexpressible]

@@ -33,7 +33,7 @@ UNITS: dict[str, dict[str, float]] = {
     "generation_throughput": {"tokens/s": 1.0, "tokens/s/gpu": 1.0},
     "first_token_latency": {"ms": 1e-3, "s": 1.0},
     "request_latency": {"ms": 1e-3, "s": 1.0},
-    "decode_step_latency": {"us": 1e-6, "ms": 1e-3},
+    "decode_step_latency": {"us": 1e-6, "ms": 1e-3, "s": 1.0},
     "peak_memory": {"GB": 1e9, "GiB": 2**30, "MiB": 2**20},
 }
 

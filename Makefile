@@ -32,14 +32,16 @@ live-check: install
 bench-sim: install
 	$(PYTHON) packages/kvq-sim/benchmarks/bench_speed.py
 
-# The committed example report (deterministic: no date in the PDF, so a rerun gives identical bytes).
+# The committed example report and, beside it, the numbers its pages show (reports/llama-7b.json, which also
+# fills the generated section of docs/reports.md); kvq-sim's test_report_current.py fails when they are stale.
+REPORT_ARGS = --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g
 report: install
-	kvq-sim report --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g -o reports/llama-7b.pdf
+	kvq-sim report $(REPORT_ARGS) -o reports/llama-7b.pdf
+	$(PYTHON) -m kvq_sim.report_data $(REPORT_ARGS) -o reports/llama-7b.json --doc docs/reports.md
 
-# Its pages as PNG for review (pdftoppm: Debian poppler-utils).
-report-png: report
-	mkdir -p reports/png
-	pdftoppm -r 100 -png reports/llama-7b.pdf reports/png/llama-7b
+# Its pages as PNG for review, drawn by matplotlib from the same figures (no poppler needed).
+report-png: install
+	$(PYTHON) -m kvq_sim.report $(REPORT_ARGS) --png reports/png
 
 # Fit the H100 file from the training half of the committed measurements, carry the fit over to
 # the GPUs without measurements, then check every held-out point (exit 1 over a threshold).

@@ -65,8 +65,8 @@ FAMILY_COLOURS = (
     "#ffd8b1",  # apricot
     "#b8860b",  # dark gold
     "#006400",  # dark green
-    "#8b0000",  # dark red
-    "#00ced1",  # dark turquoise
+    "#ffb000",  # amber
+    "#708090",  # slate grey
 )
 #: bit specs in increasing order take these markers; fp16 (no bit spec) is always a star
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d")
@@ -251,7 +251,7 @@ def memory_page(d: ReportData) -> Figure:
         + _same_memory_note(d),
     )
     axes = fig.subplots(1, len(d.memory_groups), sharey=True, squeeze=False)[0]
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.84, bottom=0.2, wspace=0.12)
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.8, bottom=0.2, wspace=0.12)
     used_parts = set()
     for ax, group in zip(axes, d.memory_groups):
         bars = d.memory[group[0]]
@@ -310,7 +310,7 @@ def max_context_page(d: ReportData) -> Figure:
         "Average bits at the max context, metadata included; dashed line: fp16 KV." + _same_memory_note(d),
     )
     axes = fig.subplots(1, len(d.memory_groups), sharey=True, squeeze=False)[0]
-    fig.subplots_adjust(left=0.08, right=0.79, top=0.84, bottom=0.1, wspace=0.08)
+    fig.subplots_adjust(left=0.08, right=0.79, top=0.82, bottom=0.12, wspace=0.08)
     all_ctx = [b.max_context for bars in d.memory.values() for b in bars if b.max_context]
     for ax, group in zip(axes, d.memory_groups):
         bars = d.memory[group[0]]
@@ -634,7 +634,7 @@ def quality_page(d: ReportData) -> Figure:
     bits_handles = [
         Line2D(
             [], [], color="white", marker=st.marker(b), markeredgecolor="black", ls="",
-            label=b or f"none: {', '.join(no_spec)}",
+            label=b or f"none ({', '.join(no_spec)})",
         )
         for b in bits
     ]  # fmt: skip
@@ -643,8 +643,7 @@ def quality_page(d: ReportData) -> Figure:
         fontsize=8,
     )  # fmt: skip
     fig.add_artist(leg)
-    fig.legend(handles=bits_handles, title="bits (marker)", ncol=2, loc="lower left", bbox_to_anchor=(0.75, 0.08),
-               fontsize=8)  # fmt: skip
+    fig.legend(handles=bits_handles, title="bits (marker)", loc="lower left", bbox_to_anchor=(0.75, 0.06), fontsize=8)
     return fig
 
 

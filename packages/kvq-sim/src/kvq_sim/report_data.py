@@ -719,7 +719,8 @@ def summary(d: dict) -> str:
             )
             for label, g in c["groups"].items():
                 errs = [100 * (p / m - 1) for p, m in zip(g["predicted_us"], g["measured_us"])]
-                lines.append(f"  - {label}: {len(errs)} points, median error {statistics.median(errs):+.1f}%")
+                n = f"{len(errs)} point" + "s" * (len(errs) != 1)
+                lines.append(f"  - {label}: {n}, median error {statistics.median(errs):+.1f}%")
     for p in d["quality"]:
         lines.append(
             f"- page 8, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results from "

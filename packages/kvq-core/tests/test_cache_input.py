@@ -5,7 +5,7 @@ import torch
 
 from kvq_core.cache import QuantizedStream, StreamingLayer
 from kvq_core.cache_minicache import MergedPair
-from kvq_core.formats import METHODS, StreamFormat, get_format
+from kvq_core.formats import METHODS, Outliers, StreamFormat, get_format
 
 
 @pytest.fixture
@@ -107,8 +107,8 @@ def test_invalid_formats():
         StreamFormat(bits=2, axis="channel", group_size=32, residual_tokens=100, flush="block")
     with pytest.raises(ValueError, match="scale_dtype"):
         StreamFormat(bits=2, scale_dtype="fp4")
-    with pytest.raises(ValueError, match="outlier_fraction"):
-        StreamFormat(bits=2, outlier_fraction=0.7)
+    with pytest.raises(ValueError, match="outlier fraction"):
+        StreamFormat(bits=2, outliers=Outliers(0.7))
 
 
 @pytest.mark.parametrize("method,bits", [("xquant", 4), ("xquant-cl", 4), ("minicache", 16)])

@@ -6,7 +6,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvq_core.formats import get_format  # noqa: E402
-from kvq_core.hf_cache import KVQCache, _find_rotary, _Rope, load_calibration, save_calibration  # noqa: E402
+from kvq_core.hf_cache import KVQCache, load_calibration, save_calibration  # noqa: E402
+from kvq_core.hf_layer import _find_rotary, _Rope  # noqa: E402
 
 
 def _logits(model, ids, cache):

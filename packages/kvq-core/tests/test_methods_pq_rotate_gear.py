@@ -56,7 +56,7 @@ def test_million_more_subspace_bits_less_error():
 def test_million_rejects_bad_shapes():
     with pytest.raises(ValueError, match="product quantization needs"):
         StreamFormat(bits=4, levels="product")
-    with pytest.raises(ValueError, match="not a multiple of pq_subspace_dims"):
+    with pytest.raises(ValueError, match="not a multiple of pq subspace_dims"):
         get_format("million", 2).key.pq_subspaces(30)
 
 

@@ -100,7 +100,7 @@ def test_needs_the_model():
 def test_merge_commutes_with_rope(tiny4):
     # the same RoPE rotation on both layers' keys: same magnitudes and distances, direction rotated,
     # so merging post-RoPE keys (as the cache does) equals merging pre-RoPE keys and rotating
-    from kvq_core.hf_cache import _find_rotary, _Rope
+    from kvq_core.hf_layer import _find_rotary, _Rope
 
     rope = _Rope(_find_rotary(tiny4))
     torch.manual_seed(1)
@@ -135,7 +135,7 @@ def test_explicit_pairs_bytes_names_and_validation(tiny4, prefill_then_steps):
 
 
 def test_calibrate_pairs_respects_the_tolerance(tiny4):
-    from kvq_core.cache_minicache import calibrate_pairs
+    from kvq_core.calibration import calibrate_pairs
 
     ids = torch.randint(0, 97, (1, 48))
     region = minicache_format(1.0, 0.1)  # candidates (0, 1), (1, 2), (2, 3)

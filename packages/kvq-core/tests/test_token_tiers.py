@@ -7,7 +7,7 @@ import torch
 
 from kvq_core.cache import StreamingLayer
 from kvq_core.cache_tiers import TieredLayer
-from kvq_core.formats import KVFormat, StreamFormat, get_format, h2o_format, mikv_format, zipcache_format
+from kvq_core.formats import KVFormat, StreamFormat, TokenTiers, get_format, h2o_format, mikv_format, zipcache_format
 
 TIERED = {
     "h2o-16+8": h2o_format(16, 8, sink_tokens=2),
@@ -33,7 +33,7 @@ def test_held_bytes_equal_format_bytes_with_queries(name):
 
 
 def test_salient_count_is_an_exact_ceiling():
-    s = StreamFormat(bits=2, residual_tokens=8, importance="normalized", salient_fraction=0.2, salient_bits=4)
+    s = StreamFormat(bits=2, residual_tokens=8, tiers=TokenTiers("normalized", fraction=0.2, bits=4))
     assert [s.salient_count(t) for t in (0, 1, 5, 6, 10, 11)] == [0, 1, 1, 2, 2, 3]  # 0.2 * 5 is 1, not 2
     assert h2o_format(16, 8).key.salient_count(100) == 16
 
@@ -63,9 +63,7 @@ def test_heavy_hitters_are_the_attended_tokens():
 def test_zipcache_normalizes_by_the_number_of_queries():
     # Window of 4, R = 1: tokens 0..2 leave, seen by 4, 3, 2 queries. Accumulated scores 2.0, 0.9, 1.5 are
     # means 0.5, 0.3, 0.75: accumulated attention would pick token 0, normalized attention picks token 2.
-    fmt = StreamFormat(
-        bits=2, axis="token", residual_tokens=1, importance="normalized", salient_fraction=1 / 3, salient_bits=4
-    )
+    fmt = StreamFormat(bits=2, axis="token", residual_tokens=1, tiers=TokenTiers("normalized", fraction=1 / 3, bits=4))
     layer = TieredLayer(KVFormat("t", fmt, fmt), 4)
     k = torch.arange(1.0, 5.0)[None, None, :, None].expand(1, 1, 4, 4)  # token j is the constant row j + 1
     # the state after 4 appended tokens and their queries' scores, before the window flushes
@@ -99,14 +97,14 @@ def test_mikv_keeps_every_token_and_beats_eviction():
 
 def test_tier_format_errors():
     with pytest.raises(ValueError, match="must be fp16"):
-        StreamFormat(bits=2, importance="accumulated", salient_fraction=0.2, salient_bits=4)
-    with pytest.raises(ValueError, match="salient_fraction in"):
-        StreamFormat(bits=0, importance="accumulated")
+        TokenTiers("accumulated", fraction=0.2, bits=4)
+    with pytest.raises(ValueError, match="salient fraction in"):
+        TokenTiers("accumulated")
     with pytest.raises(ValueError, match="unsupported"):
         StreamFormat(bits=0)
     with pytest.raises(ValueError, match="same tokens"):
         mikv_format(2).with_(
-            value=mikv_format(2).value.__class__(bits=2, importance="accumulated", salient_fraction=0.5)
+            value=StreamFormat(bits=2, residual_tokens=128, tiers=TokenTiers("accumulated", fraction=0.5))
         )
 
 

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kvq_core.cache_minicache import calibrate_pairs  # noqa: E402
+from kvq_core.calibration import calibrate_pairs  # noqa: E402
 from kvq_core.eval import tokenize  # noqa: E402
 from kvq_core.formats import get_format, minicache_format  # noqa: E402
 from kvq_core.hf_cache import KVQCache  # noqa: E402

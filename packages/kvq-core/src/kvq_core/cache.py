@@ -12,19 +12,21 @@ into the body as the format's flush policy says:
 Only the flushed tokens are quantized; the body grows by concatenation. The tensors held are exactly
 those `formats.stream_bytes` counts: `layer.nbytes == batch * breakdown.per_sequence + breakdown.shared`.
 
-Formats with token tiers chosen by attention score (ZipCache, MiKV, heavy-hitter eviction:
-`StreamFormat.importance`) select the same tokens in K and V, so a `StreamingLayer` of such a format
-hands both streams to one `cache_tiers.TieredLayer`, which takes the step's queries in `append`.
+A `StreamingLayer` holds a format by its layer kind (`KVFormat.layer`): "streaming" formats in two
+`QuantizedStream`s, age-stepped ("staircase") ones in two `cache_staircase.StaircaseStream`s (same
+API), and formats with token tiers chosen by attention score ("tiered": ZipCache, MiKV, heavy-hitter
+eviction, which select the same tokens in K and V) in one `cache_tiers.TieredLayer`, which takes the
+step's queries in `append`. XQuant and MiniCache layers are model-wide: `hf_cache.KVQCache`.
 """
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from .cache_staircase import StaircaseStream
+from .cache_tiers import TieredLayer
 from .codecs import CAT_DIM, Codec, make_codec
-from .formats import FULL_PRECISION_BYTES, KVFormat, StreamFormat, get_format
+from .formats import FULL_PRECISION_BYTES, KVFormat, StreamFormat, check_count, get_format
 from .quant import check_finite, check_kv_range
 
 __all__ = ["QuantizedStream", "StreamingLayer"]
@@ -168,13 +170,6 @@ class QuantizedStream:
         return b.contiguous() if a is None else torch.cat([a, b], dim=2)
 
 
-def check_count(name: str, value, minimum: int) -> int:
-    """`value` if it is an integer >= `minimum` (bool refused); else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_block(x, name: str, head_dim: int, layout: str = "[batch, kv_heads, tokens, head_dim]") -> None:
     """A K/V (or query) block must be a floating-point tensor of 4 dims (`layout`) ending in `head_dim`."""
     if not isinstance(x, torch.Tensor):
@@ -199,13 +194,9 @@ def _check_dtype(dtype) -> None:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
-def _make_stream(fmt: StreamFormat, head_dim: int, sink_tokens: int):
-    """A `QuantizedStream`, or a `cache_staircase.StaircaseStream` for age-stepped formats (same API)."""
-    if fmt.age_steps:
-        from .cache_staircase import StaircaseStream
-
-        return StaircaseStream(fmt, head_dim, sink_tokens)
-    return QuantizedStream(fmt, head_dim, sink_tokens)
+#: the class holding each stream of a layer, by `KVFormat.layer`; "tiered" layers hold both in one
+#: `TieredLayer`, and XQuant / MiniCache layers are model-wide (`hf_cache.KVQCache`).
+STREAMS = {"streaming": QuantizedStream, "staircase": StaircaseStream}
 
 
 class StreamingLayer:
@@ -223,7 +214,7 @@ class StreamingLayer:
         if not isinstance(fmt, KVFormat):
             raise ValueError(f"fmt must be a KVFormat (e.g. get_format('kivi', 2)), got {type(fmt).__name__}")
         check_count("head_dim", head_dim, 1)
-        if getattr(fmt, "cache_input", "kv") != "kv" or getattr(fmt, "merge_depth_fraction", 0.0):
+        if fmt.layer not in (*STREAMS, "tiered"):
             raise ValueError(
                 f"{fmt.name}: a StreamingLayer holds one layer's K and V; this format caches the layer input or "
                 "merges layers across the model: use KVQCache (kvq_core.hf_cache), which routes it"
@@ -231,14 +222,12 @@ class StreamingLayer:
         self.fmt = fmt
         self.head_dim = head_dim
         self.tiers = None
-        if fmt.key.tiered:
-            from .cache_tiers import TieredLayer
-
+        if fmt.layer == "tiered":
             self.tiers = TieredLayer(fmt, head_dim)
             self.k, self.v = self.tiers.k, self.tiers.v
             return
-        self.k = _make_stream(fmt.key, head_dim, fmt.sink_tokens)
-        self.v = _make_stream(fmt.value, head_dim, fmt.sink_tokens)
+        self.k = STREAMS[fmt.layer](fmt.key, head_dim, fmt.sink_tokens)
+        self.v = STREAMS[fmt.layer](fmt.value, head_dim, fmt.sink_tokens)
 
     @classmethod
     def for_method(cls, method: str, bits=None, head_dim: int = 128) -> StreamingLayer:
@@ -307,10 +296,6 @@ class StreamingLayer:
     def stored_tokens(self) -> int:
         """Tokens per head held (and attended to): `tokens` unless the format evicts."""
         return self.fmt.stored_tokens(self.tokens)
-
-    @property
-    def needs_queries(self) -> bool:
-        return self.tiers is not None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.tiers is not None:

@@ -24,7 +24,7 @@ so RoPE rotates both vectors of a token by the same orthogonal matrix: norms, th
 angular distance and the retained set) and the SLERP direction are the same as pre-RoPE, rotated
 (tested), so merging pre- or post-RoPE keys is equivalent.
 
-Which pairs (`calibrate_pairs`, what `kvq-eval` runs for `minicache`). The paper's premise is that
+Which pairs (`calibration.calibrate_pairs`, what `kvq-eval` runs for `minicache`). The paper's premise is that
 adjacent middle-to-deep layers hold nearly parallel states (LLaMA-2/3, Mistral). SmolLM2-135M's do not:
 on the 512 calibration tokens of pydoc_text('calibration') every adjacent pair, shallow or deep, has a
 mean per-head cosine between -0.24 and +0.18 for K and -0.02 and +0.04 for V (angular distance ~0.5),
@@ -48,11 +48,11 @@ import math
 
 import torch
 
-from .formats import KVFormat, get_format, minicache_format
-from .hf_cache import KVQCache, KVQLayer
+from .formats import KVFormat, get_format
+from .hf_layer import KVQLayer
 from .quant import FP16_MAX, check_kv_range
 
-__all__ = ["MergedPair", "MiniCacheLayer", "calibrate_pairs", "minicache_layers", "slerp_merge"]
+__all__ = ["MergedPair", "MiniCacheLayer", "minicache_layers", "minicache_row", "slerp_merge"]
 
 _FP = torch.float16
 
@@ -214,84 +214,6 @@ def minicache_layers(fmt: KVFormat, num_layers: int) -> list[KVQLayer]:
     return layers
 
 
-# -- calibration: which pairs to merge ---------------------------------------------------------------
-def _chunked_nll(model, ids: torch.Tensor, fmt: KVFormat, prefill: int, chunk: int) -> float:
-    """Mean NLL of ids[prefill:] when ids [1, T] is prefilled to `prefill` then fed `chunk` tokens at a
-    time through a fresh cache of `fmt` (each chunk attends over the cache's restored history)."""
-    cache = KVQCache(fmt=fmt, model=model, kernels=False)
-    nll, n, pos, t = 0.0, 0, 0, ids.shape[1]
-    with torch.no_grad():
-        while pos < t - 1:
-            end = prefill if pos == 0 else min(pos + chunk, t - 1)
-            logits = model(ids[:, pos:end], past_key_values=cache, use_cache=True).logits[0].double()
-            if pos > 0:
-                lp = torch.log_softmax(logits, -1).gather(-1, ids[0, pos + 1 : end + 1, None])
-                nll, n = nll - lp.sum().item(), n + lp.numel()
-            pos = end
-    return nll / n
-
-
-def calibrate_pairs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    fmt: KVFormat | None = None,
-    *,
-    tolerance: float = 0.05,
-    prefill: int | None = None,
-    chunk: int = 16,
-) -> KVFormat:
-    """The MiniCache format that merges only the layer pairs the calibration text says it can afford.
-
-    Candidates: every adjacent pair (l, l + 1) inside the paper's merged region (layers from
-    L - floor(merge_depth_fraction * L), `KVFormat.merge_pairs`), at the format's retention and t.
-    Each is measured alone: the increase of the mean NLL of `input_ids` [1, T] (calibration text,
-    disjoint from any evaluation text) over the fp16 cache, prefilling `prefill` tokens (default T/2)
-    and feeding the rest `chunk` tokens at a time, so the scored tokens attend over the merged history.
-    Greedy: candidates in increasing cost are added when disjoint from those chosen and the measured
-    increase of all chosen together stays within log(1 + tolerance), i.e. calibration perplexity at
-    most `tolerance` (5%) above fp16's. The result is `minicache_format(..., pairs=chosen)` (possibly
-    no pair), with ``extra["calibration"]``: the tolerance, each candidate's and the chosen set's NLL
-    increase, and the calibration tokens.
-    """
-    fmt = fmt or get_format("minicache", 16)
-    if not fmt.merge_depth_fraction:
-        raise ValueError(f"{fmt.name} merges no layers")
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"calibration needs input_ids [1, tokens], got shape {tuple(input_ids.shape)}")
-    t = input_ids.shape[1]
-    prefill = t // 2 if prefill is None else prefill
-    if not 1 <= prefill < t - 1 or chunk < 1 or tolerance < 0:
-        raise ValueError(
-            f"need 1 <= prefill < tokens - 1, chunk >= 1, tolerance >= 0; got {prefill}, {chunk}, {tolerance}"
-        )
-    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    start = n_layers - math.floor(fmt.merge_depth_fraction * n_layers)
-    candidates = [(i, i + 1) for i in range(start, n_layers - 1)]
-    f, r, st = fmt.merge_depth_fraction, fmt.retain_fraction, fmt.extra.get("slerp_t", 0.6)
-
-    def cost(pairs) -> float:
-        return _chunked_nll(model, input_ids, minicache_format(f, r, st, pairs=pairs), prefill, chunk) - base
-
-    base = _chunked_nll(model, input_ids, get_format("fp16"), prefill, chunk)
-    alone = {p: cost((p,)) for p in candidates}
-    budget = math.log1p(tolerance)
-    chosen: list[tuple[int, int]] = []
-    total = 0.0
-    for p in sorted(candidates, key=alone.__getitem__):
-        if alone[p] > budget:
-            break
-        if any(set(p) & set(q) for q in chosen):
-            continue
-        trial = cost((*chosen, p))
-        if trial <= budget:
-            chosen, total = [*chosen, p], trial
-    out = minicache_format(f, r, st, pairs=tuple(chosen))
-    info = {
-        "tolerance": tolerance,
-        "tokens": t,
-        "prefill": prefill,
-        "chunk": chunk,
-        "nll_increase": total,
-        "pair_nll_increase": alone,
-    }
-    return out.with_(extra={**out.extra, "calibration": info})
+def minicache_row(fmt: KVFormat, layers: list) -> list[KVQLayer]:
+    """MiniCache layers for one row of a padded batch, as many as the batched `layers`."""
+    return minicache_layers(fmt, len(layers))

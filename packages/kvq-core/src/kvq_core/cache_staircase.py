@@ -1,12 +1,12 @@
 """Staircase (age-based) precision: a stream whose tokens lose bits as they age (SAQ, arXiv:2410.18441).
 
 Chronological segments: fp16 sinks | oldest step (`bits`) | ... | newest step | fp16 sliding window.
-A token leaving the window enters the newest step (`age_steps[0]`, e.g. 8 bits); when a step holds
+A token leaving the window enters the newest step (`steps.steps[0]`, e.g. 8 bits); when a step holds
 more than its n tokens, its oldest tokens are re-encoded one step down from their reconstruction
 (the higher-precision codes are all that is kept), down to `bits`, where they stay. Every step stores
 per-token codes per head with fp16 scale and zero, so tokens move between steps independently.
 Re-encoding on a step-down is the method itself, not history re-quantized by a flush policy: each
-token is encoded once per step, at most len(age_steps) + 1 times in its life.
+token is encoded once per step, at most len(steps.steps) + 1 times in its life.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ class StaircaseStream:
     codec = None  # nothing to calibrate: every step quantizes per token on the fly
 
     def __init__(self, fmt: StreamFormat, head_dim: int, sink_tokens: int = 0):
-        if not fmt.age_steps:
-            raise ValueError("a staircase stream needs StreamFormat.age_steps")
+        if fmt.steps is None:
+            raise ValueError("a staircase stream needs StreamFormat.steps (AgeSteps)")
         self.fmt = fmt
         self.head_dim = head_dim
         self.sink_tokens = sink_tokens
-        self.caps = [n for n, _ in fmt.age_steps] + [None]  # the last step is unbounded
-        self.steps = [TokenTier(fmt, b, head_dim) for _, b in fmt.age_steps] + [TokenTier(fmt, fmt.bits, head_dim)]
+        self.caps = [n for n, _ in fmt.steps.steps] + [None]  # the last step is unbounded
+        self.steps = [TokenTier(fmt, b, head_dim) for _, b in fmt.steps.steps] + [TokenTier(fmt, fmt.bits, head_dim)]
         self.sinks: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
         self.tokens = 0

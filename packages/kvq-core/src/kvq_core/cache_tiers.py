@@ -1,7 +1,7 @@
 """Token tiers by attention score: ZipCache, MiKV and heavy-hitter eviction as one streaming layer.
 
 A `TieredLayer` holds one layer's K and V as chronological fp16 sinks, a body split per KV head into a
-high tier (`salient_bits`, fp16 at 16) and a low tier (`bits`; 0 = evicted), and an fp16 sliding window
+high tier (`tiers.bits`, fp16 at 16) and a low tier (`bits`; 0 = evicted), and an fp16 sliding window
 of recent tokens. Which body tokens are high-tier is decided from attention scores:
 
 - "accumulated" (H2O, arXiv:2306.14048; MiKV, arXiv:2402.18096; the fixed-budget eviction of
@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from .codecs import AffineCodec
+from .codecs_affine import AffineCodec
 from .formats import KVFormat, StreamFormat
 from .quant import check_kv_range
 
@@ -96,14 +96,14 @@ class _TieredStream:
 
     def __init__(self, fmt: StreamFormat, head_dim: int):
         self.fmt = fmt
-        self.hi = TokenTier(fmt, fmt.salient_bits, head_dim)
+        self.hi = TokenTier(fmt, fmt.tiers.bits, head_dim)
         self.lo = TokenTier(fmt, fmt.bits, head_dim)
         self.sinks: torch.Tensor | None = None
         self.window: torch.Tensor | None = None  # fp16 [B, H, w, D]
         self.norm: torch.Tensor | None = None  # fp16 [H, D]: ZipCache channel normaliser sqrt(max |x|)
 
     def fit_norm(self, x: torch.Tensor) -> None:
-        if self.fmt.channel_normalize and self.norm is None:
+        if self.fmt.tiers.channel_normalize and self.norm is None:
             amax = x.float().abs().amax(dim=(0, 2))  # [H, D]
             self.norm = amax.sqrt().clamp_min(1e-3).to(_FP)
 
@@ -244,7 +244,7 @@ class TieredLayer:
         self.win_scores = self.win_scores[:, :, out:].contiguous()
         before, self.body_tokens = self.body_tokens, self.body_tokens + out
         n_hi = f.salient_count(self.body_tokens)
-        if f.importance == "normalized":
+        if f.tiers.importance == "normalized":
             # queries that saw the j-th leaving token: every token from it to the newest (causal)
             seen = w - torch.arange(out)
             score = score / seen.clamp_min(1)

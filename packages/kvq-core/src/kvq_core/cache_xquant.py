@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from .cache import QuantizedStream
 from .formats import KVFormat
-from .hf_cache import KVQLayer
+from .hf_layer import KVQLayer
 
-__all__ = ["XQuantLayer", "attach_xquant"]
+__all__ = ["XQuantLayer", "attach_xquant", "xquant_row"]
 
 
 class _Accumulator:
@@ -132,3 +132,10 @@ def attach_xquant(cache, fmt: KVFormat, model: torch.nn.Module, rope) -> list[XQ
         else:
             cache._hooks.append(dec.register_forward_pre_hook(stash, with_kwargs=True))
     return layers
+
+
+def xquant_row(fmt: KVFormat, layers: list[XQuantLayer]) -> list[XQuantLayer]:
+    """XQuant layers for one row of a padded batch: the batched `layers`' modules, no hooks (the cache
+    hands each row its slice of what the batched layers' hooks stash), and the row's own accumulator."""
+    acc = _Accumulator()  # XQuant-CL's running reconstruction, one per row
+    return [XQuantLayer(fmt, lay.attn_ref(), lay.x_rope, lay.norm, acc) for lay in layers]

@@ -10,19 +10,23 @@ A left-padded batch (`attention_mask`) is calibrated on its rows' own tokens onl
 positions 0, 1, ..., padding out of the loss, and only real tokens reach the quantizer's fit.
 
 The result is a dict {layer: {"k": state, "v": state}} that `hf_cache.save_calibration` writes and
-`KVQCache(..., calibration=path)` loads.
+`KVQCache(..., calibration=path)` loads. MiniCache calibrates which layer pairs to merge instead
+(`calibrate_pairs`, measured on calibration text through `KVQCache`; see `cache_minicache`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .cache import StreamingLayer
-from .formats import KVFormat, get_format
-from .hf_cache import _find_rotary, _Rope, left_padding
+from .formats import KVFormat, get_format, minicache_format
+from .hf_cache import KVQCache, left_padding
+from .hf_layer import _find_rotary, _Rope
 
-__all__ = ["record_kv", "calibrate"]
+__all__ = ["record_kv", "calibrate", "calibrate_pairs"]
 
 
 class _RecordingLayer(CacheLayerMixin):
@@ -156,3 +160,86 @@ def _own_tokens(x: torch.Tensor, lead: list[int], rope: _Rope | None) -> torch.T
     if rope is not None:
         rows = [rope.unapply(r, 0) for r in rows]
     return torch.cat(rows, 2)
+
+
+# -- MiniCache: which layer pairs to merge -----------------------------------------------------------
+def _chunked_nll(model, ids: torch.Tensor, fmt: KVFormat, prefill: int, chunk: int) -> float:
+    """Mean NLL of ids[prefill:] when ids [1, T] is prefilled to `prefill` then fed `chunk` tokens at a
+    time through a fresh cache of `fmt` (each chunk attends over the cache's restored history)."""
+    cache = KVQCache(fmt=fmt, model=model, kernels=False)
+    nll, n, pos, t = 0.0, 0, 0, ids.shape[1]
+    with torch.no_grad():
+        while pos < t - 1:
+            end = prefill if pos == 0 else min(pos + chunk, t - 1)
+            logits = model(ids[:, pos:end], past_key_values=cache, use_cache=True).logits[0].double()
+            if pos > 0:
+                lp = torch.log_softmax(logits, -1).gather(-1, ids[0, pos + 1 : end + 1, None])
+                nll, n = nll - lp.sum().item(), n + lp.numel()
+            pos = end
+    return nll / n
+
+
+def calibrate_pairs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    fmt: KVFormat | None = None,
+    *,
+    tolerance: float = 0.05,
+    prefill: int | None = None,
+    chunk: int = 16,
+) -> KVFormat:
+    """The MiniCache format that merges only the layer pairs the calibration text says it can afford.
+
+    Candidates: every adjacent pair (l, l + 1) inside the paper's merged region (layers from
+    L - floor(merge_depth_fraction * L), `KVFormat.merge_pairs`), at the format's retention and t.
+    Each is measured alone: the increase of the mean NLL of `input_ids` [1, T] (calibration text,
+    disjoint from any evaluation text) over the fp16 cache, prefilling `prefill` tokens (default T/2)
+    and feeding the rest `chunk` tokens at a time, so the scored tokens attend over the merged history.
+    Greedy: candidates in increasing cost are added when disjoint from those chosen and the measured
+    increase of all chosen together stays within log(1 + tolerance), i.e. calibration perplexity at
+    most `tolerance` (5%) above fp16's. The result is `minicache_format(..., pairs=chosen)` (possibly
+    no pair), with ``extra["calibration"]``: the tolerance, each candidate's and the chosen set's NLL
+    increase, and the calibration tokens.
+    """
+    fmt = fmt or get_format("minicache", 16)
+    if not fmt.merge_depth_fraction:
+        raise ValueError(f"{fmt.name} merges no layers")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"calibration needs input_ids [1, tokens], got shape {tuple(input_ids.shape)}")
+    t = input_ids.shape[1]
+    prefill = t // 2 if prefill is None else prefill
+    if not 1 <= prefill < t - 1 or chunk < 1 or tolerance < 0:
+        raise ValueError(
+            f"need 1 <= prefill < tokens - 1, chunk >= 1, tolerance >= 0; got {prefill}, {chunk}, {tolerance}"
+        )
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    start = n_layers - math.floor(fmt.merge_depth_fraction * n_layers)
+    candidates = [(i, i + 1) for i in range(start, n_layers - 1)]
+    f, r, st = fmt.merge_depth_fraction, fmt.retain_fraction, fmt.extra.get("slerp_t", 0.6)
+
+    def cost(pairs) -> float:
+        return _chunked_nll(model, input_ids, minicache_format(f, r, st, pairs=pairs), prefill, chunk) - base
+
+    base = _chunked_nll(model, input_ids, get_format("fp16"), prefill, chunk)
+    alone = {p: cost((p,)) for p in candidates}
+    budget = math.log1p(tolerance)
+    chosen: list[tuple[int, int]] = []
+    total = 0.0
+    for p in sorted(candidates, key=alone.__getitem__):
+        if alone[p] > budget:
+            break
+        if any(set(p) & set(q) for q in chosen):
+            continue
+        trial = cost((*chosen, p))
+        if trial <= budget:
+            chosen, total = [*chosen, p], trial
+    out = minicache_format(f, r, st, pairs=tuple(chosen))
+    info = {
+        "tolerance": tolerance,
+        "tokens": t,
+        "prefill": prefill,
+        "chunk": chunk,
+        "nll_increase": total,
+        "pair_nll_increase": alone,
+    }
+    return out.with_(extra={**out.extra, "calibration": info})

@@ -357,7 +357,7 @@ class CacheMaker:
                 raise UsageError(f"{spec.name}: {e}") from None
             return
         if spec.fmt.merge_depth_fraction and "pairs" not in spec.fmt.extra:  # MiniCache: pairs from calibration
-            from .cache_minicache import calibrate_pairs
+            from .calibration import calibrate_pairs
 
             fmt = calibrate_pairs(model, calib_ids, spec.fmt)
             self.spec, info = replace(spec, fmt=fmt), fmt.extra["calibration"]

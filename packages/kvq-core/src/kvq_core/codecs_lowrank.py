@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .codecs import Codec, _check_block, _flat, _topk_mask, _unflat, sparse_outliers
+from .codec_base import Codec, _check_block, _flat, _topk_mask, _unflat, sparse_outliers
 from .formats import StreamFormat
 from .packing import pack, unpack
 
@@ -57,7 +57,7 @@ class GearCodec(Codec):
     def __init__(self, fmt: StreamFormat, head_dim: int):
         super().__init__(fmt, head_dim)
         self.chunk = fmt.residual_tokens
-        self.rank = fmt.lowrank_rank
+        self.rank = fmt.lowrank.rank
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_block(x)

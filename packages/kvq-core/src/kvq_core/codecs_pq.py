@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .codecs import Codec, _check_block
+from .codec_base import Codec, _check_block
 from .formats import StreamFormat
 from .packing import pack, unpack
 
@@ -54,7 +54,7 @@ class PQCodec(Codec):
     def __init__(self, fmt: StreamFormat, head_dim: int):
         super().__init__(fmt, head_dim)
         self.m = fmt.pq_subspaces(head_dim)
-        self.sub = fmt.pq_subspace_dims
+        self.sub = fmt.pq.subspace_dims
         self._codebook: torch.Tensor | None = None
 
     @property

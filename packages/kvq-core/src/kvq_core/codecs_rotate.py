@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .codecs import Codec, _check_block, _flat, _unflat
+from .codec_base import Codec, _check_block, _flat, _unflat
 from .formats import StreamFormat
 from .packing import pack, unpack
 

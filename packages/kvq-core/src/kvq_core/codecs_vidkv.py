@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .codecs import Codec, _check_block
+from .codec_base import Codec, _check_block
 from .formats import StreamFormat
 from .packing import pack, packed_row_bytes, unpack
 
@@ -128,11 +128,11 @@ class VidkvCodec(Codec):
         codes, scales = [], []
         if self.k:
             a = y[..., : self.k]
-            scale, zero = quant.choose_qparams(a, f.mixed_bits, "channel", g, False, f.scale_dtype)
-            codes.append(pack(quant.quantize(a, scale, zero, f.mixed_bits, "channel", g), f.mixed_bits))
+            scale, zero = quant.choose_qparams(a, f.absmean.mixed_bits, "channel", g, False, f.scale_dtype)
+            codes.append(pack(quant.quantize(a, scale, zero, f.absmean.mixed_bits, "channel", g), f.absmean.mixed_bits))
             scales.append(scale)
             parts["zero"] = zero
-        rest = rfft_real(y[..., self.k :]) if f.fft else y[..., self.k :]
+        rest = rfft_real(y[..., self.k :]) if f.absmean.fft else y[..., self.k :]
         c, s = absmean_quantize(rest, f.bits, g)
         codes.append(pack(c, f.bits))
         scales.append(s.to(quant.storage_dtype(f.scale_dtype)))
@@ -142,14 +142,16 @@ class VidkvCodec(Codec):
 
     def decode(self, parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
         f, g, d = self.fmt, self.fmt.group_size, self._d
-        split = packed_row_bytes(f.mixed_bits, self.k) if self.k else 0
+        split = packed_row_bytes(f.absmean.mixed_bits, self.k) if self.k else 0
         segs = []
         if self.k:
-            a = unpack(parts["codes"][..., :split], f.mixed_bits, self.k)
-            segs.append(quant.dequantize(a, parts["scale"][..., : self.k], parts["zero"], f.mixed_bits, "channel", g))
+            a = unpack(parts["codes"][..., :split], f.absmean.mixed_bits, self.k)
+            segs.append(
+                quant.dequantize(a, parts["scale"][..., : self.k], parts["zero"], f.absmean.mixed_bits, "channel", g)
+            )
         c = unpack(parts["codes"][..., split:], f.bits, d - self.k)
         rest = absmean_dequantize(c, parts["scale"][..., self.k :], f.bits, g)
-        segs.append(irfft_real(rest) if f.fft else rest)
+        segs.append(irfft_real(rest) if f.absmean.fft else rest)
         y = torch.cat(segs, -1)
         if self._perm is not None:
             inv = torch.argsort(self._perm.long(), dim=-1)[None, :, None, :].expand_as(y)

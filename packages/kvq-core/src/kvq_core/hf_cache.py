@@ -48,10 +48,11 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import apply_rope, unapply_rope
-from .cache import StreamingLayer
+from .cache_minicache import minicache_layers, minicache_row
+from .cache_xquant import attach_xquant, xquant_row
 from .calibration_file import load_calibration, save_calibration
 from .formats import KVFormat, get_format
+from .hf_layer import KVQLayer, _find_rotary, _Rope
 
 __all__ = [
     "KVQCache",
@@ -66,147 +67,20 @@ __all__ = [
 _HOOKED_INPUTS = ("pending_queries", "pending_x")
 
 
-class _Rope:
-    """RoPE at given positions from the model's own rotary embedding module (any rope scaling)."""
-
-    def __init__(self, rotary_emb: torch.nn.Module):
-        self.rotary_emb = rotary_emb
-
-    def cos_sin(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start, start + length, device=x.device)[None]
-        cos, sin = self.rotary_emb(x.float(), pos)  # [1, T, D]
-        return cos[:, None].float(), sin[:, None].float()  # [1, 1, T, D]
-
-    def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        cos, sin = self.cos_sin(x, start, x.shape[2])
-        return apply_rope(x, cos=cos, sin=sin)
-
-    def unapply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        cos, sin = self.cos_sin(x, start, x.shape[2])
-        return unapply_rope(x, cos=cos, sin=sin)
+def _xquant_layers(cache: KVQCache, fmt: KVFormat, model: torch.nn.Module) -> list[CacheLayerMixin]:
+    return attach_xquant(cache, fmt, model, _Rope(_find_rotary(model)))
 
 
-def _find_rotary(model: torch.nn.Module) -> torch.nn.Module:
-    for name, module in model.named_modules():
-        if name.endswith("rotary_emb"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no rotary embedding module; pre-RoPE methods need RoPE")
+def _minicache_layers(cache: KVQCache, fmt: KVFormat, model: torch.nn.Module) -> list[CacheLayerMixin]:
+    return minicache_layers(fmt, model.config.get_text_config(decoder=True).num_hidden_layers)
 
 
-class KVQLayer(CacheLayerMixin):
-    """One decoder layer's cache: a kvq-core `StreamingLayer` behind transformers' layer API."""
+#: the layers of the formats that are not one `KVQLayer` per decoder layer, by `KVFormat.layer`:
+#: (cache, fmt, model) -> the model's layers, with any hooks registered on `cache`.
+MODEL_LAYERS = {"xquant": _xquant_layers, "minicache": _minicache_layers}
 
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, fmt: KVFormat, rope: _Rope | None = None, state: dict | None = None, kernels: bool = False):
-        super().__init__()
-        if fmt.pre_rope_keys and rope is None:
-            raise ValueError(f"{fmt.name} stores pre-RoPE keys: pass model=... so the cache can apply RoPE")
-        if fmt.key.tiered and rope is None:
-            raise ValueError(f"{fmt.name} scores tokens by attention: pass model=... so the cache can read queries")
-        self.fmt = fmt
-        self.rope = rope if fmt.pre_rope_keys else None
-        self.query_rope = rope if fmt.key.tiered else None
-        self.state = state
-        self.layer: StreamingLayer | None = None
-        self.pending_queries: torch.Tensor | None = None  # q_proj output [B, t, H_q * D], set by the hook
-        self.kernels = kernels  # store packed in kvq-kernels' layout and decode with its fused kernel
-        self.store = None  # kvq_kernels.hf_attention.KiviKernelStore on the kernel path
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        if self.kernels:
-            from kvq_kernels.hf_attention import KiviKernelStore, kivi_params
-
-            b, h, _, d = key_states.shape
-            self.store = KiviKernelStore(*kivi_params(self.fmt), b, h, d, key_states.device)
-            self.is_initialized = True
-            return
-        self.layer = StreamingLayer(self.fmt, key_states.shape[-1])
-        if self.state is not None:
-            for stream, name in ((self.layer.k, "k"), (self.layer.v, "v")):
-                if stream.codec is not None and name in self.state:
-                    stream.codec.load_state_dict(self.state[name])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        first = not self.is_initialized
-        if first:
-            self.lazy_initialization(key_states, value_states)
-        if self.store is not None:
-            return self._update_kernel(key_states, value_states, first)
-        start = self.layer.tokens
-        k_store = self.rope.unapply(key_states, start) if self.rope is not None else key_states
-        self.layer.append(k_store, value_states, self._queries(key_states, start))
-        if first:
-            return key_states, value_states  # the prefill attends in full precision
-        keys = self.layer.keys()
-        if self.rope is not None:
-            keys = self.rope.apply(keys, 0)
-        return keys.to(self.dtype), self.layer.values(self.dtype)
-
-    def _update_kernel(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool):
-        """Kernel path: append through the fused quantize/append kernel; the prefill attends in full
-        precision (torch SDPA), a decode step hands back its own token, marked for the fused decode."""
-        if not first and key_states.shape[2] != 1:
-            raise ValueError(
-                f"the kvq kernel path decodes one token per step after the prefill, got {key_states.shape[2]}; "
-                "use KVQCache(..., kernels=False) for chunked or speculative decoding"
-            )
-        self.store.append(key_states, value_states)
-        if not first:
-            self.store.mark(key_states)
-        return key_states, value_states
-
-    def _queries(self, key_states: torch.Tensor, start: int) -> torch.Tensor | None:
-        """The step's post-RoPE queries ``[B, H_q, t, D]`` from the stashed q_proj output (tiered formats)."""
-        if self.query_rope is None:
-            return None
-        q, self.pending_queries = self.pending_queries, None
-        if q is None:
-            raise ValueError(f"{self.fmt.name} needs queries but the q_proj hook saw none (was remove_hooks() called?)")
-        b, t, _ = q.shape
-        d = key_states.shape[-1]
-        q = q.view(b, t, -1, d).transpose(1, 2)
-        return self.query_rope.apply(q, start)
-
-    def get_seq_length(self) -> int:
-        if self.store is not None:
-            return self.store.tokens
-        return 0 if self.layer is None else self.layer.tokens
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.store is not None:
-            return self.store.tokens + query_length, 0
-        if self.layer is None:  # the prefill attends to its own full-precision tokens
-            return query_length, 0
-        seen = self.layer.tokens + query_length
-        held = self.fmt.stored_tokens(seen)  # < seen only with eviction; evicted tokens precede the window
-        return held, seen - held
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.layer = None
-        self.store = None
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVQCache does not support beam search (it would reorder quantized history)")
-
-    def offload(self):
-        raise NotImplementedError("KVQCache does not support offloading")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the format stores for the tokens held (the kernel path preallocates more capacity:
-        `store.allocated_bytes`)."""
-        if self.store is not None:
-            s = self.store
-            return s.batch * self.fmt.bytes(s.tokens, s.kv_heads, s.head_dim)
-        return 0 if self.layer is None else self.layer.nbytes
+#: the same formats' layers for one row of a padded batch: (fmt, the batched layers) -> the row's layers.
+ROW_LAYERS = {"xquant": xquant_row, "minicache": minicache_row}
 
 
 class KVQCache(Cache):
@@ -261,8 +135,10 @@ class KVQCache(Cache):
         self._lead: list[int] = []  # leading padded positions of each row, from the latest mask
         self._positions = 0  # positions the latest mask covers
         self._hooks: list = []
-        if fmt.cache_input != "kv" or fmt.merge_depth_fraction:
-            super().__init__(layers=self._method_layers(fmt, model))
+        if fmt.layer in MODEL_LAYERS:
+            if model is None:
+                raise ValueError(f"{fmt.name} needs the model: pass model=... (its weights or its layer count)")
+            super().__init__(layers=MODEL_LAYERS[fmt.layer](self, fmt, model))
         elif model is not None:
             n = model.config.get_text_config(decoder=True).num_hidden_layers
             super().__init__(layers=[make(state.get(i)) for i in range(n)])
@@ -273,31 +149,11 @@ class KVQCache(Cache):
         if model is not None:
             self._hook_mask(model)
 
-    def _method_layers(self, fmt: KVFormat, model: torch.nn.Module | None) -> list:
-        """Layers of the methods that are not per-layer K/V streams: XQuant (X codes) and MiniCache (pairs)."""
-        if model is None:
-            raise ValueError(f"{fmt.name} needs the model: pass model=... (its weights or its layer count)")
-        if fmt.cache_input != "kv":
-            from .cache_xquant import attach_xquant  # imported here: cache_xquant builds on KVQLayer
-
-            return attach_xquant(self, fmt, model, _Rope(_find_rotary(model)))
-        from .cache_minicache import minicache_layers
-
-        return minicache_layers(fmt, model.config.get_text_config(decoder=True).num_hidden_layers)
-
     def _new_row(self) -> list[CacheLayerMixin]:
         """A fresh set of torch-path layers for one row of a padded batch, built like the batched ones but
         without hooks: `update` hands each row layer its slice of what the hooks stash on `self.layers`."""
-        fmt = self.fmt
-        if fmt.cache_input != "kv":
-            from .cache_xquant import XQuantLayer, _Accumulator
-
-            acc = _Accumulator()  # XQuant-CL's running reconstruction, one per row
-            return [XQuantLayer(fmt, lay.attn_ref(), lay.x_rope, lay.norm, acc) for lay in self.layers]
-        if fmt.merge_depth_fraction:
-            from .cache_minicache import minicache_layers
-
-            return minicache_layers(fmt, len(self.layers))
+        if self.fmt.layer in ROW_LAYERS:
+            return ROW_LAYERS[self.fmt.layer](self.fmt, self.layers)
         return [self._row_layer(self._state.get(i)) for i in range(len(self.layers))]
 
     def _hook_mask(self, model: torch.nn.Module) -> None:
@@ -499,7 +355,7 @@ def _use_kernels(kernels: bool | str, fmt: KVFormat, model: torch.nn.Module | No
         return False
     want = kernels is True
     try:
-        from kvq_kernels._launch import interpreting
+        from kvq_kernels import interpreting
         from kvq_kernels.hf_attention import enable, kivi_params
     except ImportError as e:  # kvq-kernels (or triton) not installed
         if want:

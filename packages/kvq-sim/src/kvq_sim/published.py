@@ -96,7 +96,7 @@ class Point:
         return self.measured_si
 
     @property
-    def klass(self) -> str:
+    def gpu_class(self) -> str:
         """GPU/parallelism class: the chip and the layout, e.g. "a100-80g tp4"."""
         layout = f"cp{self.cp}" if self.cp > 1 else f"pp{self.pp}" if self.pp > 1 else f"tp{self.tp}"
         return f"{NODE_CHIP.get(self.gpu, self.gpu)} {layout}"
@@ -104,6 +104,8 @@ class Point:
 
 @dataclass(frozen=True)
 class Result:
+    """A point and kvq-sim's prediction of it, or the reason kvq-sim cannot express it."""
+
     point: Point
     predicted: float | None  # same unit as point.measured; None when not expressible
     reason: str = ""  # why kvq-sim cannot express the point
@@ -158,17 +160,18 @@ class Report:
             "file": self.path,
             "overall": {s: self.overall(s).to_dict() for s in SPLITS},
             "by_source": table(lambda p: p.source),
-            "by_class": table(lambda p: p.klass),
+            "by_class": table(lambda p: p.gpu_class),
             "by_metric": table(lambda p: p.metric),
             "points": [
                 {
                     "point_id": r.point.point_id,
                     "source": r.point.source,
                     "split": r.point.split,
-                    "class": r.point.klass,
+                    "class": r.point.gpu_class,
                     "metric": r.point.metric,
                     "measured": r.point.measured,
                     "predicted": r.predicted,
+                    "unit": "bytes" if r.point.metric == "peak_memory" else "s",  # a throughput as its request time
                     "err_pct": None if r.predicted is None else round(r.err_pct, 2),
                     "not_expressible": r.reason or None,
                 }
@@ -313,7 +316,7 @@ def predict(p: Point) -> Result:
     if p.metric == "peak_memory":
         return Result(p, float(mb.total_bytes - mb.reserve_bytes))
     if not mb.fits:
-        need, have = (mb.total_bytes) / 2**30, mb.usable_bytes / 2**30
+        need, have = mb.total_bytes / 2**30, mb.usable_bytes / 2**30
         return Result(p, None, f"does not fit kvq-sim's memory model: {need:.1f} GiB per GPU, {have:.1f} GiB usable")
     if p.output_tokens == 1:  # the prefill produces the first (only) token
         prefill_s, decode_s = p.batch * prefill_seconds(dep, p.prompt_tokens), 0.0
@@ -368,7 +371,7 @@ def render(rep: Report) -> str:
         out.append(f"| {split} | {s.n} | {s.signed_pct:+.1f} | {s.mape_pct:.1f} |")
     out.append("")
     out += _table(rep, "source", lambda p: p.source)
-    out += _table(rep, "GPU / parallelism", lambda p: p.klass)
+    out += _table(rep, "GPU / parallelism", lambda p: p.gpu_class)
     out += _table(rep, "metric", lambda p: p.metric)
     out += ["Largest errors (positive: kvq-sim slower or larger than measured; throughput as ms per output token):", ""]
     for split in SPLITS:
@@ -379,7 +382,7 @@ def render(rep: Report) -> str:
         for r in rep.worst(split):
             p = r.point
             out.append(
-                f"| {p.point_id} | {p.source} | {p.klass} | {p.metric} | {_fmt(p, p.measured)} | "
+                f"| {p.point_id} | {p.source} | {p.gpu_class} | {p.metric} | {_fmt(p, p.measured)} | "
                 f"{_fmt(p, r.predicted)} | {r.err_pct:+.1f} |"
             )
         out.append("")
@@ -398,7 +401,7 @@ def over_thresholds(rep: Report, max_mape: float | None, max_class_bias: float |
     if max_mape is not None and not s.mape_pct <= max_mape:
         bad.append(f"held-out MAPE {s.mape_pct:.1f}% exceeds --max-mape {max_mape:g}%")
     if max_class_bias is not None:
-        for k, c in rep.stats("held_out", lambda p: p.klass).items():
+        for k, c in rep.stats("held_out", lambda p: p.gpu_class).items():
             if not abs(c.signed_pct) <= max_class_bias:
                 bad.append(f"held-out class {k}: signed mean error {c.signed_pct:+.1f}% beyond +-{max_class_bias:g}%")
     return bad

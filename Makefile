@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate quality
+.PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate quality docs
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -31,6 +31,10 @@ live-check: install
 # decode steps in benchmarks/ (each file's docstring gives its command).
 bench-sim: install
 	$(PYTHON) packages/kvq-sim/benchmarks/bench_speed.py
+
+# The generated sections of README.md, docs/ and the package READMEs (tests/test_readme.py checks them).
+docs: install
+	$(PYTHON) scripts/readme_sections.py
 
 # The committed example report and, beside it, the numbers its pages show (reports/llama-7b.json, which also
 # fills the generated section of docs/reports.md); kvq-sim's test_report_current.py fails when they are stale.

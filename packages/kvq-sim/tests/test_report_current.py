@@ -9,7 +9,8 @@ Why not compare PDF bytes alone: they depend on the matplotlib, numpy and font v
 and embedded font subsets change between matplotlib releases, and the title page names the versions), so a
 machine with other versions would fail on a current report. What is compared instead holds on any versions
 and is still exact: the data JSON (floats at 6 significant digits), the fingerprint in the PDF's Keywords
-(sha256 of that JSON and of every page's text, the title page's versions line left out) and the page count.
+(sha256 of that JSON and of every page's titles, labels, notes and legends; tick labels and the title
+page's versions line left out) and the page count.
 Where this machine's versions are those the committed PDF names in its Subject, the bytes must match too.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
+from matplotlib.axis import Tick
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
@@ -172,12 +173,14 @@ def _explain(fig: Figure, text: str, y: float = 0.8, gid: str | None = None) -> 
 
 
 def page_text(fig: Figure) -> list[str]:
-    """Every visible text of a drawn page, in artist order, except the environment line of the title page
-    (gid 'versions'): what the page says, for the report's fingerprint."""
+    """Every visible text of a page in artist order: titles, axis labels, notes, legends, annotations; not
+    tick labels (matplotlib's locators place them, differently in another release) nor the title page's
+    versions line (gid 'versions'). What the page says, for the report's fingerprint."""
+    ticks = {id(t) for tick in fig.findobj(Tick) for t in (tick.label1, tick.label2)}
     return [
         t.get_text()
         for t in fig.findobj(Text)
-        if t.get_visible() and t.get_text().strip() and t.get_gid() != "versions"
+        if t.get_visible() and t.get_text().strip() and t.get_gid() != "versions" and id(t) not in ticks
     ]
 
 

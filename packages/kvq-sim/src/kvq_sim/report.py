@@ -2,8 +2,8 @@
 
 Determinism: the PDF carries no creation date unless SOURCE_DATE_EPOCH is set (then that date), a fixed
 Producer, and no absolute paths, so the same inputs and versions give byte-identical files. Its `Keywords`
-hold a fingerprint: sha256 of the data JSON and of every page's text (the title page's versions line left
-out), which a test recomputes to tell whether the committed report is current on any matplotlib version;
+hold a fingerprint: sha256 of the data JSON and of every page's text (`figures.page_text`: no tick labels,
+no versions line), which a test recomputes to tell whether the committed report is current on any matplotlib version;
 its `Subject` names the versions that drew it. `python -m kvq_sim.report ... --png DIR` writes the pages
 as PNG for review (no poppler needed).
 """

@@ -295,7 +295,11 @@ def _calibrate_multigpu(gpu: str, csv_path: str, other, dry_run: bool) -> None:
     help="with --published: exit 1 when a held-out GPU/parallelism class's signed mean error is beyond +-this (%)",
 )
 def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_class_bias) -> None:
-    """Predict every held-out measured point; exit 1 when a threshold of kvq_sim.validate is exceeded."""
+    """Predict every held-out measured point; exit 1 when a threshold of kvq_sim.validate is exceeded.
+
+    With --published: predict published measurements of other serving systems (kvq_sim.published); exit 1
+    only when --max-mape or --max-class-bias is given and exceeded.
+    """
     from . import validate as val
     from .calibrate import check_device
     from .hardware import load_hardware

@@ -34,7 +34,7 @@ UNITS: dict[str, dict[str, float]] = {
     "first_token_latency": {"ms": 1e-3, "s": 1.0},
     "request_latency": {"ms": 1e-3, "s": 1.0},
     "decode_step_latency": {"us": 1e-6, "ms": 1e-3, "s": 1.0},
-    "peak_memory": {"GB": 1e9, "GiB": 2**30, "MiB": 2**20},
+    "peak_memory": {"GB": 1e9, "GiB": 2**30, "MB": 1e6, "MiB": 2**20},
 }
 
 #: weight_precision -> how kvq-sim stores the linear weights (embeddings and LM head stay 16-bit)
@@ -43,7 +43,10 @@ WEIGHTS: dict[str, WeightScheme] = {
     "bf16": WEIGHT_SCHEMES[16],
     "fp8": WeightScheme("fp8, one scale per tensor", 8),
     "int8-channel": WEIGHT_SCHEMES[8],
+    "fp8-channel": WeightScheme("fp8, fp32 scale per row (fbgemm)", 8, channel_scale_bytes=4),
     "int4-g32": WeightScheme("int4, group 32 bf16 scale + zero (gpt-fast)", 4, 32, 2, 2),
+    "int4-g128": WEIGHT_SCHEMES[4],
+    "int4-g128-awq": WeightScheme("int4, group 128 fp16 scale + packed int4 zero (AWQ)", 4, 128, 2, 0.5),
     "nf4-b64": WeightScheme("nf4, fp32 absmax per 64 (bitsandbytes)", 4, 64, 4),
     # double quantization: int8 absmax per 64 plus one fp32 scale per 256 absmax blocks
     "nf4-b64-dq": WeightScheme("nf4, int8 absmax per 64 + fp32 per 256 blocks (bitsandbytes)", 4, 64, 1 + 4 / 256),

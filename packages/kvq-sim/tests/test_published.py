@@ -19,7 +19,7 @@ BEGIN, END = "<!-- BEGIN kvq-sim validate --published -->", "<!-- END kvq-sim va
 # The current model on the committed file (targets: held-out MAPE <= 12%, every class within +-8%). A change of
 # the cost model that moves these is a change of what users are told: update them, the README block and say why.
 HELD_OUT = {"n": 78, "signed_pct": -22.9, "mape_pct": 27.3}
-CALIBRATION = {"n": 63, "signed_pct": -36.8, "mape_pct": 38.9}
+CALIBRATION = {"n": 78, "signed_pct": -40.1, "mape_pct": 41.8}
 MARGIN_PCT = 0.5  # percentage points
 
 
@@ -34,9 +34,11 @@ def test_held_out_and_calibration_errors_are_the_recorded_ones(report):
         assert s.n == want["n"], split
         assert abs(s.signed_pct - want["signed_pct"]) <= MARGIN_PCT, (split, s)
         assert abs(s.mape_pct - want["mape_pct"]) <= MARGIN_PCT, (split, s)
-    # batch 64 x (128 + 2048) tokens of Llama-2 7B / 13B on one A100: LMDeploy kept fewer sequences resident
-    assert sorted(r.point.point_id for r in report.unexpressible) == ["lmdeploy-13b-step-5", "lmdeploy-7b-step-5"]
-    assert all("does not fit" in r.reason for r in report.unexpressible)
+    # batch 64 x (128 + 2048) tokens of Llama-2 7B / 13B on one A100 (LMDeploy kept fewer sequences resident),
+    # and a 70B run split over 2 GPUs by layers
+    reasons = {r.point.point_id: r.reason for r in report.unexpressible}
+    assert sorted(reasons) == ["hfqb-a100-bf16-70b-pp2-step", "lmdeploy-13b-step-5", "lmdeploy-7b-step-5"]
+    assert "does not fit" in reasons["lmdeploy-7b-step-5"] and "pipeline" in reasons["hfqb-a100-bf16-70b-pp2-step"]
 
 
 def test_split_is_by_source_and_about_half(report):

@@ -1,4 +1,4 @@
-"""Issue-8 methods in kvq's transformers Cache on a tiny random Llama (GQA 4/2 heads): generate, bytes, queries."""
+"""MILLION, RotateKV, GEAR, token tiers and the other per-layer methods in kvq's transformers Cache on a tiny random Llama (GQA 4/2 heads): generate, bytes, queries."""
 
 import pytest
 import torch

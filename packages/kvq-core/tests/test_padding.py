@@ -249,8 +249,8 @@ def test_calibration_sees_only_real_tokens(tiny, ids):
             torch.testing.assert_close(layer[j][:1, :, PAD:], alone_a[j], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(layer[j][1:], alone_b[j], atol=1e-5, rtol=1e-5)
         # dLoss/dK, dLoss/dV: each row's alone, scaled by its share of the predicted tokens; fp32 rounding
-        # of a backward pass through another batch shape, relative to the largest gradient (measured 3e-3
-        # when the first token's prediction from a padded position was counted in the loss)
+        # of a backward pass through another batch shape, relative to the largest gradient (counting the
+        # first token's prediction from a padded position in the loss would give 3e-3)
         for j in (2, 3):
             for got, alone, n in ((layer[j][:1, :, PAD:], alone_a[j], n_a), (layer[j][1:], alone_b[j], n_b)):
                 want = alone * n / (n_a + n_b)

@@ -23,8 +23,8 @@ class AffineCodec(Codec):
     # SKVQ tunes the factor per model; 0.91-0.97 is the authors' experience on LLaMA/Mistral-7B at
     # group 128, i.e. 32 groups over 4096 channels. On small models a group spans a large share of
     # the channels (SmolLM2-135M: 192 K/V channels per token, groups 128 + 64) and the error-optimal
-    # factor at 2 and 1.5 bits is far lower (measured 0.5-0.65 on every layer); a grid that stopped at
-    # 0.91 always returned its edge, 0.91, and left skvq-k2v1.5 at decode perplexity 98.9 (fp16 11.7).
+    # factor at 2 and 1.5 bits is far lower (measured 0.5-0.65 on every layer); a grid ending at 0.91
+    # returns its edge, 0.91, on every layer and leaves skvq-k2v1.5 at decode perplexity 98.9 (fp16 11.7).
     CLIP_GRID = (1.0, 0.97, 0.95, 0.93, 0.91, *(round(0.9 - 0.05 * i, 2) for i in range(13)))  # 1.0 .. 0.3
 
     def __init__(self, fmt: StreamFormat, head_dim: int):

@@ -348,6 +348,10 @@ class StreamFormat:
                 raise ValueError("absmean codes are per-channel uniform formats with groups (VidKV)")
             if self.bits not in (1, TERNARY) or not self.symmetric:
                 raise ValueError("absmean codes are symmetric 1-bit or ternary (1.5)")
+        if self.rotation is not None and (self.axis != "token" or self.groups_span_heads or not self.reorder_channels):
+            raise ValueError(
+                "a rotation runs after the channel reorder on per-token rows per head: needs reorder_channels"
+            )
         if self.shrink is not None and (self.bits != 16 or self.axis != "token"):
             raise ValueError("channel shrinking stores fp16 (bits=16) per-token latents")
         if self.lowrank is not None and not (self.flush == "block" and self.residual_tokens):

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .deployment import Deployment, resolve_method
+from .deployment import Deployment, deployment
 from .errors import SimInputError
 from .hardware import GIB, Hardware, load_hardware
-from .latency import StepTime, attention_seconds, decode_step, decode_terms, prefill_seconds, remat_flops_per_token
+from .latency import (
+    StepTime,
+    attention_family,
+    attention_seconds,
+    decode_step,
+    decode_terms,
+    layout,
+    prefill_seconds,
+    remat_flops_per_token,
+)
 from .memory import MemoryBreakdown, memory
 from .models import ModelShape, load_model
 from .planner import MAX_BATCH, MAX_CONTEXT_TOKENS, check_weights_fit, max_batch, max_context
-from .recipes import WeightScheme, get_recipe
+from .recipes import get_recipe
 
 #: contexts at which the plan reports max batch (4K, 32K, 128K tokens)
 PROBE_CONTEXTS = (4096, 32768, 131072)
@@ -121,40 +130,6 @@ class PlanResult:
         return d
 
 
-def deployment(
-    model: str | ModelShape,
-    gpu: str | Hardware,
-    bits: str | float | None = None,
-    method: str | None = None,
-    weight_bits: int = 16,
-    gpus: int | None = None,
-    parallel: str = "tp",
-    *,
-    weight_scheme: WeightScheme | None = None,
-    activation_bits: int = 16,
-    shared_prefix_tokens: int = 0,
-    prefix_reads: str = "per-sequence",
-) -> Deployment:
-    """Build a validated Deployment from names (or loaded configs) as the CLI takes them."""
-    shape = model if isinstance(model, ModelShape) else load_model(model)
-    hw = gpu if isinstance(gpu, Hardware) else load_hardware(gpu)
-    name, kv, fmt = resolve_method(method, bits)
-    return Deployment(
-        shape,
-        hw,
-        name,
-        kv,
-        fmt,
-        weight_bits,
-        hw.gpus if gpus is None else gpus,
-        parallel,
-        weight_scheme=weight_scheme,
-        activation_bits=activation_bits,
-        shared_prefix_tokens=shared_prefix_tokens,
-        prefix_reads=prefix_reads,
-    )
-
-
 def _check_range(label: str, value: int | None, upper: int) -> None:
     if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= upper):
         raise SimInputError(f"{label} must be an integer in 1..{upper:,}, got {value!r}")
@@ -197,8 +172,6 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
 def term_sources(dep: Deployment) -> dict[str, str]:
     """Where each decode-step term's efficiency comes from: measured on this GPU, transferred from a measured
     one (docs/validation.md's rules), or a prior; a KV method without a kvq kernel says so."""
-    from .latency import attention_family
-
     cal, hw = dep.hardware.calibration, dep.hardware
     origin = {"calibrated": f"measured on {hw.name}", "uncalibrated priors": "prior (not measured)"}.get(
         cal.status, f"{cal.status} (not measured on {hw.name})"
@@ -228,8 +201,6 @@ def term_sources(dep: Deployment) -> dict[str, str]:
 
 def _collectives_note(dep: Deployment) -> str:
     """Where the collective costs of a multi-GPU plan come from: a measured fit of this layout, or the priors."""
-    from .latency import layout
-
     hw, name = dep.hardware, layout(dep)
     f = hw.collective(name)
     if f is None:

@@ -10,8 +10,8 @@ from typing import Literal
 from kvq_core.formats import DEFAULT_METHOD_FOR_BITS, METHODS, KVFormat, bits_label, get_format, parse_bits
 
 from .errors import SimInputError
-from .hardware import Hardware
-from .models import ModelShape
+from .hardware import Hardware, load_hardware
+from .models import ModelShape, load_model
 from .recipes import ACTIVATION_BITS, WEIGHT_SCHEMES, WeightScheme
 
 ParallelMode = Literal["tp", "cp"]
@@ -160,12 +160,41 @@ class Deployment:
     def bits_label(self) -> str:
         return bits_label(self.kv_bits)
 
-    @cached_property
-    def capacity_bytes(self) -> int:
-        """Bytes per GPU for weights, KV and activations: usable memory minus the context/workspace reserve."""
-        return self.hardware.usable_memory_bytes - self.hardware.reserve_bytes
-
     def with_method(self, method: str, bits: str | float | None = None) -> Deployment:
         """The same deployment with another KV method (used for the fp16 baseline)."""
         name, kv, fmt = resolve_method(method, bits)
         return replace(self, method=name, kv_bits=kv, kv_format=fmt)
+
+
+def deployment(
+    model: str | ModelShape,
+    gpu: str | Hardware,
+    bits: str | float | None = None,
+    method: str | None = None,
+    weight_bits: int = 16,
+    gpus: int | None = None,
+    parallel: str = "tp",
+    *,
+    weight_scheme: WeightScheme | None = None,
+    activation_bits: int = 16,
+    shared_prefix_tokens: int = 0,
+    prefix_reads: str = "per-sequence",
+) -> Deployment:
+    """Build a validated Deployment from names (or loaded configs) as the CLI takes them."""
+    shape = model if isinstance(model, ModelShape) else load_model(model)
+    hw = gpu if isinstance(gpu, Hardware) else load_hardware(gpu)
+    name, kv, fmt = resolve_method(method, bits)
+    return Deployment(
+        shape,
+        hw,
+        name,
+        kv,
+        fmt,
+        weight_bits,
+        hw.gpus if gpus is None else gpus,
+        parallel,
+        weight_scheme=weight_scheme,
+        activation_bits=activation_bits,
+        shared_prefix_tokens=shared_prefix_tokens,
+        prefix_reads=prefix_reads,
+    )

@@ -2,11 +2,12 @@
 
 Each operator takes max(bytes / (bandwidth * efficiency), flops / (peak * efficiency)); the step adds a
 launch overhead per kernel and the tensor-parallel all-reduces or context-parallel combines. The
-efficiencies and overheads come from the hardware YAML's `calibration:` section. A quantized KV cache
-is assumed to be read by a fused dequantize + attention kernel: it wins only by reading fewer bytes
-(REFERENCES.md section 5: fp16 decode already runs at 80-100% of bandwidth). When `kvq-sim calibrate`
-has fitted the kvq kernel family of the deployment's format (`calibration.attention_kernels`), attention
-takes that family's measured model instead (`attention_kernel_us`: overhead + max(bandwidth, unpack)).
+efficiencies and overheads come from the hardware YAML's `calibration:` priors and the fit file it names.
+A quantized KV cache is assumed to be read by a fused dequantize + attention kernel: it wins only by
+reading fewer bytes (docs/references.md §5: fp16 decode already runs at 80-100% of bandwidth). When
+`kvq-sim calibrate` has fitted the kvq kernel family of the deployment's format
+(`calibration.attention_kernels`), attention takes that family's measured model instead
+(`attention_kernel_us`: overhead + max(bandwidth, unpack)).
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ LARGE_ROUND_BYTES = 2 * MIB
 SMALL_ROUND_BYTES = 512
 # Split-KV decode writes partial (output, max, sum) per 512-token partition (vLLM paged attention v2).
 SPLIT_KV_PARTITION_TOKENS = 512
-# 4-bit weights: groups of 128 input channels with an fp16 scale and an fp16 zero (GPTQ/AWQ default).
-WEIGHT_GROUP_SIZE = 128
 # The per-sequence fields of a ByteBreakdown, each one tensor per stream per layer ([batch, ...]).
 KV_FIELDS = tuple(f.name for f in fields(ByteBreakdown) if f.name != "shared")
 
@@ -95,10 +93,6 @@ class MemoryBreakdown:
             + self.allocator_rounding_bytes
             + self.reserve_bytes
         )
-
-    @property
-    def free_bytes(self) -> int:
-        return self.usable_bytes - self.total_bytes
 
     @property
     def fits(self) -> bool:

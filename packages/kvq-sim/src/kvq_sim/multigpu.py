@@ -18,10 +18,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from .configs import read_yaml
+from .deployment import Deployment, deployment
 from .errors import SimInputError
+from .files import check_destination, replacing
+from .fitting import nnls
 from .hardware import CollectiveFit, Hardware
+from .latency import attention_seconds, collective_terms, decode_terms, eager_step_us
 from .measurements import is_training
+from .memory import weight_bytes
 
 #: kv column of the benchmark -> (kvq-sim method, bits)
 KV_METHODS = {"fp16": ("fp16", "16"), "kivi4": ("kivi", "4"), "kivi2": ("kivi", "2")}
@@ -95,9 +102,7 @@ def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], 
     return points, {"file": str(path), "device": devices.pop(), "commit": ",".join(sorted(commits)), "date": max(dates)}
 
 
-def _deployment(hw: Hardware, p: StepPoint):
-    from .api import deployment
-
+def _deployment(hw: Hardware, p: StepPoint) -> Deployment:
     method, bits = KV_METHODS[p.kv]
     return deployment(p.model, hw, bits=bits, method=method, gpus=p.gpus, parallel=p.parallel)
 
@@ -109,9 +114,6 @@ def terms(hw: Hardware, p: StepPoint) -> tuple[float, float, float]:
     eager kernels captured in a CUDA graph, so it is costed by `eager_step_us` with each GPU's share: the
     weights it holds (no embedding table: the benchmark reads none) and attention over its heads (TP) or its
     slice of the context (CP), from the fitted kernel families."""
-    from .latency import attention_seconds, collective_terms, decode_terms, eager_step_us
-    from .memory import weight_bytes
-
     dep = _deployment(replace(hw, collectives=()), p)
     m = dep.model
     embedding = 0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size * 2
@@ -134,8 +136,6 @@ def predict(hw: Hardware, p: StepPoint) -> float:
 
 def _solve(rows: np.ndarray, t: np.ndarray, free_scale: bool) -> np.ndarray:
     """(scale, latency us per call, us per byte) minimising the relative error, all >= 0; scale 1 unless free."""
-    from .calibrate import nnls
-
     if free_scale:
         return nnls(rows / t[:, None], np.ones_like(t))
     x = nnls(rows[:, 1:] / t[:, None], (t - rows[:, 0]) / t)
@@ -219,8 +219,6 @@ def held_out_errors(prior: Hardware, fitted: Hardware, points: list[StepPoint]) 
 
 def fit_file_path(hw_yaml: Path) -> tuple[Path, bool]:
     """(where the node's collective fit is written, whether its YAML already names that file)."""
-    from .configs import read_yaml
-
     ref = read_yaml(hw_yaml).get("collectives_fit")
     if isinstance(ref, str) and ref:
         return hw_yaml.parent / ref, True
@@ -247,10 +245,6 @@ def fit_document(fits: tuple[CollectiveFit, ...], prov: dict) -> dict:
 
 def write_fit(path: Path, doc: dict) -> bool:
     """Write the fit file atomically (the previous one kept as .bak); False when the bytes are unchanged."""
-    import yaml
-
-    from .files import check_destination, replacing
-
     check_destination(path, "collective fit")
     before = path.read_bytes() if path.is_file() else None
     text = "# Measured collective costs per layout: written by `kvq-sim calibrate --multigpu`; do not edit.\n"

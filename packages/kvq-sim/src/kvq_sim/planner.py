@@ -55,7 +55,3 @@ def max_batch(dep: Deployment, context: int) -> int | None:
     """Largest number of `context`-token sequences that fit at once; None = more than MAX_BATCH."""
     return _largest(lambda b: fits(dep, b, context), MAX_BATCH)
 
-
-def max_batch_for_workload(dep: Deployment, prompt: int, generated: int) -> int | None:
-    """Largest batch that can hold `prompt` + `generated` tokens each (the peak is at the last token)."""
-    return max_batch(dep, prompt + generated)

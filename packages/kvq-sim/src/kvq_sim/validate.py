@@ -1,6 +1,6 @@
 """Predict every held-out measured point with the calibrated GPU file and check the agreement thresholds.
 
-Thresholds are those of issue 6; a failed threshold prints by how much and makes `kvq-sim validate` exit 1.
+Thresholds are the constants below; a failed threshold prints by how much and makes `kvq-sim validate` exit 1.
 Latency is checked on held-out points only (measurements.split); memory has no fitted parameter, so every
 e2e point checks it.
 """

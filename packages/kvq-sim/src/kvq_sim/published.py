@@ -265,7 +265,8 @@ def load(path: str | Path = DEFAULT_CSV) -> list[Point]:
         raise SimInputError(f"{where}: missing columns {', '.join(missing)}")
     models, gpus = model_names(), hardware_names()
     points, ids, split_of = [], set(), {}
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num  # the row's last physical line (a quoted field may span lines)
         if None in row or any(v is None for v in row.values()):
             raise SimInputError(f"{where}:{line}: expected {len(reader.fieldnames)} fields")
         p = parse_row(row, line, where, models, gpus)

@@ -92,3 +92,12 @@ def test_multigpu_decode_columns_equal_the_committed_csv():
     import multigpu_decode
 
     assert list(multigpu_decode.CSV_FIELDS) == header("multigpu_decode_h100.csv")
+
+
+def test_weight_gemv_shapes_are_the_committed_ones():
+    sys.path.insert(0, str(ROOT / "packages" / "kvq-kernels" / "benchmarks"))
+    import weight_gemv
+
+    with open(MEASUREMENTS / "weight_gemv_h100.csv", newline="") as f:
+        committed = {r["proj"]: (int(r["n"]), int(r["k"])) for r in csv.DictReader(f)}
+    assert weight_gemv.projection_shapes(weight_gemv.MODEL) == committed

@@ -7,12 +7,12 @@ kernels are the ones torch itself ships and gpt-fast-style decoders call:
   int8   torch._weight_int8pack_mm(x, W_int8, scales)      per-output-channel scales
   int8-compile  torch.compile of F.linear(x, W_int8.to(bf16)) * scales (gpt-fast's int8 path)
   int4   torch._weight_int4pack_mm(x, W_packed, 128, sz)    tinygemm layout, bf16, group 128
-Shapes are LLaMA-7B's four projections (qkv 12288x4096, o 4096x4096, gate+up 22016x4096, down 4096x11008) at
-1, 8 and 64 tokens. Each point replays a CUDA graph over enough weight copies that no read hits the 50 MB L2,
+Shapes are LLaMA-7B's four projections (configs/models/llama-7b.yaml through kvq_sim: qkv 12288x4096,
+o 4096x4096, gate+up 22016x4096, down 4096x11008) at 1, 8 and 64 tokens. Each point replays a CUDA graph over enough weight copies that no read hits the 50 MB L2,
 with L2 flushed by reading 256 MB between replays (kvq_kernels.benchmarking.time_rotation). Correctness first: every
 format against an fp32 matmul of its own dequantized weight.
 
-    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src \\
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src:packages/kvq-sim/src \\
         python packages/kvq-kernels/benchmarks/weight_gemv.py --out $OUT
 """
 
@@ -28,10 +28,19 @@ import torch.nn.functional as F
 
 from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import hbm_read_tb_s, time_rotation
+from kvq_sim.models import load_model
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
+MODEL = "llama-7b"
 TOKENS = (1, 8, 64)
 INT4_GROUP = 128
+
+
+def projection_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of a decoder layer's four weight GEMVs, fused as a decode step runs them: QKV, O, gate + up, down."""
+    m = load_model(model)
+    h = m.hidden_size
+    return {"qkv": (m.q_size + 2 * m.kv_size, h), "o": (h, m.q_size), "gate_up": (2 * m.intermediate_size, h),
+            "down": (h, m.intermediate_size)}  # fmt: skip
 
 
 def _int8(n: int, k: int):
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
     print(f"streaming read ceiling {read_tb_s:.3f} TB/s on {prov['device']}")
     rows, failed = [], []
     for fmt in args.formats.split(","):
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in projection_shapes(MODEL).items():
             for m in TOKENS:
                 try:
                     weights, deq, wbytes, dtype = _make(fmt, n, k)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MEASURED = ROOT / "reports" / "measurements"
 SIM = "kvq_sim.cli"
 GPU = "h100-80g"
+FIT = f"configs/hardware/fits/{GPU}-calibration.yaml"  # what calibrate writes (the GPU file names it)
 K = "reports/measurements/kernel_decode_h100.csv"  # copies in tmp_path, at the paths the H100 file cites
 E = "reports/measurements/e2e_decode_h100.csv"
 CAL = ["calibrate", "--gpu", GPU, "--measurements"]
@@ -282,7 +283,7 @@ def test_unfittable_kernel_csv_is_not_written(cli, world, edit, message):
     before = cli.snapshot(_protected(world))
     r = cli.run(SIM, [*CAL, "bad.csv"], cwd=world, env=_env(world))
     cli.fails(r, message, before=before, code=2)
-    assert not (world / "configs" / "hardware" / f"{GPU}.yaml.bak").exists()
+    assert not (world / f"{FIT}.bak").exists()
 
 
 # --- e2e CSV: (id, edit, message regex); each runs through calibrate and validate ------------------------------------
@@ -404,11 +405,11 @@ def test_bad_calibrate_arguments(cli, world, args, message):
 
 
 def test_calibrate_backup_name_taken_by_a_directory(cli, world):
-    (world / "configs" / "hardware" / f"{GPU}.yaml.bak").mkdir()
+    (world / f"{FIT}.bak").mkdir()
     before = cli.snapshot(_protected(world))
     r = cli.run(SIM, [*CAL, K, "--e2e", E, "--accept-worse-fit"], cwd=world, env=_env(world))
     cli.fails(
-        r, r"GPU file .*h100-80g\.yaml: its backup .*h100-80g\.yaml\.bak exists and is not a regular file", before, 2
+        r, r"calibration fit .*-calibration\.yaml: its backup .*\.bak exists and is not a regular file", before, 2
     )
 
 
@@ -447,11 +448,11 @@ def test_report_with_a_non_utf8_measurement_leaves_no_pdf(cli, world):
 
 
 def test_committed_measurements_calibrate_unchanged_and_validate(cli, world):
-    yaml = world / "configs" / "hardware" / f"{GPU}.yaml"
+    yaml = world / FIT
     before = cli.snapshot(_protected(world))
     r = cli.run(SIM, [*CAL, K, "--e2e", E], cwd=world, env=_env(world))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "configs/hardware/h100-80g.yaml already holds this calibration; not rewritten"
+    assert r.stdout.splitlines()[-1] == f"{FIT} already holds this calibration; not rewritten"
     r = cli.run(SIM, [*VAL, K, "--e2e", E], cwd=world, env=_env(world))
     assert r.returncode == 0, r.stderr
     assert "PASS kernel: 162 held-out points" in r.stdout
@@ -460,23 +461,21 @@ def test_committed_measurements_calibrate_unchanged_and_validate(cli, world):
 
 
 def test_calibrate_replaces_atomically_and_keeps_the_old_file(cli, world):
-    yaml = world / "configs" / "hardware" / f"{GPU}.yaml"
+    yaml = world / FIT
     old = yaml.read_bytes()
     shutil.copy(MEASURED / "kernel_decode_h100_repeat.csv", world / "repeat.csv")
     r = cli.run(SIM, [*CAL, "repeat.csv"], cwd=world, env=_env(world))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == (
-        "wrote calibration to configs/hardware/h100-80g.yaml (previous version: configs/hardware/h100-80g.yaml.bak)"
-    )
+    assert r.stdout.splitlines()[-1] == f"wrote calibration to {FIT} (previous version: {FIT}.bak)"
     assert yaml.read_bytes() != old
-    assert 'file: "repeat.csv"' in yaml.read_text()
+    assert "file: repeat.csv" in yaml.read_text()
     assert yaml.with_name(yaml.name + ".bak").read_bytes() == old
     assert sorted(p.name for p in yaml.parent.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_flags_allow_what_is_refused_without_them(cli, world):
     hw = world / "configs" / "hardware"
-    measured = (hw / f"{GPU}.yaml").read_bytes()
+    measured = (world / FIT).read_bytes()
     shutil.copy(hw / f"{GPU}.yaml", hw / "h100-twin.yaml")  # another measured GPU to transfer from
     r = cli.run(
         SIM,
@@ -485,12 +484,12 @@ def test_flags_allow_what_is_refused_without_them(cli, world):
         env=_env(world),
     )
     assert r.returncode == 0, r.stderr
-    assert "transferred_from: h100-twin" in (hw / f"{GPU}.yaml").read_text()
-    assert (hw / f"{GPU}.yaml.bak").read_bytes() == measured
+    assert "transferred_from: h100-twin" in (world / FIT).read_text()
+    assert (world / f"{FIT}.bak").read_bytes() == measured
     _write_bad(world, K, scale_family("kvq_fp16", (0.6, 1.4, 1.0)))
     r = cli.run(SIM, [*CAL, "bad.csv", "--accept-worse-fit"], cwd=world, env=_env(world))
     assert r.returncode == 0, r.stderr
-    assert "calibrated: true" in (hw / f"{GPU}.yaml").read_text()
+    assert "calibrated: true" in (world / FIT).read_text()
 
 
 def test_dry_run_writes_nothing_and_warns_of_a_worse_fit(cli, world):

@@ -4,15 +4,17 @@ heuristic on cases worked by hand, the wave-tail factor, and the YAML fields tha
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from kvq_core import splits
 from kvq_sim import grids
+from kvq_sim.configs import CONFIG_DIR
 from kvq_sim.errors import SimInputError
 from kvq_sim.grids import flash_split_count, launch, wave_factor
-from kvq_sim.hardware import load_hardware, parse_hardware
+from kvq_sim.hardware import calibration_fit_path, load_hardware, read_calibration_fit
 
 
 def test_kvq_grid_and_the_kernels_run_one_split_rule():
@@ -57,19 +59,21 @@ def test_launch_and_wave_factor():
     assert math.isclose(wave_factor(1, 132, 1), 132.0)
 
 
-def _h100_with(family_fields: dict) -> dict:
-    data = yaml.safe_load(open(load_hardware("h100-80g").source_file))
-    fam = next(iter(data["calibration"]["attention_kernels"]))
-    data["calibration"]["attention_kernels"][fam].update(family_fields)
-    return data
+def _h100_fit_with(tmp_path, family_fields: dict, drop: str = "") -> Path:
+    """The H100's fit file with the first kernel family's fields changed, written to tmp_path."""
+    fit = read_calibration_fit(calibration_fit_path(CONFIG_DIR / "hardware" / "h100-80g.yaml"))
+    family = next(iter(fit["attention_kernels"].values()))
+    family.update(family_fields)
+    family.pop(drop, None)
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(fit))
+    return path
 
 
-def test_yaml_grid_fields_are_checked():
-    with pytest.raises(SimInputError, match=r"grid"):
-        parse_hardware(_h100_with({"grid": "bogus"}), "x.yaml", "x")
-    with pytest.raises(SimInputError, match=r"block_tokens"):
-        d = _h100_with({"grid": "kvq"})
-        next(iter(d["calibration"]["attention_kernels"].values())).pop("block_tokens", None)
-        parse_hardware(d, "x.yaml", "x")
-    with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency"):
-        parse_hardware(_h100_with({"nosplit_bandwidth_efficiency": 1.5}), "x.yaml", "x")
+def test_yaml_grid_fields_are_checked(tmp_path):
+    with pytest.raises(SimInputError, match=r"'calibration.attention_kernels.kvq_fp16.grid' must be one of"):
+        load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"grid": "bogus"}))
+    with pytest.raises(SimInputError, match=r"missing field 'calibration.attention_kernels.kvq_fp16.block_tokens'"):
+        load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"grid": "kvq"}, drop="block_tokens"))
+    with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency' must be a number"):
+        load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"nosplit_bandwidth_efficiency": 1.5}))

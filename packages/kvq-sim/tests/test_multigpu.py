@@ -133,7 +133,7 @@ def test_calibrate_then_validate_through_the_cli(tmp_path):
 
     cfg = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, cfg)
-    shutil.rmtree(cfg / "hardware" / "fits")  # start from a node without a fit
+    (cfg / "hardware" / "fits" / f"{NODE}-collectives.yaml").unlink()  # start from a node without a fit
     node = cfg / "hardware" / f"{NODE}.yaml"
     node.write_text("".join(ln for ln in node.read_text().splitlines(True) if not ln.startswith("collectives_fit")))
     hw = load_hardware(NODE)

@@ -6,13 +6,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from kvq_sim import calibrate as cal
 from kvq_sim.cli import main
 from kvq_sim.configs import CONFIG_DIR
 from kvq_sim.errors import SimInputError
-from kvq_sim.hardware import load_hardware
+from kvq_sim.files import backup_path
+from kvq_sim.fitting import nnls
+from kvq_sim.hardware import calibration_fit_path, load_hardware, transferred
 from kvq_sim.latency import attention_kernel_us, decode_step, grid_terms
 from kvq_sim.measurements import KernelPoint, is_training, read_kernel_csv, split
 
@@ -111,7 +114,7 @@ def test_nnls_never_returns_a_negative_coefficient():
     import numpy as np
 
     a = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
-    x = cal.nnls(a, np.array([3.0, 2.0, 1.0]))  # unconstrained slope would be -1
+    x = nnls(a, np.array([3.0, 2.0, 1.0]))  # unconstrained slope would be -1
     assert (x >= 0).all() and x[1] == 0 and x[0] == pytest.approx(2.0)
 
 
@@ -162,7 +165,7 @@ def test_decode_step_attention_comes_from_the_fitted_family():
 
 def test_transfer_scales_per_element_costs_by_sms_times_clock():
     h100, a100 = load_hardware("h100-80g"), load_hardware("a100-80g")
-    t = cal.transferred(h100, a100)
+    t = transferred(h100, a100)
     assert not t.calibrated and "transferred from h100-80g" in t.source
     for k in h100.calibration.attention_kernels:
         moved = t.kernel(k.family)
@@ -170,22 +173,26 @@ def test_transfer_scales_per_element_costs_by_sms_times_clock():
         assert moved.unpack_ps_per_kv_element == pytest.approx(k.unpack_ps_per_kv_element * 132 * 1980 / (108 * 1410))
 
 
-def test_written_section_round_trips_and_keeps_the_header(tmp_path):
-    src = CONFIG_DIR / "hardware" / "h100-80g.yaml"
-    text = src.read_text()
-    out = cal.replace_calibration(text, "calibration:\n  calibrated: false\n")
-    assert out.startswith(text[: text.index("calibration:")]) and out.endswith("calibration:\n  calibrated: false\n")
-    copy = tmp_path / "h100-copy.yaml"
-    shutil.copy(src, copy)
-    hw = load_hardware(str(copy))
+def test_fit_file_is_yaml_the_loader_reads_back(tmp_path):
+    """A fit file is written by a YAML library: provenance that looks like a number or holds a quote stays
+    text, and the GPU file loads with it as the fitted values to 4 significant digits."""
+    hw = load_hardware("h100-80g")
     kpts, kprov = read_kernel_csv(KERNEL_CSV, H100)
-    section = cal.calibration_yaml(hw, cal.calibrate(hw, kpts, None), kprov, None)
-    copy.write_text(cal.replace_calibration(copy.read_text(), section))
-    again = load_hardware(str(copy))  # the loader accepts what calibrate wrote, values to 4 digits
+    odd = replace(kprov, path='my "sweep": 2.csv', commit="1234567")
+    text = cal.calibration_yaml(hw, cal.calibrate(hw, kpts, None), odd, None)
+    doc = yaml.safe_load(text)
+    assert doc["measurements"] == {"kernel": {"file": 'my "sweep": 2.csv', "commit": "1234567", "date": kprov.date}}
+    assert doc["calibrated"] is True and "e2e_fit" not in doc
+    fit = tmp_path / "fit.yaml"
+    fit.write_text(text)
+    again = load_hardware("h100-80g", calibration_fit=fit)
+    assert again.calibration.source == doc["source"] and not again.calibration.e2e_measured
     for a, b in zip(again.calibration.attention_kernels, hw.calibration.attention_kernels, strict=True):
         assert (a.family, a.bound) == (b.family, b.bound)
         assert a.overhead_us == pytest.approx(b.overhead_us, rel=1e-3)
         assert a.unpack_ps_per_kv_element == pytest.approx(b.unpack_ps_per_kv_element, rel=1e-3)
+    # fields the fit does not set are the GPU file's priors
+    assert again.calibration.tensor_core_efficiency == hw.calibration.tensor_core_efficiency == 0.69
 
 
 # --- bad input: one line on stderr, exit 2 ----------------------------------------------------------
@@ -262,30 +269,64 @@ def test_transferred_calibrations_are_named_as_such():
 
 
 def _h100_copy(tmp_path) -> Path:
+    """The H100's GPU file as tmp_path/h100-copy.yaml, with the fit file it names at the same relative path."""
+    src = CONFIG_DIR / "hardware" / "h100-80g.yaml"
     copy = tmp_path / "h100-copy.yaml"
-    shutil.copy(CONFIG_DIR / "hardware" / "h100-80g.yaml", copy)
+    shutil.copy(src, copy)
+    (tmp_path / "fits").mkdir()
+    shutil.copy(calibration_fit_path(src), tmp_path / "fits" / "h100-80g-calibration.yaml")
     return copy
 
 
-def test_a_section_the_loader_refuses_leaves_the_file_untouched(tmp_path):
-    copy = _h100_copy(tmp_path)
-    old = copy.read_bytes()
-    with pytest.raises(SimInputError, match=r"h100-copy\.yaml: the new calibration does not load, file left as it was"):
-        cal.write_calibration(copy, "calibration:\n  calibrated: maybe\n")
-    assert copy.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["h100-copy.yaml"]  # no .bak, no temporary file
+def _files(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_write_calibration_keeps_the_previous_text_and_skips_an_identical_one(tmp_path):
+def test_a_fit_the_loader_refuses_leaves_the_files_untouched(tmp_path):
     copy = _h100_copy(tmp_path)
-    old = copy.read_bytes()
-    section = cal.transferred_yaml(load_hardware("h100-80g"), load_hardware(str(copy)))
-    assert cal.write_calibration(copy, section) is True
-    assert copy.with_name("h100-copy.yaml.bak").read_bytes() == old
-    assert "transferred_from: h100-80g" in copy.read_text()
-    copy.with_name("h100-copy.yaml.bak").unlink()
-    assert cal.write_calibration(copy, section) is False
-    assert not copy.with_name("h100-copy.yaml.bak").exists()
+    before = _files(tmp_path)
+    with pytest.raises(
+        SimInputError, match=r"fits/h100-80g-calibration\.yaml: the new calibration does not load, file left as it was"
+    ):
+        cal.write_calibration(copy, "calibrated: maybe\n")
+    assert _files(tmp_path) == before  # no .bak, no temporary file
+
+
+def test_write_calibration_writes_the_fit_file_only_and_keeps_its_previous_bytes(tmp_path):
+    copy = _h100_copy(tmp_path)
+    gpu_file, fit = copy.read_bytes(), tmp_path / "fits" / "h100-80g-calibration.yaml"
+    old = fit.read_bytes()
+    text = cal.transferred_yaml(load_hardware("h100-80g"), load_hardware(str(copy)))
+    assert cal.write_calibration(copy, text) is True
+    assert copy.read_bytes() == gpu_file  # the hand-written GPU file is never rewritten
+    assert fit.read_text() == text and backup_path(fit).read_bytes() == old
+    assert yaml.safe_load(text)["transferred_from"] == "h100-80g"
+    assert load_hardware(str(copy)).calibration.status == "transferred from h100-80g"
+    backup_path(fit).unlink()
+    assert cal.write_calibration(copy, text) is False
+    assert not backup_path(fit).exists()
+
+
+def test_a_gpu_file_naming_no_fit_file_gets_one_beside_it_and_a_note(tmp_path):
+    gpu = tmp_path / "mine.yaml"
+    gpu.write_text("base: h100-80g\ndescription: mine\n")
+    text = cal.transferred_yaml(load_hardware("h100-80g"), load_hardware(str(gpu)))
+    assert cal.write_calibration(gpu, text) is True
+    assert (tmp_path / "fits" / "mine-calibration.yaml").read_text() == text
+    note = cal.written(gpu, True).splitlines()[-1]
+    assert note.startswith("note: add 'calibration_fit: fits/mine-calibration.yaml' to ")
+    assert load_hardware(str(gpu)).calibration.status == "calibrated"  # not named yet: the base's fit
+    gpu.write_text(gpu.read_text() + "calibration_fit: fits/mine-calibration.yaml\n")
+    assert load_hardware(str(gpu)).calibration.status == "transferred from h100-80g"
+
+
+def test_a_missing_fit_file_is_an_error_naming_it(tmp_path):
+    gpu = tmp_path / "mine.yaml"
+    gpu.write_text("base: h100-80g\ncalibration_fit: fits/nope.yaml\n")
+    with pytest.raises(
+        SimInputError, match=r"mine\.yaml: field 'calibration_fit' names fits/nope\.yaml, which does not"
+    ):
+        load_hardware(str(gpu))
 
 
 def test_committed_fit_is_not_worse_than_the_file_and_a_worse_one_is_named():

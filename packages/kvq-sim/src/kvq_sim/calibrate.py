@@ -1,4 +1,4 @@
-"""Fit a GPU's decode efficiencies from the training half of its measurements and write them to its YAML.
+"""Fit a GPU's decode efficiencies from the training half of its measurements; write them to its fit file.
 
 Per decode-attention kernel family (latency.attention_kernel_us), two candidate forms, each a
 non-negative least-squares fit of relative error on the training points:
@@ -19,19 +19,19 @@ data cannot separate the two). Held-out points (measurements.split) are never re
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from .configs import display_path, read_text, read_yaml, resolve
+from .configs import display_path, read_text, resolve
 from .errors import SimInputError
 from .files import backup_path, check_destination, replacing
-from .hardware import Calibration, Hardware, KernelFit, load_hardware
+from .fitting import nnls
+from .hardware import Hardware, KernelFit, calibration_fit_path, load_hardware, read_calibration_fit, transferred
 from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us, grid_terms
 from .measurements import E2EPoint, KernelPoint, Provenance, split
 
@@ -76,30 +76,6 @@ class CalibrationResult:
     kernel_overhead_us: float | None
     e2e_stats: FitStats | None
     notes: tuple[str, ...]  # what could not be fitted and why
-
-
-def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Exact non-negative least squares for a few columns: the best unconstrained fit over every
-    subset of columns whose coefficients are all >= 0 (2^k - 1 small solves; k <= 4 here)."""
-    best, best_x = math.inf, None
-    for mask in itertools.product((False, True), repeat=a.shape[1]):
-        cols = [i for i, m in enumerate(mask) if m]
-        if not cols:
-            continue
-        try:
-            c, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
-        except np.linalg.LinAlgError as e:  # the inputs are checked finite and positive, so this is a bug
-            raise SimInputError(f"least-squares fit failed ({e}); the measurements cannot be fitted") from None
-        if (c < 0).any():
-            continue
-        x = np.zeros(a.shape[1])
-        x[cols] = c
-        r = float(((a @ x - y) ** 2).sum())
-        if r < best:
-            best, best_x = r, x
-    if best_x is None:
-        raise SimInputError("no non-negative fit exists for these measurements")
-    return best_x
 
 
 def _relative_fit(cols: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
@@ -249,7 +225,7 @@ def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
     """The simulator's view of one benchmark step: bytes the GEMVs read, attention per layer, memory."""
     from kvq_core.formats import kivi_format
 
-    from .api import deployment
+    from .deployment import deployment
     from .memory import activation_terms, kv_layer_streams, weight_bytes
 
     dep = deployment(E2E_MODEL, hw, 16 if p.bits == 16 else p.bits, None if p.bits == 16 else "kivi", gpus=1)
@@ -395,196 +371,140 @@ def calibrated_hardware(hw: Hardware, r: CalibrationResult) -> Hardware:
     )
 
 
-def _g(x: float) -> str:
-    return f"{x:.4g}"
+#: The first lines of every fit file; a YAML library writes the fields below them (and keeps no comments).
+FIT_HEADER = (
+    "Written by `kvq-sim calibrate` (make calibrate); do not edit. Its fields replace the priors of the",
+    "`calibration:` section of the GPU file that names it (calibration_fit), field by field.",
+    "attention_kernels: time model in kvq_sim.hardware.KernelFit, launch grids in kvq_sim.grids.",
+)
+
+
+def _sig(x: float) -> float:
+    """`x` to the 4 significant digits a fit file keeps (a fit's own run-to-run noise is above 0.1%)."""
+    return float(f"{x:.4g}")
+
+
+def _pct(x: float) -> float:
+    return float(f"{x:.2f}")
+
+
+def _kernel_fields(k: KernelFit) -> dict:
+    """One fitted family as the fields of `calibration.attention_kernels.<family>`."""
+    out = {
+        "bound": k.bound,
+        "overhead_us": _sig(k.overhead_us),
+        "bandwidth_efficiency": _sig(k.bandwidth_efficiency),
+        "unpack_ps_per_kv_element": _sig(k.unpack_ps_per_kv_element),
+        "dot_ps_per_q_element": _sig(k.dot_ps_per_q_element),
+    }
+    if k.grid:
+        out.update(
+            grid=k.grid,
+            program_us=_sig(k.program_us),
+            programs_per_sm=k.programs_per_sm,
+            nosplit_bandwidth_efficiency=_sig(k.nosplit_bandwidth_efficiency),
+        )
+        if k.grid.startswith("kvq"):
+            out.update(
+                block_tokens=k.block_tokens, split_waves=k.split_waves, tail_programs_per_row=k.tail_programs_per_row
+            )
+    return out
+
+
+def _fit_stats(s: FitStats) -> dict:
+    return {"train_points": s.train_points, "mape_pct": _pct(s.mape_pct), "worst_pct": _pct(s.worst_pct)}
+
+
+def _provenance(p: Provenance) -> dict:
+    return {"file": p.path, "commit": p.commit, "date": p.date}
+
+
+def _fit_text(doc: dict, notes: list[str]) -> str:
+    """A fit file: FIT_HEADER and `notes` as comments, then `doc` by yaml.safe_dump in the order given."""
+    head = "".join(f"# {line}\n" for line in (*FIT_HEADER, *notes))
+    return head + yaml.safe_dump(doc, sort_keys=False, width=4096)  # long strings on one line
 
 
 def calibration_yaml(hw: Hardware, r: CalibrationResult, kprov: Provenance, eprov: Provenance | None) -> str:
-    """The `calibration:` section text (with comments) for a GPU fitted from its own measurements."""
+    """The fit file of a GPU fitted from its own measurements: the `calibration:` fields the fit sets."""
     new = calibrated_hardware(hw, r).calibration
     e2e_src = f"{eprov.path} (commit {eprov.commit}, {eprov.date})" if eprov else "none"
-    head = [
-        "  # Written by `kvq-sim calibrate` from the training half of the measurements (split: sha256 of each",
-        "  # point id, even = training; docs/validation.md). Held-out points are checked by `kvq-sim validate`.",
-        "  calibrated: true",
-        f'  source: "kvq-sim calibrate: {kprov.path} (commit {kprov.commit}, {kprov.date}); e2e: {e2e_src}"',
-        "  measurements:",
-        f'    kernel: {{file: "{kprov.path}", commit: "{kprov.commit}", date: "{kprov.date}"}}',
-    ]
-    if eprov:
-        head.append(f'    e2e: {{file: "{eprov.path}", commit: "{eprov.commit}", date: "{eprov.date}"}}')
     stats = {s.name: s for s in r.kernel_stats}
-    per_kernel = {
-        k.family: (
-            f"{k.bound} bound; train {stats[k.family].train_points} pts, MAPE {stats[k.family].mape_pct:.2f}%, "
-            f"worst {stats[k.family].worst_pct:.2f}%",
-            f"{{train_points: {stats[k.family].train_points}, mape_pct: {stats[k.family].mape_pct:.2f}, "
-            f"worst_pct: {stats[k.family].worst_pct:.2f}}}",
-        )
-        for k in r.kernels
+    doc = {
+        "calibrated": True,
+        "source": f"kvq-sim calibrate: {kprov.path} (commit {kprov.commit}, {kprov.date}); e2e: {e2e_src}",
+        "measurements": {"kernel": _provenance(kprov), **({"e2e": _provenance(eprov)} if eprov else {})},
+        "bandwidth_efficiency": {
+            "weight_gemv": _sig(new.weight_bandwidth_efficiency),
+            "attention_fp16": _sig(new.kv_fp16_bandwidth_efficiency),
+        },
+        "kernel_launch_overhead_us": _sig(new.kernel_launch_overhead_us),
+        "attention_kernels": {
+            k.family: {**_kernel_fields(k), "fit": _fit_stats(stats[k.family])} for k in new.attention_kernels
+        },
     }
-    tail = []
     if r.e2e_stats:
-        s = r.e2e_stats
-        tail.append(
-            f"  e2e_fit: {{train_points: {s.train_points}, mape_pct: {s.mape_pct:.2f}, worst_pct: {s.worst_pct:.2f}}}"
-        )
-    kept = " (not fitted by this run: no e2e training data; value kept from the file)"
-    weight_note = " (fit: the kvq_fp16 streaming efficiency)" if r.weight_gemv_efficiency else kept
-    launch_note = (
-        f" (fit on the eager e2e step, {EAGER_KERNELS_PER_LAYER} kernels/layer)"
-        if r.kernel_overhead_us is not None
-        else kept
-    )
-    return _section(new, head, weight_note, launch_note, per_kernel, tail)
-
-
-def _section(cal: Calibration, head, weight_note, launch_note, per_kernel: dict, tail) -> str:
-    lines = ["calibration:", *head, "  bandwidth_efficiency:"]
-    lines += [
-        "    # GEMV weight streaming in a decode step" + weight_note,
-        f"    weight_gemv: {_g(cal.weight_bandwidth_efficiency)}",
-        "    # fp16 decode attention without a fitted kernel family (kvq_fp16's efficiency when fitted)",
-        f"    attention_fp16: {_g(cal.kv_fp16_bandwidth_efficiency)}",
-        "    # quantized formats without a fitted kernel family (prior): streams codes like fp16",
-        f"    attention_quantized: {_g(cal.kv_quantized_bandwidth_efficiency)}",
-        "  # prior: H100 bf16 8192^3 matmul 684 of 989 TFLOP/s (docs/references.md §5)",
-        f"  tensor_core_efficiency: {_g(cal.tensor_core_efficiency)}",
-        "  # prior: NCCL bus bandwidth ~80% of the link rate",
-        f"  interconnect_efficiency: {_g(cal.interconnect_efficiency)}",
-        "  # per kernel in a decode step" + launch_note,
-        f"  kernel_launch_overhead_us: {_g(cal.kernel_launch_overhead_us)}",
-        "  # prior: CUDA context + torch before the first tensor (not in max_memory_allocated)",
-        f"  cuda_context_mib: {_g(cal.cuda_context_mib)}",
-        "  # prior: cuBLAS workspace and attention split-KV scratch",
-        f"  framework_workspace_mib: {_g(cal.framework_workspace_mib)}",
-        "  # time_us = overhead_us + program_us * programs / sm_count",
-        "  #           + wave * max(bytes / (bandwidth_efficiency * hbm_bandwidth_gb_s),",
-        "  #                        (unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements) / 1e6)",
-        "  # programs, split and wave = ceil(w) / w (w = programs / (sm_count * programs_per_sm)) from the",
-        "  # family's launch grid (kvq_sim.grids); a launch that does not split streams at nosplit_bandwidth_efficiency.",
-        "  attention_kernels:",
+        doc["e2e_fit"] = _fit_stats(r.e2e_stats)
+    kept = "not fitted by this run (no e2e training data): the value the GPU loaded before"
+    notes = [
+        "Fit on the training half of the measurements (split: sha256 of each point id, even = training;",
+        "docs/validation.md); held-out points are checked by `kvq-sim validate`.",
+        "bandwidth_efficiency.attention_fp16: the kvq_fp16 family's efficiency when fitted.",
+        "bandwidth_efficiency.weight_gemv (GEMV weight streaming in a decode step): "
+        + ("the kvq_fp16 streaming efficiency." if r.weight_gemv_efficiency else kept + "."),
+        "kernel_launch_overhead_us (per kernel in a decode step): "
+        + (
+            f"fit on the eager e2e step, {EAGER_KERNELS_PER_LAYER} kernels/layer."
+            if r.kernel_overhead_us is not None
+            else kept + "."
+        ),
     ]
-    for k in cal.attention_kernels:
-        comment, fit = per_kernel[k.family]
-        lines += [
-            f"    {k.family}:  # {comment}",
-            f"      bound: {k.bound}",
-            f"      overhead_us: {_g(k.overhead_us)}",
-            f"      bandwidth_efficiency: {_g(k.bandwidth_efficiency)}"
-            + ("  # floor: best bandwidth-bound family" if k.bound == "compute" else ""),
-            f"      unpack_ps_per_kv_element: {_g(k.unpack_ps_per_kv_element)}",
-            f"      dot_ps_per_q_element: {_g(k.dot_ps_per_q_element)}",
-        ]
-        if k.grid:
-            lines += [
-                f"      grid: {k.grid}  # launch rule: kvq_sim.grids",
-                f"      program_us: {_g(k.program_us)}",
-                f"      programs_per_sm: {k.programs_per_sm}"
-                + ("  # wave tail not modelled" if not k.programs_per_sm else ""),
-                f"      nosplit_bandwidth_efficiency: {_g(k.nosplit_bandwidth_efficiency)}",
-            ]
-            if k.grid.startswith("kvq"):
-                lines += [
-                    f"      block_tokens: {k.block_tokens}",
-                    f"      split_waves: {k.split_waves}",
-                    f"      tail_programs_per_row: {k.tail_programs_per_row}",
-                ]
-        if fit:
-            lines.append(f"      fit: {fit}")
-    return "\n".join(lines + tail) + "\n"
-
-
-def transferred(src: Hardware, dst: Hardware) -> Calibration:
-    """`dst`'s calibration carried over from the measured `src` by the rules of docs/validation.md:
-
-    - bandwidth efficiencies (per kernel family, weight GEMV, fp16 attention): unchanged, as fractions of
-      each GPU's own datasheet memory bandwidth;
-    - per-element costs (ps per K/V or query element, CUDA-core unpack and FMA work): times
-      (src SMs * src boost clock) / (dst SMs * dst boost clock);
-    - fixed overheads (per launch, per kernel in a step): unchanged (host, driver and graph-replay bound);
-    - per-program time (program_us): times src boost clock / dst boost clock (work of one SM); the launch
-      grid itself (programs, splits, wave tail) is recomputed with dst's SM count;
-    - tensor-core, interconnect and memory-reserve priors: dst's own, untouched.
-    E.g. H100 -> A100: 132 * 1980 / (108 * 1410) = 1.716x the per-element cost.
-    """
-    for h in (src, dst):
-        if h.boost_clock_mhz is None:
-            raise SimInputError(f"{h.source_file}: field 'boost_clock_mhz' is needed to transfer a calibration")
-    if not src.calibration.calibrated:
-        raise SimInputError(f"{src.name} is not calibrated from measurements: run kvq-sim calibrate --gpu {src.name}")
-    scale = (src.sm_count * src.boost_clock_mhz) / (dst.sm_count * dst.boost_clock_mhz)
-    s = src.calibration
-    kernels = tuple(
-        replace(
-            k,
-            unpack_ps_per_kv_element=k.unpack_ps_per_kv_element * scale,
-            dot_ps_per_q_element=k.dot_ps_per_q_element * scale,
-            program_us=k.program_us * src.boost_clock_mhz / dst.boost_clock_mhz,
-        )
-        for k in s.attention_kernels
-    )
-    return replace(
-        dst.calibration,
-        calibrated=False,
-        source=f"transferred from {src.name} ({s.source}) by the rules of docs/validation.md",
-        transferred_from=src.name,
-        weight_bandwidth_efficiency=s.weight_bandwidth_efficiency,
-        kv_fp16_bandwidth_efficiency=s.kv_fp16_bandwidth_efficiency,
-        kv_quantized_bandwidth_efficiency=s.kv_quantized_bandwidth_efficiency,
-        kernel_launch_overhead_us=s.kernel_launch_overhead_us,
-        attention_kernels=kernels,
-    )
+    return _fit_text(doc, notes)
 
 
 def transferred_yaml(src: Hardware, dst: Hardware) -> str:
-    """The `calibration:` section of a GPU without measurements, carried over from a measured one."""
+    """The fit file of a GPU without measurements: a measured GPU's fit carried over (hardware.transferred)."""
     cal = transferred(src, dst)
     scale = (src.sm_count * src.boost_clock_mhz) / (dst.sm_count * dst.boost_clock_mhz)
-    head = [
-        f"  # TRANSFERRED, not measured on this GPU: `kvq-sim calibrate --gpu {dst.name} --transfer-from {src.name}`",
-        "  # (rules in docs/validation.md and kvq_sim.calibrate.transferred). Re-run after recalibrating the source.",
-        "  calibrated: false",
-        f'  source: "{cal.source}"',
-        f"  transferred_from: {src.name}",
-    ]
-    per_kernel = {
-        k.family: (
-            f"{k.bound} bound on {src.name}; per-element costs x {scale:.3f} "
-            f"= ({src.sm_count} SMs * {src.boost_clock_mhz:g} MHz) / ({dst.sm_count} * {dst.boost_clock_mhz:g})",
-            None,
-        )
-        for k in cal.attention_kernels
+    doc = {
+        "calibrated": False,
+        "source": cal.source,
+        "transferred_from": src.name,
+        "bandwidth_efficiency": {
+            "weight_gemv": _sig(cal.weight_bandwidth_efficiency),
+            "attention_fp16": _sig(cal.kv_fp16_bandwidth_efficiency),
+            "attention_quantized": _sig(cal.kv_quantized_bandwidth_efficiency),
+        },
+        "kernel_launch_overhead_us": _sig(cal.kernel_launch_overhead_us),
+        "attention_kernels": {k.family: _kernel_fields(k) for k in cal.attention_kernels},
     }
-    note = f" (transferred from {src.name})"
-    return _section(cal, head, note, note, per_kernel, [])
+    notes = [
+        f"TRANSFERRED, not measured on this GPU: `kvq-sim calibrate --gpu {dst.name} --transfer-from {src.name}`",
+        "(rules in docs/validation.md and kvq_sim.hardware.transferred). Re-run after recalibrating the source.",
+        f"Per-element costs x {scale:.3f} = ({src.sm_count} SMs * {src.boost_clock_mhz:g} MHz) / "
+        f"({dst.sm_count} SMs * {dst.boost_clock_mhz:g} MHz); efficiencies and fixed costs as on {src.name}.",
+    ]
+    return _fit_text(doc, notes)
 
 
-def replace_calibration(text: str, section: str) -> str:
-    """`text` (a hardware YAML) with its top-level `calibration:` block replaced by `section`; the
-    lines before it, with their comments, are kept byte for byte."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("calibration:")), None)
-    if start is None:
-        return text + ("" if text.endswith("\n") else "\n") + section
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].startswith((" ", "#"))),
-        len(lines),
-    )
-    return "".join(lines[:start]) + section + "".join(lines[end:])
+def fit_path(path: Path) -> Path:
+    """The fit file of the GPU file `path`: the one its `calibration_fit:` names, else
+    fits/<name>-calibration.yaml beside it (used once the GPU file names it)."""
+    return calibration_fit_path(path) or path.parent / "fits" / f"{path.stem}-calibration.yaml"
 
 
 def calibration_path(gpu: str) -> Path:
-    """The YAML file `kvq-sim calibrate --gpu` rewrites, checked writable before any fitting."""
+    """The GPU file `kvq-sim calibrate --gpu` calibrates; the fit file it names is checked writable before any
+    fitting."""
     path = resolve("hardware", gpu)
-    check_destination(path, "GPU file")
+    check_destination(fit_path(path), "calibration fit")
     return path
 
 
 def file_calibration(path: Path) -> dict:
-    """The `calibration:` mapping written in this file itself (not inherited from a `base:`), {} if none."""
-    cal = read_yaml(path).get("calibration")
-    return cal if isinstance(cal, dict) else {}
+    """The fields of the GPU file's own fit file (not one inherited from a `base:`), {} when there is none."""
+    fit = fit_path(path)
+    return read_calibration_fit(fit) if fit.is_file() else {}
 
 
 def check_transfer(src_name: str, dst: Path, overwrite_measured: bool) -> None:
@@ -629,21 +549,20 @@ def fit_regressions(path: Path, r: CalibrationResult) -> list[str]:
     return out
 
 
-def write_calibration(path: Path, section: str) -> bool:
-    """Replace the GPU file's calibration section atomically, keeping its previous text in `<file>.bak`;
-    the new text is loaded from its temporary file first, and not written if the loader refuses it.
-    False when the file already holds exactly this section."""
-    old = read_text(path)
-    new = replace_calibration(old, section)
-    if new == old:
+def write_calibration(path: Path, text: str) -> bool:
+    """Write `text` to the fit file the GPU file `path` names, atomically, its previous bytes kept in
+    `<fit file>.bak`; the GPU file is loaded with the new fit first, and nothing is written if the loader
+    refuses it. False when the fit file already holds exactly this text."""
+    fit = fit_path(path)
+    if fit.is_file() and read_text(fit) == text:
         return False
-    with replacing(path) as tmp:
-        tmp.write_text(new, encoding="utf-8")
+    with replacing(fit) as tmp:
+        tmp.write_text(text, encoding="utf-8")
         try:
-            load_hardware(str(tmp))
+            load_hardware(str(path), calibration_fit=tmp)
         except SimInputError as e:
             raise SimInputError(
-                f"{display_path(path)}: the new calibration does not load, file left as it was: {e}"
+                f"{display_path(fit)}: the new calibration does not load, file left as it was: {e}"
             ) from None
     return True
 
@@ -673,11 +592,21 @@ def summary(hw: Hardware, r: CalibrationResult) -> str:
 
 
 def written(path: Path, changed: bool, what: str = "calibration") -> str:
-    """The last line of `kvq-sim calibrate`: where the section went, or that the file already held it."""
-    where = display_path(path)
+    """The last line of `kvq-sim calibrate`: where the fit of the GPU file `path` went, or that its fit file
+    already held it."""
+    fit = fit_path(path)
+    where = display_path(fit)
+    bak = backup_path(fit)
     if not changed:
-        return f"{where} already holds this {what}; not rewritten"
-    return f"wrote {what} to {where} (previous version: {display_path(backup_path(path))})"
+        line = f"{where} already holds this {what}; not rewritten"
+    elif bak.is_file():
+        line = f"wrote {what} to {where} (previous version: {display_path(bak)})"
+    else:
+        line = f"wrote {what} to {where} (a new file)"
+    if calibration_fit_path(path) is None:
+        ref = fit.relative_to(path.parent)
+        line += f"\nnote: add 'calibration_fit: {ref}' to {display_path(path)} so plans use it"
+    return line
 
 
 def check_device(hw: Hardware) -> str:
@@ -688,7 +617,3 @@ def check_device(hw: Hardware) -> str:
             "transferred GPUs are not calibrated from measurements (docs/validation.md)"
         )
     return hw.torch_device_name
-
-
-# Calibration is re-exported for callers that build one by hand in tests.
-__all__ = ["Calibration", "calibrate", "fit_kernel_family", "nnls"]

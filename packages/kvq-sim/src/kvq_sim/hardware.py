@@ -1,4 +1,4 @@
-"""GPU and node descriptions (configs/hardware/*.yaml): load, validate once, and expose as frozen dataclasses."""
+"""GPU and node descriptions (configs/hardware/*.yaml and their fit files), validated once into frozen dataclasses."""
 
 from __future__ import annotations
 
@@ -162,6 +162,7 @@ _SCHEMA = {
             "base", "description", "gpus", "nominal_memory_gib", "usable_memory_bytes", "hbm_bandwidth_gb_s",
             "fp16_dense_tflops", "int8_dense_tops", "l2_mib", "sm_count", "boost_clock_mhz", "torch_device_name",
             "interconnect", "interconnect_bandwidth_gb_s", "interconnect_latency_us", "collectives_fit",
+            "calibration_fit",
         )
     ),
     "calibration": {
@@ -179,7 +180,7 @@ _SCHEMA = {
 }  # fmt: skip
 
 #: per-GPU fields a calibration is measured with: a `base:` file that changes one describes another GPU,
-#: so the base's fit is carried over by the transfer rules (kvq_sim.calibrate.transferred), not reused as is
+#: so the base's fit is carried over by the transfer rules (transferred), not reused as is
 PER_GPU_FIELDS = (
     "nominal_memory_gib", "usable_memory_bytes", "hbm_bandwidth_gb_s", "fp16_dense_tflops", "int8_dense_tops",
     "l2_mib", "sm_count", "boost_clock_mhz",
@@ -266,26 +267,61 @@ def _text_hint(v) -> str:
     return " (text, not a number: write exponents as 1.0e+3)" if isinstance(v, str) else ""
 
 
-def _merge(parent: dict, child: dict) -> dict:
-    """The child's fields over its base's; `calibration` and its `bandwidth_efficiency` merge field by field."""
-    merged = {**parent, **{k: v for k, v in child.items() if k not in ("base", "calibration")}}
-    merged["calibration"] = {**parent.get("calibration", {}), **child.get("calibration", {})}
-    if "bandwidth_efficiency" in child.get("calibration", {}):
-        merged["calibration"]["bandwidth_efficiency"] = {
-            **parent.get("calibration", {}).get("bandwidth_efficiency", {}),
-            **child["calibration"]["bandwidth_efficiency"],
-        }
+def _merge_calibration(under: dict, over: dict) -> dict:
+    """`calibration` fields of `over` over those of `under`; `bandwidth_efficiency` merges field by field."""
+    merged = {**under, **over}
+    if "bandwidth_efficiency" in over:
+        merged["bandwidth_efficiency"] = {**under.get("bandwidth_efficiency", {}), **over["bandwidth_efficiency"]}
     return merged
 
 
-def _load(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, Hardware, Hardware]:
+def _merge(parent: dict, child: dict) -> dict:
+    """The child's fields over its base's; `calibration` and its `bandwidth_efficiency` merge field by field."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("base", "calibration")}}
+    merged["calibration"] = _merge_calibration(parent.get("calibration", {}), child.get("calibration", {}))
+    return merged
+
+
+def calibration_fit_path(path: Path, data: dict | None = None) -> Path | None:
+    """The fit file a GPU file names in `calibration_fit:` (relative to the GPU file), None when it names none."""
+    ref = (read_yaml(path) if data is None else data).get("calibration_fit")
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or not ref:
+        raise SimInputError(f"{display_path(path)}: field 'calibration_fit' must be a file path, got {ref!r}")
+    return path.parent / ref
+
+
+def read_calibration_fit(path: Path) -> dict:
+    """A fit file `kvq-sim calibrate` wrote: fields of a GPU file's `calibration:` section, checked by name."""
+    data = read_yaml(path)
+    _check_schema(data, _SCHEMA["calibration"], display_path(path))
+    return data
+
+
+def _with_calibration_fit(data: dict, path: Path, fit_file: Path | None) -> dict:
+    """`data` with the fitted fields of its `calibration_fit:` file (or of `fit_file`) over its own
+    `calibration:` priors; unchanged when it names none."""
+    fit_file = fit_file or calibration_fit_path(path, data)
+    if fit_file is None:
+        return data
+    if not fit_file.is_file():
+        ref = data["calibration_fit"]
+        raise SimInputError(f"{display_path(path)}: field 'calibration_fit' names {ref}, which does not exist")
+    fit = read_calibration_fit(fit_file)
+    return {**data, "calibration": _merge_calibration(data.get("calibration", {}), fit)}
+
+
+def _load(path: Path, seen: tuple[Path, ...] = (), fit_file: Path | None = None) -> tuple[dict, Hardware, Hardware]:
     """(merged fields, the Hardware, the Hardware whose file set `calibration.calibrated`) of one file and its
     `base:` chain. A file that changes a per-GPU field of its base (PER_GPU_FIELDS) is another GPU: usable
     memory follows a changed nominal memory (the base's measured gap kept), and a calibration made on
-    the base is carried over by the transfer rules and labelled so, never reported as measured on it."""
+    the base is carried over by the transfer rules and labelled so, never reported as measured on it.
+    `fit_file` is read instead of the file's own `calibration_fit:` (a new fit checked before it is written)."""
     where = display_path(path)
     data = read_yaml(path)
     _check_schema(data, _SCHEMA, where)
+    data = _with_calibration_fit(data, path, fit_file)
     base = data.get("base")
     if base is None:
         hw = _with_collectives(parse_hardware(data, where, path.stem), data, path, None)
@@ -318,14 +354,54 @@ def _carried_over(origin: Hardware, hw: Hardware) -> Calibration:
     """`hw`'s calibration when its per-GPU fields differ from those of the GPU its calibration was made for:
     a measured fit transferred from that GPU, a transferred one re-transferred from its measured source,
     uncalibrated priors left as they are."""
-    from .calibrate import transferred  # numpy; only for a file that redefines its base GPU
-
     cal = hw.calibration
     if cal.calibrated:
         return transferred(replace(origin, calibration=cal), hw)
     if cal.transferred_from:
         return transferred(load_hardware(cal.transferred_from), hw)
     return cal
+
+
+def transferred(src: Hardware, dst: Hardware) -> Calibration:
+    """`dst`'s calibration carried over from the measured `src` by the rules of docs/validation.md:
+
+    - bandwidth efficiencies (per kernel family, weight GEMV, fp16 attention): unchanged, as fractions of
+      each GPU's own datasheet memory bandwidth;
+    - per-element costs (ps per K/V or query element, CUDA-core unpack and FMA work): times
+      (src SMs * src boost clock) / (dst SMs * dst boost clock);
+    - fixed overheads (per launch, per kernel in a step): unchanged (host, driver and graph-replay bound);
+    - per-program time (program_us): times src boost clock / dst boost clock (work of one SM); the launch
+      grid itself (programs, splits, wave tail) is recomputed with dst's SM count;
+    - tensor-core, interconnect and memory-reserve priors: dst's own, untouched.
+    E.g. H100 -> A100: 132 * 1980 / (108 * 1410) = 1.716x the per-element cost.
+    """
+    for h in (src, dst):
+        if h.boost_clock_mhz is None:
+            raise SimInputError(f"{h.source_file}: field 'boost_clock_mhz' is needed to transfer a calibration")
+    if not src.calibration.calibrated:
+        raise SimInputError(f"{src.name} is not calibrated from measurements: run kvq-sim calibrate --gpu {src.name}")
+    scale = (src.sm_count * src.boost_clock_mhz) / (dst.sm_count * dst.boost_clock_mhz)
+    s = src.calibration
+    kernels = tuple(
+        replace(
+            k,
+            unpack_ps_per_kv_element=k.unpack_ps_per_kv_element * scale,
+            dot_ps_per_q_element=k.dot_ps_per_q_element * scale,
+            program_us=k.program_us * src.boost_clock_mhz / dst.boost_clock_mhz,
+        )
+        for k in s.attention_kernels
+    )
+    return replace(
+        dst.calibration,
+        calibrated=False,
+        source=f"transferred from {src.name} ({s.source}) by the rules of docs/validation.md",
+        transferred_from=src.name,
+        weight_bandwidth_efficiency=s.weight_bandwidth_efficiency,
+        kv_fp16_bandwidth_efficiency=s.kv_fp16_bandwidth_efficiency,
+        kv_quantized_bandwidth_efficiency=s.kv_quantized_bandwidth_efficiency,
+        kernel_launch_overhead_us=s.kernel_launch_overhead_us,
+        attention_kernels=kernels,
+    )
 
 
 def _named(base: str, referrer: Path) -> Path:
@@ -489,9 +565,10 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
     return out
 
 
-def load_hardware(name_or_path: str) -> Hardware:
-    """A GPU or node by exact name (configs/hardware/<name>.yaml) or from a user's YAML path."""
-    return _load(resolve("hardware", name_or_path))[1]
+def load_hardware(name_or_path: str, calibration_fit: Path | None = None) -> Hardware:
+    """A GPU or node by exact name (configs/hardware/<name>.yaml) or from a user's YAML path; with
+    `calibration_fit`, that fit file instead of the one the GPU file names."""
+    return _load(resolve("hardware", name_or_path), fit_file=calibration_fit)[1]
 
 
 def hardware_names() -> list[str]:

@@ -320,13 +320,15 @@ def test_a_gpu_file_naming_no_fit_file_gets_one_beside_it_and_a_note(tmp_path):
     assert load_hardware(str(gpu)).calibration.status == "transferred from h100-80g"
 
 
-def test_a_missing_fit_file_is_an_error_naming_it(tmp_path):
+def test_a_fit_file_not_written_yet_leaves_the_priors(tmp_path):
     gpu = tmp_path / "mine.yaml"
-    gpu.write_text("base: h100-80g\ncalibration_fit: fits/nope.yaml\n")
-    with pytest.raises(
-        SimInputError, match=r"mine\.yaml: field 'calibration_fit' names fits/nope\.yaml, which does not"
-    ):
-        load_hardware(str(gpu))
+    gpu.write_text((CONFIG_DIR / "hardware" / "l40s.yaml").read_text())  # names fits/l40s-calibration.yaml
+    hw = load_hardware(str(gpu))
+    assert hw.calibration.status == "uncalibrated priors" and hw.calibration.attention_kernels == ()
+    assert hw.calibration.weight_bandwidth_efficiency == 0.85  # the GPU file's prior
+    (tmp_path / "fits" / "l40s-calibration.yaml").mkdir(parents=True)
+    with pytest.raises(SimInputError, match=r"l40s-calibration\.yaml: cannot read"):
+        load_hardware(str(gpu))  # a fit file that exists but cannot be read is an error
 
 
 def test_committed_fit_is_not_worse_than_the_file_and_a_worse_one_is_named():

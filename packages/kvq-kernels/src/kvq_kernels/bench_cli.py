@@ -120,8 +120,9 @@ def draft_hardware(info: GpuInfo) -> dict:
         interconnect="pcie",
         interconnect_bandwidth_gb_s=64,
         interconnect_latency_us=25,
-        # uncalibrated priors (each field's source in _COMMENTS); `kvq-sim calibrate` replaces this section
-        # with a fit of this GPU's measurements
+        calibration_fit=f"fits/{slug(info.name)}-calibration.yaml",
+        # uncalibrated priors (each field's source in _COMMENTS); `kvq-sim calibrate` writes a fit of this
+        # GPU's measurements to the calibration_fit file, whose fields replace these
         calibration={
             "calibrated": False,
             "source": "uncalibrated priors (kvq-bench draft): run kvq-sim calibrate with the kvq-bench CSV",
@@ -151,6 +152,7 @@ _COMMENTS = {
     "interconnect": "prior: a single GPU; set nvlink and its bandwidth for a node",
     "interconnect_bandwidth_gb_s": "prior: PCIe Gen4 x16, both directions summed",
     "interconnect_latency_us": "prior: small-message NCCL all-reduce over PCIe",
+    "calibration_fit": "written by kvq-sim calibrate: the fit that replaces the priors below",
     "weight_gemv": "prior: fraction of hbm_bandwidth_gb_s a decode GEMV streams at",
     "attention_fp16": "prior: same for fp16 decode attention",
     "attention_quantized": "prior: same for fused dequantize + attention",

@@ -301,13 +301,11 @@ def read_calibration_fit(path: Path) -> dict:
 
 def _with_calibration_fit(data: dict, path: Path, fit_file: Path | None) -> dict:
     """`data` with the fitted fields of its `calibration_fit:` file (or of `fit_file`) over its own
-    `calibration:` priors; unchanged when it names none."""
+    `calibration:` priors; unchanged when it names none, or names one `kvq-sim calibrate` has not written yet
+    (a GPU drafted for calibration: its plans say "uncalibrated priors")."""
     fit_file = fit_file or calibration_fit_path(path, data)
-    if fit_file is None:
+    if fit_file is None or not fit_file.exists():
         return data
-    if not fit_file.is_file():
-        ref = data["calibration_fit"]
-        raise SimInputError(f"{display_path(path)}: field 'calibration_fit' names {ref}, which does not exist")
     fit = read_calibration_fit(fit_file)
     return {**data, "calibration": _merge_calibration(data.get("calibration", {}), fit)}
 

@@ -27,9 +27,11 @@ NOISE = ROOT / "scripts" / "measurement_noise.py"
 TOKENS, HEADS, HEAD_DIM = 32768, 32, 128
 
 
-def _run(cmd: list[str], cwd: Path = ROOT, check: bool = True) -> str:
-    """stdout of `cmd` run in `cwd` (the repository root unless said otherwise)."""
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd).stdout
+def _run(cmd: list[str], cwd: Path = ROOT, check: bool = True, stderr: bool = False) -> str:
+    """stdout of `cmd` run in `cwd` (the repository root unless said otherwise); with `stderr`, its warnings on
+    stderr first, as a terminal shows them before the table."""
+    r = subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd)
+    return (r.stderr if stderr else "") + r.stdout
 
 
 def _shown(cmd: list[str], out: str) -> str:
@@ -44,7 +46,7 @@ PLAN = ["kvq-sim", "plan", "--model", "llama-7b", "--gpu", "a100-80g", "--bits",
 
 def plan_output() -> str:
     """What `make plan` prints."""
-    return _shown(PLAN, _run(PLAN))
+    return _shown(PLAN, _run(PLAN, stderr=True))
 
 
 REPORT = ["kvq-sim", "report", "--model", "llama-7b", "--gpu", "h100-80g", "--gpu", "l40s", "-o", "llama-7b.pdf"]
@@ -410,7 +412,7 @@ LIST_GPUS = ["kvq-sim", "list", "gpus"]
 
 
 def plan_batch_output() -> str:
-    return _shown(PLAN_BATCH, _run(PLAN_BATCH))
+    return _shown(PLAN_BATCH, _run(PLAN_BATCH, stderr=True))
 
 
 def list_gpus_output() -> str:

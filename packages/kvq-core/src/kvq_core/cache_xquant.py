@@ -1,7 +1,7 @@
 """XQuant / XQuant-CL (Tomar et al., arXiv:2508.10395): cache the layer input X, rematerialize K and V.
 
 XQuant ("x"): each layer stores its post-RMSNorm input X ``[B, T, hidden]`` (the tensor entering
-k_proj and v_proj), quantized per token (`formats.xquant_format`), and at every step rebuilds
+k_proj and v_proj), quantized per token (`formats.methods.xquant_format`), and at every step rebuilds
 ``K = RoPE(X_hat W_k^T + b_k)`` at the tokens' positions 0, 1, ... and ``V = X_hat W_v^T + b_v``.
 
 XQuant-CL ("x-delta"): the pre-norm residual stream R_l entering decoder layer l changes little

@@ -23,13 +23,14 @@ padded slots zero and hidden by the model's padding mask. Right padding and mask
 refused. An unpadded batch (no mask, or all ones) keeps one set of batched layers.
 
 Methods that pick tokens by attention score (ZipCache, MiKV, heavy-hitter eviction: formats with
-`StreamFormat.importance`) need each step's queries. The cache registers a forward hook on every
+`StreamFormat.tiers`, `KVFormat.layer` "tiered") need each step's queries. The cache registers a forward hook on every
 attention module's `q_proj` that stashes its output; `update` reshapes it to ``[B, H_q, t, D]``,
 applies RoPE at the new tokens' positions (models that normalise q after q_proj, e.g. q_norm, are
 refused) and passes it to the layer. `KVQCache.remove_hooks()` detaches the hooks. With eviction a
 layer holds fewer tokens than it has seen; `get_mask_sizes` reports the held length and, as the
 offset, the number evicted, so the causal mask stays right for the new tokens.
-XQuant / XQuant-CL (`fmt.cache_input` "x" / "x-delta", `cache_xquant`) store each layer's input
+The layers of a format follow from `KVFormat.layer`: one `hf_layer.KVQLayer` per decoder layer, or
+the model-wide layers of `MODEL_LAYERS`. XQuant / XQuant-CL (`fmt.cache_input` "x" / "x-delta", `cache_xquant`) store each layer's input
 hidden state instead of K/V, captured by forward pre-hooks (k_proj's input, or the decoder layer's
 for the cross-layer deltas), and rematerialize K, V from the model's own k_proj / v_proj weights at
 every step. MiniCache (`fmt.merge_depth_fraction`, `cache_minicache`) holds adjacent deep layers as

@@ -184,6 +184,18 @@ def hf_table() -> str:
     return "\n".join(lines)
 
 
+QUICK = "reports/measurements/kvq_bench_h100_quick"
+VALIDATE_QUICK = [
+    "kvq-sim", "validate", "--gpu", f"{QUICK}/nvidia-h100-80gb-hbm3.yaml",
+    "--measurements", f"{QUICK}/kernel_decode_nvidia-h100-80gb-hbm3.csv",
+]  # fmt: skip
+
+
+def kvq_bench_validate() -> str:
+    """`kvq-sim validate` on the committed `kvq-bench --quick` run (it exits 1: the quick sweep misses the gates)."""
+    return _shown(VALIDATE_QUICK, _run(VALIDATE_QUICK, check=False))
+
+
 # --- docs/validation.md ---------------------------------------------------------------------------------------------
 
 VALIDATE = [
@@ -472,6 +484,7 @@ SECTIONS = {
     "plan-batch-output": plan_batch_output,
     "list-gpus-output": list_gpus_output,
     "claims-table": claims_table,
+    "kvq-bench-validate": kvq_bench_validate,
     **{f"{name}-output": (lambda name=name: example_output(name)) for name in EXAMPLES},
 }
 
@@ -483,7 +496,7 @@ DOCS = {
     "docs/quality.md": ("quality-table", "quality-targets", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),
     "packages/kvq-sim/README.md": ("plan-batch-output", "list-gpus-output", "sim-api-output", "claims-table"),
-    "packages/kvq-kernels/README.md": ("kernel-table",),
+    "packages/kvq-kernels/README.md": ("kvq-bench-validate", "kernel-table"),
 }
 
 

@@ -380,11 +380,12 @@ FIT_HEADER = (
 
 
 def _sig(x: float) -> float:
-    """`x` to the 4 significant digits a fit file keeps (a fit's own run-to-run noise is above 0.1%)."""
+    """`x` to the 4 significant digits a fit file keeps."""
     return float(f"{x:.4g}")
 
 
 def _pct(x: float) -> float:
+    """A fit error in percent to 0.01 points."""
     return float(f"{x:.2f}")
 
 

@@ -3,8 +3,9 @@
 Run on the GPU machine from the repo root:
     PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src KVQ_COMMIT=<sha> \
         python packages/kvq-kernels/benchmarks/bench_decode.py --out $OUT
-Steps: correctness on the GPU against the fp64 torch references (random data), a streaming-read
-ceiling (torch sum over 4 GiB), a launch-config probe per bit width, then the sweep. Timing, L2 flush
+Steps: the GPU-only kernel tests (tests/test_decode_gpu.py), correctness on the GPU against the fp64 torch
+references (random data), a streaming-read ceiling (torch sum over 4 GiB), a launch-config probe per bit
+width (or `decode_kivi`'s defaults with --configs default), then the sweep. Timing, L2 flush
 and the CSV schema: kvq_kernels.benchmarking (shared with the installed `kvq-bench`).
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 from kvq_core.provenance import CSV_FIELDS, provenance
@@ -23,6 +26,7 @@ from kvq_kernels.benchmarking import (
     SPLIT_REGIME_MAX_BATCH,
     correctness,
     decode_grid,
+    default_configs,
     hbm_read_tb_s,
     print_table,
     probe,
@@ -50,18 +54,29 @@ def main() -> None:
     ap.add_argument("--heads", default="32/32,32/8")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop the sweep after this many seconds")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--name", default="kernel_decode_h100.csv", help="CSV file name under --out")
+    ap.add_argument(
+        "--configs", choices=("probe", "default"), default="probe", help="probe launch configs, or decode_kivi's"
+    )
     args = ap.parse_args()
     t_start = time.time()
     prov = provenance(args.commit, CSV_FIELDS)
     print(prov)
     if not args.skip_correctness:
+        tests = os.path.join(os.path.dirname(__file__), "..", "tests", "test_decode_gpu.py")
+        if subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests]).returncode:
+            sys.exit("GPU kernel tests FAILED")
         correctness()
     hbm = hbm_read_tb_s()
     print(f"streaming read (torch sum, 4 GiB): {hbm:.3f} TB/s")
     bits_list = [int(b) for b in args.bits.split(",")]
     heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
-    configs = probe(bits_list, args.group, heads)
-    path = os.path.join(args.out, "kernel_decode_h100.csv")
+    if args.configs == "probe":
+        configs = probe(bits_list, args.group, heads)
+    else:
+        configs = default_configs(bits_list, args.group, heads)
+        print("configs (decode_kivi defaults):", configs)
+    path = os.path.join(args.out, args.name)
     points = decode_grid(heads, _ints(args.batches), _ints(args.contexts), _ints(args.split_contexts))
     results, stopped = sweep(path, prov, hbm, points, bits_list, args.group, configs, args.budget_s, t_start)
     if stopped:

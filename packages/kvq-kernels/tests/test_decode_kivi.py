@@ -36,13 +36,14 @@ CASES = [
 ]
 
 
-# MHA cases also run the CUDA-core kernel (decode_kivi_simt); "tc" is the tensor-core slice kernel
+# "tc" runs the word-unpack tensor-core kernel (decode_kivi_words) for uniform 2/4/8-bit and the channel-slice
+# kernel otherwise; "slice" always the channel-slice kernel; MHA cases also run the CUDA-core kernel (decode_kivi_simt)
 MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d64-sinks", 3, 2, 3, 3, 64, 16, 32, 3, [45, 190]),
     ("mha-nuq-4bit-value-groups", 4, 1, 2, 2, 64, 16, 32, 0, [133]),
     ("mha-2bit-d32-two-words", 2, 1, 2, 2, 32, 32, 32, 1, [129]),
 ]
-PATH_CASES = [(*c, "tc") for c in CASES] + [(*c, "simt") for c in MHA_CASES]
+PATH_CASES = [(*c, p) for c in CASES for p in ("tc", "slice")] + [(*c, "simt") for c in MHA_CASES]
 
 
 @pytest.mark.parametrize(
@@ -101,16 +102,19 @@ def test_simt_variants_agree_with_reference(prefetch, defer, bits, group, device
 
 
 def test_launch_config_defaults():
-    """The tensor-core defaults are the tuned table (decode_kivi.TC_BLOCK_N / TC_WARPS_STAGES); BLOCK_N halves
-    until it divides the group; the CUDA-core default is unchanged."""
-    from kvq_kernels.decode_kivi import launch_config
+    """The channel-slice defaults are the tuned table (decode_kivi.TC_BLOCK_N / TC_WARPS_STAGES), the word kernel's
+    WORDS_CONFIG; BLOCK_N halves until it divides the group; the CUDA-core default is unchanged."""
+    from kvq_kernels.decode_kivi import WORDS_CONFIG, launch_config
 
-    assert [launch_config("tc", b, 128) for b in (2, 3, 4, 8)] == [(128, 4, 1), (32, 2, 2), (128, 4, 1), (128, 4, 1)]
-    assert launch_config("tc", 4, 64) == (64, 4, 2)
-    assert launch_config("tc", 2, 32) == (32, 2, 2)  # KIVI's default group of 32
-    assert launch_config("tc", 4, 96) == (32, 2, 2)  # 128 and 64 do not divide 96
+    assert [launch_config("slice", b, 128) for b in (2, 3, 4, 8)] == [(128, 4, 1), (32, 2, 2), (128, 4, 1), (128, 4, 1)]
+    assert launch_config("slice", 4, 64) == (64, 4, 2)
+    assert launch_config("slice", 2, 32) == (32, 2, 2)  # KIVI's default group of 32
+    assert launch_config("slice", 4, 96) == (32, 2, 2)  # 128 and 64 do not divide 96
     assert launch_config("simt", 2, 128) == (64, 4, 3)
     assert launch_config("simt", 4, 32) == (32, 4, 3)
+    assert [launch_config("tc", b, 128) for b in (2, 3, 4, 8)] == [WORDS_CONFIG] * 4
+    assert launch_config("tc", 2, 16)[0] == 16
+    assert launch_config("tc", 4, 64)[0] == 64
 
 
 def test_default_launch_matches_explicit_config(device, dtype):

@@ -36,6 +36,7 @@ from ._launch import (
 from .combine import alloc_partials, combine
 from .decode_fp16 import LOG2E, _dot
 from .decode_kivi_simt import _decode_kivi_simt_kernel
+from .decode_kivi_words import _decode_kivi_words_kernel
 from .kivi_layout import KiviCache, check_cache
 from .kivi_tail import fp16_tail
 
@@ -459,7 +460,7 @@ def _decode_kivi_kernel(
         )  # fmt: skip
 
 
-#: Tensor-core path defaults, from tune_decode.py's grid (BLOCK_N 32/64/128 x 2/4 warps x 1-3 stages) on the
+#: Channel-slice kernel defaults, from tune_decode.py's grid (BLOCK_N 32/64/128 x 2/4 warps x 1-3 stages) on the
 #: H100 at 32/8 heads, head_dim 128, group 128, 128K tokens, batch 1 and 32
 #: (reports/measurements/tune_tc_h100_log.txt). BLOCK_N per bit width: 128 for 2/4/8-bit (the fastest at
 #: batch 32, within 5-15% of the fastest at batch 1), 32 for 3-bit (the fastest at both). Warps and stages
@@ -472,15 +473,36 @@ TC_WARPS_STAGES = {128: (4, 1), 64: (4, 2), 32: (2, 2), 16: (2, 2)}
 SIMT_CONFIG = (64, 4, 3)
 
 
+#: Word-unpack tensor-core path (`decode_kivi_words`) default: H100, 32/8 heads, 128K tokens, batch 1, 4-bit:
+#: (128, 4, 2) 171 us, (128, 4, 1) 172, (64, 4, 2) 204, (128, 8, 2) 226 (benchmarks/tune_decode.py).
+WORDS_CONFIG = (128, 4, 2)
+#: Register cap per (BLOCK_N, num_warps): uncapped, (128, 4) takes 252 registers (2 programs an SM, ncu: 12.5%
+#: occupancy, 66% of issue slots with no eligible warp); capped at 128 (4 programs) it took 160.5 against
+#: 171.5 us at 4-bit and 145.0 against 161.6 at 2-bit; a cap of 168 took 200.5 us (same shape as above).
+WORDS_MAXNREG = {(128, 4): 128}
+PATHS = ("auto", "tc", "slice", "simt")
+
+
 def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]:
-    """Default (BLOCK_N, num_warps, num_stages) of a path ("tc" / "simt") and bit width. BLOCK_N is halved
-    until it divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
-    bn = TC_BLOCK_N.get(bits, 64) if path == "tc" else SIMT_CONFIG[0]
+    """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
+    (`decode_kivi_words`), "slice" the channel-slice one, "simt" the CUDA-core one. BLOCK_N is halved until it
+    divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
+    if path == "tc":
+        bn = WORDS_CONFIG[0]
+        while bn > 16 and (bn > group_size or group_size % bn):
+            bn //= 2
+        return bn, WORDS_CONFIG[1], WORDS_CONFIG[2]
+    bn = TC_BLOCK_N.get(bits, 64) if path == "slice" else SIMT_CONFIG[0]
     while bn > 1 and (bn > group_size or group_size % bn):
         bn //= 2
-    if path == "tc":
+    if path == "slice":
         return (bn, *TC_WARPS_STAGES.get(bn, (4, 3)))
     return bn, SIMT_CONFIG[1], SIMT_CONFIG[2]
+
+
+def _maxnreg(block_n: int, num_warps: int) -> dict:
+    cap = WORDS_MAXNREG.get((block_n, num_warps))
+    return {"maxnreg": cap} if cap and not interpreting() else {}
 
 
 def decode_kivi(
@@ -506,9 +528,10 @@ def decode_kivi(
     splits: at least the most quantized tokens (n_vq, see `kivi_layout`) of any sequence, which max(lens)
     always is; default the quantized capacity (no host sync). validate_lens=True reads lens on the host
     (one device sync) to check them against the capacity and max_len; False skips that sync (for
-    CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor-core channel slices, any GQA group),
-    "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for MHA
-    where its word layout applies, else tc). block_n (a power of two in [16, 256] dividing group_size),
+    CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
+    `decode_kivi_words` for uniform codes, channel slices for nuq), "slice" (channel slices
+    always), "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for
+    MHA where its word layout applies, else tc). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
     (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
@@ -525,8 +548,8 @@ def decode_kivi(
     check_sm_scale(sm_scale)
     if splits is not None:
         check_int("splits", splits, 1)
-    if path not in ("auto", "tc", "simt"):
-        raise ValueError(f"path must be 'auto', 'tc' or 'simt', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be 'auto', 'tc', 'slice' or 'simt', got {path!r}")
     g = cache.group_size
     if max_len is None:
         max_len = cache.quant_capacity
@@ -544,7 +567,10 @@ def decode_kivi(
             "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
     simt = path == "simt" or (path == "auto" and simt_ok)
-    bn0, warps0, stages0 = launch_config("simt" if simt else "tc", cache.bits, g)
+    # whole int32 words per row (3-bit: whole words of each plane)
+    words_ok = (d * cache.bits) % 32 == 0 and (cache.bits != 3 or d % 32 == 0)
+    words = not simt and path != "slice" and cache.codebook is None and words_ok
+    bn0, warps0, stages0 = launch_config("simt" if simt else "tc" if words else "slice", cache.bits, g)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
@@ -576,6 +602,16 @@ def decode_kivi(
             BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
             DOT_DTYPE=dot_dtype,
             PREFETCH=prefetch, DEFER=defer, FMA=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return combine(m, l_part, acc, torch.empty_like(q))
+    if words:
+        _decode_kivi_words_kernel[(batch * h_kv, n_split + 1)](
+            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
+            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split,
+            BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
+            BLOCK_N=block_n, TAIL_N=16, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
+            num_stages=num_stages, **_maxnreg(block_n, num_warps),
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     _decode_kivi_kernel[(batch * h_kv, n_split + 1)](

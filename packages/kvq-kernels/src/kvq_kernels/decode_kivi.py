@@ -476,10 +476,17 @@ SIMT_CONFIG = (64, 4, 3)
 #: Word-unpack tensor-core path (`decode_kivi_words`) default: H100, 32/8 heads, 128K tokens, batch 1, 4-bit:
 #: (128, 4, 2) 171 us, (128, 4, 1) 172, (64, 4, 2) 204, (128, 8, 2) 226 (benchmarks/tune_decode.py).
 WORDS_CONFIG = (128, 4, 2)
-#: Register cap per (BLOCK_N, num_warps): uncapped, (128, 4) takes 252 registers (2 programs an SM, ncu: 12.5%
-#: occupancy, 66% of issue slots with no eligible warp); capped at 128 (4 programs) it took 160.5 against
-#: 171.5 us at 4-bit and 145.0 against 161.6 at 2-bit; a cap of 168 took 200.5 us (same shape as above).
+#: Register cap per (BLOCK_N, num_warps), for 2/4-bit codes over at most WORDS_MAXNREG_ROWS (batch x kv heads)
+#: rows. Uncapped, (128, 4) takes 252 registers (2 programs an SM; ncu at 32/8 heads, 128K, batch 1: 12.5%
+#: occupancy, 66% of issue slots with no eligible warp). H100, 32/8 heads, 128K, capped / uncapped (us):
+#: batch 1: 4-bit 158.8 / 172.7, 2-bit 144.5 / 164.0, 8-bit 241.1 / 169.7; batch 8: 4-bit 1427.8 / 1343.1,
+#: 2-bit 1314.4 / 1304.2; batch 32: 4-bit 5025.8 / 4789.4, 2-bit 4427.6 / 4683.6. A cap of 168 took 200.5 us
+#: (4-bit, batch 1); 3-bit capped 208 / uncapped 207 us.
 WORDS_MAXNREG = {(128, 4): 128}
+WORDS_MAXNREG_ROWS = 16
+#: The fp16 tail program's tile in the word kernel: its registers count for every program. 32/8 heads, batch 1,
+#: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
+WORDS_TAIL_N = 16
 PATHS = ("auto", "tc", "slice", "simt")
 
 
@@ -500,9 +507,10 @@ def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]
     return bn, SIMT_CONFIG[1], SIMT_CONFIG[2]
 
 
-def _maxnreg(block_n: int, num_warps: int) -> dict:
+def _maxnreg(block_n: int, num_warps: int, bits: int, rows: int) -> dict:
     cap = WORDS_MAXNREG.get((block_n, num_warps))
-    return {"maxnreg": cap} if cap and not interpreting() else {}
+    use = cap and bits in (2, 4) and rows <= WORDS_MAXNREG_ROWS and not interpreting()
+    return {"maxnreg": cap} if use else {}
 
 
 def decode_kivi(
@@ -610,8 +618,8 @@ def decode_kivi(
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
             c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split,
             BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
-            BLOCK_N=block_n, TAIL_N=16, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
-            num_stages=num_stages, **_maxnreg(block_n, num_warps),
+            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
+            num_stages=num_stages, **_maxnreg(block_n, num_warps, c.bits, batch * h_kv),
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     _decode_kivi_kernel[(batch * h_kv, n_split + 1)](

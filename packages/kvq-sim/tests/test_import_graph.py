@@ -13,10 +13,10 @@ SRC = Path(kvq_sim.__file__).parent
 #: Layers, lowest first: a module may import its own layer and those before it, never a later one.
 LAYERS = (
     ("base", ("__init__", "errors", "configs", "files", "fitting")),
-    ("descriptions", ("models", "recipes", "hardware", "grids", "measurements", "deployment")),
+    ("descriptions", ("models", "weightgemv", "recipes", "hardware", "grids", "measurements", "engines", "deployment")),
     ("cost model", ("memory", "latency", "multigpu")),
     ("planner", ("planner", "api")),
-    ("calibration", ("calibrate", "validate", "published")),
+    ("calibration", ("calibrate", "validate", "published", "fitpresets")),
     ("output", ("render", "report_data", "figures", "report", "cli")),
 )
 LAYER = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

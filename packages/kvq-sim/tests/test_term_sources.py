@@ -25,8 +25,25 @@ def test_measured_kernel_and_missing_kernel_are_told_apart():
 def test_transferred_gpu_and_quantized_weights_are_labelled():
     s = _sources(bits="4", gpu="a100-80g", weight_bits=4)
     assert "transferred from h100-80g (not measured on a100-80g)" in s["kv_read"]
-    assert "as if fp16 (quantized GEMV not measured)" in s["weights"]
+    assert s["weights"].startswith("GEMV efficiency 0.783, transferred (rule: 0.7835 fitted on NeMo's A100 TP1 rows")
+    assert "int4 kernel's ratio, transferred (rule: ratio to the fp16 GEMV) from h100-80g" in s["weights"]
     assert s["interconnect"] == "none (1 GPU)"
+
+
+def test_quantized_weight_terms_say_measured_on_the_h100():
+    int4 = _sources(bits="4", weight_bits=4)["weights"]
+    assert "int4 kernel's ratio, measured on h100-80g (torch._weight_int4pack_mm (tinygemm)" in int4
+    # the measured int8 path dequantizes in a separate pass: a fused engine's int8 GEMV is not that kernel
+    int8 = _sources(bits="4", weight_bits=8)["weights"]
+    assert "as if fp16 (the measured int8 path dequantizes in a separate pass" in int8
+    eager = api.plan("llama-7b", "h100-80g", bits="4", weight_bits=8, context=32768, engine="hf-eager")
+    assert "int8 kernel's ratio, measured on h100-80g" in eager.term_sources["weights"]
+    assert "; engine hf-eager: 638.1 us per layer per forward pass (fitted on" in eager.term_sources["launch"]
+    # a GPU without a rule or its own measurement keeps the transferred label
+    assert (
+        _sources(bits="4", gpu="l40s")["weights"]
+        == "GEMV efficiency 0.910, transferred from h100-80g (not measured on l40s)"
+    )
 
 
 @pytest.mark.parametrize("gpus,expect", [(2, "collectives: measured tp2 fit"), (8, "collectives: priors")])

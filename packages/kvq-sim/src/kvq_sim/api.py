@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .deployment import Deployment, deployment
+from .engines import Engine
 from .errors import SimInputError
 from .hardware import GIB, Hardware, load_hardware
 from .latency import (
     StepTime,
+    applied_gemv_kernel,
     attention_family,
     attention_seconds,
     decode_step,
@@ -21,6 +23,7 @@ from .memory import MemoryBreakdown, memory
 from .models import ModelShape, load_model
 from .planner import MAX_BATCH, MAX_CONTEXT_TOKENS, check_weights_fit, max_batch, max_context
 from .recipes import get_recipe
+from .weightgemv import source as gemv_source
 
 #: contexts at which the plan reports max batch (4K, 32K, 128K tokens)
 PROBE_CONTEXTS = (4096, 32768, 131072)
@@ -156,17 +159,21 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
             f"decode attention reads it {reads}"
         )
     return (
-        f"weights: {w}; embeddings and LM head fp16",
-        *extra,
-        f"usable memory per GPU: {hw.usable_memory_gib:.2f} GiB, minus {hw.reserve_bytes / GIB:.2f} GiB CUDA context"
-        " + workspace reserve",
-        f"KV format {f.name}: codes, scales/zeros, outliers, fp16 residual window and sinks, per-layer shared"
-        " tensors all counted (kvq-core formats)",
-        "allocator: tensors > 1 MiB rounded up to 2 MiB, smaller to 512 B; fragmentation not modelled",
-        f"activations: max(decode step, one {dep.prefill_chunk_tokens}-token prefill chunk); fused dequantization",
-        f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
-        f"latency: roofline with {cal} ({hw.source_file})",
-    ) + ((_collectives_note(dep),) if dep.gpus > 1 else ())
+        (
+            f"weights: {w}; embeddings and LM head fp16",
+            *extra,
+            f"usable memory per GPU: {hw.usable_memory_gib:.2f} GiB, minus {hw.reserve_bytes / GIB:.2f} GiB CUDA context"
+            " + workspace reserve",
+            f"KV format {f.name}: codes, scales/zeros, outliers, fp16 residual window and sinks, per-layer shared"
+            " tensors all counted (kvq-core formats)",
+            "allocator: tensors > 1 MiB rounded up to 2 MiB, smaller to 512 B; fragmentation not modelled",
+            f"activations: max(decode step, one {dep.prefill_chunk_tokens}-token prefill chunk); fused dequantization",
+            f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
+            f"latency: roofline with {cal} ({hw.source_file})",
+        )
+        + ((_collectives_note(dep),) if dep.gpus > 1 else ())
+        + ((f"engine {engine_note(dep.engine)}",) if dep.engine else ())
+    )
 
 
 def term_sources(dep: Deployment) -> dict[str, str]:
@@ -180,7 +187,19 @@ def term_sources(dep: Deployment) -> dict[str, str]:
     # leaves them at the file's priors
     step_origin = origin if cal.e2e_measured or not cal.calibrated else f"prior (no decode-step fit on {hw.name})"
     weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, {step_origin}"
-    if dep.weight_bits != 16 or dep.weight_scheme is not None:
+    if cal.weight_gemv_rule:
+        weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, transferred (rule: {cal.weight_gemv_rule})"
+    kernel = applied_gemv_kernel(dep)
+    if kernel:
+        weights += f"; {dep.weights.name} weights x the {kernel} kernel's ratio, " + gemv_source(
+            kernel, hw.name, hw.torch_device_name
+        )
+    elif dep.weights.gemv_kernel:
+        weights += (
+            f"; applied to {dep.weights.name} weights as if fp16 (the measured {dep.weights.gemv_kernel} path "
+            "dequantizes in a separate pass, which a fused engine does not; a fused kernel is not measured)"
+        )
+    elif dep.weight_bits != 16 or dep.weight_scheme is not None:
         weights += f"; applied to {dep.weights.name} weights as if fp16 (quantized GEMV not measured)"
     family = attention_family(dep)
     fit = cal.kernel(family) if family else None
@@ -190,13 +209,36 @@ def term_sources(dep: Deployment) -> dict[str, str]:
         what = f"no fitted kernel family {family}" if family else f"no kvq kernel for {dep.method}"
         eff = cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
         kv = f"{what}: roofline at bandwidth efficiency {eff:.2f} (prior, not a measured kernel)"
-    return {
+    out = {
         "weights": weights,
         "kv_read": kv,
         "compute": f"tensor-core efficiency {cal.tensor_core_efficiency:.2f} (prior)",
         "interconnect": _collectives_note(dep) if dep.gpus > 1 else "none (1 GPU)",
         "launch": f"{cal.kernel_launch_overhead_us:.2f} us per kernel, {step_origin}",
     }
+    if dep.engine is not None:  # the engine's step and layer costs are counted in the launch term
+        out["launch"] += f"; engine {engine_note(dep.engine)}"
+    return out
+
+
+def engine_note(e: Engine) -> str:
+    """The engine preset's overheads with units, and where they come from."""
+    parts = [
+        f"{v:g} {unit}"
+        for v, unit in (
+            (e.request_overhead_ms, "ms per request"),
+            (e.prefill_overhead_ms, "ms per prefill"),
+            (e.step_overhead_us, "us per decode step"),
+            (e.layer_launch_us, "us per layer per forward pass"),
+        )
+        if v
+    ]
+    if e.memory_reserve_fraction:
+        parts.append(f"{e.memory_reserve_fraction:.0%} of memory held back")
+    if e.kv_block_tokens > 1:
+        parts.append(f"KV in blocks of {e.kv_block_tokens} tokens")
+    how = f"fitted on {', '.join(e.fit_sources)} (calibration part)" if e.fitted else "priors"
+    return f"{e.name}: {', '.join(parts) or 'no overhead beyond the roofline'} ({how}; configs/engines/engines.yaml)"
 
 
 def _collectives_note(dep: Deployment) -> str:
@@ -230,6 +272,7 @@ def plan(
     prefix_reads: str = "per-sequence",
     gen_tokens: int | None = None,
     strict_context: bool = False,
+    engine: str | Engine | None = None,
 ) -> PlanResult:
     """Answer a sizing question: with context and batch, does it fit; with one of them, the max of the other.
 
@@ -299,6 +342,7 @@ def plan(
         activation_bits=activation_bits,
         shared_prefix_tokens=shared_prefix_tokens,
         prefix_reads=prefix_reads,
+        engine=engine,
     )
     check_weights_fit(dep)
     base = dep.with_method("fp16")
@@ -420,6 +464,8 @@ def generation_time(dep: Deployment, batch: int, prompt: int, gen_tokens: int) -
     one = prefill_seconds(dep, prompt)
     p = dep.prefix_tokens(prompt)
     prefill_s = one + (batch - 1) * (one - (prefill_seconds(dep, p) if p else 0.0))
+    if dep.engine is not None:  # once per request, before its first token
+        prefill_s += dep.engine.request_overhead_ms * 1e-3
     return GenerationTime(
         prompt_tokens=prompt,
         gen_tokens=gen_tokens,
@@ -477,7 +523,7 @@ def sweep(
                 t = decode_terms(deps[0], b, c)
                 per_context.append((c, mb.total_bytes - mb.reserve_bytes, mb.kv_bytes, t))
             for gname, dep in zip(gpus, deps):
-                g = decode_terms(dep, 1, contexts[0])  # this GPU's bandwidths, peak and launch cost
+                g = decode_terms(dep, b, contexts[0])  # this GPU's bandwidths (per batch), peak and launch cost
                 for c, used, kv, t in per_context:
                     total = used + dep.hardware.reserve_bytes
                     step = (

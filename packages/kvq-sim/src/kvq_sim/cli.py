@@ -83,6 +83,12 @@ def main() -> None:
     "without it such a context is planned with a warning on stderr. A max context the search finds beyond "
     "max_position_embeddings is always printed, with a warning on stderr",
 )
+@click.option(
+    "--engine",
+    default=None,
+    help="serving-engine preset adding its named overheads (configs/engines/engines.yaml: fused, hf-eager, nemo, "
+    "trtllm, vllm); default: the fused roofline alone",
+)
 def plan(
     model,
     gpu,
@@ -101,6 +107,7 @@ def plan(
     parallel,
     fmt,
     strict_context,
+    engine,
 ) -> None:
     """Max context, max batch, memory breakdown and decode speed of one deployment."""
     from . import api, render
@@ -123,6 +130,7 @@ def plan(
             prefix_reads=prefix_reads,
             gen_tokens=gen_tokens,
             strict_context=strict_context,
+            engine=engine,
         )
     except SimInputError as e:
         _fail(str(e))

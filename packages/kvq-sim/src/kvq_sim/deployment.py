@@ -9,6 +9,7 @@ from typing import Literal
 
 from kvq_core.formats import DEFAULT_METHOD_FOR_BITS, METHODS, KVFormat, bits_label, get_format, parse_bits
 
+from .engines import Engine, get_engine
 from .errors import SimInputError
 from .hardware import Hardware, load_hardware
 from .models import ModelShape, load_model
@@ -86,6 +87,7 @@ class Deployment:
     activation_bits: int = 16  # 8 or 4: GEMMs at the INT8 tensor-core peak
     shared_prefix_tokens: int = 0  # of each sequence's context, one prefix stored once per GPU (SCBench)
     prefix_reads: PrefixReads = "per-sequence"  # decode attention reads the prefix per sequence or once
+    engine: Engine | None = None  # serving-engine overheads (kvq_sim.engines); None: the fused roofline alone
 
     def __post_init__(self) -> None:
         m = self.model
@@ -179,6 +181,7 @@ def deployment(
     activation_bits: int = 16,
     shared_prefix_tokens: int = 0,
     prefix_reads: str = "per-sequence",
+    engine: str | Engine | None = None,
 ) -> Deployment:
     """Build a validated Deployment from names (or loaded configs) as the CLI takes them."""
     shape = model if isinstance(model, ModelShape) else load_model(model)
@@ -197,4 +200,5 @@ def deployment(
         activation_bits=activation_bits,
         shared_prefix_tokens=shared_prefix_tokens,
         prefix_reads=prefix_reads,
+        engine=None if engine is None else get_engine(engine),
     )

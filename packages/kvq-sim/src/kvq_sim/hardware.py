@@ -57,6 +57,7 @@ class Calibration:
     framework_workspace_mib: float  # cuBLAS / attention workspaces held during a step
     attention_kernels: tuple[KernelFit, ...] = ()  # fitted kernel families; empty when uncalibrated
     transferred_from: str = ""  # the measured GPU this calibration was carried over from; "" if none
+    weight_gemv_rule: str = ""  # a fitted transfer rule that set weight_bandwidth_efficiency (transfer-rules.yaml)
     e2e_measured: bool = False  # weight GEMV efficiency and per-kernel cost fitted on decode steps (`e2e_fit`)
 
     @property
@@ -563,10 +564,38 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
     return out
 
 
-def load_hardware(name_or_path: str, calibration_fit: Path | None = None) -> Hardware:
+def load_hardware(name_or_path: str, calibration_fit: Path | None = None, transfer_rules: bool = True) -> Hardware:
     """A GPU or node by exact name (configs/hardware/<name>.yaml) or from a user's YAML path; with
-    `calibration_fit`, that fit file instead of the one the GPU file names."""
-    return _load(resolve("hardware", name_or_path), fit_file=calibration_fit)[1]
+    `calibration_fit`, that fit file instead of the one the GPU file names; `transfer_rules`: apply the fitted
+    rules of TRANSFER_RULES_FILE (off only to fit them)."""
+    hw = _load(resolve("hardware", name_or_path), fit_file=calibration_fit)[1]
+    return with_transfer_rules(hw) if transfer_rules else hw
+
+
+#: fitted transfer rules (docs/transfer-rules.md), written by `python -m kvq_sim.fitpresets --write`
+TRANSFER_RULES_FILE = CONFIG_DIR / "hardware" / "fits" / "transfer-rules.yaml"
+
+
+def with_transfer_rules(hw: Hardware, rules: dict | None = None) -> Hardware:
+    """`hw` with the fitted weight-GEMV efficiency of transfer-rules.yaml when its calibration is transferred
+    (never over a GPU's own measurements) and the file names it in `weight_gemv.<rule>.gpus`."""
+    if hw.calibration.calibrated or not hw.calibration.transferred_from:
+        return hw
+    if rules is None:
+        if not TRANSFER_RULES_FILE.is_file():
+            return hw
+        rules = read_yaml(TRANSFER_RULES_FILE).get("weight_gemv") or {}
+    where = display_path(TRANSFER_RULES_FILE)
+    for name, rule in rules.items():
+        if hw.name in rule.get("gpus", ()):
+            eff = rule.get("efficiency")
+            if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not MIN_EFFICIENCY <= eff <= 1:
+                raise SimInputError(
+                    f"{where}: weight_gemv.{name}.efficiency must be in {MIN_EFFICIENCY}..1, got {eff!r}"
+                )
+            cal = replace(hw.calibration, weight_bandwidth_efficiency=float(eff), weight_gemv_rule=str(rule["what"]))
+            return replace(hw, calibration=cal)
+    return hw
 
 
 def hardware_names() -> list[str]:

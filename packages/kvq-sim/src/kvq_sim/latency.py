@@ -19,6 +19,8 @@ from .deployment import Deployment
 from .grids import launch, wave_factor
 from .hardware import Hardware, KernelFit
 from .memory import kv_layer_groups, kv_tokens_per_gpu, linear_tensor_bytes, weight_bytes
+from .weightgemv import dequant as gemv_dequant
+from .weightgemv import ratio as gemv_ratio
 
 # Kernels per layer in a decode step: 2 RMSNorms, qkv GEMV, RoPE + cache append, attention (+ split-KV
 # combine), o_proj, gate/up GEMV, activation, down GEMV. Plus 4 per step: embedding, final norm, LM head,
@@ -144,6 +146,25 @@ def eager_step_us(hw: Hardware, weight_read_bytes: float, layers: int, attention
     return gemv_us + layers * attention_us_per_layer + kernels * cal.kernel_launch_overhead_us
 
 
+def weight_efficiency(dep: Deployment, tokens):
+    """Fraction of HBM bandwidth the weight GEMVs of `tokens` tokens each (int or numpy array) stream at: the
+    fp16 GEMV efficiency, times the measured quantized/fp16 ratio of the scheme's kernel when it names one
+    (kvq_sim.weightgemv). E.g. int4 on h100-80g at batch 1: 0.9101 * 0.6733 = 0.613."""
+    eff = dep.hardware.calibration.weight_bandwidth_efficiency
+    kernel = applied_gemv_kernel(dep)
+    return eff * gemv_ratio(kernel, tokens) if kernel else eff
+
+
+def applied_gemv_kernel(dep: Deployment) -> str:
+    """The measured kernel whose ratio costs this deployment's weights, "" for none: a kernel measured as a
+    separate dequantize pass (int8: 2.2-2.5x the fp16 time, the 5 bytes moved per weight of an int8 read, a bf16
+    write and its read) applies only to engines that dequantize separately (engines.separate_dequant)."""
+    kernel = dep.weights.gemv_kernel
+    if kernel and gemv_dequant(kernel) == "separate" and not (dep.engine and dep.engine.separate_dequant):
+        return ""
+    return kernel
+
+
 def _kv_efficiency(dep: Deployment) -> float:
     cal = dep.hardware.calibration
     return cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
@@ -212,7 +233,7 @@ class DecodeTerms:
     gemm_flops: object
     kv_bytes: object
     attn_flops: object
-    weight_bw: float  # bytes/s after efficiency
+    weight_bw: object  # bytes/s after efficiency (over batch when a quantized kernel's ratio depends on it)
     kv_bw: float
     peak_flops: float  # FLOP/s after efficiency
     interconnect_s: object
@@ -286,7 +307,7 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
         * batch
         * dep.kv_format.stored_tokens(tokens)
         * (4 * dep.heads_per_gpu * m.head_dim + remat_flops_per_token(dep)),
-        weight_bw=hbm * cal.weight_bandwidth_efficiency,
+        weight_bw=hbm * weight_efficiency(dep, batch),
         kv_bw=hbm * eff,
         peak_flops=hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency,
         interconnect_s=comm,
@@ -313,7 +334,7 @@ def decode_step(dep: Deployment, batch: int, context: int) -> StepTime:
         kv_s=kv_mem * scale,
         compute_s=(w_cmp + kv_cmp) * scale,
         interconnect_s=t.interconnect_s,
-        launch_s=t.launch_s * scale,
+        launch_s=t.launch_s * scale + (dep.engine.step_s(dep.model.num_hidden_layers) if dep.engine else 0.0),
         weight_read_bytes=int(t.weight_bytes),
         kv_read_bytes=t.kv_bytes,
         flops=t.gemm_flops + t.attn_flops,
@@ -331,17 +352,22 @@ def prefill_seconds(dep: Deployment, prompt: int) -> float:
     """First-order time to prefill one `prompt`-token sequence in chunks, per GPU (compute or weight bound).
 
     FLOPs: 2 * prompt * active linear params (split by tp, or tokens split by cp) plus causal attention
-    4 * heads * head_dim * prompt^2 / 2 per layer; bytes: the weights once per chunk.
+    4 * heads * head_dim * prompt^2 / 2 per layer; bytes: the weights once per chunk, at the weight kernel's
+    efficiency for a chunk of tokens.
     """
     m, hw, cal = dep.model, dep.hardware, dep.hardware.calibration
     chunks = math.ceil(prompt / dep.prefill_chunk_tokens)
     linear = m.active_params - m.embedding_params + m.vocab_size * m.hidden_size
     flops = (2 * prompt * linear + m.num_hidden_layers * 2 * m.num_attention_heads * m.head_dim * prompt**2) / dep.gpus
+    # at the fp16 peak whatever the activation bits: an INT8/FP8 peak made the calibration part's 8-bit rows
+    # worse (QServe W4A8 MAPE 18.4 -> 37.7%, TensorRT-LLM H200 FP8 TP1 17.6 -> 26.9%)
     t_cmp = flops / (hw.fp16_dense_tflops * 1e12 * cal.tensor_core_efficiency)
-    t_mem = chunks * weight_bytes(dep)[0] / (hw.hbm_bandwidth_gb_s * 1e9 * cal.weight_bandwidth_efficiency)
+    eff = weight_efficiency(dep, min(prompt, dep.prefill_chunk_tokens))
+    t_mem = chunks * weight_bytes(dep)[0] / (hw.hbm_bandwidth_gb_s * 1e9 * eff)
     comm = 0.0
     if dep.tp > 1:
         msg = min(prompt, dep.prefill_chunk_tokens) * m.hidden_size * 2
         per = hw.interconnect_latency_us * 1e-6 + 2 * (dep.tp - 1) / dep.tp * msg / hw.link_bandwidth_bytes_s
         comm = chunks * m.num_hidden_layers * ALL_REDUCES_PER_LAYER * per
-    return max(t_cmp, t_mem) + comm
+    engine_s = dep.engine.prefill_s(m.num_hidden_layers) if dep.engine else 0.0
+    return max(t_cmp, t_mem) + comm + engine_s

@@ -257,6 +257,11 @@ def activation_terms(dep: Deployment, context: int) -> tuple[int, int]:
 def memory(dep: Deployment, batch, context: int) -> MemoryBreakdown:
     """Per-GPU memory holding `batch` sequences of `context` tokens each (batch may be a numpy int array)."""
     weights_exact, weights_alloc = weight_bytes(dep)
+    usable = dep.hardware.usable_memory_bytes
+    if dep.engine is not None:  # a paged engine allocates whole blocks and keeps a share of memory back
+        block = dep.engine.kv_block_tokens
+        context = -(-context // block) * block
+        usable = int(usable * (1 - dep.engine.memory_reserve_fraction))
     tokens = kv_tokens_per_gpu(dep, context)
     groups = kv_layer_groups(dep, context)
     kv_alloc = kv_exact = 0
@@ -292,7 +297,7 @@ def memory(dep: Deployment, batch, context: int) -> MemoryBreakdown:
         activation_bytes=_max(batch * decode, prefill),
         allocator_rounding_bytes=weights_alloc - weights_exact + kv_alloc - kv_exact,
         reserve_bytes=dep.hardware.reserve_bytes,
-        usable_bytes=dep.hardware.usable_memory_bytes,
+        usable_bytes=usable,
         kv_shared_prefix_bytes=parts["prefix"],
         kv_tiers_bytes=parts["tiers"],
     )

@@ -44,8 +44,9 @@ WEIGHTS: dict[str, WeightScheme] = {
     "fp8": WeightScheme("fp8, one scale per tensor", 8),
     "int8-channel": WEIGHT_SCHEMES[8],
     "fp8-channel": WeightScheme("fp8, fp32 scale per row (fbgemm)", 8, channel_scale_bytes=4),
-    "int4-g32": WeightScheme("int4, group 32 bf16 scale + zero (gpt-fast)", 4, 32, 2, 2),
+    "int4-g32": WeightScheme("int4, group 32 bf16 scale + zero (gpt-fast)", 4, 32, 2, 2, gemv_kernel="int4"),
     "int4-g128": WEIGHT_SCHEMES[4],
+    # AutoAWQ's own GEMM/GEMV kernels, not the measured tinygemm: streamed at the fp16 efficiency
     "int4-g128-awq": WeightScheme("int4, group 128 fp16 scale + packed int4 zero (AWQ)", 4, 128, 2, 0.5),
     "nf4-b64": WeightScheme("nf4, fp32 absmax per 64 (bitsandbytes)", 4, 64, 4),
     # double quantization: int8 absmax per 64 plus one fp32 scale per 256 absmax blocks
@@ -56,6 +57,21 @@ WEIGHTS: dict[str, WeightScheme] = {
 ACTIVATIONS = {"fp16": 16, "bf16": 16, "fp8": 8, "int8": 8}
 #: kv_precision -> (kvq-core method, bits)
 KV = {"fp16": ("fp16", None), "bf16": ("fp16", None), "fp8": ("fp8-e4m3", "8"), "int4": ("int", "4")}
+#: engine as the source names it -> kvq-sim engine preset (configs/engines/engines.yaml). Presets are fitted on
+#: calibration-part sources only; an engine seen only in held-out sources gets the fused roofline, with why.
+ENGINES = {
+    "Hugging Face transformers (eager) under optimum-benchmark": "hf-eager",
+    # eager PyTorch like transformers: one Python-launched kernel per op, no CUDA graph
+    "LitGPT generate/base.py (eager PyTorch 2.1.0, bitsandbytes 0.41.1)": "hf-eager",
+    "NeMo Framework inference (TensorRT-LLM)": "nemo",
+    "TensorRT-LLM": "trtllm",
+    # QServe's own engine: no preset of its own (its 10 points are the QServe kernels' only evidence)
+    "QServe (in-flight batching off)": "fused",
+    # held-out only: torch.compile with CUDA graphs ("reduce-overhead"), a fused engine by construction
+    "gpt-fast (torch.compile)": "fused",
+    # held-out only: TurboMind is a C++ engine with fused kernels; no calibration point to fit overheads on
+    "LMDeploy TurboMind": "fused",
+}
 #: the chip of a multi-GPU node config, so that a node's points and its single GPU's share one class
 NODE_CHIP = {"8x-a100-80g": "a100-80g", "8x-h100": "h100-80g", "4x-l40s": "l40s"}
 WORST_SHOWN = 8
@@ -225,7 +241,7 @@ def parse_row(row: dict, line: int, where: str, models: list[str], gpus: list[st
     n = {c: _int(row, c, at) for c in ("gpu_count", "tp", "pp", "cp", "batch", "prompt_tokens", "output_tokens")}
     if n["tp"] * n["pp"] * n["cp"] != n["gpu_count"]:
         raise SimInputError(f"{at}: gpu_count {n['gpu_count']} is not tp * pp * cp = {n['tp'] * n['pp'] * n['cp']}")
-    for col in ("point_id", "source", "engine", "citation"):
+    for col in ("point_id", "source", "citation"):
         if not row[col].strip():
             raise SimInputError(f"{at}: {col} is empty")
     return Point(
@@ -237,7 +253,7 @@ def parse_row(row: dict, line: int, where: str, models: list[str], gpus: list[st
         weight_precision=_choice(row, "weight_precision", tuple(WEIGHTS), at),
         activation_precision=_choice(row, "activation_precision", tuple(ACTIVATIONS), at),
         kv_precision=_choice(row, "kv_precision", tuple(KV), at),
-        engine=row["engine"].strip(),
+        engine=_choice(row, "engine", tuple(ENGINES), at),
         metric=metric,
         value=value,
         unit=unit,
@@ -286,9 +302,12 @@ def load(path: str | Path = DEFAULT_CSV) -> list[Point]:
 # ---------------------------------------------------------------- prediction
 
 
-def predict(p: Point) -> Result:
-    """kvq-sim's prediction of one point through the public API, or the reason it cannot express it."""
+def predict(p: Point, engines: dict | None = None, hardware: dict | None = None) -> Result:
+    """kvq-sim's prediction of one point through the public API, or the reason it cannot express it.
+    engines / hardware: preset name -> Engine, gpu name -> Hardware to use instead of the committed ones
+    (the fits of kvq_sim.fitpresets evaluate candidates this way)."""
     from .api import deployment, generation_time
+    from .engines import get_engine
     from .hardware import load_hardware
     from .latency import prefill_seconds
     from .memory import memory
@@ -298,9 +317,14 @@ def predict(p: Point) -> Result:
         return Result(p, None, f"pipeline parallelism (pp={p.pp}) is not modelled")
     if p.tp > 1 and p.cp > 1:
         return Result(p, None, "tensor and context parallelism together are not modelled")
+    name = ENGINES[p.engine]
+    engine = (engines or {}).get(name) or get_engine(name)
     method, bits = KV[p.kv_precision]
     scheme = WEIGHTS[p.weight_precision]
-    shape, hw = load_model(p.model), load_hardware(p.gpu)  # a broken config is an error, not a point's reason
+    shape, hw = (
+        load_model(p.model),
+        (hardware or {}).get(p.gpu) or load_hardware(p.gpu),
+    )  # a broken config is an error, not a point's reason
     try:
         dep = deployment(
             shape,
@@ -312,6 +336,7 @@ def predict(p: Point) -> Result:
             "cp" if p.cp > 1 else "tp",
             weight_scheme=scheme,
             activation_bits=ACTIVATIONS[p.activation_precision],
+            engine=engine,
         )
     except SimInputError as e:
         return Result(p, None, str(e))
@@ -323,7 +348,8 @@ def predict(p: Point) -> Result:
         need, have = mb.total_bytes / 2**30, mb.usable_bytes / 2**30
         return Result(p, None, f"does not fit kvq-sim's memory model: {need:.1f} GiB per GPU, {have:.1f} GiB usable")
     if p.output_tokens == 1:  # the prefill produces the first (only) token
-        prefill_s, decode_s = p.batch * prefill_seconds(dep, p.prompt_tokens), 0.0
+        prefill_s = p.batch * prefill_seconds(dep, p.prompt_tokens) + engine.request_overhead_ms * 1e-3
+        decode_s = 0.0
     else:
         g = generation_time(dep, p.batch, p.prompt_tokens, p.output_tokens - 1)
         prefill_s, decode_s = g.prefill_s, g.decode_s

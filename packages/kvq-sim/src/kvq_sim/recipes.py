@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SimInputError
+from .weightgemv import KERNELS as GEMV_KERNELS
 
 FP16_BYTES = 2
 
@@ -42,12 +43,17 @@ class WeightScheme:
     group_zero_bytes: float = 0.0
     channel_scale_bytes: int = 0
     citation: str = ""
+    # the weight-only GEMV kernel that streams it, as measured by kvq_sim.weightgemv ("int8", "int4");
+    # "": no measured kernel, streamed at the fp16 GEMV efficiency
+    gemv_kernel: str = ""
 
     def __post_init__(self) -> None:
         if self.bits not in (16, 8, 4, 2):
             raise SimInputError(f"weight bits must be one of 16, 8, 4, 2, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             raise SimInputError(f"weight group size must be >= 1, got {self.group_size}")
+        if self.gemv_kernel not in ("", *GEMV_KERNELS):
+            raise SimInputError(f"unknown weight GEMV kernel {self.gemv_kernel!r}; valid: {', '.join(GEMV_KERNELS)}")
 
     def linear_tensor_bytes(self, out_features: int, in_features: int) -> tuple[int, ...]:
         """Bytes of the tensors holding one [out, in] weight; zero-byte tensors are left out."""
@@ -69,8 +75,8 @@ class WeightScheme:
 #: arXiv:2306.00978 sec. 4; GPTQ states its 2-bit results with the same grouping).
 WEIGHT_SCHEMES: dict[int, WeightScheme] = {
     16: WeightScheme("fp16", 16),
-    8: WeightScheme("int8, per-row fp16 scale", 8, channel_scale_bytes=FP16_BYTES),
-    4: WeightScheme("int4, group 128 fp16 scale+zero", 4, 128, FP16_BYTES, FP16_BYTES),
+    8: WeightScheme("int8, per-row fp16 scale", 8, channel_scale_bytes=FP16_BYTES, gemv_kernel="int8"),
+    4: WeightScheme("int4, group 128 fp16 scale+zero", 4, 128, FP16_BYTES, FP16_BYTES, gemv_kernel="int4"),
     2: WeightScheme("int2, group 128 fp16 scale+zero", 2, 128, FP16_BYTES, FP16_BYTES),
 }
 

@@ -246,9 +246,10 @@ def _collectives_note(dep: Deployment) -> str:
     hw, name = dep.hardware, layout(dep)
     f = hw.collective(name)
     if f is None:
+        rule = f"; transferred (rule: {hw.interconnect_rule})" if hw.interconnect_rule else ""
         return (
             f"collectives: priors ({hw.interconnect_latency_us:g} us per call, datasheet link x "
-            f"{hw.calibration.interconnect_efficiency:g}); {name} not measured on {hw.name}"
+            f"{hw.calibration.interconnect_efficiency:g}); {name} not measured on {hw.name}{rule}"
         )
     bw = f"{f.bandwidth_gb_s:,.0f} GB/s" if f.bandwidth_gb_s else "per-byte cost not resolved"
     return f"collectives: measured {name} fit, {f.latency_us:.1f} us per call, {bw} ({hw.collectives_source})"

@@ -167,7 +167,7 @@ def fit_published() -> tuple[dict, dict]:
     # 2. the A100 weight-GEMV efficiency: NeMo's A100 TP1 rows at the fitted NeMo cost, a 1-D search
     a100_pts = of("nemo", ("nemo-llama2-inference",), lambda p: p.gpu == "a100-80g" and p.tp == 1)
     meas = np.array([p.measured for p in a100_pts])
-    base = {g: load_hardware(g, transfer_rules=False) for g in A100_GPUS}
+    base = {g: load_hardware(g, transfer_rules=False) for g in A100_GPUS}  # the rules are what is fitted
 
     def at(eff: float) -> dict:
         return {g: replace(h, calibration=replace(h.calibration, weight_bandwidth_efficiency=float(eff)))
@@ -197,14 +197,39 @@ def fit_published() -> tuple[dict, dict]:
         }
     }
     hardware = at(eff)
-    # 3. eager PyTorch: a host cost per layer per forward pass, on every eager row whose weights kvq-sim can
+    # 3. the A100 node's all-reduce latency per extra GPU: NeMo's A100 TP2-8 rows (not used above), given the
+    # NeMo cost and the A100 efficiency; a ring all-reduce's latency grows with its N - 1 steps
+    tp_pts = of("nemo", ("nemo-llama2-inference",), lambda p: p.gpu == "8x-a100-80g" and p.tp > 1)
+    tp_meas = np.array([p.measured for p in tp_pts])
+    node = hardware["8x-a100-80g"]
+    y0 = _predict(tp_pts, presets, hardware)
+    y1 = _predict(tp_pts, presets, {**hardware, "8x-a100-80g": replace(node, interconnect_hop_latency_us=1.0)})
+    hop = float(nnls(((y1 - y0) / tp_meas)[:, None], (tp_meas - y0) / tp_meas)[0])
+    hop = float(f"{hop:.4g}")
+    hardware = {**hardware, "8x-a100-80g": replace(node, interconnect_hop_latency_us=hop)}
+    after = _predict(tp_pts, presets, hardware) / tp_meas - 1
+    rules["collectives"] = {
+        "a100": {
+            "gpus": ["8x-a100-80g"],
+            "hop_latency_us": hop,
+            "what": f"+{hop:g} us per all-reduce per GPU beyond the first, fitted on NeMo's A100 TP2-8 rows "
+            "of the calibration part",
+            "fit": {
+                "points": [p.point_id for p in tp_pts],
+                "given": f"nemo request_overhead_ms {presets['nemo'].request_overhead_ms:g}, A100 GEMV {eff:g}",
+                "mape_pct_before": round(float(np.mean(np.abs(y0 / tp_meas - 1))) * 100, 2),
+                "mape_pct_after": round(float(np.mean(np.abs(after))) * 100, 2),
+            },
+        }
+    }
+    # 4. eager PyTorch: a host cost per layer per forward pass, on every eager row whose weights kvq-sim can
     # stream (NF4 is dequantized by bitsandbytes, a kernel kvq-sim has no measurement of)
     hf_src = spec["hf-eager"]["fitted"]["layer_launch_us"]
     hf_pts = of("hf-eager", hf_src, lambda p: not p.weight_precision.startswith("nf4") and p.pp == 1)
     v, info = _fit_linear(hf_pts, presets["hf-eager"], ("layer_launch_us",), hardware)
     presets["hf-eager"] = replace(presets["hf-eager"], **v)
     out_engines["hf-eager"] = {**v, "fit": info}
-    # 4. TensorRT-LLM: a cost per decode step on the H200 blog's TP1 rows (its one TP2 row is the
+    # 5. TensorRT-LLM: a cost per decode step on the H200 blog's TP1 rows (its one TP2 row is the
     # long-generation tensor-parallel gap, which a per-step constant does not describe)
     # long-generation tensor-parallel gap, which a per-step constant does not describe). Recorded, not used:
     # engines.yaml keeps a step cost only if it is below a whole batch-1 step of a 7B model (6-7 ms on an H100)

@@ -113,6 +113,10 @@ class Hardware:
     boost_clock_mhz: float | None = None  # SM boost clock: scales per-element (CUDA-core) costs in transfer
     collectives: tuple[CollectiveFit, ...] = ()  # measured multi-GPU layouts (`collectives_fit:` file)
     collectives_source: str = ""  # the fit file and the measurements it came from
+    # a fitted transfer rule's all-reduce latency per extra GPU, added to interconnect_latency_us for layouts
+    # without a measured fit (transfer-rules.yaml); 0: none
+    interconnect_hop_latency_us: float = 0.0
+    interconnect_rule: str = ""
 
     def collective(self, layout: str) -> CollectiveFit | None:
         """The measured fit of a layout ("tp2"), or None where the interconnect priors apply."""
@@ -577,24 +581,32 @@ TRANSFER_RULES_FILE = CONFIG_DIR / "hardware" / "fits" / "transfer-rules.yaml"
 
 
 def with_transfer_rules(hw: Hardware, rules: dict | None = None) -> Hardware:
-    """`hw` with the fitted weight-GEMV efficiency of transfer-rules.yaml when its calibration is transferred
-    (never over a GPU's own measurements) and the file names it in `weight_gemv.<rule>.gpus`."""
+    """`hw` with the fitted rules of transfer-rules.yaml whose `gpus` name it, when its calibration is
+    transferred (never over a GPU's own measurements): `weight_gemv` sets the weight-GEMV efficiency,
+    `collectives` an all-reduce latency per extra GPU for layouts without a measured fit."""
     if hw.calibration.calibrated or not hw.calibration.transferred_from:
         return hw
     if rules is None:
         if not TRANSFER_RULES_FILE.is_file():
             return hw
-        rules = read_yaml(TRANSFER_RULES_FILE).get("weight_gemv") or {}
+        rules = read_yaml(TRANSFER_RULES_FILE)
     where = display_path(TRANSFER_RULES_FILE)
-    for name, rule in rules.items():
+
+    def number(rule: dict, key: str, at: str, low: float, high: float) -> float:
+        v = rule.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise SimInputError(f"{where}: {at}.{key} must be in {low:g}..{high:g}, got {v!r}")
+        return float(v)
+
+    for name, rule in (rules.get("weight_gemv") or {}).items():
         if hw.name in rule.get("gpus", ()):
-            eff = rule.get("efficiency")
-            if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not MIN_EFFICIENCY <= eff <= 1:
-                raise SimInputError(
-                    f"{where}: weight_gemv.{name}.efficiency must be in {MIN_EFFICIENCY}..1, got {eff!r}"
-                )
-            cal = replace(hw.calibration, weight_bandwidth_efficiency=float(eff), weight_gemv_rule=str(rule["what"]))
-            return replace(hw, calibration=cal)
+            eff = number(rule, "efficiency", f"weight_gemv.{name}", MIN_EFFICIENCY, 1)
+            cal = replace(hw.calibration, weight_bandwidth_efficiency=eff, weight_gemv_rule=str(rule["what"]))
+            hw = replace(hw, calibration=cal)
+    for name, rule in (rules.get("collectives") or {}).items():
+        if hw.name in rule.get("gpus", ()):
+            hop = number(rule, "hop_latency_us", f"collectives.{name}", 0, 1e4)
+            hw = replace(hw, interconnect_hop_latency_us=hop, interconnect_rule=str(rule["what"]))
     return hw
 
 

@@ -294,7 +294,8 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     calls, comm_bytes = collective_terms(dep, batch)
     fit = hw.collective(layout(dep))
     if fit is None:  # priors: the datasheet link at the calibrated efficiency, a fixed latency per call
-        comm = calls * hw.interconnect_latency_us * 1e-6 + comm_bytes / hw.link_bandwidth_bytes_s
+        call_us = hw.interconnect_latency_us + hw.interconnect_hop_latency_us * (dep.gpus - 1)
+        comm = calls * call_us * 1e-6 + comm_bytes / hw.link_bandwidth_bytes_s
     else:
         comm = calls * fit.latency_us * 1e-6 + (comm_bytes / (fit.bandwidth_gb_s * 1e9) if fit.bandwidth_gb_s else 0)
     return DecodeTerms(
@@ -367,7 +368,8 @@ def prefill_seconds(dep: Deployment, prompt: int) -> float:
     comm = 0.0
     if dep.tp > 1:
         msg = min(prompt, dep.prefill_chunk_tokens) * m.hidden_size * 2
-        per = hw.interconnect_latency_us * 1e-6 + 2 * (dep.tp - 1) / dep.tp * msg / hw.link_bandwidth_bytes_s
+        call_us = hw.interconnect_latency_us + hw.interconnect_hop_latency_us * (dep.tp - 1)
+        per = call_us * 1e-6 + 2 * (dep.tp - 1) / dep.tp * msg / hw.link_bandwidth_bytes_s
         comm = chunks * m.num_hidden_layers * ALL_REDUCES_PER_LAYER * per
     engine_s = dep.engine.prefill_s(m.num_hidden_layers) if dep.engine else 0.0
     return max(t_cmp, t_mem) + comm + engine_s

@@ -5,8 +5,8 @@ A decode step streams quantized weights at weight_gemv_efficiency * ratio(kernel
 taken against the fp16 GEMV of the same benchmark run (same shapes, same L2 flushing), so what it carries
 is the kernel's dequantization cost, not the harness; on the measured GPU it is "measured", on every other
 GPU the same ratio is applied to that GPU's fp16 GEMV efficiency ("transferred (rule)",
-docs/transfer-rules.md). E.g. int4 tinygemm at 1 token on the H100: 107.6 MB in 64.8 us against fp16's
-404.8 MB in 164.3 us, ratio (107.6 / 64.8) / (404.8 / 164.3) = 0.674.
+docs/transfer-rules.md). E.g. int4 tinygemm at 1 token on the H100: 107.5 MB in 64.81 us against fp16's
+404.8 MB in 164.27 us, ratio (107.5 / 64.81) / (404.8 / 164.27) = 0.673.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ class KernelRatio:
     ratio: tuple[float, ...]  # (quantized bytes / time) / (fp16 bytes / time) at each token count
 
     def at(self, tokens):
-        """The ratio at `tokens` (int or numpy array): linear in log2(tokens) between measured counts,
-        the nearest measured one outside them. E.g. int4 at 1 and 8 tokens 0.674 and 0.302: 0.488 at 3 tokens
-        would be 0.674 + (0.302 - 0.674) * log2(3) / 3 = 0.477."""
+        """The ratio at `tokens` (int or numpy array): linear in log2(tokens) between measured counts, the
+        nearest measured one outside them. E.g. int4 0.6733 at 1 token and 0.307 at 8: at 3 tokens
+        0.6733 + (0.307 - 0.6733) * log2(3) / log2(8) = 0.4798; at 256 tokens the 64-token ratio."""
         import numpy as np
 
         x = np.log2(np.maximum(np.asarray(tokens, dtype=float), 1.0))

@@ -33,6 +33,54 @@ from kvq_kernels.benchmarking import (
     sweep,
 )
 
+#: The decode targets (H100, head_dim 128, group 128): speedup over SDPA fp16 at batch 1, 128K, per head layout.
+SPEEDUP_TARGETS = {(32, 32, 4): 3.3, (32, 32, 2): 5.5, (32, 8, 4): 3.0, (32, 8, 2): 5.0}
+#: Least fraction of the streaming read on points reading >= 256 MB, per bit width.
+BANDWIDTH_TARGETS = {8: 0.75, 4: 0.75, 3: 0.65, 2: 0.65}
+
+
+def print_targets(csv_path: str) -> None:
+    """The targets above, and never slower than SDPA at >= 16K tokens (>= 0.9x at 4K, batch 1), from a sweep CSV."""
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    kivi = [r for r in rows if r["impl"] == "kvq_kivi"]
+    key = lambda r: (int(r["q_heads"]), int(r["kv_heads"]), int(r["batch"]), int(r["context"]), int(r["bits"]))  # noqa: E731
+    at = {key(r): r for r in kivi}
+    print(f"targets from {csv_path} (commit {rows[0]['commit']}, {rows[0]['device']}):")
+    for (hq, hkv, bits), goal in SPEEDUP_TARGETS.items():
+        r = at.get((hq, hkv, 1, 131072, bits))
+        sp = float(r["speedup_vs_sdpa"]) if r else float("nan")
+        print(
+            f"  {hq}/{hkv} {bits}-bit batch 1 128K: {sp:.2f}x SDPA (goal >= {goal}x) {'met' if sp >= goal else 'missed'}"
+        )
+    for hq, hkv in {(k[0], k[1]) for k in SPEEDUP_TARGETS}:
+        r3, r4 = at.get((hq, hkv, 1, 131072, 3)), at.get((hq, hkv, 1, 131072, 4))
+        if r3 and r4:
+            t3, t4 = float(r3["time_us"]), float(r4["time_us"])
+            print(
+                f"  {hq}/{hkv} 3-bit vs 4-bit batch 1 128K: {t3:.1f} vs {t4:.1f} us {'met' if t3 <= t4 else 'missed'}"
+            )
+    slow = [r for r in kivi if r["speedup_vs_sdpa"] and int(r["context"]) >= 16384 and float(r["speedup_vs_sdpa"]) < 1]
+    print(f"  slower than SDPA at >= 16K: {len(slow)} of {sum(int(r['context']) >= 16384 for r in kivi)} points")
+    for r in slow:
+        print(
+            f"    {r['q_heads']}/{r['kv_heads']} {r['bits']}-bit batch {r['batch']} {r['context']}: {float(r['speedup_vs_sdpa']):.2f}x"
+        )
+    low = [r for r in kivi if r["batch"] == "1" and r["context"] == "4096" and float(r["speedup_vs_sdpa"]) < 0.9]
+    print(
+        f"  batch 1 4K under 0.9x SDPA: {len(low)} points "
+        + ", ".join(f"{r['q_heads']}/{r['kv_heads']} {r['bits']}-bit" for r in low)
+    )
+    for bits, goal in BANDWIDTH_TARGETS.items():
+        big = [r for r in kivi if int(r["bits"]) == bits and int(r["bytes_read"]) >= 256 * 2**20]
+        ok = [r for r in big if float(r["frac_of_hbm_read"]) >= goal]
+        worst = min(big, key=lambda r: float(r["frac_of_hbm_read"]), default=None)
+        best = max(big, key=lambda r: float(r["frac_of_hbm_read"]), default=None)
+        if worst:
+            print(f"  {bits}-bit >= 256 MB: {len(ok)} of {len(big)} points at >= {goal:.0%} of the streaming read; "
+                  f"range {float(worst['frac_of_hbm_read']):.0%}-{float(best['frac_of_hbm_read']):.0%}")  # fmt: skip
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -55,10 +103,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop the sweep after this many seconds")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--name", default="kernel_decode_h100.csv", help="CSV file name under --out")
+    ap.add_argument("--targets", metavar="CSV", help="print the targets met / missed by a sweep CSV and exit (no GPU)")
     ap.add_argument(
         "--configs", choices=("probe", "default"), default="probe", help="probe launch configs, or decode_kivi's"
     )
     args = ap.parse_args()
+    if args.targets:
+        print_targets(args.targets)
+        return
     t_start = time.time()
     prov = provenance(args.commit, CSV_FIELDS)
     print(prov)

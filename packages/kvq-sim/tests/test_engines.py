@@ -98,7 +98,10 @@ def test_fused_preset_changes_no_number_and_plan_default_has_no_engine():
     plain, fused = api.plan("llama-7b", "h100-80g", **kw), api.plan("llama-7b", "h100-80g", engine="fused", **kw)
     assert plain.decode == fused.decode and plain.memory == fused.memory
     assert "engine" not in plain.term_sources["launch"] and not any("engine" in a for a in plain.assumptions)
-    assert "; engine fused: no overhead beyond the roofline (priors" in fused.term_sources["launch"]
+    assert "; engine fused: no overhead beyond the roofline (kvq-sim's latency model" in fused.term_sources["launch"]
+    listing = CliRunner().invoke(main, ["list", "engines"])
+    assert listing.exit_code == 0 and listing.output.splitlines()[0].startswith("fused     one fused engine")
+    assert "trtllm: no overhead beyond the roofline (calibration part (trtllm-h200-blog)" in listing.output
 
 
 def test_committed_presets_say_where_they_come_from():

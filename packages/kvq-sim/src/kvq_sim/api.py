@@ -237,7 +237,7 @@ def engine_note(e: Engine) -> str:
         parts.append(f"{e.memory_reserve_fraction:.0%} of memory held back")
     if e.kv_block_tokens > 1:
         parts.append(f"KV in blocks of {e.kv_block_tokens} tokens")
-    how = f"fitted on {', '.join(e.fit_sources)} (calibration part)" if e.fitted else "priors"
+    how = f"fitted on {', '.join(e.fit_sources)} (calibration part)" if e.fitted else e.source
     return f"{e.name}: {', '.join(parts) or 'no overhead beyond the roofline'} ({how}; configs/engines/engines.yaml)"
 
 

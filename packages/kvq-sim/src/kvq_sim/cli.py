@@ -372,9 +372,9 @@ def _validate_published(csv_path: str, fmt: str, max_mape, max_class_bias) -> No
 
 
 @main.command("list")
-@click.argument("what", type=click.Choice(["gpus", "models", "methods", "recipes"]))
+@click.argument("what", type=click.Choice(["gpus", "models", "methods", "recipes", "engines"]))
 def list_(what: str) -> None:
-    """List the GPUs, models, KV methods or serving recipes kvq-sim knows."""
+    """List the GPUs, models, KV methods, serving recipes or engine presets kvq-sim knows."""
     try:
         click.echo(_listing(what))
     except SimInputError as e:
@@ -406,6 +406,13 @@ def _listing(what: str) -> str:
                 f"{m.params / 1e9:>6.2f} B  {kv_kib:>9.1f} KiB  {window}"
             )
         return "\n".join(rows)
+    if what == "engines":
+        from .api import engine_note
+        from .engines import engine_names, get_engine
+
+        return "\n".join(
+            f"{n:<10}{get_engine(n).description}\n{'':<10}{engine_note(get_engine(n))}" for n in engine_names()
+        )
     if what == "recipes":
         from .recipes import RECIPES, TRAINING_NOTE
 

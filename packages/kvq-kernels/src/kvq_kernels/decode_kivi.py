@@ -596,8 +596,9 @@ def decode_kivi(
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    tail_tokens = 32  # CUDA-core path: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
-    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if simt else 1
+    # CUDA-core and word paths: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
+    tail_tokens = 32
+    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if (simt or words) else 1
     m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
@@ -613,12 +614,12 @@ def decode_kivi(
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if words:
-        _decode_kivi_words_kernel[(batch * h_kv, n_split + 1)](
+        _decode_kivi_words_kernel[(batch * h_kv, n_split + n_tail)](
             q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
             BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
-            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
+            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
             num_stages=num_stages, **_maxnreg(block_n, num_warps, c.bits, batch * h_kv),
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))

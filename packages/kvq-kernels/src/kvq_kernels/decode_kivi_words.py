@@ -21,8 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_fp16 import _dot
-from .kivi_tail import fp16_tail
+from .decode_fp16 import _dot, _softmax_update, _store_partial
+from .kivi_tail import _levels
 
 
 @triton.jit
@@ -109,14 +109,60 @@ def pair_order(HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _tail_part(
+    Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, M_PART, L_PART, ACC_PART,
+    qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, part, NUM_PARTS, tail_start, tail_end,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TAIL_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Partial state `part` of NUM_PARTS over tokens [tail_start, tail_end) of row bh's fp16 tail (the sinks, then
+    the window p in [n_vq, rest) whose keys are codes for p < n_kq, else the fp16 ring)."""
+    ROW_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
+    offs_h = tl.arange(0, HQ_PAD)
+    h_mask = offs_h < HQ_PER_KV
+    offs_d = tl.arange(0, HEAD_DIM)
+    row0 = bh * HQ_PER_KV
+    q = tl.load(Q + (row0 + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+    qd = (q.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # log2 units
+    m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([HQ_PAD], tl.float32)
+    acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
+    for t0 in range(tail_start, tl.minimum(tail_end, n_sink + rest - n_vq), TAIL_N):
+        offs_t = t0 + tl.arange(0, TAIL_N)
+        is_sink = offs_t < n_sink
+        offs_n = n_vq + offs_t - n_sink  # post-sink index of window tokens
+        n_mask = (offs_t < n_sink + rest - n_vq) & (offs_t < tail_end)
+        win = n_mask & ~is_sink
+        kq = win & (offs_n < n_kq)
+        sptr = (bh * S + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]
+        ring = (bh * R + offs_n % R)[:, None] * HEAD_DIM + offs_d[None, :]
+        mptr = (bh * (T_QCAP // GROUP) + offs_n // GROUP)[:, None] * HEAD_DIM + offs_d[None, :]
+        ks = tl.load(KS + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(KZ + mptr, mask=kq[:, None], other=0.0).to(tl.float32)
+        kc = _levels(KC + (bh * T_QCAP + offs_n) * ROW_BYTES, kq, KS, BITS, HEAD_DIM, False, tl.float32)
+        k = tl.load(KSINK + sptr, mask=(n_mask & is_sink)[:, None], other=0.0).to(tl.float32)
+        k += tl.load(KRES + ring, mask=(win & ~kq)[:, None], other=0.0).to(tl.float32)
+        k = tl.where(kq[:, None], kc * ks + kz, k)
+        v = tl.load(VSINK + sptr, mask=(n_mask & is_sink)[:, None], other=0.0).to(tl.float32)
+        v += tl.load(VWIN + ring, mask=win[:, None], other=0.0).to(tl.float32)
+        qk = _dot(qd, tl.trans(k.to(DOT_DTYPE)), DOT_DTYPE)
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_i, l_i, acc = _softmax_update(m_i, l_i, acc, qk, v, DOT_DTYPE)
+    _store_partial(M_PART, L_PART, ACC_PART, row0, offs_h, h_mask, part, NUM_PARTS, m_i, l_i, acc, HEAD_DIM)
+
+
+@triton.jit
 def _decode_kivi_words_kernel(
     Q, KC, KW, KS, KZ, VW, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
-    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS,
+    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """KC: key code rows as bytes (for the tail); KW / VW: key / value code rows as int32 words. TAIL_N: the fp16
-    tail's tile (its [TAIL_N, D] fp16 tiles set the kernel's register count: 64 spilled at 4 warps)."""
+    tail's tile (its [TAIL_N, D] fp16 tiles set the kernel's register count: 64 spilled at 4 warps). Programs
+    NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its sinks-then-window tail, so that
+    at short contexts no program walks the whole fp16 window."""
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)
     pid_bh = tl.program_id(0)
@@ -192,13 +238,14 @@ def _decode_kivi_words_kernel(
         l_i = tl.sum(l_n, 1)
         if NGV == 1:
             acc += tl.sum(z_n, 1)[:, None]
-        prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + 1) + split
+        prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i, mask=h_mask)
         tl.store(L_PART + prow, l_i, mask=h_mask)
         tl.store(ACC_PART + prow[:, None] * HEAD_DIM + ch[None, :], acc, mask=h_mask[:, None])
     else:
-        fp16_tail(
-            Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, CB, M_PART, L_PART, ACC_PART,
-            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, NUM_SPLITS,
-            BITS, GROUP, False, HQ_PER_KV, HQ_PAD, HEAD_DIM, TAIL_N, DOT_DTYPE,
+        t_lo = (split - NUM_SPLITS) * TAIL_TOKENS
+        _tail_part(
+            Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, M_PART, L_PART, ACC_PART,
+            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, split, NUM_SPLITS + N_TAIL, t_lo, t_lo + TAIL_TOKENS,
+            BITS, GROUP, HQ_PER_KV, HQ_PAD, HEAD_DIM, TAIL_N, DOT_DTYPE,
         )  # fmt: skip

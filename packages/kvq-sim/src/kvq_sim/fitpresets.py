@@ -1,9 +1,10 @@
-"""Fits of the data files kvq-sim's model reads beside the kernel calibration: the quantized weight-GEMV
-ratios (reports/measurements/weight_gemv_h100.csv -> configs/hardware/fits/h100-80g-weight-gemv.yaml) and the
-engine presets' free parameters and the A100 transfer rule (the calibration part of
-reports/published/points.csv -> configs/engines/fits/engines-fit.yaml). Held-out points are never read here.
+"""Fits of the data files kvq-sim's model reads beside the kernel calibration: the quantized weight-GEMV ratios
+(reports/measurements/weight_gemv_h100.csv -> configs/hardware/fits/h100-80g-weight-gemv.yaml), and, from the
+calibration part of reports/published/points.csv only, the engine presets' free parameters
+(configs/engines/fits/engines-fit.yaml) and the fitted transfer rules (configs/hardware/fits/transfer-rules.yaml).
+docs/transfer-rules.md lists which points fitted which parameter.
 
-    python -m kvq_sim.fitpresets            # print both files
+    python -m kvq_sim.fitpresets            # print the three files
     python -m kvq_sim.fitpresets --write    # write them
 """
 
@@ -141,8 +142,9 @@ def _fit_linear(points, engine, fields_: tuple[str, ...], hardware=None) -> tupl
 
 def fit_published() -> tuple[dict, dict]:
     """(engine fit file, transfer-rule file) from the calibration part, in dependency order: NeMo's request cost
-    on its H100 rows; the A100 weight-GEMV efficiency on NeMo's A100 TP1 rows given that cost; hf-eager's
-    per-layer launch cost (A100 rows at the fitted A100 efficiency); TensorRT-LLM's step cost on the H200 blog."""
+    on its H100 rows; the A100 weight-GEMV efficiency on NeMo's A100 TP1 rows given that cost; the A100 node's
+    all-reduce latency per extra GPU on NeMo's A100 TP2-8 rows given both; hf-eager's per-layer launch cost
+    (A100 rows at the fitted A100 efficiency); TensorRT-LLM's step cost on the H200 blog (recorded, rejected)."""
     from dataclasses import replace
 
     from .configs import read_yaml

@@ -1,5 +1,6 @@
 """kvq-sim against published measurements of other serving systems: load reports/published/points.csv, predict
-every point with kvq-sim's public API, and summarize the errors per source and per GPU/parallelism class.
+every point with kvq-sim's public API under its engine's preset (ENGINES, configs/engines/engines.yaml), and
+summarize the errors per source and per GPU/parallelism class.
 
 Every timing point is compared as time: a throughput T tokens/s of `batch` sequences generating `output_tokens`
 each is the request time batch * output_tokens / T; the error is predicted / measured - 1, so a positive error

@@ -54,10 +54,17 @@ def tiny_dir(tmp_path_factory, make_tiny_llama):
     return path
 
 
-def text_file(tmp_path: Path, tokens: int) -> Path:
-    path = tmp_path / f"text{tokens}.txt"
-    path.write_text(" ".join(WORDS[(7 * i * i + i) % len(WORDS)] for i in range(tokens)))
+def text_file(tmp_path: Path, tokens: int, seed: int = 0) -> Path:
+    """A text of `tokens` words; texts of different seeds share no run of 16 words (calibration vs evaluation)."""
+    path = tmp_path / f"text{tokens}-{seed}.txt"
+    path.write_text(" ".join(WORDS[(7 * i * i + (1 + 2 * seed) * i) % len(WORDS)] for i in range(tokens)))
     return path
+
+
+#: calibration options for the tiny model's texts: 2 sequences of 40 tokens of a text disjoint from text_file's
+def calibration_args(tmp_path: Path) -> list[str]:
+    text = text_file(tmp_path, 120, seed=1)
+    return ["--calibration-text", str(text), "--calibration-sequences", "2", "--calibration-length", "40"]
 
 
 # -- the entry point ------------------------------------------------------------------------------
@@ -141,9 +148,17 @@ def test_directory_without_config(capsys, tmp_path):
 
 
 def test_text_shorter_than_one_window(capsys, tmp_path, tiny_dir):
-    argv = ["kivi:2", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 100))]
-    rc, _, err = run(argv, capsys)  # decode needs token 512 + 512
-    assert_usage_error(rc, err, "text too short: 100 tokens", "needs 1024")
+    argv = ["kivi:2", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 100)), "--prefill", "384"]
+    rc, _, err = run(argv, capsys)  # decode needs 8 windows of 384 + 128
+    assert_usage_error(rc, err, "text too short: 100 tokens", "needs 4096")
+
+
+def test_calibration_text_overlapping_the_windows_is_refused(capsys, tmp_path, tiny_dir):
+    text = str(text_file(tmp_path, 300))
+    argv = ["kivi:2", "kvquant:2", "--model", str(tiny_dir), "--text", text, "--calibration-text", text]
+    argv += ["--calibration-sequences", "2", "--calibration-length", "40", "--prefill", "40", "--scored", "8"]
+    rc, _, err = run([*argv, "--windows", "2", "--no-progress"], capsys)
+    assert_usage_error(rc, err, "calibration sequence 0 shares 16 tokens", "with an evaluated window")
 
 
 def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):
@@ -160,6 +175,7 @@ def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):
     save_calibration({}, path, model=other)
     text = text_file(tmp_path, 200)
     argv = ["kvquant:2", "--model", str(tiny_dir), "--text", str(text), "--calibration", str(path), "--start", "0"]
+    argv += calibration_args(tmp_path)
     rc, _, err = run([*argv, "--prefill", "32", "--scored", "8"], capsys)
     assert_usage_error(rc, err, "was made for model llama:L3")
 
@@ -167,8 +183,8 @@ def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):
 # -- CSV rows -----------------------------------------------------------------------------------------
 def test_both_protocols_write_rows_with_provenance(capsys, tmp_path, tiny_dir):
     out = tmp_path / "q.csv"
-    argv = ["full", "kivi:2", "kvquant:2", "--protocol", "both", "--model", str(tiny_dir)]
-    argv += ["--text", str(text_file(tmp_path, 300)), "--calibration-text", str(text_file(tmp_path, 120))]
+    argv = ["kivi:2", "kvquant:2", "--protocol", "both", "--model", str(tiny_dir), *calibration_args(tmp_path)]
+    argv += ["--text", str(text_file(tmp_path, 300))]
     argv += ["--start", "0", "--prefill", "40", "--scored", "24", "--window", "64", "--windows", "2"]
     rc, stdout, err = run([*argv, "--no-progress", "--csv", str(out)], capsys)
     assert rc == 0, err
@@ -181,10 +197,16 @@ def test_both_protocols_write_rows_with_provenance(capsys, tmp_path, tiny_dir):
     ]
     for r in rows:
         assert float(r["ppl"]) > 1 and r["torch"] and r["transformers"] and r["commit"] and r["date"]
+        assert r["dirty"] in ("True", "False") and r["python"]
+        assert float(r["change_low"]) <= float(r["change"]) <= float(r["change_high"])
+        assert len(r["window_nll"].split()) == 2 and r["window_starts"] == (
+            "0 236" if r["protocol"] == "decode" else "0 64"  # decode: spread to the text's end; 300 - 64 = 236
+        )
         assert r["params"] == ("prefill=40 scored=24" if r["protocol"] == "decode" else "window=64 prefix=1 chunk=16")
     assert {r["scored_tokens"] for r in rows} == {"48", "126"}  # 2 x 24 decode, 2 x 63 teacher-forced
     assert rows[0]["avg_bits"] == "32.000"  # fp32 DynamicCache, measured
-    assert rows[4]["calibration"].startswith("512 tokens") and rows[2]["calibration"] == "none"
+    assert rows[4]["calibration"].startswith("2 x 40 tokens") and "(78 fitted)" in rows[4]["calibration"]
+    assert rows[2]["calibration"] == "none" and rows[0]["change"] == "0.00000"  # the full cache: the reference
     assert "avg bits" in stdout.splitlines()[0]
     # the full-precision cache equals the cache-free forward; a 2-bit cache is worse on random weights too
     assert float(rows[1]["ppl"]) < float(rows[3]["ppl"]) * 1.5
@@ -219,7 +241,7 @@ def test_append_keeps_old_rows_byte_for_byte(tmp_path):
     [
         ("cache,ppl,cpu\r\nkvq:int4,13.9,x86_64\r\n", "header 'cache,ppl,cpu'"),  # an older schema is not widened
         (",".join(GENERATE_COLUMNS) + "\r\n", "header 'cache,method,bits,avg_bits"),  # generate's CSV
-        (",".join(CSV_COLUMNS) + "\r\nkvq:x,kivi\r\n", "row 2 has 2 fields, the header 21"),
+        (",".join(CSV_COLUMNS) + "\r\nkvq:x,kivi\r\n", f"row 2 has 2 fields, the header {len(CSV_COLUMNS)}"),
         ("caf\xe9".encode("latin-1"), "not UTF-8"),
     ],
     ids=["older-schema", "generate-csv", "short-row", "latin-1"],
@@ -246,20 +268,21 @@ def test_calibration_file_through_the_cli(capsys, tmp_path, tiny_dir):
     save_calibration(state, path, model=model)
     out = tmp_path / "q.csv"
     argv = ["--model", str(tiny_dir), "--text", str(text_file(tmp_path, 60)), "--calibration", str(path)]
-    argv += ["--start", "0", "--prefill", "20", "--scored", "8", "--no-progress", "--csv", str(out)]
+    argv += ["--start", "0", "--prefill", "20", "--scored", "8", "--windows", "1", "--no-progress", "--csv", str(out)]
+    argv += calibration_args(tmp_path)
     rc, _, err = run(["kvquant:2", *argv], capsys)
     assert rc == 0, err
     with out.open(newline="") as f:
-        assert [r["calibration"] for r in csv.DictReader(f)] == [str(path)]
+        assert [r["calibration"] for r in csv.DictReader(f)] == ["none", str(path)]  # full, kvquant:2
     rc, _, err = run(["skvq:2", *argv], capsys)
     assert_usage_error(rc, err, "0.k holds codebook, static_scale, static_zero; skvq-2 needs clip_ratio, reorder")
     rc, _, err = run(["kivi:2", *argv], capsys)
-    assert_usage_error(rc, err, "none of kivi:2 uses calibration state")
+    assert_usage_error(rc, err, "none of full, kivi:2 uses calibration state")
 
 
 def test_window_beyond_the_models_positions(capsys, tmp_path, tiny_dir):
     argv = ["kivi:2", "--model", str(tiny_dir), "--text", str(text_file(tmp_path, 60)), "--start", "0"]
-    rc, _, err = run([*argv, "--prefill", "1000", "--scored", "25"], capsys)
+    rc, _, err = run([*argv, "--prefill", "1000", "--scored", "25", *calibration_args(tmp_path)], capsys)
     assert_usage_error(rc, err, "(--prefill 1000 + --scored 25) is 1025 tokens, beyond the model's 1024 positions")
 
 

@@ -75,5 +75,7 @@ def test_held_bits_per_element(tiny, ids):
         tiny, ids, peer_cache_factory("fp8", tiny.config), prefill=40, scored=20, progress=False, measure_cache=measure
     )
     # 8-bit codes plus one fp32 scale per K and V tensor: (layers 2 x K/V 2 x 32 bits) over
-    # (layers 2 x K/V 2 x kv heads 2 x head_dim 16 x tokens 59) elements; 59 = 40 prefilled + 19 decoded
-    assert fp8.cache_measure == pytest.approx(8 + (2 * 2 * 32) / (2 * 2 * 2 * 16 * 59))
+    # (layers 2 x K/V 2 x kv heads 2 x head_dim 16 x tokens t) elements, averaged over the 20 scored steps,
+    # which hold t = 40 (the prefill) to 59 (40 prefilled + 19 decoded) tokens
+    want = sum(8 + (2 * 2 * 32) / (2 * 2 * 2 * 16 * t) for t in range(40, 60)) / 20
+    assert fp8.cache_measure == pytest.approx(want)

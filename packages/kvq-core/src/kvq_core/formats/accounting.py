@@ -9,8 +9,9 @@ Layout (one layer, one sequence; H = kv heads, T = tokens, D = head_dim):
                per-channel (``axis="channel"``): ``[H, ceil(Tq / G), D]``, or ``[H, 1, D]`` when
                ``group_size is None`` (static per-channel scale from calibration, as KVQuant keys)
                symmetric formats store no zeros.
-- outliers     per token row: ``k = ceil(outliers.fraction * H * D)`` (value, index) pairs and one
-               row pointer per token plus one (`Outliers`).
+- outliers     per token row: ``k = ceil(outliers.fraction * H * D)`` (value, index) pairs (the expected
+               count for per-channel thresholds; `outliers_held` gives the held count) and the row
+               metadata: one pointer per token plus one, or a count per token, or none (`Outliers`).
 - residual     fp16 ``[H, R_t, D]``: full-precision recent tokens (KIVI, SKVQ windows).
 - sinks        fp16 ``[H, S, D]``: the first S tokens kept in full precision.
 - shared       per layer, not per sequence: the nuq codebook ``[2**bits]`` fp16, the static
@@ -119,8 +120,14 @@ class ByteBreakdown:
         return ByteBreakdown(**{f: getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__})
 
 
-def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, sink_tokens: int) -> ByteBreakdown:
-    """Exact bytes of one stream (K or V) of one layer holding `tokens` tokens of one sequence."""
+def stream_bytes(
+    fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, sink_tokens: int, outliers_held: int | None = None
+) -> ByteBreakdown:
+    """Exact bytes of one stream (K or V) of one layer holding `tokens` tokens of one sequence.
+
+    outliers_held: sparse outliers held, for formats whose count per token varies (`Outliers.thresholds`
+    "channel"); None: k per quantized token.
+    """
     tokens = check_count("tokens", tokens, 0)
     h, d = check_count("kv_heads", kv_heads, 1), check_count("head_dim", head_dim, 1)
     sink_tokens = check_count("sink_tokens", sink_tokens, 0)
@@ -175,14 +182,15 @@ def stream_bytes(fmt: StreamFormat, tokens: int, kv_heads: int, head_dim: int, s
         chunk = fmt.residual_tokens  # block flush: tq is a whole number of chunks
         lowrank = (tq // chunk) * h * fmt.lowrank.rank * (chunk + d) * FULL_PRECISION_BYTES
     out = fmt.outliers
+    n_out = tq * k if outliers_held is None else outliers_held
     return ByteBreakdown(
         codes=codes,
         lowrank=lowrank,
         scales=groups * meta,
         zeros=0 if fmt.symmetric else groups * meta,
-        outlier_values=tq * k * out.value_bits // 8 if out else 0,
-        outlier_indices=tq * k * out.index_bits // 8 if out else 0,
-        outlier_pointers=(tq + 1) * out.pointer_bits // 8 if k and tq else 0,
+        outlier_values=n_out * out.value_bits // 8 if out else 0,
+        outlier_indices=n_out * out.index_bits_for(h * d) // 8 if out else 0,
+        outlier_pointers=out.row_bytes(tq, h * d) if k else 0,
         residual=resid * h * d * FULL_PRECISION_BYTES,
         sinks=sinks * h * d * FULL_PRECISION_BYTES,
         shared=shared,

@@ -162,13 +162,32 @@ def kivi_format(bits: float = 2, group_size: int = 32, residual_tokens: int = 12
     )
 
 
-def kvquant_format(bits: float = 3, outlier_fraction: float = 0.01, sink_tokens: int = 1) -> KVFormat:
-    outliers = Outliers(outlier_fraction) if outlier_fraction else None
-    key = StreamFormat(bits=bits, axis="channel", group_size=None, levels="nonuniform", outliers=outliers)
+def kvquant_format(bits: float = 3, outlier_fraction: float = 0.01, sink_tokens: int = 1, window: int = 0) -> KVFormat:
+    """KVQuant: pre-RoPE keys per channel with static calibrated ranges, values per token, nuq codebooks.
+
+    Outliers (`outlier_fraction` of the elements): keys keep every element beyond its channel's calibrated
+    thresholds, values the top `outlier_fraction` of each token (the paper's online per-token thresholds);
+    indices in the fewest whole bytes addressing a token's H*D channels, per-token counts for keys.
+    window: the most recent tokens kept in fp16 (sliding), 0 for none as in the paper's main results.
+    """
+    key_out = val_out = None
+    if outlier_fraction:
+        key_out = Outliers(outlier_fraction, index_bits=None, pointer_bits=None, thresholds="channel")
+        val_out = Outliers(outlier_fraction, index_bits=None, pointer_bits=None)
+    key = StreamFormat(
+        bits=bits, axis="channel", group_size=None, levels="nonuniform", outliers=key_out, residual_tokens=window
+    )
     val = StreamFormat(
-        bits=bits, axis="token", group_size=None, levels="nonuniform", outliers=outliers, groups_span_heads=True
+        bits=bits,
+        axis="token",
+        group_size=None,
+        levels="nonuniform",
+        outliers=val_out,
+        groups_span_heads=True,
+        residual_tokens=window,
     )
     name = f"kvquant-nuq{_fmt_bits(bits)}" + (f"-{outlier_fraction * 100:g}%" if outlier_fraction else "")
+    name += f"-w{window}" if window else ""
     return KVFormat(name, key, val, sink_tokens=sink_tokens, pre_rope_keys=True, citation=_citation("kvquant"))
 
 
@@ -444,6 +463,15 @@ METHODS: dict[str, Method] = {
             ((2, 2), (3, 3), (4, 4)),
             (3, 3),
             lambda k, v: kvquant_format(k, 0.01),
+            Calibration("both", f"{_KV_ACTIVATIONS}, Fisher-weighted: nuq codebooks and static key-channel ranges"),
+        ),
+        Method(
+            "kvquant-w128",
+            "KVQuant (arXiv:2401.18079) with an fp16 recent-token window",
+            "as kvquant, the 128 most recent tokens kept in fp16",
+            ((2, 2), (3, 3), (4, 4)),
+            (3, 3),
+            lambda k, v: kvquant_format(k, 0.01, window=128),
             Calibration("both", f"{_KV_ACTIVATIONS}, Fisher-weighted: nuq codebooks and static key-channel ranges"),
         ),
         Method(

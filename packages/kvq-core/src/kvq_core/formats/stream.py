@@ -76,21 +76,52 @@ def _valid_bits() -> str:
 
 @dataclass(frozen=True)
 class Outliers:
-    """Dense-and-sparse outliers (KVQuant, GEAR): per token, ``k = ceil(fraction * H * D)`` of its H*D
-    elements kept sparse in full precision, as (value, index) pairs plus one row pointer per token and
-    one more (CSR for values, one column per token for keys in CSC; arXiv:2401.18079, Appendix M)."""
+    """Dense-and-sparse outliers (KVQuant, GEAR): elements of a token's H*D kept sparse in full precision, as
+    (value, index) pairs plus per-token row metadata (arXiv:2401.18079, Appendix M).
+
+    thresholds: "topk": exactly ``k = ceil(fraction * H * D)`` per token, the largest after normalisation
+                (values, GEAR); "channel": every element beyond its channel's thresholds calibrated at the
+                fraction / 2 and 1 - fraction / 2 percentiles (KVQuant keys), so the count per token varies
+                and the format counts k per token, the expected count (`stream_bytes(..., outliers_held=n)`
+                gives the bytes of n held).
+    index_bits: bits of a flat index h * D + d; None: the fewest whole bytes addressing H*D (8 bits up to
+                256 channels, else 16).
+    pointer_bits: bits of a CSR row pointer, one per token plus one; None: no pointers where the count per
+                token is fixed ("topk"), else a per-token count in the fewest whole bytes holding 0..H*D.
+    """
 
     fraction: float
     value_bits: int = 16
-    index_bits: int = 16
-    pointer_bits: int = 32
+    index_bits: int | None = 16
+    pointer_bits: int | None = 32
+    thresholds: str = "topk"
 
     def __post_init__(self) -> None:
         check_number("outlier fraction", self.fraction)
         if not 0.0 < self.fraction < 0.5:
             raise ValueError(f"outlier fraction must be in (0, 0.5), got {self.fraction}")
-        for name in ("value_bits", "index_bits", "pointer_bits"):
-            check_count(f"outlier {name}", getattr(self, name), 1)
+        check_count("outlier value_bits", self.value_bits, 1)
+        for name in ("index_bits", "pointer_bits"):
+            if getattr(self, name) is not None:
+                check_count(f"outlier {name}", getattr(self, name), 1)
+        if self.thresholds not in ("topk", "channel"):
+            raise ValueError(f"outlier thresholds must be 'topk' or 'channel', got {self.thresholds!r}")
+
+    def index_bits_for(self, elements: int) -> int:
+        """Bits of one stored index into a token's `elements` (= H*D) values."""
+        if self.index_bits is not None:
+            return self.index_bits
+        return 8 if elements <= 256 else 16
+
+    def row_bytes(self, tokens: int, elements: int) -> int:
+        """Bytes of the per-token row metadata (pointers or counts) of `tokens` tokens of `elements` values."""
+        if not tokens:
+            return 0
+        if self.pointer_bits is not None:
+            return (tokens + 1) * self.pointer_bits // 8
+        if self.thresholds == "topk":
+            return 0  # k per token: row r starts at r * k
+        return tokens * (1 if elements < 256 else 2)  # counts 0..elements
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def tiny_dir(tmp_path_factory, make_tiny_llama):
 
 
 def text_file(tmp_path: Path, tokens: int, seed: int = 0) -> Path:
-    """A text of `tokens` words; texts of different seeds share no run of 16 words (calibration vs evaluation)."""
+    """A text of `tokens` words; texts of different seeds share no run of 64 words (calibration vs evaluation)."""
     path = tmp_path / f"text{tokens}-{seed}.txt"
     path.write_text(" ".join(WORDS[(7 * i * i + (1 + 2 * seed) * i) % len(WORDS)] for i in range(tokens)))
     return path
@@ -156,9 +156,9 @@ def test_text_shorter_than_one_window(capsys, tmp_path, tiny_dir):
 def test_calibration_text_overlapping_the_windows_is_refused(capsys, tmp_path, tiny_dir):
     text = str(text_file(tmp_path, 300))
     argv = ["kivi:2", "kvquant:2", "--model", str(tiny_dir), "--text", text, "--calibration-text", text]
-    argv += ["--calibration-sequences", "2", "--calibration-length", "40", "--prefill", "40", "--scored", "8"]
+    argv += ["--calibration-sequences", "2", "--calibration-length", "80", "--prefill", "80", "--scored", "8"]
     rc, _, err = run([*argv, "--windows", "2", "--no-progress"], capsys)
-    assert_usage_error(rc, err, "calibration sequence 0 shares 16 tokens", "with an evaluated window")
+    assert_usage_error(rc, err, "calibration sequence 0 shares 64 tokens", "with an evaluated window")
 
 
 def test_calibration_file_from_another_model(capsys, tmp_path, tiny_dir):

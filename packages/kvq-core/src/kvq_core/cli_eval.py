@@ -20,7 +20,7 @@ Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct fr
 on 8 sequences of 513 tokens spread over the disjoint pydoc_text('calibration') (the first token of each,
 the attention sink, is not fitted: 4096 fitted tokens), Fisher-weighted, unless --calibration FILE (a
 safetensors file from `calibration_file.save_calibration`, for the same model and method) is given; a
-calibration sequence that shares a 16-token run with an evaluated window is refused. MiniCache merges
+calibration sequence that shares a 64-token run with an evaluated window is refused. MiniCache merges
 only the layer pairs its calibration on the first sequence affords (`cache_minicache.calibrate_pairs`;
 the CSV names them, e.g. kvq:minicache-L24).
 
@@ -115,7 +115,9 @@ DEFAULT_PREFILL, DEFAULT_SCORED = 3968, 128
 # calibration: sequences spread over the calibration text; each one's first token (the attention sink) is
 # not fitted, so 8 x 513 gives 4096 fitted tokens (KVQuant calibrates on thousands of tokens, arXiv:2401.18079)
 CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 8, 513
-OVERLAP_RUN = 16  # tokens: a calibration sequence sharing a run this long with an evaluated window is refused
+# tokens: a calibration sequence sharing a run this long with an evaluated window is refused (the pydoc topics
+# quote one 32-token code example of the `with` statement in both halves; a shared region is longer)
+OVERLAP_RUN = 64
 # the fixed generate() prompt: the tokens of pydoc_text('evaluation') from 512 (as the decode window)
 GENERATE_START, GENERATE_PROMPT, GENERATE_NEW = 512, 384, 64
 

@@ -1,4 +1,4 @@
-"""Print the README's kernel tables (Markdown) from the benchmark CSV, so every number there is reproducible.
+"""Print the kernel tables (Markdown) of docs/kernels.md and the kvq-kernels README from the benchmark CSV.
 
 python packages/kvq-kernels/benchmarks/summarize.py reports/measurements/kernel_decode_h100.csv
 """

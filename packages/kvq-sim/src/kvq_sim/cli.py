@@ -172,7 +172,9 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
 
 @main.command()
 @click.option(
-    "--gpu", required=True, help="GPU name (kvq-sim list gpus) or hardware YAML path whose calibration is rewritten"
+    "--gpu",
+    required=True,
+    help="GPU name (kvq-sim list gpus) or hardware YAML path whose calibration fit file is written",
 )
 @click.option("--measurements", default=None, help="kernel decode CSV (reports/measurements/kernel_decode_*.csv)")
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (reports/measurements/e2e_decode_*.csv)")
@@ -194,12 +196,13 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
     help="instead: multi-GPU decode-step CSV (benchmarks/multigpu_decode.py) whose training half fits the node's "
     "collective costs per layout, written to the file its YAML names in collectives_fit",
 )
-@click.option("--dry-run", is_flag=True, help="print the fit and the YAML section; write nothing")
+@click.option("--dry-run", is_flag=True, help="print the fit and the fit file's text; write nothing")
 def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_worse_fit, multigpu, dry_run) -> None:
-    """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's YAML.
+    """Fit kernel-family and e2e efficiencies on the training split; write them to the GPU's fit file.
 
-    The YAML is checked writable before any fitting, rewritten atomically (temporary file, then rename) and
-    only when its text changes; its previous text is kept in <file>.bak beside it.
+    The fit goes to the file the GPU's YAML names in calibration_fit (configs/hardware/fits/<gpu>-calibration.yaml),
+    never into the hand-written GPU YAML. The fit file is checked writable before any fitting, written atomically
+    (temporary file, then rename) and only when its text changes; its previous text is kept in <file>.bak beside it.
     """
     from . import calibrate as cal
     from .configs import resolve

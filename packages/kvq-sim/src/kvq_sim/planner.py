@@ -54,4 +54,3 @@ def max_context(dep: Deployment, batch: int = 1) -> int | None:
 def max_batch(dep: Deployment, context: int) -> int | None:
     """Largest number of `context`-token sequences that fit at once; None = more than MAX_BATCH."""
     return _largest(lambda b: fits(dep, b, context), MAX_BATCH)
-

@@ -95,3 +95,26 @@ def test_kernel_path_errors(tiny):
         tiny(ids[:, :16], past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="one token per step"):
             tiny(ids[:, 16:18], past_key_values=cache, use_cache=True)
+
+
+def test_padded_mask_refused_even_after_an_unpadded_one():
+    """The mask check runs once per mask tensor (one device read a step, not one a layer); a later mask that
+    hides a token is still refused, whatever mask was accepted before it."""
+    q = torch.randn(2, 4, 1, 16)
+    full = torch.zeros(2, 1, 1, 8)  # additive mask: 0 keeps a token
+    padded = full.clone()
+    padded[1, ..., 0] = float("-inf")
+
+    class Store:
+        def attend(self, query, scale):
+            return torch.zeros(query.shape)
+
+    for mask in (full, full):  # the second call reuses the accepted mask without reading it
+        key = torch.randn(2, 2, 8, 16)
+        hf_attention._PENDING[id(key)] = (key, Store())
+        out, _ = hf_attention.kvq_attention(None, q, key, key, mask)
+        assert out.shape == (2, 1, 4, 16)
+    key = torch.randn(2, 2, 8, 16)
+    hf_attention._PENDING[id(key)] = (key, Store())
+    with pytest.raises(ValueError, match="needs unpadded inputs"):
+        hf_attention.kvq_attention(None, q, key, key, padded)

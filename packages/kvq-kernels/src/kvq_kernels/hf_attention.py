@@ -29,6 +29,9 @@ from .quantize_append import append_kivi
 
 ATTENTION_NAME = "kvq"
 _PENDING: dict[int, tuple[torch.Tensor, KiviKernelStore]] = {}
+#: The last attention mask found to hide no token. transformers passes one mask tensor to every layer of a
+#: step, so the check (a device-to-host read) runs once a step instead of once a layer.
+_UNPADDED_MASK: list[torch.Tensor] = []
 
 
 def kivi_params(fmt) -> tuple[int, int, int] | None:
@@ -121,10 +124,11 @@ def kvq_attention(module, query, key, value, attention_mask, scaling=None, dropo
                                       **kwargs)  # fmt: skip
     if query.shape[2] != 1:
         raise ValueError(f"the kvq kernel path decodes one token per step, got {query.shape[2]} query tokens")
-    if attention_mask is not None:
+    if attention_mask is not None and not (_UNPADDED_MASK and _UNPADDED_MASK[0] is attention_mask):
         full = attention_mask.all() if attention_mask.dtype == torch.bool else (attention_mask == 0).all()
         if not bool(full):
             raise ValueError("the kvq kernel path needs unpadded inputs (this attention mask hides tokens)")
+        _UNPADDED_MASK[:] = [attention_mask]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     out = hit[1].attend(query[:, :, 0], scale)  # [B, H_q, D]
     return out.unsqueeze(1), None  # [B, 1, H_q, D], as transformers' attention functions return

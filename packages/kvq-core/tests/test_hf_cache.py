@@ -87,6 +87,8 @@ def test_errors(tiny, tmp_path):
         KVQCache("kivi", 2, model=other, calibration=path)
     with pytest.raises(ValueError, match="does not exist"):
         KVQCache("kivi", 2, model=tiny, calibration=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="calibration= needs model="):
+        KVQCache("kivi", 2, calibration={0: {}})  # without the model the state would be dropped silently
 
 
 def test_calibration_round_trip_and_fisher(tiny, tmp_path):

@@ -118,6 +118,9 @@ class KVQCache(Cache):
             if method is None:
                 raise ValueError("give a method name (e.g. 'kivi') or fmt=KVFormat")
             fmt = get_format(method, bits)
+        if calibration is not None and model is None:
+            raise ValueError("calibration= needs model=...: its state is per model layer, and the cache builds one "
+                             "layer per model layer to load it")  # fmt: skip
         self.kernels = _use_kernels(kernels, fmt, model)
         state = load_calibration(calibration, model) if calibration is not None else {}
         self.fmt = fmt

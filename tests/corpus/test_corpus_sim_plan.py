@@ -151,6 +151,7 @@ HARDWARE = [
     ("no-base-missing-fields", "description: mine\nhbm_bandwidth_gb_s: 2000\n", r"missing field '.*' \(or start the file with 'base: <gpu>'"),
     ("duplicate-key", BASE + "hbm_bandwidth_gb_s: 3350\nhbm_bandwidth_gb_s: 4800\n", r"line 3: field 'hbm_bandwidth_gb_s' given twice"),
     ("malformed-yaml", "base: [h100-80g\n", r"line \d+ malformed YAML"),
+    ("alias-bomb", BASE + "x: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\ny: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n", r"line \d+: YAML aliases \(\*a\) are not accepted in kvq configs"),
     ("top-level-list", "- base: h100-80g\n", r"expected a mapping of fields, got list"),
     ("empty-file", "", r"empty file, expected a mapping of fields"),
     ("5000-digit-integer", BASE + "sm_count: " + "9" * 5000 + "\n", r"unreadable value: Exceeds the limit \(4300 digits\)"),

@@ -25,8 +25,8 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Refused(ValueError):
+    """A YAML construct kvq configs do not accept (a duplicated field, an alias)."""
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # the C loader parses ~10x faster
@@ -38,7 +38,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # the C loader pa
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)):
                 if key in seen:
-                    raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: field {key!r} given twice")
+                    raise _Refused(f"line {key_node.start_mark.line + 1}: field {key!r} given twice")
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -53,17 +53,27 @@ def read_text(path: Path) -> str:
         raise SimInputError(f"{display_path(path)}: not UTF-8 text (byte {e.start})") from None
 
 
+def _refuse_aliases(text: str) -> None:
+    """Refuse YAML aliases (`*name`): kvq configs need none, and nested aliases let a file of a few hundred
+    bytes stand for a structure of billions of nodes that any walk over the loaded data would expand."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+            raise _Refused(f"line {line}: YAML aliases (*{event.anchor}) are not accepted in kvq configs")
+
+
 def read_yaml(path: Path) -> dict:
     """Parse one YAML mapping; a syntax error or non-mapping is a SimInputError naming the file."""
     text, where = read_text(path), display_path(path)
     try:
+        _refuse_aliases(text)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SimInputError(f"{where}:{line} malformed YAML: {problem}") from None
-    except _DuplicateKey as e:
+    except _Refused as e:
         raise SimInputError(f"{where}: {e}") from None
     except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() (4300) digits
         raise SimInputError(f"{where}: unreadable value: {str(e).splitlines()[0]}") from None

@@ -61,8 +61,11 @@ validate: install
 	$(PYTHON) scripts/validation_residuals.py --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG) \
 		-o reports/validation_residuals.png
 
-# Every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`).
-# Decode: window at token 512, prefill 384 + 128 scored; teacher-forced: 4 windows of 512, chunks of 16.
+# Every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`), at a clean commit
+# (tests/test_quality_reports.py refuses rows from a dirty tree or from other kvq-core sources than HEAD's).
+# Decode: 16 windows of prefill 384 + 128 scored spread over the text (the 512-token table), and the 4K-token
+# windows (kvq-eval's default: 8 windows of prefill 3968 + 128 scored); teacher-forced: 4 windows of 512, chunks of 16.
+QUALITY_SHORT = --protocol decode --prefill 384 --scored 128 --windows 16
 QUALITY_DIR = reports/quality
 QUALITY_PEERS = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 fp8
 QUALITY_KVQ = fp16 kivi:2 kivi:4 kvquant:2 kvquant:3 kvquant:4 kvquant-dense:2 kvquant-dense:3 int:4 int:8 \
@@ -71,17 +74,16 @@ QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:
 	staircase:3 staircase:4 vidkv:1.5 vidkv:k1.25v1.5 cskv:4 cskv:8 zipcache:2 mikv:2 mikv:3 mikv:4 h2o:0 \
 	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8 \
 	xquant:4 xquant:8 xquant-cl:4 xquant-cl:2 minicache
-# A 4K-token window (prefill 3968, 128 scored), where the 128-token fp16 windows weigh 3% instead of 25%.
-QUALITY_LONG = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 kivi:2 kivi:4 million:2 gear:2 kvquant:2 kvquant:3 kvquant:4 \
-	rotatekv:3 vidkv:1.5 int:4
+# The 4K-token windows, where the 128-token fp16 windows weigh 3% of the context instead of 25%.
+QUALITY_LONG = full fp16 kivi:2 kivi:3 kivi:4 int:4 kvquant:3 kvquant:2 kvquant:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
 		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv \
 		$(QUALITY_DIR)/decode_4k.csv
-	kvq-eval $(QUALITY_PEERS) --protocol decode --csv $(QUALITY_DIR)/hf_peers_decode.csv
+	kvq-eval $(QUALITY_PEERS) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/hf_peers_decode.csv
 	kvq-eval $(QUALITY_PEERS) --protocol teacher-forced --csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv
-	kvq-eval $(QUALITY_KVQ) --protocol decode --csv $(QUALITY_DIR)/kvq_decode.csv
+	kvq-eval $(QUALITY_KVQ) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/kvq_decode.csv
 	kvq-eval $(QUALITY_KVQ) --protocol teacher-forced --csv $(QUALITY_DIR)/kvq_teacher_forced.csv
-	kvq-eval $(QUALITY_MORE) --protocol decode --csv $(QUALITY_DIR)/kvq_decode_more_methods.csv
+	kvq-eval $(QUALITY_MORE) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/kvq_decode_more_methods.csv
 	kvq-eval generate $(QUALITY_KVQ) $(QUALITY_MORE) quanto:2 hqq:2 fp8 --csv $(QUALITY_DIR)/generate.csv
-	kvq-eval $(QUALITY_LONG) --protocol decode --prefill 3968 --scored 128 --csv $(QUALITY_DIR)/decode_4k.csv
+	kvq-eval $(QUALITY_LONG) --protocol decode --csv $(QUALITY_DIR)/decode_4k.csv

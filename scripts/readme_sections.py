@@ -322,16 +322,94 @@ def _targets(rows) -> list[str]:
     return lines
 
 
+#: the 4K-token decode windows (prefill 3968, 128 scored, 8 windows spread over the text): kvq's caches and
+#: transformers' backends, each row paired with the full cache's on the same windows
+QUALITY_4K = ("decode_4k.csv",)
+
+
+def _paired_rows(names) -> list[dict]:
+    """Rows of kvq-eval CSVs with paired changes, one per cache (the full cache once): who, cache, held bits,
+    format bits, ppl, and the change against the full cache with its 95% window-bootstrap interval (percent)."""
+    rows = {}
+    for r in _quality_csv(names):
+        cache = r["cache"].removeprefix("kvq:")
+        rows.setdefault(cache, {
+            "who": "kvq" if r["cache"].startswith("kvq:") else "transformers", "cache": cache,
+            "held": float(r["held_bits_per_element"]), "bits": float(r["avg_bits"]), "ppl": float(r["ppl"]),
+            "change": 100 * float(r["change"]), "low": 100 * float(r["change_low"]),
+            "high": 100 * float(r["change_high"]), "windows": int(r["windows"]),
+        })  # fmt: skip
+    return list(rows.values())
+
+
+def _interval(r: dict) -> str:
+    return f"{r['change']:+.1f}% [{r['low']:+.1f}, {r['high']:+.1f}]"
+
+
+def _paired_targets(rows: list[dict]) -> list[str]:
+    """The targets per held-bits band (met: the best's pooled change within the target and its interval's upper
+    end below twice it), then each transformers backend against kvq's best cache at equal or fewer held bits."""
+    kvq = [r for r in rows if r["who"] == "kvq"]
+    lines = [
+        "| target (pooled decode ppl change vs full) | kvq caches in band | best kvq cache (held bits, change "
+        "[95% interval]) | worst in band | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, lo, hi, tol in QUALITY_TARGETS:
+        label = label.replace("stored", "held")
+        band = sorted((r for r in kvq if lo < r["held"] <= hi), key=lambda r: r["change"])
+        if not band:
+            lines.append(f"| {label}: best <= {tol:g}%, upper end < {2 * tol:g}% | 0 | - | - | - |")
+            continue
+        best, worst = band[0], band[-1]
+        met = best["change"] <= tol and best["high"] < 2 * tol
+        lines.append(
+            f"| {label}: best <= {tol:g}%, upper end < {2 * tol:g}% | {len(band)} | `{best['cache']}` "
+            f"({best['held']:.2f}, {_interval(best)}) | `{worst['cache']}` ({worst['change']:+.1f}%) | "
+            f"{'yes' if met else 'no'} |"
+        )
+    peers = [r for r in rows if r["who"] == "transformers" and r["cache"] != "full"]
+    if not peers:
+        return [*lines, "", "(no transformers backend on these windows)"]
+    lines += ["", "| transformers backend (held bits, change [95% interval]) | best kvq cache at equal or fewer held "
+              "bits | kvq better | intervals apart |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for peer in sorted(peers, key=lambda r: -r["held"]):
+        fits = [r for r in kvq if r["held"] <= peer["held"]]
+        if not fits:
+            lines.append(f"| `{peer['cache']}` ({peer['held']:.2f}, {_interval(peer)}) | - | - | - |")
+            continue
+        best = min(fits, key=lambda r: r["change"])
+        lines.append(
+            f"| `{peer['cache']}` ({peer['held']:.2f}, {_interval(peer)}) | `{best['cache']}` ({best['held']:.2f}, "
+            f"{_interval(best)}) | {'yes' if best['change'] < peer['change'] else 'no'} | "
+            f"{'yes' if best['high'] < peer['low'] else 'no'} |"
+        )
+    return lines
+
+
 def quality_targets() -> str:
-    """The targets against the decode rows, per stored-bits band: the best kvq cache and whether the target holds,
-    then each transformers backend against kvq's best cache at equal or fewer stored bits; for the default 512-token
-    window and for the 4K-token window (reports/quality/decode_4k.csv)."""
-    long_rows = _decode_rows(("decode_4k.csv",))
-    lines = ["512-token window (prefill 384, 128 scored; the quality table above):", ""]
+    """The 4K-token windows (reports/quality/decode_4k*.csv): targets per held-bits band with intervals, each
+    transformers backend against kvq's best cache at equal or fewer held bits, and every cache; then the
+    512-token single window of the quality table above."""
+    rows = _paired_rows(QUALITY_4K)
+    n = max(r["windows"] for r in rows)
+    lines = [
+        f"4K-token windows ({n} windows of prefill 3968 + 128 scored, spread over the evaluation text; "
+        + ", ".join(f"`reports/quality/{name}`" for name in QUALITY_4K)
+        + "):",
+        "",
+        *_paired_targets(rows),
+        "",
+        "| cache (4K windows) | from | bits held while scoring | format bits at 4K | pooled ppl | change vs full "
+        "[95% interval] |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (-r["held"], r["change"])):
+        lines.append(
+            f"| `{r['cache']}` | {r['who']} | {r['held']:.2f} | {r['bits']:.2f} | {r['ppl']:.3f} | {_interval(r)} |"
+        )
+    lines += ["", "512-token window (one window, prefill 384, 128 scored; the quality table above):", ""]
     lines += _targets(_decode_rows())
-    lines += ["", "4K-token window (prefill 3968, 128 scored; `reports/quality/decode_4k.csv`):", ""]
-    lines += _targets(long_rows)
-    lines += ["", *_ppl_table(long_rows, first_column="cache (4K window)")]
     return "\n".join(lines) + "\n"
 
 

@@ -16,20 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from kvq_core.cli_eval import CSV_COLUMNS, GENERATE_COLUMNS
+
 ROOT = Path(__file__).resolve().parents[2]
 EVAL = "kvq_core.cli_eval"
 QUIET = {"OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 WORDS = [f"w{i}" for i in range(90)]
 TEXT = " ".join(WORDS[(7 * i * i + i) % len(WORDS)] for i in range(300)).encode()  # 300 tokens
 TINY_ID = "llama:L2:H4/2:d64"  # calibration_file.model_id of the tiny model below
-CSV_HEADER = (
-    b"cache,method,bits,protocol,ppl,nll,avg_bits,held_bits_per_element,scored_tokens,windows,start,params,text,"
-    b"calibration,model,seconds,torch,transformers,commit,cpu,date\r\n"
-)
-GENERATE_HEADER = (
-    b"cache,method,bits,avg_bits,prompt_tokens,new_tokens,agree_with_full,first_divergence,ppl_under_full,"
-    b"distinct_3grams,text,params,calibration,model,seconds,torch,transformers,commit,cpu,date\r\n"
-)
+# the headers kvq-eval writes, as it writes them ("\r\n" line ends: the csv module's)
+CSV_HEADER = (",".join(CSV_COLUMNS) + "\r\n").encode()
+GENERATE_HEADER = (",".join(GENERATE_COLUMNS) + "\r\n").encode()
 
 
 class Payload:
@@ -113,7 +110,7 @@ CASES = [
     ("csv-older-kvq-eval-schema", ["full", "--csv", "peers.csv"], {"peers.csv": OLD_EVAL_CSV}, r"--csv peers\.csv: not a kvq-eval CSV .*header 'cache,protocol,ppl"),
     ("csv-generate-csv-for-perplexity", ["kivi:2", "--csv", "g.csv"], {"g.csv": GENERATE_HEADER}, r"--csv g\.csv: not a kvq-eval CSV .*header 'cache,method,bits,avg_bits"),
     ("csv-perplexity-csv-for-generate", ["generate", "kivi:2", "--csv", "q.csv"], {"q.csv": CSV_HEADER}, r"--csv q\.csv: not a kvq-eval CSV .*header 'cache,method,bits,protocol"),
-    ("csv-row-with-missing-fields", ["kivi:2", "--csv", "q.csv"], {"q.csv": CSV_HEADER + b"kvq:kivi-2,kivi,2\r\n"}, r"--csv q\.csv: row 2 has 3 fields, the header 21"),
+    ("csv-row-with-missing-fields", ["kivi:2", "--csv", "q.csv"], {"q.csv": CSV_HEADER + b"kvq:kivi-2,kivi,2\r\n"}, rf"--csv q\.csv: row 2 has 3 fields, the header {len(CSV_COLUMNS)}"),
     ("csv-not-utf8", ["kivi:2", "--csv", "q.csv"], {"q.csv": b"cache,m\xe9thod\r\n"}, r"--csv q\.csv: not a kvq-eval CSV \(not UTF-8 text\)"),
     ("csv-unclosed-quote", ["kivi:2", "--csv", "q.csv"], {"q.csv": CSV_HEADER + b'"kvq\r\n' * 3}, r"--csv q\.csv: row 2 has 1 fields|not a kvq-eval CSV"),
     ("csv-a-directory", ["kivi:2", "--csv", "out"], {"out/keep.txt": b"x"}, r"--csv out: is a directory"),
@@ -169,7 +166,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-SMALL = ["--text", "t.txt", "--calibration-text", "t.txt", "--start", "0", "--prefill", "24", "--scored", "8"]
+CALIB_TEXT = " ".join(f"c{(5 * i * i + 3 * i) % 70}" for i in range(200)).encode()  # shares no 64-token run with TEXT
+SMALL = ["--text", "t.txt", "--calibration-text", "c.txt", "--calibration-sequences", "2", "--calibration-length", "33",
+         "--start", "0", "--windows", "1", "--prefill", "24", "--scored", "8", "--no-progress"]  # fmt: skip
 # checks that need the model: (id, args after --model DIR, files, message regex)
 MODEL_CASES = [
     ("calibration-of-another-model", ["kvquant:2", *SMALL, "--calibration", "c.st"], {"c.st": calibration_bytes({}, {}, {"model": "llama:L32:H32/8:d4096"})}, rf"calibration file c\.st was made for model llama:L32:H32/8:d4096, not {TINY_ID}"),
@@ -181,7 +180,7 @@ MODEL_CASES = [
 
 @pytest.mark.parametrize("args,files,message", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
 def test_bad_eval_input_with_a_model(cli, tmp_path, tiny_model, args, files, message):
-    _write(tmp_path, {"t.txt": TEXT, "q.csv": CSV_HEADER, **files})
+    _write(tmp_path, {"t.txt": TEXT, "c.txt": CALIB_TEXT, "q.csv": CSV_HEADER, **files})
     before = _state(tmp_path)
     r = cli.run(EVAL, ["--model", tiny_model, *args, "--csv", "q.csv"], cwd=tmp_path, env=QUIET)
     cli.fails(r, "^kvq-eval: error: " + message, before=cli.snapshot(before), code=2)
@@ -190,15 +189,17 @@ def test_bad_eval_input_with_a_model(cli, tmp_path, tiny_model, args, files, mes
 
 def test_positive_control_appends_to_a_kvq_eval_csv(cli, tmp_path, tiny_model):
     """The harness sees a working run: a row is appended and the earlier rows are kept byte for byte."""
-    old = CSV_HEADER + b"kvq:kivi-2,kivi,2,decode" + b"," * 17 + b"\r\n"
-    _write(tmp_path, {"t.txt": TEXT, "q.csv": old})
-    r = cli.run(
-        EVAL, ["--model", tiny_model, "kivi:2", *SMALL, "--no-progress", "--csv", "q.csv"], cwd=tmp_path, env=QUIET
-    )
+    old = CSV_HEADER + b"kvq:kivi-2,kivi,2,decode" + b"," * (len(CSV_COLUMNS) - 4) + b"\r\n"
+    _write(tmp_path, {"t.txt": TEXT, "c.txt": CALIB_TEXT, "q.csv": old})
+    r = cli.run(EVAL, ["--model", tiny_model, "kivi:2", *SMALL, "--csv", "q.csv"], cwd=tmp_path, env=QUIET)
     assert r.returncode == 0, r.stderr[-2000:]
     new = (tmp_path / "q.csv").read_bytes()
-    assert new.startswith(old) and new.count(b"\r\n") == 3 and new[len(old) :].startswith(b"kvq:kivi-2,kivi,2,decode,")
-    assert [p.name for p in _state(tmp_path) if p.exists()] == ["q.csv", "t.txt"]  # no temporary file left
+    rows = new[len(old) :].split(b"\r\n")[:-1]  # the full cache runs first, as the reference of the paired change
+    assert new.startswith(old) and [r.split(b",", 4)[:4] for r in rows] == [
+        [b"full", b"full", b"", b"decode"],
+        [b"kvq:kivi-2", b"kivi", b"2", b"decode"],
+    ]
+    assert [p.name for p in _state(tmp_path) if p.exists()] == ["c.txt", "q.csv", "t.txt"]  # no temporary file left
 
 
 def _write(folder: Path, files: dict[str, bytes]) -> None:

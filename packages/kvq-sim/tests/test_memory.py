@@ -50,9 +50,9 @@ def test_kvquant2_outliers_and_codebooks():
     t = 777
     tq = t - 1  # the first token is an fp16 sink
     k = math.ceil(0.01 * H7 * D)  # 41 outliers per token
-    outliers = tq * k * (2 + 2) + (tq + 1) * 4  # fp16 value + 16-bit index each; 32-bit pointer per row, plus one
-    keys = H7 * tq * D // 4 + outliers
-    values = H7 * tq * D // 4 + outliers + tq * (2 + 2)  # one fp16 scale and zero per token over all heads
+    outliers = tq * k * (2 + 2)  # fp16 value + 16-bit index (H*D = 4096 channels need more than 8 bits) each
+    keys = H7 * tq * D // 4 + outliers + tq * 2  # per-channel thresholds: a 16-bit count of outliers per token
+    values = H7 * tq * D // 4 + outliers + tq * (2 + 2)  # top-k: fixed count, no row metadata; fp16 scale + zero
     sinks = 2 * H7 * D * 2
     shared = 2 * (4 * 2) + H7 * D * 2 * 2  # two 4-level fp16 codebooks; static per-channel key scale+zero
     assert kv("llama-7b", "a100-80g", 2, "kvquant", 2, t) == L7 * (2 * (keys + values + sinks) + shared)

@@ -138,5 +138,6 @@ def test_cli_published_json_and_threshold(tmp_path):
     path = _write(tmp_path, [GOOD])
     r = CliRunner().invoke(main, ["validate", "--published", str(path), "--format", "json", "--max-mape", "0"])
     assert r.exit_code == 1 and '"held_out"' in r.output and "FAIL held-out MAPE" in r.output
+    assert isinstance(r.exception, SystemExit), r.exception  # exit 1 from the threshold, not an uncaught error
     r = CliRunner().invoke(main, ["validate", "--published", str(path), "--max-mape", "100"])
     assert r.exit_code == 0 and "| gpt-fast |" not in r.output and "| src | 1 |" in r.output

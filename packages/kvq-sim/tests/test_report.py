@@ -73,7 +73,11 @@ def test_same_memory_gpus_share_one_panel_with_the_reason(data, pages):
         titles = [ax.get_title() for ax in pages[i].axes if ax.get_title()]
         assert titles == ["a100-80g, h100-80g (79.18 GiB usable)", "l40s (47.18 GiB usable)"], i
         assert "a100-80g and h100-80g have the same usable memory and reserve" in _texts(pages[i]), i
-    assert [ax.get_title() for ax in pages[4].axes[:3]] == ["a100-80g", "l40s", "h100-80g"]  # latency differs
+    assert [ax.get_title() for ax in pages[4].axes[:3]] == [  # latency differs, and where its efficiencies come from
+        "a100-80g\nefficiencies transferred from h100-80g",
+        "l40s\nefficiencies transferred from h100-80g",
+        "h100-80g\nefficiencies calibrated",
+    ]
 
 
 def test_memory_page_bars_and_left_labels(data, pages):
@@ -121,7 +125,50 @@ def test_latency_page_labels(pages):
     lat = pages[4].axes
     assert lat[0].get_ylabel() == "decode step, batch 1 (ms)" and lat[3].get_ylabel() == "tokens/s at max batch"
     legend_texts = {t.get_text() for leg in pages[4].legends for t in leg.get_texts()}
-    assert {"fp16", "kivi 2-bit", "kvquant 3-bit", "kv"} <= legend_texts
+    # kvq has kernels for fp16 and kivi (measured on the H100, transferred to the others); none for kvquant
+    assert {
+        "fp16\nKV read: kvq kernel",
+        "kivi 2-bit\nKV read: kvq kernel",
+        "kvquant 3-bit\nKV read: no kernel, prior",
+        "kv",
+    } <= legend_texts
+
+
+def test_report_provenance_is_plans_for_every_term(inp, data):
+    """Every GPU and series carries all five terms, from the function `kvq-sim plan` prints."""
+    from kvq_sim import api
+    from kvq_sim.provenance import TERMS
+
+    assert set(data.provenance) == set(inp.deps)
+    for (g, s), p in data.provenance.items():
+        assert tuple(p.terms) == TERMS, (g, s)
+        plan = api.plan("llama-7b", g, bits=s.bits, method=s.method, context=4096)
+        assert {k: t.text for k, t in p.terms.items()} == plan.term_sources, (g, s)
+    kinds = {(g, s.label): p.terms["kv_read"].kind for (g, s), p in data.provenance.items()}
+    assert kinds["h100-80g", "kivi 2-bit"] == "measured" and kinds["a100-80g", "kivi 2-bit"] == "transferred"
+    assert kinds["h100-80g", "kvquant 3-bit"] == kinds["l40s", "kvquant 3-bit"] == "prior"
+    assert data.provenance["h100-80g", inp.series[0]].terms["interconnect"].kind == "none"
+    as_json = report_data.to_dict(data)["provenance"]
+    assert {g: {s: set(t) for s, t in by.items()} for g, by in as_json.items()} == {
+        g: {s.label: set(TERMS) for s in inp.series} for g in inp.gpus
+    }
+
+
+def test_report_refuses_provenance_without_a_term(inp):
+    from kvq_sim.provenance import term_provenance
+
+    terms = term_provenance(inp.deps["h100-80g", inp.series[0]])
+    del terms["compute"]
+    with pytest.raises(ValueError, match="lacks a term"):
+        report_data.TermProvenance("h100-80g", inp.series[0], terms)
+
+
+def test_provenance_page_names_each_term_and_kind(data, pages):
+    text = _texts(pages[5])
+    assert text.count("KV read, kvquant 3-bit prior no kvq kernel for kvquant") == 3  # one per GPU
+    assert "KV read, kivi 2-bit measured kernel family kvq_kivi_2b_mha, measured on h100-80g" in text
+    assert "weights transferred GEMV efficiency 0.783, transferred (rule:" in text
+    assert text.count("interconnect none none (1 GPU)") == 3
 
 
 def test_roofline_points_on_the_roof(data):
@@ -138,14 +185,14 @@ def test_measured_page_numbers_come_from_the_data(data, pages):
     errs = sorted(abs(e) for e in kernel.rel_errors)
     assert kernel.median_abs_error_pct == pytest.approx(100 * float(np.median(errs)))
     assert kernel.p90_abs_error_pct == pytest.approx(100 * float(np.percentile(errs, 90)))
-    fig = pages[6]
+    fig = pages[7]
     labels = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
     assert {"kvq_fp16", "kvq_kivi 2-bit", "sdpa_flash_fp16", "predicted = measured"} <= labels
     assert f"median |error| {kernel.median_abs_error_pct:.1f}%" in _texts(fig)
 
 
 def test_measured_page_ticks_do_not_overlap(pages):
-    fig = pages[6]
+    fig = pages[7]
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
@@ -217,11 +264,11 @@ def test_pages_not_blank_on_agg_canvas(pages):
 
 def test_pdf_deterministic_page_count_and_fingerprint(inp, tmp_path):
     a, b = tmp_path / "a.pdf", tmp_path / "b.pdf"
-    assert report.write_report(inp, a) == len(figures.PAGES) == 8
+    assert report.write_report(inp, a) == len(figures.PAGES) == 9
     report.write_report(inp, b)
     data = a.read_bytes()
     assert data == b.read_bytes(), "two renders of the same inputs differ"
-    assert len(re.findall(rb"/Type /Page\b", data)) == 8
+    assert len(re.findall(rb"/Type /Page\b", data)) == 9
     assert b"CreationDate" not in data and b"/Producer (kvq-sim report)" in data
     assert re.fullmatch(r"[0-9a-f]{64}", report.read_fingerprint(data))
     assert "matplotlib " + matplotlib.__version__ in report.read_environment(data)
@@ -229,7 +276,7 @@ def test_pdf_deterministic_page_count_and_fingerprint(inp, tmp_path):
 
 def test_write_pngs(inp, tmp_path):
     pngs = report.write_pngs(inp, tmp_path / "png", dpi=20)
-    assert [p.name for p in pngs] == [f"page-{i}.png" for i in range(1, 9)]
+    assert [p.name for p in pngs] == [f"page-{i}.png" for i in range(1, 10)]
     assert all(matplotlib.image.imread(p).shape[1] == 220 for p in pngs)  # 11 in x 20 dpi
 
 

@@ -15,7 +15,7 @@ LAYERS = (
     ("base", ("__init__", "errors", "configs", "files", "fitting")),
     ("descriptions", ("models", "weightgemv", "recipes", "hardware", "grids", "measurements", "engines", "deployment")),
     ("cost model", ("memory", "latency", "multigpu")),
-    ("planner", ("planner", "api")),
+    ("planner", ("planner", "provenance", "api")),
     ("calibration", ("calibrate", "validate", "published", "fitpresets")),
     ("output", ("render", "report_data", "figures", "report", "cli")),
 )

@@ -10,20 +10,17 @@ from .errors import SimInputError
 from .hardware import GIB, Hardware, load_hardware
 from .latency import (
     StepTime,
-    applied_gemv_kernel,
-    attention_family,
     attention_seconds,
     decode_step,
     decode_terms,
-    layout,
     prefill_seconds,
     remat_flops_per_token,
 )
 from .memory import MemoryBreakdown, memory
 from .models import ModelShape, load_model
 from .planner import MAX_BATCH, MAX_CONTEXT_TOKENS, check_weights_fit, max_batch, max_context
+from .provenance import collectives_note, engine_note, term_sources
 from .recipes import get_recipe
-from .weightgemv import source as gemv_source
 
 #: contexts at which the plan reports max batch (4K, 32K, 128K tokens)
 PROBE_CONTEXTS = (4096, 32768, 131072)
@@ -171,88 +168,9 @@ def assumptions(dep: Deployment) -> tuple[str, ...]:
             f"parallelism: {dep.gpus} GPU(s), {par[dep.parallel]}" if dep.gpus > 1 else "parallelism: 1 GPU",
             f"latency: roofline with {cal} ({hw.source_file})",
         )
-        + ((_collectives_note(dep),) if dep.gpus > 1 else ())
+        + ((collectives_note(dep),) if dep.gpus > 1 else ())
         + ((f"engine {engine_note(dep.engine)}",) if dep.engine else ())
     )
-
-
-def term_sources(dep: Deployment) -> dict[str, str]:
-    """Where each decode-step term's efficiency comes from: measured on this GPU, transferred from a measured
-    one (docs/validation.md's rules), or a prior; a KV method without a kvq kernel says so."""
-    cal, hw = dep.hardware.calibration, dep.hardware
-    origin = {"calibrated": f"measured on {hw.name}", "uncalibrated priors": "prior (not measured)"}.get(
-        cal.status, f"{cal.status} (not measured on {hw.name})"
-    )
-    # the GEMV efficiency and per-kernel cost are fitted on whole decode steps only: a kernel sweep alone
-    # leaves them at the file's priors
-    step_origin = origin if cal.e2e_measured or not cal.calibrated else f"prior (no decode-step fit on {hw.name})"
-    weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, {step_origin}"
-    if cal.weight_gemv_rule:
-        weights = f"GEMV efficiency {cal.weight_bandwidth_efficiency:.3f}, transferred (rule: {cal.weight_gemv_rule})"
-    kernel = applied_gemv_kernel(dep)
-    if kernel:
-        weights += f"; {dep.weights.name} weights x the {kernel} kernel's ratio, " + gemv_source(
-            kernel, hw.name, hw.torch_device_name
-        )
-    elif dep.weights.gemv_kernel:
-        weights += (
-            f"; applied to {dep.weights.name} weights as if fp16 (the measured {dep.weights.gemv_kernel} path "
-            "dequantizes in a separate pass, which a fused engine does not; a fused kernel is not measured)"
-        )
-    elif dep.weight_bits != 16 or dep.weight_scheme is not None:
-        weights += f"; applied to {dep.weights.name} weights as if fp16 (quantized GEMV not measured)"
-    family = attention_family(dep)
-    fit = cal.kernel(family) if family else None
-    if fit is not None:
-        kv = f"kernel family {family}, {origin}"
-    else:
-        what = f"no fitted kernel family {family}" if family else f"no kvq kernel for {dep.method}"
-        eff = cal.kv_fp16_bandwidth_efficiency if dep.method == "fp16" else cal.kv_quantized_bandwidth_efficiency
-        kv = f"{what}: roofline at bandwidth efficiency {eff:.2f} (prior, not a measured kernel)"
-    out = {
-        "weights": weights,
-        "kv_read": kv,
-        "compute": f"tensor-core efficiency {cal.tensor_core_efficiency:.2f} (prior)",
-        "interconnect": _collectives_note(dep) if dep.gpus > 1 else "none (1 GPU)",
-        "launch": f"{cal.kernel_launch_overhead_us:.2f} us per kernel, {step_origin}",
-    }
-    if dep.engine is not None:  # the engine's step and layer costs are counted in the launch term
-        out["launch"] += f"; engine {engine_note(dep.engine)}"
-    return out
-
-
-def engine_note(e: Engine) -> str:
-    """The engine preset's overheads with units, and where they come from."""
-    parts = [
-        f"{v:g} {unit}"
-        for v, unit in (
-            (e.request_overhead_ms, "ms per request"),
-            (e.prefill_overhead_ms, "ms per prefill"),
-            (e.step_overhead_us, "us per decode step"),
-            (e.layer_launch_us, "us per layer per forward pass"),
-        )
-        if v
-    ]
-    if e.memory_reserve_fraction:
-        parts.append(f"{e.memory_reserve_fraction:.0%} of memory held back")
-    if e.kv_block_tokens > 1:
-        parts.append(f"KV in blocks of {e.kv_block_tokens} tokens")
-    how = f"fitted on {', '.join(e.fit_sources)} (calibration part)" if e.fitted else e.source
-    return f"{e.name}: {', '.join(parts) or 'no overhead beyond the roofline'} ({how}; configs/engines/engines.yaml)"
-
-
-def _collectives_note(dep: Deployment) -> str:
-    """Where the collective costs of a multi-GPU plan come from: a measured fit of this layout, or the priors."""
-    hw, name = dep.hardware, layout(dep)
-    f = hw.collective(name)
-    if f is None:
-        rule = f"; transferred (rule: {hw.interconnect_rule})" if hw.interconnect_rule else ""
-        return (
-            f"collectives: priors ({hw.interconnect_latency_us:g} us per call, datasheet link x "
-            f"{hw.calibration.interconnect_efficiency:g}); {name} not measured on {hw.name}{rule}"
-        )
-    bw = f"{f.bandwidth_gb_s:,.0f} GB/s" if f.bandwidth_gb_s else "per-byte cost not resolved"
-    return f"collectives: measured {name} fit, {f.latency_us:.1f} us per call, {bw} ({hw.collectives_source})"
 
 
 def plan(

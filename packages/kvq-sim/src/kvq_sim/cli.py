@@ -410,8 +410,8 @@ def _listing(what: str) -> str:
             )
         return "\n".join(rows)
     if what == "engines":
-        from .api import engine_note
         from .engines import engine_names, get_engine
+        from .provenance import engine_note
 
         return "\n".join(
             f"{n:<10}{get_engine(n).description}\n{'':<10}{engine_note(get_engine(n))}" for n in engine_names()

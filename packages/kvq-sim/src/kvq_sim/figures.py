@@ -26,6 +26,7 @@ from .report_data import (
     ReportData,
     Series,
     bits_value,
+    provenance_rows,
 )
 
 PAGE_SIZE_IN = (11.0, 7.0)  # landscape; each page one figure
@@ -227,9 +228,10 @@ def title_page(d: ReportData) -> Figure:
         "  3 max context vs average KV bits per element",
         "  4 max batch vs context",
         "  5 decode step time (batch 1) and throughput (max batch) vs context, with the bounding resource",
-        "  6 roofline of the decode step's operators",
-        "  7 predicted vs measured latency",
-        "  8 quality (perplexity) vs average bits, Pareto front, one panel per protocol and window length",
+        "  6 where each decode-time term comes from: measured on the GPU, transferred from another, or a prior",
+        "  7 roofline of the decode step's operators",
+        "  8 predicted vs measured latency",
+        "  9 quality (perplexity) vs average bits, Pareto front, one panel per protocol and window length",
         "",
         "regenerate: kvq-sim report --model "
         + inp.model
@@ -297,9 +299,15 @@ def memory_page(d: ReportData) -> Figure:
     return fig
 
 
-def _series_legend(fig: Figure, d: ReportData, line: bool = True, marker: bool = True, extra=(), y=0.85) -> None:
+def _series_legend(
+    fig: Figure, d: ReportData, line: bool = True, marker: bool = True, extra=(), y=0.85, tags=None
+) -> None:
+    """The KV series' legend; `tags` (series -> text) adds a second line to each entry."""
     st = styles(d)
     handles = [st.handle(s, line, marker) for s in d.inputs.series]
+    if tags:
+        for h, s in zip(handles, d.inputs.series):
+            h.set_label(f"{s.label}\n{tags[s]}")
     leg = fig.legend(handles=handles, title="KV series", loc="upper left", bbox_to_anchor=(0.81, y))
     if extra:
         fig.add_artist(leg)
@@ -398,7 +406,8 @@ def latency_page(d: ReportData) -> Figure:
     fig = _page(
         "Decode speed vs context",
         "Top: one decode step at batch 1. Bottom: generated tokens/s at the max batch that fits that context. "
-        "Line style: the series within its method's colour; marker: the resource with the largest share of the step.",
+        "Line style: the series within its method's colour; marker: the resource with the largest share of the step. "
+        "Legend: whether kvq has a measured kernel for the series' KV read; page 6 names the source of every term.",
     )
     axes = _per_gpu_axes(fig, len(inp.gpus), rows=2, hspace=0.12)
     for col, g in enumerate(inp.gpus):
@@ -421,7 +430,7 @@ def latency_page(d: ReportData) -> Figure:
                             facecolor="none" if m != "x" else c,
                             linewidth=0.9,
                         )
-        top.set_title(g)
+        top.set_title(f"{g}\nefficiencies {d.gpus[col].calibration}", fontsize=9)
         for ax in (top, bottom):
             ax.set_yscale("log")
             _context_axis(ax, inp.contexts)
@@ -437,7 +446,47 @@ def latency_page(d: ReportData) -> Figure:
         for b, m in BOUND_MARKERS.items()
         if b in used
     ]
-    _series_legend(fig, d, marker=False, extra=bound_handles)
+    _series_legend(fig, d, marker=False, extra=bound_handles, tags=d.kv_read_tags)
+    return fig
+
+
+#: text colour of each provenance kind on the provenance page
+KIND_COLOURS = {"measured": "#1a7f37", "transferred": "#9a6700", "prior": "#cf222e", "none": "#6e7781"}
+
+
+def provenance_page(d: ReportData) -> Figure:
+    inp = d.inputs
+    fig = _page(
+        "Where each decode-time term comes from",
+        "measured: fitted to this GPU's own measurements; transferred: another GPU's fit carried over by the "
+        "named rule (docs/validation.md, docs/transfer-rules.md); prior: a default, not measured; none: the term "
+        "does not apply. The texts are those `kvq-sim plan` prints for the same deployment (fp16 weights, 1 GPU). "
+        "A KV series without a measured kvq kernel says so on its KV read line and in the legend of page 5.",
+    )
+    rows = {g: provenance_rows(d, g) for g in inp.gpus}
+    width = max(len(label) for r in rows.values() for label, _ in r) + 2
+    # one line per row (wrapped texts take more) and 1.5 per GPU heading share 0.77 of the page height
+    size = 6.5
+    char = 0.602 * size / (PAGE_SIZE_IN[0] * 72)  # DejaVu Sans Mono advance, as a fraction of the page width
+    wrap = int(0.93 / char) - width - 13
+    lines = {g: [(label, src, textwrap.wrap(src.text, wrap) or [""]) for label, src in r] for g, r in rows.items()}
+    n = sum(len(w) for r in lines.values() for _, _, w in r) + 1.5 * len(inp.gpus)
+    step = min(0.0165, 0.77 / n)
+    size *= step / 0.0165
+    char *= step / 0.0165
+    mono = dict(family="DejaVu Sans Mono", fontsize=size, va="top")
+    y = 0.79
+    for g, facts in zip(inp.gpus, d.gpus):
+        fig.text(0.03, y, f"{g}  (latency efficiencies: {facts.calibration})", **mono | {"fontsize": size + 1.5},
+                 fontweight="bold")  # fmt: skip
+        y -= step
+        for label, src, wrapped in lines[g]:
+            fig.text(0.04, y, label, **mono)
+            fig.text(0.04 + char * width, y, src.kind, color=KIND_COLOURS[src.kind], fontweight="bold", **mono)
+            for line in wrapped:
+                fig.text(0.04 + char * (width + 13), y, line, **mono)
+                y -= step
+        y -= step / 2
     return fig
 
 
@@ -656,6 +705,7 @@ PAGES = (
     max_context_page,
     max_batch_page,
     latency_page,
+    provenance_page,
     roofline_page,
     measured_page,
     quality_page,

@@ -30,6 +30,7 @@ from .latency import decode_step, decode_terms
 from .memory import kv_tokens_per_gpu, memory
 from .models import load_model
 from .planner import check_weights_fit, max_batch, max_context
+from .provenance import KINDS, TERMS, TermSource, term_provenance
 
 #: methods drawn when --methods is not given: fp16 baseline, plain int, and the three seed methods
 DEFAULT_METHODS = "fp16,int:8,int:4,kivi:4,kivi:2,kvquant:3,kvquant:2,skvq:k2v1.5"
@@ -460,6 +461,69 @@ def e2e_comparison(directory: Path, model: str = "llama-7b") -> Comparison:
     return Comparison(title, path, None, _groups(points), note)
 
 
+# ---- provenance: where each latency term's efficiency comes from ---------------------------------
+
+#: what the latency page's legend says of a series' KV read, by provenance kind: whether kvq has a kernel
+#: for it (measured on or transferred to a GPU, which the panel title says) or only a prior
+KV_READ_TAGS = {
+    "measured": "KV read: kvq kernel",
+    "transferred": "KV read: kvq kernel",
+    "prior": "KV read: no kernel, prior",
+}
+
+
+@dataclass(frozen=True)
+class TermProvenance:
+    """The provenance of every decode-step term for one GPU and KV series, from `provenance.term_provenance`
+    (the function `kvq-sim plan` prints): TERMS order, each with its kind and text."""
+
+    gpu: str
+    series: Series
+    terms: dict[str, TermSource]
+
+    def __post_init__(self):
+        if tuple(self.terms) != TERMS or any(t.kind not in KINDS or not t.text for t in self.terms.values()):
+            raise ValueError(f"provenance of {self.gpu} {self.series.label} lacks a term or a kind: {self.terms}")
+
+
+def provenance(inp: Inputs, gpu: str, s: Series) -> TermProvenance:
+    return TermProvenance(gpu, s, term_provenance(inp.deps[gpu, s]))
+
+
+#: how the provenance page names each term
+TERM_LABELS = {
+    "weights": "weights",
+    "kv_read": "KV read",
+    "compute": "compute",
+    "interconnect": "interconnect",
+    "launch": "launch",
+}
+
+
+def provenance_rows(d: ReportData, gpu: str) -> list[tuple[str, TermSource]]:
+    """(label, source) of every term on `gpu` for the provenance page: KV read once per series, the other
+    terms once when every series agrees (they do not depend on the KV method), else once per series."""
+    provs = [d.provenance[gpu, s] for s in d.inputs.series]
+    rows = []
+    for k in TERMS:
+        if k != "kv_read" and len({p.terms[k] for p in provs}) == 1:
+            rows.append((TERM_LABELS[k], provs[0].terms[k]))
+        else:
+            rows += [(f"{TERM_LABELS[k]}, {p.series.label}", p.terms[k]) for p in provs]
+    return rows
+
+
+def kv_read_tag(provs: list[TermProvenance]) -> str:
+    """One series' KV-read provenance over the report's GPUs, for its legend entry: 'KV read: kvq kernel' or
+    'KV read: no kernel, prior' when all GPUs agree, else each with its GPUs."""
+    by_tag: dict[str, list[str]] = {}
+    for p in provs:
+        by_tag.setdefault(KV_READ_TAGS[p.terms["kv_read"].kind], []).append(p.gpu)
+    if len(by_tag) == 1:
+        return next(iter(by_tag))
+    return "KV read: " + "; ".join(f"{t.removeprefix('KV read: ')} ({', '.join(g)})" for t, g in by_tag.items())
+
+
 # ---- quality ---------------------------------------------------------------------------------------
 
 
@@ -572,6 +636,8 @@ class ReportData:
     memory_groups: tuple[tuple[str, ...], ...]
     sweeps: dict[tuple[str, Series], ContextSweep]
     rooflines: dict[str, Roofline]
+    provenance: dict[tuple[str, Series], TermProvenance]
+    kv_read_tags: dict[Series, str]  # legend tag per series: where its KV-read time comes from
     comparisons: tuple[Comparison, ...]
     quality: Quality
     methods: tuple[str, ...]
@@ -582,6 +648,7 @@ class ReportData:
 
 def report_data(inp: Inputs) -> ReportData:
     mem = {g: memory_bars(inp, g) for g in inp.gpus}
+    provs = {(g, s): provenance(inp, g, s) for g in inp.gpus for s in inp.series}
     q = quality(inp.quality_dir)
     comps = (kernel_comparison(inp.measurements_dir), e2e_comparison(inp.measurements_dir, "llama-7b"))
     shown = [(s.method, s.bits) for s in inp.series]
@@ -597,6 +664,8 @@ def report_data(inp: Inputs) -> ReportData:
         same_memory_groups(inp.gpus, mem),
         {(g, s): context_sweep(inp, g, s) for g in inp.gpus for s in inp.series},
         {g: roofline(inp, g) for g in inp.gpus},
+        provs,
+        {s: kv_read_tag([provs[g, s] for g in inp.gpus]) for s in inp.series},
         comps,
         q,
         tuple(methods),
@@ -654,6 +723,15 @@ def to_dict(d: ReportData) -> dict:
             }
             for g, r in d.rooflines.items()
         },
+        "provenance": {
+            g: {
+                s.label: {k: {"kind": t.kind, "text": t.text} for k, t in p.terms.items()}
+                for (g2, s), p in d.provenance.items()
+                if g2 == g
+            }
+            for g in inp.gpus
+        },
+        "kv_read_tags": {s.label: tag for s, tag in d.kv_read_tags.items()},
         "comparisons": [
             {"file": c.path.name, "missing": c.missing}
             if c.missing
@@ -710,10 +788,10 @@ def summary(d: dict) -> str:
         )
     for c in d["comparisons"]:
         if c.get("missing"):
-            lines.append(f"- page 7, {c['file']}: missing")
+            lines.append(f"- page 8, {c['file']}: missing")
         else:
             lines.append(
-                f"- page 7, {c['file']}: {c['points']} held-out points, median |error| "
+                f"- page 8, {c['file']}: {c['points']} held-out points, median |error| "
                 f"{c['median_abs_error_pct']:.1f}%, {SPREAD_PCT}th percentile {c['p90_abs_error_pct']:.1f}% "
                 f"(error = predicted / measured - 1)"
             )
@@ -723,7 +801,7 @@ def summary(d: dict) -> str:
                 lines.append(f"  - {label}: {n}, median error {statistics.median(errs):+.1f}%")
     for p in d["quality"]:
         lines.append(
-            f"- page 8, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results from "
+            f"- page 9, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results from "
             f"{', '.join(p['files'])}"
         )
     if d["quality_skipped"]:

@@ -212,32 +212,56 @@ def test_missing_inputs_degrade_to_explanations(tmp_path):
 
 
 def test_quality_panels_one_window_each_warnings_on_stderr(tmp_path, capsys):
+    """A windowed file with kvq-eval's change and 95% interval, a legacy file without them (change computed from
+    perplexity against its fp16 row, no interval), a legacy file without a reference row and a foreign file."""
     q = tmp_path / "q"
     q.mkdir()
-    head = "method,bits,avg_bits,ppl,protocol,params\n"
+    head = "method,bits,avg_bits,held_bits_per_element,ppl,protocol,params\n"
     (q / "short.csv").write_text(
-        head + "fp16,,16,11.74,decode,prefill=384 scored=128\nkivi,2,3.0,12.9,decode,prefill=384 scored=128\n"
-        "kivi,4,5.0,11.8,decode,prefill=384 scored=128\nint,2,2.25,40.0,decode,prefill=384 scored=128\n"
+        head + "fp16,,16,16,11.74,decode,prefill=384 scored=128\nkivi,2,3.0,3.5,12.9,decode,prefill=384 scored=128\n"
+        "kivi,4,5.0,5.5,11.8,decode,prefill=384 scored=128\nint,2,2.25,2.25,40.0,decode,prefill=384 scored=128\n"
     )
-    (q / "long.csv").write_text(head + "kivi,2,2.2,19.9,decode,prefill=3968 scored=128\n")
+    (q / "long.csv").write_text(
+        "method,bits,avg_bits,held_bits_per_element,ppl,change,change_low,change_high,protocol,params\n"
+        "full,,32,32,10.0,0.0,0.0,0.0,decode,prefill=3968 scored=128\n"
+        "kivi,2,2.2,3.25,12.5,0.25,0.125,0.375,decode,prefill=3968 scored=128\n"
+        "kivi,4,5.0,5.25,10.5,0.05,,,decode,prefill=3968 scored=128\n"
+    )
+    (q / "orphan.csv").write_text(head + "kivi,2,3.0,3.5,12.9,teacher-forced,window=512 prefix=1 chunk=16\n")
     (q / "other.csv").write_text("cache,ppl\nfull,11.7\n")
     rows = [
-        report_data.QualityRow("m", None, x, y) for x, y in [(16, 11.74), (3, 12.9), (5, 11.8), (2.25, 40), (4, 13)]
+        report_data.QualityRow("m", None, x, x, 0, y, None, False, "f")
+        for x, y in [(16, 0.1), (3, 9.9), (5, 0.5), (2.25, 240), (4, 11)]
     ]
-    assert report_data.pareto(rows) == [(2.25, 40.0), (3, 12.9), (5, 11.8), (16, 11.74)]
+    assert report_data.pareto(rows) == [(2.25, 240), (3, 9.9), (5, 0.5), (16, 0.1)]
     inp = report_data.resolve_inputs("llama-7b", ["a100-80g"], METHODS, CONTEXTS, q, q)
     d = report_data.report_data(inp)
-    assert [(p.protocol, p.window_tokens, len(p.rows)) for p in d.quality.panels] == [
-        ("decode", 512, 4),
-        ("decode", 4096, 1),
+    long, short = d.quality.panels  # the longest decode window first; orphan.csv's only row is skipped
+    assert (long.window_tokens, long.reference, long.without_interval) == (4096, "", ("long.csv",))
+    assert [(r.label, r.held_bits, r.change_pct, r.interval_pct, r.computed) for r in long.rows] == [
+        ("full", 32.0, 0.0, (0.0, 0.0), False),
+        ("kivi 2-bit", 3.25, 25.0, (12.5, 37.5), False),
+        ("kivi 4-bit", 5.25, 5.0, None, False),  # a change without its interval: no error bar
     ]
+    assert (short.window_tokens, short.reference) == (512, "fp16 row of short.csv")
+    kivi2 = short.rows[1]
+    assert (kivi2.change_pct, kivi2.interval_pct, kivi2.computed) == (100 * (12.9 / 11.74 - 1), None, True)
     with matplotlib.rc_context(figures.rc()):
-        fig = figures.quality_page(d)
-    assert [ax.get_title() for ax in fig.axes] == ["decode, 512-token window", "decode, 4,096-token window"]
-    assert len(fig.axes[0].collections) == 4  # one marker per row
+        fig, table = figures.quality_page(d), figures.quality_table_page(d)
+        FigureCanvasAgg(fig).draw()
+    assert [ax.get_title() for ax in fig.axes] == ["decode, 4,096-token window", "decode, 512-token window"]
+    assert len(fig.axes[1].collections) == 4 and not fig.axes[1].containers  # one marker per row, no interval
+    bars = list(fig.axes[0].containers)  # error bars: the two rows with an interval
+    assert [tuple(c.lines[2][0].get_segments()[0][:, 1]) for c in bars] == [(0.0, 0.0), (12.5, 37.5)]
+    assert "no interval: long.csv" in _texts(fig) and "against the fp16 row of short.csv" in _texts(fig)
     assert "other.csv" not in _texts(fig) and "skipped" not in _texts(fig)
+    text = _texts(table)
+    assert "kivi 2-bit 3.25 12.500 +25.00% [+12.50%, +37.50%]" in text
+    assert "kivi 4-bit 5.25 10.500 +5.00% -" in text and "reference for rows without change: fp16 row" in text
     report.write_report(inp, tmp_path / "r.pdf")
-    assert "warning: quality file skipped: other.csv: lacks columns method, bits, avg_bits" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: quality file skipped: other.csv: lacks columns method, bits, avg_bits" in err
+    assert "orphan.csv, row 2: no change column and no full-cache or fp16 row to compute it" in err
 
 
 def test_committed_quality_page_has_distinct_colours_and_no_warning(tmp_path):
@@ -264,11 +288,11 @@ def test_pages_not_blank_on_agg_canvas(pages):
 
 def test_pdf_deterministic_page_count_and_fingerprint(inp, tmp_path):
     a, b = tmp_path / "a.pdf", tmp_path / "b.pdf"
-    assert report.write_report(inp, a) == len(figures.PAGES) == 9
+    assert report.write_report(inp, a) == len(figures.PAGES) == 10
     report.write_report(inp, b)
     data = a.read_bytes()
     assert data == b.read_bytes(), "two renders of the same inputs differ"
-    assert len(re.findall(rb"/Type /Page\b", data)) == 9
+    assert len(re.findall(rb"/Type /Page\b", data)) == 10
     assert b"CreationDate" not in data and b"/Producer (kvq-sim report)" in data
     assert re.fullmatch(r"[0-9a-f]{64}", report.read_fingerprint(data))
     assert "matplotlib " + matplotlib.__version__ in report.read_environment(data)
@@ -276,7 +300,7 @@ def test_pdf_deterministic_page_count_and_fingerprint(inp, tmp_path):
 
 def test_write_pngs(inp, tmp_path):
     pngs = report.write_pngs(inp, tmp_path / "png", dpi=20)
-    assert [p.name for p in pngs] == [f"page-{i}.png" for i in range(1, 10)]
+    assert [p.name for p in pngs] == [f"page-{i}.png" for i in range(1, 11)]
     assert all(matplotlib.image.imread(p).shape[1] == 220 for p in pngs)  # 11 in x 20 dpi
 
 

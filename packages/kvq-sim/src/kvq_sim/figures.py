@@ -231,7 +231,8 @@ def title_page(d: ReportData) -> Figure:
         "  6 where each decode-time term comes from: measured on the GPU, transferred from another, or a prior",
         "  7 roofline of the decode step's operators",
         "  8 predicted vs measured latency",
-        "  9 quality (perplexity) vs average bits, Pareto front, one panel per protocol and window length",
+        "  9 quality: perplexity change vs the full cache (95% intervals) against bits held, one panel per window",
+        " 10 quality numbers: bits held, perplexity, change and its interval per cache",
         "",
         "regenerate: kvq-sim report --model "
         + inp.model
@@ -646,26 +647,45 @@ def measured_page(d: ReportData) -> Figure:
     return fig
 
 
+def _change_axis(axis, values: list[float]) -> None:
+    """Symmetric-log percent axis: linear within +-1%, decades beyond; ticks 0, +-1, +-10, ... over the data."""
+    hi, lo = max(max(values), 1.0), min(min(values), 0.0)
+    ticks = (
+        [0.0]
+        + [10.0**k for k in range(0, 6) if 10.0 ** (k - 1) < hi]
+        + [-(10.0**k) for k in range(0, 6) if 10.0 ** (k - 1) < -lo]
+    )
+    axis.set_major_locator(FixedLocator(sorted(ticks)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: "0%" if v == 0 else f"{v:+,g}%"))
+    axis.set_minor_locator(NullLocator())
+
+
 def quality_page(d: ReportData) -> Figure:
     q = d.quality
     models = sorted({p.model for p in q.panels})
     fig = _page(
-        "Quality vs average KV bits",
-        "Perplexity (lower is better) against bits per K/V element; line: Pareto front. One panel per protocol "
-        "and window length (tokens in the cache when scored)" + (f"; model {models[0]}." if len(models) == 1 else "."),
+        "Quality vs KV bits held",
+        "Pooled perplexity change against the full cache (lower is better), error bars its 95% interval (paired "
+        "window bootstrap), against the bits per K/V element held while scoring; line: Pareto front; the change "
+        "axis is linear within +-1%, logarithmic beyond. One panel per protocol and window length (tokens in the "
+        "cache when scored)" + (f"; model {models[0]}." if len(models) == 1 else ".") + " Page 10 lists the numbers.",
     )
     if q.missing:
         _explain(fig, q.missing, y=0.8)
         return fig
     st = styles(d)
     axes = fig.subplots(1, len(q.panels), squeeze=False)[0]
-    fig.subplots_adjust(left=0.06, right=0.74, top=0.83, bottom=0.12, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.74, top=0.8, bottom=0.2, wspace=0.3)
     for ax, p in zip(axes, q.panels):
         ax.step(*zip(*p.front), where="post", color="black", lw=0.9, zorder=2)
         for r in p.rows:
+            if r.interval_pct is not None:
+                low, high = r.interval_pct
+                ax.errorbar([r.held_bits], [r.change_pct], yerr=[[r.change_pct - low], [high - r.change_pct]],
+                            color=st.colour(r.method), lw=0.9, capsize=2, zorder=2.5, ls="")  # fmt: skip
             ax.scatter(
-                [r.avg_bits],
-                [r.ppl],
+                [r.held_bits],
+                [r.change_pct],
                 color=st.colour(r.method),
                 marker=st.marker(r.bits),
                 s=30,
@@ -673,12 +693,17 @@ def quality_page(d: ReportData) -> Figure:
                 edgecolor="black",
                 linewidth=0.4,
             )
-        ax.set_yscale("log")
-        _log_axis(ax.yaxis, min(r.ppl for r in p.rows), max(r.ppl for r in p.rows))
-        ax.set_xlabel("average bits per K/V element")
+        ax.set_yscale("symlog", linthresh=1.0, linscale=0.6)
+        _change_axis(ax.yaxis, [v for r in p.rows for v in (r.change_pct, *(r.interval_pct or ()))])
+        ax.set_xlabel("bits held per K/V element")
         model = "" if len(models) == 1 else f"{p.model}, "
-        ax.set_title(f"{model}{p.protocol}, {tokens(p.window_tokens)}-token window", fontsize=10)
-    axes[0].set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{model}{p.title}", fontsize=10)
+        if p.without_interval:
+            note = f"no interval: {', '.join(p.without_interval)}"
+            if p.reference:
+                note += f"; change from perplexity against the {p.reference}"
+            ax.text(0, -0.2, textwrap.fill(note, 45), transform=ax.transAxes, fontsize=7, va="top", color="#555555")
+    axes[0].set_ylabel("perplexity change vs full cache")
     methods = [m for m in d.methods if any(r.method == m for p in q.panels for r in p.rows)]
     bits = [b for b in d.bits if any(r.bits == b for p in q.panels for r in p.rows)]
     method_handles = [Line2D([], [], color=st.colour(m), lw=6, label=m) for m in methods]
@@ -691,11 +716,50 @@ def quality_page(d: ReportData) -> Figure:
         for b in bits
     ]  # fmt: skip
     leg = fig.legend(
-        handles=method_handles, title="method (colour)", ncol=2, loc="upper left", bbox_to_anchor=(0.75, 0.86),
+        handles=method_handles, title="method (colour)", ncol=2, loc="upper left", bbox_to_anchor=(0.75, 0.82),
         fontsize=8,
     )  # fmt: skip
     fig.add_artist(leg)
     fig.legend(handles=bits_handles, title="bits (marker)", loc="lower left", bbox_to_anchor=(0.75, 0.06), fontsize=8)
+    return fig
+
+
+def quality_table_page(d: ReportData) -> Figure:
+    q = d.quality
+    fig = _page(
+        "Quality numbers",
+        "Per panel of page 9, by bits held: bits per K/V element held while scoring, perplexity, and the pooled "
+        "perplexity change against the full cache with its 95% interval (paired window bootstrap); '-' where the "
+        "file reports no interval (the change is then computed from perplexity against the named reference row).",
+    )
+    if q.missing:
+        _explain(fig, q.missing, y=0.8)
+        return fig
+    blocks = []
+    for p in q.panels:
+        head = [f"{p.model + ', ' if p.model else ''}{p.title}", f"  {', '.join(p.files)}"]
+        if p.reference:
+            head.append(f"  reference for rows without change: {p.reference}")
+        width = max(len(r.label) for r in p.rows) + 1
+        head.append(f"  {'cache':<{width}} {'held':>6} {'ppl':>9} {'change':>8}  95% interval")
+        body = [
+            f"  {r.label:<{width}} {r.held_bits:6.2f} {r.ppl:9.3f} {r.change_pct:+7.2f}%  "
+            + ("-" if r.interval_pct is None else f"[{r.interval_pct[0]:+.2f}%, {r.interval_pct[1]:+.2f}%]")
+            for r in sorted(p.rows, key=lambda r: (r.held_bits, r.label))
+        ]
+        blocks.append(head + body)
+    # the panels side by side, each a column of monospaced lines, scaled so the longest fits the page
+    column = 0.95 / len(blocks)
+    longest_line = max(len(line) for b in blocks for line in b)
+    longest_block = max(len(b) for b in blocks)
+    size = min(
+        8.0,
+        column * PAGE_SIZE_IN[0] * 72 / (0.602 * longest_line),
+        0.78 * PAGE_SIZE_IN[1] * 72 / (1.25 * longest_block),
+    )
+    for i, b in enumerate(blocks):
+        fig.text(0.03 + i * column, 0.82, "\n".join(b), family="DejaVu Sans Mono", fontsize=size, va="top",
+                 linespacing=1.1)  # fmt: skip
     return fig
 
 
@@ -709,6 +773,7 @@ PAGES = (
     roofline_page,
     measured_page,
     quality_page,
+    quality_table_page,
 )
 
 

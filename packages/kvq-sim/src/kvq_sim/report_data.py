@@ -46,7 +46,10 @@ KERNEL_CSV = "kernel_decode_h100.csv"
 E2E_CSV = "e2e_decode_h100.csv"
 #: measured device name (CSV `device` column) -> hardware config; looked up exactly
 DEVICE_HARDWARE = {"NVIDIA H100 80GB HBM3": "h100-80g", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100-80g"}
-QUALITY_COLUMNS = ("method", "bits", "avg_bits", "ppl", "protocol", "params")
+QUALITY_COLUMNS = ("method", "bits", "avg_bits", "held_bits_per_element", "ppl", "protocol", "params")
+#: optional quality columns: kvq-eval's pooled change against the full cache and its 95% interval (files
+#: written before kvq-eval reported them lack them: the change is then computed from perplexity, no interval)
+CHANGE_COLUMNS = ("change", "change_low", "change_high")
 #: the predicted-vs-measured page's band and note: the spread that holds this percentage of the points
 SPREAD_PCT = 90
 #: significant digits of the floats in the JSON (equal on every platform, exact enough for every label)
@@ -529,15 +532,35 @@ def kv_read_tag(provs: list[TermProvenance]) -> str:
 
 @dataclass(frozen=True)
 class QualityRow:
+    """One cache's result in one panel. `held_bits` per K/V element while scoring (kvq-eval's
+    held_bits_per_element); `change_pct` the pooled perplexity change against the full cache with its 95%
+    interval when the file reports them (kvq-eval's paired window bootstrap), else computed from perplexity
+    against the panel's reference row (`computed`, no interval: files written before kvq-eval reported one)."""
+
     method: str
     bits: str | None
     avg_bits: float
+    held_bits: float
     ppl: float
+    change_pct: float
+    interval_pct: tuple[float, float] | None  # (low, high) of the 95% interval
+    computed: bool
+    file: str
+
+    @property
+    def label(self) -> str:
+        return quality_label(self.method, self.bits)
+
+
+def quality_label(method: str, bits: str | None) -> str:
+    """'kivi 2-bit', or the method alone for a cache without a bit spec ('full', 'fp16')."""
+    return method if bits is None else f"{method} {bits}-bit"
 
 
 @dataclass(frozen=True)
 class QualityPanel:
-    """Rows of one model, protocol and window length (tokens the cache holds when scored), with the front."""
+    """Rows of one model, protocol and window length (tokens the cache holds when scored), with the front of
+    (held bits, change) and, when some rows' change is computed from perplexity, what it is computed against."""
 
     model: str
     protocol: str
@@ -545,6 +568,16 @@ class QualityPanel:
     files: tuple[str, ...]
     rows: tuple[QualityRow, ...]
     front: tuple[tuple[float, float], ...]
+    reference: str  # "" when every row carries kvq-eval's change; else "<label> row of <file>"
+
+    @property
+    def title(self) -> str:
+        return f"{self.protocol}, {self.window_tokens:,}-token window"
+
+    @property
+    def without_interval(self) -> tuple[str, ...]:
+        """Files whose rows in this panel have no interval."""
+        return tuple(sorted({r.file for r in self.rows if r.interval_pct is None}))
 
 
 @dataclass(frozen=True)
@@ -577,9 +610,49 @@ def window_tokens(params: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def _optional(r: dict, column: str) -> float | None:
+    """A float column that older files lack or leave empty: None then; ValueError when unreadable."""
+    v = (r.get(column) or "").strip()
+    if not v:
+        return None
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(column)
+    return x
+
+
+#: the panel's reference when a file has no change column: the full cache, else the fp16 cache
+REFERENCE_METHODS = ("full", "fp16")
+
+
+def _changes(rows: list[dict], skipped: list[str]) -> tuple[list[QualityRow], str]:
+    """Rows of one panel as QualityRow: kvq-eval's change where the file has it, else computed from perplexity
+    against the panel's full-cache row (else its fp16 row); the reference named, or "" when none was needed."""
+    need = [r for r in rows if r["change"] is None]
+    ref = next((r for m in REFERENCE_METHODS for r in rows if r["method"] == m), None) if need else None
+    out = []
+    for r in rows:
+        if r["change"] is not None:
+            change, computed = r["change"], False
+        elif ref is not None:
+            change, computed = r["ppl"] / ref["ppl"] - 1, True
+        else:
+            skipped.append(
+                f"{r['file']}, row {r['line']}: no change column and no full-cache or fp16 row to compute it"
+            )
+            continue
+        lo, hi = r["change_low"], r["change_high"]
+        interval = None if computed or lo is None or hi is None else (100 * lo, 100 * hi)
+        out.append(
+            QualityRow(r["method"], r["bits"], r["avg_bits"], r["held_bits"], r["ppl"], 100 * change, interval,
+                       computed, r["file"])
+        )  # fmt: skip
+    return out, "" if ref is None else f"{quality_label(ref['method'], ref['bits'])} row of {ref['file']}"
+
+
 def quality(directory: Path) -> Quality:
-    by_panel: dict[tuple[str, str, int], tuple[set[str], list[QualityRow]]] = {}
-    skipped = []
+    by_panel: dict[tuple[str, str, int], list[dict]] = {}
+    skipped: list[str] = []
     files = sorted(directory.glob("*.csv")) if directory.is_dir() else []
     for path in files:
         try:
@@ -593,28 +666,44 @@ def quality(directory: Path) -> Quality:
             continue
         for i, r in enumerate(data, 2):
             window = window_tokens(r["params"])
-            bits = None if r["method"] == "fp16" else r["bits"] or None  # fp16 rows say bits 16 or nothing
             try:
-                row = QualityRow(r["method"], bits, float(r["avg_bits"]), float(r["ppl"]))
+                row = {
+                    "method": r["method"],
+                    "bits": None if r["method"] in ("fp16", "full") else r["bits"] or None,  # fp16: 16 or nothing
+                    "avg_bits": float(r["avg_bits"]),
+                    "held_bits": float(r["held_bits_per_element"]),
+                    "ppl": float(r["ppl"]),
+                    **{c: _optional(r, c) for c in CHANGE_COLUMNS},
+                    "file": path.name,
+                    "line": i,
+                }
             except ValueError:
                 row = None
-            if row is None or window is None or not (math.isfinite(row.ppl) and math.isfinite(row.avg_bits)):
-                skipped.append(f"{path.name}, row {i}: unreadable avg_bits, ppl or window in params")
+            if (
+                row is None
+                or window is None
+                or not all(map(math.isfinite, (row["ppl"], row["avg_bits"], row["held_bits"])))
+            ):
+                skipped.append(f"{path.name}, row {i}: unreadable avg_bits, held bits, ppl, change or window in params")
                 continue
-            names, rows = by_panel.setdefault((r.get("model", ""), r["protocol"], window), (set(), []))
-            names.add(path.name)
-            rows.append(row)
-    panels = tuple(
-        QualityPanel(model, protocol, window, tuple(sorted(names)), tuple(rows), tuple(pareto(rows)))
-        for (model, protocol, window), (names, rows) in sorted(by_panel.items())
-    )
-    return Quality(directory, panels, tuple(skipped))
+            by_panel.setdefault((r.get("model", ""), r["protocol"], window), []).append(row)
+    panels = []
+    # decode first, the longest window first: the 4K-token table leads
+    for (model, protocol, window), raw in sorted(
+        by_panel.items(), key=lambda kv: (kv[0][0], kv[0][1] != "decode", kv[0][1], -kv[0][2])
+    ):
+        rows, ref = _changes(raw, skipped)
+        if rows:
+            names = tuple(sorted({r.file for r in rows}))
+            panels.append(QualityPanel(model, protocol, window, names, tuple(rows), tuple(pareto(rows)), ref))
+    return Quality(directory, tuple(panels), tuple(skipped))
 
 
 def pareto(rows: list[QualityRow]) -> list[tuple[float, float]]:
-    """(avg_bits, ppl) not beaten on both axes (lower bits and lower perplexity are better), by increasing bits."""
+    """(held bits, change %) not beaten on both axes (fewer bits and a smaller change are better), by
+    increasing bits."""
     front, best = [], math.inf
-    for x, y in sorted((r.avg_bits, r.ppl) for r in rows):
+    for x, y in sorted((r.held_bits, r.change_pct) for r in rows):
         if y < best:
             front.append((x, y))
             best = y
@@ -754,8 +843,22 @@ def to_dict(d: ReportData) -> dict:
                 "protocol": p.protocol,
                 "window_tokens": p.window_tokens,
                 "files": p.files,
-                "rows": [[r.method, r.bits, r.avg_bits, r.ppl] for r in p.rows],
+                "rows": [
+                    {
+                        "method": r.method,
+                        "bits": r.bits,
+                        "file": r.file,
+                        "avg_bits": r.avg_bits,
+                        "held_bits": r.held_bits,
+                        "ppl": r.ppl,
+                        "change_pct": r.change_pct,
+                        "interval_pct": r.interval_pct,
+                        "computed": r.computed,
+                    }
+                    for r in p.rows
+                ],
                 "front": p.front,
+                "reference": p.reference,
             }
             for p in d.quality.panels
         ],

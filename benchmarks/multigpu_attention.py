@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from kvq_e2e_backend import GROUP, KIVI_CONFIG, RESIDUAL  # benchmarks/kvq_e2e_backend.py: e2e_decode's settings
 
 from kvq_core.formats import packed_row_bytes
 from kvq_kernels._launch import interpreting, next_pow2, num_splits
@@ -27,7 +26,10 @@ from kvq_kernels.combine import alloc_partials, combine
 from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
 from kvq_kernels.decode_kivi import _decode_kivi_kernel, decode_kivi, dequantize_cache, launch_config
 from kvq_kernels.decode_kivi_simt import _decode_kivi_simt_kernel
+from kvq_kernels.decode_step import KIVI_CONFIG  # e2e_decode's tuned MHA tiles
 from kvq_kernels.kivi_layout import KiviCache, allocate
+from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP  # e2e_decode's packed format
+from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
 
 #: KV format name -> bits per element (16 = fp16 K and V; else KIVI, group 128, residual 128, no sinks)
 KV_BITS = {"fp16": 16, "kivi4": 4, "kivi2": 2}
@@ -77,7 +79,7 @@ class LayerCache:
     CPU test); the new token goes to slot old_tokens.
     KIVI: a `KiviCache` (group 128, residual 128); old_tokens is a multiple of 128, so the new token is the
     first of a fresh key ring and the newest of the value window: both fp16 rings, slot old_tokens % 128,
-    written with a plain copy (no host sync, CUDA-graph capturable), as `kvq_e2e_backend.KvqCache` does.
+    written with a plain copy (no host sync, CUDA-graph capturable).
     """
 
     def __init__(self, spec: KvSpec, heads: int, seed: int, device, dtype=torch.float16):

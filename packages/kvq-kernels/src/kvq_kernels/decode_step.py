@@ -1,0 +1,376 @@
+"""A whole decode step of a dense LLaMA-shaped model with random fp16 weights, over an fp16 or packed KIVI KV
+cache, and its time as a CUDA-graph replay.
+
+Each layer: RMSNorm, fused QKV projection, RoPE, append of the new token's K/V into the cache, decode attention
+over the cache, output projection, RMSNorm, SwiGLU MLP; then the final norm and LM head (no embedding table,
+no sampling). One step decodes one token per sequence; sequence b's new token sits at position `cache.pos[b]`
+(a device tensor) and the attention reads pos + 1 tokens.
+
+Caches (`random_cache` for timing, `dense_cache` to compare backends on the same K/V):
+
+- `DenseCache` "sdpa": fp16 K/V [B, Hkv, T + 1, D] per layer, torch SDPA (flash on a GPU) over all T + 1 tokens.
+- `DenseCache` "kvq": the same tensors, kvq's `decode_fp16` with per-sequence lengths.
+- `KiviStepCache`: one packed `KiviCache` per layer (no sinks), kvq's `decode_kivi`; the new token goes in
+  through `append_token`, which launches the product's quantize kernels (`quantize_append.quantize_token_rows`
+  and `quantize_channel_blocks`, the ones `append_kivi` launches) on row indices computed on the device.
+
+Nothing in a step reads device values on the host, and its launches do not depend on the batch's contents, so
+the whole step captures into one CUDA graph (`time_step`). The model's shape is passed in (`Shape`, e.g. from
+kvq_sim's configs/models through `shape_from_config`); this module does not import kvq_sim.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from kvq_core.attention import apply_rope
+
+from .benchmarking import fill_random
+from .decode_fp16 import decode_fp16
+from .decode_kivi import decode_kivi
+from .kivi_layout import KiviCache, allocate
+from .quantize_append import kivi_from_dense, quantize_channel_blocks, quantize_token_rows
+
+#: RoPE base: configs/models/ hold none (a step's cost does not depend on it); LLaMA's (Touvron et al. 2023)
+ROPE_THETA = 10000.0
+#: random weights' standard deviation: keeps 80 layers' residual stream finite in fp16
+WEIGHT_STD = 0.02
+#: decode_kivi launch config (BLOCK_N, num_warps, num_stages, prefetch) per bit width for LLaMA-7B's MHA (its
+#: CUDA-core path), not a group size: fastest seen at 1 x 32 heads x 128K on the H100
+#: (packages/kvq-kernels/benchmarks/tune_decode.py)
+KIVI_CONFIG = {8: (32, 4, 1, True), 4: (32, 4, 1, True), 3: (32, 4, 1, False), 2: (64, 4, 1, False)}
+#: the step's CSV columns before the provenance ones (kvq_core.provenance.CSV_FIELDS); kvq_sim.measurements
+#: reads them by name
+E2E_FIELDS = (
+    "backend", "bits", "batch", "context", "step_us", "tokens_per_s", "weights_bytes", "cache_bytes",
+    "max_allocated_bytes",
+)  # fmt: skip
+BACKENDS = {"sdpa": (16,), "kvq": (16, 8, 4, 3, 2)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A dense LLaMA-shaped decoder (RMSNorm, RoPE, SwiGLU, no biases)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_theta: float = ROPE_THETA
+
+
+def shape_from_config(name: str, m) -> Shape:
+    """The `Shape` of a model config with Hugging Face field names (kvq_sim.models.ModelConfig); dense
+    full-attention models without biases only (ValueError otherwise)."""
+    if (
+        getattr(m, "is_moe", False)
+        or getattr(m, "sliding_window", None) is not None
+        or getattr(m, "attention_bias", False)
+    ):
+        raise ValueError(f"{name}: the benchmarks build dense full-attention LLaMA layers without biases only")
+    return Shape(
+        name, m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim,
+        m.intermediate_size, m.vocab_size,
+    )  # fmt: skip
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """kvq_core's rotate-half RoPE (`apply_rope`) of x [B, H, 1, D] at per-sequence positions pos [B], computed
+    in fp32 and returned in x's dtype. The cos/sin tables [B, 1, 1, D] are built here, on x's device in fp32,
+    in every call (kvq-sim's EAGER_KERNELS_PER_LAYER counts these kernels): `rope_cos_sin` builds tables
+    along T (one position per token, shared by the batch) on the CPU in fp64, which a CUDA graph cannot
+    capture."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.float()[:, None] * inv[None]  # [B, D/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, None]  # [B, 1, 1, D]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, None]
+    return apply_rope(x, cos=cos, sin=sin).to(x.dtype)
+
+
+class Weights:
+    """Random fp16 weights of every layer (std WEIGHT_STD, norms 1), allocated once."""
+
+    def __init__(self, s: Shape, device, dtype=torch.float16, seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def w(*shape):
+            return (torch.randn(*shape, device=device, dtype=dtype, generator=g) * WEIGHT_STD).contiguous()
+
+        qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+        self.layers = [
+            dict(
+                n1=torch.ones(s.hidden, device=device, dtype=dtype),
+                wqkv=w(s.hidden, qkv),
+                wo=w(s.heads * s.head_dim, s.hidden),
+                n2=torch.ones(s.hidden, device=device, dtype=dtype),
+                wgu=w(s.hidden, 2 * s.ffn),
+                wd=w(s.ffn, s.hidden),
+            )
+            for _ in range(s.layers)
+        ]
+        self.norm = torch.ones(s.hidden, device=device, dtype=dtype)
+        self.lm_head = w(s.hidden, s.vocab)
+
+    @property
+    def nbytes(self) -> int:
+        per = sum(t.nbytes for layer in self.layers for t in layer.values())
+        return per + self.norm.nbytes + self.lm_head.nbytes
+
+
+def decode_step(x: torch.Tensor, W: Weights, s: Shape, cache) -> torch.Tensor:
+    """Logits [B, vocab] of one decode step from hidden states x [B, hidden]; `cache.attend(layer, q, k, v)`
+    appends k, v [B, Hkv, D] and returns the attention output [B, Hq, D] of q [B, Hq, D]."""
+    b = x.shape[0]
+    pos = cache.pos
+    for i, L in enumerate(W.layers):
+        h = rms_norm(x, L["n1"]) @ L["wqkv"]
+        q, k, v = h.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1)
+        q = rope(q.view(b, s.heads, 1, s.head_dim), pos, s.rope_theta).view(b, s.heads, s.head_dim)
+        k = rope(k.view(b, s.kv_heads, 1, s.head_dim), pos, s.rope_theta).view(b, s.kv_heads, s.head_dim)
+        o = cache.attend(i, q, k, v.reshape(b, s.kv_heads, s.head_dim))
+        x = x + o.reshape(b, -1) @ L["wo"]
+        gu = rms_norm(x, L["n2"]) @ L["wgu"]
+        g_, u = gu.chunk(2, -1)
+        x = x + (torch.nn.functional.silu(g_) * u) @ L["wd"]
+    return rms_norm(x, W.norm) @ W.lm_head
+
+
+def _rows(batch: int, heads: int, device) -> torch.Tensor:
+    """Index b * heads + h of every (sequence, head) pair, int64 [batch * heads]."""
+    return torch.arange(batch * heads, device=device, dtype=torch.int64)
+
+
+class DenseCache:
+    """fp16 K/V [B, Hkv, C, D] per layer (C = capacity), every sequence at the same length: `kernel` "sdpa"
+    attends with torch SDPA over all C slots (pos must be C - 1), "kvq" with `decode_fp16` over pos + 1."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: torch.Tensor, kernel: str):
+        if kernel not in ("sdpa", "kvq"):
+            raise ValueError(f"kernel must be 'sdpa' or 'kvq', got {kernel!r}")
+        self.k, self.v, self.kernel = k, v, kernel
+        b, h, cap, d = k[0].shape
+        self.pos = pos.to(torch.int64)
+        self.lens = (self.pos + 1).to(torch.int32)
+        # flat row of (b, h, pos[b]) in a [B * Hkv * C, D] view: the new token's slot, computed on the device
+        self._slot = _rows(b, h, k[0].device) * cap + self.pos.repeat_interleave(h)
+
+    def attend(self, i, q, k, v):
+        b, hq, d = q.shape
+        h = k.shape[1]
+        self.k[i].view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d))
+        self.v[i].view(-1, d).index_copy_(0, self._slot, v.reshape(b * h, d))
+        if self.kernel == "sdpa":
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None], self.k[i], self.v[i], enable_gqa=hq != h
+            )
+            return out.reshape(b, hq, d)
+        return decode_fp16(q, self.k[i], self.v[i], self.lens, validate_lens=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v) + (self.lens.nbytes if self.kernel == "kvq" else 0)
+
+
+def append_token(c: KiviCache, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write one new token per sequence (k, v fp16 [B, Hkv, D]) at post-sink position pos (int64 [B * Hkv],
+    each sequence's position repeated per head) into a sink-free cache, as `append_kivi` does for one token,
+    with row indices computed on the device; rows = `_rows(B, Hkv)`. c.lens is left to the caller.
+
+    Values: ring slot p % R holds token p - R, which leaves the window: `quantize_token_rows` writes it to value
+    row p - R (row 0 while p < R, rewritten with the right token at p = R), then the new value takes the slot.
+    Keys: the new key takes ring slot p % R, and `quantize_channel_blocks` quantizes the whole ring (R / G
+    blocks) into rows [p - p % R, p - p % R + R). Rows from p on are not read before the ring is full; on the
+    step that fills it (p % R = R - 1) they hold the flushed block, as append_kivi's. This flushes on every
+    step rather than 1 in R (no launch depends on device values): R tokens per sequence and head re-quantized.
+    Needs p < the cache's quantized capacity (the flushed rows must exist)."""
+    b, h, r, d = c.k_res.shape
+    g, tq = c.group_size, c.quant_capacity
+    slot = rows * r + pos % r
+    leaving = c.v_win.view(-1, d).index_select(0, slot)
+    quantize_token_rows(leaving, c.v_codes, c.v_scale, c.v_zero, rows * tq + (pos - r).clamp_min(0), c.bits, g)
+    c.v_win.view(-1, d).index_copy_(0, slot, v.reshape(b * h, d))
+    c.k_res.view(-1, d).index_copy_(0, slot, k.reshape(b * h, d))
+    block0 = rows * tq + pos - pos % r  # first row of the ring's cycle
+    starts = (block0[:, None] + torch.arange(0, r, g, device=pos.device)).reshape(-1)
+    quantize_channel_blocks(c.k_res.view(-1, g, d), c.k_codes, c.k_scale, c.k_zero, starts, c.bits)
+
+
+class KiviStepCache:
+    """One packed KIVI cache per layer (no sinks), every sequence at pos + 1 tokens; attention by `decode_kivi`
+    with `launch` (its keyword arguments: block_n, num_warps, ..., or {} for its defaults)."""
+
+    def __init__(self, layers: list[KiviCache], pos: torch.Tensor, launch: dict):
+        c = layers[0]
+        if c.sink_tokens:
+            raise ValueError("the step's append handles sink-free caches only")
+        self.layers, self.launch = layers, dict(launch)
+        self.pos = pos.to(torch.int64)
+        self._rows = _rows(c.batch, c.kv_heads, pos.device)
+        self._pos_rows = self.pos.repeat_interleave(c.kv_heads)
+        for layer in layers:
+            layer.lens.copy_(self.pos + 1)
+
+    def attend(self, i, q, k, v):
+        c = self.layers[i]
+        append_token(c, self._rows, self._pos_rows, k, v)
+        return decode_kivi(q, c, validate_lens=False, **self.launch)
+
+    @property
+    def nbytes(self) -> int:
+        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_win", "k_sink", "v_sink")
+        return sum(getattr(c, n).nbytes for c in self.layers for n in (*names, "lens"))
+
+
+def kivi_launch(bits: int, s: Shape, group: int) -> dict:
+    """decode_kivi's arguments in the step: KIVI_CONFIG for MHA where its tile divides the group, else the
+    kernel's defaults."""
+    if s.heads != s.kv_heads or bits not in KIVI_CONFIG or group % KIVI_CONFIG[bits][0]:
+        return {}
+    bn, warps, stages, prefetch = KIVI_CONFIG[bits]
+    return dict(block_n=bn, num_warps=warps, num_stages=stages, prefetch=prefetch)
+
+
+def _check_backend(backend: str, bits: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if bits not in BACKENDS[backend]:
+        raise ValueError(f"the {backend} backend stores {', '.join(map(str, BACKENDS[backend]))}-bit KV, not {bits}")
+
+
+def random_cache(backend, bits, s: Shape, batch, context, device, group, residual, launch=None, seed: int = 1):
+    """A cache of every layer holding `context` random tokens (never zeros) per sequence plus the step's slot:
+    fp16 normal K/V, or a packed cache filled by `fill_random`. launch: decode_kivi's arguments (default
+    `kivi_launch`)."""
+    _check_backend(backend, bits)
+    g = torch.Generator(device=device).manual_seed(seed)
+    pos = torch.full((batch,), context, device=device, dtype=torch.int64)
+    if bits == 16:
+        shape = (batch, s.kv_heads, context + 1, s.head_dim)
+        k = [torch.randn(shape, device=device, dtype=torch.float16, generator=g) for _ in range(s.layers)]
+        v = [torch.randn(shape, device=device, dtype=torch.float16, generator=g) for _ in range(s.layers)]
+        return DenseCache(k, v, pos, backend)
+    layers = [
+        fill_random(allocate(batch, s.kv_heads, s.head_dim, context + 1, bits, group, residual, 0, device=device), g)
+        for _ in range(s.layers)
+    ]
+    return KiviStepCache(layers, pos, kivi_launch(bits, s, group) if launch is None else launch)
+
+
+def dense_cache(backend, bits, s: Shape, k, v, context, group, residual, launch=None):
+    """A cache of every layer from fp16 K/V lists of [B, Hkv, C, D] (C > context): the first `context` tokens
+    quantized by `kivi_from_dense` (kvq_core's quantizer) for a packed cache, copied for fp16; the step
+    appends token `context`. For comparing backends on the same data."""
+    _check_backend(backend, bits)
+    b, h, _, d = k[0].shape
+    pos = torch.full((b,), context, device=k[0].device, dtype=torch.int64)
+    if bits == 16:
+        return DenseCache(
+            [x[:, :, : context + 1].clone() for x in k], [x[:, :, : context + 1].clone() for x in v], pos, backend
+        )
+    layers = []
+    for kl, vl in zip(k, v):
+        c = allocate(b, h, d, context + 1, bits, group, residual, 0, device=kl.device)
+        kivi_from_dense(c, kl, vl, [context] * b)
+        layers.append(c)
+    return KiviStepCache(layers, pos, kivi_launch(bits, s, group) if launch is None else launch)
+
+
+def fits(s: Shape, weights_bytes: int, bits: int, batch: int, context: int, memory_bytes: int) -> bool:
+    """Whether a point fits: weights plus the fp16-equivalent KV scaled to `bits`, with 30% for metadata and
+    activations, within 92% of the GPU's memory."""
+    kv_fp16 = 2 * s.layers * batch * (context + 1) * s.kv_heads * s.head_dim * 2
+    return weights_bytes + kv_fp16 * bits / 16 * 1.3 <= 0.92 * memory_bytes
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    backend: str
+    bits: int
+    batch: int
+    context: int
+
+
+def plan(backends, kvq_bits, batches, contexts) -> list[StepPoint]:
+    """Points in run order: per backend (sdpa: fp16; kvq: each of kvq_bits), batch, context."""
+    return [
+        StepPoint(backend, bits, batch, context)
+        for backend in backends
+        for bits in (BACKENDS["sdpa"] if backend == "sdpa" else kvq_bits)
+        for batch in batches
+        for context in contexts
+    ]
+
+
+def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, warmup_ms=50, rep_ms=300) -> dict:
+    """One point's E2E_FIELDS: the step captured in a CUDA graph and timed as the median replay
+    (`triton.testing.do_bench`, whose 256 MiB L2-flush buffer counts in max_allocated_bytes). Replays rewrite the
+    same slots, so each does one step's work. Raises RuntimeError on non-finite logits."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.memory_allocated() > W.nbytes + (512 << 20):  # do_bench keeps a 256 MB L2-flush buffer
+        raise RuntimeError("memory of the previous point is still allocated")
+    cache = random_cache(p.backend, p.bits, s, p.batch, p.context, "cuda", group, residual, launch)
+    x = torch.randn(p.batch, s.hidden, device="cuda", dtype=torch.float16)
+    step = functools.partial(decode_step, x, W, s, cache)
+    if not torch.isfinite(step()).all():
+        raise RuntimeError(f"non-finite logits: {p}")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    row = dict(
+        backend=p.backend,
+        bits=p.bits,
+        batch=p.batch,
+        context=p.context,
+        step_us=round(ms * 1e3, 2),
+        tokens_per_s=round(p.batch / (ms / 1e3), 1),
+        weights_bytes=W.nbytes,
+        cache_bytes=cache.nbytes,
+        max_allocated_bytes=torch.cuda.max_memory_allocated(),
+    )
+    del g, step, cache
+    return row
+
+
+def run_points(s, points, group, residual, prov, launch=None, warmup_ms=50, rep_ms=300, progress=iter) -> list[dict]:
+    """E2E CSV rows (E2E_FIELDS, then the provenance `prov`) of every point that `fits` this GPU, in order.
+    launch: {bits: decode_kivi arguments} (default `kivi_launch`); progress wraps the point list."""
+    W = Weights(s, "cuda")
+    memory = torch.cuda.get_device_properties(0).total_memory
+    rows = []
+    for p in progress(points):
+        if not fits(s, W.nbytes, p.bits, p.batch, p.context, memory):
+            continue
+        cfg = None if launch is None or p.bits == 16 else launch.get(p.bits)
+        rows.append({**time_step(s, W, p, group, residual, cfg, warmup_ms, rep_ms), **prov})
+    del W
+    torch.cuda.empty_cache()
+    return rows
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """The rows as a CSV with their keys as the header (a header only when there are none)."""
+    from kvq_core.provenance import CSV_FIELDS
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [*E2E_FIELDS, *CSV_FIELDS])
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,56 @@
+"""Launch paths and configs of decode_kivi across contexts and batches (GPU; not a test), each beside SDPA fp16.
+
+    PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src python packages/kvq-kernels/benchmarks/tune_paths.py
+
+GQA 32/8 at 2/3/4-bit: the word kernel (tc) at 1 and 2 stages and BLOCK_N 64, and the channel-slice kernel;
+MHA 32/32 at 2/4/8-bit: CUDA-core configs. Splits follow decode_kivi's own rule (no `splits` argument), so
+each time is what that config costs in a default call. Timing as kvq_kernels.benchmarking.time_rotation (CUDA
+graph replays, L2 flushed). Writes $OUT/tune_stages_h100.csv with provenance; decode_kivi's SIMT_CONFIG and
+SLICE_MAX_TOKENS cite it.
+"""
+
+import csv
+import functools
+import itertools
+import os
+
+from kvq_core.provenance import CSV_FIELDS, provenance
+from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, sdpa_fn, time_rotation
+
+GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
+GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
+MHA_CONFIGS = [("simt", 64, 4, 3, True), ("simt", 32, 4, 1, True), ("simt", 64, 4, 1, False), ("simt", 64, 4, 1, True)]
+MHA_POINTS = [(1, 4096), (1, 131072), (32, 4096), (8, 32768)]
+
+
+def main() -> None:
+    rows = []
+    prov = provenance(fields=CSV_FIELDS)
+
+    def run(hq, hkv, bits, batch, t, cfgs):
+        nb = kv_bytes(bits, batch, hkv, t, 128)
+        sd = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), kv_bytes(16, batch, hkv, t, 128))
+        for cfg in cfgs:
+            try:
+                us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg), nb)
+            except Exception as e:  # a config the GPU cannot launch (shared memory, registers)
+                print("skip", cfg, type(e).__name__)
+                continue
+            path, bn, warps, stages, prefetch = cfg
+            rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=path, block_n=bn,
+                             warps=warps, stages=stages, prefetch=prefetch, time_us=round(us, 2),
+                             sdpa_us=round(sd, 2), **prov))  # fmt: skip
+            print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
+
+    for bits, (batch, t) in itertools.product([4, 2, 3], GQA_POINTS):
+        run(32, 8, bits, batch, t, GQA_CONFIGS)
+    for bits, (batch, t) in itertools.product([4, 2, 8], MHA_POINTS):
+        run(32, 32, bits, batch, t, MHA_CONFIGS)
+    with open(os.path.join(os.environ.get("OUT", "."), "tune_stages_h100.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -103,15 +103,15 @@ def test_simt_variants_agree_with_reference(prefetch, defer, bits, group, device
 
 def test_launch_config_defaults():
     """The channel-slice defaults are the tuned table (decode_kivi.TC_BLOCK_N / TC_WARPS_STAGES), the word kernel's
-    WORDS_CONFIG; BLOCK_N halves until it divides the group; the CUDA-core default is unchanged."""
+    WORDS_CONFIG, the CUDA-core ones SIMT_CONFIG's per bit width; BLOCK_N halves until it divides the group."""
     from kvq_kernels.decode_kivi import WORDS_CONFIG, launch_config
 
     assert [launch_config("slice", b, 128) for b in (2, 3, 4, 8)] == [(128, 4, 1), (32, 2, 2), (128, 4, 1), (128, 4, 1)]
     assert launch_config("slice", 4, 64) == (64, 4, 2)
     assert launch_config("slice", 2, 32) == (32, 2, 2)  # KIVI's default group of 32
     assert launch_config("slice", 4, 96) == (32, 2, 2)  # 128 and 64 do not divide 96
-    assert launch_config("simt", 2, 128) == (64, 4, 3)
-    assert launch_config("simt", 4, 32) == (32, 4, 3)
+    assert [launch_config("simt", b, 128) for b in (2, 3, 4, 8)] == [(64, 4, 1), (32, 4, 1), (32, 4, 1), (32, 4, 1)]
+    assert launch_config("simt", 2, 32) == (32, 4, 1)  # BLOCK_N halves to the group
     assert [launch_config("tc", b, 128) for b in (2, 3, 4, 8)] == [WORDS_CONFIG] * 4
     assert launch_config("tc", 2, 16)[0] == 16
     assert launch_config("tc", 4, 64)[0] == 64
@@ -123,7 +123,25 @@ def test_default_launch_matches_explicit_config(device, dtype):
 
     c = random_cache(2, 2, 64, 128, 2, 32, 32, 0, [70, 100], device)
     q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    bn, warps, stages = launch_config("tc", 2, 32)
+    bn, warps, stages = launch_config("slice", 2, 32)  # a short cache: `auto` takes the slice kernel
     out = decode_kivi(q, c, splits=2)
-    ref = decode_kivi(q, c, splits=2, block_n=bn, num_warps=warps, num_stages=stages, path="tc")
+    ref = decode_kivi(q, c, splits=2, block_n=bn, num_warps=warps, num_stages=stages, path="slice")
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_auto_path_by_cache_length(device, dtype, bits, monkeypatch):
+    """GQA with uniform codes: `auto` runs the slice kernel for 2/4-bit up to SLICE_MAX_TOKENS tokens of max_len
+    and the word kernel beyond it; 3/8-bit always the word kernel. Same output bit for bit as the named path."""
+    from kvq_kernels import decode_kivi as dk
+
+    monkeypatch.setattr(dk, "SLICE_MAX_TOKENS", 64)
+    c = random_cache(2, 2, 64, 128, bits, 32, 32, 0, [45, 64], device)
+    assert c.quant_capacity > 64
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    for max_len in (64, None):  # None: the quantized capacity
+        out = decode_kivi(q, c, splits=2, max_len=max_len)
+        named = "slice" if max_len is not None and bits in (2, 4) else "tc"
+        bn, warps, stages = dk.launch_config(named, bits, 32)
+        ref = decode_kivi(q, c, splits=2, max_len=max_len, path=named, block_n=bn, num_warps=warps, num_stages=stages)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)

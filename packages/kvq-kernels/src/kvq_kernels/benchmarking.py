@@ -23,7 +23,7 @@ import triton
 import triton.runtime.errors
 
 from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
-from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, launch_config
+from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference
 from kvq_kernels.kivi_layout import allocate
 
 HEAD_DIM = 128
@@ -243,6 +243,8 @@ PROBE_CONFIGS = {
 
 
 def config_name(cfg) -> str:
+    if cfg[0] == "auto":
+        return "auto"
     name = "{}-bn{}-w{}-s{}".format(*cfg[:4])
     return name + ("-pf" if cfg[0] == "simt" and cfg[4] else "")
 
@@ -273,16 +275,15 @@ def probe(bits_list, group, heads) -> dict:
     return best
 
 
+#: the launch config of a call that leaves path, BLOCK_N, warps and stages to decode_kivi (its `auto` dispatch)
+AUTO_CONFIG = ("auto", None, None, None, True)
+
+
 def default_configs(bits_list, group, heads) -> dict:
-    """The launch config `decode_kivi` takes without arguments per (bits, q_heads, kv_heads): the CUDA-core
-    path for MHA, tensor-core slices for GQA, each at its measured default (`launch_config`). No probe."""
-    out = {}
-    for hq, hkv in heads:
-        path = "simt" if hq == hkv else "tc"
-        for bits in bits_list:
-            if bits != 16:
-                out[(bits, hq, hkv)] = (path, *launch_config(path, bits, group), True)
-    return out
+    """What `decode_kivi` runs without launch arguments, per (bits, q_heads, kv_heads): AUTO_CONFIG, so the path
+    (CUDA cores for MHA; for GQA the word kernel, or the slice kernel on short 2/4-bit caches) and its
+    `launch_config` are chosen per call as a user's call chooses them. No probe."""
+    return {(bits, hq, hkv): AUTO_CONFIG for hq, hkv in heads for bits in bits_list if bits != 16}
 
 
 def kv_bytes(bits, batch, hkv, t, group, residual=128) -> int:

@@ -468,9 +468,20 @@ def _decode_kivi_kernel(
 #: measured and takes 32's. The earlier fixed default, (64, 4, 3), took 1.6-2.0x as long on those shapes.
 TC_BLOCK_N = {2: 128, 3: 32, 4: 128, 8: 128}
 TC_WARPS_STAGES = {128: (4, 1), 64: (4, 2), 32: (2, 2), 16: (2, 2)}
-#: CUDA-core (MHA) path default, kept from before (bench_decode's probe times BLOCK_N 32/64 with 4 warps and
-#: 1 stage and picks per bit width; this default was not timed against those picks).
-SIMT_CONFIG = (64, 4, 3)
+#: CUDA-core (MHA) path defaults per bit width, (BLOCK_N, num_warps, num_stages): bench_decode's probe at 32/32
+#: heads, 128K, batch 1 (reports/measurements/kernel_decode_h100_v3_log.txt) and tune_stages_h100.csv at 4K and
+#: 128K batch 1, 4K batch 32, 32K batch 8. 4-bit (32, 4, 1): 26.6 / 322.4 / 362.5 / 656.6 us where the former
+#: (64, 4, 3) took 30.1 / 331.8 / 426.3 / 666.9; 8-bit (32, 4, 1) faster on three of the four (29.2 / 407.1 /
+#: 443.2 against 32.5 / 432.8 / 489.2; 879.4 against 847.0); 2-bit (64, 4, 1) within 3% of (64, 4, 3) and 20-25%
+#: ahead of BLOCK_N 32; 3-bit from the probe alone (32, 4, 1: 604 us; BLOCK_N 64: 674).
+SIMT_CONFIG = {2: (64, 4, 1), 3: (32, 4, 1), 4: (32, 4, 1), 8: (32, 4, 1)}
+#: Up to this many tokens (the launch's max_len) the `auto` path runs 2/4-bit uniform GQA on the channel-slice
+#: kernel rather than the word kernel: tune_stages_h100.csv, 32/8 heads, slice (128, 4, 1) / words (128, 4, 2):
+#: 4-bit 4K batch 1 13.0 / 15.7 us, 1K batch 32 54.1 / 61.3, 1K batch 256 353.6 / 426.2; 2-bit 4K batch 1
+#: 12.5 / 14.8, 1K batch 256 340.6 / 418.2. From 8K tokens the word kernel is as fast or faster (the v1 and v3
+#: sweeps: 0.86-1.01x the slice kernel's time at 8K-1M, batch 1-256). 3-bit stays on words (the slice kernel
+#: reads two planes with byte loads: 4K batch 1 81.0 us against 17.8) and 8-bit too (1K batch 1: 0.79x).
+SLICE_MAX_TOKENS = 4096
 
 
 #: Word-unpack tensor-core path (`decode_kivi_words`) default: H100, 32/8 heads, 128K tokens, batch 1, 4-bit:
@@ -499,12 +510,12 @@ def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2
         return bn, WORDS_CONFIG[1], WORDS_CONFIG[2]
-    bn = TC_BLOCK_N.get(bits, 64) if path == "slice" else SIMT_CONFIG[0]
+    bn = TC_BLOCK_N.get(bits, 64) if path == "slice" else SIMT_CONFIG[bits][0]
     while bn > 1 and (bn > group_size or group_size % bn):
         bn //= 2
     if path == "slice":
         return (bn, *TC_WARPS_STAGES.get(bn, (4, 3)))
-    return bn, SIMT_CONFIG[1], SIMT_CONFIG[2]
+    return bn, SIMT_CONFIG[bits][1], SIMT_CONFIG[bits][2]
 
 
 def _maxnreg(block_n: int, num_warps: int, bits: int, rows: int) -> dict:
@@ -539,7 +550,8 @@ def decode_kivi(
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
     `decode_kivi_words` for uniform codes, channel slices for nuq), "slice" (channel slices
     always), "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for
-    MHA where its word layout applies, else tc). block_n (a power of two in [16, 256] dividing group_size),
+    MHA where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
+    SLICE_MAX_TOKENS). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
     (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
@@ -578,6 +590,8 @@ def decode_kivi(
     # whole int32 words per row (3-bit: whole words of each plane)
     words_ok = (d * cache.bits) % 32 == 0 and (cache.bits != 3 or d % 32 == 0)
     words = not simt and path != "slice" and cache.codebook is None and words_ok
+    if words and path == "auto" and cache.bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
+        words = False  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
     bn0, warps0, stages0 = launch_config("simt" if simt else "tc" if words else "slice", cache.bits, g)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)

@@ -156,3 +156,15 @@ def test_calibrate_then_validate_through_the_cli(tmp_path):
     assert "PASS" in r.stdout and "tp4" in r.stdout
     r = sim("calibrate", "--gpu", "h100-80g", "--multigpu", str(csv_path))
     assert r.returncode == 2 and "single GPU" in r.stderr
+
+
+def test_benchmark_kivi_caches_are_costed_in_the_format_they_store():
+    """The benchmark stores KIVI in groups of 128 with a 128-token fp16 window (as the single-GPU step benchmark),
+    so its steps are costed with that format, not KIVI's default group of 32 (5.17 bits at 4K tokens). Hand count
+    at 4,096 tokens, 4-bit: keys per channel in groups of 128 tokens, all 32 blocks quantized: 4 + 2 x 16 / 128 =
+    4.25 bits; values per token, the last 128 tokens fp16: (3968 x 4.25 + 128 x 16) / 4096; K and V averaged."""
+    from kvq_sim.multigpu import _deployment
+
+    p = StepPoint("llama-7b", "tp", 1, 1, 4096, "kivi4", 1.0)
+    fmt = _deployment(load_hardware(NODE), p).kv_format
+    assert fmt.avg_bits(4096, 32, 128) == pytest.approx((4.25 + (3968 * 4.25 + 128 * 16) / 4096) / 2, rel=1e-12)

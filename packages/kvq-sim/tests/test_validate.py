@@ -378,11 +378,6 @@ def test_multigpu_held_out_mape_within_target():
     assert errs.mean() <= MULTIGPU_MAPE_MAX_PCT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worst held-out point 20.08% (KIVI-4, batch 64; the single-GPU kernel "
-    "model is off by as much on one GPU): over the 20% target, see docs/validation.md",
-)
 def test_multigpu_held_out_worst_within_target():
     from kvq_sim.multigpu import MULTIGPU_WORST_MAX_PCT
 

@@ -33,7 +33,15 @@ from .files import backup_path, check_destination, replacing
 from .fitting import nnls
 from .hardware import Hardware, KernelFit, calibration_fit_path, load_hardware, read_calibration_fit, transferred
 from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us, grid_terms
-from .measurements import E2EPoint, KernelPoint, Provenance, split
+from .measurements import (
+    E2E_KIVI_GROUP,
+    E2E_KIVI_RESIDUAL,
+    E2EPoint,
+    KernelPoint,
+    Provenance,
+    benchmark_kv_format,
+    split,
+)
 
 # Take the 3-parameter compute form when it cuts training RMS relative error to <= 80% of the 2-parameter
 # bandwidth form's (c7c9282 sweep: KIVI-2 12.3% -> 6.7%, taken; kvq_fp16 5.84% -> 5.82%, not), or when the
@@ -214,24 +222,18 @@ def e2e_family(p: E2EPoint) -> str:
     return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b_mha"  # LLaMA-7B: one query head per KV head
 
 
-#: KIVI group and fp16 residual window of the end-to-end benchmark's packed caches at every bit width:
-#: benchmarks/kvq_e2e_backend.py imports them and passes them to kvq_kernels.kivi_layout.allocate, so the
-#: format counted here is the one its CSV rows were measured with.
-E2E_KIVI_GROUP = 128
-E2E_KIVI_RESIDUAL = 128
+#: E2E_KIVI_GROUP / E2E_KIVI_RESIDUAL (kvq_sim.measurements) stay importable from here: the benchmarks
+#: (kvq_e2e_backend.py, multigpu_attention.py) allocate their caches with them
 
 
 def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:
     """The simulator's view of one benchmark step: bytes the GEMVs read, attention per layer, memory."""
-    from kvq_core.formats import kivi_format
-
     from .deployment import deployment
     from .memory import activation_terms, kv_layer_streams, weight_bytes
 
     dep = deployment(E2E_MODEL, hw, 16 if p.bits == 16 else p.bits, None if p.bits == 16 else "kivi", gpus=1)
     if p.bits != 16:  # the format the benchmark stored, not KIVI's default group of 32
-        fmt = kivi_format(p.bits, group_size=E2E_KIVI_GROUP, residual_tokens=E2E_KIVI_RESIDUAL)
-        dep = dataclasses.replace(dep, kv_format=fmt)
+        dep = dataclasses.replace(dep, kv_format=benchmark_kv_format(p.bits))
     m = dep.model
     weights = weight_bytes(dep)[0] - m.vocab_size * m.hidden_size * 2  # no embedding table in the benchmark
     tokens = p.context + 1

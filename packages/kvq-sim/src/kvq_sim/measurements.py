@@ -146,8 +146,20 @@ E2E_TYPES = dict(
     bits=(int, 1), batch=(int, 1), context=(int, 1), step_us=(float, 0.0), weights_bytes=(int, 1),
     cache_bytes=(int, 1), max_allocated_bytes=(int, 1),
 )  # fmt: skip
-#: e2e benchmark backends and the KV bits each stores (benchmarks/e2e_decode.py; calibrate.E2E_KIVI_GROUP)
+#: e2e benchmark backends and the KV bits each stores (benchmarks/e2e_decode.py; E2E_KIVI_GROUP)
 E2E_BITS = {"sdpa": (16,), "kvq": (16, 8, 4, 3, 2)}
+#: KIVI group and fp16 residual window of the decode-step benchmarks' packed caches at every bit width
+#: (benchmarks/e2e_decode.py through kvq_e2e_backend.py, and multigpu_decode.py through multigpu_attention.py,
+#: import them via kvq_sim.calibrate), so the format costed for their rows is the one they were measured with
+E2E_KIVI_GROUP = 128
+E2E_KIVI_RESIDUAL = 128
+
+
+def benchmark_kv_format(bits: int):
+    """The KIVI format the decode-step benchmarks store at `bits` (not KIVI's default group of 32)."""
+    from kvq_core.formats import kivi_format
+
+    return kivi_format(bits, group_size=E2E_KIVI_GROUP, residual_tokens=E2E_KIVI_RESIDUAL)
 
 
 @dataclass(frozen=True)

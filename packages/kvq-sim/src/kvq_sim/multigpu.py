@@ -27,7 +27,7 @@ from .files import check_destination, replacing
 from .fitting import nnls
 from .hardware import CollectiveFit, Hardware
 from .latency import attention_seconds, collective_terms, decode_terms, eager_step_us
-from .measurements import is_training
+from .measurements import benchmark_kv_format, is_training
 from .memory import weight_bytes
 
 #: kv column of the benchmark -> (kvq-sim method, bits)
@@ -103,8 +103,14 @@ def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], 
 
 
 def _deployment(hw: Hardware, p: StepPoint) -> Deployment:
+    """The benchmark's deployment, its KIVI caches in the packed format it stores (groups of 128, a 128-token
+    fp16 window per GPU: measurements.benchmark_kv_format), not KIVI's default group of 32, whose scales and
+    zeros would add 0.75 bits per element the benchmark never reads."""
     method, bits = KV_METHODS[p.kv]
-    return deployment(p.model, hw, bits=bits, method=method, gpus=p.gpus, parallel=p.parallel)
+    dep = deployment(p.model, hw, bits=bits, method=method, gpus=p.gpus, parallel=p.parallel)
+    if method == "kivi":
+        dep = replace(dep, kv_format=benchmark_kv_format(int(bits)))
+    return dep
 
 
 def terms(hw: Hardware, p: StepPoint) -> tuple[float, float, float]:

@@ -21,13 +21,20 @@ import argparse
 import sys
 
 from kvq_core.provenance import CSV_FIELDS, provenance
-from kvq_kernels.decode_step import KIVI_CONFIG, Shape, plan, rms_norm, rope, run_points, shape_from_config, write_rows
+from kvq_kernels.decode_step import (
+    FULL_GRID,
+    QUICK_GRID,
+    Shape,
+    plan,
+    print_rows,
+    rms_norm,
+    rope,
+    run_points,
+    shape_from_config,
+    write_rows,
+)
 
-__all__ = ["KIVI_CONFIG", "Shape", "main", "model_shape", "rms_norm", "rope"]  # multigpu_decode imports these
-
-#: (batches, contexts) per mode
-QUICK = ((1, 16), (4096, 32768))
-FULL = ((1, 8, 16, 32), (4096, 32768, 131072))
+__all__ = ["Shape", "main", "model_shape", "rms_norm", "rope"]  # multigpu_decode imports these
 
 
 def model_shape(name: str) -> Shape:
@@ -51,17 +58,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from kvq_sim.calibrate import E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL, E2E_MODEL
 
-    batches, contexts = QUICK if args.quick else FULL
+    batches, contexts = QUICK_GRID if args.quick else FULL_GRID
     points = plan(args.backends.split(","), (16, 4, 2), batches, contexts)
     s = model_shape(E2E_MODEL)
     rows = run_points(s, points, E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL, provenance(fields=CSV_FIELDS))
     write_rows(args.out, rows)
-    print(f"{'backend':8s} {'bits':>4s} {'batch':>5s} {'context':>8s} {'step_us':>10s} {'tok/s':>9s} {'cache GB':>9s}")
-    for r in rows:
-        print(
-            f"{r['backend']:8s} {r['bits']:4d} {r['batch']:5d} {r['context']:8d} {r['step_us']:10.1f} "
-            f"{r['tokens_per_s']:9.1f} {r['cache_bytes'] / 1e9:9.2f}"
-        )
+    print_rows(rows)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""kvq-bench on CPU: the no-GPU refusal, the drafted YAML and the CSV as kvq-sim reads them, output checks."""
+"""kvq-bench on CPU: the no-GPU refusal, the drafted YAML and both CSVs as kvq-sim reads them, output checks, and
+the printed kvq-sim commands run on a quick run's files."""
 
 import csv
 import os
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from kvq_kernels import bench_cli
-from kvq_kernels.bench_cli import QUICK, GpuInfo, check_outputs, draft_yaml, output_paths
+from kvq_kernels.bench_cli import QUICK, GpuInfo, Phases, check_outputs, draft_yaml, next_commands, output_paths
 from kvq_sim.hardware import load_hardware
-from kvq_sim.measurements import KernelPoint, is_training, read_kernel_csv
+from kvq_sim.measurements import E2EPoint, KernelPoint, is_training, read_e2e_csv, read_kernel_csv
 
 FAKE = GpuInfo(
     name="NVIDIA Fake 48GB",
@@ -119,10 +120,10 @@ def test_quick_grid_trains_every_family():
 
 def test_output_checks(tmp_path):
     paths = output_paths(tmp_path / "new", "g")
-    assert [p.name for p in paths] == ["kernel_decode_g.csv", "g.yaml"]
+    assert [p.name for p in paths] == ["kernel_decode_g.csv", "e2e_decode_g.csv", "g.yaml"]
     check_outputs(paths, force=False)  # creates the directory
     assert Path(paths[0]).parent.is_dir()
-    paths[1].write_text("x")
+    paths[2].write_text("x")
     with pytest.raises(ValueError, match=r"refusing to overwrite .*g\.yaml \(pass --force"):
         check_outputs(paths, force=False)
     check_outputs(paths, force=True)
@@ -131,17 +132,10 @@ def test_output_checks(tmp_path):
         check_outputs(output_paths(tmp_path / "file", "g"), force=False)
 
 
-def test_quick_outputs_calibrate_and_validate(tmp_path):
-    """The drafted YAML and a quick-grid CSV (times from a bandwidth model) go through `kvq-sim calibrate`
-    and `kvq-sim validate` as the README's commands run them."""
-    from click.testing import CliRunner
+def _quick_kernel_rows(prov):
+    """A quick-grid kernel CSV's rows, times from a bandwidth model."""
+    from kvq_kernels.benchmarking import config_name, decode_grid, default_configs, kernel_row, kv_bytes
 
-    from kvq_kernels.benchmarking import KERNEL_FIELDS, config_name, decode_grid, default_configs, kernel_row, kv_bytes
-    from kvq_sim.cli import main as kvq_sim
-
-    csv_path, yaml_path = output_paths(tmp_path, FAKE.slug)
-    yaml_path.write_text(draft_yaml(FAKE))
-    prov = dict(device=FAKE.name, driver="1", torch="t", triton="x", commit="c", date="2026-01-01T00:00:00Z")
     configs = default_configs(QUICK.bits, 128, QUICK.heads)
     rows = []
     for hq, hkv, batch, t in decode_grid(QUICK.heads, QUICK.batches, QUICK.contexts, QUICK.split_contexts):
@@ -155,16 +149,111 @@ def test_quick_outputs_calibrate_and_validate(tmp_path):
             else:
                 cfg = config_name(configs[(bits, hq, hkv)])
                 rows.append(kernel_row(prov, impl="kvq_kivi", time_us=6 + nbytes / 400e3, config=cfg, **point))
-    _write_csv(csv_path, [*prov, *KERNEL_FIELDS], rows)
-    args = ["--gpu", str(yaml_path), "--measurements", str(csv_path)]
-    cal = CliRunner().invoke(kvq_sim, ["calibrate", *args])
+    return rows
+
+
+def _quick_step_rows(prov, hw):
+    """The rows kvq-bench --quick writes for the whole step on `hw` (a 48 GB GPU: the points that fit), with
+    times and memory as kvq-sim predicts them from the kernel fit and its launch-overhead prior, plus a 3%
+    batch-dependent term it does not model."""
+    from kvq_kernels import bench_cli
+    from kvq_kernels import decode_step as ds
+    from kvq_sim.calibrate import e2e_cache_bytes
+    from kvq_sim.validate import predict_e2e
+
+    s, group, residual = bench_cli.step_model()
+    weights = ds.Weights.bytes_of(s)
+    rows = []
+    for p in ds.plan(("sdpa", "kvq"), QUICK.step_bits, QUICK.step_batches, QUICK.step_contexts):
+        if not ds.fits(s, weights, p.bits, p.batch, p.context, FAKE.memory_bytes):
+            continue
+        cache = e2e_cache_bytes(p.backend, p.bits, p.batch, p.context + 1, s.kv_heads, s.head_dim, s.layers)
+        e = E2EPoint(p.backend, p.bits, p.batch, p.context, 1.0, weights, cache, 1)
+        us, mem = predict_e2e(hw, e)
+        us *= 1 + 0.03 * (p.batch > 1)
+        rows.append(dict(backend=p.backend, bits=p.bits, batch=p.batch, context=p.context, step_us=round(us, 2),
+                         tokens_per_s=round(p.batch / us * 1e6, 1), weights_bytes=weights, cache_bytes=cache,
+                         max_allocated_bytes=mem, **prov))  # fmt: skip
+    assert list(rows[0]) == [*ds.E2E_FIELDS, *prov]
+    return rows
+
+
+def test_quick_outputs_calibrate_and_validate(tmp_path):
+    """The drafted YAML, a quick-grid kernel CSV and the quick whole-step CSV (both written by the writers kvq-bench
+    uses, times from models) go through the `kvq-sim calibrate` and `validate` commands kvq-bench prints."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from kvq_kernels import decode_step as ds
+    from kvq_kernels.benchmarking import KERNEL_FIELDS
+    from kvq_sim.cli import main as kvq_sim
+
+    csv_path, e2e_path, yaml_path = output_paths(tmp_path, FAKE.slug)
+    yaml_path.write_text(draft_yaml(FAKE))
+    prov = dict(device=FAKE.name, driver="1", torch="t", triton="x", commit="c", date="2026-01-01T00:00:00Z")
+    _write_csv(csv_path, [*prov, *KERNEL_FIELDS], _quick_kernel_rows(prov))
+    kernel_only = [shlex.split(c)[1:] for c in next_commands(yaml_path, csv_path)]
+    cal = CliRunner().invoke(kvq_sim, kernel_only[0])
     assert cal.exit_code == 0, cal.output
     hw = load_hardware(str(yaml_path))
     assert hw.calibration.calibrated and hw.torch_device_name == FAKE.name
     assert len(hw.calibration.attention_kernels) == 6
-    val = CliRunner().invoke(kvq_sim, ["validate", *args])
+    val = CliRunner().invoke(kvq_sim, kernel_only[1])
     assert val.exit_code == 0, val.output
-    assert "PASS kernel" in val.output
+    assert "PASS kernel" in val.output and "SKIP e2e" in val.output
+
+    rows = _quick_step_rows(prov, hw)
+    ds.write_rows(e2e_path, rows)
+    points, eprov = read_e2e_csv(e2e_path, FAKE.name)
+    assert [(p.backend, p.bits, p.batch, p.context) for p in points] == [
+        (r["backend"], r["bits"], r["batch"], r["context"]) for r in rows
+    ]
+    assert {p.backend for p in points if is_training(p.point_id)} == {"sdpa", "kvq"}
+    assert any(not is_training(p.point_id) for p in points)
+    commands = next_commands(yaml_path, csv_path, e2e_path)
+    assert commands[0] == f"kvq-sim calibrate --gpu {yaml_path} --measurements {csv_path} --e2e {e2e_path}"
+    cal = CliRunner().invoke(kvq_sim, shlex.split(commands[0])[1:])
+    assert cal.exit_code == 0, cal.output
+    assert "e2e step: weight_gemv efficiency" in cal.output
+    val = CliRunner().invoke(kvq_sim, shlex.split(commands[1])[1:])
+    assert val.exit_code == 0, val.output
+    for check in ("PASS kernel", "PASS e2e", "PASS memory"):
+        assert check in val.output
+
+
+@pytest.mark.parametrize(("backend", "bits"), [("sdpa", 16), ("kvq", 16), ("kvq", 4), ("kvq", 2)])
+def test_step_caches_hold_the_bytes_kvq_sim_counts(backend, bits):
+    """kvq-sim's e2e memory model (calibrate.e2e_cache_bytes) counts exactly the tensors the step's caches
+    allocate, at kvq-sim's packed format (group and residual 128) on a small shape."""
+    from kvq_kernels import decode_step as ds
+    from kvq_sim.calibrate import E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL, e2e_cache_bytes
+
+    s = ds.Shape("small", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32, ffn=96, vocab=128)
+    for context in (300, 383, 384):
+        c = ds.random_cache(backend, bits, s, 2, context, "cpu", E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL)
+        want = e2e_cache_bytes(backend, bits, 2, context + 1, s.kv_heads, s.head_dim, s.layers)
+        assert c.nbytes == want, context
+
+
+def test_step_model_is_kvq_sims_e2e_model():
+    from kvq_kernels import bench_cli
+    from kvq_kernels.decode_step import Shape
+
+    assert bench_cli.step_model() == (Shape("llama-7b", 32, 4096, 32, 32, 128, 11008, 32000), 128, 128)
+
+
+def test_phases_and_their_yaml_line(tmp_path):
+    phases = Phases(start=100.0)
+    with phases("detect"):
+        pass
+    assert list(phases.seconds) == ["detect"]
+    phases.seconds.update(detect=2.04, sweep=30.0)
+    assert phases.summary(now=145.25) == "detect 2.0, sweep 30.0, total 45.2"
+    path = tmp_path / "g.yaml"
+    path.write_text(draft_yaml(FAKE, phases.summary(now=145.25)))
+    assert "# kvq-bench phases, wall seconds: detect 2.0, sweep 30.0, total 45.2." in path.read_text().splitlines()
+    assert load_hardware(str(path)).torch_device_name == FAKE.name
 
 
 def test_fill_random_is_seeded_and_in_range():

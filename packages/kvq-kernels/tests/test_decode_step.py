@@ -193,7 +193,9 @@ def test_plan_and_fit():
     assert [(p.backend, p.bits) for p in pts[::4]] == [("sdpa", 16), ("kvq", 4), ("kvq", 2)]
     assert len(pts) == 12
     llama = ds.Shape("llama-7b", 32, 4096, 32, 32, 128, 11008, 32000)
-    w = 13_214_687_232  # LLaMA-7B's random weights without an embedding table (the committed e2e CSV's)
+    w = ds.Weights.bytes_of(llama)
+    assert w == 13_214_687_232  # the weights_bytes of reports/measurements/e2e_decode_h100.csv (allocated there)
+    assert ds.Weights.bytes_of(GQA) == ds.Weights(GQA, "cpu").nbytes
     h100 = 85_017_493_504
     # fp16 KV at 16 x 32K is 256 GiB; 2-bit ~ 37 GB with metadata: fits beside 13 GB of weights
     assert not ds.fits(llama, w, 16, 16, 32768, h100)

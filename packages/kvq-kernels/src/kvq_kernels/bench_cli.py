@@ -1,14 +1,19 @@
-"""`kvq-bench`: measure this GPU (bandwidth, matmul peak, decode kernels) and draft its kvq-sim hardware YAML.
+"""`kvq-bench`: measure this GPU (bandwidth, matmul peak, decode kernels, a whole decode step) and draft its
+kvq-sim hardware YAML.
 
-Writes `kernel_decode_<slug>.csv` (kvq_kernels.benchmarking's schema, read by `kvq-sim calibrate`) and
-`<slug>.yaml` (a hardware file kvq_sim.hardware loads) into --out. Without a CUDA GPU it exits 2 before
-importing any Triton code. The pure parts (GpuInfo, the YAML draft, the sweep plans, the output checks)
-run on CPU and are tested there.
+Writes into --out: `kernel_decode_<slug>.csv` (kvq_kernels.benchmarking's schema, kvq-sim calibrate's
+--measurements), `e2e_decode_<slug>.csv` (kvq_kernels.decode_step's rows of the LLaMA-7B-shaped step
+kvq-sim's e2e fit assumes, its --e2e; needs kvq-sim installed for that model's shape) and `<slug>.yaml` (a
+hardware file kvq_sim.hardware loads, its header holding each phase's wall time), then prints the
+`kvq-sim calibrate` and `validate` commands that read them. Without a CUDA GPU it exits 2 before importing
+any Triton code. The pure parts (GpuInfo, the YAML draft, the plans, the output checks, the commands) run
+on CPU and are tested there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import subprocess
@@ -49,7 +54,8 @@ def slug(name: str) -> str:
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """The decode sweep's grid (kvq_kernels.benchmarking.decode_grid) and whether launch configs are probed."""
+    """What one kvq-bench run measures: the decode sweep's grid (kvq_kernels.benchmarking.decode_grid), the
+    correctness checks before it, repetition budgets, and the whole-step points (kvq_kernels.decode_step)."""
 
     bits: tuple[int, ...]  # 16: SDPA flash and kvq_fp16
     heads: tuple[tuple[int, int], ...]  # (query heads, kv heads)
@@ -57,12 +63,23 @@ class SweepPlan:
     contexts: tuple[int, ...]
     split_contexts: tuple[int, ...]  # extra contexts at batch <= 8
     probe: bool  # time PROBE_CONFIGS per bit width (full) or take decode_kivi's defaults (quick)
+    check_shapes: tuple  # benchmarking.correctness shapes
+    check_variants: tuple  # benchmarking.correctness KIVI variants (group, sinks, nuq)
+    rep_ms: float  # timed runs per sweep measurement (benchmarking.median_us)
+    peak_rep_ms: float  # timed runs of the bandwidth and matmul measurements
+    step_bits: tuple[int, ...]  # kvq bit widths of the whole step (beside sdpa fp16)
+    step_batches: tuple[int, ...]
+    step_contexts: tuple[int, ...]
+    step_warmup_ms: float  # triton.testing.do_bench of a step's graph replay
+    step_rep_ms: float
 
 
-#: --quick: 4 contexts x 2 batches x 2 head layouts x (SDPA, fp16, 4-bit, 2-bit), about 64 points. The contexts
-#: are chosen for kvq-sim's fixed split (sha256 of each point id): every kernel family gets at least 4 training
-#: and 2 held-out points (with 4096, 32768 and 131072 the 4-bit GQA family got 1 training point, and
-#: `kvq-sim calibrate` needs 3).
+#: --quick: 4 contexts x 2 batches x 2 head layouts x (SDPA, fp16, 4-bit, 2-bit), 64 kernel points. The
+#: contexts are chosen for kvq-sim's fixed split (sha256 of each point id): every kernel family gets at least 4
+#: training and 2 held-out points (with 4096, 32768 and 131072 the 4-bit GQA family got 1 training point, and
+#: without 1024 it gets 2, where `kvq-sim calibrate` needs 3). Correctness checks only what the sweep times
+#: (group 128, no sinks, uniform codes, 32/8 and 32/32 heads): each other variant costs its own Triton
+#: compiles. The whole step: sdpa fp16 and kvq 4/2-bit at batch 1 and 16, contexts 4K and 32K.
 QUICK = SweepPlan(
     bits=(16, 4, 2),
     heads=((32, 8), (32, 32)),
@@ -70,20 +87,61 @@ QUICK = SweepPlan(
     contexts=(1024, 4096, 16384, 131072),
     split_contexts=(),
     probe=False,
+    check_shapes=((32, 8, (1, 97, 4099), 4100), (32, 32, (2048,), 2048)),
+    check_variants=((128, 0, False),),
+    rep_ms=30.0,
+    peak_rep_ms=100.0,
+    step_bits=(4, 2),
+    step_batches=(1, 16),
+    step_contexts=(4096, 32768),
+    step_warmup_ms=10.0,
+    step_rep_ms=60.0,
 )
 
 
 def full_plan() -> SweepPlan:
-    """packages/kvq-kernels/benchmarks/bench_decode.py's default grid (kvq_kernels.benchmarking constants), configs probed."""
+    """packages/kvq-kernels/benchmarks/bench_decode.py's default grid (kvq_kernels.benchmarking constants), configs
+    probed, every correctness variant; the whole step as benchmarks/e2e_decode.py runs it."""
     from kvq_kernels import benchmarking as bm
+    from kvq_kernels.decode_step import FULL_GRID
 
-    return SweepPlan(bm.BITS, bm.HEADS, bm.BATCHES, bm.CONTEXTS, bm.SPLIT_REGIME_CONTEXTS, probe=True)
+    return SweepPlan(
+        bm.BITS, bm.HEADS, bm.BATCHES, bm.CONTEXTS, bm.SPLIT_REGIME_CONTEXTS, probe=True,
+        check_shapes=bm.CORRECTNESS_SHAPES, check_variants=bm.CORRECTNESS_VARIANTS, rep_ms=60.0, peak_rep_ms=200.0,
+        step_bits=(16, 4, 2), step_batches=FULL_GRID[0], step_contexts=FULL_GRID[1], step_warmup_ms=50.0,
+        step_rep_ms=300.0,
+    )  # fmt: skip
 
 
-def output_paths(out_dir: str | Path, gpu_slug: str) -> tuple[Path, Path]:
-    """(kernel CSV, hardware YAML) kvq-bench writes for a GPU."""
+def output_paths(out_dir: str | Path, gpu_slug: str) -> tuple[Path, Path, Path]:
+    """(kernel CSV, whole-step CSV, hardware YAML) kvq-bench writes for a GPU."""
     out = Path(out_dir)
-    return out / f"kernel_decode_{gpu_slug}.csv", out / f"{gpu_slug}.yaml"
+    return out / f"kernel_decode_{gpu_slug}.csv", out / f"e2e_decode_{gpu_slug}.csv", out / f"{gpu_slug}.yaml"
+
+
+def next_commands(yaml_path, kernel_csv, e2e_csv=None) -> list[str]:
+    """The kvq-sim commands that fit and check this run's measurements (--e2e when the step was measured)."""
+    args = f"--gpu {yaml_path} --measurements {kernel_csv}" + (f" --e2e {e2e_csv}" if e2e_csv else "")
+    return [f"kvq-sim calibrate {args}", f"kvq-sim validate {args}"]
+
+
+class Phases:
+    """Wall seconds of each phase of a run that ends normally, printed on stderr as it ends; `total` from `start`."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+        print(f"kvq-bench: {name} took {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
+
+    def summary(self, now: float) -> str:
+        parts = [f"{name} {sec:.1f}" for name, sec in self.seconds.items()]
+        return ", ".join([*parts, f"total {now - self.start:.1f}"])
 
 
 def check_outputs(paths, force: bool) -> None:
@@ -164,9 +222,9 @@ _COMMENTS = {
 }
 
 
-def draft_yaml(info: GpuInfo) -> str:
-    """`draft_hardware` as YAML text (written by PyYAML), a header naming the measured fields, and a comment
-    on each field saying where its value came from."""
+def draft_yaml(info: GpuInfo, phases: str | None = None) -> str:
+    """`draft_hardware` as YAML text (written by PyYAML), a header naming the measured fields (and, when given,
+    the run's phase wall times), and a comment on each field saying where its value came from."""
     import yaml
 
     text = yaml.safe_dump(draft_hardware(info), sort_keys=False, width=10_000)
@@ -189,6 +247,8 @@ def draft_yaml(info: GpuInfo) -> str:
         "# replace them with the datasheet figures BEFORE `kvq-sim calibrate` (fitted efficiencies are fractions",
         "# of these numbers). The calibration section holds uncalibrated priors until `kvq-sim calibrate` fits it.",
     ]
+    if phases:
+        header.append(f"# kvq-bench phases, wall seconds: {phases}.")
     return "\n".join([*header, *lines]) + "\n"
 
 
@@ -229,21 +289,23 @@ def _provenance() -> dict:
     return prov
 
 
-def _progress(total: int):
-    """A progress bar over the sweep's points: tqdm where installed, else a line every 10%."""
+def _progress(total: int | None = None, desc: str = "decode sweep"):
+    """A progress bar over a list of points (`total` of them, default its length): tqdm where installed, else a
+    line every 10%."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
 
     def wrap(points):
+        n = len(points) if total is None else total
         if tqdm is not None:
-            yield from tqdm(points, total=total, desc="decode sweep", unit="pt")
+            yield from tqdm(points, total=n, desc=desc, unit="pt")
             return
-        step = max(1, total // 10)
+        step = max(1, n // 10)
         for i, p in enumerate(points):
             if i % step == 0:
-                print(f"decode sweep: {i}/{total} points", flush=True)
+                print(f"{desc}: {i}/{n} points", flush=True)
             yield p
 
     return wrap
@@ -252,44 +314,100 @@ def _progress(total: int):
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="kvq-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="directory for the CSV and YAML (default: the current one)")
-    ap.add_argument("--quick", action="store_true", help="a compact sweep (about a minute) for a first fit")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop the sweep after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="a compact sweep (under a minute) for a first fit")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop the kernel sweep after this many seconds")
     ap.add_argument("--group", type=int, default=128, help="KIVI group size (tokens for keys, channels for values)")
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print(NO_GPU, file=sys.stderr)
-        sys.exit(2)
-    t_start = time.time()
-    name = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    csv_path, yaml_path = output_paths(args.out, slug(name))
+def step_model():
+    """(Shape, KIVI group, residual) of the step kvq-sim's e2e calibration assumes (kvq_sim.calibrate.E2E_MODEL and
+    its packed format), or None when kvq-sim is not installed."""
     try:
-        check_outputs((csv_path, yaml_path), args.force)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from kvq_sim.calibrate import E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL, E2E_MODEL
+        from kvq_sim.models import load_model
+    except ImportError:
+        return None
+    from kvq_kernels.decode_step import shape_from_config
 
-    from kvq_kernels import benchmarking as bm
+    return shape_from_config(E2E_MODEL, load_model(E2E_MODEL)), E2E_KIVI_GROUP, E2E_KIVI_RESIDUAL
 
-    plan = QUICK if args.quick else full_plan()
-    prov = _provenance()
+
+def _measure_step(plan: SweepPlan, configs: dict, prov: dict, path: Path) -> str:
+    """Time the whole decode step's points and write their CSV to `path` (a file left there by an earlier run is
+    removed first): "ok", "skipped" (kvq-sim absent, or no point fits this GPU) or "failed" (a point raised),
+    each but "ok" said on stderr and leaving no file."""
+    from kvq_kernels import decode_step as ds
+    from kvq_kernels.benchmarking import config_kwargs, release_flush_buffer
+
+    path.unlink(missing_ok=True)
+    model = step_model()
+    if model is None:
+        print("kvq-bench: kvq-sim is not installed: the whole decode step is not measured", file=sys.stderr)
+        return "skipped"
+    s, group, residual = model
+    launch = {
+        b: config_kwargs(configs[(b, s.heads, s.kv_heads)])
+        for b in plan.step_bits
+        if (b, s.heads, s.kv_heads) in configs
+    }
+    points = ds.plan(("sdpa", "kvq"), plan.step_bits, plan.step_batches, plan.step_contexts)
+    release_flush_buffer()  # the steps' max_allocated_bytes count only what a step allocates (kvq-sim's memory model)
+    try:
+        rows = ds.run_points(
+            s, points, group, residual, prov, launch, plan.step_warmup_ms, plan.step_rep_ms,
+            _progress(desc="decode step"),
+        )  # fmt: skip
+    except RuntimeError as e:  # CUDA errors and out-of-memory included
+        print(f"kvq-bench: the whole decode step failed: {e}", file=sys.stderr)
+        return "failed"
+    if not rows:
+        print("kvq-bench: no whole-step point fits this GPU's memory", file=sys.stderr)
+        return "skipped"
+    ds.write_rows(path, rows)
+    print(f"\nwhole decode step ({s.name} shape, random weights, CUDA graph):")
+    ds.print_rows(rows)
+    return "ok"
+
+
+def main(argv=None) -> None:
+    t0, wall0 = time.perf_counter(), time.time()
+    args = parse_args(argv)
+    phases = Phases(t0)
+    with phases("detect"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(NO_GPU, file=sys.stderr)
+            sys.exit(2)
+        name = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        csv_path, e2e_path, yaml_path = output_paths(args.out, slug(name))
+        try:
+            check_outputs((csv_path, e2e_path, yaml_path), args.force)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        uuid = getattr(props, "uuid", None)
+        smi = _nvidia_smi("driver_version,clocks.max.sm,clocks.max.memory", f"GPU-{uuid}" if uuid else None)
+
+        from kvq_kernels import benchmarking as bm
+
+        plan = QUICK if args.quick else full_plan()
+        prov = _provenance()
     print(", ".join(f"{k} {v}" for k, v in prov.items()))
-    bm.correctness([b for b in plan.bits if b != 16])
-    read = bm.hbm_read_tb_s()
-    copy = bm.copy_tb_s()
-    mm = bm.matmul_tflops()
+    kivi_bits = [b for b in plan.bits if b != 16]
+    with phases("compile + correctness"):
+        bm.correctness(kivi_bits, plan.check_shapes, plan.check_variants)
+    with phases("bandwidth"):
+        read = bm.hbm_read_tb_s(plan.peak_rep_ms)
+        copy = bm.copy_tb_s(plan.peak_rep_ms)
+    with phases("matmul"):
+        mm = bm.matmul_tflops(rep_ms=plan.peak_rep_ms)
     print(
         f"streaming read {read * 1e3:.0f} GB/s, copy {copy * 1e3:.0f} GB/s (read + write), bf16 matmul {mm:.0f} TFLOP/s"
     )
-    uuid = getattr(props, "uuid", None)
-    smi = _nvidia_smi("driver_version,clocks.max.sm,clocks.max.memory", f"GPU-{uuid}" if uuid else None)
     info = GpuInfo(
         name=name,
         memory_bytes=props.total_memory,
@@ -303,20 +421,26 @@ def main(argv=None) -> None:
         matmul_tflops=mm,
     )
     yaml_path.write_text(draft_yaml(info), encoding="utf-8")
-    kivi_bits = [b for b in plan.bits if b != 16]
-    configs = (
-        bm.probe(plan.bits, args.group, plan.heads)
-        if plan.probe
-        else bm.default_configs(kivi_bits, args.group, plan.heads)
-    )
+    if plan.probe:
+        with phases("probe"):
+            configs = bm.probe(plan.bits, args.group, plan.heads)
+    else:
+        configs = bm.default_configs(kivi_bits, args.group, plan.heads)
     points = bm.decode_grid(plan.heads, plan.batches, plan.contexts, plan.split_contexts)
-    results, stopped = bm.sweep(
-        csv_path, prov, read, points, plan.bits, args.group, configs, args.budget_s, t_start, _progress(len(points))
-    )
+    with phases("kernel sweep"):
+        results, stopped = bm.sweep(
+            csv_path, prov, read, points, plan.bits, args.group, configs, args.budget_s, wall0,
+            _progress(len(points)), plan.rep_ms,
+        )  # fmt: skip
     if stopped:
         print(f"sweep stopped by --budget-s at heads {stopped[0]}/{stopped[1]} batch {stopped[2]} context {stopped[3]}")
     bm.print_table(results, read, (1, max(plan.batches) if args.quick else 32), (4096, 131072))
+    with phases("decode step"):
+        step = _measure_step(plan, configs, prov, e2e_path)
+    summary = phases.summary(time.perf_counter())
+    yaml_path.write_text(draft_yaml(info, summary), encoding="utf-8")
     print(f"\n{'GPU':<22} {name}")
+    wrote = [csv_path, *([e2e_path] if step == "ok" else []), yaml_path]
     for label, value in (
         ("memory", f"{info.memory_bytes / GIB:.1f} GiB"),
         ("SMs / L2", f"{info.sm_count} / {info.l2_bytes / MIB:g} MiB"),
@@ -325,13 +449,16 @@ def main(argv=None) -> None:
         ("streaming read", f"{info.read_gb_s:.0f} GB/s"),
         ("copy (read + write)", f"{info.copy_gb_s:.0f} GB/s"),
         ("bf16 matmul", f"{info.matmul_tflops:.0f} TFLOP/s"),
-        ("decode sweep", f"{len(results)} kvq points (plus SDPA) in {time.time() - t_start:.0f} s total"),
-        ("wrote", f"{csv_path}, {yaml_path}"),
+        ("decode sweep", f"{len(results)} kvq points (plus SDPA)"),
+        ("phases (wall s)", summary),
+        ("wrote", ", ".join(map(str, wrote))),
     ):
         print(f"{label:<22} {value}")
     print("\nnext (the YAML's header names the measured fields to replace with datasheet figures first):")
-    print(f"  kvq-sim calibrate --gpu {yaml_path} --measurements {csv_path}")
-    print(f"  kvq-sim validate --gpu {yaml_path} --measurements {csv_path}")
+    for cmd in next_commands(yaml_path, csv_path, e2e_path if step == "ok" else None):
+        print(f"  {cmd}")
+    if step == "failed":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -67,24 +67,33 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def correctness(bits_list=(8, 4, 3, 2)) -> None:
-    """Every kernel against its fp64 torch reference on random data (fp16 always, KIVI at `bits_list`)."""
+#: correctness shapes: (query heads, kv heads, lens, capacity): GQA with a 1-token and an odd-length
+#: sequence, GQA 9/3, MHA
+CORRECTNESS_SHAPES = ((32, 8, (1, 97, 4099), 4100), (9, 3, (300, 5000), 5000), (32, 32, (2048,), 2048))
+#: KIVI variants checked per bit width: (group, sinks, nuq)
+CORRECTNESS_VARIANTS = ((32, 4, False), (128, 0, False), (32, 0, True))
+
+
+def correctness(bits_list=(8, 4, 3, 2), shapes=CORRECTNESS_SHAPES, variants=CORRECTNESS_VARIANTS) -> None:
+    """Every kernel against its fp64 torch reference on random data (fp16 always, KIVI at `bits_list` in each
+    of `variants`), at each of `shapes`; exits non-zero on an error above 2e-3. Each distinct shape and variant
+    compiles its own kernels: a sweep that times only some of them checks those (kvq-bench --quick)."""
     torch.manual_seed(0)
     rows = []
-    for hq, hkv, lens, cap in ((32, 8, [1, 97, 4099], 4100), (9, 3, [300, 5000], 5000), (32, 32, [2048], 2048)):
+    for hq, hkv, lens, cap in shapes:
         b = len(lens)
         q = torch.randn(b, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
         k = torch.randn(b, hkv, cap, HEAD_DIM, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
         L = torch.tensor(lens, dtype=torch.int32, device="cuda")
         e = rel_err(decode_fp16(q, k, v, L), decode_reference(q, k, v, L))
-        rows.append(("fp16", hq, hkv, lens, e))
+        rows.append(("fp16", hq, hkv, list(lens), e))
         for bits in [b for b in bits_list if b != 16]:
-            for group, sinks, nuq in ((32, 4, False), (128, 0, False), (32, 0, True)):
+            for group, sinks, nuq in variants:
                 c = random_kivi(b, hkv, cap, bits, group, 128, sinks, nuq)
                 c.lens.copy_(L)
                 e = rel_err(decode_kivi(q, c), decode_kivi_reference(q, c))
-                rows.append((f"kivi{bits} G{group} S{sinks}{' nuq' if nuq else ''}", hq, hkv, lens, e))
+                rows.append((f"kivi{bits} G{group} S{sinks}{' nuq' if nuq else ''}", hq, hkv, list(lens), e))
     worst = max(r[-1] for r in rows)
     for r in rows:
         print(f"correct {r[0]:<22} heads {r[1]}/{r[2]} lens {r[3]}: rel err {r[4]:.2e}")
@@ -93,29 +102,29 @@ def correctness(bits_list=(8, 4, 3, 2)) -> None:
     print(f"correctness ok: worst relative error {worst:.2e}")
 
 
-def hbm_read_tb_s() -> float:
+def hbm_read_tb_s(rep_ms: float = 200.0) -> float:
     """Streaming-read ceiling: torch sum over 4 GiB, TB/s."""
     x = torch.randn(2**30, device="cuda", dtype=torch.float32)  # 4 GiB
-    us = median_us(x.sum, rep_ms=200.0)
+    us = median_us(x.sum, rep_ms=rep_ms)
     del x
     return 2**32 / (us * 1e-6) / 1e12
 
 
-def copy_tb_s() -> float:
+def copy_tb_s(rep_ms: float = 200.0) -> float:
     """Device-to-device copy of 2 GiB, counted as bytes read + bytes written per second, TB/s."""
     src = torch.empty(2**29, device="cuda", dtype=torch.float32)  # 2 GiB
     dst = torch.empty_like(src)
-    us = median_us(functools.partial(dst.copy_, src), rep_ms=200.0)
+    us = median_us(functools.partial(dst.copy_, src), rep_ms=rep_ms)
     del src, dst
     return 2 * 2**31 / (us * 1e-6) / 1e12
 
 
-def matmul_tflops(n: int = 8192) -> float:
+def matmul_tflops(n: int = 8192, rep_ms: float = 200.0) -> float:
     """Dense bf16 matmul peak: median time of an n x n x n product of random matrices, 2 n^3 FLOP per run."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    us = median_us(functools.partial(torch.mm, a, b, out=c), rep_ms=200.0)
+    us = median_us(functools.partial(torch.mm, a, b, out=c), rep_ms=rep_ms)
     del a, b, c
     return 2 * n**3 / (us * 1e-6) / 1e12
 
@@ -123,6 +132,12 @@ def matmul_tflops(n: int = 8192) -> float:
 @functools.cache
 def _flush_buffer() -> torch.Tensor:
     return torch.ones(ROTATE_BYTES // 4, device="cuda", dtype=torch.float32)
+
+
+def release_flush_buffer() -> None:
+    """Free `flush_l2`'s 256 MB buffer (the next flush allocates it again): before a measurement of peak memory."""
+    _flush_buffer.cache_clear()
+    torch.cuda.empty_cache()
 
 
 def flush_l2(mode: str = "read") -> None:
@@ -183,7 +198,7 @@ def capture(fns, passes: int = 1) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool = False) -> float:
+def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool = False, rep_ms: float = 60.0) -> float:
     """Median microseconds of one call: a CUDA graph over `rotation_copies(nbytes)` fresh inputs.
 
     differential=False: one pass's replay time / copies (includes 1/copies of the replay's own start
@@ -192,11 +207,11 @@ def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool 
     copies = rotation_copies(nbytes)
     fns = [make_fn() for _ in range(copies)]
     one = capture(fns)
-    us = median_us(one.replay, flush)
+    us = median_us(one.replay, flush, rep_ms=rep_ms)
     del one
     if differential:
         two = capture(fns, passes=2)
-        us = median_us(two.replay, flush) - us
+        us = median_us(two.replay, flush, rep_ms=rep_ms) - us
         del two
     del fns
     return us / copies
@@ -223,13 +238,17 @@ def kvq_fp16_fn(batch, hq, hkv, t):
     return lambda: decode_fp16(q, k, v, L, validate_lens=False)
 
 
+def config_kwargs(config) -> dict:
+    """decode_kivi's keyword arguments of a launch config (path, BLOCK_N, num_warps, num_stages, prefetch)."""
+    path, block_n, warps, stages, prefetch = config
+    return dict(path=path, block_n=block_n, num_warps=warps, num_stages=stages, prefetch=prefetch)
+
+
 def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True)):
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     c = random_kivi(batch, hkv, t, bits, group)
-    path, block_n, warps, stages, prefetch = config
-    return lambda: decode_kivi(
-        q, c, validate_lens=False, block_n=block_n, num_warps=warps, num_stages=stages, path=path, prefetch=prefetch
-    )
+    kw = config_kwargs(config)
+    return lambda: decode_kivi(q, c, validate_lens=False, **kw)
 
 
 #: (path, BLOCK_N, num_warps, num_stages, prefetch) tried per bit width and head layout at batch 1, 128K
@@ -334,12 +353,12 @@ def kernel_row(
                 config=config, l2_flush="read 256 MB")  # fmt: skip
 
 
-def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start, progress=iter):
+def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start, progress=iter, rep_ms=60.0):
     """Time every point of `points` (`decode_grid`) at each of `bits_list` (16: SDPA flash and kvq_fp16)
     and write the CSV rows to `path` as they come. Points whose KV does not fit in free memory are left out;
     the sweep stops at the first point reached `budget_s` seconds after `t_start`. `progress` wraps the
-    point iterable (a progress bar). Returns ([(hq, hkv, batch, context, bits, us, TB/s, speedup)], the point
-    the budget stopped at or None)."""
+    point iterable (a progress bar); rep_ms: the timed runs per measurement (`median_us`). Returns
+    ([(hq, hkv, batch, context, bits, us, TB/s, speedup)], the point the budget stopped at or None)."""
     results = []
     stopped = None
     with open(path, "w", newline="") as fh:
@@ -358,13 +377,14 @@ def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start,
                 row = functools.partial(kernel_row, prov, bits=bits, group=group, batch=batch, q_heads=hq,
                                         kv_heads=hkv, context=t, kv_bytes_read=nbytes, hbm=hbm)  # fmt: skip
                 if bits == 16:
-                    sdpa_us = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), nbytes)
+                    sdpa_us = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), nbytes, rep_ms=rep_ms)
                     w.writerow(row(impl="sdpa_flash_fp16", time_us=sdpa_us, sdpa_us=sdpa_us, config=""))
-                    us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t), nbytes)
+                    us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t), nbytes, rep_ms=rep_ms)
                     impl, config = "kvq_fp16", FP16_CONFIG
                 else:
                     cfg = configs[(bits, hq, hkv)]
-                    us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg), nbytes)
+                    fn = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg)
+                    us = time_rotation(fn, nbytes, rep_ms=rep_ms)
                     impl, config = "kvq_kivi", config_name(cfg)
                 r = row(impl=impl, time_us=us, sdpa_us=sdpa_us, config=config)
                 w.writerow(r)

@@ -50,6 +50,9 @@ E2E_FIELDS = (
     "max_allocated_bytes",
 )  # fmt: skip
 BACKENDS = {"sdpa": (16,), "kvq": (16, 8, 4, 3, 2)}
+#: (batches, contexts) of a quick and a full run (benchmarks/e2e_decode.py, kvq-bench)
+QUICK_GRID = ((1, 16), (4096, 32768))
+FULL_GRID = ((1, 8, 16, 32), (4096, 32768, 131072))
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,10 @@ class Weights:
         def w(*shape):
             return (torch.randn(*shape, device=device, dtype=dtype, generator=g) * WEIGHT_STD).contiguous()
 
-        qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
         self.layers = [
             dict(
                 n1=torch.ones(s.hidden, device=device, dtype=dtype),
-                wqkv=w(s.hidden, qkv),
+                wqkv=w(s.hidden, _qkv(s)),
                 wo=w(s.heads * s.head_dim, s.hidden),
                 n2=torch.ones(s.hidden, device=device, dtype=dtype),
                 wgu=w(s.hidden, 2 * s.ffn),
@@ -129,6 +131,16 @@ class Weights:
     def nbytes(self) -> int:
         per = sum(t.nbytes for layer in self.layers for t in layer.values())
         return per + self.norm.nbytes + self.lm_head.nbytes
+
+    @staticmethod
+    def bytes_of(s: Shape) -> int:
+        """`nbytes` of a shape's fp16 weights, without allocating them."""
+        per = s.hidden * (_qkv(s) + 2 * s.ffn + 2) + s.heads * s.head_dim * s.hidden + s.ffn * s.hidden
+        return 2 * (s.layers * per + s.hidden * (1 + s.vocab))
+
+
+def _qkv(s: Shape) -> int:
+    return (s.heads + 2 * s.kv_heads) * s.head_dim
 
 
 def decode_step(x: torch.Tensor, W: Weights, s: Shape, cache) -> torch.Tensor:
@@ -351,19 +363,31 @@ def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, 
 
 
 def run_points(s, points, group, residual, prov, launch=None, warmup_ms=50, rep_ms=300, progress=iter) -> list[dict]:
-    """E2E CSV rows (E2E_FIELDS, then the provenance `prov`) of every point that `fits` this GPU, in order.
-    launch: {bits: decode_kivi arguments} (default `kivi_launch`); progress wraps the point list."""
-    W = Weights(s, "cuda")
+    """E2E CSV rows (E2E_FIELDS, then the provenance `prov`) of every point that `fits` this GPU, in order; []
+    without allocating anything when none does. launch: {bits: decode_kivi arguments} (default `kivi_launch`);
+    progress wraps the list of points that fit."""
     memory = torch.cuda.get_device_properties(0).total_memory
+    todo = [p for p in points if fits(s, Weights.bytes_of(s), p.bits, p.batch, p.context, memory)]
+    if not todo:
+        return []
+    W = Weights(s, "cuda")
     rows = []
-    for p in progress(points):
-        if not fits(s, W.nbytes, p.bits, p.batch, p.context, memory):
-            continue
+    for p in progress(todo):
         cfg = None if launch is None or p.bits == 16 else launch.get(p.bits)
         rows.append({**time_step(s, W, p, group, residual, cfg, warmup_ms, rep_ms), **prov})
     del W
     torch.cuda.empty_cache()
     return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The rows as a table: backend, bits, batch, context, step time, tokens/s, cache GB."""
+    print(f"{'backend':8s} {'bits':>4s} {'batch':>5s} {'context':>8s} {'step_us':>10s} {'tok/s':>9s} {'cache GB':>9s}")
+    for r in rows:
+        print(
+            f"{r['backend']:8s} {r['bits']:4d} {r['batch']:5d} {r['context']:8d} {r['step_us']:10.1f} "
+            f"{r['tokens_per_s']:9.1f} {r['cache_bytes'] / 1e9:9.2f}"
+        )
 
 
 def write_rows(path, rows: list[dict]) -> None:

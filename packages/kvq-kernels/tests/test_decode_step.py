@@ -37,12 +37,12 @@ def test_append_token_equals_append_kivi_at_per_sequence_positions(bits, device)
     ref = allocate(b, h, d, 128, bits, GROUP, RESIDUAL, 0, device=device)
     kivi_from_dense(got, k, v, lens)
     kivi_from_dense(ref, k, v, lens)
-    rows = torch.arange(b * h, device=device)
     pos = torch.tensor(lens, device=device, dtype=torch.int64)
     for _ in range(36):
         idx = pos[:, None, None, None].expand(b, h, 1, d)
         kn, vn = k.gather(2, idx), v.gather(2, idx)  # token pos[b] of each sequence's dense K/V
-        ds.append_token(got, rows, pos.repeat_interleave(h), kn[:, :, 0], vn[:, :, 0])
+        at = ds.append_rows(pos, h, RESIDUAL, GROUP, got.quant_capacity)
+        ds.append_token(got, at, kn[:, :, 0], vn[:, :, 0])
         got.lens += 1
         pos += 1
         append_kivi(ref, kn.contiguous(), vn.contiguous())

@@ -161,28 +161,30 @@ def decode_step(x: torch.Tensor, W: Weights, s: Shape, cache) -> torch.Tensor:
     return rms_norm(x, W.norm) @ W.lm_head
 
 
-def _rows(batch: int, heads: int, device) -> torch.Tensor:
-    """Index b * heads + h of every (sequence, head) pair, int64 [batch * heads]."""
-    return torch.arange(batch * heads, device=device, dtype=torch.int64)
+def _per_head(pos: torch.Tensor, heads: int) -> torch.Tensor:
+    """Each sequence's position once per head, int64 [B * heads] in (sequence, head) order (no host sync)."""
+    return pos[:, None].expand(pos.shape[0], heads).reshape(-1)
 
 
 class DenseCache:
-    """fp16 K/V [B, Hkv, C, D] per layer (C = capacity), every sequence at the same length: `kernel` "sdpa"
-    attends with torch SDPA over all C slots (pos must be C - 1), "kvq" with `decode_fp16` over pos + 1."""
+    """fp16 K/V [B, Hkv, C, D] per layer (C = capacity), lengths pos + 1: `kernel` "sdpa" attends with torch SDPA
+    over all C slots (so pos must be C - 1 for every sequence), "kvq" with `decode_fp16` over lens = pos + 1.
+    The new token's slot is computed from pos on the device once per step (at layer 0)."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: torch.Tensor, kernel: str):
         if kernel not in ("sdpa", "kvq"):
             raise ValueError(f"kernel must be 'sdpa' or 'kvq', got {kernel!r}")
         self.k, self.v, self.kernel = k, v, kernel
-        b, h, cap, d = k[0].shape
+        b, h, self.capacity, _ = k[0].shape
         self.pos = pos.to(torch.int64)
         self.lens = (self.pos + 1).to(torch.int32)
-        # flat row of (b, h, pos[b]) in a [B * Hkv * C, D] view: the new token's slot, computed on the device
-        self._slot = _rows(b, h, k[0].device) * cap + self.pos.repeat_interleave(h)
+        self._base = torch.arange(b * h, device=pos.device) * self.capacity  # row of (b, h, 0) in [B*Hkv*C, D]
 
     def attend(self, i, q, k, v):
         b, hq, d = q.shape
         h = k.shape[1]
+        if i == 0:
+            self._slot = self._base + _per_head(self.pos, h)
         self.k[i].view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d))
         self.v[i].view(-1, d).index_copy_(0, self._slot, v.reshape(b * h, d))
         if self.kernel == "sdpa":
@@ -197,10 +199,33 @@ class DenseCache:
         return sum(t.nbytes for t in self.k + self.v) + (self.lens.nbytes if self.kernel == "kvq" else 0)
 
 
-def append_token(c: KiviCache, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write one new token per sequence (k, v fp16 [B, Hkv, D]) at post-sink position pos (int64 [B * Hkv],
-    each sequence's position repeated per head) into a sink-free cache, as `append_kivi` does for one token,
-    with row indices computed on the device; rows = `_rows(B, Hkv)`. c.lens is left to the caller.
+@dataclass(frozen=True)
+class AppendRows:
+    """Where one new token per sequence goes in sink-free KIVI caches of one shape, flat rows over
+    (sequence, head) in that order, all int64 on the device (`append_rows`)."""
+
+    ring: torch.Tensor  # [B * Hkv]: ring slot p % R of the new token, in a [B * Hkv * R, D] view
+    value_row: torch.Tensor  # [B * Hkv]: value-code row of the token p - R leaving the window (row 0 while p < R)
+    key_rows: torch.Tensor  # [B * Hkv * R / G]: first key-code row of each G-token block of the ring's R rows
+
+
+def append_rows(pos: torch.Tensor, heads: int, residual: int, group: int, quant_capacity: int) -> AppendRows:
+    """`AppendRows` of tokens at post-sink positions pos (int64 [B]) from torch ops on the device (no host sync)."""
+    r, tq = residual, quant_capacity
+    p = _per_head(pos, heads)
+    base = torch.arange(p.shape[0], device=pos.device)
+    cycle = base * tq + p - p % r  # first row of the ring's cycle
+    return AppendRows(
+        ring=base * r + p % r,
+        value_row=base * tq + (p - r).clamp_min(0),
+        key_rows=(cycle[:, None] + torch.arange(0, r, group, device=pos.device)).reshape(-1),
+    )
+
+
+def append_token(c: KiviCache, at: AppendRows, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write one new token per sequence (k, v fp16 [B, Hkv, D]) into a sink-free cache at the rows `at` names
+    (`append_rows` of each sequence's post-sink position p), as `append_kivi` does for one token, with the
+    quantize kernels it launches and no host sync. c.lens is left to the caller.
 
     Values: ring slot p % R holds token p - R, which leaves the window: `quantize_token_rows` writes it to value
     row p - R (row 0 while p < R, rewritten with the right token at p = R), then the new value takes the slot.
@@ -209,21 +234,18 @@ def append_token(c: KiviCache, rows: torch.Tensor, pos: torch.Tensor, k: torch.T
     step that fills it (p % R = R - 1) they hold the flushed block, as append_kivi's. This flushes on every
     step rather than 1 in R (no launch depends on device values): R tokens per sequence and head re-quantized.
     Needs p < the cache's quantized capacity (the flushed rows must exist)."""
-    b, h, r, d = c.k_res.shape
-    g, tq = c.group_size, c.quant_capacity
-    slot = rows * r + pos % r
-    leaving = c.v_win.view(-1, d).index_select(0, slot)
-    quantize_token_rows(leaving, c.v_codes, c.v_scale, c.v_zero, rows * tq + (pos - r).clamp_min(0), c.bits, g)
-    c.v_win.view(-1, d).index_copy_(0, slot, v.reshape(b * h, d))
-    c.k_res.view(-1, d).index_copy_(0, slot, k.reshape(b * h, d))
-    block0 = rows * tq + pos - pos % r  # first row of the ring's cycle
-    starts = (block0[:, None] + torch.arange(0, r, g, device=pos.device)).reshape(-1)
-    quantize_channel_blocks(c.k_res.view(-1, g, d), c.k_codes, c.k_scale, c.k_zero, starts, c.bits)
+    b, h, _, d = c.k_res.shape
+    leaving = c.v_win.view(-1, d).index_select(0, at.ring)
+    quantize_token_rows(leaving, c.v_codes, c.v_scale, c.v_zero, at.value_row, c.bits, c.group_size)
+    c.v_win.view(-1, d).index_copy_(0, at.ring, v.reshape(b * h, d))
+    c.k_res.view(-1, d).index_copy_(0, at.ring, k.reshape(b * h, d))
+    quantize_channel_blocks(c.k_res.view(-1, c.group_size, d), c.k_codes, c.k_scale, c.k_zero, at.key_rows, c.bits)
 
 
 class KiviStepCache:
-    """One packed KIVI cache per layer (no sinks), every sequence at pos + 1 tokens; attention by `decode_kivi`
-    with `launch` (its keyword arguments: block_n, num_warps, ..., or {} for its defaults)."""
+    """One packed KIVI cache per layer (no sinks), lengths pos + 1; attention by `decode_kivi` with `launch` (its
+    keyword arguments: block_n, num_warps, ..., or {} for its defaults). The append's rows are computed from pos
+    on the device once per step (at layer 0)."""
 
     def __init__(self, layers: list[KiviCache], pos: torch.Tensor, launch: dict):
         c = layers[0]
@@ -231,14 +253,14 @@ class KiviStepCache:
             raise ValueError("the step's append handles sink-free caches only")
         self.layers, self.launch = layers, dict(launch)
         self.pos = pos.to(torch.int64)
-        self._rows = _rows(c.batch, c.kv_heads, pos.device)
-        self._pos_rows = self.pos.repeat_interleave(c.kv_heads)
         for layer in layers:
             layer.lens.copy_(self.pos + 1)
 
     def attend(self, i, q, k, v):
         c = self.layers[i]
-        append_token(c, self._rows, self._pos_rows, k, v)
+        if i == 0:
+            self._at = append_rows(self.pos, c.kv_heads, c.residual_tokens, c.group_size, c.quant_capacity)
+        append_token(c, self._at, k, v)
         return decode_kivi(q, c, validate_lens=False, **self.launch)
 
     @property

@@ -118,6 +118,23 @@ def test_quick_grid_trains_every_family():
     assert min(train.values()) >= 4 and min(held[f] for f in train) >= 2, (train, held)
 
 
+def test_quick_correctness_covers_the_gqa_kernels_the_sweep_runs():
+    """decode_kivi's auto path runs 2/4-bit GQA on the slice kernel when the quantized capacity (its default
+    max_len) is within SLICE_MAX_TOKENS and on the word kernel beyond: the quick sweep's contexts reach both,
+    and so do the quick correctness shapes."""
+    from kvq_kernels.decode_kivi import SLICE_MAX_TOKENS
+
+    def regime(tokens):
+        return -(-tokens // 128) * 128 <= SLICE_MAX_TOKENS  # allocate(): whole 128-token flush blocks
+
+    gqa = [h for h in QUICK.heads if h[0] != h[1]]
+    swept = {regime(t) for t in QUICK.contexts}
+    checked = {regime(cap) for hq, hkv, _, cap in QUICK.check_shapes if (hq, hkv) in gqa}
+    assert swept == checked == {True, False}
+    assert {(hq, hkv) for hq, hkv, _, _ in QUICK.check_shapes} == set(QUICK.heads)
+    assert QUICK.check_variants == ((128, 0, False),)  # the sweep's group, no sinks, uniform codes
+
+
 def test_output_checks(tmp_path):
     paths = output_paths(tmp_path / "new", "g")
     assert [p.name for p in paths] == ["kernel_decode_g.csv", "e2e_decode_g.csv", "g.yaml"]

@@ -239,6 +239,48 @@ def test_quick_outputs_calibrate_and_validate(tmp_path):
         assert check in val.output
 
 
+def test_step_phase_writes_the_points_that_fit(tmp_path, monkeypatch):
+    """kvq-bench's step phase on a fake 48 GB GPU (the GPU parts stubbed: weights, the timed step, device
+    memory): it times the quick plan's points that fit, each with the sweep's launch config for LLaMA-7B's
+    32/32 heads, and writes rows kvq-sim reads; with no point fitting it writes nothing and says so."""
+    import types
+
+    import torch
+
+    from kvq_kernels import bench_cli
+    from kvq_kernels import decode_step as ds
+    from kvq_kernels.benchmarking import default_configs
+
+    timed = []
+
+    def fake_time_step(s, W, p, group, residual, launch, warmup_ms, rep_ms):
+        timed.append((p, launch, group, residual, warmup_ms, rep_ms))
+        return dict(backend=p.backend, bits=p.bits, batch=p.batch, context=p.context, step_us=1000.0 + p.context / 8,
+                    tokens_per_s=1.0, weights_bytes=1, cache_bytes=1, max_allocated_bytes=1)  # fmt: skip
+
+    memory = types.SimpleNamespace(total_memory=FAKE.memory_bytes)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: memory)
+    monkeypatch.setattr(ds.Weights, "__init__", lambda self, s, device: None)
+    monkeypatch.setattr(ds, "time_step", fake_time_step)
+    prov = dict(device=FAKE.name, driver="1", torch="t", triton="x", commit="c", date="2026-01-01T00:00:00Z")
+    configs = default_configs(QUICK.bits, 128, QUICK.heads)
+    path = tmp_path / "e2e.csv"
+    assert bench_cli._measure_step(QUICK, configs, prov, path) == "ok"
+    s, _, _ = bench_cli.step_model()
+    fit = [p for p in ds.plan(("sdpa", "kvq"), (4, 2), (1, 16), (4096, 32768))
+           if ds.fits(s, ds.Weights.bytes_of(s), p.bits, p.batch, p.context, FAKE.memory_bytes)]  # fmt: skip
+    assert [t[0] for t in timed] == fit and len(fit) < 12
+    assert {t[1]["path"] for t in timed if t[0].bits < 16} == {configs[(4, 32, 32)][0]}
+    assert {t[2:] for t in timed} == {(128, 128, QUICK.step_warmup_ms, QUICK.step_rep_ms)}
+    points, _ = read_e2e_csv(path, FAKE.name)
+    assert [(p.backend, p.bits, p.batch, p.context) for p in points] == [
+        (p.backend, p.bits, p.batch, p.context) for p in fit
+    ]
+    memory.total_memory = 8 * 2**30  # LLaMA-7B's 13 GB of weights do not fit
+    assert bench_cli._measure_step(QUICK, configs, prov, path) == "skipped"
+    assert not path.exists()
+
+
 @pytest.mark.parametrize(("backend", "bits"), [("sdpa", 16), ("kvq", 16), ("kvq", 4), ("kvq", 2)])
 def test_step_caches_hold_the_bytes_kvq_sim_counts(backend, bits):
     """kvq-sim's e2e memory model (calibrate.e2e_cache_bytes) counts exactly the tensors the step's caches

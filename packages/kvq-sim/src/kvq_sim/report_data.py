@@ -889,6 +889,10 @@ def summary(d: dict) -> str:
             f"{fp16['max_context']:,} tokens with fp16 KV, {best['max_context']:,} with {best['series']} "
             f"({best['max_context'] / fp16['max_context']:.2f}x)"
         )
+    by_tag: dict[str, list[str]] = {}
+    for label, tag in d["kv_read_tags"].items():
+        by_tag.setdefault(tag, []).append(label)
+    lines += [f"- pages 5-6, {tag}: {', '.join(labels)}" for tag, labels in sorted(by_tag.items())]
     for c in d["comparisons"]:
         if c.get("missing"):
             lines.append(f"- page 8, {c['file']}: missing")
@@ -904,8 +908,8 @@ def summary(d: dict) -> str:
                 lines.append(f"  - {label}: {n}, median error {statistics.median(errs):+.1f}%")
     for p in d["quality"]:
         lines.append(
-            f"- page 9, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results from "
-            f"{', '.join(p['files'])}"
+            f"- page 9, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results "
+            f"({sum(r['interval_pct'] is not None for r in p['rows'])} with a 95% interval) from {', '.join(p['files'])}"
         )
     if d["quality_skipped"]:
         lines.append(f"- skipped quality files (named on stderr): {len(d['quality_skipped'])}")

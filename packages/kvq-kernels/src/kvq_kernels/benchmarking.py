@@ -23,7 +23,7 @@ import triton
 import triton.runtime.errors
 
 from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
-from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference
+from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, kernel_path, launch_config
 from kvq_kernels.kivi_layout import allocate
 
 HEAD_DIM = 128
@@ -261,9 +261,18 @@ PROBE_CONFIGS = {
 }  # fmt: skip
 
 
+def resolved_config(cfg, bits: int, q_heads: int, kv_heads: int, context: int, group: int) -> tuple:
+    """The launch config a call with `cfg` runs at one point: AUTO_CONFIG resolved as decode_kivi resolves it
+    (its kernel_path and launch_config, with max_len = the quantized capacity of random_kivi's cache); any other
+    config unchanged."""
+    if cfg[0] != "auto":
+        return cfg
+    quant_capacity = -(-context // 128) * 128  # random_kivi: capacity = context, whole 128-token flush blocks
+    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity)
+    return (path, *launch_config(path, bits, group), cfg[4])
+
+
 def config_name(cfg) -> str:
-    if cfg[0] == "auto":
-        return "auto"
     name = "{}-bn{}-w{}-s{}".format(*cfg[:4])
     return name + ("-pf" if cfg[0] == "simt" and cfg[4] else "")
 
@@ -385,7 +394,7 @@ def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start,
                     cfg = configs[(bits, hq, hkv)]
                     fn = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg)
                     us = time_rotation(fn, nbytes, rep_ms=rep_ms)
-                    impl, config = "kvq_kivi", config_name(cfg)
+                    impl, config = "kvq_kivi", config_name(resolved_config(cfg, bits, hq, hkv, t, group))
                 r = row(impl=impl, time_us=us, sdpa_us=sdpa_us, config=config)
                 w.writerow(r)
                 fh.flush()

@@ -518,6 +518,28 @@ def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]
     return bn, SIMT_CONFIG[bits][1], SIMT_CONFIG[bits][2]
 
 
+def kernel_path(path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int, nuq: bool, max_len: int) -> str:
+    """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "tc" (the word kernel) or "slice" (channel
+    slices), from its `path` argument and the cache's shape. "tc" names the word kernel only where its whole-word
+    layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
+    where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
+    SLICE_MAX_TOKENS."""
+    simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
+    if path == "simt" and not simt_ok:
+        raise ValueError(
+            "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
+        )
+    if path == "simt" or (path == "auto" and simt_ok):
+        return "simt"
+    # whole int32 words per row (3-bit: whole words of each plane)
+    words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
+    if path == "slice" or nuq or not words_ok:
+        return "slice"
+    if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
+        return "slice"  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
+    return "tc"
+
+
 def _maxnreg(block_n: int, num_warps: int, bits: int, rows: int) -> dict:
     cap = WORDS_MAXNREG.get((block_n, num_warps))
     use = cap and bits in (2, 4) and rows <= WORDS_MAXNREG_ROWS and not interpreting()
@@ -581,18 +603,9 @@ def decode_kivi(
                 f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
                 "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
             )
-    simt_ok = hq == h_kv and (d * cache.bits) % 32 == 0 and d // (16 if cache.bits == 3 else 32 // cache.bits) >= 2
-    if path == "simt" and not simt_ok:
-        raise ValueError(
-            "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
-        )
-    simt = path == "simt" or (path == "auto" and simt_ok)
-    # whole int32 words per row (3-bit: whole words of each plane)
-    words_ok = (d * cache.bits) % 32 == 0 and (cache.bits != 3 or d % 32 == 0)
-    words = not simt and path != "slice" and cache.codebook is None and words_ok
-    if words and path == "auto" and cache.bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
-        words = False  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
-    bn0, warps0, stages0 = launch_config("simt" if simt else "tc" if words else "slice", cache.bits, g)
+    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len)
+    simt, words = kernel == "simt", kernel == "tc"
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)

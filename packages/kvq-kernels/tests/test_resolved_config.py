@@ -1,0 +1,21 @@
+"""The launch config a default-config sweep records per point is the one decode_kivi's auto dispatch runs."""
+
+from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
+from kvq_kernels.decode_kivi import SLICE_MAX_TOKENS, WORDS_CONFIG
+
+
+def test_auto_resolves_per_point():
+    assert resolved_config(AUTO_CONFIG, 4, 32, 8, SLICE_MAX_TOKENS, 128) == ("slice", 128, 4, 1, True)
+    assert resolved_config(AUTO_CONFIG, 2, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
+    # one token more rounds the random cache up a whole 128-token block past the threshold
+    assert resolved_config(AUTO_CONFIG, 4, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 3, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 8, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128) == ("simt", 32, 4, 1, True)
+    assert resolved_config(AUTO_CONFIG, 2, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128)) == "simt-bn32-w4-s1-pf"
+
+
+def test_named_configs_pass_through():
+    cfg = ("tc", 64, 4, 1, True)
+    assert resolved_config(cfg, 4, 32, 8, 1024, 128) is cfg

@@ -222,8 +222,8 @@ def e2e_family(p: E2EPoint) -> str:
     return "kvq_fp16" if p.bits == 16 else f"kvq_kivi_{p.bits}b_mha"  # LLaMA-7B: one query head per KV head
 
 
-#: E2E_KIVI_GROUP / E2E_KIVI_RESIDUAL (kvq_sim.measurements) stay importable from here: the benchmarks
-#: (kvq_e2e_backend.py, multigpu_attention.py) allocate their caches with them
+#: E2E_KIVI_GROUP / E2E_KIVI_RESIDUAL (kvq_sim.measurements) stay importable from here: benchmarks/e2e_decode.py,
+#: benchmarks/multigpu_attention.py and kvq_kernels.bench_cli allocate their caches with them
 
 
 def e2e_terms(p: E2EPoint, hw: Hardware) -> dict:

@@ -149,8 +149,8 @@ E2E_TYPES = dict(
 #: e2e benchmark backends and the KV bits each stores (benchmarks/e2e_decode.py; E2E_KIVI_GROUP)
 E2E_BITS = {"sdpa": (16,), "kvq": (16, 8, 4, 3, 2)}
 #: KIVI group and fp16 residual window of the decode-step benchmarks' packed caches at every bit width
-#: (benchmarks/e2e_decode.py through kvq_e2e_backend.py, and multigpu_decode.py through multigpu_attention.py,
-#: import them via kvq_sim.calibrate), so the format costed for their rows is the one they were measured with
+#: (benchmarks/e2e_decode.py, kvq_kernels.bench_cli and benchmarks/multigpu_attention.py import them through
+#: kvq_sim.calibrate), so the format costed for their rows is the one they were measured with
 E2E_KIVI_GROUP = 128
 E2E_KIVI_RESIDUAL = 128
 

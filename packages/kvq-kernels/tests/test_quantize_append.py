@@ -78,3 +78,32 @@ def test_filled_to_capacity_matches_kvq_core_and_no_further(sinks, device):
     assert_same_cache(c, ref)
     with pytest.raises(ValueError, match="exceeds the capacity"):
         append_kivi(c, k[:, :, :1].contiguous(), v[:, :, :1].contiguous())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_channel_blocks_skip_negative_rows(bits, device):
+    """quantize_channel_blocks writes block i from row dst_row0[i] and leaves a block with a negative row unwritten:
+    the same codes and scales as flushing only the blocks it names."""
+    from kvq_kernels.quantize_append import quantize_channel_blocks
+
+    g, d, rows = 32, 64, 96
+    x = torch.randn(3, g, d, generator=torch.Generator().manual_seed(bits)).half().to(device)
+
+    def flush(dst):
+        c = allocate(1, 1, d, rows, bits, g, g, 0, device=device)
+        for t in (c.k_codes, c.k_scale, c.k_zero):
+            t.fill_(7)  # sentinel: anything left unwritten keeps it
+        quantize_channel_blocks(x, c.k_codes, c.k_scale, c.k_zero, torch.tensor(dst, device=device), bits)
+        return c
+
+    some = flush([64, -1, 0])
+    only = flush([64, -1, -1])
+    assert (only.k_codes.view(-1, only.k_codes.shape[-1])[:64] == 7).all()
+    assert (only.k_scale.view(-1, d)[:2] == 7).all()
+    assert torch.equal(
+        only.k_codes.view(-1, only.k_codes.shape[-1])[64:], some.k_codes.view(-1, some.k_codes.shape[-1])[64:]
+    )
+    assert not torch.equal(
+        some.k_codes.view(-1, some.k_codes.shape[-1])[:32], only.k_codes.view(-1, only.k_codes.shape[-1])[:32]
+    )
+    assert (some.k_codes.view(-1, some.k_codes.shape[-1])[32:64] == 7).all()  # block 1 (-1) untouched

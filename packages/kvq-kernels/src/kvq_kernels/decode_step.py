@@ -207,6 +207,7 @@ class AppendRows:
     ring: torch.Tensor  # [B * Hkv]: ring slot p % R of the new token, in a [B * Hkv * R, D] view
     value_row: torch.Tensor  # [B * Hkv]: value-code row of the token p - R leaving the window (row 0 while p < R)
     key_rows: torch.Tensor  # [B * Hkv * R / G]: first key-code row of each G-token block of the ring's R rows
+    # where this token fills the ring, else -1 (the block is left unwritten)
 
 
 def append_rows(pos: torch.Tensor, heads: int, residual: int, group: int, quant_capacity: int) -> AppendRows:
@@ -215,10 +216,12 @@ def append_rows(pos: torch.Tensor, heads: int, residual: int, group: int, quant_
     p = _per_head(pos, heads)
     base = torch.arange(p.shape[0], device=pos.device)
     cycle = base * tq + p - p % r  # first row of the ring's cycle
+    blocks = cycle[:, None] + torch.arange(0, r, group, device=pos.device)
+    fills = (p % r == r - 1)[:, None]
     return AppendRows(
         ring=base * r + p % r,
         value_row=base * tq + (p - r).clamp_min(0),
-        key_rows=(cycle[:, None] + torch.arange(0, r, group, device=pos.device)).reshape(-1),
+        key_rows=torch.where(fills, blocks, -1).reshape(-1),
     )
 
 
@@ -229,11 +232,10 @@ def append_token(c: KiviCache, at: AppendRows, k: torch.Tensor, v: torch.Tensor)
 
     Values: ring slot p % R holds token p - R, which leaves the window: `quantize_token_rows` writes it to value
     row p - R (row 0 while p < R, rewritten with the right token at p = R), then the new value takes the slot.
-    Keys: the new key takes ring slot p % R, and `quantize_channel_blocks` quantizes the whole ring (R / G
-    blocks) into rows [p - p % R, p - p % R + R). Rows from p on are not read before the ring is full; on the
-    step that fills it (p % R = R - 1) they hold the flushed block, as append_kivi's. This flushes on every
-    step rather than 1 in R (no launch depends on device values): R tokens per sequence and head re-quantized.
-    Needs p < the cache's quantized capacity (the flushed rows must exist)."""
+    Keys: the new key takes ring slot p % R; on the step that fills the ring (p % R = R - 1)
+    `quantize_channel_blocks` quantizes it (R / G blocks) into rows [p - R + 1, p + 1), as append_kivi's flush.
+    The kernel is launched every step over every ring (no launch depends on device values) and its programs
+    for rings that are not full exit at once (key_rows -1). Needs p < the cache's quantized capacity."""
     b, h, _, d = c.k_res.shape
     leaving = c.v_win.view(-1, d).index_select(0, at.ring)
     quantize_token_rows(leaving, c.v_codes, c.v_scale, c.v_zero, at.value_row, c.bits, c.group_size)

@@ -75,9 +75,12 @@ def _quantize_channels(
     BITS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """Block i of X (fp16 [N, GROUP, D]) -> GROUP packed rows from row DST_ROW0[i]; per-channel scale/zero
-    [D] at group row DST_ROW0[i] // GROUP."""
+    [D] at group row DST_ROW0[i] // GROUP. A negative DST_ROW0[i] skips block i (a caller that decides on the
+    device which blocks are full, as a CUDA graph must)."""
     LEVELS: tl.constexpr = 1 << BITS
     i = tl.program_id(0).to(tl.int64)
+    if tl.load(DST_ROW0 + i) < 0:
+        return
     offs_t = tl.arange(0, GROUP)
     offs_d = tl.arange(0, HEAD_DIM)
     x = tl.load(X + (i * GROUP + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float64)
@@ -102,7 +105,8 @@ def quantize_token_rows(x: torch.Tensor, codes, scale, zero, dst_rows: torch.Ten
 
 
 def quantize_channel_blocks(x: torch.Tensor, codes, scale, zero, dst_row0: torch.Tensor, bits: int) -> None:
-    """x fp16 [N, G, D] blocks of G tokens; dst_row0 int64 [N]: each block's first row in the flat codes."""
+    """x fp16 [N, G, D] blocks of G tokens; dst_row0 int64 [N]: each block's first row in the flat codes, or
+    negative to leave that block unwritten."""
     n, g, d = x.shape
     if n == 0:
         return

@@ -21,7 +21,7 @@ from kvq_core.formats import METHODS, bits_label, get_format
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "reports" / "measurements"
 QUALITY = ROOT / "reports" / "quality"
-KERNEL_CSV = MEASURED / "kernel_decode_h100.csv"
+KERNEL_CSV = MEASURED / "kernel_decode_h100_v4.csv"
 SUMMARIZE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "summarize.py"
 NOISE = ROOT / "scripts" / "measurement_noise.py"
 TOKENS, HEADS, HEAD_DIM = 32768, 32, 128
@@ -191,10 +191,11 @@ def hf_table() -> str:
     return "\n".join(lines)
 
 
-QUICK = "reports/measurements/kvq_bench_h100_quick"
+QUICK = "reports/measurements/kvq_bench_h100_quick_7564859"
 VALIDATE_QUICK = [
     "kvq-sim", "validate", "--gpu", f"{QUICK}/nvidia-h100-80gb-hbm3.yaml",
     "--measurements", f"{QUICK}/kernel_decode_nvidia-h100-80gb-hbm3.csv",
+    "--e2e", f"{QUICK}/e2e_decode_nvidia-h100-80gb-hbm3.csv",
 ]  # fmt: skip
 
 
@@ -207,8 +208,8 @@ def kvq_bench_validate() -> str:
 
 VALIDATE = [
     "kvq-sim", "validate", "--gpu", "h100-80g",
-    "--measurements", "reports/measurements/kernel_decode_h100.csv",
-    "--e2e", "reports/measurements/e2e_decode_h100.csv",
+    "--measurements", "reports/measurements/kernel_decode_h100_v4.csv",
+    "--e2e", "reports/measurements/e2e_decode_h100_v3.csv",
 ]  # fmt: skip
 
 

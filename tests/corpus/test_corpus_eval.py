@@ -70,7 +70,7 @@ KVQUANT_TENSORS = {
     for i in range(2)
     for name in ("k.codebook", "k.static_scale", "k.static_zero", "v.codebook")
 }
-E2E_CSV = (ROOT / "reports/measurements/e2e_decode_h100.csv").read_bytes()
+E2E_CSV = (ROOT / "reports/measurements/e2e_decode_h100_v3.csv").read_bytes()
 OLD_EVAL_CSV = (ROOT / "reports/quality/hf_peers_decode.csv").read_bytes()
 
 # (id, args, files in the case folder {name: bytes}, message regex after "kvq-eval: error: ")

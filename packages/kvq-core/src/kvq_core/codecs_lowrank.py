@@ -40,10 +40,14 @@ POWER_ITERS = 3  # GEAR reports a few power-iteration rounds suffice; error chan
 def power_iteration_lowrank(e: torch.Tensor, rank: int, iters: int = POWER_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors of ``e: [..., n, d]`` by power (subspace) iteration: ``e ~= a @ b.T``, a orthonormal.
 
-    Returns a ``[..., n, r]`` and b ``[..., d, r]`` (fp32). Deterministic (fixed seed).
+    Returns a ``[..., n, r]`` and b ``[..., d, r]`` (fp32). Deterministic (fixed seed). With a leading batch
+    dimension (``e: [B, ..., n, d]``) every row starts from the same random draw, the one it gets at batch 1, so a
+    row's factors do not depend on its place in the batch.
     """
     g = torch.Generator().manual_seed(0)
-    b = torch.randn(*e.shape[:-2], e.shape[-1], rank, generator=g, dtype=e.dtype)
+    lead = e.shape[1:-2] if e.dim() > 2 else ()
+    b = torch.randn(*lead, e.shape[-1], rank, generator=g, dtype=e.dtype)
+    b = b.expand(*e.shape[:-2], e.shape[-1], rank) if e.dim() > 2 else b
     a = e.new_zeros(*e.shape[:-1], rank)
     for _ in range(iters):
         a = torch.linalg.qr(e @ b).Q  # [..., n, r]

@@ -17,7 +17,15 @@ decode (`decode_perplexity`, `decode_windows`), prefill P (default 384), scored 
     one at a time. Scored: the S predictions of tokens P..P+S-1, i.e. the prefill's last position and
     the S-1 decode steps, every decode step reading all earlier tokens from the cache.
 
-`cache_factory` is any callable returning a fresh transformers `Cache` (one per window), e.g.
+Batches (`decode_windows`, `teacher_forced_windows`, `batch=`): windows of equal length run together as one
+unpadded batch [B, W] through one fresh cache per batch; each window's NLL is summed from its own row's
+logits, so a cache that treats batch rows independently gives every window the NLL it gets alone, up to fp32
+rounding (a batched matmul rounds differently; in a quantizing cache that can move an input across a code
+boundary). Logits are computed only for the scored positions (`logits_to_keep`): the decode prefill scores its
+last position only, so no [B, P, V] logits are materialised. `decode_perplexity` and
+`teacher_forced_perplexity` run one window at a time.
+
+`cache_factory` is any callable returning a fresh transformers `Cache` (one per batch of windows), e.g.
 `transformers.DynamicCache` or `lambda: QuantizedCache("quanto", model.config, nbits=4)`; `None` in
 `forward_perplexity` means one cache-free forward per window (the reference the protocols equal with a
 full-precision cache). Perplexity is exp of the mean negative log-likelihood (natural log) over all
@@ -45,6 +53,7 @@ __all__ = [
     "PairedChange",
     "window_starts",
     "decode_windows",
+    "teacher_forced_windows",
     "paired_change",
     "tokenize",
     "forward_perplexity",
@@ -139,38 +148,67 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return -logp.gather(-1, targets[:, None]).sum().item()
 
 
-@torch.no_grad()
-def _window_nll(model, x: torch.Tensor, cache_factory, prefix: int, chunk: int, score_from: int, bar, measure):
-    """(summed NLL of positions score_from..W-2 predicting their next token, mean of measure(cache) after each
-    forward that scores a position, or None without `measure`).
+def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each row (fp64 log-softmax). logits: [B, T, V]; targets: [B, T]."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return (-logp.gather(-1, targets[..., None]).sum((1, 2))).tolist()
 
-    Feeds x [W] through a fresh cache from `cache_factory`.
+
+@torch.no_grad()
+def _batch_nll(model, xs: torch.Tensor, cache_factory, prefix: int, chunk: int, score_from: int, bar, measure):
+    """([summed NLL of positions score_from..W-2 predicting their next token, per row of xs], the mean over the
+    forwards that score a position of measure(cache, B), or None without `measure`).
+
+    Feeds the B windows xs [B, W] as one unpadded batch through one fresh cache from `cache_factory`. Logits are
+    computed only for the positions scored (`logits_to_keep`), so a long prefill never materialises [B, P, V].
     """
-    w = x.numel()
-    x = x[None]  # x: [1, W]
+    b, w = xs.shape
     cache = cache_factory()
-    nll, pos, measured = 0.0, 0, []
+    nll, pos, measured = [0.0] * b, 0, []
     while pos < w - 1:  # the last token is only a target
         end = prefix if pos == 0 else min(pos + chunk, w - 1)
-        logits = model(x[:, pos:end], past_key_values=cache, use_cache=True).logits[0]  # [end - pos, V]
         lo = max(score_from, pos)
-        if lo < end:
-            nll += _nll(logits[lo - pos :], x[0, lo + 1 : end + 1])
+        keep = end - lo if lo < end else 1  # logits_to_keep=0 would mean every position
+        logits = model(xs[:, pos:end], past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+        if lo < end:  # logits: [B, end - lo, V], the predictions of positions lo..end-1
+            for i, x in enumerate(_nll_rows(logits, xs[:, lo + 1 : end + 1])):
+                nll[i] += x
             if measure is not None:
-                measured.append(measure(cache))
-        bar.update(end - pos)
+                measured.append(measure(cache, b))
+        del logits
+        bar.update(b * (end - pos))
         pos = end
     if hasattr(cache, "remove_hooks"):
-        cache.remove_hooks()  # the window is done: free the q_proj hooks of scoring formats
+        cache.remove_hooks()  # the batch is done: free the q_proj hooks of scoring formats
     return nll, (sum(measured) / len(measured) if measure is not None else None)
 
 
-def _run(model, xs, cache_factory, prefix, chunk, score_from, bar, measure) -> tuple[float, float | None]:
-    """Summed NLL over windows xs [N, W] and the mean of `measure` over windows (None without one)."""
-    results = [_window_nll(model, x, cache_factory, prefix, chunk, score_from, bar, measure) for x in xs]
+def _batches(n: int, batch: int | None) -> list[range]:
+    """Row ranges of at most `batch` rows (None: all n in one) covering 0..n-1 in order."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive integer or None, got {batch!r}")
+    step = n if batch is None else batch
+    return [range(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _run_windows(model, xs, cache_factory, prefix, chunk, score_from, bar, measure, batch):
+    """(summed NLL per window of xs [N, W], measure per window or None): batches of `batch` windows, a fresh cache
+    each; a window's measure is its batch's mean per row (the windows of one batch share it)."""
+    nll, held = [], []
+    for rows in _batches(xs.shape[0], batch):
+        n, m = _batch_nll(model, xs[rows.start : rows.stop], cache_factory, prefix, chunk, score_from, bar, measure)
+        nll += n
+        held += [m] * len(rows)
     bar.close()
-    nll = sum(r[0] for r in results)
-    return nll, (sum(r[1] for r in results) / len(results) if measure is not None else None)
+    return nll, held
+
+
+def _run(model, xs, cache_factory, prefix, chunk, score_from, bar, measure) -> tuple[float, float | None]:
+    """Summed NLL over windows xs [N, W], one at a time, and the mean of measure(cache) over windows (None without
+    one)."""
+    one = None if measure is None else (lambda cache, batch: measure(cache))
+    nll, held = _run_windows(model, xs, cache_factory, prefix, chunk, score_from, bar, one, 1)
+    return sum(nll), (sum(held) / len(held) if measure is not None else None)
 
 
 def forward_perplexity(
@@ -203,9 +241,11 @@ def teacher_forced_perplexity(
     progress: bool = True,
     measure_cache: Callable[[object], float] | None = None,
 ) -> Perplexity:
-    """Teacher-forced windows through the cache (module docstring): W-1 scored predictions per window.
+    """Teacher-forced windows through the cache (module docstring), one window at a time: W-1 scored predictions
+    per window (`teacher_forced_windows` batches them).
 
-    measure_cache: called on each window's cache after its last forward (e.g. `hf_peers.held_bits_per_element`).
+    measure_cache: called on the cache after each forward that scores a position (e.g.
+    `hf_peers.held_bits_per_element`); `cache_measure` is its mean over forwards and windows.
     """
     _check_causal_lm(model)
     if not 1 <= prefix < window or chunk < 1:
@@ -228,7 +268,8 @@ def decode_perplexity(
     progress: bool = True,
     measure_cache: Callable[[object], float] | None = None,
 ) -> Perplexity:
-    """Prefill P tokens through the cache, then score S next tokens one decode step at a time (module docstring).
+    """Prefill P tokens through the cache, then score S next tokens one decode step at a time (module docstring),
+    one window at a time (`decode_windows` batches them).
 
     measure_cache: as in `teacher_forced_perplexity`.
     """
@@ -244,12 +285,12 @@ def decode_perplexity(
 # -- windows spread over the text, paired changes with window-bootstrap intervals ----------------------
 @dataclass(frozen=True)
 class WindowNll:
-    """One decode window's scored NLL and what the cache held while scoring it."""
+    """One window's scored NLL and what the cache held while scoring it."""
 
     start: int  # first token of the window in the text
     nll_sum: float  # nats, summed over the window's scored tokens
     tokens: int  # scored tokens
-    held_bits: float | None  # mean over the scored steps of measure_cache(cache)
+    held_bits: float | None  # mean over the scored steps of measure_cache(cache, batch): its batch's mean
 
 
 @dataclass(frozen=True)
@@ -285,6 +326,13 @@ def window_starts(n_tokens: int, length: int, windows: int, start: int = 0) -> l
     return [start + i * length + round(i * gap) for i in range(windows)]
 
 
+def _check_starts(ids: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """The windows ids[s : s + length] for s in `starts`, stacked [len(starts), length]."""
+    if ids.dim() != 1 or not starts or min(starts) < 0 or max(starts) + length > ids.numel():
+        raise ValueError(f"windows of {length} tokens at {starts} do not fit a text of {ids.numel()} tokens")
+    return torch.stack([ids[s : s + length] for s in starts])
+
+
 def decode_windows(
     model,
     ids: torch.Tensor,
@@ -294,26 +342,53 @@ def decode_windows(
     prefill: int = 3968,
     scored: int = 128,
     progress: bool = True,
-    measure_cache: Callable[[object], float] | None = None,
+    measure_cache: Callable[[object, int], float] | None = None,
+    batch: int | None = None,
 ) -> list[WindowNll]:
     """The decode protocol on the windows ids[s : s + prefill + scored] for s in `starts`, one result per window.
 
-    measure_cache: called after every scored forward (the prefill, then each decode step), e.g. the bits per
-    element the cache holds; `WindowNll.held_bits` is its mean over the window's `scored` steps.
+    batch: windows fed together as one unpadded batch [batch, prefill + scored] through one fresh cache (None:
+    all windows in one batch; 1: one window at a time). A window's NLL is the same (up to fp32 rounding) at any
+    batch only if the cache treats batch rows independently (`kvq_core.cli_eval.BATCH_DEPENDENT` lists the
+    caches that do not and runs them at batch 1).
+    measure_cache: measure_cache(cache, batch), called after every scored forward (the prefill, then each decode
+    step) with the batch's cache and its number of rows, returns the mean per window of the batch, e.g. the bits
+    per K/V element one window holds (`cli_eval.CacheMaker.held_bits`). `WindowNll.held_bits` is its mean over the
+    scored steps, the same for every window of a batch.
     """
     _check_causal_lm(model)
     if prefill < 1 or scored < 1:
         raise ValueError(f"need prefill >= 1 and scored >= 1, got {prefill}, {scored}")
     length = prefill + scored
-    if ids.dim() != 1 or not starts or min(starts) < 0 or max(starts) + length > ids.numel():
-        raise ValueError(f"windows of {length} tokens at {starts} do not fit a text of {ids.numel()} tokens")
+    xs = _check_starts(ids, starts, length)
     bar = _Progress(len(starts) * (length - 1), "decode", progress)
-    out = []
-    for s in starts:
-        nll, held = _window_nll(model, ids[s : s + length], cache_factory, prefill, 1, prefill - 1, bar, measure_cache)
-        out.append(WindowNll(s, nll, scored, held))
-    bar.close()
-    return out
+    nll, held = _run_windows(model, xs, cache_factory, prefill, 1, prefill - 1, bar, measure_cache, batch)
+    return [WindowNll(s, n, scored, h) for s, n, h in zip(starts, nll, held)]
+
+
+def teacher_forced_windows(
+    model,
+    ids: torch.Tensor,
+    cache_factory: Callable[[], object],
+    starts: list[int],
+    *,
+    window: int = 512,
+    prefix: int = 1,
+    chunk: int = 1,
+    progress: bool = True,
+    measure_cache: Callable[[object, int], float] | None = None,
+    batch: int | None = None,
+) -> list[WindowNll]:
+    """The teacher-forced protocol on the windows ids[s : s + window] for s in `starts`, one result per window
+    (window - 1 scored predictions each); batch and measure_cache as in `decode_windows` (measured after every
+    forward, all of which score)."""
+    _check_causal_lm(model)
+    if not 1 <= prefix < window or chunk < 1:
+        raise ValueError(f"need 1 <= prefix < window and chunk >= 1, got prefix={prefix}, chunk={chunk}")
+    xs = _check_starts(ids, starts, window)
+    bar = _Progress(len(starts) * (window - 1), "teacher-forced", progress)
+    nll, held = _run_windows(model, xs, cache_factory, prefix, chunk, 0, bar, measure_cache, batch)
+    return [WindowNll(s, n, window - 1, h) for s, n, h in zip(starts, nll, held)]
 
 
 def paired_change(

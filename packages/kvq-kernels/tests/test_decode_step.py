@@ -145,7 +145,7 @@ class Ops(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("backend,bits", [("sdpa", 16), ("kvq", 16), ("kvq", 4), ("kvq", 2)])
-def test_a_step_neither_syncs_nor_loops_over_sequences(backend, bits, monkeypatch):
+def test_a_step_neither_syncs_nor_loops_over_sequences(backend, bits, monkeypatch, device):
     """The step's own torch calls (kernel launchers stubbed: they are timed and captured on the GPU) read no
     device value on the host, and their count does not grow with the batch: 1 and 5 sequences make the same
     calls and the same launches. append_kivi (lens on the host) is caught by the same check."""
@@ -175,8 +175,8 @@ def test_a_step_neither_syncs_nor_loops_over_sequences(backend, bits, monkeypatc
     if backend == "kvq":
         per_layer = ["tokens", "channels", "decode_kivi"] if bits < 16 else ["decode_fp16"]
         assert counts[0][1] == per_layer * MHA.layers
-    c = allocate(1, 2, 32, 64, 4, GROUP, RESIDUAL, 0)
-    new = torch.randn(1, 2, 1, 32).half()
+    c = allocate(1, 2, 32, 64, 4, GROUP, RESIDUAL, 0, device=device)  # launchable here: CUDA, or the interpreter
+    new = torch.randn(1, 2, 1, 32).half().to(device)
     with pytest.raises(HostSync, match="tolist"), Ops():
         append_kivi(c, new, new, check_values=False)
 

@@ -65,6 +65,9 @@ validate: install
 # (tests/test_quality_reports.py refuses rows from a dirty tree or from other kvq-core sources than HEAD's).
 # Decode: 16 windows of prefill 384 + 128 scored spread over the text (the 512-token table), and the 4K-token
 # windows (kvq-eval's default: 8 windows of prefill 3968 + 128 scored); teacher-forced: 4 windows of 512, chunks of 16.
+# kvq-eval runs each cache's windows as one batch (16 x 512 or 8 x 4K tokens, --batch); fp8, hqq, zipcache, mikv and
+# minicache mix batch rows and run one window at a time (cli_eval.BATCH_DEPENDENT). Every calibrated method fits its
+# state once per command (a Fisher pass, ~2 min each here), so the lines below calibrate 62 times in all.
 QUALITY_SHORT = --protocol decode --prefill 384 --scored 128 --windows 16
 QUALITY_DIR = reports/quality
 QUALITY_PEERS = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 fp8

@@ -74,23 +74,22 @@ def headline_table() -> str:
     from kvq_sim import published
     from kvq_sim.api import plan
 
-    ppl = {r["cache"]: float(r["ppl"]) for r in _quality_csv(("kvq_decode.csv", "kvq_decode_more_methods.csv"))}
-    ppl_4k = {r["cache"]: float(r["ppl"]) for r in _quality_csv(("decode_4k.csv",))}
-    full, full_4k = _full_ppl(("hf_peers_decode.csv",)), _full_ppl(("decode_4k.csv",))
+    quality = {r["cache"]: r for r in _paired_rows(QUALITY_4K)}  # one window length: the 4K-token windows
+    full_4k = quality["full"]["ppl"]
     lines = [
         "| KV cache | bits/element at 32K | max context, batch 1 | max batch at 32K | tokens/s at that batch | "
-        "SmolLM2 ppl vs full, 512 / 4K tokens |",
+        "SmolLM2, 4K-token windows: bits held, ppl change vs full [95% interval] |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     gains = []
     for method, bits in HEADLINE:
         r = plan("llama-7b", "a100-80g", bits=bits, method=method, context=32768)
         name = get_format(method, bits).name
-        q = [f"{100 * (d['kvq:' + name] / f - 1):+.1f}%" if "kvq:" + name in d else "-" for d, f in
-             ((ppl, full), (ppl_4k, full_4k))]  # fmt: skip
+        q = quality.get(name)
+        cell = "-" if q is None else f"{q['held']:.2f}, {_interval(q)}"
         lines.append(
             f"| `{name}` | {r.kv_avg_bits:.2f} | {r.max_context_batch1:,} | {r.batch} | "
-            f"{r.decode.tokens_per_s:,.0f} | {q[0]} / {q[1]} |"
+            f"{r.decode.tokens_per_s:,.0f} | {cell} |"
         )
         gains.append((r.kv_avg_bits, r.max_context_batch1 / r.fp16_max_context_batch1))
     low = [g for b, g in gains if b <= 3.5]
@@ -118,10 +117,6 @@ def headline_table() -> str:
         f"[reports/published](reports/published/README.md) shows where and why.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _full_ppl(names) -> float:
-    return next(float(r["ppl"]) for r in _quality_csv(names) if r["cache"] == "full")
 
 
 # --- examples: a hand-written python block and what it prints ---------------------------------------------------------
@@ -277,14 +272,42 @@ def _ppl_table(rows, first_column: str = "cache", tf: dict | None = None) -> lis
     return lines
 
 
+#: the 512-token tables: decode (16 windows of prefill 384 + 128 scored) and teacher-forced (4 windows of 512)
+QUALITY_512 = ("hf_peers_decode.csv", "kvq_decode.csv", "kvq_decode_more_methods.csv")
+QUALITY_512_TF = ("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv")
+
+
+def _windows_note(rows: list[dict], what: str) -> str:
+    """E.g. "16 windows of 512 tokens, prefill=384 scored=128", from the rows' window counts and params."""
+    counts = sorted({r["windows"] for r in rows})
+    params = sorted({r["params"] for r in rows if r["params"]})
+    n = "/".join(map(str, counts))
+    return f"{n} window{'s' if counts != [1] else ''} of {what}" + (f", {'; '.join(params)}" if params else "")
+
+
 def quality_table() -> str:
-    """kvq's caches beside transformers' on the same decode protocol (reports/quality/*decode*.csv), with the
-    teacher-forced perplexity where that protocol was run (reports/quality/*teacher_forced.csv)."""
-    tf = {
-        r["cache"].removeprefix("kvq:"): float(r["ppl"])
-        for r in _quality_csv(("hf_peers_teacher_forced.csv", "kvq_teacher_forced.csv"))
-    }
-    return "\n".join(_ppl_table(_decode_rows(), tf=tf)) + "\n"
+    """The 512-token windows (reports/quality/*decode*.csv but the 4K one): per cache the bits held while scoring,
+    the format's bits, the pooled perplexity and its change against the full cache with the 95% window-bootstrap
+    interval; then the teacher-forced change (reports/quality/*teacher_forced.csv) where that protocol ran. Rows
+    without interval columns (tables from before the windowed protocol) show n/a."""
+    rows = _paired_rows(QUALITY_512)
+    tf = {r["cache"]: r for r in _paired_rows(QUALITY_512_TF)}
+    lines = [
+        f"Decode: {_windows_note(rows, '512 tokens')}, "
+        + ", ".join(f"`reports/quality/{n}`" for n in QUALITY_512)
+        + f". Teacher-forced: {_windows_note(list(tf.values()), '512 tokens')}.",
+        "",
+        "| cache (512-token windows) | from | bits held while scoring | format bits at 512 | decode ppl | decode change "
+        "vs full [95% interval] | teacher-forced change [95% interval] |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (-r["held"], r["change"])):
+        t = tf.get(r["cache"])
+        lines.append(
+            f"| `{r['cache']}` | {r['who']} | {r['held']:.2f} | {r['bits']:.2f} | {r['ppl']:.3f} | {_interval(r)} | "
+            f"{'-' if t is None else _interval(t)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 #: Quality targets on the decode protocol, by bits per element *stored*: (band label, low bits exclusive, high bits
@@ -337,20 +360,33 @@ QUALITY_4K = ("decode_4k.csv",)
 
 def _paired_rows(names) -> list[dict]:
     """Rows of kvq-eval CSVs with paired changes, one per cache (the full cache once): who, cache, held bits,
-    format bits, ppl, and the change against the full cache with its 95% window-bootstrap interval (percent)."""
+    format bits, ppl, and the change against the full cache with its 95% window-bootstrap interval (percent).
+
+    Tables from before the windowed protocol (one window, no change columns): the change is ppl / full ppl - 1 (the
+    pooled change of one window), the interval None (shown n/a), the format bits the held bits where not recorded.
+    """
+    raw = list(_quality_csv(names))
+    full = next((float(r["ppl"]) for r in raw if r["cache"] == "full"), None)
     rows = {}
-    for r in _quality_csv(names):
+    for r in raw:
         cache = r["cache"].removeprefix("kvq:")
+        held = float(r["held_bits_per_element"])
+        if r.get("change"):
+            change, low, high = (100 * float(r[k]) for k in ("change", "change_low", "change_high"))
+        else:
+            change, low, high = 100 * (float(r["ppl"]) / full - 1), None, None
         rows.setdefault(cache, {
-            "who": "kvq" if r["cache"].startswith("kvq:") else "transformers", "cache": cache,
-            "held": float(r["held_bits_per_element"]), "bits": float(r["avg_bits"]), "ppl": float(r["ppl"]),
-            "change": 100 * float(r["change"]), "low": 100 * float(r["change_low"]),
-            "high": 100 * float(r["change_high"]), "windows": int(r["windows"]),
+            "who": "kvq" if r["cache"].startswith("kvq:") else "transformers", "cache": cache, "held": held,
+            "bits": float(r["avg_bits"]) if r.get("avg_bits") else held, "ppl": float(r["ppl"]),
+            "change": change, "low": low, "high": high, "windows": int(r.get("windows") or 1),
+            "params": r.get("params", ""),
         })  # fmt: skip
     return list(rows.values())
 
 
 def _interval(r: dict) -> str:
+    if r["low"] is None:
+        return f"{r['change']:+.1f}% [n/a]"
     return f"{r['change']:+.1f}% [{r['low']:+.1f}, {r['high']:+.1f}]"
 
 
@@ -416,8 +452,12 @@ def quality_targets() -> str:
         lines.append(
             f"| `{r['cache']}` | {r['who']} | {r['held']:.2f} | {r['bits']:.2f} | {r['ppl']:.3f} | {_interval(r)} |"
         )
-    lines += ["", "512-token window (one window, prefill 384, 128 scored; the quality table above):", ""]
-    lines += _targets(_decode_rows())
+    rows_512 = _paired_rows(QUALITY_512)
+    lines += ["", f"512-token windows ({_windows_note(rows_512, '512 tokens')}; the quality table above):", ""]
+    if all(r["low"] is not None for r in rows_512):
+        lines += _paired_targets(rows_512)
+    else:  # tables from before the windowed protocol: no intervals, targets by the format's stored bits
+        lines += _targets(_decode_rows(QUALITY_512))
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,8 @@ QUALITY = ROOT / "reports" / "quality"
 SOURCES = "packages/kvq-core/src"
 
 #: tables made before kvq-eval recorded a clean-tree flag, with one decode window and no interval; not regenerated
-#: yet (CPU time: the 16-window 512-token table of every method is hours on a shared 2-core machine)
+#: yet (one window at a time, the 16-window 512-token table of every method was hours on a shared 2-core machine;
+#: with batched windows `make quality` regenerates them: drop each entry once its table is regenerated)
 LEGACY = {
     "hf_peers_decode.csv": "one 512-token window, before the clean-tree flag",
     "hf_peers_teacher_forced.csv": "before the clean-tree flag",

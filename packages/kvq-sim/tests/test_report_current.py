@@ -92,6 +92,7 @@ def test_docs_prose_numbers_are_checked():
         report_data.ROOFLINE_CONTEXT,
         *report_data.ROOFLINE_BATCHES,
         report_data.SPREAD_PCT,
+        report_data.INTERVAL_PCT,
         report_data.JSON_DIGITS,
         figures.rc()["pdf.fonttype"],
         *range(1, len(figures.PAGES) + 1),  # page numbers; "1 KiTok", "batch 1"

@@ -47,6 +47,8 @@ E2E_CSV = "e2e_decode_h100_v3.csv"
 #: measured device name (CSV `device` column) -> hardware config; looked up exactly
 DEVICE_HARDWARE = {"NVIDIA H100 80GB HBM3": "h100-80g", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100-80g"}
 QUALITY_COLUMNS = ("method", "bits", "avg_bits", "held_bits_per_element", "ppl", "protocol", "params")
+#: the confidence level of kvq-eval's intervals (kvq_core.eval.paired_change: a 95% percentile bootstrap)
+INTERVAL_PCT = 95
 #: optional quality columns: kvq-eval's pooled change against the full cache and its 95% interval (files
 #: written before kvq-eval reported them lack them: the change is then computed from perplexity, no interval)
 CHANGE_COLUMNS = ("change", "change_low", "change_high")
@@ -909,7 +911,7 @@ def summary(d: dict) -> str:
     for p in d["quality"]:
         lines.append(
             f"- page 9, {p['protocol']}, {p['window_tokens']:,}-token window: {len(p['rows'])} results "
-            f"({sum(r['interval_pct'] is not None for r in p['rows'])} with a 95% interval) from {', '.join(p['files'])}"
+            f"({sum(r['interval_pct'] is not None for r in p['rows'])} with a {INTERVAL_PCT}% interval) from {', '.join(p['files'])}"
         )
     if d["quality_skipped"]:
         lines.append(f"- skipped quality files (named on stderr): {len(d['quality_skipped'])}")

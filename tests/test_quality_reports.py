@@ -21,7 +21,6 @@ SOURCES = "packages/kvq-core/src"
 LEGACY = {
     "hf_peers_decode.csv": "one 512-token window, before the clean-tree flag",
     "hf_peers_teacher_forced.csv": "before the clean-tree flag",
-    "kvq_decode.csv": "one 512-token window, before the clean-tree flag and KVQuant's published calibration",
     "kvq_decode_more_methods.csv": "one 512-token window, before the clean-tree flag",
     "kvq_teacher_forced.csv": "before the clean-tree flag and KVQuant's published calibration",
     "generate.csv": "before the clean-tree flag and KVQuant's published calibration",

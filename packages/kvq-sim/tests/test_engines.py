@@ -144,14 +144,17 @@ def test_measured_ratios_and_their_lookup():
 
 
 def test_int4_weights_stream_at_the_measured_ratio():
-    """llama-7b int4 on h100-80g at batch 1: 0.9101 x 0.6733 = 0.6128 of 3,350 GB/s; at batch 8 x 0.307."""
+    """llama-7b int4 on h100-80g: the fp16 weight-GEMV efficiency of the H100 fit x 0.6733 at batch 1, x 0.307 at
+    batch 8 (the measured tinygemm/fp16 ratios); int8 under a fused engine keeps the fp16 efficiency."""
+    fp16 = weight_efficiency(deployment("llama-7b", "h100-80g", "4"), 1)
+    assert 0.5 < fp16 < 1  # a fitted fraction of the datasheet bandwidth
     dep = deployment("llama-7b", "h100-80g", "4", weight_bits=4)
-    assert weight_efficiency(dep, 1) == pytest.approx(0.9101 * 0.6733, rel=1e-12)
-    assert weight_efficiency(dep, 8) == pytest.approx(0.9101 * 0.307, rel=1e-12)
+    assert weight_efficiency(dep, 1) == pytest.approx(fp16 * 0.6733, rel=1e-12)
+    assert weight_efficiency(dep, 8) == pytest.approx(fp16 * 0.307, rel=1e-12)
     fused8 = deployment("llama-7b", "h100-80g", "4", weight_bits=8)
     eager8 = deployment("llama-7b", "h100-80g", "4", weight_bits=8, engine="hf-eager")
-    assert weight_efficiency(fused8, 1) == 0.9101  # the measured int8 path is a separate pass
-    assert weight_efficiency(eager8, 1) == pytest.approx(0.9101 * weightgemv.ratio("int8", 1), rel=1e-12)
+    assert weight_efficiency(fused8, 1) == fp16  # the measured int8 path is a separate pass
+    assert weight_efficiency(eager8, 1) == pytest.approx(fp16 * weightgemv.ratio("int8", 1), rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import triton.runtime.errors
 
 from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
 from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, kernel_path, launch_config
-from kvq_kernels.kivi_layout import allocate
+from kvq_kernels.kivi_layout import allocate, quant_rows
 
 HEAD_DIM = 128
 ROTATE_BYTES = 256 * 2**20  # 5x the 50 MB L2
@@ -54,7 +54,11 @@ def fill_random(c, generator: torch.Generator | None = None):
     return c
 
 
-def random_kivi(batch, kv_heads, tokens, bits, group, residual=128, sinks=0, nuq=False):
+#: fp16 residual window of the benchmarks' KIVI caches (random_kivi)
+RESIDUAL = 128
+
+
+def random_kivi(batch, kv_heads, tokens, bits, group, residual=RESIDUAL, sinks=0, nuq=False):
     """A KIVI cache holding `tokens` random tokens per sequence (`fill_random`)."""
     cb = torch.sort(torch.rand(2**bits, device="cuda") * 2 - 1).values.half() if nuq else None
     c = allocate(batch, kv_heads, HEAD_DIM, tokens, bits, group, residual, sinks, device="cuda", codebook=cb)
@@ -90,7 +94,7 @@ def correctness(bits_list=(8, 4, 3, 2), shapes=CORRECTNESS_SHAPES, variants=CORR
         rows.append(("fp16", hq, hkv, list(lens), e))
         for bits in [b for b in bits_list if b != 16]:
             for group, sinks, nuq in variants:
-                c = random_kivi(b, hkv, cap, bits, group, 128, sinks, nuq)
+                c = random_kivi(b, hkv, cap, bits, group, RESIDUAL, sinks, nuq)
                 c.lens.copy_(L)
                 e = rel_err(decode_kivi(q, c), decode_kivi_reference(q, c))
                 rows.append((f"kivi{bits} G{group} S{sinks}{' nuq' if nuq else ''}", hq, hkv, list(lens), e))
@@ -267,7 +271,7 @@ def resolved_config(cfg, bits: int, q_heads: int, kv_heads: int, context: int, g
     config unchanged."""
     if cfg[0] != "auto":
         return cfg
-    quant_capacity = -(-context // 128) * 128  # random_kivi: capacity = context, whole 128-token flush blocks
+    quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
     path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity)
     return (path, *launch_config(path, bits, group), cfg[4])
 
@@ -314,7 +318,7 @@ def default_configs(bits_list, group, heads) -> dict:
     return {(bits, hq, hkv): AUTO_CONFIG for hq, hkv in heads for bits in bits_list if bits != 16}
 
 
-def kv_bytes(bits, batch, hkv, t, group, residual=128) -> int:
+def kv_bytes(bits, batch, hkv, t, group, residual=RESIDUAL) -> int:
     """Bytes one decode step must read (KIVI layout; 16 = fp16 K and V), q and out excluded."""
     if bits == 16:
         return 2 * batch * hkv * t * HEAD_DIM * 2

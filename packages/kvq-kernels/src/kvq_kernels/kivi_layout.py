@@ -97,6 +97,12 @@ class KiviCache:
         return total
 
 
+def quant_rows(capacity: int, residual_tokens: int, sink_tokens: int = 0) -> int:
+    """Quantized rows `allocate` gives a cache of `capacity` tokens: the post-sink tokens in whole flush blocks."""
+    tq = max(0, capacity - sink_tokens)
+    return -(-tq // residual_tokens) * residual_tokens
+
+
 def allocate(
     batch: int,
     kv_heads: int,
@@ -127,8 +133,7 @@ def allocate(
         raise ValueError(
             f"residual_tokens ({residual_tokens!r}) must be a positive multiple of group_size ({group_size})"
         )
-    tq = max(0, capacity - sink_tokens)
-    tq = -(-tq // residual_tokens) * residual_tokens  # whole flush blocks
+    tq = quant_rows(capacity, residual_tokens, sink_tokens)
     b, h, d, g, r, s = batch, kv_heads, head_dim, group_size, residual_tokens, sink_tokens
     row = packed_row_bytes(bits, d)
     f16 = dict(dtype=torch.float16, device=device)

@@ -18,6 +18,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from .report_data import (
+    INTERVAL_PCT,
     MEMORY_PARTS,
     ROOFLINE_BATCHES,
     ROOFLINE_CONTEXT,
@@ -231,7 +232,7 @@ def title_page(d: ReportData) -> Figure:
         "  6 where each decode-time term comes from: measured on the GPU, transferred from another, or a prior",
         "  7 roofline of the decode step's operators",
         "  8 predicted vs measured latency",
-        "  9 quality: perplexity change vs the full cache (95% intervals) against bits held, one panel per window",
+        f"  9 quality: perplexity change vs the full cache ({INTERVAL_PCT}% intervals) against bits held, one panel per window",
         " 10 quality numbers: bits held, perplexity, change and its interval per cache",
         "",
         "regenerate: kvq-sim report --model "
@@ -665,7 +666,7 @@ def quality_page(d: ReportData) -> Figure:
     models = sorted({p.model for p in q.panels})
     fig = _page(
         "Quality vs KV bits held",
-        "Pooled perplexity change against the full cache (lower is better), error bars its 95% interval (paired "
+        f"Pooled perplexity change against the full cache (lower is better), error bars its {INTERVAL_PCT}% interval (paired "
         "window bootstrap), against the bits per K/V element held while scoring; line: Pareto front; the change "
         "axis is linear within +-1%, logarithmic beyond. One panel per protocol and window length (tokens in the "
         "cache when scored)" + (f"; model {models[0]}." if len(models) == 1 else ".") + " Page 10 lists the numbers.",
@@ -729,7 +730,7 @@ def quality_table_page(d: ReportData) -> Figure:
     fig = _page(
         "Quality numbers",
         "Per panel of page 9, by bits held: bits per K/V element held while scoring, perplexity, and the pooled "
-        "perplexity change against the full cache with its 95% interval (paired window bootstrap); '-' where the "
+        f"perplexity change against the full cache with its {INTERVAL_PCT}% interval (paired window bootstrap); '-' where the "
         "file reports no interval (the change is then computed from perplexity against the named reference row).",
     )
     if q.missing:
@@ -741,7 +742,7 @@ def quality_table_page(d: ReportData) -> Figure:
         if p.reference:
             head.append(f"  reference for rows without change: {p.reference}")
         width = max(len(r.label) for r in p.rows) + 1
-        head.append(f"  {'cache':<{width}} {'held':>6} {'ppl':>9} {'change':>8}  95% interval")
+        head.append(f"  {'cache':<{width}} {'held':>6} {'ppl':>9} {'change':>8}  {INTERVAL_PCT}% interval")
         body = [
             f"  {r.label:<{width}} {r.held_bits:6.2f} {r.ppl:9.3f} {r.change_pct:+7.2f}%  "
             + ("-" if r.interval_pct is None else f"[{r.interval_pct[0]:+.2f}%, {r.interval_pct[1]:+.2f}%]")

@@ -232,7 +232,6 @@ def fit_published() -> tuple[dict, dict]:
     presets["hf-eager"] = replace(presets["hf-eager"], **v)
     out_engines["hf-eager"] = {**v, "fit": info}
     # 5. TensorRT-LLM: a cost per decode step on the H200 blog's TP1 rows (its one TP2 row is the
-    # long-generation tensor-parallel gap, which a per-step constant does not describe)
     # long-generation tensor-parallel gap, which a per-step constant does not describe). Recorded, not used:
     # engines.yaml keeps a step cost only if it is below a whole batch-1 step of a 7B model (6-7 ms on an H100)
     trt_pts = of("trtllm", ("trtllm-h200-blog",), lambda p: p.tp == 1)

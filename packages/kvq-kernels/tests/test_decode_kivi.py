@@ -42,6 +42,9 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d64-sinks", 3, 2, 3, 3, 64, 16, 32, 3, [45, 190]),
     ("mha-nuq-4bit-value-groups", 4, 1, 2, 2, 64, 16, 32, 0, [133]),
     ("mha-2bit-d32-two-words", 2, 1, 2, 2, 32, 32, 32, 1, [129]),
+    # 3-bit: one 1-bit-plane word a row (head_dim 32) and four (head_dim 128, value groups)
+    ("mha-3bit-d32-one-plane-word", 3, 1, 2, 2, 32, 16, 32, 0, [77]),
+    ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
 ]
 PATH_CASES = [(*c, p) for c in CASES for p in ("tc", "slice")] + [(*c, "simt") for c in MHA_CASES]
 

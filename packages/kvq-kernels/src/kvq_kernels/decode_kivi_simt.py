@@ -6,7 +6,10 @@ the arithmetic. Here each program streams 32-bit words of codes instead: a word 
 channels of one token (channel c at word c // PER, bit BITS * (c % PER), which is
 `kvq_core.packing`'s byte order read little-endian; 3-bit: the 2-bit plane's words plus the 1-bit
 plane's bit c % 32 of word c // 32). Codes become exact fp32 without an int->float conversion:
-the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c.
+the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c. Uniform codes stay where
+they sit in their 16-bit half (one AND a code, `_c`); a 3-bit code is its two planes read that way, the
+2-bit part and 4 x the 1-bit part, each with its own per-channel power of two, so neither plane is
+shifted into the other (nuq 3-bit codes, which index a codebook, are assembled as integers instead).
 
 Scores are q.k = sum_c (q_c s_c) code_c + q.z (key scale folded into the query once per tile, as
 in `decode_kivi`); values accumulate as sum_n (p_n s_n) code_n + sum_n p_n z_n. Grid, splits, the
@@ -55,7 +58,9 @@ def _spread(x, BITS: tl.constexpr, INPLACE: tl.constexpr = False):
     """
     N: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
-    if BITS == 8:
+    if BITS == 1:  # 32 channels a word: the even channels' tree joined with the odd ones'
+        return tl.reshape(tl.join(_codes16(x, 0, 2, 1, INPLACE), _codes16(x, 1, 2, 1, INPLACE)), (N, W * 32))
+    elif BITS == 8:
         y = tl.join(
             tl.join(_c(x, 0, 8, INPLACE), _c(x, 2, 8, INPLACE)), tl.join(_c(x, 1, 8, INPLACE), _c(x, 3, 8, INPLACE))
         )
@@ -69,27 +74,47 @@ def _spread(x, BITS: tl.constexpr, INPLACE: tl.constexpr = False):
         )
         return tl.reshape(tl.join(e, o), (N, W * 8))
     else:  # BITS 2: 16 channels a word
-        e0 = tl.join(
-            tl.join(_c(x, 0, 2, INPLACE), _c(x, 8, 2, INPLACE)), tl.join(_c(x, 4, 2, INPLACE), _c(x, 12, 2, INPLACE))
-        )
-        e1 = tl.join(
-            tl.join(_c(x, 2, 2, INPLACE), _c(x, 10, 2, INPLACE)), tl.join(_c(x, 6, 2, INPLACE), _c(x, 14, 2, INPLACE))
-        )
-        o0 = tl.join(
-            tl.join(_c(x, 1, 2, INPLACE), _c(x, 9, 2, INPLACE)), tl.join(_c(x, 5, 2, INPLACE), _c(x, 13, 2, INPLACE))
-        )
-        o1 = tl.join(
-            tl.join(_c(x, 3, 2, INPLACE), _c(x, 11, 2, INPLACE)), tl.join(_c(x, 7, 2, INPLACE), _c(x, 15, 2, INPLACE))
-        )
-        return tl.reshape(tl.join(tl.join(e0, e1), tl.join(o0, o1)), (N, W * 16))
+        return tl.reshape(_codes16(x, 0, 1, 2, INPLACE), (N, W * 16))
 
 
 @triton.jit
-def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _codes16(x, s0: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr, INPLACE: tl.constexpr):
+    """[..., 16] whose index k holds code s0 + step * k of each word (`_c`)."""
+    return _tree16(
+        _c(x, s0, BITS, INPLACE), _c(x, s0 + step, BITS, INPLACE), _c(x, s0 + 2 * step, BITS, INPLACE),
+        _c(x, s0 + 3 * step, BITS, INPLACE), _c(x, s0 + 4 * step, BITS, INPLACE), _c(x, s0 + 5 * step, BITS, INPLACE),
+        _c(x, s0 + 6 * step, BITS, INPLACE), _c(x, s0 + 7 * step, BITS, INPLACE), _c(x, s0 + 8 * step, BITS, INPLACE),
+        _c(x, s0 + 9 * step, BITS, INPLACE), _c(x, s0 + 10 * step, BITS, INPLACE),
+        _c(x, s0 + 11 * step, BITS, INPLACE), _c(x, s0 + 12 * step, BITS, INPLACE),
+        _c(x, s0 + 13 * step, BITS, INPLACE), _c(x, s0 + 14 * step, BITS, INPLACE),
+        _c(x, s0 + 15 * step, BITS, INPLACE),
+    )  # fmt: skip
+
+
+@triton.jit
+def _tree16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+    """[..., 16] whose index k holds c_k: join puts its new axis last, so each level pairs the indices that
+    differ in their highest remaining bit (bit-reversed leaves)."""
+    e0 = tl.join(tl.join(c0, c8), tl.join(c4, c12))
+    e1 = tl.join(tl.join(c2, c10), tl.join(c6, c14))
+    o0 = tl.join(tl.join(c1, c9), tl.join(c5, c13))
+    o1 = tl.join(tl.join(c3, c11), tl.join(c7, c15))
+    return tl.join(tl.join(e0, e1), tl.join(o0, o1))
+
+
+@triton.jit
+def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, PLANES: tl.constexpr):
     """The int32 words of N code rows (`BASE` + rows * row words; rows int32 within one head, BASE that
-    head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo)."""
+    head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo). 3-bit with
+    PLANES: hi is the 1-bit plane's HEAD_DIM // 32 words as stored; else one 1-bit word per 2-bit word."""
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
-    if BITS == 3:
+    if BITS == 3 and PLANES:
+        offs_w = tl.arange(0, HEAD_DIM // 16)
+        offs_h = tl.arange(0, HEAD_DIM // 32)
+        lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
+        hi = tl.load(BASE + rows[:, None] * ROW_WORDS + (HEAD_DIM // 16 + offs_h)[None, :], mask=n_mask[:, None], other=0)
+        return lo, hi
+    elif BITS == 3:
         W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow
         offs_w = tl.arange(0, W)
         lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
@@ -141,6 +166,18 @@ def _scaled(v, w, INPLACE: tl.constexpr, FMA: tl.constexpr):
 
 
 @triton.jit
+def _token_scaled(v, ps, INPLACE: tl.constexpr, FMA: tl.constexpr, NGV: tl.constexpr):
+    """v [N, HEAD_DIM] times ps [N, NGV], the weight of each token's value group (`_scaled`)."""
+    if NGV == 1:
+        return _scaled(v, ps, INPLACE, FMA)
+    else:
+        N: tl.constexpr = v.shape[0]
+        D: tl.constexpr = v.shape[1]
+        v3 = tl.reshape(v, (N, NGV, D // NGV))
+        return tl.reshape(_scaled(v3, ps[:, :, None], INPLACE, FMA), (N, D))
+
+
+@triton.jit
 def _decode_kivi_simt_kernel(
     Q, KC8, KC, KS, KZ, VC, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, CB, M_PART, L_PART, ACC_PART,
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
@@ -152,6 +189,7 @@ def _decode_kivi_simt_kernel(
     NGV: tl.constexpr = HEAD_DIM // (GROUP if GROUP < HEAD_DIM else HEAD_DIM)  # value groups per token
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     INPLACE: tl.constexpr = (not NUQ) and BITS != 3  # codes kept in place under the magic exponent (`_c`)
+    PLANES: tl.constexpr = (not NUQ) and BITS == 3  # each plane in place: 2-bit part + 4 x 1-bit part
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H_KV
@@ -167,14 +205,19 @@ def _decode_kivi_simt_kernel(
         q = tl.load(Q + bh * HEAD_DIM + offs_d).to(tl.float32) * qk_scale  # log2 units
         if INPLACE:
             sc = _inplace_scale(offs_d, BITS)
+        elif PLANES:
+            sc = _inplace_scale(offs_d, 2)
         else:
             sc = tl.full([HEAD_DIM], 1.0, tl.float32)
+        sc_hi = 4.0 * _inplace_scale(offs_d, 1)  # PLANES: weight of the 1-bit plane's in-place bit
         if DEFER:  # per-token partials, summed over tokens once at the end (no cross-warp sum per tile)
             acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # sum_n p_n s_n code_n (value groups: s_n,g)
             acc_z = tl.zeros([BLOCK_N, NGV], tl.float32)  # sum_n p_n z_n per value group
+            acc_hi = tl.zeros([BLOCK_N if PLANES else 1, HEAD_DIM], tl.float32)  # PLANES: the 1-bit plane's part
         else:
             acc = tl.zeros([HEAD_DIM], tl.float32)
             acc_z = tl.zeros([NGV], tl.float32)
+            acc_hi = tl.zeros([HEAD_DIM], tl.float32)
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         start = split * TOKENS_PER_SPLIT
@@ -187,8 +230,8 @@ def _decode_kivi_simt_kernel(
         VH = VC + bh * T_QCAP * ROW_WORDS
         VSH = VS + bh * T_QCAP * NGV
         VZH = VZ + bh * T_QCAP * NGV
-        kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM)
-        vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM)
+        kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM, PLANES)
+        vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM, PLANES)
         vmeta = offs_n[:, None] * NGV + offs_g[None, :]
         vs = tl.load(VSH + vmeta, mask=n_mask[:, None], other=0.0)
         vz = tl.load(VZH + vmeta, mask=n_mask[:, None], other=0.0)
@@ -197,16 +240,16 @@ def _decode_kivi_simt_kernel(
             if PREFETCH:
                 offs_n += BLOCK_N
                 n_mask = offs_n < end
-                kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM)
-                vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM)
+                kl, kh = _load_words(KH, offs_n, n_mask, BITS, HEAD_DIM, PLANES)
+                vl, vh = _load_words(VH, offs_n, n_mask, BITS, HEAD_DIM, PLANES)
                 vmeta = offs_n[:, None] * NGV + offs_g[None, :]
                 vs = tl.load(VSH + vmeta, mask=n_mask[:, None], other=0.0)
                 vz = tl.load(VZH + vmeta, mask=n_mask[:, None], other=0.0)
             else:
                 crows = t0 + tl.arange(0, BLOCK_N)
                 c_mask = crows < end
-                ckl, ckh = _load_words(KH, crows, c_mask, BITS, HEAD_DIM)
-                cvl, cvh = _load_words(VH, crows, c_mask, BITS, HEAD_DIM)
+                ckl, ckh = _load_words(KH, crows, c_mask, BITS, HEAD_DIM, PLANES)
+                cvl, cvh = _load_words(VH, crows, c_mask, BITS, HEAD_DIM, PLANES)
                 vmeta = crows[:, None] * NGV + offs_g[None, :]
                 cvs = tl.load(VSH + vmeta, mask=c_mask[:, None], other=0.0)
                 cvz = tl.load(VZH + vmeta, mask=c_mask[:, None], other=0.0)
@@ -216,10 +259,13 @@ def _decode_kivi_simt_kernel(
             if INPLACE:  # k = 2**23 + code * 2**j exactly; fma(k, a, -2**23 a) = code * 2**j * a, one rounding
                 a = qs * sc
                 k = _unpack(ckl, ckh, BITS, True).to(tl.float32, bitcast=True)
-                if FMA:
-                    qk = tl.sum(tl.fma(k, a[None, :], (-TWO_23 * a)[None, :]), 1) + bias
-                else:
-                    qk = tl.sum((k - TWO_23) * a[None, :], 1) + bias
+                qk = tl.sum(_scaled(k, a[None, :], True, FMA), 1) + bias
+            elif PLANES:  # each plane's product rounded once, then added
+                k_lo = _spread(ckl, 2, True).to(tl.float32, bitcast=True)
+                k_hi = _spread(ckh, 1, True).to(tl.float32, bitcast=True)
+                a_lo = (qs * sc)[None, :]
+                a_hi = (qs * sc_hi)[None, :]
+                qk = tl.sum(_scaled(k_lo, a_lo, True, FMA) + _scaled(k_hi, a_hi, True, FMA), 1) + bias
             else:
                 k = _levels_f32(_unpack(ckl, ckh, BITS, False), CB, NUQ)
                 qk = tl.sum(k * qs[None, :], 1) + bias
@@ -229,6 +275,8 @@ def _decode_kivi_simt_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 acc = acc * alpha
                 acc_z = acc_z * alpha
+                if PLANES:
+                    acc_hi = acc_hi * alpha
                 l_i = l_i * alpha
                 m_i = m_new
             p = tl.exp2(qk - m_i)
@@ -236,13 +284,11 @@ def _decode_kivi_simt_kernel(
             ps = p[:, None] * cvs.to(tl.float32)  # [N, NGV]
             if INPLACE:
                 v = _unpack(cvl, cvh, BITS, True).to(tl.float32, bitcast=True)
+            elif PLANES:
+                v = _spread(cvl, 2, True).to(tl.float32, bitcast=True)
             else:
                 v = _levels_f32(_unpack(cvl, cvh, BITS, False), CB, NUQ)
-            if NGV == 1:
-                pv = _scaled(v, ps, INPLACE, FMA)
-            else:
-                v3 = tl.reshape(v, (BLOCK_N, NGV, HEAD_DIM // NGV))
-                pv = tl.reshape(_scaled(v3, ps[:, :, None], INPLACE, FMA), (BLOCK_N, HEAD_DIM))
+            pv = _token_scaled(v, ps, INPLACE or PLANES, FMA, NGV)
             pz = p[:, None] * cvz.to(tl.float32)
             if DEFER:
                 acc += pv
@@ -250,11 +296,21 @@ def _decode_kivi_simt_kernel(
             else:
                 acc += tl.sum(pv, 0)
                 acc_z += tl.sum(pz, 0)
+            if PLANES:
+                pv_hi = _token_scaled(_spread(cvh, 1, True).to(tl.float32, bitcast=True), ps, True, FMA, NGV)
+                if DEFER:
+                    acc_hi += pv_hi
+                else:
+                    acc_hi += tl.sum(pv_hi, 0)
         if DEFER:
             out = tl.sum(acc, 0) * sc
+            if PLANES:
+                out += tl.sum(acc_hi, 0) * sc_hi
             z = tl.sum(acc_z, 0)  # [NGV]
         else:
             out = acc * sc
+            if PLANES:
+                out += acc_hi * sc_hi
             z = acc_z
         if NGV == 1:
             out = out + z

@@ -44,9 +44,10 @@ def _pair(y, ASM: tl.constexpr):
 @triton.jit
 def _pairj(x, h, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """fp16 pair (code j, code j + PER / 2) of each word; the codes are in place within their 16-bit halves.
-    BITS 3: x is a 2-bit-plane word, h its 16 high bits spread to bits 0-7 and 16-23 (`_high_bits`)."""
+    BITS 3: x is a 2-bit-plane word, h its 16 high bits spread to bits 2-9 and 18-25 (`_high_bits`), so that
+    code j's bit 2 is bit j + 2 of h: two shifts and two AND-ORs a pair."""
     if BITS == 3:
-        y = ((x >> (2 * j)) & 0x00030003) | (((h >> j) & 0x00010001) << 2)
+        y = ((x >> (2 * j)) & 0x00030003) | ((h >> j) & 0x00040004)
     else:
         y = (x >> (BITS * j)) & (((1 << BITS) - 1) * 0x10001)
     return _pair(y | 0x64006400, ASM)
@@ -55,9 +56,10 @@ def _pairj(x, h, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _high_bits(hw, offs_w):
     """3-bit: the 1-bit-plane word of each 2-bit-plane word w (channel 16 w + k has bit 2 at bit 16 (w % 2) + k
-    of 1-bit-plane word w // 2) -> bits k < 8 at bit k, bits k >= 8 at bit k + 8 (under the pair's high half)."""
+    of 1-bit-plane word w // 2) -> bits k < 8 at bit k + 2, bits k >= 8 at bit k + 10 (bit 2 of code k's
+    place in the pair's low or high half once shifted down by k % 8; done once a word, not once a pair)."""
     h16 = (hw >> ((offs_w % 2) * 16)[None, :]) & 0xFFFF
-    return (h16 & 0xFF) | ((h16 & 0xFF00) << 8)
+    return ((h16 & 0xFF) << 2) | ((h16 & 0xFF00) << 10)
 
 
 @triton.jit

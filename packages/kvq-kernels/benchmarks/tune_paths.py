@@ -9,6 +9,7 @@ graph replays, L2 flushed). Writes $OUT/tune_stages_h100.csv with provenance; de
 SLICE_MAX_TOKENS cite it.
 """
 
+import argparse
 import csv
 import functools
 import itertools
@@ -21,9 +22,22 @@ GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
 MHA_CONFIGS = [("simt", 64, 4, 3, True), ("simt", 32, 4, 1, True), ("simt", 64, 4, 1, False), ("simt", 64, 4, 1, True)]
 MHA_POINTS = [(1, 4096), (1, 131072), (32, 4096), (8, 32768)]
+#: --wide: more CUDA-core tiles and warp counts (BLOCK_N 16-64, 2-8 warps)
+MHA_WIDE = [("simt", 16, 4, 1, True), ("simt", 32, 2, 1, True), ("simt", 32, 8, 1, True), ("simt", 64, 8, 1, True)]
+
+
+def _bits(text: str) -> list[int]:
+    return [int(b) for b in text.split(",") if b]
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gqa-bits", default="4,2,3", help="GQA 32/8 bit widths ('' for none)")
+    ap.add_argument("--mha-bits", default="4,2,8", help="MHA 32/32 bit widths ('' for none)")
+    ap.add_argument("--wide", action="store_true", help="also the MHA_WIDE CUDA-core configs")
+    ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
+    args = ap.parse_args()
+    mha_configs = MHA_CONFIGS + (MHA_WIDE if args.wide else [])
     rows = []
     prov = provenance(fields=CSV_FIELDS)
 
@@ -42,11 +56,11 @@ def main() -> None:
                              sdpa_us=round(sd, 2), **prov))  # fmt: skip
             print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
 
-    for bits, (batch, t) in itertools.product([4, 2, 3], GQA_POINTS):
+    for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), GQA_POINTS):
         run(32, 8, bits, batch, t, GQA_CONFIGS)
-    for bits, (batch, t) in itertools.product([4, 2, 8], MHA_POINTS):
-        run(32, 32, bits, batch, t, MHA_CONFIGS)
-    with open(os.path.join(os.environ.get("OUT", "."), "tune_stages_h100.csv"), "w", newline="") as f:
+    for bits, (batch, t) in itertools.product(_bits(args.mha_bits), MHA_POINTS):
+        run(32, 32, bits, batch, t, mha_configs)
+    with open(os.path.join(os.environ.get("OUT", "."), args.name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

@@ -113,7 +113,7 @@ def test_launch_config_defaults():
     assert launch_config("slice", 4, 64) == (64, 4, 2)
     assert launch_config("slice", 2, 32) == (32, 2, 2)  # KIVI's default group of 32
     assert launch_config("slice", 4, 96) == (32, 2, 2)  # 128 and 64 do not divide 96
-    assert [launch_config("simt", b, 128) for b in (2, 3, 4, 8)] == [(64, 4, 1), (32, 4, 1), (32, 4, 1), (32, 4, 1)]
+    assert [launch_config("simt", b, 128) for b in (2, 3, 4, 8)] == [(64, 4, 1), (32, 2, 1), (32, 2, 1), (32, 4, 1)]
     assert launch_config("simt", 2, 32) == (32, 4, 1)  # BLOCK_N halves to the group
     assert [launch_config("tc", b, 128) for b in (2, 3, 4, 8)] == [WORDS_CONFIG] * 4
     assert launch_config("tc", 2, 16)[0] == 16

@@ -11,9 +11,9 @@ def test_auto_resolves_per_point():
     assert resolved_config(AUTO_CONFIG, 4, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("tc", *WORDS_CONFIG, True)
     assert resolved_config(AUTO_CONFIG, 3, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
     assert resolved_config(AUTO_CONFIG, 8, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
-    assert resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128) == ("simt", 32, 4, 1, True)
+    assert resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128) == ("simt", 32, 2, 1, True)
     assert resolved_config(AUTO_CONFIG, 2, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
-    assert config_name(resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128)) == "simt-bn32-w4-s1-pf"
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128)) == "simt-bn32-w2-s1-pf"
 
 
 def test_named_configs_pass_through():

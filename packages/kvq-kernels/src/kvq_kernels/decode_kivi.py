@@ -468,13 +468,13 @@ def _decode_kivi_kernel(
 #: measured and takes 32's. The earlier fixed default, (64, 4, 3), took 1.6-2.0x as long on those shapes.
 TC_BLOCK_N = {2: 128, 3: 32, 4: 128, 8: 128}
 TC_WARPS_STAGES = {128: (4, 1), 64: (4, 2), 32: (2, 2), 16: (2, 2)}
-#: CUDA-core (MHA) path defaults per bit width, (BLOCK_N, num_warps, num_stages): bench_decode's probe at 32/32
-#: heads, 128K, batch 1 (reports/measurements/kernel_decode_h100_v3_log.txt) and tune_stages_h100.csv at 4K and
-#: 128K batch 1, 4K batch 32, 32K batch 8. 4-bit (32, 4, 1): 26.6 / 322.4 / 362.5 / 656.6 us where the former
-#: (64, 4, 3) took 30.1 / 331.8 / 426.3 / 666.9; 8-bit (32, 4, 1) faster on three of the four (29.2 / 407.1 /
-#: 443.2 against 32.5 / 432.8 / 489.2; 879.4 against 847.0); 2-bit (64, 4, 1) within 3% of (64, 4, 3) and 20-25%
-#: ahead of BLOCK_N 32; 3-bit from the probe alone (32, 4, 1: 604 us; BLOCK_N 64: 674).
-SIMT_CONFIG = {2: (64, 4, 1), 3: (32, 4, 1), 4: (32, 4, 1), 8: (32, 4, 1)}
+#: CUDA-core (MHA) path defaults per bit width, (BLOCK_N, num_warps, num_stages): tune_simt_h100.csv (tune_paths.py
+#: --wide, 32/32 heads at 4K and 128K batch 1, 4K batch 32, 32K batch 8; 16-64 tokens, 2-8 warps). 4-bit (32, 2, 1):
+#: 24.3 / 300.2 / 333.8 / 658.1 us against (32, 4, 1)'s 26.5 / 320.1 / 361.7 / 664.9 (the former default; (64, 4, 3)
+#: before it took 30.0 / 329.8 / 400.0 / 678.8); 3-bit (32, 2, 1): 37.0 / 465.7 / 516.9 / 1098.1 against
+#: 37.6 / 524.7 / 570.2 / 1052.8; 2-bit (64, 4, 1) and 8-bit (32, 4, 1) stay (2 warps: 2-bit 28% slower at 128K,
+#: 8-bit within 5% either way).
+SIMT_CONFIG = {2: (64, 4, 1), 3: (32, 2, 1), 4: (32, 2, 1), 8: (32, 4, 1)}
 #: Up to this many tokens (the launch's max_len) the `auto` path runs 2/4-bit uniform GQA on the channel-slice
 #: kernel rather than the word kernel: tune_stages_h100.csv, 32/8 heads, slice (128, 4, 1) / words (128, 4, 2):
 #: 4-bit 4K batch 1 13.0 / 15.7 us, 1K batch 32 54.1 / 61.3, 1K batch 256 353.6 / 426.2; 2-bit 4K batch 1

@@ -39,10 +39,6 @@ from .quantize_append import kivi_from_dense, quantize_channel_blocks, quantize_
 ROPE_THETA = 10000.0
 #: random weights' standard deviation: keeps 80 layers' residual stream finite in fp16
 WEIGHT_STD = 0.02
-#: decode_kivi launch config (BLOCK_N, num_warps, num_stages, prefetch) per bit width for LLaMA-7B's MHA (its
-#: CUDA-core path), not a group size: fastest seen at 1 x 32 heads x 128K on the H100
-#: (packages/kvq-kernels/benchmarks/tune_decode.py)
-KIVI_CONFIG = {8: (32, 4, 1, True), 4: (32, 4, 1, True), 3: (32, 4, 1, False), 2: (64, 4, 1, False)}
 #: the step's CSV columns before the provenance ones (kvq_core.provenance.CSV_FIELDS); kvq_sim.measurements
 #: reads them by name
 E2E_FIELDS = (
@@ -271,15 +267,6 @@ class KiviStepCache:
         return sum(getattr(c, n).nbytes for c in self.layers for n in (*names, "lens"))
 
 
-def kivi_launch(bits: int, s: Shape, group: int) -> dict:
-    """decode_kivi's arguments in the step: KIVI_CONFIG for MHA where its tile divides the group, else the
-    kernel's defaults."""
-    if s.heads != s.kv_heads or bits not in KIVI_CONFIG or group % KIVI_CONFIG[bits][0]:
-        return {}
-    bn, warps, stages, prefetch = KIVI_CONFIG[bits]
-    return dict(block_n=bn, num_warps=warps, num_stages=stages, prefetch=prefetch)
-
-
 def _check_backend(backend: str, bits: int) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -289,8 +276,8 @@ def _check_backend(backend: str, bits: int) -> None:
 
 def random_cache(backend, bits, s: Shape, batch, context, device, group, residual, launch=None, seed: int = 1):
     """A cache of every layer holding `context` random tokens (never zeros) per sequence plus the step's slot:
-    fp16 normal K/V, or a packed cache filled by `fill_random`. launch: decode_kivi's arguments (default
-    `kivi_launch`)."""
+    fp16 normal K/V, or a packed cache filled by `fill_random`. launch: decode_kivi's launch arguments (default
+    none: its own per-path defaults, as a user's call gets)."""
     _check_backend(backend, bits)
     g = torch.Generator(device=device).manual_seed(seed)
     pos = torch.full((batch,), context, device=device, dtype=torch.int64)
@@ -303,7 +290,7 @@ def random_cache(backend, bits, s: Shape, batch, context, device, group, residua
         fill_random(allocate(batch, s.kv_heads, s.head_dim, context + 1, bits, group, residual, 0, device=device), g)
         for _ in range(s.layers)
     ]
-    return KiviStepCache(layers, pos, kivi_launch(bits, s, group) if launch is None else launch)
+    return KiviStepCache(layers, pos, launch or {})
 
 
 def dense_cache(backend, bits, s: Shape, k, v, context, group, residual, launch=None):
@@ -322,7 +309,7 @@ def dense_cache(backend, bits, s: Shape, k, v, context, group, residual, launch=
         c = allocate(b, h, d, context + 1, bits, group, residual, 0, device=kl.device)
         kivi_from_dense(c, kl, vl, [context] * b)
         layers.append(c)
-    return KiviStepCache(layers, pos, kivi_launch(bits, s, group) if launch is None else launch)
+    return KiviStepCache(layers, pos, launch or {})
 
 
 def fits(s: Shape, weights_bytes: int, bits: int, batch: int, context: int, memory_bytes: int) -> bool:
@@ -388,7 +375,7 @@ def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, 
 
 def run_points(s, points, group, residual, prov, launch=None, warmup_ms=50, rep_ms=300, progress=iter) -> list[dict]:
     """E2E CSV rows (E2E_FIELDS, then the provenance `prov`) of every point that `fits` this GPU, in order; []
-    without allocating anything when none does. launch: {bits: decode_kivi arguments} (default `kivi_launch`);
+    without allocating anything when none does. launch: {bits: decode_kivi arguments} (default: its own);
     progress wraps the list of points that fit."""
     memory = torch.cuda.get_device_properties(0).total_memory
     todo = [p for p in points if fits(s, Weights.bytes_of(s), p.bits, p.batch, p.context, memory)]

@@ -49,8 +49,8 @@ report-png: install
 
 # Fit the H100 file from the training half of the committed measurements, carry the fit over to
 # the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
-KERNEL_CSV ?= reports/measurements/kernel_decode_h100_v4.csv
-E2E_CSV ?= reports/measurements/e2e_decode_h100_v3.csv
+KERNEL_CSV ?= reports/measurements/kernel_decode_h100_v5.csv
+E2E_CSV ?= reports/measurements/e2e_decode_h100_v4.csv
 E2E_ARG = $(if $(wildcard $(E2E_CSV)),--e2e $(E2E_CSV),)
 calibrate: install
 	kvq-sim calibrate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)

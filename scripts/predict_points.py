@@ -8,8 +8,8 @@ Two kinds of plan:
             the H100 sweep's points on the H200 with the calibration the H200 file has now (transferred).
 
     python scripts/predict_points.py multigpu -o reports/predictions/multigpu_h100_prior.csv
-    python scripts/predict_points.py like --gpu h200 --kernel reports/measurements/kernel_decode_h100_v4.csv \
-        --e2e reports/measurements/e2e_decode_h100_v3.csv -o reports/predictions/h200_cold.csv
+    python scripts/predict_points.py like --gpu h200 --kernel reports/measurements/kernel_decode_h100_v5.csv \
+        --e2e reports/measurements/e2e_decode_h100_v4.csv -o reports/predictions/h200_cold.csv
 
 Each row carries the commit and whether the tree was clean, so the file proves what the model said beforehand.
 """

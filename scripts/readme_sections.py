@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 from kvq_core.formats import METHODS, bits_label, get_format
+from kvq_sim import report_data
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "reports" / "measurements"
 QUALITY = ROOT / "reports" / "quality"
-KERNEL_CSV = MEASURED / "kernel_decode_h100_v4.csv"
+KERNEL_CSV = MEASURED / report_data.KERNEL_CSV
 SUMMARIZE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "summarize.py"
 NOISE = ROOT / "scripts" / "measurement_noise.py"
 TOKENS, HEADS, HEAD_DIM = 32768, 32, 128
@@ -203,8 +204,8 @@ def kvq_bench_validate() -> str:
 
 VALIDATE = [
     "kvq-sim", "validate", "--gpu", "h100-80g",
-    "--measurements", "reports/measurements/kernel_decode_h100_v4.csv",
-    "--e2e", "reports/measurements/e2e_decode_h100_v3.csv",
+    "--measurements", f"reports/measurements/{report_data.KERNEL_CSV}",
+    "--e2e", f"reports/measurements/{report_data.E2E_CSV}",
 ]  # fmt: skip
 
 
@@ -592,6 +593,49 @@ def claims_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- docs/transfer-rules.md -----------------------------------------------------------------------------------------
+
+
+def fit_table() -> str:
+    """The published-data fits in the order `kvq_sim.fitpresets.fit_published` runs them, values and calibration
+    MAPE read from the fit files it writes."""
+    from kvq_sim.configs import read_yaml
+    from kvq_sim.engines import ENGINE_FIT_FILE
+    from kvq_sim.hardware import TRANSFER_RULES_FILE, load_hardware
+
+    eng, rules = read_yaml(ENGINE_FIT_FILE)["engines"], read_yaml(TRANSFER_RULES_FILE)
+    gemv, hop = rules["weight_gemv"]["a100"], rules["collectives"]["a100"]
+    trt = eng["trtllm"]["rejected"]
+    h100 = load_hardware("h100-80g").calibration.weight_bandwidth_efficiency
+
+    def mape(fit) -> str:
+        return f"{fit['mape_pct_before']:.1f}% -> {fit['mape_pct_after']:.1f}%"
+
+    rows = [
+        ("`nemo.request_overhead_ms`", f"{eng['nemo']['request_overhead_ms']:g} ms",
+         f"`nemo-llama2-inference`, the {len(eng['nemo']['fit']['points'])} H100 rows (TP 1-8, batch 1-8)",
+         "NNLS of relative error, one cost per request", mape(eng["nemo"]["fit"])),
+        ("A100 weight-GEMV efficiency (`a100-80g`, `8x-a100-80g`)", f"{gemv['efficiency']:g} (was {h100:.4g} from the H100)",
+         f"`nemo-llama2-inference`, the {len(gemv['fit']['points'])} A100 TP1 rows, given #1",
+         "1-D least squares of relative error over 0.50..1.00", mape(gemv["fit"])),
+        ("`8x-a100-80g` all-reduce latency per GPU beyond the first", f"+{hop['hop_latency_us']:g} us per call per extra GPU",
+         f"`nemo-llama2-inference`, the {len(hop['fit']['points'])} A100 TP2-8 rows, given #1 and #2",
+         "NNLS, call latency = 10 us prior + hop x (N - 1)", mape(hop["fit"])),
+        ("`hf-eager.layer_launch_us`", f"{eng['hf-eager']['layer_launch_us']:g} us per layer per forward pass",
+         f"`hf-quant-bench` (bf16, AWQ, torchao int4, FP8 rows; not the pipeline-parallel one) and "
+         f"`litgpt-resource-tables` bf16 rows: {len(eng['hf-eager']['fit']['points'])} points, given #2",
+         "NNLS of relative error", mape(eng["hf-eager"]["fit"])),
+        ("`trtllm.step_overhead_us`", f"**rejected** (fit: {trt['step_overhead_us'] / 1e3:.4g} ms)",
+         "`trtllm-h200-blog` TP1 rows", "NNLS", mape(trt["fit"]) + ", not used"),
+    ]  # fmt: skip
+    out = [
+        "| # | parameter | value | fitted on (calibration part only) | form | calibration MAPE of those points |",
+        "|---|---|---:|---|---|---|",
+    ]
+    out += [f"| {i} | {' | '.join(r)} |" for i, r in enumerate(rows, start=1)]
+    return "\n".join(out) + "\n"
+
+
 SECTIONS = {
     "headline": headline_table,
     "plan-output": plan_output,
@@ -611,6 +655,7 @@ SECTIONS = {
     "list-gpus-output": list_gpus_output,
     "claims-table": claims_table,
     "kvq-bench-validate": kvq_bench_validate,
+    "fit-table": fit_table,
     **{f"{name}-output": (lambda name=name: example_output(name)) for name in EXAMPLES},
 }
 
@@ -619,6 +664,7 @@ DOCS = {
     "README.md": ("headline", "plan-output", "report-output", "kvqcache-output"),
     "docs/kernels.md": ("kernel-table", "hf-table"),
     "docs/validation.md": ("validation-output", "multigpu-table", "noise-output"),
+    "docs/transfer-rules.md": ("fit-table",),
     "docs/quality.md": ("quality-table", "quality-targets", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),
     "packages/kvq-sim/README.md": ("plan-batch-output", "list-gpus-output", "sim-api-output", "claims-table"),

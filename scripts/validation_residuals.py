@@ -1,7 +1,7 @@
 """Residual plot of `kvq-sim validate`: held-out prediction error against KV bytes read, per kernel family.
 
     python scripts/validation_residuals.py --gpu h100-80g \
-        --measurements reports/measurements/kernel_decode_h100_v4.csv [--e2e ...] -o reports/validation_residuals.png
+        --measurements reports/measurements/kernel_decode_h100_v5.csv [--e2e ...] -o reports/validation_residuals.png
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from matplotlib.text import Text
 
 from kvq_sim import figures, report, report_data
 from kvq_sim.cli import main
+from kvq_sim.configs import read_yaml
+from kvq_sim.hardware import TRANSFER_RULES_FILE
 
 ROOT = Path(__file__).resolve().parents[3]
 METHODS = "kivi:2,kivi:4,kvquant:3"
@@ -167,7 +169,8 @@ def test_provenance_page_names_each_term_and_kind(data, pages):
     text = _texts(pages[5])
     assert text.count("KV read, kvquant 3-bit prior no kvq kernel for kvquant") == 3  # one per GPU
     assert "KV read, kivi 2-bit measured kernel family kvq_kivi_2b_mha, measured on h100-80g" in text
-    assert "weights transferred GEMV efficiency 0.767, transferred (rule:" in text
+    eff = read_yaml(TRANSFER_RULES_FILE)["weight_gemv"]["a100"]["efficiency"]
+    assert f"weights transferred GEMV efficiency {eff:.3f}, transferred (rule:" in text
     assert text.count("interconnect none none (1 GPU)") == 3
 
 
@@ -181,7 +184,7 @@ def test_roofline_points_on_the_roof(data):
 
 def test_measured_page_numbers_come_from_the_data(data, pages):
     kernel = data.comparisons[0]
-    assert kernel.path.name == "kernel_decode_h100_v4.csv" and kernel.missing is None
+    assert kernel.path.name == report_data.KERNEL_CSV and kernel.missing is None
     errs = sorted(abs(e) for e in kernel.rel_errors)
     assert kernel.median_abs_error_pct == pytest.approx(100 * float(np.median(errs)))
     assert kernel.p90_abs_error_pct == pytest.approx(100 * float(np.percentile(errs, 90)))
@@ -207,7 +210,7 @@ def test_missing_inputs_degrade_to_explanations(tmp_path):
     d = report_data.report_data(inp)
     with matplotlib.rc_context(figures.rc()):
         measured, quality = figures.measured_page(d), figures.quality_page(d)
-    assert not measured.axes and "kernel_decode_h100_v4.csv is missing" in measured.texts[-1].get_text()
+    assert not measured.axes and f"{report_data.KERNEL_CSV} is missing" in measured.texts[-1].get_text()
     assert not quality.axes and "No usable quality results" in quality.texts[-1].get_text()
 
 

@@ -8,6 +8,14 @@ import sys
 import pytest
 
 from kvq_sim import api
+from kvq_sim.configs import read_yaml
+from kvq_sim.engines import ENGINE_FIT_FILE
+from kvq_sim.hardware import TRANSFER_RULES_FILE, load_hardware
+
+
+def a100_rule_efficiency() -> float:
+    """The A100 weight-GEMV efficiency the committed transfer rules fitted (kvq_sim.fitpresets)."""
+    return read_yaml(TRANSFER_RULES_FILE)["weight_gemv"]["a100"]["efficiency"]
 
 
 def _sources(**kw):
@@ -25,7 +33,10 @@ def test_measured_kernel_and_missing_kernel_are_told_apart():
 def test_transferred_gpu_and_quantized_weights_are_labelled():
     s = _sources(bits="4", gpu="a100-80g", weight_bits=4)
     assert "transferred from h100-80g (not measured on a100-80g)" in s["kv_read"]
-    assert s["weights"].startswith("GEMV efficiency 0.767, transferred (rule: 0.767 fitted on NeMo's A100 TP1 rows")
+    eff = a100_rule_efficiency()
+    assert s["weights"].startswith(
+        f"GEMV efficiency {eff:.3f}, transferred (rule: {eff:g} fitted on NeMo's A100 TP1 rows"
+    )
     assert "int4 kernel's ratio, transferred (rule: ratio to the fp16 GEMV) from h100-80g" in s["weights"]
     assert s["interconnect"] == "none (1 GPU)"
 
@@ -38,11 +49,13 @@ def test_quantized_weight_terms_say_measured_on_the_h100():
     assert "as if fp16 (the measured int8 path dequantizes in a separate pass" in int8
     eager = api.plan("llama-7b", "h100-80g", bits="4", weight_bits=8, context=32768, engine="hf-eager")
     assert "int8 kernel's ratio, measured on h100-80g" in eager.term_sources["weights"]
-    assert "; engine hf-eager: 635.1 us per layer per forward pass (fitted on" in eager.term_sources["launch"]
+    layer_us = read_yaml(ENGINE_FIT_FILE)["engines"]["hf-eager"]["layer_launch_us"]
+    assert f"; engine hf-eager: {layer_us:.1f} us per layer per forward pass (fitted on" in eager.term_sources["launch"]
     # a GPU without a rule or its own measurement keeps the transferred label
+    h100 = load_hardware("h100-80g").calibration.weight_bandwidth_efficiency
     assert (
         _sources(bits="4", gpu="l40s")["weights"]
-        == "GEMV efficiency 0.912, transferred from h100-80g (not measured on l40s)"
+        == f"GEMV efficiency {h100:.3f}, transferred from h100-80g (not measured on l40s)"
     )
 
 

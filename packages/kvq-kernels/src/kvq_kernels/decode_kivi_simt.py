@@ -112,7 +112,9 @@ def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, 
         offs_w = tl.arange(0, HEAD_DIM // 16)
         offs_h = tl.arange(0, HEAD_DIM // 32)
         lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
-        hi = tl.load(BASE + rows[:, None] * ROW_WORDS + (HEAD_DIM // 16 + offs_h)[None, :], mask=n_mask[:, None], other=0)
+        hi = tl.load(
+            BASE + rows[:, None] * ROW_WORDS + (HEAD_DIM // 16 + offs_h)[None, :], mask=n_mask[:, None], other=0
+        )
         return lo, hi
     elif BITS == 3:
         W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow

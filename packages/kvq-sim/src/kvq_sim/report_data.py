@@ -42,8 +42,8 @@ ROOFLINE_CONTEXT = 32768
 ROOFLINE_BATCHES = (1, 16, 256)
 MEASUREMENTS_DIR = Path("reports/measurements")
 QUALITY_DIR = Path("reports/quality")
-KERNEL_CSV = "kernel_decode_h100_v4.csv"
-E2E_CSV = "e2e_decode_h100_v3.csv"
+KERNEL_CSV = "kernel_decode_h100_v5.csv"
+E2E_CSV = "e2e_decode_h100_v4.csv"
 #: measured device name (CSV `device` column) -> hardware config; looked up exactly
 DEVICE_HARDWARE = {"NVIDIA H100 80GB HBM3": "h100-80g", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100-80g"}
 QUALITY_COLUMNS = ("method", "bits", "avg_bits", "held_bits_per_element", "ppl", "protocol", "params")
@@ -440,7 +440,7 @@ def e2e_comparison(directory: Path, model: str = "llama-7b") -> Comparison:
     """Whole decode step of a LLaMA-7B shape, held-out steps, predicted by the calibrated step model (as validate)."""
     path = directory / E2E_CSV
     title = "end-to-end decode step, llama-7b shape"
-    cmd = "python benchmarks/e2e_decode.py --out reports/measurements/e2e_decode_h100_v3.csv  (on an H100)"
+    cmd = f"python benchmarks/e2e_decode.py --out reports/measurements/{E2E_CSV}  (on an H100)"
     opened = _open_measurements(path, title, cmd, {"backend", "bits", "batch", "context", "step_us", "device"})
     if isinstance(opened, Comparison):
         return opened

@@ -88,6 +88,7 @@ class CollectiveFit:
     train_points: int = 0
     mape_pct: float = 0.0
     worst_pct: float = 0.0
+    max_call_bytes: float = 0.0  # largest bytes a GPU sends in one call among the training points; 0: not recorded
 
 
 @dataclass(frozen=True)
@@ -475,7 +476,9 @@ def parse_hardware(data: dict, where: str, name: str) -> Hardware:
     return hw
 
 
-_COLLECTIVE_FIELDS = ("shard_scale", "latency_us", "bandwidth_gb_s", "train_points", "mape_pct", "worst_pct")
+_COLLECTIVE_FIELDS = (
+    "shard_scale", "latency_us", "bandwidth_gb_s", "train_points", "mape_pct", "worst_pct", "max_call_bytes",
+)  # fmt: skip
 
 
 def _with_collectives(hw: Hardware, data: dict, yaml_path: Path, inherited: Hardware | None) -> Hardware:
@@ -520,6 +523,7 @@ def _collectives(path: Path, where: str, ref: str) -> dict:
                 train_points=f.number(k + "train_points", 0, 1e6, integer=True),
                 mape_pct=f.number(k + "mape_pct", 0, 1e6),
                 worst_pct=f.number(k + "worst_pct", 0, 1e6),
+                max_call_bytes=f.number(k + "max_call_bytes", 0, 1e15) if "max_call_bytes" in entry else 0.0,
             )
         )
     return {"collectives": tuple(fits), "collectives_source": str(data.get("source", fw))}

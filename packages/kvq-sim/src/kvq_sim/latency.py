@@ -260,6 +260,22 @@ def collective_terms(dep: Deployment, batch) -> tuple[int, object]:
     return 0, 0
 
 
+def collective_seconds(hw: Hardware, fit, calls, nbytes):
+    """Seconds of `calls` collective calls moving `nbytes` in all (per GPU; numbers or numpy arrays) under a
+    layout's measured fit: its latency per call, and its bytes per second for the bytes of a call up to the
+    largest call it was fitted on (`max_call_bytes`). Bytes beyond that go at the link's datasheet rate times
+    the calibrated efficiency: a fit on small, latency-bound messages would otherwise extend its low effective
+    bandwidth to messages many times larger than any it saw."""
+    import numpy as np
+
+    if not fit.bandwidth_gb_s:
+        return calls * fit.latency_us * 1e-6
+    per_call = nbytes / np.maximum(calls, 1)
+    within = np.minimum(per_call, fit.max_call_bytes) if fit.max_call_bytes else per_call
+    beyond = per_call - within
+    return calls * (fit.latency_us * 1e-6 + within / (fit.bandwidth_gb_s * 1e9) + beyond / hw.link_bandwidth_bytes_s)
+
+
 def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     """Bytes, FLOPs and fixed costs of one decode step; `batch` may be an int or a numpy array."""
     hw, cal, m = dep.hardware, dep.hardware.calibration, dep.model
@@ -297,7 +313,7 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
         call_us = hw.interconnect_latency_us + hw.interconnect_hop_latency_us * (dep.gpus - 1)
         comm = calls * call_us * 1e-6 + comm_bytes / hw.link_bandwidth_bytes_s
     else:
-        comm = calls * fit.latency_us * 1e-6 + (comm_bytes / (fit.bandwidth_gb_s * 1e9) if fit.bandwidth_gb_s else 0)
+        comm = collective_seconds(hw, fit, calls, comm_bytes)
     return DecodeTerms(
         weight_bytes=w_bytes,
         gemm_flops=2 * batch * (active_linear + head_params),

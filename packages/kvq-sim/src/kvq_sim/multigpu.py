@@ -26,7 +26,7 @@ from .errors import SimInputError
 from .files import check_destination, replacing
 from .fitting import nnls
 from .hardware import CollectiveFit, Hardware
-from .latency import attention_seconds, collective_terms, decode_terms, eager_step_us
+from .latency import attention_seconds, collective_seconds, collective_terms, decode_terms, eager_step_us
 from .measurements import benchmark_kv_format, is_training
 from .memory import weight_bytes
 
@@ -137,7 +137,7 @@ def predict(hw: Hardware, p: StepPoint) -> float:
     f = hw.collective(p.layout) if p.gpus > 1 else None
     if f is None:
         return base + calls * hw.interconnect_latency_us + (nbytes / hw.link_bandwidth_bytes_s * 1e6 if calls else 0)
-    return f.shard_scale * base + calls * f.latency_us + (nbytes / (f.bandwidth_gb_s * 1e3) if f.bandwidth_gb_s else 0)
+    return f.shard_scale * base + float(collective_seconds(hw, f, calls, nbytes)) * 1e6
 
 
 def _solve(rows: np.ndarray, t: np.ndarray, free_scale: bool) -> np.ndarray:
@@ -183,6 +183,7 @@ def fit(hw: Hardware, points: list[StepPoint]) -> tuple[CollectiveFit, ...]:
                 train_points=len(train),
                 mape_pct=float(err.mean()),
                 worst_pct=float(err.max()),
+                max_call_bytes=float(max(r[2] / r[1] for r in rows if r[1])),
             )
         )
     if not fits:
@@ -243,6 +244,7 @@ def fit_document(fits: tuple[CollectiveFit, ...], prov: dict) -> dict:
                 "train_points": f.train_points,
                 "mape_pct": round(f.mape_pct, 3),
                 "worst_pct": round(f.worst_pct, 3),
+                "max_call_bytes": int(f.max_call_bytes),
             }
             for f in fits
         },

@@ -26,7 +26,6 @@ from kvq_kernels.combine import alloc_partials, combine
 from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
 from kvq_kernels.decode_kivi import _decode_kivi_kernel, decode_kivi, dequantize_cache, launch_config
 from kvq_kernels.decode_kivi_simt import _decode_kivi_simt_kernel
-from kvq_kernels.decode_step import KIVI_CONFIG  # e2e_decode's tuned MHA tiles
 from kvq_kernels.kivi_layout import KiviCache, allocate
 from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP  # e2e_decode's packed format
 from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
@@ -98,9 +97,8 @@ class LayerCache:
         c.lens.copy_(self.lens)
         self.kivi: KiviCache = c
         self.slot = spec.old_tokens % RESIDUAL
-        mha = heads == h
-        # MHA runs decode_kivi's CUDA-core path with e2e_decode's tuned tiles; GQA the tensor-core defaults
-        self.cfg = KIVI_CONFIG[self.bits] if mha else (None, None, None, True)
+        # decode_kivi's own launch defaults (launch_config) for its path: (BLOCK_N, warps, stages, prefetch)
+        self.cfg = (None, None, None, True)
 
     @property
     def nbytes(self) -> int:

@@ -20,9 +20,7 @@ SOURCES = "packages/kvq-core/src"
 #: with batched windows `make quality` regenerates them: drop each entry once its table is regenerated)
 LEGACY = {
     "hf_peers_decode.csv": "one 512-token window, before the clean-tree flag",
-    "hf_peers_teacher_forced.csv": "before the clean-tree flag",
     "kvq_decode_more_methods.csv": "one 512-token window, before the clean-tree flag",
-    "kvq_teacher_forced.csv": "before the clean-tree flag and KVQuant's published calibration",
     "generate.csv": "before the clean-tree flag and KVQuant's published calibration",
 }
 TABLES = sorted(p.name for p in QUALITY.glob("*.csv"))

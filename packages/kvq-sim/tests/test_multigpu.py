@@ -74,20 +74,15 @@ def test_fit_applies_only_to_its_layout():
     assert decode_step(dep, 8, 4096).interconnect_s == pytest.approx(calls * 100e-6 + nbytes / 50e9, rel=1e-12)
 
 
-def test_fit_records_its_largest_call_and_bytes_beyond_it_go_at_the_link_rate():
+def test_fit_records_its_largest_call_and_extrapolates_its_rate_beyond_it():
     hw = load_hardware(NODE)
     pts = _synthesized(hw)
     fits = {f.layout: f for f in fit(hw, pts)}
     calls_bytes = [terms(hw, p)[1:] for p in pts if p.layout == "tp2" and is_training(p.point_id)]
     assert fits["tp2"].max_call_bytes == max(b / c for c, b in calls_bytes)
-    # 64 calls of 1 MiB under a fit of 0.25 MiB at 50 GB/s: 0.25 MiB at the fit's rate, 0.75 MiB at the link's
     f = CollectiveFit("tp2", shard_scale=1.0, latency_us=20.0, bandwidth_gb_s=50.0, max_call_bytes=2**18)
-    want = 64 * (20e-6 + 2**18 / 50e9 + 3 * 2**18 / hw.link_bandwidth_bytes_s)
-    assert collective_seconds(hw, f, 64, 64 * 2**20) == pytest.approx(want, rel=1e-12)
-    # within the fitted range, or with no range recorded, every byte goes at the fit's rate
-    assert collective_seconds(hw, f, 64, 64 * 2**17) == pytest.approx(64 * (20e-6 + 2**17 / 50e9), rel=1e-12)
-    unbounded = dataclasses.replace(f, max_call_bytes=0.0)
-    assert collective_seconds(hw, unbounded, 64, 64 * 2**20) == pytest.approx(64 * (20e-6 + 2**20 / 50e9), rel=1e-12)
+    for per_call in (2**17, 2**20):  # within and 4x beyond the fitted calls: the fit's rate for every byte
+        assert collective_seconds(hw, f, 64, 64 * per_call) == pytest.approx(64 * (20e-6 + per_call / 50e9), rel=1e-12)
     # a fit without a per-byte cost charges its latency only
     assert collective_seconds(hw, dataclasses.replace(f, bandwidth_gb_s=0.0), 64, 64 * 2**20) == pytest.approx(
         64 * 20e-6

@@ -123,7 +123,7 @@ def _interconnect(dep: Deployment) -> TermSource:
         return TermSource("transferred" if hw.interconnect_rule else "prior", text)
     bw = f"{f.bandwidth_gb_s:,.0f} GB/s" if f.bandwidth_gb_s else "per-byte cost not resolved"
     if f.bandwidth_gb_s and f.max_call_bytes:
-        bw += f" up to {f.max_call_bytes / 2**20:.2g} MiB a call (the largest fitted), the datasheet link beyond"
+        bw += f", fitted on calls up to {f.max_call_bytes / 2**20:.2g} MiB (extrapolated beyond)"
     return TermSource(
         "measured", f"collectives: measured {name} fit, {f.latency_us:.1f} us per call, {bw} ({hw.collectives_source})"
     )

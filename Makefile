@@ -67,7 +67,7 @@ validate: install
 # windows (kvq-eval's default: 8 windows of prefill 3968 + 128 scored); teacher-forced: 4 windows of 512, chunks of 16.
 # kvq-eval runs each cache's windows as one batch (16 x 512 or 8 x 4K tokens, --batch); fp8, hqq, zipcache, mikv and
 # minicache mix batch rows and run one window at a time (cli_eval.BATCH_DEPENDENT). Every calibrated method fits its
-# state once per command (a Fisher pass, ~2 min each here), so the lines below calibrate 62 times in all.
+# state once per command (a Fisher pass, ~2 min each here), so the lines below calibrate 65 times in all.
 QUALITY_SHORT = --protocol decode --prefill 384 --scored 128 --windows 16
 QUALITY_DIR = reports/quality
 QUALITY_PEERS = full quanto:4 quanto:2 hqq:4 hqq:3 hqq:2 fp8
@@ -78,7 +78,8 @@ QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:
 	fp8-e4m3:8 fp8-e5m2:8 int:2 int:3 kivi:3 kivi:8 kvquant-dense:4 skvq:2 skvq:3 skvq:8 \
 	xquant:4 xquant:8 xquant-cl:4 xquant-cl:2 minicache
 # The 4K-token windows, where the 128-token fp16 windows weigh 3% of the context instead of 25%.
-QUALITY_LONG = full fp16 kivi:2 kivi:3 kivi:4 int:4 kvquant:3 kvquant:2 kvquant:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
+QUALITY_LONG = full fp16 kivi:2 kivi:3 kivi:4 int:4 kvquant:3 kvquant:2 kvquant:4 kvquant-w128:2 kvquant-w128:3 \
+	kvquant-w128:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
 		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv \

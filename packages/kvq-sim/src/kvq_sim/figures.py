@@ -46,7 +46,7 @@ PART_COLOURS = (
 #: baselines keep fixed colours; the other method families take FAMILY_COLOURS in order (the report's
 #: series first, so the pages with few methods get the strongest colours)
 FIXED_COLOURS = {"fp16": "black", "full": "#7f7f7f"}
-#: 22 colours told apart on white (Trubetskoy's 20 distinct colours without white, grey and black, plus 5)
+#: 26 colours told apart on white (Trubetskoy's 20 distinct colours without white, grey and black, plus 9)
 FAMILY_COLOURS = (
     "#4363d8",  # blue
     "#e6194b",  # red
@@ -70,6 +70,10 @@ FAMILY_COLOURS = (
     "#006400",  # dark green
     "#ffb000",  # amber
     "#708090",  # slate grey
+    "#4b0082",  # indigo
+    "#c71585",  # violet red
+    "#2f4f4f",  # dark slate
+    "#ff7f50",  # coral
 )
 #: bit specs in increasing order take these markers; fp16 (no bit spec) is always a star
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d")

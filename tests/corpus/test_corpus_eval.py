@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvq_core.cli_eval import CSV_COLUMNS, GENERATE_COLUMNS
+from kvq_sim import report_data
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL = "kvq_core.cli_eval"
@@ -70,8 +71,15 @@ KVQUANT_TENSORS = {
     for i in range(2)
     for name in ("k.codebook", "k.static_scale", "k.static_zero", "v.codebook")
 }
-E2E_CSV = (ROOT / "reports/measurements/e2e_decode_h100_v3.csv").read_bytes()
-OLD_EVAL_CSV = (ROOT / "reports/quality/hf_peers_decode.csv").read_bytes()
+E2E_CSV = (ROOT / "reports/measurements" / report_data.E2E_CSV).read_bytes()
+#: a table of kvq-eval before its interval and provenance columns (the header and first row of an older
+#: reports/quality/hf_peers_decode.csv)
+OLD_EVAL_CSV = (
+    b"cache,protocol,ppl,nll,held_bits_per_element,scored_tokens,windows,start,params,text,model,seconds,torch,"
+    b"transformers,cpu,date\r\n"
+    b"full,decode,11.7445,2.463383,32.000,128,1,512,prefill=384 scored=128,pydoc_text('evaluation'),"
+    b"SmolLM2-135M-Instruct.Q4_1.gguf,99.2,2.13.0+cpu,5.23.0,x86_64,2026-11-23T05:15:51+00:00\r\n"
+)
 
 # (id, args, files in the case folder {name: bytes}, message regex after "kvq-eval: error: ")
 CASES = [

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from kvq_sim import report_data
 from kvq_sim.measurements import is_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +27,8 @@ MEASURED = ROOT / "reports" / "measurements"
 SIM = "kvq_sim.cli"
 GPU = "h100-80g"
 FIT = f"configs/hardware/fits/{GPU}-calibration.yaml"  # what calibrate writes (the GPU file names it)
-K = "reports/measurements/kernel_decode_h100_v4.csv"  # copies in tmp_path, at the paths the H100 file cites
-E = "reports/measurements/e2e_decode_h100_v3.csv"
+K = f"reports/measurements/{report_data.KERNEL_CSV}"  # copies in tmp_path, at the paths the H100 file cites
+E = f"reports/measurements/{report_data.E2E_CSV}"
 CAL = ["calibrate", "--gpu", GPU, "--measurements"]
 VAL = ["validate", "--gpu", GPU, "--measurements"]
 
@@ -436,11 +438,11 @@ def test_bad_report_output(cli, world, output, message):
 
 def test_report_with_a_non_utf8_measurement_leaves_no_pdf(cli, world):
     (world / "m").mkdir()
-    (world / "m" / "kernel_decode_h100_v4.csv").write_bytes(non_utf8((world / K).read_bytes()))
+    (world / "m" / report_data.KERNEL_CSV).write_bytes(non_utf8((world / K).read_bytes()))
     before = cli.snapshot(_protected(world))
     args = ["report", "--model", "llama-7b", "--gpu", GPU, "--measurements", "m", "--quality", "q", "-o", "r.pdf"]
     r = cli.run(SIM, args, cwd=world, env=_env(world))
-    cli.fails(r, r"m/kernel_decode_h100_v4\.csv, row 5: not UTF-8 text", before=before, code=2)
+    cli.fails(r, rf"m/{re.escape(report_data.KERNEL_CSV)}, row 5: not UTF-8 text", before=before, code=2)
     assert sorted(p.name for p in world.iterdir() if p.name.endswith((".pdf", ".tmp"))) == []
 
 

@@ -97,8 +97,6 @@ class LayerCache:
         c.lens.copy_(self.lens)
         self.kivi: KiviCache = c
         self.slot = spec.old_tokens % RESIDUAL
-        # decode_kivi's own launch defaults (launch_config) for its path: (BLOCK_N, warps, stages, prefetch)
-        self.cfg = (None, None, None, True)
 
     @property
     def nbytes(self) -> int:
@@ -124,16 +122,13 @@ class LayerCache:
         """Attention output [batch, heads, head_dim] of q [batch, heads, head_dim] over this cache."""
         if self.bits == 16:
             return decode_fp16(q, self.k, self.v, self.lens, validate_lens=False)
-        bn, warps, stages, prefetch = self.cfg
-        return decode_kivi(
-            q, self.kivi, validate_lens=False, block_n=bn, num_warps=warps, num_stages=stages, prefetch=prefetch
-        )
+        return decode_kivi(q, self.kivi, validate_lens=False)  # its own path and launch defaults
 
     def state(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-split softmax state of q over this cache: m, l [B * heads, splits], acc [B * heads, splits, D]."""
         if self.bits == 16:
             return fp16_state(q, self.k, self.v, self.lens)
-        return kivi_state(q, self.kivi, *self.cfg)
+        return kivi_state(q, self.kivi)
 
     def old_kv(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 K, V [len(rows), kv_heads, old_tokens, head_dim] of the cached tokens (KIVI: kvq_core's

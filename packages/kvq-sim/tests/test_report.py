@@ -16,8 +16,7 @@ from matplotlib.text import Text
 
 from kvq_sim import figures, report, report_data
 from kvq_sim.cli import main
-from kvq_sim.configs import read_yaml
-from kvq_sim.hardware import TRANSFER_RULES_FILE
+from kvq_sim.hardware import load_hardware
 
 ROOT = Path(__file__).resolve().parents[3]
 METHODS = "kivi:2,kivi:4,kvquant:3"
@@ -169,7 +168,7 @@ def test_provenance_page_names_each_term_and_kind(data, pages):
     text = _texts(pages[5])
     assert text.count("KV read, kvquant 3-bit prior no kvq kernel for kvquant") == 3  # one per GPU
     assert "KV read, kivi 2-bit measured kernel family kvq_kivi_2b_mha, measured on h100-80g" in text
-    eff = read_yaml(TRANSFER_RULES_FILE)["weight_gemv"]["a100"]["efficiency"]
+    eff = load_hardware("a100-80g").calibration.weight_bandwidth_efficiency  # the fitted transfer rule's
     assert f"weights transferred GEMV efficiency {eff:.3f}, transferred (rule:" in text
     assert text.count("interconnect none none (1 GPU)") == 3
 

@@ -8,14 +8,8 @@ import sys
 import pytest
 
 from kvq_sim import api
-from kvq_sim.configs import read_yaml
-from kvq_sim.engines import ENGINE_FIT_FILE
-from kvq_sim.hardware import TRANSFER_RULES_FILE, load_hardware
-
-
-def a100_rule_efficiency() -> float:
-    """The A100 weight-GEMV efficiency the committed transfer rules fitted (kvq_sim.fitpresets)."""
-    return read_yaml(TRANSFER_RULES_FILE)["weight_gemv"]["a100"]["efficiency"]
+from kvq_sim.engines import get_engine
+from kvq_sim.hardware import load_hardware
 
 
 def _sources(**kw):
@@ -33,7 +27,7 @@ def test_measured_kernel_and_missing_kernel_are_told_apart():
 def test_transferred_gpu_and_quantized_weights_are_labelled():
     s = _sources(bits="4", gpu="a100-80g", weight_bits=4)
     assert "transferred from h100-80g (not measured on a100-80g)" in s["kv_read"]
-    eff = a100_rule_efficiency()
+    eff = load_hardware("a100-80g").calibration.weight_bandwidth_efficiency  # the fitted transfer rule's
     assert s["weights"].startswith(
         f"GEMV efficiency {eff:.3f}, transferred (rule: {eff:g} fitted on NeMo's A100 TP1 rows"
     )
@@ -49,7 +43,7 @@ def test_quantized_weight_terms_say_measured_on_the_h100():
     assert "as if fp16 (the measured int8 path dequantizes in a separate pass" in int8
     eager = api.plan("llama-7b", "h100-80g", bits="4", weight_bits=8, context=32768, engine="hf-eager")
     assert "int8 kernel's ratio, measured on h100-80g" in eager.term_sources["weights"]
-    layer_us = read_yaml(ENGINE_FIT_FILE)["engines"]["hf-eager"]["layer_launch_us"]
+    layer_us = get_engine("hf-eager").layer_launch_us  # the fitted preset's
     assert f"; engine hf-eager: {layer_us:.1f} us per layer per forward pass (fitted on" in eager.term_sources["launch"]
     # a GPU without a rule or its own measurement keeps the transferred label
     h100 = load_hardware("h100-80g").calibration.weight_bandwidth_efficiency
@@ -79,8 +73,6 @@ def test_kernel_sweep_alone_leaves_step_terms_as_priors():
     """A GPU calibrated from a kernel sweep without decode steps (kvq-bench's output) has measured attention
     kernels but prior GEMV and launch costs, and says so."""
     import dataclasses
-
-    from kvq_sim.hardware import load_hardware
 
     hw = load_hardware("h100-80g")
     assert hw.calibration.e2e_measured

@@ -108,20 +108,16 @@ def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, 
     head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo). 3-bit with
     PLANES: hi is the 1-bit plane's HEAD_DIM // 32 words as stored; else one 1-bit word per 2-bit word."""
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
-    if BITS == 3 and PLANES:
-        offs_w = tl.arange(0, HEAD_DIM // 16)
-        offs_h = tl.arange(0, HEAD_DIM // 32)
-        lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
-        hi = tl.load(
-            BASE + rows[:, None] * ROW_WORDS + (HEAD_DIM // 16 + offs_h)[None, :], mask=n_mask[:, None], other=0
-        )
-        return lo, hi
-    elif BITS == 3:
+    if BITS == 3:
         W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow
         offs_w = tl.arange(0, W)
-        lo = tl.load(BASE + rows[:, None] * ROW_WORDS + offs_w[None, :], mask=n_mask[:, None], other=0)
-        # channel 16 w + k takes bit 2 from bit 16 (w % 2) + k of 1-bit-plane word w // 2
-        hi = tl.load(BASE + rows[:, None] * ROW_WORDS + (W + offs_w // 2)[None, :], mask=n_mask[:, None], other=0)
+        row = BASE + rows[:, None] * ROW_WORDS
+        lo = tl.load(row + offs_w[None, :], mask=n_mask[:, None], other=0)
+        if PLANES:
+            offs_h = W + tl.arange(0, HEAD_DIM // 32)
+        else:  # channel 16 w + k takes bit 2 from bit 16 (w % 2) + k of 1-bit-plane word w // 2
+            offs_h = W + offs_w // 2
+        hi = tl.load(row + offs_h[None, :], mask=n_mask[:, None], other=0)
         return lo, hi
     else:
         offs_w = tl.arange(0, ROW_WORDS)

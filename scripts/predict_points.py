@@ -12,6 +12,12 @@ Two kinds of plan:
         --e2e reports/measurements/e2e_decode_h100_v4.csv -o reports/predictions/h200_cold.csv
 
 Each row carries the commit and whether the tree was clean, so the file proves what the model said beforehand.
+Once the points are measured, `compare` matches a predictions file with a kernel sweep by point id and prints the
+error per kernel family (predicted / measured - 1), families listed with --changed apart (their kernels changed
+after the prediction):
+
+    python scripts/predict_points.py compare reports/predictions/h200_cold_v2.csv \
+        reports/measurements/kernel_decode_h200_partial.csv --changed kvq_kivi_3b_mha,kvq_kivi_4b_mha
 """
 
 from __future__ import annotations
@@ -93,6 +99,32 @@ def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dic
     return rows
 
 
+def compare(predictions: str, measured: str, changed: set[str]) -> str:
+    """Per-family and overall MAPE / signed error of the kernel predictions at the measured sweep's points."""
+    pred = pd.read_csv(predictions)
+    pred = pred[pred["kind"] == "kernel"].set_index("point_id")["predicted_us"]
+    device = pd.read_csv(measured, nrows=1)["device"][0]
+    rows = [
+        (p.family, pred[p.point_id] / p.time_us - 1) for p in read_kernel_csv(measured, device)[0] if p.point_id in pred
+    ]
+    if not rows:
+        return "no measured point has a prediction"
+    d = pd.DataFrame(rows, columns=["family", "err"])
+    lines = [f"{len(d)} measured points with a prediction ({device})", "family                n  MAPE%  signed%"]
+    for fam, e in d.groupby("family")["err"]:
+        lines.append(f"{fam:<20} {len(e):>2} {100 * e.abs().mean():6.2f} {100 * e.mean():+8.2f}")
+    for name, e in (
+        ("unchanged kernels", d[~d.family.isin(changed)].err),
+        ("changed kernels", d[d.family.isin(changed)].err),
+    ):
+        if len(e):
+            lines.append(
+                f"{name}: {len(e)} points, MAPE {100 * e.abs().mean():.2f}%, signed {100 * e.mean():+.2f}%, "
+                f"worst {100 * e.abs().max():.2f}%"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="plan", required=True)
@@ -102,7 +134,14 @@ def main(argv=None) -> int:
     like.add_argument("--kernel")
     like.add_argument("--e2e")
     like.add_argument("-o", "--out", required=True)
+    cmp_ = sub.add_parser("compare")
+    cmp_.add_argument("predictions")
+    cmp_.add_argument("measured")
+    cmp_.add_argument("--changed", default="", help="comma-separated kernel families changed since the prediction")
     args = ap.parse_args(argv)
+    if args.plan == "compare":
+        print(compare(args.predictions, args.measured, {f for f in args.changed.split(",") if f}))
+        return 0
     out = Path(args.out)
     if out.exists():
         print(f"error: {out} exists; predictions are written once, before measuring", file=sys.stderr)

@@ -1,5 +1,8 @@
 """The launch config a default-config sweep records per point is the one decode_kivi's auto dispatch runs."""
 
+import pytest
+
+from kvq_kernels import benchmarking
 from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
 from kvq_kernels.decode_kivi import SLICE_MAX_TOKENS, WORDS_CONFIG
 
@@ -19,3 +22,8 @@ def test_auto_resolves_per_point():
 def test_named_configs_pass_through():
     cfg = ("tc", 64, 4, 1, True)
     assert resolved_config(cfg, 4, 32, 8, 1024, 128) is cfg
+
+
+def test_sdpa_fn_refuses_an_unknown_backend_before_allocating():
+    with pytest.raises(ValueError, match="unknown SDPA backend 'flashinfer'; choose from flash, cudnn"):
+        benchmarking.sdpa_fn(1, 32, 8, 4096, "flashinfer")

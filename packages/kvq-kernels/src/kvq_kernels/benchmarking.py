@@ -221,14 +221,26 @@ def time_rotation(make_fn, nbytes: int, flush: str = "read", differential: bool 
     return us / copies
 
 
-def sdpa_fn(batch, hq, hkv, t):
+#: torch SDPA backends a benchmark can pin (`sdpa_fn`); "default" leaves the choice to torch's dispatcher
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "default")
+
+
+def sdpa_fn(batch, hq, hkv, t, backend: str = "flash"):
+    """A call of torch SDPA over a fresh fp16 cache on one backend (`SDPA_BACKENDS`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {backend!r}; choose from {', '.join(SDPA_BACKENDS)}")
     q = torch.randn(batch, hq, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
     k = torch.randn(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    pinned = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(backend)  # fmt: skip
 
     def f():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        if pinned is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
+        with sdpa_kernel(pinned):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
 
     return f

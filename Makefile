@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate quality docs
+.PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate validate-h200 quality docs
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -47,19 +47,26 @@ report: install
 report-png: install
 	$(PYTHON) -m kvq_sim.report $(REPORT_ARGS) --png reports/png
 
-# Fit the H100 file from the training half of the committed measurements, carry the fit over to
-# the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
+# Fit the H100 and H200 files from the training half of their committed measurements, carry the H100 fit over
+# to the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
 KERNEL_CSV ?= reports/measurements/kernel_decode_h100_v5.csv
-E2E_CSV ?= reports/measurements/e2e_decode_h100_v4.csv
+E2E_CSV ?= reports/measurements/e2e_decode_h100_v5.csv
+H200_KERNEL_CSV ?= reports/measurements/kernel_decode_h200.csv
+H200_E2E_CSV ?= reports/measurements/e2e_decode_h200.csv
 E2E_ARG = $(if $(wildcard $(E2E_CSV)),--e2e $(E2E_CSV),)
 calibrate: install
 	kvq-sim calibrate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
-	for g in a100-80g a100-40g l40s h200; do kvq-sim calibrate --gpu $$g --transfer-from h100-80g; done
+	kvq-sim calibrate --gpu h200 --measurements $(H200_KERNEL_CSV) --e2e $(H200_E2E_CSV)
+	for g in a100-80g a100-40g l40s; do kvq-sim calibrate --gpu $$g --transfer-from h100-80g; done
 
 validate: install
 	kvq-sim validate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
 	$(PYTHON) scripts/validation_residuals.py --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG) \
 		-o reports/validation_residuals.png
+
+# The H200, fitted on the training half of its own sweep and decode steps (docs/validation.md gives its figures).
+validate-h200: install
+	kvq-sim validate --gpu h200 --measurements $(H200_KERNEL_CSV) --e2e $(H200_E2E_CSV)
 
 # Every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`), at a clean commit
 # (tests/test_quality_reports.py refuses rows from a dirty tree or from other kvq-core sources than HEAD's).

@@ -18,6 +18,8 @@ after the prediction):
 
     python scripts/predict_points.py compare reports/predictions/h200_cold_v2.csv \
         reports/measurements/kernel_decode_h200_partial.csv --changed kvq_kivi_3b_mha,kvq_kivi_4b_mha
+    python scripts/predict_points.py compare reports/predictions/h200_cold_v3.csv \
+        reports/measurements/kernel_decode_h200.csv --e2e reports/measurements/e2e_decode_h200.csv
 """
 
 from __future__ import annotations
@@ -99,28 +101,40 @@ def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dic
     return rows
 
 
-def compare(predictions: str, measured: str, changed: set[str]) -> str:
-    """Per-family and overall MAPE / signed error of the kernel predictions at the measured sweep's points."""
-    pred = pd.read_csv(predictions)
-    pred = pred[pred["kind"] == "kernel"].set_index("point_id")["predicted_us"]
+def compare(predictions: str, measured: str, changed: set[str], e2e: str | None = None) -> str:
+    """Per-family and overall MAPE / signed / median error of the predictions at the measured points (a kernel
+    sweep, and optionally an e2e decode-step CSV, family "e2e"): error = predicted / measured - 1."""
+    pred = pd.read_csv(predictions).set_index("point_id")["predicted_us"]
     device = pd.read_csv(measured, nrows=1)["device"][0]
     rows = [
         (p.family, pred[p.point_id] / p.time_us - 1) for p in read_kernel_csv(measured, device)[0] if p.point_id in pred
     ]
+    if e2e:
+        e2e_device = pd.read_csv(e2e, nrows=1)["device"][0]
+        rows += [
+            ("e2e", pred[p.point_id] / p.step_us - 1) for p in read_e2e_csv(e2e, e2e_device)[0] if p.point_id in pred
+        ]
     if not rows:
         return "no measured point has a prediction"
     d = pd.DataFrame(rows, columns=["family", "err"])
-    lines = [f"{len(d)} measured points with a prediction ({device})", "family                n  MAPE%  signed%"]
+    lines = [
+        f"{len(d)} measured points with a prediction ({device})",
+        "family                n  MAPE%  signed%  median|%|",
+    ]
     for fam, e in d.groupby("family")["err"]:
-        lines.append(f"{fam:<20} {len(e):>2} {100 * e.abs().mean():6.2f} {100 * e.mean():+8.2f}")
+        lines.append(
+            f"{fam:<20} {len(e):>2} {100 * e.abs().mean():6.2f} {100 * e.mean():+8.2f} {100 * e.abs().median():9.2f}"
+        )
+    kernels = d[d.family != "e2e"]
     for name, e in (
-        ("unchanged kernels", d[~d.family.isin(changed)].err),
-        ("changed kernels", d[d.family.isin(changed)].err),
+        ("unchanged kernels", kernels[~kernels.family.isin(changed)].err),
+        ("changed kernels", kernels[kernels.family.isin(changed)].err),
+        ("decode steps", d[d.family == "e2e"].err),
     ):
         if len(e):
             lines.append(
                 f"{name}: {len(e)} points, MAPE {100 * e.abs().mean():.2f}%, signed {100 * e.mean():+.2f}%, "
-                f"worst {100 * e.abs().max():.2f}%"
+                f"median |error| {100 * e.abs().median():.2f}%, worst {100 * e.abs().max():.2f}%"
             )
     return "\n".join(lines)
 
@@ -138,9 +152,10 @@ def main(argv=None) -> int:
     cmp_.add_argument("predictions")
     cmp_.add_argument("measured")
     cmp_.add_argument("--changed", default="", help="comma-separated kernel families changed since the prediction")
+    cmp_.add_argument("--e2e", help="a decode-step CSV measured on the same GPU")
     args = ap.parse_args(argv)
     if args.plan == "compare":
-        print(compare(args.predictions, args.measured, {f for f in args.changed.split(",") if f}))
+        print(compare(args.predictions, args.measured, {f for f in args.changed.split(",") if f}, args.e2e))
         return 0
     out = Path(args.out)
     if out.exists():

@@ -366,7 +366,7 @@ CALIBRATE = [
     ),
     (
         "transfer-from-uncalibrated-gpu",
-        ["calibrate", "--gpu", "h200", "--transfer-from", "l40s"],
+        ["calibrate", "--gpu", "a100-80g", "--transfer-from", "l40s"],
         r"l40s is not calibrated from measurements",
     ),
     (

@@ -43,7 +43,7 @@ ROOFLINE_BATCHES = (1, 16, 256)
 MEASUREMENTS_DIR = Path("reports/measurements")
 QUALITY_DIR = Path("reports/quality")
 KERNEL_CSV = "kernel_decode_h100_v5.csv"
-E2E_CSV = "e2e_decode_h100_v4.csv"
+E2E_CSV = "e2e_decode_h100_v5.csv"
 #: measured device name (CSV `device` column) -> hardware config; looked up exactly
 DEVICE_HARDWARE = {"NVIDIA H100 80GB HBM3": "h100-80g", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100-80g"}
 QUALITY_COLUMNS = ("method", "bits", "avg_bits", "held_bits_per_element", "ppl", "protocol", "params")

@@ -1,0 +1,45 @@
+"""scripts/predict_points.py compare: errors of committed predictions against a measured sweep, per family."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import predict_points  # noqa: E402
+
+from kvq_sim.measurements import read_e2e_csv, read_kernel_csv  # noqa: E402
+
+KERNEL = ROOT / "reports/measurements/kernel_decode_h200.csv"
+E2E = ROOT / "reports/measurements/e2e_decode_h200.csv"
+
+
+def _predictions(tmp_path, kernel_factor, e2e_factor, skip_family=None):
+    rows = [
+        dict(kind="kernel", point_id=p.point_id, family=p.family, predicted_us=p.time_us * kernel_factor)
+        for p in read_kernel_csv(KERNEL, "NVIDIA H200")[0]
+        if p.family != skip_family
+    ]
+    rows += [
+        dict(kind="e2e", point_id=p.point_id, family="e2e", predicted_us=p.step_us * e2e_factor)
+        for p in read_e2e_csv(E2E, "NVIDIA H200")[0]
+    ]
+    path = tmp_path / "pred.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_compare_reports_signed_mape_and_median_per_family_and_steps(tmp_path):
+    out = predict_points.compare(str(_predictions(tmp_path, 1.1, 0.8)), str(KERNEL), {"kvq_kivi_3b_mha"}, str(E2E))
+    assert "kvq_kivi_2b_gqa" in out and "e2e " in out
+    assert "unchanged kernels: " in out and "MAPE 10.00%, signed +10.00%, median |error| 10.00%, worst 10.00%" in out
+    assert "decode steps: 30 points, MAPE 20.00%, signed -20.00%, median |error| 20.00%, worst 20.00%" in out
+
+
+def test_compare_counts_only_points_that_were_predicted(tmp_path):
+    out = predict_points.compare(str(_predictions(tmp_path, 1.0, 1.0, "sdpa_flash_fp16")), str(KERNEL), set())
+    n = sum(1 for p in read_kernel_csv(KERNEL, "NVIDIA H200")[0] if p.family != "sdpa_flash_fp16")
+    assert out.splitlines()[0] == f"{n} measured points with a prediction (NVIDIA H200)"
+    assert "sdpa_flash_fp16" not in out and "decode steps" not in out

@@ -38,7 +38,7 @@ docs: install
 
 # The committed example report and, beside it, the numbers its pages show (reports/llama-7b.json, which also
 # fills the generated section of docs/reports.md); kvq-sim's test_report_current.py fails when they are stale.
-REPORT_ARGS = --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g
+REPORT_ARGS = --model llama-7b --gpu a100-80g --gpu l40s --gpu h100-80g --gpu h200
 report: install
 	kvq-sim report $(REPORT_ARGS) -o reports/llama-7b.pdf
 	$(PYTHON) -m kvq_sim.report_data $(REPORT_ARGS) -o reports/llama-7b.json --doc docs/reports.md

@@ -413,9 +413,10 @@ def latency_page(d: ReportData) -> Figure:
         "Decode speed vs context",
         "Top: one decode step at batch 1. Bottom: generated tokens/s at the max batch that fits that context. "
         "Line style: the series within its method's colour; marker: the resource with the largest share of the step. "
-        "Legend: whether kvq has a measured kernel for the series' KV read; page 6 names the source of every term.",
+        "Legend: whether kvq has a measured kernel for the series' KV read; page 6 names the source of every term. "
+        "Under each GPU: where its efficiencies come from.",
     )
-    axes = _per_gpu_axes(fig, len(inp.gpus), rows=2, hspace=0.12)
+    axes = _per_gpu_axes(fig, len(inp.gpus), rows=2, hspace=0.12, top=0.79)
     for col, g in enumerate(inp.gpus):
         top, bottom = axes[0][col], axes[1][col]
         for s in inp.series:
@@ -436,7 +437,7 @@ def latency_page(d: ReportData) -> Figure:
                             facecolor="none" if m != "x" else c,
                             linewidth=0.9,
                         )
-        top.set_title(f"{g}\nefficiencies {d.gpus[col].calibration}", fontsize=9)
+        top.set_title(f"{g}\n{d.gpus[col].calibration}", fontsize=8)
         for ax in (top, bottom):
             ax.set_yscale("log")
             _context_axis(ax, inp.contexts)
@@ -541,8 +542,8 @@ def roofline_page(d: ReportData) -> Figure:
         ax.set_yscale("log")
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(0.05, r.peak_tflops * 2.5)
-        ax.set_title(f"{g}: {r.hbm_tb_s:.2f} TB/s, {r.peak_tflops:,.0f} TFLOP/s", fontsize=10)
-        ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+        ax.set_title(f"{g}\n{r.hbm_tb_s:.2f} TB/s, {r.peak_tflops:,.0f} TFLOP/s", fontsize=9)
+        ax.set_xlabel("arithmetic intensity\n(FLOP/byte)", fontsize=9)
     axes[0].set_ylabel("attainable TFLOP/s (log scale)")
     extra = [
         Line2D([], [], color="#bbbbbb", marker="s", ls="", markeredgecolor="black", label="weight GEMMs\n(b = batch)"),

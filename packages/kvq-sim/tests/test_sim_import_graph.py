@@ -4,6 +4,7 @@ no cycle, no module importing a later layer, no private module of another packag
 from __future__ import annotations
 
 import ast
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import kvq_sim
@@ -52,25 +53,11 @@ def _own(name: str) -> str | None:
 
 
 def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of the graph as a path [a, b, .., a], or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(edges.get(n, ())):
-            if state.get(m) == 1:
-                return stack[stack.index(m) :] + [m]
-            if m not in state and (found := visit(m)):
-                return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(edges):
-        if n not in state and (found := visit(n)):
-            return found
+    """One cycle of the graph as a path [a, b, .., a] along its edges, or None (graphlib finds it)."""
+    try:
+        TopologicalSorter(edges).prepare()  # reads each value as the key's predecessors: the path comes reversed
+    except CycleError as e:
+        return e.args[1][::-1]
     return None
 
 

@@ -269,6 +269,13 @@ def collective_seconds(hw: Hardware, fit, calls, nbytes):
     return calls * fit.latency_us * 1e-6 + (nbytes / (fit.bandwidth_gb_s * 1e9) if fit.bandwidth_gb_s else 0)
 
 
+def prior_collective_seconds(hw: Hardware, gpus: int, calls, nbytes):
+    """The same without a measured fit: the datasheet link at the calibrated efficiency, and a latency per call
+    of `interconnect_latency_us` plus `interconnect_hop_latency_us` per GPU beyond the first."""
+    call_us = hw.interconnect_latency_us + hw.interconnect_hop_latency_us * (gpus - 1)
+    return calls * call_us * 1e-6 + nbytes / hw.link_bandwidth_bytes_s
+
+
 def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     """Bytes, FLOPs and fixed costs of one decode step; `batch` may be an int or a numpy array."""
     hw, cal, m = dep.hardware, dep.hardware.calibration, dep.model
@@ -302,9 +309,8 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
 
     calls, comm_bytes = collective_terms(dep, batch)
     fit = hw.collective(layout(dep))
-    if fit is None:  # priors: the datasheet link at the calibrated efficiency, a fixed latency per call
-        call_us = hw.interconnect_latency_us + hw.interconnect_hop_latency_us * (dep.gpus - 1)
-        comm = calls * call_us * 1e-6 + comm_bytes / hw.link_bandwidth_bytes_s
+    if fit is None:
+        comm = prior_collective_seconds(hw, dep.gpus, calls, comm_bytes)
     else:
         comm = collective_seconds(hw, fit, calls, comm_bytes)
     return DecodeTerms(

@@ -26,7 +26,14 @@ from .errors import SimInputError
 from .files import check_destination, replacing
 from .fitting import nnls
 from .hardware import CollectiveFit, Hardware
-from .latency import attention_seconds, collective_seconds, collective_terms, decode_terms, eager_step_us
+from .latency import (
+    attention_seconds,
+    collective_seconds,
+    collective_terms,
+    decode_terms,
+    eager_step_us,
+    prior_collective_seconds,
+)
 from .measurements import benchmark_kv_format, is_training
 from .memory import weight_bytes
 
@@ -131,12 +138,12 @@ def terms(hw: Hardware, p: StepPoint) -> tuple[float, float, float]:
 
 
 def predict(hw: Hardware, p: StepPoint) -> float:
-    """Predicted benchmark step us: the layout's measured fit when `hw` carries one, else the priors (the
-    datasheet link at the calibrated efficiency and `interconnect_latency_us` per call)."""
+    """Predicted benchmark step us: the layout's measured fit when `hw` carries one, else the priors
+    (`latency.prior_collective_seconds`, the ones `kvq-sim plan` uses)."""
     base, calls, nbytes = terms(hw, p)
     f = hw.collective(p.layout) if p.gpus > 1 else None
     if f is None:
-        return base + calls * hw.interconnect_latency_us + (nbytes / hw.link_bandwidth_bytes_s * 1e6 if calls else 0)
+        return base + float(prior_collective_seconds(hw, p.gpus, calls, nbytes)) * 1e6
     return f.shard_scale * base + float(collective_seconds(hw, f, calls, nbytes)) * 1e6
 
 

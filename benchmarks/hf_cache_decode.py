@@ -1,5 +1,6 @@
-"""Decode through transformers with kvq's cache on the GPU: the fused-kernel path against the torch path
-and transformers' own DynamicCache (fp16, SDPA), on a randomly initialised SmolLM2-135M-shaped Llama.
+"""Decode through transformers with kvq's cache on the GPU: the fused-kernel path against the torch path,
+transformers' own DynamicCache (fp16, SDPA) and its quantized caches (QuantizedCache with the HQQ and quanto
+backends, what a transformers user would pick instead), on a randomly initialised Llama of a given shape.
 
     PYTHONPATH=packages/kvq-core/src:packages/kvq-kernels/src:packages/kvq-sim/src KVQ_COMMIT=<sha> \\
         python benchmarks/hf_cache_decode.py --out reports/measurements/hf_cache_decode_h100.csv
@@ -9,7 +10,9 @@ through kvq-core's torch reference, which dequantizes the whole history every st
 40 decode steps: the largest logit difference between the two must be at most a quarter of the largest
 difference quantization itself makes (torch path against transformers' fp16 DynamicCache). Then per
 prompt length the median time of one decode step (model forward of one token, CUDA events over 20 steps
-after 3 warm-up steps) and the peak memory, per cache. Random weights: the shapes (configs/models/, read
+after 3 warm-up steps), the peak memory and the bytes the cache holds, per cache. The transformers peers
+(`kvq_core.hf_peers`: HQQ and quanto at 4 and 2 bits, groups of 64, a 128-token full-precision residual) run
+when their packages are installed and are skipped with a line otherwise. Random weights: the shapes (configs/models/, read
 through kvq_sim) set the cost; text quality is measured on CPU with the real weights (kvq-eval).
 """
 
@@ -25,6 +28,7 @@ import torch
 import transformers
 
 from kvq_core.hf_cache import KVQCache
+from kvq_core.hf_peers import held_bits_per_element, peer_cache_factory
 from kvq_core.provenance import provenance
 from kvq_sim.models import load_model
 
@@ -50,10 +54,37 @@ def llama_config(name: str) -> dict:
     )  # fmt: skip
 
 
+#: transformers' QuantizedCache backends timed beside kvq (cache column "hf-<backend>")
+HF_PEERS = ("hqq", "quanto")
+
+
 def make_cache(kind: str, bits: int, model):
     if kind == "dynamic":
         return transformers.DynamicCache()
+    if kind.startswith("hf-"):
+        return peer_cache_factory(f"{kind[3:]}-{bits}", model.config)()
     return KVQCache("kivi", bits, model=model, kernels=(kind == "kvq-kernel"))
+
+
+def cache_bytes(cache, model, prompt: int) -> int:
+    """Bytes the cache holds: kvq's own count, or every tensor of transformers' cache layers (hf_peers)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes
+    c = model.config
+    elements = 2 * c.num_key_value_heads * c.head_dim * c.num_hidden_layers * cache.layers[0].get_seq_length()
+    return round(held_bits_per_element(cache, c) * elements / 8)
+
+
+def available_peers() -> list[str]:
+    """The HF_PEERS whose packages import here (each missing one is named on stdout)."""
+    out = []
+    for backend in HF_PEERS:
+        try:
+            peer_cache_factory(f"{backend}-4", None)
+            out.append(backend)
+        except ImportError as e:
+            print(f"skipped hf-{backend}: {e}")
+    return out
 
 
 def decode_steps(model, cache, ids, steps: int) -> list[float]:
@@ -129,9 +160,11 @@ def main(argv=None) -> int:
             print("FAILED: the kernel path disagrees with the torch path", file=sys.stderr)
             return 1
     rows = []
+    kinds = [("dynamic", 16), ("kvq-kernel", 4), ("kvq-kernel", 2), ("kvq-torch", 4), ("kvq-torch", 2)]
+    kinds += [(f"hf-{backend}", bits) for backend in available_peers() for bits in (4, 2)]
     for prompt in (int(x) for x in args.prompts.split(",")):
         ids = torch.randint(0, cfg["vocab_size"], (1, prompt), device=device)
-        for kind, bits in (("dynamic", 16), ("kvq-kernel", 4), ("kvq-kernel", 2), ("kvq-torch", 4), ("kvq-torch", 2)):
+        for kind, bits in kinds:
             if kind == "kvq-torch" and prompt > args.torch_path_max_prompt:
                 continue
             model.set_attn_implementation("sdpa")
@@ -143,8 +176,7 @@ def main(argv=None) -> int:
             steps = args.steps
             times = decode_steps(model, cache, ids, 3 + steps)[3:]
             med = sorted(times)[len(times) // 2]
-            nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
-                x.nbytes for lay in cache.layers for x in (lay.keys, lay.values))  # fmt: skip
+            nbytes = cache_bytes(cache, model, prompt)
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
             rows.append(dict(prov, shape=args.shape, cache=kind, bits=bits, batch=1, prompt=prompt, step_ms=f"{med:.3f}",
                              max_allocated_bytes=peak, cache_bytes=nbytes))  # fmt: skip

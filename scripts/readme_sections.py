@@ -226,7 +226,8 @@ def hf_table() -> str:
     """One decode step through transformers with each cache, from benchmarks/hf_cache_decode.py's CSVs."""
     lines = []
     label = {"dynamic": "transformers DynamicCache fp16", "kvq-kernel": "KVQCache kivi-{b}, kernels",
-             "kvq-torch": "KVQCache kivi-{b}, torch path"}  # fmt: skip
+             "kvq-torch": "KVQCache kivi-{b}, torch path", "hf-hqq": "transformers QuantizedCache HQQ {b}-bit",
+             "hf-quanto": "transformers QuantizedCache quanto int{b}"}  # fmt: skip
     for name in HF_CSVS:
         with open(MEASURED / name, newline="") as f:
             rows = list(csv.DictReader(f))

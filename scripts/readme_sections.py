@@ -220,6 +220,8 @@ def sdpa_backends_table() -> str:
 
 
 HF_CSVS = ("hf_cache_decode_smollm2_h100.csv", "hf_cache_decode_llama7b_h100.csv")
+#: a second run of the same script and commit on another machine start, shown beside the first
+HF_REPEATS = {"hf_cache_decode_llama7b_h100.csv": "hf_cache_decode_llama7b_h100_repeat.csv"}
 
 
 def hf_table() -> str:
@@ -231,19 +233,27 @@ def hf_table() -> str:
     for name in HF_CSVS:
         with open(MEASURED / name, newline="") as f:
             rows = list(csv.DictReader(f))
+        again = {}
+        if name in HF_REPEATS:
+            with open(MEASURED / HF_REPEATS[name], newline="") as f:
+                again = {(r["cache"], r["bits"], r["prompt"]): r["step_ms"] for r in csv.DictReader(f)}
         r0 = rows[0]
         shape = r0.get("shape") or "smollm2-135m"  # the SmolLM2 CSV has no shape column
         lines += [
             f"`{shape}` (random weights), batch 1: measured {r0['date']} on {r0['device']} (driver {r0['driver']}, "
             f"torch {r0['torch']}, triton {r0['triton']}, transformers {r0['transformers']}, commit {r0['commit']}; "
-            f"`reports/measurements/{name}`).",
+            f"`reports/measurements/{name}`"
+            + (f", and again in `{HF_REPEATS[name]}`, second column)." if again else ")."),
             "",
             "| prompt | cache | ms per decode step | peak GiB | cache MiB |",
             "| --- | --- | --- | --- | --- |",
         ]
         for r in rows:
+            ms = f"{float(r['step_ms']):.1f}"
+            if again:
+                ms += f" / {float(again[(r['cache'], r['bits'], r['prompt'])]):.1f}"
             lines.append(
-                f"| {int(r['prompt']) // 1024}K | {label[r['cache']].format(b=r['bits'])} | {float(r['step_ms']):.1f} | "
+                f"| {int(r['prompt']) // 1024}K | {label[r['cache']].format(b=r['bits'])} | {ms} | "
                 f"{int(r['max_allocated_bytes']) / 2**30:.2f} | {int(r['cache_bytes']) / 2**20:.0f} |"
             )
         lines.append("")

@@ -22,11 +22,6 @@ GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
 MHA_CONFIGS = [("simt", 64, 4, 3, True), ("simt", 32, 4, 1, True), ("simt", 64, 4, 1, False), ("simt", 64, 4, 1, True)]
 MHA_POINTS = [(1, 4096), (1, 131072), (32, 4096), (8, 32768)]
-#: --gqa-simt: the GQA CUDA-core kernel (decode_kivi_simt_gqa) at these launches, beside the word kernel's default,
-#: at batch 1 / 128K, 8 / 32K and 32 / 4K
-GQA_SIMT_CONFIGS = [("simt", 16, 4, 1, True), ("simt", 16, 8, 1, True), ("simt", 32, 4, 1, True),
-                    ("simt", 32, 8, 1, True), ("simt", 16, 2, 1, True), ("tc", 128, 4, 2, True)]  # fmt: skip
-GQA_SIMT_POINTS = [(1, 131072), (8, 32768), (32, 4096)]
 #: --wide: more CUDA-core tiles and warp counts (BLOCK_N 16-64, 2-8 warps)
 MHA_WIDE = [("simt", 16, 4, 1, True), ("simt", 32, 2, 1, True), ("simt", 32, 8, 1, True), ("simt", 64, 8, 1, True)]
 
@@ -40,7 +35,6 @@ def main() -> None:
     ap.add_argument("--gqa-bits", default="4,2,3", help="GQA 32/8 bit widths ('' for none)")
     ap.add_argument("--mha-bits", default="4,2,8", help="MHA 32/32 bit widths ('' for none)")
     ap.add_argument("--wide", action="store_true", help="also the MHA_WIDE CUDA-core configs")
-    ap.add_argument("--gqa-simt", default="", help="bit widths of the GQA CUDA-core A/B (GQA_SIMT_CONFIGS)")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     mha_configs = MHA_CONFIGS + (MHA_WIDE if args.wide else [])
@@ -66,8 +60,6 @@ def main() -> None:
         run(32, 8, bits, batch, t, GQA_CONFIGS)
     for bits, (batch, t) in itertools.product(_bits(args.mha_bits), MHA_POINTS):
         run(32, 32, bits, batch, t, mha_configs)
-    for bits, (batch, t) in itertools.product(_bits(args.gqa_simt), GQA_SIMT_POINTS):
-        run(32, 8, bits, batch, t, GQA_SIMT_CONFIGS)
     with open(os.path.join(os.environ.get("OUT", "."), args.name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -25,16 +25,12 @@ CASES = [
     ("mha-32/32-4bit", 4, 32, 32, 128, 0, [3001]),
     ("mha-32/32-2bit-group-64", 2, 32, 32, 64, 0, [1153]),
 ]
-
-
-def _paths(bits: int, hq: int, hkv: int) -> tuple[str, ...]:
-    """Every kernel a shape admits: the CUDA-core kernels take MHA, and GQA with uniform 2/4/8-bit codes."""
-    return ("tc", "slice", "simt") if hq == hkv or bits != 3 else ("tc", "slice")
+PATHS = {True: ("tc", "slice", "simt"), False: ("tc", "slice")}
 
 
 def _cases():
     for c in CASES:
-        for path in _paths(c[1], c[2], c[3]):
+        for path in PATHS[c[2] == c[3]]:
             yield pytest.param(*c, path, id=f"{c[0]}-{path}")
 
 

@@ -46,17 +46,7 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d32-one-plane-word", 3, 1, 2, 2, 32, 16, 32, 0, [77]),
     ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
 ]
-# GQA groups on CUDA cores (decode_kivi_simt_gqa): uniform 2/4/8-bit codes, groups of 2, 3 (padded to 4) and 4
-GQA_SIMT_CASES = [c for c in CASES if c[3] != c[4] and c[1] != 3 and "nuq" not in c[0]] + [
-    ("gqa-9/3-2bit-sinks-value-groups", 2, 2, 9, 3, 64, 16, 32, 3, [45, 190]),
-    ("gqa-32/8-like-8bit", 8, 1, 8, 2, 128, 128, 128, 1, [300]),
-    ("gqa-4bit-d128-partial-last-group", 4, 2, 8, 2, 128, 32, 64, 0, [1, 211]),
-]
-PATH_CASES = (
-    [(*c, p) for c in CASES for p in ("tc", "slice")]
-    + [(*c, "simt") for c in MHA_CASES]
-    + [(*c, "simt") for c in GQA_SIMT_CASES]
-)
+PATH_CASES = [(*c, p) for c in CASES for p in ("tc", "slice")] + [(*c, "simt") for c in MHA_CASES]
 
 
 @pytest.mark.parametrize(
@@ -95,8 +85,8 @@ def test_bad_inputs_raise_before_launch(device, dtype):
     with pytest.raises(ValueError, match="v_codes"):
         decode_kivi(q, c)
     q = torch.randn(1, 4, 32, device=device, dtype=dtype)
-    with pytest.raises(ValueError, match="for GQA uniform 2/4/8-bit codes"):
-        decode_kivi(q, random_cache(1, 2, 32, 64, 3, 16, 32, 0, [40], device), path="simt")
+    with pytest.raises(ValueError, match="one query head per KV head"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="simt")
     with pytest.raises(ValueError, match="path must be"):
         decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="fast")
 

@@ -36,7 +36,6 @@ from ._launch import (
 from .combine import alloc_partials, combine
 from .decode_fp16 import LOG2E, _dot
 from .decode_kivi_simt import _decode_kivi_simt_kernel
-from .decode_kivi_simt_gqa import _decode_kivi_simt_gqa_kernel
 from .decode_kivi_words import _decode_kivi_words_kernel
 from .kivi_layout import KiviCache, check_cache
 from .kivi_tail import fp16_tail
@@ -499,10 +498,6 @@ WORDS_MAXNREG_ROWS = 16
 #: The fp16 tail program's tile in the word kernel: its registers count for every program. 32/8 heads, batch 1,
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
-#: The GQA CUDA-core kernel (`decode_kivi_simt_gqa`, path="simt" with several query heads per KV head):
-#: (BLOCK_N, num_warps, num_stages), small tiles because its [group, BLOCK_N, head_dim] products sit in registers.
-#: A first setting, not tuned; "auto" does not pick this kernel.
-SIMT_GQA_CONFIG = (16, 4, 1)
 PATHS = ("auto", "tc", "slice", "simt")
 
 
@@ -520,9 +515,6 @@ def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]
         bn //= 2
     if path == "slice":
         return (bn, *TC_WARPS_STAGES.get(bn, (4, 3)))
-    if path == "simt-gqa":
-        bn = min(SIMT_GQA_CONFIG[0], bn)
-        return bn, SIMT_GQA_CONFIG[1], SIMT_GQA_CONFIG[2]
     return bn, SIMT_CONFIG[bits][1], SIMT_CONFIG[bits][2]
 
 
@@ -532,12 +524,10 @@ def kernel_path(path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
     where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
     SLICE_MAX_TOKENS."""
-    layout_ok = (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
-    simt_ok = q_heads == kv_heads and layout_ok
-    gqa_ok = q_heads != kv_heads and layout_ok and bits in (2, 4, 8) and not nuq  # decode_kivi_simt_gqa
-    if path == "simt" and not (simt_ok or gqa_ok):
+    simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
+    if path == "simt" and not simt_ok:
         raise ValueError(
-            "path='simt' needs head_dim * bits a multiple of 32 (>= 2 words), and for GQA uniform 2/4/8-bit codes"
+            "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
     if path == "simt" or (path == "auto" and simt_ok):
         return "simt"
@@ -581,8 +571,7 @@ def decode_kivi(
     (one device sync) to check them against the capacity and max_len; False skips that sync (for
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
     `decode_kivi_words` for uniform codes, channel slices for nuq), "slice" (channel slices
-    always), "simt" (CUDA cores: `decode_kivi_simt` for MHA, `decode_kivi_simt_gqa` for GQA groups with
-    uniform 2/4/8-bit codes) or "auto" (simt for
+    always), "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for
     MHA where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
     SLICE_MAX_TOKENS). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
@@ -616,15 +605,14 @@ def decode_kivi(
             )
     kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len)
     simt, words = kernel == "simt", kernel == "tc"
-    simt_gqa = simt and hq != h_kv
-    bn0, warps0, stages0 = launch_config("simt-gqa" if simt_gqa else kernel, cache.bits, g)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
     if g % block_n:
         raise ValueError(f"block_n ({block_n}) must divide group_size ({g}): a tile never straddles a key group")
     dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
-    if (not simt or simt_gqa) and dot_dtype == tl.float16 and d < 32 and cache.bits < 8:
+    if not simt and dot_dtype == tl.float16 and d < 32 and cache.bits < 8:
         # measured on an H100: fp16 q at head_dim 16 with 2/3/4-bit codes gave errors of 0.3-1.6 against the
         # fp64 reference (fp32 q, 8-bit codes, head_dim >= 32 and the CUDA-core path: at most 6e-4)
         raise ValueError(
@@ -632,9 +620,7 @@ def decode_kivi(
             "pass q in fp32, or path='simt' (one query head per KV head)"
         )
     # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
-    n_split = splits or num_splits(
-        batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt or simt_gqa
-    )
+    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
     # CUDA-core and word paths: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
@@ -644,17 +630,6 @@ def decode_kivi(
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
     c = cache
-    if simt_gqa:
-        _decode_kivi_simt_gqa_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
-            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
-            BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=next_pow2(hq // h_kv),
-            TAIL_HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d, BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N,
-            TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, FMA=not interpreting(), num_warps=num_warps,
-            num_stages=num_stages,
-        )  # fmt: skip
-        return combine(m, l_part, acc, torch.empty_like(q))
     if simt:
         _decode_kivi_simt_kernel[(batch * h_kv, n_split + n_tail)](
             q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,

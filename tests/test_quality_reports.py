@@ -19,7 +19,6 @@ SOURCES = "packages/kvq-core/src"
 #: yet (one window at a time, the 16-window 512-token table of every method was hours on a shared 2-core machine;
 #: with batched windows `make quality` regenerates them: drop each entry once its table is regenerated)
 LEGACY = {
-    "kvq_decode_more_methods.csv": "one 512-token window, before the clean-tree flag",
     "generate.csv": "before the clean-tree flag and KVQuant's published calibration",
 }
 TABLES = sorted(p.name for p in QUALITY.glob("*.csv"))

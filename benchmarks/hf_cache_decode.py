@@ -66,7 +66,7 @@ def make_cache(kind: str, bits: int, model):
     return KVQCache("kivi", bits, model=model, kernels=(kind == "kvq-kernel"))
 
 
-def cache_bytes(cache, model, prompt: int) -> int:
+def cache_bytes(cache, model) -> int:
     """Bytes the cache holds: kvq's own count, or every tensor of transformers' cache layers (hf_peers)."""
     if hasattr(cache, "nbytes"):
         return cache.nbytes
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             steps = args.steps
             times = decode_steps(model, cache, ids, 3 + steps)[3:]
             med = sorted(times)[len(times) // 2]
-            nbytes = cache_bytes(cache, model, prompt)
+            nbytes = cache_bytes(cache, model)
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
             rows.append(dict(prov, shape=args.shape, cache=kind, bits=bits, batch=1, prompt=prompt, step_ms=f"{med:.3f}",
                              max_allocated_bytes=peak, cache_bytes=nbytes))  # fmt: skip

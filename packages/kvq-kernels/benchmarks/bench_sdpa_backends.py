@@ -27,6 +27,7 @@ from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import (
     AUTO_CONFIG,
     FP16_CONFIG,
+    HEAD_DIM,
     KERNEL_FIELDS,
     config_name,
     hbm_read_tb_s,
@@ -51,8 +52,8 @@ CHOICE = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 def dispatched(batch, hq, hkv, t) -> str:
     """The backend torch's dispatcher picks for a decode query of this shape."""
-    q = torch.empty(batch, hq, 1, 128, device="cuda", dtype=torch.float16)
-    k = torch.empty(batch, hkv, t, 128, device="cuda", dtype=torch.float16)
+    q = torch.empty(batch, hq, 1, HEAD_DIM, device="cuda", dtype=torch.float16)
+    k = torch.empty(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
     return CHOICE.get(int(torch._fused_sdp_choice(q, k, k, enable_gqa=hq != hkv)), "unknown")
 
 

@@ -82,11 +82,9 @@ def test_fit_records_its_largest_call_and_extrapolates_its_rate_beyond_it():
     assert fits["tp2"].max_call_bytes == max(b / c for c, b in calls_bytes)
     f = CollectiveFit("tp2", shard_scale=1.0, latency_us=20.0, bandwidth_gb_s=50.0, max_call_bytes=2**18)
     for per_call in (2**17, 2**20):  # within and 4x beyond the fitted calls: the fit's rate for every byte
-        assert collective_seconds(hw, f, 64, 64 * per_call) == pytest.approx(64 * (20e-6 + per_call / 50e9), rel=1e-12)
+        assert collective_seconds(f, 64, 64 * per_call) == pytest.approx(64 * (20e-6 + per_call / 50e9), rel=1e-12)
     # a fit without a per-byte cost charges its latency only
-    assert collective_seconds(hw, dataclasses.replace(f, bandwidth_gb_s=0.0), 64, 64 * 2**20) == pytest.approx(
-        64 * 20e-6
-    )
+    assert collective_seconds(dataclasses.replace(f, bandwidth_gb_s=0.0), 64, 64 * 2**20) == pytest.approx(64 * 20e-6)
 
 
 def _write(path, rows):

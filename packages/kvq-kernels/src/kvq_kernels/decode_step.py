@@ -10,7 +10,7 @@ Caches (`random_cache` for timing, `dense_cache` to compare backends on the same
 
 - `DenseCache` "sdpa": fp16 K/V [B, Hkv, T + 1, D] per layer, torch SDPA's flash backend over all T + 1 tokens,
   selected explicitly: the kernel the sweep's `sdpa_flash_fp16` family times. Left to itself, torch 2.11 picks
-  cuDNN attention for these shapes on an H100/H200, which is up to 1.8x faster than flash at batch >= 8.
+  cuDNN attention for these shapes on an H100/H200, which is up to 1.9x faster than flash at batch >= 8.
 - `DenseCache` "kvq": the same tensors, kvq's `decode_fp16` with per-sequence lengths.
 - `KiviStepCache`: one packed `KiviCache` per layer (no sinks), kvq's `decode_kivi`; the new token goes in
   through `append_token`, which launches the product's quantize kernels (`quantize_append.quantize_token_rows`

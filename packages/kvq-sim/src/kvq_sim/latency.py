@@ -260,7 +260,7 @@ def collective_terms(dep: Deployment, batch) -> tuple[int, object]:
     return 0, 0
 
 
-def collective_seconds(hw: Hardware, fit, calls, nbytes):
+def collective_seconds(fit, calls, nbytes):
     """Seconds of `calls` collective calls moving `nbytes` in all (per GPU; numbers or numpy arrays) under a
     layout's measured fit: its latency per call plus its bytes per second, for calls of any size. Beyond the
     largest call the fit saw (`max_call_bytes`) this extrapolates: kvq's 13 TP2 steps at batch 32-1024 (up to
@@ -312,7 +312,7 @@ def decode_terms(dep: Deployment, batch, context: int) -> DecodeTerms:
     if fit is None:
         comm = prior_collective_seconds(hw, dep.gpus, calls, comm_bytes)
     else:
-        comm = collective_seconds(hw, fit, calls, comm_bytes)
+        comm = collective_seconds(fit, calls, comm_bytes)
     return DecodeTerms(
         weight_bytes=w_bytes,
         gemm_flops=2 * batch * (active_linear + head_params),

@@ -144,7 +144,7 @@ def predict(hw: Hardware, p: StepPoint) -> float:
     f = hw.collective(p.layout) if p.gpus > 1 else None
     if f is None:
         return base + float(prior_collective_seconds(hw, p.gpus, calls, nbytes)) * 1e6
-    return f.shard_scale * base + float(collective_seconds(hw, f, calls, nbytes)) * 1e6
+    return f.shard_scale * base + float(collective_seconds(f, calls, nbytes)) * 1e6
 
 
 def _solve(rows: np.ndarray, t: np.ndarray, free_scale: bool) -> np.ndarray:

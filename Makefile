@@ -86,7 +86,7 @@ QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:
 	xquant:4 xquant:8 xquant-cl:4 xquant-cl:2 minicache
 # The 4K-token windows, where the 128-token fp16 windows weigh 3% of the context instead of 25%.
 QUALITY_LONG = full fp16 kivi:2 kivi:3 kivi:4 int:4 kvquant:3 kvquant:2 kvquant:4 kvquant-w128:2 kvquant-w128:3 \
-	kvquant-w128:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
+	kvquant-w128:4 kvquant-w96:2 kvquant-w96:3 kvquant-w96:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
 		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv \

@@ -90,7 +90,7 @@ def test_calibration_excludes_the_first_token_of_each_sequence(tiny, monkeypatch
         calibration.calibrate(tiny, ids[:, :1], "kvquant", 2, fisher=False)
 
 
-@pytest.mark.parametrize("window", [0, 128], ids=["kvquant", "kvquant-w128"])
+@pytest.mark.parametrize("window", [0, 96, 128], ids=["kvquant", "kvquant-w96", "kvquant-w128"])
 def test_bytes_the_format_says_are_the_bytes_the_tensors_hold(window):
     fmt = kvquant_format(3, window=window)
     layer = StreamingLayer(fmt, D)
@@ -107,3 +107,20 @@ def test_bytes_the_format_says_are_the_bytes_the_tensors_hold(window):
         assert layer.nbytes == key.total + value.total
         assert held != layer.k.quantized_tokens * fmt.key.outliers_per_token(H, D)  # the count follows the data
     assert layer.v.residual.shape[2] == min(window, total - 1)
+
+
+@pytest.mark.parametrize("bits,bound", [(2, 2.75), (3, 3.75), (4, 4.75)])
+def test_the_96_token_window_keeps_each_width_in_its_class_at_4k_tokens_and_128_does_not_for_all(bits, bound):
+    """kvquant-w96's window is the largest multiple of 32 whose fp16 share keeps nuq2/3/4 under the ~2/~3/~4-bit
+    class bounds of the 4K-token quality protocol (3968 to 4096 tokens held while scoring), expected 1% outliers."""
+
+    def bits_per_element(window: int, tokens: int) -> float:
+        fmt = kvquant_format(bits, window=window)
+        k = stream_bytes(fmt.key, tokens, H, D, fmt.sink_tokens)
+        v = stream_bytes(fmt.value, tokens, H, D, fmt.sink_tokens)
+        return (k.total + v.total) * 8 / (2 * tokens * H * D)
+
+    assert get_format("kvquant-w96", bits) == kvquant_format(bits, window=96)
+    assert all(bits_per_element(96, t) < bound - 0.05 for t in (3968, 4096))  # 0.05: the data's outliers above 1%
+    w128 = bits_per_element(128, 3968)
+    assert (w128 > bound) == (bits != 4), w128

@@ -18,7 +18,7 @@ from kvq_core.formats import METHODS, bits_label  # noqa: E402
 NOT_KV_STREAMS = {"xquant", "xquant-cl", "minicache", "h2o"}
 # KVQuant keeps every key element beyond its channel's calibrated thresholds: the held count follows the data and
 # the format counts the expected 1% (kvq-core's test_kvquant_published.py holds the bytes at the held count).
-DATA_COUNTED = {"kvquant", "kvquant-w128"}
+DATA_COUNTED = {"kvquant", "kvquant-w128", "kvquant-w96"}
 CASES = [(m, b) for m, spec in METHODS.items() for b in spec.bits if m not in NOT_KV_STREAMS | DATA_COUNTED]
 KV_HEADS, HEAD_DIM, BATCH = 2, 64, 3
 TOKENS = (1, 127, 1000)  # one token; inside the first window; past it with a partial block

@@ -475,6 +475,16 @@ METHODS: dict[str, Method] = {
             Calibration("both", f"{_KV_ACTIVATIONS}, Fisher-weighted: nuq codebooks and static key-channel ranges"),
         ),
         Method(
+            "kvquant-w96",
+            "KVQuant (arXiv:2401.18079) with an fp16 recent-token window",
+            "as kvquant, the 96 most recent tokens kept in fp16 (the largest multiple of 32 that keeps nuq2/3/4 "
+            "within 2.75/3.75/4.75 held bits at 4K tokens)",
+            ((2, 2), (3, 3), (4, 4)),
+            (3, 3),
+            lambda k, v: kvquant_format(k, 0.01, window=96),
+            Calibration("both", f"{_KV_ACTIVATIONS}, Fisher-weighted: nuq codebooks and static key-channel ranges"),
+        ),
+        Method(
             "kvquant-dense",
             "KVQuant without dense-and-sparse outliers (arXiv:2401.18079)",
             "as kvquant, no outliers",

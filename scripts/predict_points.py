@@ -2,12 +2,15 @@
 
 Two kinds of plan:
 
-  multigpu  the multi-GPU decode-step grid of benchmarks/multigpu_decode.py (TP and CP at 1, 2 and 4 GPUs of an
-            H100 node; llama-7b and llama-2-70b; batch 1/8/64; 4K/32K/128K tokens; fp16, KIVI-4, KIVI-2 KV);
+  multigpu  the multi-GPU decode-step grid of benchmarks/multigpu_decode.py (TP and CP at 1, 2 and 4 GPUs of a
+            node, --node, default 8x-h100; llama-7b and llama-2-70b; batch 1/8/64; 4K/32K/128K tokens; fp16, KIVI-4,
+            KIVI-2 KV): `plan`'s fused-engine step and the benchmark's own step as `kvq-sim validate --multigpu`
+            costs it (`kvq_sim.multigpu.predict`: the node's collective fits, or the priors where it has none);
   like      the points of an existing measurement CSV (kernel sweep or e2e step) predicted for another GPU, e.g.
             the H100 sweep's points on the H200 with the calibration the H200 file has now (transferred).
 
     python scripts/predict_points.py multigpu -o reports/predictions/multigpu_h100_prior.csv
+    python scripts/predict_points.py multigpu --node 8x-h200 -o reports/predictions/multigpu_h200_cold.csv
     python scripts/predict_points.py like --gpu h200 --kernel reports/measurements/kernel_decode_h100_v5.csv \
         --e2e reports/measurements/e2e_decode_h100_v4.csv -o reports/predictions/h200_cold.csv
 
@@ -20,6 +23,8 @@ after the prediction):
         reports/measurements/kernel_decode_h200_partial.csv --changed kvq_kivi_3b_mha,kvq_kivi_4b_mha
     python scripts/predict_points.py compare reports/predictions/h200_cold_v3.csv \
         reports/measurements/kernel_decode_h200.csv --e2e reports/measurements/e2e_decode_h200.csv
+    python scripts/predict_points.py compare-multigpu reports/predictions/multigpu_h200_cold.csv \
+        reports/measurements/multigpu_decode_h200.csv
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import pandas as pd
 
 from kvq_core.provenance import commit_of, utc_now
 from kvq_sim import api
+from kvq_sim.configs import CONFIG_DIR, read_yaml
 from kvq_sim.hardware import load_hardware
 from kvq_sim.latency import decode_step
 from kvq_sim.measurements import read_e2e_csv, read_kernel_csv
 from kvq_sim.memory import memory
+from kvq_sim.multigpu import StepPoint, read_steps
+from kvq_sim.multigpu import predict as predict_benchmark_step
 from kvq_sim.validate import predict_e2e, predict_kernel
 
 MODELS = ("llama-7b", "llama-2-70b")
@@ -44,7 +52,6 @@ BATCHES = (1, 8, 64)
 CONTEXTS = (4096, 32768, 131072)
 KV = {"fp16": ("fp16", "16"), "kivi4": ("kivi", "4"), "kivi2": ("kivi", "2")}
 LAYOUTS = (("tp", 1), ("tp", 2), ("tp", 4), ("cp", 2), ("cp", 4))
-NODE, SINGLE = "8x-h100", "h100-80g"
 
 
 def _provenance() -> dict:
@@ -53,16 +60,22 @@ def _provenance() -> dict:
     return {"predicted_at_commit": sha, "tree_clean": dirty is False, "predicted_date": utc_now()}
 
 
-def multigpu_rows() -> list[dict]:
+def multigpu_rows(node: str = "8x-h100") -> list[dict]:
+    """`plan`'s step (step_us and its terms) and the benchmark's step (bench_step_us) at every grid point of `node`
+    (its single GPU, the node's `base`, for 1-GPU points)."""
+    hw = load_hardware(node)
+    single = read_yaml(CONFIG_DIR / "hardware" / f"{node}.yaml").get("base", node)
     rows = []
     for model, (parallel, gpus), kv, batch, context in itertools.product(MODELS, LAYOUTS, KV, BATCHES, CONTEXTS):
         method, bits = KV[kv]
         dep = api.deployment(
-            model, SINGLE if gpus == 1 else NODE, bits=bits, method=method, gpus=gpus, parallel=parallel
+            model, single if gpus == 1 else node, bits=bits, method=method, gpus=gpus, parallel=parallel
         )
         st, mem = decode_step(dep, batch, context), memory(dep, batch, context)
+        point = StepPoint(model, parallel, gpus, batch, context, kv, 1.0)
         rows.append(
             dict(
+                point_id=point.point_id,
                 model=model,
                 parallel=parallel,
                 gpus=gpus,
@@ -77,10 +90,34 @@ def multigpu_rows() -> list[dict]:
                 compute_us=round(st.compute_s * 1e6, 2),
                 interconnect_us=round(st.interconnect_s * 1e6, 2),
                 launch_us=round(st.launch_s * 1e6, 2),
+                bench_step_us=round(predict_benchmark_step(hw, point), 2),
                 calibration=dep.hardware.calibration.status,
             )
         )
     return rows
+
+
+def compare_multigpu(predictions: str, measured: str) -> str:
+    """Per-layout MAPE / signed / median error of a multigpu predictions file's benchmark step (bench_step_us) at
+    the measured CUDA-graph steps of a benchmarks/multigpu_decode.py CSV: error = predicted / measured - 1."""
+    pred = pd.read_csv(predictions).set_index("point_id")["bench_step_us"]
+    points, prov = read_steps(measured)
+    rows = [(p.layout, p.model, pred[p.point_id] / p.step_us - 1) for p in points if p.point_id in pred]
+    if not rows:
+        return "no measured point has a prediction"
+    d = pd.DataFrame(rows, columns=["layout", "model", "err"])
+    lines = [
+        f"{len(d)} measured steps with a prediction ({prov['device']})",
+        "layout  model          n  MAPE%  signed%",
+    ]
+    for (layout, model), e in d.groupby(["layout", "model"])["err"]:
+        lines.append(f"{layout:<7} {model:<12} {len(e):>3} {100 * e.abs().mean():6.2f} {100 * e.mean():+8.2f}")
+    e = d.err
+    lines.append(
+        f"all: {len(e)} steps, MAPE {100 * e.abs().mean():.2f}%, signed {100 * e.mean():+.2f}%, "
+        f"median |error| {100 * e.abs().median():.2f}%, worst {100 * e.abs().max():.2f}%"
+    )
+    return "\n".join(lines)
 
 
 def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dict]:
@@ -142,7 +179,12 @@ def compare(predictions: str, measured: str, changed: set[str], e2e: str | None 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="plan", required=True)
-    sub.add_parser("multigpu").add_argument("-o", "--out", required=True)
+    mg = sub.add_parser("multigpu")
+    mg.add_argument("--node", default="8x-h100", help="the node's hardware config (default 8x-h100)")
+    mg.add_argument("-o", "--out", required=True)
+    cmg = sub.add_parser("compare-multigpu")
+    cmg.add_argument("predictions")
+    cmg.add_argument("measured")
     like = sub.add_parser("like")
     like.add_argument("--gpu", required=True)
     like.add_argument("--kernel")
@@ -157,11 +199,14 @@ def main(argv=None) -> int:
     if args.plan == "compare":
         print(compare(args.predictions, args.measured, {f for f in args.changed.split(",") if f}, args.e2e))
         return 0
+    if args.plan == "compare-multigpu":
+        print(compare_multigpu(args.predictions, args.measured))
+        return 0
     out = Path(args.out)
     if out.exists():
         print(f"error: {out} exists; predictions are written once, before measuring", file=sys.stderr)
         return 2
-    rows = multigpu_rows() if args.plan == "multigpu" else like_rows(args.gpu, args.kernel, args.e2e)
+    rows = multigpu_rows(args.node) if args.plan == "multigpu" else like_rows(args.gpu, args.kernel, args.e2e)
     prov = _provenance()
     df = pd.DataFrame([{**r, **prov} for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import predict_points  # noqa: E402
 
+from kvq_sim.hardware import load_hardware  # noqa: E402
 from kvq_sim.measurements import read_e2e_csv, read_kernel_csv  # noqa: E402
+from kvq_sim.multigpu import predict, read_steps  # noqa: E402
 
 KERNEL = ROOT / "reports/measurements/kernel_decode_h200.csv"
 E2E = ROOT / "reports/measurements/e2e_decode_h200.csv"
@@ -43,3 +45,33 @@ def test_compare_counts_only_points_that_were_predicted(tmp_path):
     n = sum(1 for p in read_kernel_csv(KERNEL, "NVIDIA H200")[0] if p.family != "sdpa_flash_fp16")
     assert out.splitlines()[0] == f"{n} measured points with a prediction (NVIDIA H200)"
     assert "sdpa_flash_fp16" not in out and "decode steps" not in out
+
+
+MULTIGPU = ROOT / "reports/measurements/multigpu_decode_h100.csv"
+
+
+def test_multigpu_grid_names_the_benchmarks_points_and_costs_them_as_validate_does():
+    rows = pd.DataFrame(predict_points.multigpu_rows("8x-h100")).set_index("point_id")
+    assert len(rows) == 2 * 5 * 3 * 3 * 3 and rows.index.is_unique
+    hw = load_hardware("8x-h100")
+    measured = read_steps(MULTIGPU)[0]
+    for p in measured[::20]:
+        assert rows.loc[p.point_id, "bench_step_us"] == round(predict(hw, p), 2)
+    # a node without collective fits costs its TP steps with the priors: slower than the same node's tp1 per GPU
+    h200 = pd.DataFrame(predict_points.multigpu_rows("8x-h200")).set_index("point_id")
+    assert h200.loc["multigpu|llama-7b|tp2|fp16|1|4096", "interconnect_us"] > 0
+    assert (h200.calibration == "calibrated").all()
+
+
+def test_compare_multigpu_reports_error_per_layout_and_model(tmp_path):
+    points = read_steps(MULTIGPU)[0]
+    path = tmp_path / "pred.csv"
+    pd.DataFrame(
+        [dict(point_id=p.point_id, bench_step_us=p.step_us * (1.2 if p.parallel == "cp" else 1.0)) for p in points]
+    ).to_csv(path, index=False)
+    out = predict_points.compare_multigpu(str(path), str(MULTIGPU))
+    assert out.splitlines()[0] == f"{len(points)} measured steps with a prediction (NVIDIA H100 80GB HBM3)"
+    cp = [line for line in out.splitlines() if line.startswith("cp")]
+    tp = [line for line in out.splitlines() if line.startswith("tp")]
+    assert cp and all(line.split()[-2:] == ["20.00", "+20.00"] for line in cp)
+    assert tp and all(line.split()[-2:] == ["0.00", "+0.00"] for line in tp)

@@ -109,6 +109,11 @@ def headline_table() -> str:
         steps=re.search(r"^decode steps: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
         worst=re.search(r"^unchanged kernels: .*worst ([\d.]+%)", out, re.M).group(1),
     )
+    mg = re.search(
+        r"^all: (\d+) steps, MAPE ([\d.]+%), signed ([-+\d.]+%)",
+        _run([sys.executable, *MULTIGPU_H200_COLD[1:]]),
+        re.M,
+    )
     lines += [
         "",
         f"- At 3.5 bits or fewer per element, the same GPU holds {min(low):.1f}-{max(low):.1f}x the context of fp16 "
@@ -126,7 +131,10 @@ def headline_table() -> str:
         f"{cold['kernels']} and decode steps by {cold['steps']} (worst {cold['worst']}, bandwidth-bound kernels "
         "predicted too fast); the A100 and L40S numbers are transferred by the same rules. The H200 is now "
         "calibrated on its own measurements ([docs/validation.md](docs/validation.md#the-h200-predicted-cold-then-"
-        "measured-and-calibrated)).",
+        "measured-and-calibrated)). On a 4x H200 NVLink node, where nothing multi-GPU had been measured, "
+        f"{mg.group(1)} decode steps (TP 1-4, CP 2-4) of Llama-7B and Llama-2-70B predicted beforehand were off by "
+        f"{mg.group(2)} (signed {mg.group(3)}) ([docs/validation.md](docs/validation.md#several-gpus-of-a-second-type-"
+        "4x-h200-nvlink)).",
         f"- That is the closed loop: kvq's own kernels on the GPU it was fitted on. On published measurements of other "
         f"serving systems that no parameter was fitted on, kvq-sim's mean absolute error is {held.mape_pct:.1f}% over "
         f"{held.n} points (signed {held.signed_pct:+.1f}%: it predicts {'faster' if held.signed_pct < 0 else 'slower'} "
@@ -313,6 +321,19 @@ VALIDATE_MULTIGPU = [
 def multigpu_table() -> str:
     """`kvq-sim validate --multigpu` on the committed 4x H100 sweep: prior and fitted held-out errors per layout."""
     return _shown(VALIDATE_MULTIGPU, _run(VALIDATE_MULTIGPU, check=False))
+
+
+MULTIGPU_H200 = "reports/measurements/multigpu_decode_h200.csv"
+MULTIGPU_H200_COLD = ["python", "scripts/predict_points.py", "compare-multigpu",
+                      "reports/predictions/multigpu_h200_cold.csv", MULTIGPU_H200]  # fmt: skip
+VALIDATE_MULTIGPU_H200 = ["kvq-sim", "validate", "--gpu", "8x-h200", "--multigpu", MULTIGPU_H200]
+
+
+def multigpu_h200() -> str:
+    """The 4x H200 sweep against the predictions committed before it, then `validate --multigpu` after its fit."""
+    cold = _run([sys.executable, *MULTIGPU_H200_COLD[1:]])
+    fitted = _run(VALIDATE_MULTIGPU_H200, check=False)
+    return _shown(MULTIGPU_H200_COLD, cold).rstrip("\n") + "\n" + _shown(VALIDATE_MULTIGPU_H200, fitted)
 
 
 def noise_output() -> str:
@@ -736,6 +757,7 @@ SECTIONS = {
     "sdpa-backends": sdpa_backends_table,
     "validation-output": validation_output,
     "multigpu-table": multigpu_table,
+    "multigpu-h200": multigpu_h200,
     "h200-cold": h200_cold,
     "h200-validation": h200_validation,
     "noise-output": noise_output,
@@ -757,7 +779,14 @@ SECTIONS = {
 DOCS = {
     "README.md": ("headline", "plan-output", "report-output", "kvqcache-output"),
     "docs/kernels.md": ("kernel-table", "sdpa-backends", "hf-table"),
-    "docs/validation.md": ("validation-output", "h200-cold", "h200-validation", "multigpu-table", "noise-output"),
+    "docs/validation.md": (
+        "validation-output",
+        "h200-cold",
+        "h200-validation",
+        "multigpu-table",
+        "multigpu-h200",
+        "noise-output",
+    ),
     "docs/transfer-rules.md": ("fit-table",),
     "docs/quality.md": ("quality-table", "quality-targets", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),

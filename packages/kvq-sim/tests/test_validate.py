@@ -411,3 +411,19 @@ def test_multigpu_held_out_worst_within_target():
     from kvq_sim.multigpu import MULTIGPU_WORST_MAX_PCT
 
     assert _multigpu_held_out().max() <= MULTIGPU_WORST_MAX_PCT
+
+
+# The same gate on the 4x H200 sweep (reports/measurements/multigpu_decode_h200.csv): the MAPE passes and the worst
+# point fails, the TP 4 fit extrapolating its per-byte cost to llama-2-70b at batch 64 (docs/validation.md).
+MULTIGPU_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_h200.csv"
+
+
+def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails():
+    from kvq_sim.hardware import load_hardware
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, fitted_errors_pct, read_steps
+
+    points = read_steps(MULTIGPU_H200_CSV)[0]
+    errs = fitted_errors_pct(load_hardware("8x-h200"), points)
+    assert len(errs) == 56
+    assert errs.mean() == pytest.approx(4.16, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(29.59, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT

@@ -268,17 +268,33 @@ def hf_table() -> str:
     return "\n".join(lines)
 
 
-QUICK = "reports/measurements/kvq_bench_h100_quick_7564859"
-VALIDATE_QUICK = [
-    "kvq-sim", "validate", "--gpu", f"{QUICK}/nvidia-h100-80gb-hbm3.yaml",
-    "--measurements", f"{QUICK}/kernel_decode_nvidia-h100-80gb-hbm3.csv",
-    "--e2e", f"{QUICK}/e2e_decode_nvidia-h100-80gb-hbm3.csv",
-]  # fmt: skip
+#: committed `kvq-bench --quick` runs: directory -> the device slug kvq-bench named its files with
+QUICK_RUNS = {
+    "reports/measurements/kvq_bench_h100_quick_7564859": "nvidia-h100-80gb-hbm3",
+    "reports/measurements/kvq_bench_h200_quick_8a55093": "nvidia-h200",
+}
+
+
+def _validate_quick(run: str) -> list[str]:
+    slug = QUICK_RUNS[run]
+    return [
+        "kvq-sim", "validate", "--gpu", f"{run}/{slug}.yaml", "--measurements", f"{run}/kernel_decode_{slug}.csv",
+        "--e2e", f"{run}/e2e_decode_{slug}.csv",
+    ]  # fmt: skip
 
 
 def kvq_bench_validate() -> str:
-    """`kvq-sim validate` on the committed `kvq-bench --quick` run (it exits 1: the quick sweep misses the gates)."""
-    return _shown(VALIDATE_QUICK, _run(VALIDATE_QUICK, check=False))
+    """`kvq-sim validate` on the committed H100 `kvq-bench --quick` run (it exits 1: the quick sweep misses the
+    kernel gates)."""
+    cmd = _validate_quick("reports/measurements/kvq_bench_h100_quick_7564859")
+    return _shown(cmd, _run(cmd, check=False))
+
+
+def kvq_bench_validate_h200() -> str:
+    """The same on the H200 run: its summary lines."""
+    cmd = _validate_quick("reports/measurements/kvq_bench_h200_quick_8a55093")
+    out = _run(cmd, check=False)
+    return _shown(cmd, "\n".join(line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))))
 
 
 # --- docs/validation.md ---------------------------------------------------------------------------------------------
@@ -771,6 +787,7 @@ SECTIONS = {
     "list-gpus-output": list_gpus_output,
     "claims-table": claims_table,
     "kvq-bench-validate": kvq_bench_validate,
+    "kvq-bench-validate-h200": kvq_bench_validate_h200,
     "fit-table": fit_table,
     **{f"{name}-output": (lambda name=name: example_output(name)) for name in EXAMPLES},
 }
@@ -791,7 +808,7 @@ DOCS = {
     "docs/quality.md": ("quality-table", "quality-targets", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),
     "packages/kvq-sim/README.md": ("plan-batch-output", "list-gpus-output", "sim-api-output", "claims-table"),
-    "packages/kvq-kernels/README.md": ("kvq-bench-validate", "kernel-table"),
+    "packages/kvq-kernels/README.md": ("kvq-bench-validate", "kvq-bench-validate-h200", "kernel-table"),
 }
 
 

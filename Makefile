@@ -87,10 +87,12 @@ QUALITY_MORE = million:4 million:2 rotatekv:2 rotatekv:3 rotatekv:4 gear:2 gear:
 # The 4K-token windows, where the 128-token fp16 windows weigh 3% of the context instead of 25%.
 QUALITY_LONG = full fp16 kivi:2 kivi:3 kivi:4 int:4 kvquant:3 kvquant:2 kvquant:4 kvquant-w128:2 kvquant-w128:3 \
 	kvquant-w128:4 kvquant-w96:2 kvquant-w96:3 kvquant-w96:4 quanto:4 quanto:2 hqq:4 hqq:3 hqq:2
+# MILLION fits plain k-means in its paper, kvq Fisher-weighted k-means: the same caches fitted unweighted, paired.
+QUALITY_UNWEIGHTED = million:4 million:2
 quality: install
 	rm -f $(QUALITY_DIR)/hf_peers_decode.csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv $(QUALITY_DIR)/kvq_decode.csv \
 		$(QUALITY_DIR)/kvq_teacher_forced.csv $(QUALITY_DIR)/kvq_decode_more_methods.csv $(QUALITY_DIR)/generate.csv \
-		$(QUALITY_DIR)/decode_4k.csv
+		$(QUALITY_DIR)/decode_4k.csv $(QUALITY_DIR)/ablation_unweighted_calibration.csv
 	kvq-eval $(QUALITY_PEERS) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/hf_peers_decode.csv
 	kvq-eval $(QUALITY_PEERS) --protocol teacher-forced --csv $(QUALITY_DIR)/hf_peers_teacher_forced.csv
 	kvq-eval $(QUALITY_KVQ) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/kvq_decode.csv
@@ -98,3 +100,5 @@ quality: install
 	kvq-eval $(QUALITY_MORE) $(QUALITY_SHORT) --csv $(QUALITY_DIR)/kvq_decode_more_methods.csv
 	kvq-eval generate $(QUALITY_KVQ) $(QUALITY_MORE) quanto:2 hqq:2 fp8 --csv $(QUALITY_DIR)/generate.csv
 	kvq-eval $(QUALITY_LONG) --protocol decode --csv $(QUALITY_DIR)/decode_4k.csv
+	kvq-eval $(QUALITY_UNWEIGHTED) $(QUALITY_SHORT) --unweighted-calibration \
+		--csv $(QUALITY_DIR)/ablation_unweighted_calibration.csv

@@ -317,3 +317,22 @@ def test_batch_option_keeps_every_number(capsys, tmp_path, tiny_dir):
         assert [{k: r[k] for k in keep} for r in got] == want
     rc, _, err = run([*argv, "--batch", "0"], capsys)
     assert_usage_error(rc, err, "--batch")
+
+
+def test_unweighted_calibration_fits_without_fisher_weights_and_says_so(capsys, tmp_path, tiny_dir):
+    """--unweighted-calibration changes the fit (a codebook fitted without the Fisher weights) and the row's
+    calibration column names it; a saved calibration file cannot be re-weighted and is refused with it."""
+    argv = ["kvquant:2", "--model", str(tiny_dir), *calibration_args(tmp_path), "--text", str(text_file(tmp_path, 300))]
+    argv += ["--start", "0", "--prefill", "40", "--scored", "24", "--windows", "2", "--no-progress"]
+    rows = {}
+    for flag in ([], ["--unweighted-calibration"]):
+        out = tmp_path / f"q{len(flag)}.csv"
+        rc, _, err = run([*argv, *flag, "--csv", str(out)], capsys)
+        assert rc == 0, err
+        with out.open(newline="") as f:
+            rows[bool(flag)] = [r for r in csv.DictReader(f) if r["cache"] != "full"][0]
+    assert rows[False]["calibration"].endswith("fitted), Fisher")
+    assert rows[True]["calibration"].endswith("fitted), unweighted")
+    assert rows[True]["nll"] != rows[False]["nll"]
+    rc, _, err = run([*argv, "--unweighted-calibration", "--calibration", str(tmp_path / "any.safetensors")], capsys)
+    assert_usage_error(rc, err, "--unweighted-calibration fits here")

@@ -364,7 +364,9 @@ def _dims(model) -> tuple[int, int, int]:
 class CacheMaker:
     """Fresh caches for one CacheSpec on one model: calibrates once (kvq formats that need it)."""
 
-    def __init__(self, spec: CacheSpec, model, calib_ids, calibration_file: CalibrationFile | None):
+    def __init__(
+        self, spec: CacheSpec, model, calib_ids, calibration_file: CalibrationFile | None, fisher: bool = True
+    ):
         self.spec, self.model = spec, model
         self.calibration, self.state = "none", None
         if spec.peer is not None:
@@ -400,11 +402,11 @@ class CacheMaker:
         else:
             from .calibration import calibrate
 
-            self.state = calibrate(model, calib_ids, fmt=spec.fmt, fisher=True)
+            self.state = calibrate(model, calib_ids, fmt=spec.fmt, fisher=fisher)
             rows, length = calib_ids.shape
             self.calibration = (
                 f"{rows} x {length} tokens of the calibration text, first of each not fitted "
-                f"({rows * (length - 1)} fitted), Fisher"
+                f"({rows * (length - 1)} fitted), {'Fisher' if fisher else 'unweighted'}"
             )
 
     def __call__(self):
@@ -557,6 +559,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         default=CALIBRATION_LENGTH,
         help=f"tokens per calibration sequence, the first not fitted (default {CALIBRATION_LENGTH})",
     )
+    p.add_argument(
+        "--unweighted-calibration",
+        action="store_true",
+        help="fit calibrated methods without the Fisher weights (each activation counts once): the ablation of "
+        "kvq's Fisher weighting for methods whose papers fit unweighted (MILLION's k-means)",
+    )
     p.add_argument("--csv", type=Path, help="append one row per result to this CSV file")
 
 
@@ -583,6 +591,8 @@ def _check_edge(args, columns: tuple[str, ...]) -> tuple[list[CacheSpec], Calibr
     if args.csv is not None:
         check_csv(args.csv, columns)
     calibration = None
+    if args.calibration is not None and args.unweighted_calibration:
+        raise UsageError("--unweighted-calibration fits here; a saved --calibration file is used as saved")
     if args.calibration is not None:
         try:
             calibration = read_calibration(args.calibration)
@@ -742,7 +752,7 @@ def main_ppl(argv: list[str]) -> int:
     reference: dict[str, list[float]] = {}
     for spec in specs:
         t_cal = time.perf_counter()
-        maker = CacheMaker(spec, model, calib_ids, calibration)
+        maker = CacheMaker(spec, model, calib_ids, calibration, fisher=not args.unweighted_calibration)
         calib_seconds = time.perf_counter() - t_cal
         for protocol in protocols:
             pp = params[protocol]
@@ -877,7 +887,7 @@ def main_generate(argv: list[str]) -> int:
     reference = None
     for spec in specs:
         t0 = time.perf_counter()
-        maker = CacheMaker(spec, model, calib_ids, calibration)
+        maker = CacheMaker(spec, model, calib_ids, calibration, fisher=not args.unweighted_calibration)
         g = generate_with(model, tok, prompt, maker, args.new_tokens, reference)
         reference = reference or g.tokens
         seconds = time.perf_counter() - t0

@@ -27,6 +27,7 @@ TABLES = sorted(p.name for p in QUALITY.glob("*.csv"))
 NO_NUMERIC_CHANGE = {
     "2bf001fe0d6c0f09f5fa1068635fd0d653764e23": "KVQCache refuses calibration= without model= (kvq-eval passes model=)",
     "64941492704ba1f669c5627c661cfc1ff793b8e3": "adds the kvquant-w96 method; no existing method's format or computation changes",
+    "bbe71332dd6ae978a8c71d007944acf7a38ab2a5": "adds kvq-eval --unweighted-calibration; the default fit and its calibration text are unchanged",
 }
 
 

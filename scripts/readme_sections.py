@@ -590,6 +590,39 @@ def quality_targets() -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration_ablation() -> str:
+    """Each cache of ablation_unweighted_calibration.csv against the same cache Fisher-fitted in the 512-token tables
+    on the same windows: both changes against the full cache, and unweighted against Fisher, paired per window."""
+    from kvq_core.eval import paired_change
+
+    ablation = [r for r in _quality_csv(["ablation_unweighted_calibration.csv"]) if r["cache"] != "full"]
+    fisher = {r["cache"]: r for r in _quality_csv(["kvq_decode.csv", "kvq_decode_more_methods.csv"])}
+    lines = [
+        "| cache | Fisher-weighted (kvq): held bits, change vs full | unweighted (the paper's k-means): held bits, "
+        "change vs full | unweighted vs Fisher, paired |",
+        "| --- | --- | --- | --- |",
+    ]
+    for u in ablation:
+        f = fisher[u["cache"]]
+        if f["window_starts"] != u["window_starts"] or f["params"] != u["params"]:
+            raise ValueError(f"{u['cache']}: the ablation and the table ran on different windows")
+        n = int(u["windows"])
+        tokens = [int(u["scored_tokens"]) // n] * n
+        pc = paired_change(
+            [float(x) for x in u["window_nll"].split()], [float(x) for x in f["window_nll"].split()], tokens
+        )
+        cells = [
+            f"{float(r['held_bits_per_element']):.2f}, {100 * float(r['change']):+.1f}% "
+            f"[{100 * float(r['change_low']):+.1f}, {100 * float(r['change_high']):+.1f}]"
+            for r in (f, u)
+        ]
+        lines.append(
+            f"| `{u['cache'].removeprefix('kvq:')}` | {cells[0]} | {cells[1]} | "
+            f"{100 * pc.change:+.1f}% [{100 * pc.low:+.1f}, {100 * pc.high:+.1f}] |"
+        )
+    return f"{_windows_note(ablation, '512 tokens')}\n\n" + "\n".join(lines) + "\n"
+
+
 def generate_table() -> str:
     """`kvq-eval generate` per cache (reports/quality/generate.csv): greedy continuations of one prompt."""
     lines = [
@@ -780,6 +813,7 @@ SECTIONS = {
     "quality-table": quality_table,
     "quality-targets": quality_targets,
     "generate-table": generate_table,
+    "calibration-ablation": calibration_ablation,
     "methods-table": methods_table,
     "quickstart": quickstart,
     "seed-coverage": seed_coverage,
@@ -805,7 +839,7 @@ DOCS = {
         "noise-output",
     ),
     "docs/transfer-rules.md": ("fit-table",),
-    "docs/quality.md": ("quality-table", "quality-targets", "generate-table"),
+    "docs/quality.md": ("quality-table", "quality-targets", "calibration-ablation", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),
     "packages/kvq-sim/README.md": ("plan-batch-output", "list-gpus-output", "sim-api-output", "claims-table"),
     "packages/kvq-kernels/README.md": ("kvq-bench-validate", "kvq-bench-validate-h200", "kernel-table"),

@@ -18,9 +18,7 @@ SOURCES = "packages/kvq-core/src"
 #: tables made before kvq-eval recorded a clean-tree flag, with one decode window and no interval; not regenerated
 #: yet (one window at a time, the 16-window 512-token table of every method was hours on a shared 2-core machine;
 #: with batched windows `make quality` regenerates them: drop each entry once its table is regenerated)
-LEGACY = {
-    "generate.csv": "before the clean-tree flag and KVQuant's published calibration",
-}
+LEGACY: dict[str, str] = {}
 TABLES = sorted(p.name for p in QUALITY.glob("*.csv"))
 #: commits that changed packages/kvq-core/src without changing anything kvq-eval computes, each with why: a row made
 #: before one of them still reproduces at HEAD. Every other change of the sources since a row's commit fails.

@@ -57,8 +57,9 @@ def test_multigpu_grid_names_the_benchmarks_points_and_costs_them_as_validate_do
     measured = read_steps(MULTIGPU)[0]
     for p in measured[::20]:
         assert rows.loc[p.point_id, "bench_step_us"] == round(predict(hw, p), 2)
-    # a node without collective fits costs its TP steps with the priors: slower than the same node's tp1 per GPU
+    # another node: its 1-GPU points are costed on its single GPU (the node's base), its TP points with collectives
     h200 = pd.DataFrame(predict_points.multigpu_rows("8x-h200")).set_index("point_id")
+    assert h200.loc["multigpu|llama-7b|tp1|fp16|1|4096", "interconnect_us"] == 0
     assert h200.loc["multigpu|llama-7b|tp2|fp16|1|4096", "interconnect_us"] > 0
     assert (h200.calibration == "calibrated").all()
 

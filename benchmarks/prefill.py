@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kvq_core.provenance import CSV_FIELDS, provenance
-    from kvq_kernels.decode_step import Weights, shape_from_config
+    from kvq_kernels.decode_step import Weights, graph_median_ms, shape_from_config
     from kvq_sim import api
     from kvq_sim.latency import prefill_seconds
     from kvq_sim.models import load_model
@@ -82,14 +82,7 @@ def main(argv=None) -> int:
         x = torch.randn(m, s.hidden, device="cuda", dtype=torch.float16)
         pos = torch.arange(m, device="cuda")
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            step = functools.partial(prefill, x, W, s, pos)
-            if not torch.isfinite(step()).all():
-                raise RuntimeError(f"non-finite logits at {m} tokens")
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
-        us = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
-        del g
+            us = graph_median_ms(functools.partial(prefill, x, W, s, pos), f"{m} tokens", 25, 200) * 1e3
         rows.append(dict(kind="prefill", name=args.model, tokens=m, time_us=round(us, 2),
                          predicted_us=round(prefill_seconds(dep, m) * 1e6, 2)))  # fmt: skip
         L = W.layers[0]

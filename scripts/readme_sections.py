@@ -9,6 +9,7 @@ every section and fails when the committed text differs. With names, only those 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import subprocess
@@ -35,6 +36,13 @@ def _run(cmd: list[str], cwd: Path = ROOT, check: bool = True, stderr: bool = Fa
     stderr first, as a terminal shows them before the table."""
     r = subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd)
     return (r.stderr if stderr else "") + r.stdout
+
+
+@functools.cache
+def _script(*args: str) -> str:
+    """stdout of this interpreter running `args` (a repository script and its arguments), once per generation: the
+    README headline and a doc section quote the same comparison."""
+    return _run([sys.executable, *args])
 
 
 def _shown(cmd: list[str], out: str) -> str:
@@ -103,7 +111,7 @@ def headline_table() -> str:
     mape = re.search(r"^PASS kernel: (\d+) held-out points.*?MAPE ([\d.]+%)", _run(VALIDATE, check=False), re.M)
     held = published.validate().overall("held_out")
     vs = _vs_dispatched()
-    out = _run([sys.executable, *H200_COLD[1:]])
+    out = _script(*H200_COLD[1:])
     cold = dict(
         kernels=re.search(r"^unchanged kernels: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
         steps=re.search(r"^decode steps: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
@@ -111,7 +119,7 @@ def headline_table() -> str:
     )
     mg = re.search(
         r"^all: (\d+) steps, MAPE ([\d.]+%), signed ([-+\d.]+%)",
-        _run([sys.executable, *MULTIGPU_H200_COLD[1:]]),
+        _script(*MULTIGPU_H200_COLD[1:]),
         re.M,
     )
     lines += [
@@ -319,7 +327,7 @@ H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predicti
 
 def h200_cold() -> str:
     """The H200 measurements against the predictions committed before them (transferred from the H100 fit)."""
-    return _shown(H200_COLD, _run([sys.executable, *H200_COLD[1:]]))
+    return _shown(H200_COLD, _script(*H200_COLD[1:]))
 
 
 def h200_validation() -> str:
@@ -347,7 +355,7 @@ VALIDATE_MULTIGPU_H200 = ["kvq-sim", "validate", "--gpu", "8x-h200", "--multigpu
 
 def multigpu_h200() -> str:
     """The 4x H200 sweep against the predictions committed before it, then `validate --multigpu` after its fit."""
-    cold = _run([sys.executable, *MULTIGPU_H200_COLD[1:]])
+    cold = _script(*MULTIGPU_H200_COLD[1:])
     fitted = _run(VALIDATE_MULTIGPU_H200, check=False)
     return _shown(MULTIGPU_H200_COLD, cold).rstrip("\n") + "\n" + _shown(VALIDATE_MULTIGPU_H200, fitted)
 

@@ -342,12 +342,23 @@ def plan(backends, kvq_bits, batches, contexts) -> list[StepPoint]:
     ]
 
 
+def graph_median_ms(step, what: str, warmup_ms: float, rep_ms: float) -> float:
+    """Median milliseconds of `step()` replayed from a CUDA graph (`triton.testing.do_bench`, L2 flushed). The step
+    runs once eagerly first and must return finite logits (RuntimeError naming `what` otherwise)."""
+    import triton.testing
+
+    if not torch.isfinite(step()).all():
+        raise RuntimeError(f"non-finite logits: {what}")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
 def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, warmup_ms=50, rep_ms=300) -> dict:
     """One point's E2E_FIELDS: the step captured in a CUDA graph and timed as the median replay
     (`triton.testing.do_bench`, whose 256 MiB L2-flush buffer counts in max_allocated_bytes). Replays rewrite the
     same slots, so each does one step's work. Raises RuntimeError on non-finite logits."""
-    import triton.testing
-
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -356,12 +367,7 @@ def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, 
     cache = random_cache(p.backend, p.bits, s, p.batch, p.context, "cuda", group, residual, launch)
     x = torch.randn(p.batch, s.hidden, device="cuda", dtype=torch.float16)
     step = functools.partial(decode_step, x, W, s, cache)
-    if not torch.isfinite(step()).all():
-        raise RuntimeError(f"non-finite logits: {p}")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    ms = graph_median_ms(step, str(p), warmup_ms, rep_ms)
     row = dict(
         backend=p.backend,
         bits=p.bits,
@@ -373,7 +379,7 @@ def time_step(s: Shape, W: Weights, p: StepPoint, group, residual, launch=None, 
         cache_bytes=cache.nbytes,
         max_allocated_bytes=torch.cuda.max_memory_allocated(),
     )
-    del g, step, cache
+    del step, cache
     return row
 
 

@@ -17,6 +17,7 @@ import os
 
 from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, sdpa_fn, time_rotation
+from kvq_kernels.decode_kivi import SIMT_CONFIG, WORDS_CONFIG
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
@@ -24,6 +25,15 @@ MHA_CONFIGS = [("simt", 64, 4, 3, True), ("simt", 32, 4, 1, True), ("simt", 64, 
 MHA_POINTS = [(1, 4096), (1, 131072), (32, 4096), (8, 32768)]
 #: --wide: more CUDA-core tiles and warp counts (BLOCK_N 16-64, 2-8 warps)
 MHA_WIDE = [("simt", 16, 4, 1, True), ("simt", 32, 2, 1, True), ("simt", 32, 8, 1, True), ("simt", 64, 8, 1, True)]
+#: --frag: the fragment-dequantizing kernel's launches against each layout's current default (GQA 32/8 and MHA
+#: 32/32, 2/4/8-bit), at short, long and batched points
+FRAG_CONFIGS = [
+    ("frag", 128, 4, 2, True),
+    ("frag", 128, 4, 1, True),
+    ("frag", 64, 4, 2, True),
+    ("frag", 128, 8, 2, True),
+]
+FRAG_POINTS = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 4096)]
 
 
 def _bits(text: str) -> list[int]:
@@ -35,9 +45,11 @@ def main() -> None:
     ap.add_argument("--gqa-bits", default="4,2,3", help="GQA 32/8 bit widths ('' for none)")
     ap.add_argument("--mha-bits", default="4,2,8", help="MHA 32/32 bit widths ('' for none)")
     ap.add_argument("--wide", action="store_true", help="also the MHA_WIDE CUDA-core configs")
+    ap.add_argument("--frag", action="store_true", help="FRAG_CONFIGS against the defaults at FRAG_POINTS instead")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     mha_configs = MHA_CONFIGS + (MHA_WIDE if args.wide else [])
+    gqa_configs, gqa_points, mha_points = GQA_CONFIGS, GQA_POINTS, MHA_POINTS
     rows = []
     prov = provenance(fields=CSV_FIELDS)
 
@@ -55,15 +67,23 @@ def main() -> None:
                              warps=warps, stages=stages, prefetch=prefetch, time_us=round(us, 2),
                              sdpa_us=round(sd, 2), **prov))  # fmt: skip
             print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
+        if rows:
+            write()  # after every point, so that a run stopped early keeps what it measured
 
-    for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), GQA_POINTS):
-        run(32, 8, bits, batch, t, GQA_CONFIGS)
-    for bits, (batch, t) in itertools.product(_bits(args.mha_bits), MHA_POINTS):
-        run(32, 32, bits, batch, t, mha_configs)
-    with open(os.path.join(os.environ.get("OUT", "."), args.name), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    def write():
+        with open(os.path.join(os.environ.get("OUT", "."), args.name), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    if args.frag:
+        gqa_points = mha_points = FRAG_POINTS
+        gqa_configs = [("tc", *WORDS_CONFIG, True)] + FRAG_CONFIGS
+    for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), gqa_points):
+        run(32, 8, bits, batch, t, gqa_configs)
+    for bits, (batch, t) in itertools.product(_bits(args.mha_bits), mha_points):
+        cfgs = [("simt", *SIMT_CONFIG[bits], True)] + FRAG_CONFIGS if args.frag else mha_configs
+        run(32, 32, bits, batch, t, cfgs)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ CASES = [
     ("kivi-num-warps-3", lambda x: kivi(x, num_warps=3), r"num_warps must be a power of two in \[1, 32\]"),
     ("kivi-num-warps-0", lambda x: kivi(x, num_warps=0), r"num_warps must be in \[1, 32\], got 0"),
     ("kivi-num-stages-0", lambda x: kivi(x, num_stages=0), r"num_stages must be in \[1, 8\], got 0"),
-    ("kivi-path-unknown", lambda x: kivi(x, path="fast"), r"path must be 'auto', 'tc', 'slice' or 'simt', got 'fast'"),
+    ("kivi-path-unknown", lambda x: kivi(x, path="fast"), r"path must be one of auto, frag, tc, slice, simt, got 'fast'"),
     ("kivi-simt-with-gqa", lambda x: kivi(x, path="simt"), r"path='simt' needs one query head per KV head"),
     ("kivi-sm-scale-negative", lambda x: kivi(x, sm_scale=-1.0), r"sm_scale must be positive"),
     # decode_kivi: q and the cache

@@ -29,8 +29,11 @@ PATHS = {True: ("tc", "slice", "simt"), False: ("tc", "slice")}
 
 
 def _cases():
+    from kvq_kernels.decode_kivi import frag_applies
+
     for c in CASES:
-        for path in PATHS[c[2] == c[3]]:
+        frag = ("frag",) if frag_applies(c[1], 128, c[4], False) else ()
+        for path in PATHS[c[2] == c[3]] + frag:
             yield pytest.param(*c, path, id=f"{c[0]}-{path}")
 
 

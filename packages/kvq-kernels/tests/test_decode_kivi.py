@@ -46,7 +46,19 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d32-one-plane-word", 3, 1, 2, 2, 32, 16, 32, 0, [77]),
     ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
 ]
-PATH_CASES = [(*c, p) for c in CASES for p in ("tc", "slice")] + [(*c, "simt") for c in MHA_CASES]
+# "frag" (decode_kivi_frag): uniform 2/4/8-bit, channel slices of >= 16 channels, group_size >= head_dim
+FRAG_CASES = [
+    ("frag-gqa-4bit-d64-sinks", 4, 2, 8, 2, 64, 64, 64, 2, [5, 300]),
+    ("frag-gqa-9/3-4bit-d64-odd", 4, 1, 9, 3, 64, 64, 64, 3, [201]),
+    ("frag-gqa-2bit-d128", 2, 1, 4, 2, 128, 128, 128, 0, [333]),
+    ("frag-mha-8bit-d32-partial", 8, 2, 2, 2, 32, 32, 32, 1, [70, 161]),
+    ("frag-gqa-8bit-d128-group256", 8, 1, 8, 1, 128, 256, 256, 0, [517]),
+]
+PATH_CASES = (
+    [(*c, p) for c in CASES for p in ("tc", "slice")]
+    + [(*c, "simt") for c in MHA_CASES]
+    + [(*c, "frag") for c in FRAG_CASES]
+)
 
 
 @pytest.mark.parametrize(

@@ -284,7 +284,7 @@ def resolved_config(cfg, bits: int, q_heads: int, kv_heads: int, context: int, g
     if cfg[0] != "auto":
         return cfg
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
-    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity)
+    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group)
     return (path, *launch_config(path, bits, group), cfg[4])
 
 

@@ -35,6 +35,7 @@ from ._launch import (
 )
 from .combine import alloc_partials, combine
 from .decode_fp16 import LOG2E, _dot
+from .decode_kivi_frag import _decode_kivi_frag_kernel
 from .decode_kivi_simt import _decode_kivi_simt_kernel
 from .decode_kivi_words import _decode_kivi_words_kernel
 from .kivi_layout import KiviCache, check_cache
@@ -498,18 +499,28 @@ WORDS_MAXNREG_ROWS = 16
 #: The fp16 tail program's tile in the word kernel: its registers count for every program. 32/8 heads, batch 1,
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
-PATHS = ("auto", "tc", "slice", "simt")
+#: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) default (BLOCK_N, num_warps, num_stages).
+FRAG_CONFIG = (128, 4, 2)
+PATHS = ("auto", "frag", "tc", "slice", "simt")
+
+
+def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
+    """Whether `decode_kivi_frag` reads this layout: uniform 2/4/8-bit codes, slices of at least 16 channels
+    (a dot's smallest width), one value group a row (group_size >= head_dim)."""
+    per = 16 // bits if bits in (2, 4, 8) else 0
+    return not nuq and per > 0 and head_dim % per == 0 and head_dim // per >= 16 and group_size >= head_dim
 
 
 def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]:
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "slice" the channel-slice one, "simt" the CUDA-core one. BLOCK_N is halved until it
     divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
-    if path == "tc":
-        bn = WORDS_CONFIG[0]
+    if path in ("tc", "frag"):
+        cfg = WORDS_CONFIG if path == "tc" else FRAG_CONFIG
+        bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2
-        return bn, WORDS_CONFIG[1], WORDS_CONFIG[2]
+        return bn, cfg[1], cfg[2]
     bn = TC_BLOCK_N.get(bits, 64) if path == "slice" else SIMT_CONFIG[bits][0]
     while bn > 1 and (bn > group_size or group_size % bn):
         bn //= 2
@@ -518,9 +529,12 @@ def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]
     return bn, SIMT_CONFIG[bits][1], SIMT_CONFIG[bits][2]
 
 
-def kernel_path(path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int, nuq: bool, max_len: int) -> str:
-    """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "tc" (the word kernel) or "slice" (channel
-    slices), from its `path` argument and the cache's shape. "tc" names the word kernel only where its whole-word
+def kernel_path(
+    path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int, nuq: bool, max_len: int, group_size: int
+) -> str:
+    """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "frag" (codes dequantized in the MMA operand
+    registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
+    shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
     where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
     SLICE_MAX_TOKENS."""
@@ -529,6 +543,12 @@ def kernel_path(path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int
         raise ValueError(
             "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
+    if path == "frag":
+        if not frag_applies(bits, head_dim, group_size, nuq):
+            raise ValueError(
+                "path='frag' needs uniform 2/4/8-bit codes, head_dim / (16 / bits) >= 16 and group_size >= head_dim"
+            )
+        return "frag"
     if path == "simt" or (path == "auto" and simt_ok):
         return "simt"
     # whole int32 words per row (3-bit: whole words of each plane)
@@ -591,7 +611,7 @@ def decode_kivi(
     if splits is not None:
         check_int("splits", splits, 1)
     if path not in PATHS:
-        raise ValueError(f"path must be 'auto', 'tc', 'slice' or 'simt', got {path!r}")
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     g = cache.group_size
     if max_len is None:
         max_len = cache.quant_capacity
@@ -603,8 +623,8 @@ def decode_kivi(
                 f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
                 "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
             )
-    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len)
-    simt, words = kernel == "simt", kernel == "tc"
+    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g)
+    simt, words = kernel == "simt", kernel in ("tc", "frag")
     bn0, warps0, stages0 = launch_config(kernel, cache.bits, g)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
@@ -638,6 +658,16 @@ def decode_kivi(
             BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
             DOT_DTYPE=dot_dtype,
             PREFETCH=prefetch, DEFER=defer, FMA=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return combine(m, l_part, acc, torch.empty_like(q))
+    if kernel == "frag":
+        _decode_kivi_frag_kernel[(batch * h_kv, n_split + n_tail)](
+            q, c.k_codes, c.k_codes.view(torch.int16), c.k_scale, c.k_zero, c.v_codes.view(torch.int16), c.v_scale,
+            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv,
+            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
+            BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
+            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(),
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if words:

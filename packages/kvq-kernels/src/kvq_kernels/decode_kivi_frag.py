@@ -1,0 +1,228 @@
+"""Fused dequantize + split-KV decode attention on tensor cores, codes dequantized in the MMA operand registers
+(2/4/8-bit uniform, value groups of at least head_dim channels).
+
+A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes
+each: container w holds channels PER * w + j at bit BITS * j. Code j of every container is channel slice j
+(channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same [W, BLOCK_N]
+(keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
+accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per
+pair of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code
+sits above the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's
+power of two, exact for these integers). Triton's dot-operand pass then moves the shared-memory round trip of
+the operand above the unpack: shared memory holds the 16-bit containers (the cache's own bytes, copied in by
+cp.async), `ldmatrix` loads them in the MMA fragment layout, and the fp16 codes exist only in registers. The
+word kernel (`decode_kivi_words`) unpacks in the load layout and so stores and re-reads every fp16 code
+through shared memory (4.5 bytes of shared-memory traffic for a 4-bit code).
+
+The query heads of a GQA group (padded to 16) are the rows of both dots, as in the word kernel. Key scales
+(per channel, one group a tile) fold into the query slices once per key group; value scales (per token) into
+the probabilities; softmax denominators and value zeros are kept per token and reduced once per program.
+Grid, splits, the fp16 tail programs and the combine pass are the word kernel's.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode_kivi_words import _tail_part
+
+
+@triton.constexpr_function
+def unpack_ptx(bits, j):
+    """PTX of one pair of 16-bit containers ($1, a b32) -> the fp16 pair (code j of each), exact.
+
+    Codes whose bits end at or below bit 10 are masked in place under the exponent of 1024 (0x6400): the fp16 is
+    1024 + c * 2**p, and one fma by 2**-p with -2**(10 - p) gives c. Higher codes are shifted down first and
+    lose the 1024 with a sub."""
+    p = bits * j
+    m = (1 << bits) - 1
+    if p + bits <= 10 and p > 0:
+        mul = (15 - p) << 10  # fp16 2**-p
+        add = 0x8000 | ((25 - p) << 10)  # fp16 -2**(10 - p)
+        return (
+            f"{{ .reg .b32 t, a, b; lop3.b32 t, $1, {(m << p) * 0x10001}, 0x64006400, 0xEA; "
+            f"mov.b32 a, {mul * 0x10001}; mov.b32 b, {add * 0x10001}; fma.rn.f16x2 $0, t, a, b; }}"
+        )
+    shift = f"shr.b32 t, $1, {p}; " if p else "mov.b32 t, $1; "
+    return (
+        f"{{ .reg .b32 t, c; {shift}lop3.b32 t, t, {m * 0x10001}, 0x64006400, 0xEA; "
+        "mov.b32 c, 0x64006400; sub.f16x2 $0, t, c; }"
+    )
+
+
+@triton.jit
+def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """int16 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through it)."""
+    if ASM:
+        return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+    else:  # CPU interpreter (no inline PTX); >> is arithmetic on int16, the mask drops the sign copies
+        return ((x >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _q_slice(Q, row0, offs_h, h_mask, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, qk_scale):
+    """The query's channel slice j [HQ_PAD, W] (channels PER * w + j), fp32, log2 units."""
+    q = tl.load(Q + (row0 + offs_h)[:, None] * HEAD_DIM + (offs_w * PER + j)[None, :], mask=h_mask[:, None], other=0.0)
+    return q.to(tl.float32) * qk_scale
+
+
+@triton.jit
+def _scaled(
+    q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, ok, DOT_DTYPE: tl.constexpr
+):
+    """Slice j of the query times key group g's scales (the dot's A operand) and its share of q . zero."""
+    ch = g * HEAD_DIM + offs_w * PER + j
+    ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
+    kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
+    return (q * ks[None, :]).to(DOT_DTYPE), tl.sum(q * kz[None, :], 1)
+
+
+@triton.jit
+def _store_slice(ACC_PART, prow, h_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr):
+    tl.store(ACC_PART + prow[:, None] * HEAD_DIM + (offs_w * PER + j)[None, :], acc, mask=h_mask[:, None])
+
+
+@triton.jit
+def _decode_kivi_frag_kernel(
+    Q, KC, KW, KS, KZ, VW, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, M_PART, L_PART, ACC_PART,
+    qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """KC: key code rows as bytes (the fp16 tail's quantized keys); KW / VW: key / value code rows as int16
+    containers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
+    PER: tl.constexpr = 16 // BITS
+    W: tl.constexpr = HEAD_DIM // PER  # containers a row
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H_KV
+    bh = pid_bh.to(tl.int64)  # = b * H_KV + h; every base offset below is 64-bit
+    seq_len = tl.load(LENS + b)
+    n_sink = tl.minimum(seq_len, S)
+    rest = seq_len - n_sink
+    n_kq = rest - rest % R
+    n_vq = rest - tl.minimum(rest, R)
+    offs_h = tl.arange(0, HQ_PAD)
+    h_mask = offs_h < HQ_PER_KV
+    row0 = bh * HQ_PER_KV
+    if split < NUM_SPLITS:
+        start = split * TOKENS_PER_SPLIT
+        end = tl.minimum(start + TOKENS_PER_SPLIT, n_vq)
+        offs_w = tl.arange(0, W)
+        ok = (offs_w * 0 + start) < end  # a split past n_vq reads no scales
+        g = bh * (T_QCAP // GROUP) + start // GROUP
+        # slices 0..PER-1 (PER is 2, 4 or 8); unused ones stay zero-sized work the compiler drops
+        q0 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
+        q1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
+        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
+        qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+        bias += z1
+        q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
+        qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
+        if PER >= 4:
+            q2 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 2, PER, HEAD_DIM, qk_scale)
+            q3 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 3, PER, HEAD_DIM, qk_scale)
+            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
+            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
+            bias += z2 + z3
+        if PER == 8:
+            q4 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 4, PER, HEAD_DIM, qk_scale)
+            q5 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 5, PER, HEAD_DIM, qk_scale)
+            q6 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 6, PER, HEAD_DIM, qk_scale)
+            q7 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 7, PER, HEAD_DIM, qk_scale)
+            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
+            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
+            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
+            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
+            bias += z4 + z5 + z6 + z7
+        m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
+        # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
+        l_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
+        z_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
+        a0 = tl.zeros([HQ_PAD, W], tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+        kw_base = KW + bh * T_QCAP * W
+        vw_base = VW + bh * T_QCAP * W
+        for t0 in range(start, end, BLOCK_N):
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            kt = tl.load(kw_base + offs_n[None, :] * W + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
+            vt = tl.load(vw_base + offs_n[:, None] * W + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+            if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
+                g = bh * (T_QCAP // GROUP) + t0 // GROUP
+                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
+                qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+                bias += z1
+                if PER >= 4:
+                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    bias += z2 + z3
+                if PER == 8:
+                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    bias += z4 + z5 + z6 + z7
+            qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
+            qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            if PER >= 4:
+                qk = _dot_acc(qs2, _codes(kt, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs3, _codes(kt, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            if PER == 8:
+                qk = _dot_acc(qs4, _codes(kt, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs5, _codes(kt, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs6, _codes(kt, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs7, _codes(kt, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_n = l_n * alpha[:, None] + p
+            rows = bh * T_QCAP + offs_n
+            vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
+            vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
+            z_n = z_n * alpha[:, None] + p * vz[None, :]
+            pv = (p * vs[None, :]).to(DOT_DTYPE)
+            a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
+            a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
+            if PER >= 4:
+                a2 = _dot_acc(pv, _codes(vt, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
+                a3 = _dot_acc(pv, _codes(vt, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
+            if PER == 8:
+                a4 = _dot_acc(pv, _codes(vt, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
+                a5 = _dot_acc(pv, _codes(vt, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
+                a6 = _dot_acc(pv, _codes(vt, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
+                a7 = _dot_acc(pv, _codes(vt, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
+            m_i = m_new
+        zsum = tl.sum(z_n, 1)[:, None]  # every channel's value zero, weighted by p
+        prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
+        tl.store(M_PART + prow, m_i, mask=h_mask)
+        tl.store(L_PART + prow, tl.sum(l_n, 1), mask=h_mask)
+        _store_slice(ACC_PART, prow, h_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
+        _store_slice(ACC_PART, prow, h_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
+        if PER >= 4:
+            _store_slice(ACC_PART, prow, h_mask, a2 + zsum, offs_w, 2, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a3 + zsum, offs_w, 3, PER, HEAD_DIM)
+        if PER == 8:
+            _store_slice(ACC_PART, prow, h_mask, a4 + zsum, offs_w, 4, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a5 + zsum, offs_w, 5, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a6 + zsum, offs_w, 6, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, h_mask, a7 + zsum, offs_w, 7, PER, HEAD_DIM)
+    else:
+        t_lo = (split - NUM_SPLITS) * TAIL_TOKENS
+        _tail_part(
+            Q, KC, KS, KZ, KRES, VWIN, KSINK, VSINK, M_PART, L_PART, ACC_PART,
+            qk_scale, bh, T_QCAP, R, S, n_sink, rest, n_kq, n_vq, split, NUM_SPLITS + N_TAIL, t_lo, t_lo + TAIL_TOKENS,
+            BITS, GROUP, HQ_PER_KV, HQ_PAD, HEAD_DIM, TAIL_N, DOT_DTYPE,
+        )  # fmt: skip

@@ -26,14 +26,17 @@ MHA_POINTS = [(1, 4096), (1, 131072), (32, 4096), (8, 32768)]
 #: --wide: more CUDA-core tiles and warp counts (BLOCK_N 16-64, 2-8 warps)
 MHA_WIDE = [("simt", 16, 4, 1, True), ("simt", 32, 2, 1, True), ("simt", 32, 8, 1, True), ("simt", 64, 8, 1, True)]
 #: --frag: the fragment-dequantizing kernel's launches against each layout's current default (GQA 32/8 and MHA
-#: 32/32, 2/4/8-bit), at short, long and batched points
+#: 32/32), at short, long and batched points; --frag-wide adds 2 warps and 3 stages
 FRAG_CONFIGS = [
     ("frag", 128, 4, 2, True),
     ("frag", 128, 4, 1, True),
     ("frag", 64, 4, 2, True),
     ("frag", 128, 8, 2, True),
 ]
+FRAG_WIDE = [("frag", 64, 4, 3, True), ("frag", 128, 4, 3, True), ("frag", 64, 2, 2, True), ("frag", 64, 2, 3, True),
+             ("frag", 128, 2, 2, True), ("frag", 32, 2, 2, True), ("slice", 128, 4, 1, True)]  # fmt: skip
 FRAG_POINTS = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 4096)]
+FRAG_WIDE_POINTS = [(1, 4096), (1, 131072), (8, 32768), (32, 4096)]
 
 
 def _bits(text: str) -> list[int]:
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--mha-bits", default="4,2,8", help="MHA 32/32 bit widths ('' for none)")
     ap.add_argument("--wide", action="store_true", help="also the MHA_WIDE CUDA-core configs")
     ap.add_argument("--frag", action="store_true", help="FRAG_CONFIGS against the defaults at FRAG_POINTS instead")
+    ap.add_argument("--frag-wide", action="store_true", help="--frag with FRAG_WIDE too, at FRAG_WIDE_POINTS")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     mha_configs = MHA_CONFIGS + (MHA_WIDE if args.wide else [])
@@ -76,13 +80,14 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
 
-    if args.frag:
-        gqa_points = mha_points = FRAG_POINTS
-        gqa_configs = [("tc", *WORDS_CONFIG, True)] + FRAG_CONFIGS
+    frag_configs = FRAG_CONFIGS + (FRAG_WIDE if args.frag_wide else [])
+    if args.frag or args.frag_wide:
+        gqa_points = mha_points = FRAG_WIDE_POINTS if args.frag_wide else FRAG_POINTS
+        gqa_configs = [("tc", *WORDS_CONFIG, True)] + frag_configs
     for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), gqa_points):
         run(32, 8, bits, batch, t, gqa_configs)
     for bits, (batch, t) in itertools.product(_bits(args.mha_bits), mha_points):
-        cfgs = [("simt", *SIMT_CONFIG[bits], True)] + FRAG_CONFIGS if args.frag else mha_configs
+        cfgs = [("simt", *SIMT_CONFIG[bits], True)] + frag_configs if (args.frag or args.frag_wide) else mha_configs
         run(32, 32, bits, batch, t, cfgs)
 
 

@@ -113,7 +113,7 @@ def main() -> None:
                 nbytes = kv_bytes(bits, batch, hkv, t, GROUP)
                 us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, GROUP, AUTO_CONFIG), nbytes)
                 times[f"kivi{bits}"] = us
-                cfg = config_name(resolved_config(AUTO_CONFIG, bits, hq, hkv, t, GROUP))
+                cfg = config_name(resolved_config(AUTO_CONFIG, bits, batch, hq, hkv, t, GROUP))
                 w.writerow(row(impl="kvq_kivi", bits=bits, kv_bytes_read=nbytes, time_us=us, sdpa_us=base, config=cfg))
             fh.flush()
             table.append((hq, hkv, batch, t, chosen, times))

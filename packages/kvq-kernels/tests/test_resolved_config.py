@@ -4,24 +4,36 @@ import pytest
 
 from kvq_kernels import benchmarking
 from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
-from kvq_kernels.decode_kivi import SLICE_MAX_TOKENS, WORDS_CONFIG
+from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_FEW_ROWS_CONFIG, SLICE_MAX_TOKENS, WORDS_CONFIG, launch_config
 
 
 def test_auto_resolves_per_point():
-    assert resolved_config(AUTO_CONFIG, 4, 32, 8, SLICE_MAX_TOKENS, 128) == ("slice", 128, 4, 1, True)
-    assert resolved_config(AUTO_CONFIG, 2, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
-    # one token more rounds the random cache up a whole 128-token block past the threshold
-    assert resolved_config(AUTO_CONFIG, 4, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("tc", *WORDS_CONFIG, True)
-    assert resolved_config(AUTO_CONFIG, 3, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
-    assert resolved_config(AUTO_CONFIG, 8, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
-    assert resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128) == ("simt", 32, 2, 1, True)
-    assert resolved_config(AUTO_CONFIG, 2, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
-    assert config_name(resolved_config(AUTO_CONFIG, 4, 32, 32, 4096, 128)) == "simt-bn32-w2-s1-pf"
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS, 128) == ("slice", 128, 4, 1, True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
+    # one token more rounds the random cache up a whole 128-token block past the threshold; batch 2 x 8 heads
+    # is the most rows that take the few-rows launch
+    assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
+    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 3, True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128) == ("simt", 32, 2, 1, True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128)) == "simt-bn32-w2-s1-pf"
+
+
+def test_frag_launch_by_rows():
+    assert launch_config("frag", 4, 128, 16) == FRAG_FEW_ROWS_CONFIG[4]
+    assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4]
+    assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]  # rows unknown: the many-rows launch
+    assert launch_config("frag", 8, 128, 1) == FRAG_CONFIG[8]
+    assert launch_config("frag", 4, 256, 1)[0] == 128
 
 
 def test_named_configs_pass_through():
     cfg = ("tc", 64, 4, 1, True)
-    assert resolved_config(cfg, 4, 32, 8, 1024, 128) is cfg
+    assert resolved_config(cfg, 4, 1, 32, 8, 1024, 128) is cfg
 
 
 def test_sdpa_fn_refuses_an_unknown_backend_before_allocating():

@@ -277,7 +277,7 @@ PROBE_CONFIGS = {
 }  # fmt: skip
 
 
-def resolved_config(cfg, bits: int, q_heads: int, kv_heads: int, context: int, group: int) -> tuple:
+def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, context: int, group: int) -> tuple:
     """The launch config a call with `cfg` runs at one point: AUTO_CONFIG resolved as decode_kivi resolves it
     (its kernel_path and launch_config, with max_len = the quantized capacity of random_kivi's cache); any other
     config unchanged."""
@@ -285,7 +285,7 @@ def resolved_config(cfg, bits: int, q_heads: int, kv_heads: int, context: int, g
         return cfg
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
     path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group)
-    return (path, *launch_config(path, bits, group), cfg[4])
+    return (path, *launch_config(path, bits, group, batch * kv_heads), cfg[4])
 
 
 def config_name(cfg) -> str:
@@ -410,7 +410,7 @@ def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start,
                     cfg = configs[(bits, hq, hkv)]
                     fn = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg)
                     us = time_rotation(fn, nbytes, rep_ms=rep_ms)
-                    impl, config = "kvq_kivi", config_name(resolved_config(cfg, bits, hq, hkv, t, group))
+                    impl, config = "kvq_kivi", config_name(resolved_config(cfg, bits, batch, hq, hkv, t, group))
                 r = row(impl=impl, time_us=us, sdpa_us=sdpa_us, config=config)
                 w.writerow(r)
                 fh.flush()

@@ -499,8 +499,17 @@ WORDS_MAXNREG_ROWS = 16
 #: The fp16 tail program's tile in the word kernel: its registers count for every program. 32/8 heads, batch 1,
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
-#: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) default (BLOCK_N, num_warps, num_stages).
-FRAG_CONFIG = (128, 4, 2)
+#: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
+#: width, and for 4-bit launches of at most FRAG_FEW_ROWS rows (batch x kv heads, where the context is split
+#: over many programs): tune_frag_h200.csv (tune_paths.py --frag-wide, H200, 32/8 heads, group 128; us at 128K
+#: batch 1 / 32K batch 8 / 4K batch 32). 4-bit (64, 4, 3): 127.5 / 228.2 / 112.9, (128, 2, 2): 100.3 / 271.8 /
+#: 118.3, (128, 4, 2): 122.1 / 260.9 / 128.4; the word kernel 154.3 / 348.0 / 171.9. 8-bit (64, 4, 3): 134.3 /
+#: 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel 158.6 / 329.3 / 164.0. 2-bit is slower on
+#: this kernel at every launch (eight 16-channel slices: 128K batch 1 152.7 us at best against the word
+#: kernel's 144.5; 32K batch 8 409.9 against 339.8), so `auto` keeps it on the word kernel.
+FRAG_CONFIG = {2: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
+FRAG_FEW_ROWS_CONFIG = {4: (128, 2, 2)}
+FRAG_FEW_ROWS = 16
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
@@ -511,12 +520,17 @@ def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     return not nuq and per > 0 and head_dim % per == 0 and head_dim // per >= 16 and group_size >= head_dim
 
 
-def launch_config(path: str, bits: int, group_size: int) -> tuple[int, int, int]:
+def launch_config(path: str, bits: int, group_size: int, rows: int | None = None) -> tuple[int, int, int]:
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
-    (`decode_kivi_words`), "slice" the channel-slice one, "simt" the CUDA-core one. BLOCK_N is halved until it
-    divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
+    (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
+    CUDA-core one. rows (batch x kv heads) picks the frag kernel's few-rows launch (FRAG_FEW_ROWS); None counts
+    as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups run the
+    smaller tiles' settings)."""
     if path in ("tc", "frag"):
-        cfg = WORDS_CONFIG if path == "tc" else FRAG_CONFIG
+        cfg = WORDS_CONFIG
+        if path == "frag":
+            few = rows is not None and rows <= FRAG_FEW_ROWS and bits in FRAG_FEW_ROWS_CONFIG
+            cfg = FRAG_FEW_ROWS_CONFIG[bits] if few else FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2
@@ -536,8 +550,8 @@ def kernel_path(
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
-    where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
-    SLICE_MAX_TOKENS."""
+    where its word layout applies; for GQA slice for 2/4-bit uniform codes when max_len is at most
+    SLICE_MAX_TOKENS, else frag for 4/8-bit where it applies, else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -557,6 +571,8 @@ def kernel_path(
         return "slice"
     if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
         return "slice"  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
+    if path == "auto" and bits in (4, 8) and frag_applies(bits, head_dim, group_size, nuq):
+        return "frag"  # FRAG_CONFIG: faster than the word kernel at every tuned point
     return "tc"
 
 
@@ -590,10 +606,10 @@ def decode_kivi(
     always is; default the quantized capacity (no host sync). validate_lens=True reads lens on the host
     (one device sync) to check them against the capacity and max_len; False skips that sync (for
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
-    `decode_kivi_words` for uniform codes, channel slices for nuq), "slice" (channel slices
-    always), "simt" (CUDA cores, `decode_kivi_simt`; one query head per KV head only) or "auto" (simt for
-    MHA where its word layout applies, else tc, except slice for 2/4-bit uniform codes when max_len is at most
-    SLICE_MAX_TOKENS). block_n (a power of two in [16, 256] dividing group_size),
+    `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
+    2/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
+    query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
+    2/4-bit caches of at most SLICE_MAX_TOKENS on slices, 4/8-bit on frag, the rest on tc). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
     (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
@@ -625,7 +641,7 @@ def decode_kivi(
             )
     kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g)
     simt, words = kernel == "simt", kernel in ("tc", "frag")
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, batch * h_kv)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)

@@ -510,7 +510,6 @@ WORDS_TAIL_N = 16
 FRAG_CONFIG = {2: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
 FRAG_FEW_ROWS_CONFIG = {4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16
-FRAG_LEAN = True
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
@@ -684,7 +683,7 @@ def decode_kivi(
             c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
             BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
             BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(),
-            LEAN=FRAG_LEAN, num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if words:

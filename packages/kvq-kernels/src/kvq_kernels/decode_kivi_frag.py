@@ -97,12 +97,10 @@ def _decode_kivi_frag_kernel(
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, LEAN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """KC: key code rows as bytes (the fp16 tail's quantized keys); KW / VW: key / value code rows as int16
-    containers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its tail.
-    LEAN: the query slices are reloaded at each key group and the softmax sums kept per row (fewer registers)
-    instead of held in fp32 and kept per token."""
+    containers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
     PER: tl.constexpr = 16 // BITS
     W: tl.constexpr = HEAD_DIM // PER  # containers a row
     pid_bh = tl.program_id(0)
@@ -151,8 +149,6 @@ def _decode_kivi_frag_kernel(
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
         l_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
         z_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
-        l_i = tl.zeros([HQ_PAD], tl.float32)  # LEAN: the same sums per row
-        z_i = tl.zeros([HQ_PAD], tl.float32)
         a0 = tl.zeros([HQ_PAD, W], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         kw_base = KW + bh * T_QCAP * W
@@ -164,35 +160,18 @@ def _decode_kivi_frag_kernel(
             vt = tl.load(vw_base + offs_n[:, None] * W + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
-                if LEAN:
-                    r0 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
-                    r1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
-                else:
-                    r0, r1 = q0, q1
-                qs0, bias = _scaled(r0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
-                qs1, z1 = _scaled(r1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
+                qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
                 bias += z1
                 if PER >= 4:
-                    if LEAN:
-                        r2 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 2, PER, HEAD_DIM, qk_scale)
-                        r3 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 3, PER, HEAD_DIM, qk_scale)
-                    else:
-                        r2, r3 = q2, q3
-                    qs2, z2 = _scaled(r2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs3, z3 = _scaled(r3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z2 + z3
                 if PER == 8:
-                    if LEAN:
-                        r4 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 4, PER, HEAD_DIM, qk_scale)
-                        r5 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 5, PER, HEAD_DIM, qk_scale)
-                        r6 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 6, PER, HEAD_DIM, qk_scale)
-                        r7 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 7, PER, HEAD_DIM, qk_scale)
-                    else:
-                        r4, r5, r6, r7 = q4, q5, q6, q7
-                    qs4, z4 = _scaled(r4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs5, z5 = _scaled(r5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs6, z6 = _scaled(r6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs7, z7 = _scaled(r7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z4 + z5 + z6 + z7
             qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
             qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
@@ -209,17 +188,11 @@ def _decode_kivi_frag_kernel(
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
-            if LEAN:
-                l_i = l_i * alpha + tl.sum(p, 1)
-            else:
-                l_n = l_n * alpha[:, None] + p
+            l_n = l_n * alpha[:, None] + p
             rows = bh * T_QCAP + offs_n
             vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
             vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
-            if LEAN:
-                z_i = z_i * alpha + tl.sum(p * vz[None, :], 1)
-            else:
-                z_n = z_n * alpha[:, None] + p * vz[None, :]
+            z_n = z_n * alpha[:, None] + p * vz[None, :]
             pv = (p * vs[None, :]).to(DOT_DTYPE)
             a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
             a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
@@ -232,13 +205,10 @@ def _decode_kivi_frag_kernel(
                 a6 = _dot_acc(pv, _codes(vt, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
                 a7 = _dot_acc(pv, _codes(vt, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
             m_i = m_new
-        if not LEAN:
-            l_i = tl.sum(l_n, 1)
-            z_i = tl.sum(z_n, 1)
-        zsum = z_i[:, None]  # every channel's value zero, weighted by p
+        zsum = tl.sum(z_n, 1)[:, None]  # every channel's value zero, weighted by p
         prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i, mask=h_mask)
-        tl.store(L_PART + prow, l_i, mask=h_mask)
+        tl.store(L_PART + prow, tl.sum(l_n, 1), mask=h_mask)
         _store_slice(ACC_PART, prow, h_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
         _store_slice(ACC_PART, prow, h_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
         if PER >= 4:

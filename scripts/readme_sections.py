@@ -204,6 +204,22 @@ def kernel_table() -> str:
     return _run([sys.executable, str(SUMMARIZE), str(KERNEL_CSV)]).rstrip("\n") + "\n"
 
 
+#: the H200 sweep of the kernels decode_kivi runs now (the fragment kernel for GQA 4/8-bit)
+H200_SWEEP = MEASURED / "kernel_decode_h200_v2.csv"
+BENCH_DECODE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "bench_decode.py"
+
+
+def kernel_table_h200() -> str:
+    """`summarize.py`'s tables from the committed H200 sweep."""
+    return _run([sys.executable, str(SUMMARIZE), str(H200_SWEEP)]).rstrip("\n") + "\n"
+
+
+def kernel_targets_h200() -> str:
+    """The issue's kernel targets checked on the committed H200 sweep (`bench_decode.py --targets`)."""
+    cmd = ["python", str(BENCH_DECODE.relative_to(ROOT)), "--targets", str(H200_SWEEP.relative_to(ROOT))]
+    return _shown(cmd, _run([sys.executable, *cmd[1:]]))
+
+
 SDPA_BACKEND_CSVS = ("sdpa_backends_h100.csv", "sdpa_backends_h200.csv")
 
 
@@ -319,10 +335,12 @@ def validation_output() -> str:
     return _shown(VALIDATE, _run(VALIDATE, check=False))
 
 
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200.csv", "reports/measurements/e2e_decode_h200.csv"
+# the H200 is calibrated on its latest sweep; the cold predictions were made for (and compare against) the first
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v2.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
-H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv", H200_KERNEL,
-             "--e2e", H200_E2E]  # fmt: skip
+H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
+             H200_KERNEL_COLD, "--e2e", H200_E2E]  # fmt: skip
 
 
 def h200_cold() -> str:
@@ -810,6 +828,8 @@ SECTIONS = {
     "plan-output": plan_output,
     "report-output": report_output,
     "kernel-table": kernel_table,
+    "kernel-table-h200": kernel_table_h200,
+    "kernel-targets-h200": kernel_targets_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
     "validation-output": validation_output,
@@ -850,7 +870,13 @@ DOCS = {
     "docs/quality.md": ("quality-table", "quality-targets", "calibration-ablation", "generate-table"),
     "packages/kvq-core/README.md": ("quickstart", "methods-table", "seed-coverage", "calibration-output"),
     "packages/kvq-sim/README.md": ("plan-batch-output", "list-gpus-output", "sim-api-output", "claims-table"),
-    "packages/kvq-kernels/README.md": ("kvq-bench-validate", "kvq-bench-validate-h200", "kernel-table"),
+    "packages/kvq-kernels/README.md": (
+        "kvq-bench-validate",
+        "kvq-bench-validate-h200",
+        "kernel-table",
+        "kernel-table-h200",
+    ),
+    "docs/kernel-performance.md": ("kernel-targets-h200",),
 }
 
 

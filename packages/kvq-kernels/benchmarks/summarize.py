@@ -44,7 +44,7 @@ def targets(rows) -> str:
     p4, p2 = point(4), point(2)
     hbm = float(kvq[0]["hbm_read_tb_s"])
     lines = [
-        "| target (H100, batch 1, 32 heads, head_dim 128, 128K context unless stated) | goal | measured | met |",
+        "| target (batch 1, 32 heads, head_dim 128, 128K context unless stated) | goal | measured | met |",
         "| --- | --- | --- | --- |",
         f"| 4-bit (group 128) vs SDPA fp16 | >= 3.3x | {p4:.2f}x | {'yes' if p4 >= 3.3 else 'no'} |",
         f"| 2-bit (group 128) vs SDPA fp16 | >= 6x | {p2:.2f}x | {'yes' if p2 >= 6 else 'no'} |",

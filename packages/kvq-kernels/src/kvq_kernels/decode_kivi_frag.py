@@ -121,7 +121,7 @@ def _decode_kivi_frag_kernel(
         offs_w = tl.arange(0, W)
         ok = (offs_w * 0 + start) < end  # a split past n_vq reads no scales
         g = bh * (T_QCAP // GROUP) + start // GROUP
-        # slices 0..PER-1 (PER is 2, 4 or 8); unused ones stay zero-sized work the compiler drops
+        # slices 0..PER-1 (PER is 2, 4 or 8); the names past PER - 1 alias slice 0 and are never used
         q0 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
         q1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
         qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)

@@ -17,7 +17,7 @@ import os
 
 from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, sdpa_fn, time_rotation
-from kvq_kernels.decode_kivi import SIMT_CONFIG, WORDS_CONFIG
+from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
@@ -50,8 +50,14 @@ def main() -> None:
     ap.add_argument("--wide", action="store_true", help="also the MHA_WIDE CUDA-core configs")
     ap.add_argument("--frag", action="store_true", help="FRAG_CONFIGS against the defaults at FRAG_POINTS instead")
     ap.add_argument("--frag-wide", action="store_true", help="--frag with FRAG_WIDE too, at FRAG_WIDE_POINTS")
+    ap.add_argument(
+        "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
+    )
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
+    if args.container_bits:
+        for b in FRAG_CONTAINER_BITS:
+            FRAG_CONTAINER_BITS[b] = args.container_bits
     mha_configs = MHA_CONFIGS + (MHA_WIDE if args.wide else [])
     gqa_configs, gqa_points, mha_points = GQA_CONFIGS, GQA_POINTS, MHA_POINTS
     rows = []
@@ -68,7 +74,8 @@ def main() -> None:
                 continue
             path, bn, warps, stages, prefetch = cfg
             rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=path, block_n=bn,
-                             warps=warps, stages=stages, prefetch=prefetch, time_us=round(us, 2),
+                             warps=warps, stages=stages, prefetch=prefetch,
+                             container_bits=FRAG_CONTAINER_BITS[bits] if path == "frag" else "", time_us=round(us, 2),
                              sdpa_us=round(sd, 2), **prov))  # fmt: skip
             print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
         if rows:

@@ -54,6 +54,23 @@ FRAG_CASES = [
     ("frag-mha-8bit-d32-partial", 8, 2, 2, 2, 32, 32, 32, 1, [70, 161]),
     ("frag-gqa-8bit-d128-group256", 8, 1, 8, 1, 128, 256, 256, 0, [517]),
 ]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_frag_with_eight_bit_containers(bits, device, dtype, monkeypatch):
+    """FRAG_CONTAINER_BITS 8 (the untimed container width): the same attention as the fp64 reference."""
+    from kvq_kernels import decode_kivi as dk
+
+    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, 8)
+    c = random_cache(2, 2, 64, 400, bits, 64, 64, 2, [7, 301], device, seed=5)
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    ref = decode_kivi_reference(q, c)
+    same_math = decode_kivi_reference(q, c, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
+    out = decode_kivi(q, c, splits=2, block_n=16, path="frag")
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * (same_math.double() - ref).abs().max().item() + 1e-6, err
+
+
 PATH_CASES = (
     [(*c, p) for c in CASES for p in ("tc", "slice")]
     + [(*c, "simt") for c in MHA_CASES]

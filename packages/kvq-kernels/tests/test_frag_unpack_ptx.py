@@ -7,14 +7,14 @@ import re
 import numpy as np
 import pytest
 
-from kvq_kernels.decode_kivi_frag import unpack_ptx
+from kvq_kernels.decode_kivi_frag import unpack_ptx, unpack_ptx8
 
-OPS = re.compile(r"(shr\.b32|lop3\.b32|mov\.b32|sub\.f16x2|fma\.rn\.f16x2) ([^;]+);")
+OPS = re.compile(r"(shr\.b32|lop3\.b32|mov\.b32|prmt\.b32|sub\.f16x2|fma\.rn\.f16x2) ([^;]+);")
 
 
-def _ptx(bits: int, j: int) -> str:
-    fn = getattr(unpack_ptx, "fn", unpack_ptx)  # triton.constexpr_function wraps the plain function
-    return fn(bits, j)
+def _ptx(bits: int, j: int, container: int = 16) -> str:
+    f = unpack_ptx if container == 16 else unpack_ptx8
+    return getattr(f, "fn", f)(bits, j)  # triton.constexpr_function wraps the plain function
 
 
 def _halves(word: int) -> np.ndarray:
@@ -26,9 +26,9 @@ def _from_halves(h: np.ndarray) -> int:
     return lo | hi << 16
 
 
-def _emulate(ptx: str, x: int) -> np.ndarray:
-    """Run the block on input register $1 = x; returns $0 as two fp16."""
-    reg = {"$1": x}
+def _emulate(ptx: str, x: int, inp: str = "$1") -> dict:
+    """Run the block on input register `inp` = x; returns the registers."""
+    reg = {inp: x}
 
     def val(tok: str) -> int:
         tok = tok.strip()
@@ -42,6 +42,9 @@ def _emulate(ptx: str, x: int) -> np.ndarray:
             reg[a[0]] = val(a[1])
         elif op == "shr.b32":
             reg[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "prmt.b32":  # byte k of the result: byte (selector nibble k) of {b, a}
+            src = val(a[1]) | val(a[2]) << 32
+            reg[a[0]] = sum(((src >> 8 * ((val(a[3]) >> 4 * k) & 7)) & 0xFF) << 8 * k for k in range(4))
         elif op == "lop3.b32":
             assert a[4] == "0xEA"  # (a & b) | c
             reg[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
@@ -50,7 +53,7 @@ def _emulate(ptx: str, x: int) -> np.ndarray:
         else:  # fma.rn.f16x2: one rounding of the exact product-sum
             prod = _halves(val(a[1])).astype(np.float64) * _halves(val(a[2])) + _halves(val(a[3]))
             reg[a[0]] = _from_halves(prod.astype(np.float16))
-    return _halves(reg["$0"])
+    return reg
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -65,13 +68,33 @@ def test_every_code_of_every_slice_comes_back_exact(bits):
             other = int(rng.integers(0, 1 << bits))
             lo = int(rng.integers(0, 1 << 16)) & ~(m << bits * j) | c << bits * j
             hi = int(rng.integers(0, 1 << 16)) & ~(m << bits * j) | other << bits * j
-            out = _emulate(ptx, lo | hi << 16)
+            out = _halves(_emulate(ptx, lo | hi << 16)["$0"])
             assert out.tolist() == [float(c), float(other)], (bits, j, c, ptx)
 
 
-def test_blocks_use_only_the_emulated_instructions():
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_eight_bit_containers_come_back_exact_and_in_order(bits):
+    """Four 8-bit containers a register: container k's code j lands in output element k ($0 low, $0 high, $1 low,
+    $1 high), whatever the other slots hold."""
+    per, m = 8 // bits, (1 << bits) - 1
+    rng = np.random.default_rng(10 + bits)
+    for j in range(per):
+        ptx = _ptx(bits, j, 8)
+        for c in range(1 << bits):
+            codes = [c] + [int(x) for x in rng.integers(0, 1 << bits, 3)]
+            word = 0
+            for k, code in enumerate(codes):
+                byte = int(rng.integers(0, 256)) & ~(m << bits * j) | code << bits * j
+                word |= byte << 8 * k
+            reg = _emulate(ptx, word, "$2")
+            out = np.concatenate([_halves(reg["$0"]), _halves(reg["$1"])])
+            assert out.tolist() == [float(x) for x in codes], (bits, j, codes, ptx)
+
+
+@pytest.mark.parametrize("container", [16, 8])
+def test_blocks_use_only_the_emulated_instructions(container):
     for bits in (2, 4, 8):
-        for j in range(16 // bits):
-            body = _ptx(bits, j).strip("{} ")
-            stmts = [s.strip() for s in body.split(";") if s.strip() and not s.strip().startswith(".reg")]
-            assert len(stmts) == len(OPS.findall(_ptx(bits, j))), _ptx(bits, j)
+        for j in range(container // bits):
+            ptx = _ptx(bits, j, container)
+            stmts = [s.strip() for s in ptx.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
+            assert len(stmts) == len(OPS.findall(ptx)), ptx

@@ -510,13 +510,18 @@ WORDS_TAIL_N = 16
 FRAG_CONFIG = {2: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
 FRAG_FEW_ROWS_CONFIG = {4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16
+#: Container width (bits) the fragment kernel reads a row in, per code width: 16 (measured above) or 8, where
+#: 2-bit codes make 4 slices of 32 channels instead of 8 of 16 and 4-bit 2 of 64. Width 8 compiles for sm_90
+#: (Triton 3.6: the codes stay int8 in shared memory, unpacked in the operand registers) and passes the
+#: interpreter tests, but has not been timed on a GPU: no launch default uses it yet.
+FRAG_CONTAINER_BITS = {2: 16, 4: 16, 8: 16}
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
 def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     """Whether `decode_kivi_frag` reads this layout: uniform 2/4/8-bit codes, slices of at least 16 channels
-    (a dot's smallest width), one value group a row (group_size >= head_dim)."""
-    per = 16 // bits if bits in (2, 4, 8) else 0
+    (a dot's smallest width) in FRAG_CONTAINER_BITS containers, one value group a row (group_size >= head_dim)."""
+    per = FRAG_CONTAINER_BITS[bits] // bits if bits in (2, 4, 8) else 0
     return not nuq and per > 0 and head_dim % per == 0 and head_dim // per >= 16 and group_size >= head_dim
 
 
@@ -677,13 +682,15 @@ def decode_kivi(
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if kernel == "frag":
+        container = FRAG_CONTAINER_BITS[c.bits]
+        cdt = torch.int8 if container == 8 else torch.int16
         _decode_kivi_frag_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(torch.int16), c.k_scale, c.k_zero, c.v_codes.view(torch.int16), c.v_scale,
+            q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes.view(cdt), c.v_scale,
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv,
             c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
             BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
             BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(),
-            num_warps=num_warps, num_stages=num_stages,
+            CONTAINER=container, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if words:

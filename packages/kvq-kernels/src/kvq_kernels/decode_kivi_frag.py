@@ -2,7 +2,8 @@
 (2/4/8-bit uniform, value groups of at least head_dim channels).
 
 A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes
-each: container w holds channels PER * w + j at bit BITS * j. Code j of every container is channel slice j
+each: container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAINER = 8: PER = 8 / BITS, the
+same rule byte by byte). Code j of every container is channel slice j
 (channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same [W, BLOCK_N]
 (keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
 accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per
@@ -51,13 +52,36 @@ def unpack_ptx(bits, j):
     )
 
 
+@triton.constexpr_function
+def unpack_ptx8(bits, j):
+    """PTX of four 8-bit containers ($2, one b32) -> four fp16 (code j of each) in $0 (containers 0, 1) and $1
+    (2, 3), exact: two PRMTs spread the bytes into 16-bit lanes, then per pair one LOP3 (code j masked in place
+    under the exponent of 1024; an 8-bit container's codes never pass bit 10) and one fma by 2**-p with
+    -2**(10 - p)."""
+    p = bits * j
+    m = ((1 << bits) - 1) << p
+    mul = ((15 - p) << 10) * 0x10001  # fp16 2**-p, twice
+    add = (0x8000 | ((25 - p) << 10)) * 0x10001  # fp16 -2**(10 - p), twice
+    return (
+        "{ .reg .b32 lo, hi, a, b; prmt.b32 lo, $2, 0, 0x7170; prmt.b32 hi, $2, 0, 0x7372; "
+        f"lop3.b32 lo, lo, {m * 0x10001}, 0x64006400, 0xEA; lop3.b32 hi, hi, {m * 0x10001}, 0x64006400, 0xEA; "
+        f"mov.b32 a, {mul}; mov.b32 b, {add}; fma.rn.f16x2 $0, lo, a, b; fma.rn.f16x2 $1, hi, a, b; }}"
+    )
+
+
 @triton.jit
 def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """int16 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through it)."""
+    """int16 or int8 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through
+    it)."""
     if ASM:
-        return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-    else:  # CPU interpreter (no inline PTX); >> is arithmetic on int16, the mask drops the sign copies
-        return ((x >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
+        if x.dtype == tl.int8:
+            return tl.inline_asm_elementwise(
+                unpack_ptx8(BITS, j), "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
+            )
+        else:
+            return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+    else:  # CPU interpreter (no inline PTX); >> is arithmetic on the sign-extended int32, the mask drops the sign
+        return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -97,11 +121,12 @@ def _decode_kivi_frag_kernel(
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, CONTAINER: tl.constexpr,
 ):  # fmt: skip
-    """KC: key code rows as bytes (the fp16 tail's quantized keys); KW / VW: key / value code rows as int16
-    containers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
-    PER: tl.constexpr = 16 // BITS
+    """KC: key code rows as bytes (the fp16 tail's quantized keys); KW / VW: key / value code rows as CONTAINER-bit
+    (16 or 8) integers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its
+    tail."""
+    PER: tl.constexpr = CONTAINER // BITS
     W: tl.constexpr = HEAD_DIM // PER  # containers a row
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -121,12 +146,16 @@ def _decode_kivi_frag_kernel(
         offs_w = tl.arange(0, W)
         ok = (offs_w * 0 + start) < end  # a split past n_vq reads no scales
         g = bh * (T_QCAP // GROUP) + start // GROUP
-        # slices 0..PER-1 (PER is 2, 4 or 8); the names past PER - 1 alias slice 0 and are never used
+        # slices 0..PER-1 (PER is 1, 2, 4 or 8); the names past PER - 1 alias slice 0 and are never used
         q0 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
-        q1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
+        q1 = q0
+        if PER >= 2:
+            q1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
         qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
-        qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
-        bias += z1
+        qs1 = qs0
+        if PER >= 2:
+            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+            bias += z1
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
         if PER >= 4:
@@ -161,8 +190,9 @@ def _decode_kivi_frag_kernel(
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
                 qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
-                qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
-                bias += z1
+                if PER >= 2:
+                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+                    bias += z1
                 if PER >= 4:
                     qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
                     qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
@@ -175,7 +205,8 @@ def _decode_kivi_frag_kernel(
                     bias += z4 + z5 + z6 + z7
             qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
             qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-            qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            if PER >= 2:
+                qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER >= 4:
                 qk = _dot_acc(qs2, _codes(kt, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
                 qk = _dot_acc(qs3, _codes(kt, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
@@ -195,7 +226,8 @@ def _decode_kivi_frag_kernel(
             z_n = z_n * alpha[:, None] + p * vz[None, :]
             pv = (p * vs[None, :]).to(DOT_DTYPE)
             a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
-            a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
+            if PER >= 2:
+                a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
             if PER >= 4:
                 a2 = _dot_acc(pv, _codes(vt, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
                 a3 = _dot_acc(pv, _codes(vt, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
@@ -210,7 +242,8 @@ def _decode_kivi_frag_kernel(
         tl.store(M_PART + prow, m_i, mask=h_mask)
         tl.store(L_PART + prow, tl.sum(l_n, 1), mask=h_mask)
         _store_slice(ACC_PART, prow, h_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
-        _store_slice(ACC_PART, prow, h_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
+        if PER >= 2:
+            _store_slice(ACC_PART, prow, h_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
         if PER >= 4:
             _store_slice(ACC_PART, prow, h_mask, a2 + zsum, offs_w, 2, PER, HEAD_DIM)
             _store_slice(ACC_PART, prow, h_mask, a3 + zsum, offs_w, 3, PER, HEAD_DIM)

@@ -118,6 +118,10 @@ def test_bad_inputs_raise_before_launch(device, dtype):
         decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="simt")
     with pytest.raises(ValueError, match="path must be"):
         decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="fast")
+    with pytest.raises(ValueError, match=r"path='frag' needs .* group_size >= head_dim"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="frag")  # group 16 < 32
+    with pytest.raises(ValueError, match=r"path='frag' needs uniform 2/4/8-bit"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 3, 32, 32, 0, [40], device), path="frag")
 
 
 @pytest.mark.parametrize("prefetch,defer", [(False, False), (False, True), (True, False)])

@@ -565,7 +565,8 @@ def kernel_path(
     if path == "frag":
         if not frag_applies(bits, head_dim, group_size, nuq):
             raise ValueError(
-                "path='frag' needs uniform 2/4/8-bit codes, head_dim / (16 / bits) >= 16 and group_size >= head_dim"
+                "path='frag' needs uniform 2/4/8-bit codes, channel slices of >= 16 channels (head_dim / "
+                "(FRAG_CONTAINER_BITS[bits] / bits)) and group_size >= head_dim"
             )
         return "frag"
     if path == "simt" or (path == "auto" and simt_ok):

@@ -111,7 +111,7 @@ def headline_table() -> str:
     mape = re.search(r"^PASS kernel: (\d+) held-out points.*?MAPE ([\d.]+%)", _run(VALIDATE, check=False), re.M)
     held = published.validate().overall("held_out")
     vs = _vs_dispatched()
-    frag = {k: _gqa4_speedup_128k(csv) for k, csv in (("new", H200_SWEEP), ("old", MEASURED / H200_KERNEL_COLD_NAME))}
+    frag = {k: _gqa4_speedup_128k(ROOT / csv) for k, csv in (("new", H200_KERNEL), ("old", H200_KERNEL_COLD))}
     out = _script(*H200_COLD[1:])
     cold = dict(
         kernels=re.search(r"^unchanged kernels: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
@@ -208,12 +208,7 @@ def kernel_table() -> str:
     return _run([sys.executable, str(SUMMARIZE), str(KERNEL_CSV)]).rstrip("\n") + "\n"
 
 
-#: the H200 sweep of the kernels decode_kivi runs now (the fragment kernel for GQA 4/8-bit)
-H200_SWEEP = MEASURED / "kernel_decode_h200_v2.csv"
 BENCH_DECODE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "bench_decode.py"
-
-
-H200_KERNEL_COLD_NAME = "kernel_decode_h200.csv"  # the first H200 sweep (word kernel for GQA)
 
 
 def _gqa4_speedup_128k(csv: Path) -> float:
@@ -225,12 +220,12 @@ def _gqa4_speedup_128k(csv: Path) -> float:
 
 def kernel_table_h200() -> str:
     """`summarize.py`'s tables from the committed H200 sweep."""
-    return _run([sys.executable, str(SUMMARIZE), str(H200_SWEEP)]).rstrip("\n") + "\n"
+    return _run([sys.executable, str(SUMMARIZE), H200_KERNEL]).rstrip("\n") + "\n"
 
 
 def kernel_targets_h200() -> str:
     """The issue's kernel targets checked on the committed H200 sweep (`bench_decode.py --targets`)."""
-    cmd = ["python", str(BENCH_DECODE.relative_to(ROOT)), "--targets", str(H200_SWEEP.relative_to(ROOT))]
+    cmd = ["python", str(BENCH_DECODE.relative_to(ROOT)), "--targets", H200_KERNEL]
     return _shown(cmd, _run([sys.executable, *cmd[1:]]))
 
 
@@ -349,9 +344,10 @@ def validation_output() -> str:
     return _shown(VALIDATE, _run(VALIDATE, check=False))
 
 
-# the H200 is calibrated on its latest sweep; the cold predictions were made for (and compare against) the first
+# the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
+# for (and compare against) the first (the word kernel)
 H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v2.csv", "reports/measurements/e2e_decode_h200.csv"
-H200_KERNEL_COLD = f"reports/measurements/{H200_KERNEL_COLD_NAME}"
+H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
 H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
              H200_KERNEL_COLD, "--e2e", H200_E2E]  # fmt: skip

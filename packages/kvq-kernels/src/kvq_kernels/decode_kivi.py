@@ -646,7 +646,7 @@ def decode_kivi(
                 "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
             )
     kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g)
-    simt, words = kernel == "simt", kernel in ("tc", "frag")
+    simt = kernel == "simt"
     bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, batch * h_kv)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
@@ -665,9 +665,10 @@ def decode_kivi(
     n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
     n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    # CUDA-core and word paths: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
+    # CUDA-core, fragment and word kernels: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
     tail_tokens = 32
-    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if (simt or words) else 1
+    split_tail = kernel in ("simt", "frag", "tc")
+    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if split_tail else 1
     m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
@@ -694,7 +695,7 @@ def decode_kivi(
             CONTAINER=container, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
-    if words:
+    if kernel == "tc":
         _decode_kivi_words_kernel[(batch * h_kv, n_split + n_tail)](
             q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,

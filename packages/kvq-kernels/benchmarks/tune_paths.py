@@ -17,7 +17,7 @@ import os
 
 from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, sdpa_fn, time_rotation
-from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG
+from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
@@ -43,6 +43,17 @@ def _bits(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
+def _frag_configs(text: str) -> list[tuple]:
+    """'64:4:3,128:2:2' -> fragment-kernel configs (BLOCK_N:num_warps:num_stages each)."""
+    try:
+        cfgs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+    except ValueError:
+        cfgs = []
+    if not cfgs or any(len(c) != 3 for c in cfgs):
+        raise SystemExit(f"--frag-configs: expected BLOCK_N:warps:stages[,...], got {text!r}")
+    return [("frag", *c, True) for c in cfgs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gqa-bits", default="4,2,3", help="GQA 32/8 bit widths ('' for none)")
@@ -53,6 +64,7 @@ def main() -> None:
     ap.add_argument(
         "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
     )
+    ap.add_argument("--frag-configs", help="with --frag: these BLOCK_N:warps:stages configs instead of FRAG_CONFIGS")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     if args.container_bits:
@@ -75,7 +87,7 @@ def main() -> None:
             path, bn, warps, stages, prefetch = cfg
             rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=path, block_n=bn,
                              warps=warps, stages=stages, prefetch=prefetch,
-                             container_bits=FRAG_CONTAINER_BITS[bits] if path == "frag" else "", time_us=round(us, 2),
+                             container_bits=frag_geometry(bits)[0] if path == "frag" else "", time_us=round(us, 2),
                              sdpa_us=round(sd, 2), **prov))  # fmt: skip
             print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
         if rows:
@@ -87,7 +99,8 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
 
-    frag_configs = FRAG_CONFIGS + (FRAG_WIDE if args.frag_wide else [])
+    frag_configs = _frag_configs(args.frag_configs) if args.frag_configs else FRAG_CONFIGS
+    frag_configs = frag_configs + (FRAG_WIDE if args.frag_wide else [])
     if args.frag or args.frag_wide:
         gqa_points = mha_points = FRAG_WIDE_POINTS if args.frag_wide else FRAG_POINTS
         gqa_configs = [("tc", *WORDS_CONFIG, True)] + frag_configs

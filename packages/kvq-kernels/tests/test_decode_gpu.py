@@ -39,6 +39,19 @@ def _cases():
 
 @pytest.mark.parametrize("name,bits,hq,hkv,group,sinks,lens,path", list(_cases()))
 def test_kernel_matches_fp64_reference(name, bits, hq, hkv, group, sinks, lens, path):
+    _check(name, bits, hq, hkv, group, sinks, lens, path)
+
+
+@pytest.mark.parametrize("name,bits,hq,hkv,group,sinks,lens", [c for c in CASES if c[1] != 3 and c[4] >= 128])
+def test_fragment_kernel_over_eight_bit_containers(name, bits, hq, hkv, group, sinks, lens, monkeypatch):
+    """The fragment kernel with FRAG_CONTAINER_BITS 8 (four codes a PRMT'd register): the same check."""
+    from kvq_kernels import decode_kivi as dk
+
+    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, 8)
+    _check(name, bits, hq, hkv, group, sinks, lens, "frag")
+
+
+def _check(name, bits, hq, hkv, group, sinks, lens, path):
     from kvq_kernels.benchmarking import fill_random
     from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference
     from kvq_kernels.kivi_layout import allocate

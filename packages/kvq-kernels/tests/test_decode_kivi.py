@@ -46,13 +46,16 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d32-one-plane-word", 3, 1, 2, 2, 32, 16, 32, 0, [77]),
     ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
 ]
-# "frag" (decode_kivi_frag): uniform 2/4/8-bit, channel slices of >= 16 channels, group_size >= head_dim
+# "frag" (decode_kivi_frag): uniform 2/3/4/8-bit, channel slices of >= 16 channels, group_size >= head_dim
 FRAG_CASES = [
     ("frag-gqa-4bit-d64-sinks", 4, 2, 8, 2, 64, 64, 64, 2, [5, 300]),
     ("frag-gqa-9/3-4bit-d64-odd", 4, 1, 9, 3, 64, 64, 64, 3, [201]),
     ("frag-gqa-2bit-d128", 2, 1, 4, 2, 128, 128, 128, 0, [333]),
     ("frag-mha-8bit-d32-partial", 8, 2, 2, 2, 32, 32, 32, 1, [70, 161]),
     ("frag-gqa-8bit-d128-group256", 8, 1, 8, 1, 128, 256, 256, 0, [517]),
+    # 3-bit: the 2-bit plane's containers and the 1-bit plane's bytes (slices of 16 and 32 channels)
+    ("frag-gqa-3bit-d128-sinks", 3, 2, 8, 2, 128, 128, 128, 2, [5, 333]),
+    ("frag-gqa-9/3-3bit-d256-odd", 3, 1, 9, 3, 256, 256, 256, 0, [389]),
 ]
 
 
@@ -120,8 +123,10 @@ def test_bad_inputs_raise_before_launch(device, dtype):
         decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="fast")
     with pytest.raises(ValueError, match=r"path='frag' needs .* group_size >= head_dim"):
         decode_kivi(q, random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device), path="frag")  # group 16 < 32
-    with pytest.raises(ValueError, match=r"path='frag' needs uniform 2/4/8-bit"):
-        decode_kivi(q, random_cache(1, 2, 32, 64, 3, 32, 32, 0, [40], device), path="frag")
+    with pytest.raises(ValueError, match=r"path='frag' needs uniform 2/3/4/8-bit .* >= 16 channels"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 3, 32, 32, 0, [40], device), path="frag")  # 3-bit: 4 channels
+    with pytest.raises(ValueError, match=r"path='frag' needs uniform"):
+        decode_kivi(q, random_cache(1, 2, 32, 64, 4, 32, 32, 0, [40], device, nuq=True), path="frag")
 
 
 @pytest.mark.parametrize("prefetch,defer", [(False, False), (False, True), (True, False)])

@@ -7,14 +7,19 @@ import re
 import numpy as np
 import pytest
 
-from kvq_kernels.decode_kivi_frag import unpack_ptx, unpack_ptx8
+from kvq_kernels.decode_kivi_frag import unpack_ptx, unpack_ptx3, unpack_ptx8
 
-OPS = re.compile(r"(shr\.b32|lop3\.b32|mov\.b32|prmt\.b32|sub\.f16x2|fma\.rn\.f16x2) ([^;]+);")
+OPS = re.compile(r"(shr\.b32|shl\.b32|lop3\.b32|mov\.b32|prmt\.b32|sub\.f16x2|fma\.rn\.f16x2) ([^;]+);")
+
+
+def _plain(f):
+    return getattr(f, "fn", f)  # triton.constexpr_function wraps the plain function
 
 
 def _ptx(bits: int, j: int, container: int = 16) -> str:
-    f = unpack_ptx if container == 16 else unpack_ptx8
-    return getattr(f, "fn", f)(bits, j)  # triton.constexpr_function wraps the plain function
+    if bits == 3:
+        return _plain(unpack_ptx3)(j)
+    return _plain(unpack_ptx if container == 16 else unpack_ptx8)(bits, j)
 
 
 def _halves(word: int) -> np.ndarray:
@@ -26,9 +31,10 @@ def _from_halves(h: np.ndarray) -> int:
     return lo | hi << 16
 
 
-def _emulate(ptx: str, x: int, inp: str = "$1") -> dict:
-    """Run the block on input register `inp` = x; returns the registers."""
-    reg = {inp: x}
+def _emulate(ptx: str, x: int, inp: str = "$1", **more: int) -> dict:
+    """Run the block on input register `inp` = x (and registers named "$k" = value as r<k>=value); returns the
+    registers."""
+    reg = {inp: x} | {"$" + k[1:]: v for k, v in more.items()}
 
     def val(tok: str) -> int:
         tok = tok.strip()
@@ -42,6 +48,8 @@ def _emulate(ptx: str, x: int, inp: str = "$1") -> dict:
             reg[a[0]] = val(a[1])
         elif op == "shr.b32":
             reg[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "shl.b32":
+            reg[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
         elif op == "prmt.b32":  # byte k of the result: byte (selector nibble k) of {b, a}
             src = val(a[1]) | val(a[2]) << 32
             reg[a[0]] = sum(((src >> 8 * ((val(a[3]) >> 4 * k) & 7)) & 0xFF) << 8 * k for k in range(4))
@@ -91,10 +99,32 @@ def test_eight_bit_containers_come_back_exact_and_in_order(bits):
             assert out.tolist() == [float(x) for x in codes], (bits, j, codes, ptx)
 
 
-@pytest.mark.parametrize("container", [16, 8])
-def test_blocks_use_only_the_emulated_instructions(container):
-    for bits in (2, 4, 8):
-        for j in range(container // bits):
-            ptx = _ptx(bits, j, container)
-            stmts = [s.strip() for s in ptx.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
-            assert len(stmts) == len(OPS.findall(ptx)), ptx
+def test_three_bit_codes_come_back_exact_and_in_order():
+    """3-bit slice j: the low bits from four 16-bit containers of the 2-bit plane ($2, $3), the high bit from four
+    bytes of the 1-bit plane ($4); element k of the output ($0 low, $0 high, $1 low, $1 high) is code j of
+    container k, whatever the other slots hold. Every code value at every slot of every position."""
+    rng = np.random.default_rng(3)
+    for j in range(8):
+        ptx = _ptx(3, j)
+        for c in range(8):
+            for pos in range(4):
+                codes = [int(x) for x in rng.integers(0, 8, 4)]
+                codes[pos] = c
+                lo = [int(rng.integers(0, 1 << 16)) & ~(3 << 2 * j) | (x & 3) << 2 * j for x in codes]
+                hi = [int(rng.integers(0, 256)) & ~(1 << j) | (x >> 2) << j for x in codes]
+                reg = _emulate(
+                    ptx, lo[0] | lo[1] << 16, "$2", r3=lo[2] | lo[3] << 16, r4=sum(h << 8 * k for k, h in enumerate(hi))
+                )
+                out = np.concatenate([_halves(reg["$0"]), _halves(reg["$1"])])
+                assert out.tolist() == [float(x) for x in codes], (j, codes, ptx)
+
+
+BLOCKS = [(bits, j, 16) for bits in (2, 4, 8) for j in range(16 // bits)]
+BLOCKS += [(bits, j, 8) for bits in (2, 4, 8) for j in range(8 // bits)] + [(3, j, 16) for j in range(8)]
+
+
+@pytest.mark.parametrize("bits,j,container", BLOCKS)
+def test_blocks_use_only_the_emulated_instructions(bits, j, container):
+    ptx = _ptx(bits, j, container)
+    stmts = [s.strip() for s in ptx.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
+    assert len(stmts) == len(OPS.findall(ptx)), ptx

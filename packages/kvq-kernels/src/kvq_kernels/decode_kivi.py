@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvq_core.formats import packed_row_bytes
 from kvq_core.packing import unpack
 from kvq_core.quant import dequantize, nuq_dequantize
 
@@ -507,7 +508,7 @@ WORDS_TAIL_N = 16
 #: 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel 158.6 / 329.3 / 164.0. 2-bit is slower on
 #: this kernel at every launch (eight 16-channel slices: 128K batch 1 152.7 us at best against the word
 #: kernel's 144.5; 32K batch 8 409.9 against 339.8), so `auto` keeps it on the word kernel.
-FRAG_CONFIG = {2: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
+FRAG_CONFIG = {2: (32, 2, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
 FRAG_FEW_ROWS_CONFIG = {4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16
 #: Container width (bits) the fragment kernel reads a row in, per code width: 16 (measured above) or 8, where
@@ -518,11 +519,23 @@ FRAG_CONTAINER_BITS = {2: 16, 4: 16, 8: 16}
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
+def frag_geometry(bits: int) -> tuple[int, int]:
+    """(container bits, codes a container) the fragment kernel reads a row in: FRAG_CONTAINER_BITS for 2/4/8-bit;
+    3-bit reads its 2-bit plane as 16-bit containers (8 codes) beside the 1-bit plane's bytes (8 codes)."""
+    if bits == 3:
+        return 16, 8
+    return FRAG_CONTAINER_BITS[bits], FRAG_CONTAINER_BITS[bits] // bits
+
+
 def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
-    """Whether `decode_kivi_frag` reads this layout: uniform 2/4/8-bit codes, slices of at least 16 channels
-    (a dot's smallest width) in FRAG_CONTAINER_BITS containers, one value group a row (group_size >= head_dim)."""
-    per = FRAG_CONTAINER_BITS[bits] // bits if bits in (2, 4, 8) else 0
-    return not nuq and per > 0 and head_dim % per == 0 and head_dim // per >= 16 and group_size >= head_dim
+    """Whether `decode_kivi_frag` reads this layout: uniform 2/3/4/8-bit codes, slices of at least 16 channels
+    (a dot's smallest width), rows of whole containers (`frag_geometry`), one value group a row
+    (group_size >= head_dim)."""
+    if nuq or bits not in (2, 3, 4, 8):
+        return False
+    container, per = frag_geometry(bits)
+    whole = packed_row_bytes(bits, head_dim) * 8 % container == 0
+    return head_dim % per == 0 and head_dim // per >= 16 and whole and group_size >= head_dim
 
 
 def launch_config(path: str, bits: int, group_size: int, rows: int | None = None) -> tuple[int, int, int]:
@@ -565,8 +578,8 @@ def kernel_path(
     if path == "frag":
         if not frag_applies(bits, head_dim, group_size, nuq):
             raise ValueError(
-                "path='frag' needs uniform 2/4/8-bit codes, channel slices of >= 16 channels (head_dim / "
-                "(FRAG_CONTAINER_BITS[bits] / bits)) and group_size >= head_dim"
+                "path='frag' needs uniform 2/3/4/8-bit codes, channel slices of >= 16 channels (head_dim / "
+                "codes a container, frag_geometry) and group_size >= head_dim"
             )
         return "frag"
     if path == "simt" or (path == "auto" and simt_ok):
@@ -613,7 +626,7 @@ def decode_kivi(
     (one device sync) to check them against the capacity and max_len; False skips that sync (for
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
-    2/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
+    2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
     2/4-bit caches of at most SLICE_MAX_TOKENS on slices, 4/8-bit on frag, the rest on tc). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
@@ -684,15 +697,15 @@ def decode_kivi(
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if kernel == "frag":
-        container = FRAG_CONTAINER_BITS[c.bits]
+        container, per = frag_geometry(c.bits)
         cdt = torch.int8 if container == 8 else torch.int16
         _decode_kivi_frag_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes.view(cdt), c.v_scale,
+            q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes, c.v_codes.view(cdt), c.v_scale,
             c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv,
             c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
             BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
             BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(),
-            CONTAINER=container, num_warps=num_warps, num_stages=num_stages,
+            PER=per, ROW=c.k_codes.shape[-1] * 8 // container, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return combine(m, l_part, acc, torch.empty_like(q))
     if kernel == "tc":

@@ -1,19 +1,20 @@
 """Fused dequantize + split-KV decode attention on tensor cores, codes dequantized in the MMA operand registers
-(2/4/8-bit uniform, value groups of at least head_dim channels).
+(2/3/4/8-bit uniform, value groups of at least head_dim channels).
 
-A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes
-each: container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAINER = 8: PER = 8 / BITS, the
-same rule byte by byte). Code j of every container is channel slice j
-(channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same [W, BLOCK_N]
-(keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
-accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per
-pair of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code
-sits above the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's
-power of two, exact for these integers). Triton's dot-operand pass then moves the shared-memory round trip of
-the operand above the unpack: shared memory holds the 16-bit containers (the cache's own bytes, copied in by
-cp.async), `ldmatrix` loads them in the MMA fragment layout, and the fp16 codes exist only in registers. The
-word kernel (`decode_kivi_words`) unpacks in the load layout and so stores and re-reads every fp16 code
-through shared memory (4.5 bytes of shared-memory traffic for a 4-bit code).
+A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes each:
+container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAINER = 8: PER = 8 / BITS, the same
+rule byte by byte; 3-bit rows are a 2-bit plane of 16-bit containers and a 1-bit plane of bytes, 8 codes each:
+channel 8w + j has bits 0-1 in container w at bit 2j and bit 2 in byte w at bit j). Code j of every container is
+channel slice j (channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same
+[W, BLOCK_N] (keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
+accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
+of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code sits above
+the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's power of two,
+exact for these integers). Triton's dot-operand pass then moves the shared-memory round trip of the operand above
+the unpack: shared memory holds the 16-bit containers (the cache's own bytes, copied in by cp.async), `ldmatrix`
+loads them in the MMA fragment layout, and the fp16 codes exist only in registers. The word kernel
+(`decode_kivi_words`) unpacks in the load layout and so stores and re-reads every fp16 code through shared memory
+(4.5 bytes of shared-memory traffic for a 4-bit code).
 
 The query heads of a GQA group (padded to 16) are the rows of both dots, as in the word kernel. Key scales
 (per channel, one group a tile) fold into the query slices once per key group; value scales (per token) into
@@ -69,18 +70,50 @@ def unpack_ptx8(bits, j):
     )
 
 
+@triton.constexpr_function
+def unpack_ptx3(j):
+    """PTX of four 3-bit codes of slice j -> four fp16 in $0 (codes 0, 1) and $1 (2, 3), exact. Inputs: the 2-bit
+    plane's four 16-bit containers ($2: 0, 1; $3: 2, 3; bits 2j, 2j + 1 of each) and the 1-bit plane's four bytes
+    ($4, bit j of each). The bytes are spread into 16-bit lanes (PRMT) and both parts shifted to bit P (2j for
+    j <= 3, where the code's 3 bits still end below bit 10, else 0); two LOP3s merge them under the exponent of
+    1024, and a sub (P = 0) or an fma by 2**-P with -2**(10 - P) leaves the code."""
+    p = 2 * j if j <= 3 else 0
+    hshift = p + 2 - j  # bit j of a byte -> bit p + 2
+    hop = f"shl.b32 x, x, {hshift}; shl.b32 y, y, {hshift}; " if hshift > 0 else ""
+    hop = hop or (f"shr.b32 x, x, {-hshift}; shr.b32 y, y, {-hshift}; " if hshift < 0 else "")
+    lshift = 2 * j - p
+    lo = f"shr.b32 a, $2, {lshift}; shr.b32 b, $3, {lshift}; " if lshift else "mov.b32 a, $2; mov.b32 b, $3; "
+    hm, lm = (4 << p) * 0x10001, (3 << p) * 0x10001
+    if p:
+        mul, add = ((15 - p) << 10) * 0x10001, (0x8000 | ((25 - p) << 10)) * 0x10001
+        fin = f"mov.b32 m, {mul}; mov.b32 n, {add}; fma.rn.f16x2 $0, x, m, n; fma.rn.f16x2 $1, y, m, n; "
+    else:
+        fin = "mov.b32 m, 0x64006400; sub.f16x2 $0, x, m; sub.f16x2 $1, y, m; "
+    return (
+        "{ .reg .b32 x, y, a, b, m, n; prmt.b32 x, $4, 0, 0x7170; prmt.b32 y, $4, 0, 0x7372; "
+        f"{hop}{lo}lop3.b32 x, x, {hm}, 0x64006400, 0xEA; lop3.b32 y, y, {hm}, 0x64006400, 0xEA; "
+        f"lop3.b32 x, a, {lm}, x, 0xEA; lop3.b32 y, b, {lm}, y, 0xEA; {fin}}}"
+    )
+
+
 @triton.jit
-def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _codes(x, xh, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """int16 or int8 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through
-    it)."""
+    it). 3-bit: x the 2-bit plane's 16-bit containers, xh the 1-bit plane's bytes (unused otherwise)."""
     if ASM:
-        if x.dtype == tl.int8:
+        if BITS == 3:
+            return tl.inline_asm_elementwise(
+                unpack_ptx3(j), "=r,=r,r,r,r", [x, xh], dtype=tl.float16, is_pure=True, pack=4
+            )
+        elif x.dtype == tl.int8:
             return tl.inline_asm_elementwise(
                 unpack_ptx8(BITS, j), "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
             )
         else:
             return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-    else:  # CPU interpreter (no inline PTX); >> is arithmetic on the sign-extended int32, the mask drops the sign
+    elif BITS == 3:  # CPU interpreter (no inline PTX); the masks drop the sign extension
+        return (((x.to(tl.int32) >> (2 * j)) & 3) | (((xh.to(tl.int32) >> j) & 1) << 2)).to(DOT_DTYPE)
+    else:  # CPU interpreter; >> is arithmetic on the sign-extended int32, the mask drops the sign
         return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
 
 
@@ -117,17 +150,18 @@ def _store_slice(ACC_PART, prow, h_mask, acc, offs_w, j: tl.constexpr, PER: tl.c
 
 @triton.jit
 def _decode_kivi_frag_kernel(
-    Q, KC, KW, KS, KZ, VW, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, M_PART, L_PART, ACC_PART,
+    Q, KC, KW, KS, KZ, VC, VW, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, M_PART, L_PART, ACC_PART,
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, CONTAINER: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr,
 ):  # fmt: skip
-    """KC: key code rows as bytes (the fp16 tail's quantized keys); KW / VW: key / value code rows as CONTAINER-bit
-    (16 or 8) integers. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take TAIL_TOKENS each of its
-    tail."""
-    PER: tl.constexpr = CONTAINER // BITS
-    W: tl.constexpr = HEAD_DIM // PER  # containers a row
+    """KC / VC: key / value code rows as bytes (the fp16 tail's quantized keys; 3-bit: the 1-bit plane); KW / VW:
+    the same rows as containers (16- or 8-bit integers), ROW a row. PER codes a container (slices); 3-bit: the
+    2-bit plane's 16-bit containers, PER 8. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take
+    TAIL_TOKENS each of its tail."""
+    W: tl.constexpr = HEAD_DIM // PER  # containers of a slice a row (3-bit: of the 2-bit plane)
+    HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H_KV
@@ -180,13 +214,18 @@ def _decode_kivi_frag_kernel(
         z_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
         a0 = tl.zeros([HQ_PAD, W], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
-        kw_base = KW + bh * T_QCAP * W
-        vw_base = VW + bh * T_QCAP * W
+        kw_base = KW + bh * T_QCAP * ROW
+        vw_base = VW + bh * T_QCAP * ROW
         for t0 in range(start, end, BLOCK_N):
             offs_n = t0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            kt = tl.load(kw_base + offs_n[None, :] * W + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
-            vt = tl.load(vw_base + offs_n[:, None] * W + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+            kt = tl.load(kw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
+            vt = tl.load(vw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+            kh, vh = kt, vt
+            if BITS == 3:  # the 1-bit plane's bytes, same tiles (a row is 2 * ROW bytes)
+                hrow = (bh * T_QCAP + offs_n) * (2 * ROW) + HI
+                kh = tl.load(KC + hrow[None, :] + offs_w[:, None], mask=n_mask[None, :], other=0)
+                vh = tl.load(VC + hrow[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
                 qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
@@ -204,17 +243,17 @@ def _decode_kivi_frag_kernel(
                     qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z4 + z5 + z6 + z7
             qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
-            qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            qk = _dot_acc(qs0, _codes(kt, kh, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER >= 2:
-                qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs1, _codes(kt, kh, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER >= 4:
-                qk = _dot_acc(qs2, _codes(kt, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs3, _codes(kt, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs2, _codes(kt, kh, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs3, _codes(kt, kh, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER == 8:
-                qk = _dot_acc(qs4, _codes(kt, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs5, _codes(kt, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs6, _codes(kt, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs7, _codes(kt, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs4, _codes(kt, kh, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs5, _codes(kt, kh, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs6, _codes(kt, kh, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs7, _codes(kt, kh, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -225,17 +264,17 @@ def _decode_kivi_frag_kernel(
             vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
             z_n = z_n * alpha[:, None] + p * vz[None, :]
             pv = (p * vs[None, :]).to(DOT_DTYPE)
-            a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
+            a0 = _dot_acc(pv, _codes(vt, vh, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
             if PER >= 2:
-                a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
+                a1 = _dot_acc(pv, _codes(vt, vh, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
             if PER >= 4:
-                a2 = _dot_acc(pv, _codes(vt, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
-                a3 = _dot_acc(pv, _codes(vt, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
+                a2 = _dot_acc(pv, _codes(vt, vh, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
+                a3 = _dot_acc(pv, _codes(vt, vh, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
             if PER == 8:
-                a4 = _dot_acc(pv, _codes(vt, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
-                a5 = _dot_acc(pv, _codes(vt, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
-                a6 = _dot_acc(pv, _codes(vt, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
-                a7 = _dot_acc(pv, _codes(vt, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
+                a4 = _dot_acc(pv, _codes(vt, vh, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
+                a5 = _dot_acc(pv, _codes(vt, vh, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
+                a6 = _dot_acc(pv, _codes(vt, vh, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
+                a7 = _dot_acc(pv, _codes(vt, vh, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
             m_i = m_new
         zsum = tl.sum(z_n, 1)[:, None]  # every channel's value zero, weighted by p
         prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split

@@ -43,15 +43,26 @@ def _bits(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
-def _frag_configs(text: str) -> list[tuple]:
-    """'64:4:3,128:2:2' -> fragment-kernel configs (BLOCK_N:num_warps:num_stages each)."""
+def _configs(text: str) -> list[tuple]:
+    """'frag:64:4:3,slice:128:4:1' -> configs (path:BLOCK_N:num_warps:num_stages each)."""
     try:
-        cfgs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+        cfgs = [(p, int(bn), int(w), int(st), True) for p, bn, w, st in (item.split(":") for item in text.split(","))]
     except ValueError:
         cfgs = []
-    if not cfgs or any(len(c) != 3 for c in cfgs):
-        raise SystemExit(f"--frag-configs: expected BLOCK_N:warps:stages[,...], got {text!r}")
-    return [("frag", *c, True) for c in cfgs]
+    if not cfgs or any(c[0] not in ("tc", "frag", "slice", "simt") for c in cfgs):
+        raise SystemExit(f"--configs: expected path:BLOCK_N:warps:stages[,...], got {text!r}")
+    return cfgs
+
+
+def _points(text: str) -> list[tuple[int, int]]:
+    """'1:1024,32:4096' -> (batch, context) points."""
+    try:
+        pts = [(int(b), int(t)) for b, t in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        pts = []
+    if not pts or any(b < 1 or t < 1 for b, t in pts):
+        raise SystemExit(f"--points: expected batch:context[,...], got {text!r}")
+    return pts
 
 
 def main() -> None:
@@ -64,7 +75,8 @@ def main() -> None:
     ap.add_argument(
         "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
     )
-    ap.add_argument("--frag-configs", help="with --frag: these BLOCK_N:warps:stages configs instead of FRAG_CONFIGS")
+    ap.add_argument("--configs", help="GQA: these path:BLOCK_N:warps:stages configs (beside the word kernel's default)")
+    ap.add_argument("--points", help="GQA and MHA: these batch:context points")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     if args.container_bits:
@@ -99,11 +111,14 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
 
-    frag_configs = _frag_configs(args.frag_configs) if args.frag_configs else FRAG_CONFIGS
-    frag_configs = frag_configs + (FRAG_WIDE if args.frag_wide else [])
+    frag_configs = FRAG_CONFIGS + (FRAG_WIDE if args.frag_wide else [])
     if args.frag or args.frag_wide:
         gqa_points = mha_points = FRAG_WIDE_POINTS if args.frag_wide else FRAG_POINTS
         gqa_configs = [("tc", *WORDS_CONFIG, True)] + frag_configs
+    if args.configs:
+        gqa_configs = [("tc", *WORDS_CONFIG, True)] + _configs(args.configs)
+    if args.points:
+        gqa_points = mha_points = _points(args.points)
     for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), gqa_points):
         run(32, 8, bits, batch, t, gqa_configs)
     for bits, (batch, t) in itertools.product(_bits(args.mha_bits), mha_points):

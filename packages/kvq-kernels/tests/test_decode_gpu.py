@@ -43,11 +43,11 @@ def test_kernel_matches_fp64_reference(name, bits, hq, hkv, group, sinks, lens, 
 
 
 @pytest.mark.parametrize("name,bits,hq,hkv,group,sinks,lens", [c for c in CASES if c[1] != 3 and c[4] >= 128])
-def test_fragment_kernel_over_eight_bit_containers(name, bits, hq, hkv, group, sinks, lens, monkeypatch):
-    """The fragment kernel with FRAG_CONTAINER_BITS 8 (four codes a PRMT'd register): the same check."""
+def test_fragment_kernel_at_the_other_container_width(name, bits, hq, hkv, group, sinks, lens, monkeypatch):
+    """The fragment kernel with the FRAG_CONTAINER_BITS width its default does not use (8 <-> 16): the same check."""
     from kvq_kernels import decode_kivi as dk
 
-    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, 8)
+    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, 24 - dk.FRAG_CONTAINER_BITS[bits])
     _check(name, bits, hq, hkv, group, sinks, lens, "frag")
 
 

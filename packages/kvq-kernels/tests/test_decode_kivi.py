@@ -59,14 +59,17 @@ FRAG_CASES = [
 ]
 
 
+@pytest.mark.parametrize("container", [8, 16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_frag_with_eight_bit_containers(bits, device, dtype, monkeypatch):
-    """FRAG_CONTAINER_BITS 8 (the untimed container width): the same attention as the fp64 reference."""
+def test_frag_at_either_container_width(bits, container, device, dtype, monkeypatch):
+    """FRAG_CONTAINER_BITS 8 or 16 (the default is one of them per width): the same attention as the fp64
+    reference."""
     from kvq_kernels import decode_kivi as dk
 
-    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, 8)
-    c = random_cache(2, 2, 64, 400, bits, 64, 64, 2, [7, 301], device, seed=5)
-    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    monkeypatch.setitem(dk.FRAG_CONTAINER_BITS, bits, container)
+    d = 128 if (bits, container) == (2, 16) else 64  # 2-bit in 16-bit containers: slices of head_dim / 8
+    c = random_cache(2, 2, d, 400, bits, d, d, 2, [7, 301], device, seed=5)
+    q = torch.randn(2, 8, d, generator=torch.Generator().manual_seed(6)).to(device, dtype)
     ref = decode_kivi_reference(q, c)
     same_math = decode_kivi_reference(q, c, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
     out = decode_kivi(q, c, splits=2, block_n=16, path="frag")

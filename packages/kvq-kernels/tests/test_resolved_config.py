@@ -14,7 +14,9 @@ def test_auto_resolves_per_point():
     # is the most rows that take the few-rows launch
     assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 3, True)
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
+    assert resolved_config(AUTO_CONFIG, 2, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 2, True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 131072, 128) == ("tc", *WORDS_CONFIG, True)  # frag not faster
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
@@ -28,6 +30,8 @@ def test_frag_launch_by_rows():
     assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4]
     assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]  # rows unknown: the many-rows launch
     assert launch_config("frag", 8, 128, 1) == FRAG_CONFIG[8]
+    assert launch_config("frag", 2, 128, 16) == FRAG_FEW_ROWS_CONFIG[2]
+    assert launch_config("frag", 3, 128, 1) == FRAG_CONFIG[3]  # one launch at every row count
     assert launch_config("frag", 4, 256, 1)[0] == 128
 
 

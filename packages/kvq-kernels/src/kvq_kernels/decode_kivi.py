@@ -501,21 +501,25 @@ WORDS_MAXNREG_ROWS = 16
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
 #: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
-#: width, and for 4-bit launches of at most FRAG_FEW_ROWS rows (batch x kv heads, where the context is split
-#: over many programs): tune_frag_h200.csv (tune_paths.py --frag-wide, H200, 32/8 heads, group 128; us at 128K
-#: batch 1 / 32K batch 8 / 4K batch 32). 4-bit (64, 4, 3): 127.5 / 228.2 / 112.9, (128, 2, 2): 100.3 / 271.8 /
-#: 118.3, (128, 4, 2): 122.1 / 260.9 / 128.4; the word kernel 154.3 / 348.0 / 171.9. 8-bit (64, 4, 3): 134.3 /
-#: 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel 158.6 / 329.3 / 164.0. 2-bit is slower on
-#: this kernel at every launch (eight 16-channel slices: 128K batch 1 152.7 us at best against the word
-#: kernel's 144.5; 32K batch 8 409.9 against 339.8), so `auto` keeps it on the word kernel.
-FRAG_CONFIG = {2: (32, 2, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
-FRAG_FEW_ROWS_CONFIG = {4: (128, 2, 2)}
+#: width, and for launches of at most FRAG_FEW_ROWS rows (batch x kv heads, where the context is split over many
+#: programs). H200, 32/8 heads, group 128; us at 128K batch 1 / 32K batch 8 / 4K batch 32.
+#: 4-bit, 16-bit containers (tune_frag_h200.csv, tune_paths.py --frag-wide): (64, 4, 3) 127.5 / 228.2 / 112.9,
+#: (128, 2, 2) 100.3 / 271.8 / 118.3, (128, 4, 2) 122.1 / 260.9 / 128.4; the word kernel 154.3 / 348.0 / 171.9.
+#: 8-bit, 16-bit containers: (64, 4, 3) 134.3 / 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel
+#: 158.6 / 329.3 / 164.0.
+#: 2-bit (tune_frag8_h200.csv, --configs ... --container-bits 8): 8-bit containers (4 slices of 32 channels)
+#: (128, 2, 2) 105.4 / 289.3 / 124.7, (64, 4, 2) 140.9 / 259.2 / 123.5; the word kernel 144.6 / 339.3 / 167.7;
+#: 16-bit containers (8 slices of 16) lost at every launch (128K batch 1 152.7 at best, tune_frag_h200.csv).
+#: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (179.9 / 362.4 / 182.9).
+#: 3-bit (tune_frag3_h200.csv): (32, 2, 2) 198.4 / 546.2 / 236.2 against the word kernel's 211.4 / 424.2 / 210.6
+#: (eight 16-channel slices and two planes), so `auto` keeps 3-bit on the word kernel.
+FRAG_CONFIG = {2: (64, 4, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
+FRAG_FEW_ROWS_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16
-#: Container width (bits) the fragment kernel reads a row in, per code width: 16 (measured above) or 8, where
-#: 2-bit codes make 4 slices of 32 channels instead of 8 of 16 and 4-bit 2 of 64. Width 8 compiles for sm_90
-#: (Triton 3.6: the codes stay int8 in shared memory, unpacked in the operand registers) and passes the
-#: interpreter tests, but has not been timed on a GPU: no launch default uses it yet.
-FRAG_CONTAINER_BITS = {2: 16, 4: 16, 8: 16}
+#: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (measured above): 2-bit codes in 8-bit
+#: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32
+#: and 2 of 64.
+FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
@@ -569,7 +573,7 @@ def kernel_path(
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
     where its word layout applies; for GQA slice for 2/4-bit uniform codes when max_len is at most
-    SLICE_MAX_TOKENS, else frag for 4/8-bit where it applies, else tc."""
+    SLICE_MAX_TOKENS, else frag for 2/4/8-bit where it applies, else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -590,7 +594,7 @@ def kernel_path(
         return "slice"
     if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
         return "slice"  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
-    if path == "auto" and bits in (4, 8) and frag_applies(bits, head_dim, group_size, nuq):
+    if path == "auto" and bits in (2, 4, 8) and frag_applies(bits, head_dim, group_size, nuq):
         return "frag"  # FRAG_CONFIG: faster than the word kernel at every tuned point
     return "tc"
 
@@ -628,7 +632,7 @@ def decode_kivi(
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
-    2/4-bit caches of at most SLICE_MAX_TOKENS on slices, 4/8-bit on frag, the rest on tc). block_n (a power of two in [16, 256] dividing group_size),
+    2/4-bit caches of at most SLICE_MAX_TOKENS on slices, 2/4/8-bit on frag, the rest on tc). block_n (a power of two in [16, 256] dividing group_size),
     num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
     (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.

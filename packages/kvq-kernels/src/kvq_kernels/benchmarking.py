@@ -284,8 +284,9 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
     if cfg[0] != "auto":
         return cfg
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
-    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group)
-    return (path, *launch_config(path, bits, group, batch * kv_heads), cfg[4])
+    rows = batch * kv_heads
+    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group, rows)
+    return (path, *launch_config(path, bits, group, rows, quant_capacity), cfg[4])
 
 
 def config_name(cfg) -> str:

@@ -501,8 +501,9 @@ WORDS_MAXNREG_ROWS = 16
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
 #: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
-#: width, and for launches of at most FRAG_FEW_ROWS rows (batch x kv heads, where the context is split over many
-#: programs). H200, 32/8 heads, group 128; us at 128K batch 1 / 32K batch 8 / 4K batch 32.
+#: width, and FRAG_SHORT_CONFIG for launches whose programs stream few tokens: at most FRAG_FEW_ROWS rows (batch x
+#: kv heads; the context is split over many programs) or at most SLICE_MAX_TOKENS tokens. H200, 32/8 heads, group
+#: 128; us at 128K batch 1 / 32K batch 8 / 4K batch 32.
 #: 4-bit, 16-bit containers (tune_frag_h200.csv, tune_paths.py --frag-wide): (64, 4, 3) 127.5 / 228.2 / 112.9,
 #: (128, 2, 2) 100.3 / 271.8 / 118.3, (128, 4, 2) 122.1 / 260.9 / 128.4; the word kernel 154.3 / 348.0 / 171.9.
 #: 8-bit, 16-bit containers: (64, 4, 3) 134.3 / 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel
@@ -514,7 +515,12 @@ WORDS_TAIL_N = 16
 #: 3-bit (tune_frag3_h200.csv): (32, 2, 2) 198.4 / 546.2 / 236.2 against the word kernel's 211.4 / 424.2 / 210.6
 #: (eight 16-channel slices and two planes), so `auto` keeps 3-bit on the word kernel.
 FRAG_CONFIG = {2: (64, 4, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
-FRAG_FEW_ROWS_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
+#: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K): with more than FRAG_FEW_ROWS rows the
+#: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,
+#: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0), and (64, 4, x)
+#: only at 8 x 1K and 32 x 4K (by at most 8%); with one sequence the slice kernel stays faster at 4K (2-bit 12.6
+#: against 13.5, 4-bit 12.9 / 13.2). 8-bit: (64, 4, 3) at every point but 1 x 4K.
+FRAG_SHORT_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16
 #: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (measured above): 2-bit codes in 8-bit
 #: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32
@@ -542,17 +548,20 @@ def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     return head_dim % per == 0 and head_dim // per >= 16 and whole and group_size >= head_dim
 
 
-def launch_config(path: str, bits: int, group_size: int, rows: int | None = None) -> tuple[int, int, int]:
+def launch_config(
+    path: str, bits: int, group_size: int, rows: int | None = None, max_len: int | None = None
+) -> tuple[int, int, int]:
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
-    CUDA-core one. rows (batch x kv heads) picks the frag kernel's few-rows launch (FRAG_FEW_ROWS); None counts
-    as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups run the
+    CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_SHORT_CONFIG (at most
+    FRAG_FEW_ROWS rows or SLICE_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups run the
     smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
         if path == "frag":
-            few = rows is not None and rows <= FRAG_FEW_ROWS and bits in FRAG_FEW_ROWS_CONFIG
-            cfg = FRAG_FEW_ROWS_CONFIG[bits] if few else FRAG_CONFIG[bits]
+            few = rows is not None and rows <= FRAG_FEW_ROWS
+            short = max_len is not None and max_len <= SLICE_MAX_TOKENS
+            cfg = FRAG_SHORT_CONFIG[bits] if (few or short) and bits in FRAG_SHORT_CONFIG else FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2
@@ -566,14 +575,23 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
 
 
 def kernel_path(
-    path: str, bits: int, q_heads: int, kv_heads: int, head_dim: int, nuq: bool, max_len: int, group_size: int
+    path: str,
+    bits: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    nuq: bool,
+    max_len: int,
+    group_size: int,
+    rows: int | None = None,
 ) -> str:
     """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "frag" (codes dequantized in the MMA operand
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
-    where its word layout applies; for GQA slice for 2/4-bit uniform codes when max_len is at most
-    SLICE_MAX_TOKENS, else frag for 2/4/8-bit where it applies, else tc."""
+    where its word layout applies; for GQA frag for 2/4/8-bit where it applies, except 2/4-bit caches of at most
+    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows (batch x kv heads; None counts as few), which run the
+    slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -592,9 +610,11 @@ def kernel_path(
     words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
     if path == "slice" or nuq or not words_ok:
         return "slice"
-    if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
-        return "slice"  # short caches: the slice kernel is faster (SLICE_MAX_TOKENS)
-    if path == "auto" and bits in (2, 4, 8) and frag_applies(bits, head_dim, group_size, nuq):
+    frag = path == "auto" and bits in (2, 4, 8) and frag_applies(bits, head_dim, group_size, nuq)
+    few = rows is None or rows <= FRAG_FEW_ROWS
+    if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS and (few or not frag):
+        return "slice"  # short caches of few sequences: the slice kernel is faster (SLICE_MAX_TOKENS)
+    if frag:
         return "frag"  # FRAG_CONFIG: faster than the word kernel at every tuned point
     return "tc"
 
@@ -632,9 +652,9 @@ def decode_kivi(
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
-    2/4-bit caches of at most SLICE_MAX_TOKENS on slices, 2/4/8-bit on frag, the rest on tc). block_n (a power of two in [16, 256] dividing group_size),
-    num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured defaults
-    (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
+    2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, 2/4/8-bit on frag, the
+    rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
+    and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -662,9 +682,9 @@ def decode_kivi(
                 f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
                 "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
             )
-    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g)
+    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, batch * h_kv)
     simt = kernel == "simt"
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, batch * h_kv)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, batch * h_kv, max_len)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)

@@ -111,7 +111,11 @@ def headline_table() -> str:
     mape = re.search(r"^PASS kernel: (\d+) held-out points.*?MAPE ([\d.]+%)", _run(VALIDATE, check=False), re.M)
     held = published.validate().overall("held_out")
     vs = _vs_dispatched()
-    frag = {k: _gqa4_speedup_128k(ROOT / csv) for k, csv in (("new", H200_KERNEL), ("old", H200_KERNEL_COLD))}
+    frag = {
+        (k, bits): _gqa_speedup_128k(ROOT / csv, bits)
+        for k, csv in (("new", H200_KERNEL), ("old", H200_KERNEL_COLD))
+        for bits in (4, 2)
+    }
     out = _script(*H200_COLD[1:])
     cold = dict(
         kernels=re.search(r"^unchanged kernels: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
@@ -134,9 +138,10 @@ def headline_table() -> str:
         f"flash on an H100 at batch 1 and 128K tokens, {vs['mha4']:.2f}x and {vs['mha2']:.2f}x as fast as the cuDNN "
         f"attention torch picks by itself; with GQA (32/8 heads) only {vs['gqa4']:.2f}x and {vs['gqa2']:.2f}x, and on "
         f"an H200 with GQA {vs['h200gqa4']:.2f}x and {vs['h200gqa2']:.2f}x: slower ([docs/kernels.md](docs/kernels.md); "
-        f"measured with the word kernel). Since then GQA 4-bit runs the fragment kernel, which dequantizes in the "
-        f"matrix units' operand registers: on the H200 {frag['new']:.2f}x SDPA flash at batch 1 and 128K tokens, "
-        f"where the word kernel was {frag['old']:.2f}x ([docs/kernel-performance.md](docs/kernel-performance.md)). "
+        "measured with the word kernel). Since then GQA 4-bit and 2-bit run the fragment kernel, which dequantizes in "
+        f"the matrix units' operand registers: on the H200 {frag['new', 4]:.2f}x and {frag['new', 2]:.2f}x SDPA flash "
+        f"at batch 1 and 128K tokens, where the word kernel was {frag['old', 4]:.2f}x and {frag['old', 2]:.2f}x "
+        "([docs/kernel-performance.md](docs/kernel-performance.md)). "
         f"kvq-sim predicts {mape.group(1)} held-out kernel launches with a mean absolute error of {mape.group(2)} "
         "([docs/validation.md](docs/validation.md)).",
         f"- Predicted for an H200 from the H100 fit before it was measured, kernel launches were off by a median "
@@ -211,10 +216,10 @@ def kernel_table() -> str:
 BENCH_DECODE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "bench_decode.py"
 
 
-def _gqa4_speedup_128k(csv: Path) -> float:
-    """4-bit KIVI over SDPA flash, 32/8 heads, batch 1, 128K tokens, in one sweep CSV."""
+def _gqa_speedup_128k(csv: Path, bits: int) -> float:
+    """KIVI at `bits` over SDPA flash, 32/8 heads, batch 1, 128K tokens, in one sweep CSV."""
     d = pd.read_csv(csv)
-    row = d[(d.impl == "kvq_kivi") & (d.bits == 4) & (d.q_heads == 32) & (d.kv_heads == 8) & (d.batch == 1)]
+    row = d[(d.impl == "kvq_kivi") & (d.bits == bits) & (d.q_heads == 32) & (d.kv_heads == 8) & (d.batch == 1)]
     return float(row[row.context == 131072].speedup_vs_sdpa.iloc[0])
 
 
@@ -227,6 +232,32 @@ def kernel_targets_h200() -> str:
     """The issue's kernel targets checked on the committed H200 sweep (`bench_decode.py --targets`)."""
     cmd = ["python", str(BENCH_DECODE.relative_to(ROOT)), "--targets", H200_KERNEL]
     return _shown(cmd, _run([sys.executable, *cmd[1:]]))
+
+
+def kernel_change_h200() -> str:
+    """The committed H200 sweep against the first (the word kernel for every GQA cache beyond 4096 tokens): per
+    bit width and head layout, the points whose kernel changed and the ratio of their times."""
+    key = ["bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
+    old, new = (pd.read_csv(ROOT / f) for f in (H200_KERNEL_COLD, H200_KERNEL))
+    m = old[old.impl == "kvq_kivi"].merge(new[new.impl == "kvq_kivi"], on=key, suffixes=("_old", "_new"))
+    m["ratio"] = m.time_us_new / m.time_us_old
+    lines = [
+        f"`{H200_KERNEL}` (commit {new.commit.iloc[0]}) against `{H200_KERNEL_COLD}` (commit {old.commit.iloc[0]}), "
+        "time ratio new / old:",
+        "",
+        "| heads | bits | points | kernel changed | ratio there (min / median / max) | ratio elsewhere (min / max) "
+        "| 128K batch 1 (us) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (hq, hkv, bits), g in m.groupby(["q_heads", "kv_heads", "bits"]):
+        ch = g[g.config_old != g.config_new]
+        rest = g[g.config_old == g.config_new]
+        there = f"{ch.ratio.min():.2f} / {ch.ratio.median():.2f} / {ch.ratio.max():.2f}" if len(ch) else "-"
+        elsewhere = f"{rest.ratio.min():.2f} / {rest.ratio.max():.2f}" if len(rest) else "-"
+        p = g[(g.batch == 1) & (g.context == 131072) & (g.group_size == 128)]
+        point = f"{p.time_us_old.iloc[0]:.1f} -> {p.time_us_new.iloc[0]:.1f}" if len(p) else "-"
+        lines.append(f"| {hq}/{hkv} | {bits} | {len(g)} | {len(ch)} | {there} | {elsewhere} | {point} |")
+    return "\n".join(lines) + "\n"
 
 
 SDPA_BACKEND_CSVS = ("sdpa_backends_h100.csv", "sdpa_backends_h200.csv")
@@ -346,7 +377,7 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v2.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v3.csv", "reports/measurements/e2e_decode_h200.csv"
 H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
 H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
@@ -840,6 +871,7 @@ SECTIONS = {
     "kernel-table": kernel_table,
     "kernel-table-h200": kernel_table_h200,
     "kernel-targets-h200": kernel_targets_h200,
+    "kernel-change-h200": kernel_change_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
     "validation-output": validation_output,
@@ -886,7 +918,7 @@ DOCS = {
         "kernel-table",
         "kernel-table-h200",
     ),
-    "docs/kernel-performance.md": ("kernel-targets-h200",),
+    "docs/kernel-performance.md": ("kernel-change-h200", "kernel-targets-h200"),
 }
 
 

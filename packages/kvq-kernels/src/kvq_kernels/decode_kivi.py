@@ -511,14 +511,15 @@ WORDS_TAIL_N = 16
 #: 2-bit (tune_frag8_h200.csv, --configs ... --container-bits 8): 8-bit containers (4 slices of 32 channels)
 #: (128, 2, 2) 105.4 / 289.3 / 124.7, (64, 4, 2) 140.9 / 259.2 / 123.5; the word kernel 144.6 / 339.3 / 167.7;
 #: 16-bit containers (8 slices of 16) lost at every launch (128K batch 1 152.7 at best, tune_frag_h200.csv).
-#: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (179.9 / 362.4 / 182.9).
+#: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (best launch at each point
+#: 179.9 / 346.1 / 172.9).
 #: 3-bit (tune_frag3_h200.csv): (32, 2, 2) 198.4 / 546.2 / 236.2 against the word kernel's 211.4 / 424.2 / 210.6
 #: (eight 16-channel slices and two planes), so `auto` keeps 3-bit on the word kernel.
 FRAG_CONFIG = {2: (64, 4, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
 #: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K): with more than FRAG_FEW_ROWS rows the
 #: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,
 #: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0), and (64, 4, x)
-#: only at 8 x 1K and 32 x 4K (by at most 8%); with one sequence the slice kernel stays faster at 4K (2-bit 12.6
+#: only at 8 x 1K and 32 x 4K (by at most 9%); with one sequence the slice kernel stays faster at 4K (2-bit 12.6
 #: against 13.5, 4-bit 12.9 / 13.2). 8-bit: (64, 4, 3) at every point but 1 x 4K.
 FRAG_SHORT_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
 FRAG_FEW_ROWS = 16

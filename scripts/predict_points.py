@@ -60,13 +60,13 @@ def _provenance() -> dict:
     return {"predicted_at_commit": sha, "tree_clean": dirty is False, "predicted_date": utc_now()}
 
 
-def multigpu_rows(node: str = "8x-h100") -> list[dict]:
+def multigpu_rows(node: str = "8x-h100", models=MODELS, layouts=LAYOUTS) -> list[dict]:
     """`plan`'s step (step_us and its terms) and the benchmark's step (bench_step_us) at every grid point of `node`
-    (its single GPU, the node's `base`, for 1-GPU points)."""
+    (its single GPU, the node's `base`, for 1-GPU points), for `models` and (parallel, gpus) `layouts`."""
     hw = load_hardware(node)
     single = read_yaml(CONFIG_DIR / "hardware" / f"{node}.yaml").get("base", node)
     rows = []
-    for model, (parallel, gpus), kv, batch, context in itertools.product(MODELS, LAYOUTS, KV, BATCHES, CONTEXTS):
+    for model, (parallel, gpus), kv, batch, context in itertools.product(models, layouts, KV, BATCHES, CONTEXTS):
         method, bits = KV[kv]
         dep = api.deployment(
             model, single if gpus == 1 else node, bits=bits, method=method, gpus=gpus, parallel=parallel
@@ -176,11 +176,48 @@ def compare(predictions: str, measured: str, changed: set[str], e2e: str | None 
     return "\n".join(lines)
 
 
+def _names(text: str) -> tuple[str, ...] | None:
+    """Model names checked against configs/models (None after printing the error)."""
+    from kvq_sim.errors import SimInputError
+    from kvq_sim.models import load_model
+
+    names = tuple(n for n in text.split(",") if n)
+    try:
+        for n in names:
+            load_model(n)
+    except SimInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not names:
+        print("error: --models names no model", file=sys.stderr)
+        return None
+    return names
+
+
+def _layouts(text: str) -> tuple[tuple[str, int], ...] | None:
+    """'tp1,cp2' -> (("tp", 1), ("cp", 2)), each one of the grid's LAYOUTS (None after printing the error)."""
+    valid = {f"{p}{g}": (p, g) for p, g in LAYOUTS}
+    items = [t for t in text.split(",") if t]
+    bad = [t for t in items if t not in valid]
+    if bad or not items:
+        print(
+            f"error: unknown layout(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(valid)}", file=sys.stderr
+        )
+        return None
+    return tuple(valid[t] for t in items)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="plan", required=True)
     mg = sub.add_parser("multigpu")
     mg.add_argument("--node", default="8x-h100", help="the node's hardware config (default 8x-h100)")
+    mg.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    mg.add_argument(
+        "--layouts",
+        default=",".join(f"{p}{g}" for p, g in LAYOUTS),
+        help="comma-separated tp<N> / cp<N> (default every layout of the grid)",
+    )
     mg.add_argument("-o", "--out", required=True)
     cmg = sub.add_parser("compare-multigpu")
     cmg.add_argument("predictions")
@@ -206,7 +243,13 @@ def main(argv=None) -> int:
     if out.exists():
         print(f"error: {out} exists; predictions are written once, before measuring", file=sys.stderr)
         return 2
-    rows = multigpu_rows(args.node) if args.plan == "multigpu" else like_rows(args.gpu, args.kernel, args.e2e)
+    if args.plan == "multigpu":
+        models, layouts = _names(args.models), _layouts(args.layouts)
+        if models is None or layouts is None:
+            return 2
+        rows = multigpu_rows(args.node, models, layouts)
+    else:
+        rows = like_rows(args.gpu, args.kernel, args.e2e)
     prov = _provenance()
     df = pd.DataFrame([{**r, **prov} for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)

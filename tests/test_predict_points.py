@@ -76,3 +76,21 @@ def test_compare_multigpu_reports_error_per_layout_and_model(tmp_path):
     tp = [line for line in out.splitlines() if line.startswith("tp")]
     assert cp and all(line.split()[-2:] == ["20.00", "+20.00"] for line in cp)
     assert tp and all(line.split()[-2:] == ["0.00", "+0.00"] for line in tp)
+
+
+def test_multigpu_plan_takes_models_and_layouts_and_refuses_unknown_ones(tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    args = ["multigpu", "--node", "8x-h200", "--models", "llama-3-8b", "--layouts", "tp1", "-o", str(out)]
+    assert predict_points.main(args) == 0
+    rows = pd.read_csv(out)
+    assert len(rows) == 3 * 3 * 3 and set(rows.model) == {"llama-3-8b"} and set(rows.gpus) == {1}
+    assert predict_points.main(args) == 2  # written once: an existing file is never overwritten
+    for flag, value, message in (
+        ("--models", "llama-9b", "unknown model 'llama-9b'"),
+        ("--layouts", "tp3", "unknown layout(s) tp3; valid: tp1, tp2, tp4, cp2, cp4"),
+    ):
+        bad = [a if a != {"--models": "llama-3-8b", "--layouts": "tp1"}[flag] else value for a in args]
+        bad[-1] = str(tmp_path / "other.csv")
+        assert predict_points.main(bad) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "other.csv").exists()

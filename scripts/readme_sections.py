@@ -127,6 +127,11 @@ def headline_table() -> str:
         _script(*MULTIGPU_H200_COLD[1:]),
         re.M,
     )
+    l3 = re.search(
+        r"^all: (\d+) steps, MAPE ([\d.]+%), signed [-+\d.]+%, median \|error\| [\d.]+%, worst ([\d.]+%)",
+        _script(*LLAMA3_H200_COLD[1:]),
+        re.M,
+    )
     lines += [
         "",
         f"- At 3.5 bits or fewer per element, the same GPU holds {min(low):.1f}-{max(low):.1f}x the context of fp16 "
@@ -151,7 +156,9 @@ def headline_table() -> str:
         "measured-and-calibrated)). On a 4x H200 NVLink node, where nothing multi-GPU had been measured, "
         f"{mg.group(1)} decode steps (TP 1-4, CP 2-4) of Llama-7B and Llama-2-70B predicted beforehand were off by "
         f"{mg.group(2)} (signed {mg.group(3)}) ([docs/validation.md](docs/validation.md#several-gpus-of-a-second-type-"
-        "4x-h200-nvlink)).",
+        f"4x-h200-nvlink)); {l3.group(1)} steps of Llama-3-8B (GQA; no fit has seen it) on one H200, by {l3.group(2)} "
+        f"(worst {l3.group(3)}) ([docs/validation.md](docs/validation.md#a-model-it-was-not-fitted-on-llama-3-8b-on-"
+        "one-h200)).",
         f"- That is the closed loop: kvq's own kernels on the GPU it was fitted on. On published measurements of other "
         f"serving systems that no parameter was fitted on, kvq-sim's mean absolute error is {held.mape_pct:.1f}% over "
         f"{held.n} points (signed {held.signed_pct:+.1f}%: it predicts {'faster' if held.signed_pct < 0 else 'slower'} "
@@ -417,6 +424,32 @@ def multigpu_h200() -> str:
     cold = _script(*MULTIGPU_H200_COLD[1:])
     fitted = _run(VALIDATE_MULTIGPU_H200, check=False)
     return _shown(MULTIGPU_H200_COLD, cold).rstrip("\n") + "\n" + _shown(VALIDATE_MULTIGPU_H200, fitted)
+
+
+LLAMA3_H200 = "reports/measurements/multigpu_decode_llama3_8b_h200_tp1.csv"
+LLAMA3_H200_COLD = ["python", "scripts/predict_points.py", "compare-multigpu",
+                    "reports/predictions/llama3_8b_h200_tp1.csv", LLAMA3_H200]  # fmt: skip
+
+
+def llama3_h200() -> str:
+    """Llama-3-8B steps on one H200 against the predictions committed before them, and the steps by KV format."""
+    from kvq_sim.multigpu import read_steps
+
+    out = _shown(LLAMA3_H200_COLD, _script(*LLAMA3_H200_COLD[1:]))
+    steps = {(p.kv, p.batch, p.context): p.step_us for p in read_steps(ROOT / LLAMA3_H200)[0]}
+    lines = [
+        "",
+        "| batch | context | fp16 KV (ms) | KIVI-4 (ms, vs fp16) | KIVI-2 (ms, vs fp16) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for batch, context in sorted({(b, t) for _, b, t in steps}):
+        fp16 = steps[("fp16", batch, context)]
+        cells = [
+            f"{steps[(kv, batch, context)] / 1e3:.1f}, {fp16 / steps[(kv, batch, context)]:.2f}x"
+            for kv in ("kivi4", "kivi2")
+        ]
+        lines.append(f"| {batch} | {context // 1024}K | {fp16 / 1e3:.1f} | {cells[0]} | {cells[1]} |")
+    return out + "\n".join(lines) + "\n"
 
 
 def noise_output() -> str:
@@ -877,6 +910,7 @@ SECTIONS = {
     "validation-output": validation_output,
     "multigpu-table": multigpu_table,
     "multigpu-h200": multigpu_h200,
+    "llama3-h200": llama3_h200,
     "h200-cold": h200_cold,
     "h200-validation": h200_validation,
     "noise-output": noise_output,
@@ -906,6 +940,7 @@ DOCS = {
         "h200-validation",
         "multigpu-table",
         "multigpu-h200",
+        "llama3-h200",
         "noise-output",
     ),
     "docs/transfer-rules.md": ("fit-table",),

@@ -267,6 +267,43 @@ def kernel_change_h200() -> str:
     return "\n".join(lines) + "\n"
 
 
+PEERS_H200 = "reports/measurements/peers_decode_h200.csv"
+PEER_IMPLS = (
+    ("sdpa_flash_fp16", "SDPA flash, fp16"),
+    ("kvq_fp16", "kvq fp16"),
+    ("kvq_kivi4", "kvq KIVI-4"),
+    ("kvq_kivi2", "kvq KIVI-2"),
+    ("flashinfer_fp16", "FlashInfer fp16"),
+    ("flashinfer_fp8", "FlashInfer fp8"),
+)
+
+
+def peers_h200() -> str:
+    """bench_peers.py's H200 run: time and speedup over SDPA flash per implementation and point."""
+    d = pd.read_csv(ROOT / PEERS_H200)
+    log = (ROOT / PEERS_H200.replace(".csv", "_log.txt")).read_text()
+    version = re.search(r"^flashinfer (\S+), streaming read ([\d.]+) TB/s", log, re.M)
+    r0 = d.iloc[0]
+    lines = [
+        f"Measured {r0.date} on {r0.device} (driver {r0.driver}, torch {r0.torch}, triton {r0.triton}, commit "
+        f"{r0.commit}), flashinfer-python {version.group(1)}, {r0.q_heads}/{r0.kv_heads} heads, head_dim "
+        f"{r0.head_dim}; us, speedup over SDPA flash fp16, % of the streaming read ({version.group(2)} TB/s):",
+        "",
+        "| batch | context | " + " | ".join(name for _, name in PEER_IMPLS) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in PEER_IMPLS) + " |",
+    ]
+    for (batch, context), g in d.groupby(["batch", "context"], sort=False):
+        got = g.set_index("impl")
+        cells = [
+            f"{got.time_us[i]:.1f}, {got.speedup_vs_sdpa[i]:.2f}x, {100 * got.frac_of_hbm_read[i]:.0f}%"
+            if i in got.index
+            else "-"
+            for i, _ in PEER_IMPLS
+        ]
+        lines.append(f"| {batch} | {context // 1024}K | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 SDPA_BACKEND_CSVS = ("sdpa_backends_h100.csv", "sdpa_backends_h200.csv")
 
 
@@ -905,6 +942,7 @@ SECTIONS = {
     "kernel-table-h200": kernel_table_h200,
     "kernel-targets-h200": kernel_targets_h200,
     "kernel-change-h200": kernel_change_h200,
+    "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
     "validation-output": validation_output,
@@ -953,7 +991,7 @@ DOCS = {
         "kernel-table",
         "kernel-table-h200",
     ),
-    "docs/kernel-performance.md": ("kernel-change-h200", "kernel-targets-h200"),
+    "docs/kernel-performance.md": ("kernel-change-h200", "kernel-targets-h200", "peers-h200"),
 }
 
 

@@ -160,6 +160,7 @@ def main() -> int:
                     bytes_read=nb, time_us=round(us, 2), eff_bw_tb_s=round(nb / us / 1e6, 3),
                     frac_of_hbm_read=round(nb / us / 1e6 / hbm, 4), hbm_read_tb_s=round(hbm, 3),
                     speedup_vs_sdpa=round(sdpa_us / us, 4) if sdpa_us else "", config=cfg,
+                    flashinfer=flashinfer.__version__,
                 )
             )  # fmt: skip
             print(f"{impl:16s} B{batch:<3d} T{t:<7d} {us:9.1f} us  {nb / us / 1e6:5.2f} TB/s", flush=True)

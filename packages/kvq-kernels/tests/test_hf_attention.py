@@ -28,21 +28,22 @@ def tiny():
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _run(model, cache, ids, steps):
+def _run(model, cache, ids, steps, prompt=40):
     out = []
     with torch.no_grad():
-        out.append(model(ids[:, :40], past_key_values=cache, use_cache=True).logits[:, -1])
-        for t in range(40, 40 + steps):
+        out.append(model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits[:, -1])
+        for t in range(prompt, prompt + steps):
             out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
     return torch.stack(out, 1)
 
 
 def test_kernel_path_matches_torch_path(tiny):
     ids = torch.randint(0, 97, (2, 70), device=tiny.device)
-    ref = _run(tiny, KVQCache(fmt=FMT, model=tiny, kernels=False), ids, 30)
+    # a 56-token prompt and 14 decode steps: the decode crosses the 64-token allocation and a key group's flush
+    ref = _run(tiny, KVQCache(fmt=FMT, model=tiny, kernels=False), ids, 14, prompt=56)
     cache = KVQCache(fmt=FMT, model=tiny, kernels=True)
     assert cache.kernels and tiny.config._attn_implementation == "kvq"
-    got = _run(tiny, cache, ids, 30)
+    got = _run(tiny, cache, ids, 14, prompt=56)
     assert not hf_attention._PENDING  # every marked decode step went through the fused kernel
     # same codes and scales (the append kernel quantizes as kvq_core.quant, fp64 qparams); the paths
     # differ only in the fp16 storage of the residual ring and the kernel's fp32 accumulation order

@@ -111,11 +111,7 @@ def headline_table() -> str:
     mape = re.search(r"^PASS kernel: (\d+) held-out points.*?MAPE ([\d.]+%)", _run(VALIDATE, check=False), re.M)
     held = published.validate().overall("held_out")
     vs = _vs_dispatched()
-    frag = {
-        (k, bits): _gqa_speedup_128k(ROOT / csv, bits)
-        for k, csv in (("new", H200_KERNEL), ("old", H200_KERNEL_COLD))
-        for bits in (4, 2)
-    }
+    frag = {k: _gqa_speedups_128k(ROOT / csv) for k, csv in (("new", H200_KERNEL), ("old", H200_KERNEL_COLD))}
     out = _script(*H200_COLD[1:])
     cold = dict(
         kernels=re.search(r"^unchanged kernels: .*median \|error\| ([\d.]+%)", out, re.M).group(1),
@@ -144,8 +140,8 @@ def headline_table() -> str:
         f"attention torch picks by itself; with GQA (32/8 heads) only {vs['gqa4']:.2f}x and {vs['gqa2']:.2f}x, and on "
         f"an H200 with GQA {vs['h200gqa4']:.2f}x and {vs['h200gqa2']:.2f}x: slower ([docs/kernels.md](docs/kernels.md); "
         "measured with the word kernel). Since then GQA 4-bit and 2-bit run the fragment kernel, which dequantizes in "
-        f"the matrix units' operand registers: on the H200 {frag['new', 4]:.2f}x and {frag['new', 2]:.2f}x SDPA flash "
-        f"at batch 1 and 128K tokens, where the word kernel was {frag['old', 4]:.2f}x and {frag['old', 2]:.2f}x "
+        f"the matrix units' operand registers: on the H200 {frag['new'][4]:.2f}x and {frag['new'][2]:.2f}x SDPA flash "
+        f"at batch 1 and 128K tokens, where the word kernel was {frag['old'][4]:.2f}x and {frag['old'][2]:.2f}x "
         "([docs/kernel-performance.md](docs/kernel-performance.md)). "
         f"kvq-sim predicts {mape.group(1)} held-out kernel launches with a mean absolute error of {mape.group(2)} "
         "([docs/validation.md](docs/validation.md)).",
@@ -223,11 +219,11 @@ def kernel_table() -> str:
 BENCH_DECODE = ROOT / "packages" / "kvq-kernels" / "benchmarks" / "bench_decode.py"
 
 
-def _gqa_speedup_128k(csv: Path, bits: int) -> float:
-    """KIVI at `bits` over SDPA flash, 32/8 heads, batch 1, 128K tokens, in one sweep CSV."""
+def _gqa_speedups_128k(csv: Path) -> dict[int, float]:
+    """KIVI over SDPA flash per bit width, 32/8 heads, batch 1, 128K tokens, in one sweep CSV."""
     d = pd.read_csv(csv)
-    row = d[(d.impl == "kvq_kivi") & (d.bits == bits) & (d.q_heads == 32) & (d.kv_heads == 8) & (d.batch == 1)]
-    return float(row[row.context == 131072].speedup_vs_sdpa.iloc[0])
+    rows = d[(d.impl == "kvq_kivi") & (d.q_heads == 32) & (d.kv_heads == 8) & (d.batch == 1) & (d.context == 131072)]
+    return {int(b): float(sp) for b, sp in zip(rows.bits, rows.speedup_vs_sdpa)}
 
 
 def kernel_table_h200() -> str:

@@ -34,6 +34,7 @@ from kvq_kernels.benchmarking import (
     kv_bytes,
     kvq_fp16_fn,
     kvq_kivi_fn,
+    parse_points,
     resolved_config,
     sdpa_fn,
     time_rotation,
@@ -43,19 +44,10 @@ KV_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 WORKSPACE_BYTES = 128 * 2**20
 
 
-def _points(text: str) -> list[tuple[int, int]]:
-    try:
-        pts = [(int(b), int(t)) for b, t in (item.split(":") for item in text.split(","))]
-    except ValueError:
-        pts = []
-    if not pts or any(b < 1 or t < 1 for b, t in pts):
-        raise SystemExit(f"--points: expected batch:context[,...], got {text!r}")
-    return pts
-
-
 def flashinfer_fn(batch, hq, hkv, t, kv: str, page_size: int, lens=None):
-    """A FlashInfer decode call (planned, CUDA-graph mode) over a fresh random paged cache; returns (call, q, k, v)
-    with k / v [batch, t, hkv, d] as the kernel reads them (fp8 values upcast) for the reference check."""
+    """A FlashInfer decode call (planned, CUDA-graph mode) over a fresh random paged cache of sequences of `lens`
+    tokens (default t each); returns (call, q, the cache [pages, 2, page_size, hkv, d], page indptr, lens) for the
+    reference check."""
     import flashinfer
 
     lens = lens or [t] * batch
@@ -103,12 +95,12 @@ def check_flashinfer(kv: str, page_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--points", default="1:131072,8:32768,32:4096,1:4096,1:32768,8:131072")
+    ap.add_argument("--points", type=parse_points, default="1:131072,8:32768,32:4096,1:4096,1:32768,8:131072")
     ap.add_argument("--heads", default="32/8")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--name", default="peers_decode.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
-    points = _points(args.points)
+    points = args.points
     try:
         hq, hkv = (int(x) for x in args.heads.split("/"))
     except ValueError:

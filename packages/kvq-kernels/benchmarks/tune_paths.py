@@ -16,7 +16,7 @@ import itertools
 import os
 
 from kvq_core.provenance import CSV_FIELDS, provenance
-from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, sdpa_fn, time_rotation
+from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, parse_points, sdpa_fn, time_rotation
 from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
@@ -54,17 +54,6 @@ def _configs(text: str) -> list[tuple]:
     return cfgs
 
 
-def _points(text: str) -> list[tuple[int, int]]:
-    """'1:1024,32:4096' -> (batch, context) points."""
-    try:
-        pts = [(int(b), int(t)) for b, t in (item.split(":") for item in text.split(","))]
-    except ValueError:
-        pts = []
-    if not pts or any(b < 1 or t < 1 for b, t in pts):
-        raise SystemExit(f"--points: expected batch:context[,...], got {text!r}")
-    return pts
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gqa-bits", default="4,2,3", help="GQA 32/8 bit widths ('' for none)")
@@ -76,7 +65,7 @@ def main() -> None:
         "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
     )
     ap.add_argument("--configs", help="GQA: these path:BLOCK_N:warps:stages configs (beside the word kernel's default)")
-    ap.add_argument("--points", help="GQA and MHA: these batch:context points")
+    ap.add_argument("--points", type=parse_points, help="GQA and MHA: these batch:context points")
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     if args.container_bits:
@@ -118,7 +107,7 @@ def main() -> None:
     if args.configs:
         gqa_configs = [("tc", *WORDS_CONFIG, True)] + _configs(args.configs)
     if args.points:
-        gqa_points = mha_points = _points(args.points)
+        gqa_points = mha_points = args.points
     for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), gqa_points):
         run(32, 8, bits, batch, t, gqa_configs)
     for bits, (batch, t) in itertools.product(_bits(args.mha_bits), mha_points):

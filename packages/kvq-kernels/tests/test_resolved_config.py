@@ -52,3 +52,12 @@ def test_named_configs_pass_through():
 def test_sdpa_fn_refuses_an_unknown_backend_before_allocating():
     with pytest.raises(ValueError, match="unknown SDPA backend 'flashinfer'; choose from flash, cudnn"):
         benchmarking.sdpa_fn(1, 32, 8, 4096, "flashinfer")
+
+
+def test_parse_points_reads_batch_context_pairs_and_refuses_malformed_lists():
+    import argparse
+
+    assert benchmarking.parse_points("1:1024,32:4096") == [(1, 1024), (32, 4096)]
+    for bad in ("1:x", "1024", "0:1024", "1:1024,", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected batch:context\[,\.\.\.\], got"):
+            benchmarking.parse_points(bad)

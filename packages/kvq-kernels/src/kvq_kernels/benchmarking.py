@@ -12,6 +12,7 @@ packages/kvq-kernels/benchmarks/ (bench_decode.py, tune_decode.py, ...).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import math
@@ -329,6 +330,18 @@ def default_configs(bits_list, group, heads) -> dict:
     (CUDA cores for MHA; for GQA the word kernel, or the slice kernel on short 2/4-bit caches) and its
     `launch_config` are chosen per call as a user's call chooses them. No probe."""
     return {(bits, hq, hkv): AUTO_CONFIG for hq, hkv in heads for bits in bits_list if bits != 16}
+
+
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """'1:1024,32:4096' -> (batch, context) points, for a benchmark's argparse `type=`: a malformed list is an
+    argparse error (one line, exit 2)."""
+    try:
+        pts = [(int(b), int(t)) for b, t in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        pts = []
+    if not pts or any(b < 1 or t < 1 for b, t in pts):
+        raise argparse.ArgumentTypeError(f"expected batch:context[,...], got {text!r}")
+    return pts
 
 
 def kv_bytes(bits, batch, hkv, t, group, residual=RESIDUAL) -> int:

@@ -558,8 +558,8 @@ def launch_config(
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
     CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_SHORT_CONFIG (at most
-    FRAG_FEW_ROWS rows or SLICE_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups run the
-    smaller tiles' settings)."""
+    FRAG_FEW_ROWS rows or SLICE_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it divides the
+    group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
         if path == "frag":
@@ -658,8 +658,8 @@ def decode_kivi(
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
     2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, 2/4/8-bit on frag, the
     rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
-    and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
-    propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
+    and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
+    fp16 parts of the cache are not checked (a sync per call): they propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")

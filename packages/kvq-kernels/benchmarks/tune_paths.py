@@ -4,7 +4,7 @@
 
 GQA 32/8 at 2/3/4-bit: the word kernel (tc) at 1 and 2 stages and BLOCK_N 64, and the channel-slice kernel;
 MHA 32/32 at 2/4/8-bit: CUDA-core configs. Splits follow decode_kivi's own rule (no `splits` argument), so
-each time is what that config costs in a default call. Timing as kvq_kernels.benchmarking.time_rotation (CUDA
+each time is what that config costs in a default call; --splits times given split counts beside the rule's. Timing as kvq_kernels.benchmarking.time_rotation (CUDA
 graph replays, L2 flushed). Writes $OUT/tune_stages_h100.csv with provenance; decode_kivi's SIMT_CONFIG and
 SLICE_MAX_TOKENS cite it.
 """
@@ -16,7 +16,15 @@ import itertools
 import os
 
 from kvq_core.provenance import CSV_FIELDS, provenance
-from kvq_kernels.benchmarking import kv_bytes, kvq_kivi_fn, parse_points, sdpa_fn, time_rotation
+from kvq_kernels.benchmarking import (
+    AUTO_CONFIG,
+    kv_bytes,
+    kvq_kivi_fn,
+    parse_points,
+    resolved_config,
+    sdpa_fn,
+    time_rotation,
+)
 from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
@@ -43,15 +51,34 @@ def _bits(text: str) -> list[int]:
     return [int(b) for b in text.split(",") if b]
 
 
+def _config(item: str) -> tuple:
+    if item == "auto":
+        return AUTO_CONFIG
+    path, bn, warps, stages = item.split(":")
+    return (path, int(bn), int(warps), int(stages), True)
+
+
 def _configs(text: str) -> list[tuple]:
-    """'frag:64:4:3,slice:128:4:1' -> configs (path:BLOCK_N:num_warps:num_stages each)."""
+    """'auto,frag:64:4:3,slice:128:4:1' -> configs: decode_kivi's own choice (AUTO_CONFIG), or
+    path:BLOCK_N:num_warps:num_stages each."""
     try:
-        cfgs = [(p, int(bn), int(w), int(st), True) for p, bn, w, st in (item.split(":") for item in text.split(","))]
+        cfgs = [_config(item) for item in text.split(",")]
     except ValueError:
         cfgs = []
-    if not cfgs or any(c[0] not in ("tc", "frag", "slice", "simt") for c in cfgs):
-        raise SystemExit(f"--configs: expected path:BLOCK_N:warps:stages[,...], got {text!r}")
+    if not cfgs or any(c[0] not in ("auto", "tc", "frag", "slice", "simt") for c in cfgs):
+        raise SystemExit(f"--configs: expected auto or path:BLOCK_N:warps:stages[,...], got {text!r}")
     return cfgs
+
+
+def _splits(text: str) -> list[int | None]:
+    """'rule,64,82' -> [None, 64, 82] (None: decode_kivi's own split rule)."""
+    try:
+        out = [None if item == "rule" else int(item) for item in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(s is not None and s < 1 for s in out):
+        raise argparse.ArgumentTypeError(f"expected 'rule' or positive split counts, comma-separated; got {text!r}")
+    return out
 
 
 def main() -> None:
@@ -64,8 +91,11 @@ def main() -> None:
     ap.add_argument(
         "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
     )
-    ap.add_argument("--configs", help="GQA: these path:BLOCK_N:warps:stages configs (beside the word kernel's default)")
+    ap.add_argument("--configs", help="GQA: these configs only (auto, or path:BLOCK_N:warps:stages; comma-separated)")
     ap.add_argument("--points", type=parse_points, help="GQA and MHA: these batch:context points")
+    ap.add_argument(
+        "--splits", type=_splits, default=[None], help="split counts to time, 'rule' for decode_kivi's (default: rule)"
+    )
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     if args.container_bits:
@@ -79,18 +109,19 @@ def main() -> None:
     def run(hq, hkv, bits, batch, t, cfgs):
         nb = kv_bytes(bits, batch, hkv, t, 128)
         sd = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), kv_bytes(16, batch, hkv, t, 128))
-        for cfg in cfgs:
+        for cfg, splits in itertools.product(cfgs, args.splits):
             try:
-                us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg), nb)
+                us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg, splits), nb)
             except Exception as e:  # a config the GPU cannot launch (shared memory, registers)
                 print("skip", cfg, type(e).__name__)
                 continue
-            path, bn, warps, stages, prefetch = cfg
+            path, bn, warps, stages, prefetch = resolved_config(cfg, bits, batch, hq, hkv, t, 128)
             rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=path, block_n=bn,
                              warps=warps, stages=stages, prefetch=prefetch,
-                             container_bits=frag_geometry(bits)[0] if path == "frag" else "", time_us=round(us, 2),
-                             sdpa_us=round(sd, 2), **prov))  # fmt: skip
-            print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
+                             container_bits=frag_geometry(bits)[0] if path == "frag" else "",
+                             splits=splits or "rule", time_us=round(us, 2), sdpa_us=round(sd, 2), **prov))  # fmt: skip
+            print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg} splits {splits or 'rule'}: {us:.1f} us (sdpa {sd:.1f})",
+                  flush=True)  # fmt: skip
         if rows:
             write()  # after every point, so that a run stopped early keeps what it measured
 
@@ -105,7 +136,7 @@ def main() -> None:
         gqa_points = mha_points = FRAG_WIDE_POINTS if args.frag_wide else FRAG_POINTS
         gqa_configs = [("tc", *WORDS_CONFIG, True)] + frag_configs
     if args.configs:
-        gqa_configs = [("tc", *WORDS_CONFIG, True)] + _configs(args.configs)
+        gqa_configs = _configs(args.configs)
     if args.points:
         gqa_points = mha_points = args.points
     for bits, (batch, t) in itertools.product(_bits(args.gqa_bits), gqa_points):

@@ -261,11 +261,12 @@ def config_kwargs(config) -> dict:
     return dict(path=path, block_n=block_n, num_warps=warps, num_stages=stages, prefetch=prefetch)
 
 
-def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True)):
+def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True), splits=None):
+    """A decode_kivi call over a fresh random cache with one launch config; splits: None for decode_kivi's rule."""
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     c = random_kivi(batch, hkv, t, bits, group)
     kw = config_kwargs(config)
-    return lambda: decode_kivi(q, c, validate_lens=False, **kw)
+    return lambda: decode_kivi(q, c, validate_lens=False, splits=splits, **kw)
 
 
 #: (path, BLOCK_N, num_warps, num_stages, prefetch) tried per bit width and head layout at batch 1, 128K

@@ -43,6 +43,16 @@ def test_split_count_worked_cases(programs_per_split, tiles, sms, waves, fill, s
     assert split_count(programs_per_split, tiles, sms, waves, fill) == splits
 
 
+def test_resident_programs_fill_waves_of_every_slot():
+    # GQA 32/8 at batch 1 (8 programs per split) on 132 SMs, 2047 tiles (256K tokens of BLOCK_N 128), 4 waves:
+    # want 66. Counting one program per SM, 82 splits (656 programs, 4.97 waves) fill best; with 4 resident per SM
+    # (528 slots) 656 programs are 1.24 waves, and 64 splits (512 programs, 0.97 of a wave) fill best
+    assert split_count(8, 2047, 132, 4) == 82
+    assert split_count(8, 2047, 132, 4, resident=4) == 64
+    # resident 0 counts as 1
+    assert split_count(8, 2047, 132, 4, resident=0) == 82
+
+
 def test_split_count_bounds():
     for pps in (1, 3, 32, 64, 96, 1024):
         for tiles in (1, 2, 7, 97, 1024):

@@ -21,7 +21,6 @@ from kvq_kernels.benchmarking import (
     kv_bytes,
     kvq_kivi_fn,
     parse_points,
-    resolved_config,
     sdpa_fn,
     time_rotation,
 )
@@ -110,18 +109,19 @@ def main() -> None:
         nb = kv_bytes(bits, batch, hkv, t, 128)
         sd = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), kv_bytes(16, batch, hkv, t, 128))
         for cfg, splits in itertools.product(cfgs, args.splits):
+            make = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg, splits)
             try:
-                us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg, splits), nb)
+                plan = make().plan
+                us = time_rotation(make, nb)
             except Exception as e:  # a config the GPU cannot launch (shared memory, registers)
                 print("skip", cfg, type(e).__name__)
                 continue
-            path, bn, warps, stages, prefetch = resolved_config(cfg, bits, batch, hq, hkv, t, 128)
-            rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=path, block_n=bn,
-                             warps=warps, stages=stages, prefetch=prefetch,
-                             container_bits=frag_geometry(bits)[0] if path == "frag" else "",
-                             splits=splits or "rule", time_us=round(us, 2), sdpa_us=round(sd, 2), **prov))  # fmt: skip
-            print(f"{hq}/{hkv} b{bits} B{batch} T{t} {cfg} splits {splits or 'rule'}: {us:.1f} us (sdpa {sd:.1f})",
-                  flush=True)  # fmt: skip
+            rows.append(dict(q_heads=hq, kv_heads=hkv, bits=bits, batch=batch, context=t, path=plan.path,
+                             block_n=plan.block_n, warps=plan.num_warps, stages=plan.num_stages, prefetch=cfg[4],
+                             container_bits=frag_geometry(bits)[0] if plan.path == "frag" else "",
+                             split_rule=splits is None, splits=plan.splits, resident=plan.resident_programs,
+                             time_us=round(us, 2), sdpa_us=round(sd, 2), **prov))  # fmt: skip
+            print(f"{hq}/{hkv} b{bits} B{batch} T{t} {plan}: {us:.1f} us (sdpa {sd:.1f})", flush=True)
         if rows:
             write()  # after every point, so that a run stopped early keeps what it measured
 

@@ -61,3 +61,38 @@ def test_parse_points_reads_batch_context_pairs_and_refuses_malformed_lists():
     for bad in ("1:x", "1024", "0:1024", "1:1024,", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected batch:context\[,\.\.\.\], got"):
             benchmarking.parse_points(bad)
+
+
+@pytest.mark.parametrize(
+    "n_regs,shared,warps,resident",
+    [
+        (255, 33792, 2, 4),  # registers: a warp holds 8,192 (255 * 32 rounded up to 256): 65,536 // 16,384
+        (168, 61440, 4, 3),  # registers 65,536 // (4 * 5,376) = 3; shared memory 233,472 // 62,464 = 3
+        (32, 100000, 4, 2),  # shared memory: 233,472 // 101,024
+        (16, 0, 32, 2),  # threads: 2,048 // 1,024
+        (16, 0, 1, 32),  # at most 32 blocks an SM
+        (255, 0, 32, 1),  # more than the SM holds still counts as one
+    ],
+)
+def test_occupancy_worked_cases(n_regs, shared, warps, resident):
+    from kvq_kernels._launch import occupancy
+
+    # H100 / H200 SM: 65,536 registers, 2,048 threads, 233,472 B of shared memory
+    assert occupancy(n_regs, shared, warps, 65536, 2048, 233472) == resident
+
+
+def test_launch_plan_covers_the_context_in_whole_tiles():
+    torch = pytest.importorskip("torch")
+    from kvq_kernels._launch import interpreting
+    from kvq_kernels.decode_kivi import launch_plan
+    from kvq_kernels.kivi_layout import allocate
+
+    if not interpreting():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    c = allocate(2, 2, 64, 1000, 4, 32, 32, 0, device="cpu")
+    q = torch.zeros(2, 4, 64)
+    plan = launch_plan(q, c, validate_lens=False)
+    assert plan.tokens_per_split % plan.block_n == 0
+    assert (plan.splits - 1) * plan.tokens_per_split < c.quant_capacity <= plan.splits * plan.tokens_per_split
+    assert plan.resident_programs == 1  # the interpreter: one program per SM
+    assert launch_plan(q, c, splits=3, validate_lens=False).resident_programs == 0  # given splits: none computed

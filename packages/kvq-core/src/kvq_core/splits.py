@@ -9,7 +9,7 @@ import math
 FILL_TOLERANCE = 0.02
 
 
-def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill: bool = True) -> int:
+def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill: bool = True, resident: int = 1) -> int:
     """Splits of a context of `tiles` tiles (ceil(tokens / BLOCK_N), at least 1) for a launch of
     `programs_per_split` programs per split (B * H_kv) on `sms` SMs.
 
@@ -32,8 +32,10 @@ def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill:
     lo = max(1, min(tiles, want))
     hi = max(lo, min(tiles, 2 * want))
 
-    def fullness(s: int) -> float:  # fraction of the last wave that is busy
-        w = pps * s / sms
+    slots = sms * max(resident, 1)
+
+    def fullness(s: int) -> float:  # fraction of the last wave of `slots` programs that is busy
+        w = pps * s / slots
         return w / math.ceil(w)
 
     kept = sorted({math.ceil(tiles / math.ceil(tiles / s)) for s in range(lo, hi + 1)})

@@ -91,11 +91,66 @@ def num_sms(device: torch.device) -> int:
 
 
 def num_splits(
-    programs_per_split: int, max_tokens: int, block_n: int, device: torch.device, waves: int = 4, fill: bool = True
+    programs_per_split: int,
+    max_tokens: int,
+    block_n: int,
+    device: torch.device,
+    waves: int = 4,
+    fill: bool = True,
+    resident: int = 1,
 ) -> int:
-    """Splits of the context: at least about `waves` waves of programs over the SMs (whole waves with `fill`);
-    the rule is kvq_core.splits.split_count, which the simulator's cost model runs too."""
-    return split_count(programs_per_split, max(1, math.ceil(max_tokens / block_n)), num_sms(device), waves, fill)
+    """Splits of the context: at least about `waves` waves of programs over the SMs (whole waves of `resident`
+    programs per SM with `fill`); the rule is kvq_core.splits.split_count, which the simulator's cost model runs
+    too."""
+    tiles = max(1, math.ceil(max_tokens / block_n))
+    return split_count(programs_per_split, tiles, num_sms(device), waves, fill, resident)
+
+
+#: Registers are allocated per warp in units of 256 (CUDA occupancy calculator, compute capability 7.0-9.0);
+#: every thread block also holds 1 KiB of shared memory for the system (sm_80 and later).
+REG_ALLOC_UNIT = 256
+BLOCK_RESERVED_SHARED_BYTES = 1024
+MAX_BLOCKS_PER_SM = 32
+
+
+def occupancy(n_regs: int, shared_bytes: int, num_warps: int, regs_per_sm: int, threads_per_sm: int,
+              shared_per_sm: int) -> int:  # fmt: skip
+    """Programs (thread blocks) of a kernel resident on one SM at once: the least of what its registers, shared
+    memory and threads allow (at least 1). E.g. 255 registers a thread, 2 warps, 33,792 B of shared memory on an
+    H100 (65,536 registers, 2,048 threads, 233,472 B): registers 65,536 // (2 * 8,192) = 4, shared memory
+    233,472 // 34,816 = 6, threads 16: 4."""
+    warp_regs = math.ceil(n_regs * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = regs_per_sm // max(1, warp_regs * num_warps)
+    by_shared = shared_per_sm // (shared_bytes + BLOCK_RESERVED_SHARED_BYTES)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_regs, by_shared, by_threads, MAX_BLOCKS_PER_SM))
+
+
+_RESIDENT: dict = {}
+
+
+def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """Programs of `kernel` compiled for these arguments that one SM holds at once (`occupancy` of its registers,
+    shared memory and warps); 1 under the interpreter. Compiles without launching (Triton's `warmup`, as the
+    Triton fused-softmax tutorial sizes its grid) on the first call per kernel, constexprs and device; later calls
+    read a cache. Integer arguments are keyed only by their constexpr neighbours: the variants Triton specializes
+    on an integer's value (1, multiples of 16) are taken to hold the same resources."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    key = (kernel, device.index, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the binary: n_regs is known from then on
+        props = torch.cuda.get_device_properties(device)
+        _RESIDENT[key] = occupancy(
+            compiled.n_regs,
+            compiled.metadata.shared,
+            compiled.metadata.num_warps,
+            props.regs_per_multiprocessor,
+            props.max_threads_per_multi_processor,
+            props.shared_memory_per_multiprocessor,
+        )
+    return _RESIDENT[key]
 
 
 def next_pow2(n: int) -> int:

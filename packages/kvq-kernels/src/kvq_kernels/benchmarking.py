@@ -24,7 +24,7 @@ import triton
 import triton.runtime.errors
 
 from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
-from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, kernel_path, launch_config
+from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, kernel_path, launch_config, launch_plan
 from kvq_kernels.kivi_layout import allocate, quant_rows
 
 HEAD_DIM = 128
@@ -262,11 +262,17 @@ def config_kwargs(config) -> dict:
 
 
 def kvq_kivi_fn(batch, hq, hkv, t, bits, group, config=("tc", 64, 4, 3, True), splits=None):
-    """A decode_kivi call over a fresh random cache with one launch config; splits: None for decode_kivi's rule."""
+    """A decode_kivi call over a fresh random cache with one launch config; splits: None for decode_kivi's rule.
+    The call's `plan` attribute is its `decode_kivi.LaunchPlan`."""
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     c = random_kivi(batch, hkv, t, bits, group)
-    kw = config_kwargs(config)
-    return lambda: decode_kivi(q, c, validate_lens=False, splits=splits, **kw)
+    kw = dict(validate_lens=False, splits=splits, **config_kwargs(config))
+
+    def f():
+        return decode_kivi(q, c, **kw)
+
+    f.plan = launch_plan(q, c, **kw)
+    return f
 
 
 #: (path, BLOCK_N, num_warps, num_stages, prefetch) tried per bit width and head layout at batch 1, 128K

@@ -14,6 +14,7 @@ instead of one multiply-add per element.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,6 +34,7 @@ from ._launch import (
     interpreting,
     next_pow2,
     num_splits,
+    resident_programs,
 )
 from .combine import alloc_partials, combine
 from .decode_fp16 import LOG2E, _dot
@@ -629,6 +631,140 @@ def _maxnreg(block_n: int, num_warps: int, bits: int, rows: int) -> dict:
     return {"maxnreg": cap} if use else {}
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a `decode_kivi` call launches (`launch_plan`): the kernel path ("simt", "frag", "tc", "slice"), its tile
+    of BLOCK_N tokens, warps and stages, the context splits and their tokens, the fp16-tail programs per row, and
+    the programs per SM the compiled kernel keeps resident (`resident_programs`), which sized the splits; 0 where
+    none was needed (`splits` given, or the CUDA-core kernel, whose split rule does not fill waves)."""
+
+    path: str
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int
+    tokens_per_split: int
+    tail_programs: int
+    resident_programs: int
+
+
+def launch_plan(
+    q: torch.Tensor,
+    cache: KiviCache,
+    splits: int | None = None,
+    block_n: int | None = None,
+    max_len: int | None = None,
+    validate_lens: bool = True,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    path: str = "auto",
+    prefetch: bool = True,
+    defer: bool = True,
+) -> LaunchPlan:
+    """The `LaunchPlan` of `decode_kivi(q, cache, ...)` with these arguments, after the same checks (ValueError
+    on bad input); compiles the kernel (no launch) the first time a launch config needs its resources."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
+    batch, hq, d = q.shape
+    longest = check_cache(cache, q.device, validate_lens)
+    check("q", q, (torch.float16, torch.float32), (cache.batch, hq, cache.head_dim))
+    check_launchable(q.device)
+    h_kv = cache.kv_heads
+    if hq < 1 or hq % h_kv:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of kv heads ({h_kv})")
+    if splits is not None:
+        check_int("splits", splits, 1)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    g = cache.group_size
+    if max_len is None:
+        max_len = cache.quant_capacity
+    else:
+        check_int("max_len", max_len, 0, cache.capacity)
+        n_vq = cache.counts(longest)["n_vq"] if longest is not None else 0
+        if max_len < n_vq:
+            raise ValueError(
+                f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
+                "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
+            )
+    rows = batch * h_kv
+    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, rows)
+    simt = kernel == "simt"
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows, max_len)
+    block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
+    num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
+    num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
+    if g % block_n:
+        raise ValueError(f"block_n ({block_n}) must divide group_size ({g}): a tile never straddles a key group")
+    if not simt and _dot_dtype(q) == tl.float16 and d < 32 and cache.bits < 8:
+        # measured on an H100: fp16 q at head_dim 16 with 2/3/4-bit codes gave errors of 0.3-1.6 against the
+        # fp64 reference (fp32 q, 8-bit codes, head_dim >= 32 and the CUDA-core path: at most 6e-4)
+        raise ValueError(
+            f"the tensor-core path gives wrong attention for fp16 q at head_dim {d} with {cache.bits}-bit codes; "
+            "pass q in fp32, or path='simt' (one query head per KV head)"
+        )
+    # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
+    n_split = splits or num_splits(rows, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
+    # CUDA-core, fragment and word kernels: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
+    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, TAIL_TOKENS) if kernel != "slice" else 1
+    plan = LaunchPlan(kernel, block_n, num_warps, num_stages, n_split, 0, n_tail, 0)
+    resident = 0
+    if splits is None and not simt:
+        # whole waves of the programs an SM holds at once: the compiled kernel's registers and shared memory
+        placeholder = torch.empty(0, dtype=torch.float32, device=q.device)
+        fn, args, kwargs = _kernel_call(plan, q, cache, 1.0, (placeholder,) * 3, prefetch, defer)
+        resident = resident_programs(fn, args, kwargs, q.device)
+        n_split = num_splits(rows, max_len, block_n, q.device, waves=4, fill=True, resident=resident)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
+    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
+    return LaunchPlan(kernel, block_n, num_warps, num_stages, n_split, tokens_per_split, n_tail, resident)
+
+
+#: tokens of the fp16 tail (sinks, residual window) one tail program takes
+TAIL_TOKENS = 32
+
+
+def _dot_dtype(q: torch.Tensor):
+    return tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+
+
+def _kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, prefetch: bool, defer: bool):
+    """(Triton kernel, positional arguments, keyword arguments) of a plan's main launch; partials: (m, l, acc)."""
+    c, (m, l_part, acc) = cache, partials
+    hq, d, h_kv, g = q.shape[1], q.shape[2], cache.kv_heads, cache.group_size
+    cb = c.codebook if c.codebook is not None else c.k_scale  # unused pointer when uniform
+    lengths = (c.quant_capacity, c.residual_tokens, c.sink_tokens, plan.tokens_per_split, plan.splits)
+    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    common = dict(BITS=c.bits, GROUP=g, HEAD_DIM=d, BLOCK_N=plan.block_n, DOT_DTYPE=_dot_dtype(q), **launch)
+    gqa = dict(HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)))
+    if plan.path == "simt":
+        args = (q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32),
+                c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
+                *lengths, plan.tail_programs)  # fmt: skip
+        kw = dict(NUQ=c.codebook is not None, TAIL_TOKENS=TAIL_TOKENS, PREFETCH=prefetch, DEFER=defer,
+                  FMA=not interpreting(), **common)  # fmt: skip
+        return _decode_kivi_simt_kernel, args, kw
+    if plan.path == "frag":
+        container, per = frag_geometry(c.bits)
+        cdt = torch.int8 if container == 8 else torch.int16
+        args = (q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes, c.v_codes.view(cdt), c.v_scale,
+                c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv, *lengths,
+                plan.tail_programs)  # fmt: skip
+        kw = dict(TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=TAIL_TOKENS, ASM=not interpreting(), PER=per,
+                  ROW=c.k_codes.shape[-1] * 8 // container, **gqa, **common)  # fmt: skip
+        return _decode_kivi_frag_kernel, args, kw
+    if plan.path == "tc":
+        args = (q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32),
+                c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
+                *lengths, plan.tail_programs)  # fmt: skip
+        kw = dict(TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=TAIL_TOKENS, ASM=not interpreting(), **gqa, **common,
+                  **_maxnreg(plan.block_n, plan.num_warps, c.bits, q.shape[0] * h_kv))  # fmt: skip
+        return _decode_kivi_words_kernel, args, kw
+    args = (q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
+            c.lens, cb, m, l_part, acc, scale, h_kv, *lengths)  # fmt: skip
+    return _decode_kivi_kernel, args, dict(NUQ=c.codebook is not None, **gqa, **common)
+
+
 def decode_kivi(
     q: torch.Tensor,
     cache: KiviCache,
@@ -661,99 +797,14 @@ def decode_kivi(
     and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
     fp16 parts of the cache are not checked (a sync per call): they propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
-    batch, hq, d = q.shape
-    longest = check_cache(cache, q.device, validate_lens)
-    check("q", q, (torch.float16, torch.float32), (cache.batch, hq, cache.head_dim))
-    check_launchable(q.device)
-    h_kv = cache.kv_heads
-    if hq < 1 or hq % h_kv:
-        raise ValueError(f"query heads ({hq}) must be a positive multiple of kv heads ({h_kv})")
     check_sm_scale(sm_scale)
-    if splits is not None:
-        check_int("splits", splits, 1)
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
-    g = cache.group_size
-    if max_len is None:
-        max_len = cache.quant_capacity
-    else:
-        check_int("max_len", max_len, 0, cache.capacity)
-        n_vq = cache.counts(longest)["n_vq"] if longest is not None else 0
-        if max_len < n_vq:
-            raise ValueError(
-                f"max_len ({max_len}) is below the {n_vq} quantized tokens of the longest sequence ({longest} "
-                "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
-            )
-    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, batch * h_kv)
-    simt = kernel == "simt"
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, batch * h_kv, max_len)
-    block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
-    num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
-    num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
-    if g % block_n:
-        raise ValueError(f"block_n ({block_n}) must divide group_size ({g}): a tile never straddles a key group")
-    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
-    if not simt and dot_dtype == tl.float16 and d < 32 and cache.bits < 8:
-        # measured on an H100: fp16 q at head_dim 16 with 2/3/4-bit codes gave errors of 0.3-1.6 against the
-        # fp64 reference (fp32 q, 8-bit codes, head_dim >= 32 and the CUDA-core path: at most 6e-4)
-        raise ValueError(
-            f"the tensor-core path gives wrong attention for fp16 q at head_dim {d} with {cache.bits}-bit codes; "
-            "pass q in fp32, or path='simt' (one query head per KV head)"
-        )
-    # the CUDA-core kernel is latency-bound per program: 8 waves of programs measured faster than 4 (tune_decode.py)
-    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
-    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    # CUDA-core, fragment and word kernels: the sinks and fp16 window are shared by ceil((S + R) / 32) programs
-    tail_tokens = 32
-    split_tail = kernel in ("simt", "frag", "tc")
-    n_tail = triton.cdiv(cache.sink_tokens + cache.residual_tokens, tail_tokens) if split_tail else 1
-    m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
+    plan = launch_plan(q, cache, splits, block_n, max_len, validate_lens, num_warps, num_stages, path, prefetch, defer)
+    batch, hq, d = q.shape
+    partials = alloc_partials(batch * hq, plan.splits + plan.tail_programs, d, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
-    cb = cache.codebook if cache.codebook is not None else cache.k_scale  # unused pointer when uniform
-    c = cache
-    if simt:
-        _decode_kivi_simt_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
-            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
-            BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
-            DOT_DTYPE=dot_dtype,
-            PREFETCH=prefetch, DEFER=defer, FMA=not interpreting(), num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
-        return combine(m, l_part, acc, torch.empty_like(q))
-    if kernel == "frag":
-        container, per = frag_geometry(c.bits)
-        cdt = torch.int8 if container == 8 else torch.int16
-        _decode_kivi_frag_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes, c.v_codes.view(cdt), c.v_scale,
-            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
-            BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
-            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(),
-            PER=per, ROW=c.k_codes.shape[-1] * 8 // container, num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
-        return combine(m, l_part, acc, torch.empty_like(q))
-    if kernel == "tc":
-        _decode_kivi_words_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
-            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
-            BITS=c.bits, GROUP=g, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)), HEAD_DIM=d,
-            BLOCK_N=block_n, TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=tail_tokens, DOT_DTYPE=dot_dtype, ASM=not interpreting(), num_warps=num_warps,
-            num_stages=num_stages, **_maxnreg(block_n, num_warps, c.bits, batch * h_kv),
-        )  # fmt: skip
-        return combine(m, l_part, acc, torch.empty_like(q))
-    _decode_kivi_kernel[(batch * h_kv, n_split + 1)](
-        q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
-        c.lens, cb, m, l_part, acc, scale, h_kv, c.quant_capacity, c.residual_tokens, c.sink_tokens,
-        tokens_per_split, n_split,
-        BITS=c.bits, GROUP=g, NUQ=c.codebook is not None, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)),
-        HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    return combine(m, l_part, acc, torch.empty_like(q))
+    fn, args, kwargs = _kernel_call(plan, q, cache, scale, partials, prefetch, defer)
+    fn[(batch * cache.kv_heads, plan.splits + plan.tail_programs)](*args, **kwargs)
+    return combine(*partials, torch.empty_like(q))
 
 
 def dequantize_cache(cache: KiviCache, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,14 +43,22 @@ def test_split_count_worked_cases(programs_per_split, tiles, sms, waves, fill, s
     assert split_count(programs_per_split, tiles, sms, waves, fill) == splits
 
 
-def test_resident_programs_fill_waves_of_every_slot():
+def test_resident_programs_fill_one_wave_first():
     # GQA 32/8 at batch 1 (8 programs per split) on 132 SMs, 2047 tiles (256K tokens of BLOCK_N 128), 4 waves:
     # want 66. Counting one program per SM, 82 splits (656 programs, 4.97 waves) fill best; with 4 resident per SM
-    # (528 slots) 656 programs are 1.24 waves, and 64 splits (512 programs, 0.97 of a wave) fill best
+    # (528 slots) 656 programs are 1.24 waves, and one wave comes first: at most 66 splits, whole tiles give 64
+    # (512 programs, 0.97 of the slots)
     assert split_count(8, 2047, 132, 4) == 82
     assert split_count(8, 2047, 132, 4, resident=4) == 64
-    # resident 0 counts as 1
-    assert split_count(8, 2047, 132, 4, resident=0) == 82
+    assert split_count(8, 2047, 132, 4, resident=0) == 82  # resident 0 counts as 1
+    # the docstring's batch-8 example with 3 resident (396 slots): at most 6 splits, 384 programs
+    assert split_count(64, 1024, 132, 4, resident=3) == 6
+    # 256 programs a split fill 0.65 of 396 slots in one wave: the waves rule instead (3 splits, 1.94 waves, 0.97)
+    assert split_count(256, 256, 132, 4, resident=3) == 3
+    # more programs a split than slots: the waves rule (one split)
+    assert split_count(2048, 1024, 132, 4, resident=2) == 1
+    # without fill the resident count changes nothing
+    assert split_count(8, 2047, 132, 4, fill=False, resident=4) == split_count(8, 2047, 132, 4, fill=False)
 
 
 def test_split_count_bounds():

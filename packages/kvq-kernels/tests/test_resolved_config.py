@@ -96,3 +96,11 @@ def test_launch_plan_covers_the_context_in_whole_tiles():
     assert (plan.splits - 1) * plan.tokens_per_split < c.quant_capacity <= plan.splits * plan.tokens_per_split
     assert plan.resident_programs == 1  # the interpreter: one program per SM
     assert launch_plan(q, c, splits=3, validate_lens=False).resident_programs == 0  # given splits: none computed
+
+
+def test_plan_tag_names_resident_programs_and_splits():
+    from kvq_kernels.benchmarking import plan_tag
+    from kvq_kernels.decode_kivi import LaunchPlan
+
+    assert plan_tag(LaunchPlan("frag", 128, 2, 2, 64, 2048, 4, 4)) == "-r4-sp64"
+    assert plan_tag(LaunchPlan("simt", 32, 2, 1, 33, 3968, 4, 0)) == "-sp33"  # no resident count computed

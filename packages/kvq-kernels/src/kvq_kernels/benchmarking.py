@@ -297,6 +297,23 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
     return (path, *launch_config(path, bits, group, rows, quant_capacity), cfg[4])
 
 
+def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0):
+    """(`time_rotation` microseconds of `kvq_kivi_fn` calls, the `LaunchPlan` they ran)."""
+    plans = []
+
+    def make():
+        f = kvq_kivi_fn(batch, hq, hkv, t, bits, group, cfg)
+        plans.append(f.plan)
+        return f
+
+    return time_rotation(make, nbytes, rep_ms=rep_ms), plans[0]
+
+
+def plan_tag(plan) -> str:
+    """The launch's resident programs per SM (when computed) and its splits, as a config-tag suffix: -r4-sp64."""
+    return (f"-r{plan.resident_programs}" if plan.resident_programs else "") + f"-sp{plan.splits}"
+
+
 def config_name(cfg) -> str:
     name = "{}-bn{}-w{}-s{}".format(*cfg[:4])
     return name + ("-pf" if cfg[0] == "simt" and cfg[4] else "")
@@ -429,9 +446,9 @@ def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start,
                     impl, config = "kvq_fp16", FP16_CONFIG
                 else:
                     cfg = configs[(bits, hq, hkv)]
-                    fn = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg)
-                    us = time_rotation(fn, nbytes, rep_ms=rep_ms)
-                    impl, config = "kvq_kivi", config_name(resolved_config(cfg, bits, batch, hq, hkv, t, group))
+                    us, plan = time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes, rep_ms)
+                    config = config_name(resolved_config(cfg, bits, batch, hq, hkv, t, group)) + plan_tag(plan)
+                    impl = "kvq_kivi"
                 r = row(impl=impl, time_us=us, sdpa_us=sdpa_us, config=config)
                 w.writerow(r)
                 fh.flush()

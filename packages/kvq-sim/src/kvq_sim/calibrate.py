@@ -102,14 +102,15 @@ def _stats(name: str, form: str, pred: np.ndarray, meas: np.ndarray) -> FitStats
 PROGRAMS_PER_SM_CHOICES = (0, 1, 2, 4)
 WAVE_TIE_RMS = 0.001
 #: kvq-kernels benchmark formats (bench_decode.py random_kivi): fp16 residual window 128, no sinks; the
-#: CUDA-core path gives the window ceil(128 / 32) = 4 tail programs per row, the tensor-core path 1.
-BENCH_TAIL_PROGRAMS = {"simt": 4, "tc": 1}
+#: CUDA-core and fragment paths give the window ceil(128 / 32) = 4 tail programs per row, the tensor-core path 1.
+BENCH_TAIL_PROGRAMS = {"simt": 4, "frag": 4, "tc": 1}
 
 
 def family_grid(points: list[KernelPoint]) -> dict:
     """Launch-grid fields (KernelFit.grid ...) of one family from its points' impl and config tags: torch
     SDPA runs FlashAttention-2's grid; kvq kernels the kvq grid with the tag's BLOCK_N (bn<N>), 8 waves for
-    the CUDA-core path (simt-*) and 4 otherwise (kvq_kernels decode_kivi / decode_fp16). {} without tags."""
+    the CUDA-core path (simt-*) and 4 otherwise (kvq_kernels decode_kivi / decode_fp16), and the programs an SM
+    holds (-r<N>, recorded from the compiled kernel) whose waves the splits fill. {} without tags."""
     if points[0].impl.startswith("sdpa_flash"):
         return dict(grid="flash")
     tags = Counter(p.config for p in points if p.config)
@@ -119,12 +120,14 @@ def family_grid(points: list[KernelPoint]) -> dict:
     bn = re.search(r"bn(\d+)", tag)
     if bn is None:
         return {}
-    path = "simt" if tag.startswith("simt") else ("tc" if tag.startswith("tc") else "")
+    path = next((p for p in BENCH_TAIL_PROGRAMS if tag.startswith(p)), "")
+    resident = re.search(r"-r(\d+)", tag)
     return dict(
         grid="kvq-nofill" if path == "simt" else "kvq",
         block_tokens=int(bn.group(1)),
         split_waves=8 if path == "simt" else 4,
         tail_programs_per_row=BENCH_TAIL_PROGRAMS.get(path, 0),
+        resident_programs_per_sm=int(resident.group(1)) if resident else 0,
     )
 
 
@@ -411,6 +414,8 @@ def _kernel_fields(k: KernelFit) -> dict:
             out.update(
                 block_tokens=k.block_tokens, split_waves=k.split_waves, tail_programs_per_row=k.tail_programs_per_row
             )
+            if k.resident_programs_per_sm:
+                out["resident_programs_per_sm"] = k.resident_programs_per_sm
     return out
 
 

@@ -62,12 +62,13 @@ def launch(
     block_tokens: int = 0,
     split_waves: int = 0,
     tail_programs_per_row: int = 0,
+    resident: int = 0,
 ) -> Launch:
     """The grid one decode-attention launch runs; `grid` is a KernelFit.grid ("" gives one program per row)."""
     if grid in ("kvq", "kvq-nofill"):
         rows = batch * kv_heads
         tiles = max(1, math.ceil(context / block_tokens))
-        s = split_count(rows, tiles, sms, split_waves, fill=grid == "kvq")
+        s = split_count(rows, tiles, sms, split_waves, fill=grid == "kvq", resident=resident)
         return Launch(rows * s, rows * tail_programs_per_row, s > 1)
     if grid == "flash":
         rows = batch * kv_heads * math.ceil((q_heads // kv_heads) / 64)

@@ -36,6 +36,7 @@ class KernelFit:
     block_tokens: int = 0  # kvq grid: context tokens per tile (the kernel's BLOCK_N)
     split_waves: int = 0  # kvq grid: waves of programs the split rule aims for
     tail_programs_per_row: int = 0  # kvq grid: extra programs per (sequence, KV head) for the fp16 tail
+    resident_programs_per_sm: int = 0  # kvq grid: programs an SM holds at once, whose waves the splits fill; 0: 1
     program_us: float = 0.0  # fixed time per program per SM (prologue, partial write, combine share)
     programs_per_sm: int = 0  # resident programs per SM for the wave-tail factor; 0: not modelled
     nosplit_bandwidth_efficiency: float = 0.0  # efficiency of launches that do not split; 0: same as split
@@ -157,7 +158,7 @@ _KERNEL = {
         (
             "bound", "overhead_us", "bandwidth_efficiency", "unpack_ps_per_kv_element", "dot_ps_per_q_element",
             "grid", "program_us", "programs_per_sm", "nosplit_bandwidth_efficiency", "block_tokens",
-            "split_waves", "tail_programs_per_row",
+            "split_waves", "tail_programs_per_row", "resident_programs_per_sm",
         )
     ),
     "fit": _FIT,
@@ -569,6 +570,8 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
             split_waves=f.number(k + "split_waves", 1, 1 << 10, integer=True),
             tail_programs_per_row=f.number(k + "tail_programs_per_row", 0, 1024, integer=True),
         )
+        if isinstance(entry, dict) and "resident_programs_per_sm" in entry:
+            out["resident_programs_per_sm"] = f.number(k + "resident_programs_per_sm", 0, 1024, integer=True)
     return out
 
 

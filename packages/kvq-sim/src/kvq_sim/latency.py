@@ -78,7 +78,7 @@ def grid_terms(k: KernelFit, sms: int, batch, q_heads: int, kv_heads: int, conte
     b = np.atleast_1d(np.asarray(batch, dtype=np.int64))
     per = [
         launch(k.grid, int(x), q_heads, kv_heads, context, head_dim, sms, k.block_tokens, k.split_waves,
-               k.tail_programs_per_row)
+               k.tail_programs_per_row, k.resident_programs_per_sm)
         for x in b
     ]  # fmt: skip
     shape = np.shape(batch)

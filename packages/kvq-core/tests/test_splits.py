@@ -55,6 +55,9 @@ def test_resident_programs_fill_one_wave_first():
     assert split_count(64, 1024, 132, 4, resident=3) == 6
     # 256 programs a split fill 0.65 of 396 slots in one wave: the waves rule instead (3 splits, 1.94 waves, 0.97)
     assert split_count(256, 256, 132, 4, resident=3) == 3
+    # 128 tiles (8K tokens of BLOCK_N 64): one wave of whole tiles is 43 splits (344 of 396 slots, 0.87), fuller
+    # than the waves rule's 128 splits (2.59 waves, last 0.86 full): 43
+    assert split_count(8, 128, 132, 4, resident=3) == 43
     # more programs a split than slots: the waves rule (one split)
     assert split_count(2048, 1024, 132, 4, resident=2) == 1
     # without fill the resident count changes nothing

@@ -29,7 +29,7 @@ def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill:
     slower (MHA batch 1, 16K: 37 splits against 32), so it runs without `fill`.
 
     With `fill` and resident >= 2, one wave comes first: the most splits whose programs all fit on the SMs at
-    once, when they fill at least ONE_WAVE_MIN_FULLNESS of the slots. H200 split sweeps (GQA 32/8, fragment
+    once, when they fill at least ONE_WAVE_MIN_FULLNESS of the slots or as much as the waves rule's last wave. H200 split sweeps (GQA 32/8, fragment
     and word kernels holding 2-4 programs an SM, reports/measurements/splits_*_h200.csv): one wave 0.97 full
     beat every count tried, among them two waves equally full (8-bit at batch 1, 128K: 48 splits 114 us, 96
     splits 124 us) and the 1.24 waves that counting one program per SM chose (4-bit at batch 1, 256K: 64
@@ -45,11 +45,6 @@ def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill:
     if not fill:
         return max(1, min(tiles, want))
     slots = sms * max(resident, 1)
-    if resident >= 2 and pps <= slots:
-        most = min(tiles, slots // pps)
-        one = math.ceil(tiles / math.ceil(tiles / most))  # the most splits of whole tiles, at most `most`
-        if pps * one >= ONE_WAVE_MIN_FULLNESS * slots:
-            return one
     lo = max(1, min(tiles, want))
     hi = max(lo, min(tiles, 2 * want))
 
@@ -59,4 +54,10 @@ def split_count(programs_per_split: int, tiles: int, sms: int, waves: int, fill:
 
     kept = _kept_counts(tiles, lo, hi)
     best = max(fullness(s) for s in kept)
-    return next(s for s in kept if fullness(s) >= best - FILL_TOLERANCE)
+    waves_pick = next(s for s in kept if fullness(s) >= best - FILL_TOLERANCE)
+    if resident >= 2 and pps <= slots:
+        most = min(tiles, slots // pps)
+        one = math.ceil(tiles / math.ceil(tiles / most))  # the most splits of whole tiles, at most `most`
+        if fullness(one) >= min(ONE_WAVE_MIN_FULLNESS, fullness(waves_pick)):
+            return one
+    return waves_pick

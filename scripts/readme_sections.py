@@ -237,30 +237,45 @@ def kernel_targets_h200() -> str:
     return _shown(cmd, _run([sys.executable, *cmd[1:]]))
 
 
-def kernel_change_h200() -> str:
-    """The committed H200 sweep against the first (the word kernel for every GQA cache beyond 4096 tokens): per
-    bit width and head layout, the points whose kernel changed and the ratio of their times."""
+def _launch(tag: str) -> str:
+    """A sweep's config tag without what the launch recorded about itself (-r<resident>, -sp<splits>)."""
+    return re.sub(r"-r\d+|-sp\d+", "", tag)
+
+
+def _sweep_change(old_csv: str, new_csv: str) -> str:
+    """Per bit width and head layout of two H200 sweeps: the points whose kernel or launch config changed and the
+    ratio of their times, and the ratio elsewhere."""
     key = ["bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
-    old, new = (pd.read_csv(ROOT / f) for f in (H200_KERNEL_COLD, H200_KERNEL))
+    old, new = (pd.read_csv(ROOT / f) for f in (old_csv, new_csv))
     m = old[old.impl == "kvq_kivi"].merge(new[new.impl == "kvq_kivi"], on=key, suffixes=("_old", "_new"))
     m["ratio"] = m.time_us_new / m.time_us_old
     lines = [
-        f"`{H200_KERNEL}` (commit {new.commit.iloc[0]}) against `{H200_KERNEL_COLD}` (commit {old.commit.iloc[0]}), "
+        f"`{new_csv}` (commit {new.commit.iloc[0]}) against `{old_csv}` (commit {old.commit.iloc[0]}), "
         "time ratio new / old:",
         "",
-        "| heads | bits | points | kernel changed | ratio there (min / median / max) | ratio elsewhere (min / max) "
-        "| 128K batch 1 (us) |",
+        "| heads | bits | points | kernel changed | ratio there (min / median / max) | ratio elsewhere "
+        "(min / median / max) | 128K batch 1 (us) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (hq, hkv, bits), g in m.groupby(["q_heads", "kv_heads", "bits"]):
-        ch = g[g.config_old != g.config_new]
-        rest = g[g.config_old == g.config_new]
+        changed = g.config_old.map(_launch) != g.config_new.map(_launch)
+        ch, rest = g[changed], g[~changed]
         there = f"{ch.ratio.min():.2f} / {ch.ratio.median():.2f} / {ch.ratio.max():.2f}" if len(ch) else "-"
-        elsewhere = f"{rest.ratio.min():.2f} / {rest.ratio.max():.2f}" if len(rest) else "-"
+        elsewhere = f"{rest.ratio.min():.2f} / {rest.ratio.median():.2f} / {rest.ratio.max():.2f}" if len(rest) else "-"
         p = g[(g.batch == 1) & (g.context == 131072) & (g.group_size == 128)]
         point = f"{p.time_us_old.iloc[0]:.1f} -> {p.time_us_new.iloc[0]:.1f}" if len(p) else "-"
         lines.append(f"| {hq}/{hkv} | {bits} | {len(g)} | {len(ch)} | {there} | {elsewhere} | {point} |")
     return "\n".join(lines) + "\n"
+
+
+def kernel_change_h200() -> str:
+    """The committed H200 sweep against the first (the word kernel for every GQA cache beyond 4096 tokens)."""
+    return _sweep_change(H200_KERNEL_COLD, H200_KERNEL)
+
+
+def split_change_h200() -> str:
+    """The committed H200 sweep against the third (the same kernels, splits sized for one program per SM)."""
+    return _sweep_change(H200_KERNEL_V3, H200_KERNEL)
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200.csv"
@@ -417,7 +432,8 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v3.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v5.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V3 = "reports/measurements/kernel_decode_h200_v3.csv"
 H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
 H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
@@ -938,6 +954,7 @@ SECTIONS = {
     "kernel-table-h200": kernel_table_h200,
     "kernel-targets-h200": kernel_targets_h200,
     "kernel-change-h200": kernel_change_h200,
+    "split-change-h200": split_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -987,7 +1004,7 @@ DOCS = {
         "kernel-table",
         "kernel-table-h200",
     ),
-    "docs/kernel-performance.md": ("kernel-change-h200", "kernel-targets-h200", "peers-h200"),
+    "docs/kernel-performance.md": ("kernel-change-h200", "split-change-h200", "kernel-targets-h200", "peers-h200"),
 }
 
 

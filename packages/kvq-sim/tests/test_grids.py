@@ -4,6 +4,7 @@ heuristic on cases worked by hand, the wave-tail factor, and the YAML fields tha
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,18 @@ def test_yaml_grid_fields_are_checked(tmp_path):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"grid": "kvq"}, drop="block_tokens"))
     with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency' must be a number"):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"nosplit_bandwidth_efficiency": 1.5}))
+
+
+def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ran():
+    """Each packed GQA row of the H200 sweep records its launch (BLOCK_N, resident programs per SM, splits: e.g.
+    frag-bn128-w2-s2-r4-sp64); the cost model's grid, given the tag's BLOCK_N and resident count, runs as many."""
+    import pandas as pd
+
+    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v5.csv"
+    rows = pd.read_csv(csv, comment="#")
+    rows = rows[rows.config.fillna("").str.contains(r"-r\d+-sp\d+")]
+    assert len(rows) >= 150
+    for r in rows.itertuples():
+        bn, resident, sp = (int(x) for x in re.search(r"bn(\d+).*-r(\d+)-sp(\d+)", r.config).groups())
+        lg = launch("kvq", r.batch, r.q_heads, r.kv_heads, r.context, r.head_dim, 132, bn, 4, 4, resident)
+        assert lg.programs == r.batch * r.kv_heads * sp, (r.config, r.batch, r.context)

@@ -41,7 +41,8 @@ def _seed_everything():
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on CPU; skips if the GGUF file is missing.
 
-    Loading takes ~15-20 s, so it happens once per test session.
+    Converting the GGUF file takes ~15-20 s (reading `load_smollm2`'s float32 copy ~2 s), so it happens once per
+    test session.
     """
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")

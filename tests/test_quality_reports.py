@@ -26,6 +26,14 @@ NO_NUMERIC_CHANGE = {
     "2bf001fe0d6c0f09f5fa1068635fd0d653764e23": "KVQCache refuses calibration= without model= (kvq-eval passes model=)",
     "64941492704ba1f669c5627c661cfc1ff793b8e3": "adds the kvquant-w96 method; no existing method's format or computation changes",
     "bbe71332dd6ae978a8c71d007944acf7a38ab2a5": "adds kvq-eval --unweighted-calibration; the default fit and its calibration text are unchanged",
+    **dict.fromkeys(
+        (
+            "ecf8f263b1e936a2186ea80ad98a944dd96251c7",
+            "737f8cbf94fad7e12ebde645df861de85907d4a8",
+            "cdee55eb6c21c8fad677dc3a5542ea92830274b5",
+        ),
+        "kvq_core.splits (the decode kernels' and kvq-sim's split-KV rule) only: nothing kvq-eval runs imports it",
+    ),
 }
 
 

@@ -3,10 +3,9 @@
 Tensor parallelism: a GPU holds all tokens of its KV heads and calls the public kvq kernels (`decode_fp16`,
 `decode_kivi`), whose output is final. Context parallelism: a GPU holds a slice of every sequence's tokens
 and needs the softmax state of its slice (max m, sum l, unnormalized acc, log2 units as in
-`kvq_kernels.combine`), which the public launchers fold away. `fp16_state` and `kivi_state` therefore
-launch the same split-KV kernels with the launchers' own arguments (adapted from
-`kvq_kernels.decode_fp16.decode_fp16` and `kvq_kernels.decode_kivi.decode_kivi`) and return the partial
-states; `merge_splits` folds a GPU's splits into one state and `merge_ranks` merges the GPUs' states with
+`kvq_kernels.combine`), which the public launchers fold away. `fp16_state` (adapted from
+`kvq_kernels.decode_fp16.decode_fp16`) and `kivi_state` (`decode_kivi`'s own `launch_plan` and `kernel_call`)
+therefore launch the same split-KV kernels and return the partial states; `merge_splits` folds a GPU's splits into one state and `merge_ranks` merges the GPUs' states with
 kvq's `combine` kernel.
 """
 
@@ -24,8 +23,7 @@ from kvq_kernels._launch import interpreting, next_pow2, num_splits
 from kvq_kernels.benchmarking import fill_random
 from kvq_kernels.combine import alloc_partials, combine
 from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
-from kvq_kernels.decode_kivi import _decode_kivi_kernel, decode_kivi, dequantize_cache, launch_config
-from kvq_kernels.decode_kivi_simt import _decode_kivi_simt_kernel
+from kvq_kernels.decode_kivi import decode_kivi, dequantize_cache, kernel_call, launch_plan
 from kvq_kernels.kivi_layout import KiviCache, allocate
 from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP  # e2e_decode's packed format
 from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
@@ -158,41 +156,14 @@ def fp16_state(q, k, v, lens):
     return m, l_part, acc
 
 
-def kivi_state(q, c: KiviCache, block_n=None, num_warps=None, num_stages=None, prefetch=True):
-    """`decode_kivi`'s launch (path "auto", no sinks) without its combine; the same tile defaults."""
+def kivi_state(q, c: KiviCache):
+    """`decode_kivi`'s launch (its `launch_plan`, path "auto") without its combine (lens guaranteed by the caller)."""
     batch, hq, d = q.shape
-    h_kv, g = c.kv_heads, c.group_size
-    simt = hq == h_kv and (d * c.bits) % 32 == 0 and d // (32 // c.bits) >= 2
-    bn0, warps0, stages0 = launch_config("simt" if simt else "tc", c.bits, g)
-    block_n, num_warps, num_stages = block_n or bn0, num_warps or warps0, num_stages or stages0
-    max_len = c.quant_capacity
-    n_split = num_splits(batch * h_kv, max_len, block_n, q.device, waves=8 if simt else 4, fill=not simt)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
-    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    tail_tokens = 32
-    n_tail = triton.cdiv(c.sink_tokens + c.residual_tokens, tail_tokens) if simt else 1
-    m, l_part, acc = alloc_partials(batch * hq, n_split + n_tail, d, q.device)
-    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
-    scale = LOG2E / math.sqrt(d)
-    cb = c.k_scale  # uniform codes: the codebook pointer is unused
-    if simt:
-        _decode_kivi_simt_kernel[(batch * h_kv, n_split + n_tail)](
-            q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32), c.v_scale,
-            c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, cb, m, l_part, acc, scale, h_kv,
-            c.quant_capacity, c.residual_tokens, c.sink_tokens, tokens_per_split, n_split, n_tail,
-            BITS=c.bits, GROUP=g, NUQ=False, HEAD_DIM=d, BLOCK_N=block_n, TAIL_TOKENS=tail_tokens,
-            DOT_DTYPE=dot_dtype, PREFETCH=prefetch, DEFER=True, FMA=not interpreting(), num_warps=num_warps,
-            num_stages=num_stages,
-        )  # fmt: skip
-        return m, l_part, acc
-    _decode_kivi_kernel[(batch * h_kv, n_split + 1)](
-        q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink,
-        c.lens, cb, m, l_part, acc, scale, h_kv, c.quant_capacity, c.residual_tokens, c.sink_tokens,
-        tokens_per_split, n_split,
-        BITS=c.bits, GROUP=g, NUQ=False, HQ_PER_KV=hq // h_kv, HQ_PAD=max(16, next_pow2(hq // h_kv)),
-        HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    return m, l_part, acc
+    plan = launch_plan(q, c, validate_lens=False)
+    partials = alloc_partials(batch * hq, plan.splits + plan.tail_programs, d, q.device)
+    fn, args, kwargs = kernel_call(plan, q, c, LOG2E / math.sqrt(d), partials, True, True)
+    fn[(batch * c.kv_heads, plan.splits + plan.tail_programs)](*args, **kwargs)
+    return partials
 
 
 def merge_splits(m: torch.Tensor, l_part: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

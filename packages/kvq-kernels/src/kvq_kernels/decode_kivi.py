@@ -712,7 +712,7 @@ def launch_plan(
     if splits is None and not simt:
         # whole waves of the programs an SM holds at once: the compiled kernel's registers and shared memory
         placeholder = torch.empty(0, dtype=torch.float32, device=q.device)
-        fn, args, kwargs = _kernel_call(plan, q, cache, 1.0, (placeholder,) * 3, prefetch, defer)
+        fn, args, kwargs = kernel_call(plan, q, cache, 1.0, (placeholder,) * 3, prefetch, defer)
         resident = resident_programs(fn, args, kwargs, q.device)
         n_split = num_splits(rows, max_len, block_n, q.device, waves=4, fill=True, resident=resident)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
@@ -728,8 +728,9 @@ def _dot_dtype(q: torch.Tensor):
     return tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
 
 
-def _kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, prefetch: bool, defer: bool):
-    """(Triton kernel, positional arguments, keyword arguments) of a plan's main launch; partials: (m, l, acc)."""
+def kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, prefetch: bool, defer: bool):
+    """(Triton kernel, positional arguments, keyword arguments) of a plan's main launch over grid (batch * kv heads,
+    splits + tail programs); partials: (m, l, acc) from `combine.alloc_partials`; scale: sm_scale * log2(e)."""
     c, (m, l_part, acc) = cache, partials
     hq, d, h_kv, g = q.shape[1], q.shape[2], cache.kv_heads, cache.group_size
     cb = c.codebook if c.codebook is not None else c.k_scale  # unused pointer when uniform
@@ -802,7 +803,7 @@ def decode_kivi(
     batch, hq, d = q.shape
     partials = alloc_partials(batch * hq, plan.splits + plan.tail_programs, d, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
-    fn, args, kwargs = _kernel_call(plan, q, cache, scale, partials, prefetch, defer)
+    fn, args, kwargs = kernel_call(plan, q, cache, scale, partials, prefetch, defer)
     fn[(batch * cache.kv_heads, plan.splits + plan.tail_programs)](*args, **kwargs)
     return combine(*partials, torch.empty_like(q))
 

@@ -478,26 +478,41 @@ def multigpu_h200() -> str:
 LLAMA3_H200 = "reports/measurements/multigpu_decode_llama3_8b_h200_tp1.csv"
 LLAMA3_H200_COLD = ["python", "scripts/predict_points.py", "compare-multigpu",
                     "reports/predictions/llama3_8b_h200_tp1.csv", LLAMA3_H200]  # fmt: skip
+LLAMA3_V2 = "reports/predictions/llama3_8b_h200_v2.csv"
+LLAMA3_V2_RUNS = [f"reports/measurements/multigpu_decode_llama3_8b_h200_v2_{n}.csv" for n in ("tp1", "2gpu")]
 
 
 def llama3_h200() -> str:
-    """Llama-3-8B steps on one H200 against the predictions committed before them, and the steps by KV format."""
+    """Llama-3-8B steps on H200s against the predictions committed before each run, and the one-GPU steps by KV
+    format, beside the first run's (the kernels before their splits counted resident programs)."""
     from kvq_sim.multigpu import read_steps
 
     out = _shown(LLAMA3_H200_COLD, _script(*LLAMA3_H200_COLD[1:]))
-    steps = {(p.kv, p.batch, p.context): p.step_us for p in read_steps(ROOT / LLAMA3_H200)[0]}
+    for run in LLAMA3_V2_RUNS:
+        cmd = ["python", "scripts/predict_points.py", "compare-multigpu", LLAMA3_V2, run]
+        out += _shown(cmd, _script(*cmd[1:]))
+
+    def steps(csv):
+        return {(p.kv, p.batch, p.context): p.step_us for p in read_steps(ROOT / csv)[0] if p.gpus == 1}
+
+    first, now = steps(LLAMA3_H200), steps(LLAMA3_V2_RUNS[0])
     lines = [
+        "",
+        f"One GPU (`{LLAMA3_V2_RUNS[0]}`; in brackets the first run, `{LLAMA3_H200}`):",
         "",
         "| batch | context | fp16 KV (ms) | KIVI-4 (ms, vs fp16) | KIVI-2 (ms, vs fp16) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for batch, context in sorted({(b, t) for _, b, t in steps}):
-        fp16 = steps[("fp16", batch, context)]
+    for batch, context in sorted({(b, t) for _, b, t in now}):
+        fp16, fp16_first = now[("fp16", batch, context)], first[("fp16", batch, context)]
         cells = [
-            f"{steps[(kv, batch, context)] / 1e3:.1f}, {fp16 / steps[(kv, batch, context)]:.2f}x"
+            f"{now[(kv, batch, context)] / 1e3:.1f}, {fp16 / now[(kv, batch, context)]:.2f}x "
+            f"({first[(kv, batch, context)] / 1e3:.1f}, {fp16_first / first[(kv, batch, context)]:.2f}x)"
             for kv in ("kivi4", "kivi2")
         ]
-        lines.append(f"| {batch} | {context // 1024}K | {fp16 / 1e3:.1f} | {cells[0]} | {cells[1]} |")
+        lines.append(
+            f"| {batch} | {context // 1024}K | {fp16 / 1e3:.1f} ({fp16_first / 1e3:.1f}) | {cells[0]} | {cells[1]} |"
+        )
     return out + "\n".join(lines) + "\n"
 
 

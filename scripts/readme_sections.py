@@ -278,7 +278,7 @@ def split_change_h200() -> str:
     return _sweep_change(H200_KERNEL_V3, H200_KERNEL)
 
 
-PEERS_H200 = "reports/measurements/peers_decode_h200.csv"
+PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
 PEER_IMPLS = (
     ("sdpa_flash_fp16", "SDPA flash, fp16"),
     ("kvq_fp16", "kvq fp16"),

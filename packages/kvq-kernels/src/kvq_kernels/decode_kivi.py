@@ -524,9 +524,10 @@ FRAG_CONFIG = {2: (64, 4, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
 #: only at 8 x 1K and 32 x 4K (by at most 9%); with one sequence the slice kernel stays faster at 4K (2-bit 12.6
 #: against 13.5, 4-bit 12.9 / 13.2). 8-bit: (64, 4, 3) at every point but 1 x 4K.
 FRAG_SHORT_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
-#: Untuned at its edge: in tune_frag2_few_h200.csv (2-bit) (128, 2, 2) is the fastest launch at batch 1 (8 rows;
-#: 128K 106.3 us against 131.4-245.6 for (32 / 64 / 128, 1-2 warps, 2-3 stages)), but at batch 2 x 128K (16 rows)
-#: (64, 2, 2) took 204.5 against its 289.0.
+#: At its edge: in tune_frag2_few_h200.csv (2-bit) (128, 2, 2) is the fastest launch at batch 1 (8 rows; 128K
+#: 106.3 us against 131.4-245.6 for (32 / 64 / 128, 1-2 warps, 2-3 stages)); at batch 2 x 128K (16 rows) (64, 2, 2)
+#: took 204.5 against its 289.0 while the splits counted one program per SM (1.24 waves of its 4 resident); with
+#: splits for one wave (splits_b2_h200.csv) (128, 2, 2) took 192.7 (2-bit) and 183.8 (4-bit) there.
 FRAG_FEW_ROWS = 16
 #: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (measured above): 2-bit codes in 8-bit
 #: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32

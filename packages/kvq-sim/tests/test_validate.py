@@ -461,7 +461,9 @@ def test_committed_kvq_bench_quick_runs_validate_as_the_kernels_readme_says(run,
 # no decode-step fit has seen, predicted before it was measured (docs/validation.md). kvq-sim as it is now must hold
 # the multi-GPU gates on it.
 LLAMA3_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_llama3_8b_h200_tp1.csv"
-LLAMA3_H200_V2 = [ROOT / "reports/measurements" / f"multigpu_decode_llama3_8b_h200_v2_{n}.csv" for n in ("tp1", "2gpu")]
+LLAMA3_H200_V2 = [
+    ROOT / "reports/measurements" / f"multigpu_decode_llama3_8b_h200_{n}.csv" for n in ("v2_tp1", "v2_2gpu", "4gpu")
+]
 
 
 def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_gates():
@@ -470,9 +472,10 @@ def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_gates():
 
     points = read_steps(LLAMA3_H200_CSV)[0]
     assert len(points) == 27 and {p.model for p in points} == {"llama-3-8b"} and {p.gpus for p in points} == {1}
-    # the second run: the kernels with splits for their resident programs, on 1 and 2 GPUs (tp1, tp2, cp2)
+    # the second run: the kernels with splits for their resident programs, on 1, 2 and 4 GPUs
     again = [p for f in LLAMA3_H200_V2 for p in read_steps(f)[0]]
-    assert len(again) == 81 and {(p.parallel, p.gpus) for p in again} == {("tp", 1), ("tp", 2), ("cp", 2)}
+    layouts = {("tp", 1), ("tp", 2), ("cp", 2), ("tp", 4), ("cp", 4)}
+    assert len(again) == 135 and {(p.parallel, p.gpus) for p in again} == layouts
     points += again
     hw = load_hardware("8x-h200")
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]

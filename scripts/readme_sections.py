@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 import re
 import subprocess
@@ -243,9 +244,29 @@ def _launch(tag: str) -> str:
     return re.sub(r"-r\d+|-sp\d+", "", tag)
 
 
+#: streaming multiprocessors of the H200 (configs/hardware/h200.yaml), which the split rule counts
+H200_SMS = 132
+
+
+def _splits(tag: str, batch: int, kv_heads: int, context: int) -> int:
+    """The splits a tagged launch ran: recorded (-sp<N>), or for tags from before the sweeps recorded them, the
+    rule of that time (one program per SM: kvq_core.splits.split_count without `resident`; the CUDA-core kernel 8
+    waves without fill, the others 4 with), rounded to whole tiles as the launchers round it. The sweeps' contexts
+    are whole multiples of BLOCK_N and of the 128-token flush block, so the quantized capacity is the context."""
+    from kvq_core.splits import split_count
+
+    recorded = re.search(r"-sp(\d+)", tag)
+    if recorded:
+        return int(recorded.group(1))
+    simt, bn = tag.startswith("simt"), int(re.search(r"bn(\d+)", tag).group(1))
+    s = split_count(batch * kv_heads, -(-context // bn), H200_SMS, 8 if simt else 4, fill=not simt)
+    per_split = math.ceil(math.ceil(context / s) / bn) * bn  # whole tiles a split, as the launchers round it
+    return math.ceil(context / per_split)
+
+
 def _sweep_change(old_csv: str, new_csv: str) -> str:
-    """Per bit width and head layout of two H200 sweeps: the points whose kernel or launch config changed and the
-    ratio of their times, and the ratio elsewhere."""
+    """Per bit width and head layout of two H200 sweeps: the points whose kernel, launch config or split count
+    changed and the ratio of their times, and the ratio elsewhere."""
     key = ["bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
     old, new = (pd.read_csv(ROOT / f) for f in (old_csv, new_csv))
     m = old[old.impl == "kvq_kivi"].merge(new[new.impl == "kvq_kivi"], on=key, suffixes=("_old", "_new"))
@@ -254,12 +275,18 @@ def _sweep_change(old_csv: str, new_csv: str) -> str:
         f"`{new_csv}` (commit {new.commit.iloc[0]}) against `{old_csv}` (commit {old.commit.iloc[0]}), "
         "time ratio new / old:",
         "",
-        "| heads | bits | points | kernel changed | ratio there (min / median / max) | ratio elsewhere "
+        "| heads | bits | points | launch changed | ratio there (min / median / max) | ratio elsewhere "
         "(min / median / max) | 128K batch 1 (us) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (hq, hkv, bits), g in m.groupby(["q_heads", "kv_heads", "bits"]):
-        changed = g.config_old.map(_launch) != g.config_new.map(_launch)
+        changed = (g.config_old.map(_launch) != g.config_new.map(_launch)) | pd.Series(
+            [
+                _splits(o, r.batch, r.kv_heads, r.context) != _splits(n, r.batch, r.kv_heads, r.context)
+                for o, n, r in zip(g.config_old, g.config_new, g.itertuples())
+            ],
+            index=g.index,
+        )
         ch, rest = g[changed], g[~changed]
         there = f"{ch.ratio.min():.2f} / {ch.ratio.median():.2f} / {ch.ratio.max():.2f}" if len(ch) else "-"
         elsewhere = f"{rest.ratio.min():.2f} / {rest.ratio.median():.2f} / {rest.ratio.max():.2f}" if len(rest) else "-"

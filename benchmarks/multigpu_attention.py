@@ -4,7 +4,7 @@ Tensor parallelism: a GPU holds all tokens of its KV heads and calls the public 
 `decode_kivi`), whose output is final. Context parallelism: a GPU holds a slice of every sequence's tokens
 and needs the softmax state of its slice (max m, sum l, unnormalized acc, log2 units as in
 `kvq_kernels.combine`), which the public launchers fold away. `fp16_state` (adapted from
-`kvq_kernels.decode_fp16.decode_fp16`) and `kivi_state` (`decode_kivi`'s own `launch_plan` and `kernel_call`)
+`kvq_kernels.decode_fp16.decode_fp16`) and `kivi_state` (`decode_kivi`'s own `launch_plan` and `decode_kivi_state`)
 therefore launch the same split-KV kernels and return the partial states; `merge_splits` folds a GPU's splits into one state and `merge_ranks` merges the GPUs' states with
 kvq's `combine` kernel.
 """
@@ -23,7 +23,7 @@ from kvq_kernels._launch import interpreting, next_pow2, num_splits
 from kvq_kernels.benchmarking import fill_random
 from kvq_kernels.combine import alloc_partials, combine
 from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
-from kvq_kernels.decode_kivi import decode_kivi, dequantize_cache, kernel_call, launch_plan
+from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_state, dequantize_cache, launch_plan
 from kvq_kernels.kivi_layout import KiviCache, allocate
 from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP  # e2e_decode's packed format
 from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
@@ -158,12 +158,7 @@ def fp16_state(q, k, v, lens):
 
 def kivi_state(q, c: KiviCache):
     """`decode_kivi`'s launch (its `launch_plan`, path "auto") without its combine (lens guaranteed by the caller)."""
-    batch, hq, d = q.shape
-    plan = launch_plan(q, c, validate_lens=False)
-    partials = alloc_partials(batch * hq, plan.splits + plan.tail_programs, d, q.device)
-    fn, args, kwargs = kernel_call(plan, q, c, LOG2E / math.sqrt(d), partials, True, True)
-    fn[(batch * c.kv_heads, plan.splits + plan.tail_programs)](*args, **kwargs)
-    return partials
+    return decode_kivi_state(q, c, launch_plan(q, c, validate_lens=False))
 
 
 def merge_splits(m: torch.Tensor, l_part: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

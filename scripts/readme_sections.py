@@ -244,11 +244,7 @@ def _launch(tag: str) -> str:
     return re.sub(r"-r\d+|-sp\d+", "", tag)
 
 
-#: streaming multiprocessors of the H200 (configs/hardware/h200.yaml), which the split rule counts
-H200_SMS = 132
-
-
-def _splits(tag: str, batch: int, kv_heads: int, context: int) -> int:
+def _splits(tag: str, batch: int, kv_heads: int, context: int, sms: int) -> int:
     """The splits a tagged launch ran: recorded (-sp<N>), or for tags from before the sweeps recorded them, the
     rule of that time (one program per SM: kvq_core.splits.split_count without `resident`; the CUDA-core kernel 8
     waves without fill, the others 4 with), rounded to whole tiles as the launchers round it. The sweeps' contexts
@@ -259,7 +255,7 @@ def _splits(tag: str, batch: int, kv_heads: int, context: int) -> int:
     if recorded:
         return int(recorded.group(1))
     simt, bn = tag.startswith("simt"), int(re.search(r"bn(\d+)", tag).group(1))
-    s = split_count(batch * kv_heads, -(-context // bn), H200_SMS, 8 if simt else 4, fill=not simt)
+    s = split_count(batch * kv_heads, -(-context // bn), sms, 8 if simt else 4, fill=not simt)
     per_split = math.ceil(math.ceil(context / s) / bn) * bn  # whole tiles a split, as the launchers round it
     return math.ceil(context / per_split)
 
@@ -267,10 +263,13 @@ def _splits(tag: str, batch: int, kv_heads: int, context: int) -> int:
 def _sweep_change(old_csv: str, new_csv: str) -> str:
     """Per bit width and head layout of two H200 sweeps: the points whose kernel, launch config or split count
     changed and the ratio of their times, and the ratio elsewhere."""
+    from kvq_sim.hardware import load_hardware
+
     key = ["bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
     old, new = (pd.read_csv(ROOT / f) for f in (old_csv, new_csv))
     m = old[old.impl == "kvq_kivi"].merge(new[new.impl == "kvq_kivi"], on=key, suffixes=("_old", "_new"))
     m["ratio"] = m.time_us_new / m.time_us_old
+    sms = load_hardware("h200").sm_count  # what the split rule counts
     lines = [
         f"`{new_csv}` (commit {new.commit.iloc[0]}) against `{old_csv}` (commit {old.commit.iloc[0]}), "
         "time ratio new / old:",
@@ -282,7 +281,7 @@ def _sweep_change(old_csv: str, new_csv: str) -> str:
     for (hq, hkv, bits), g in m.groupby(["q_heads", "kv_heads", "bits"]):
         changed = (g.config_old.map(_launch) != g.config_new.map(_launch)) | pd.Series(
             [
-                _splits(o, r.batch, r.kv_heads, r.context) != _splits(n, r.batch, r.kv_heads, r.context)
+                _splits(o, r.batch, r.kv_heads, r.context, sms) != _splits(n, r.batch, r.kv_heads, r.context, sms)
                 for o, n, r in zip(g.config_old, g.config_new, g.itertuples())
             ],
             index=g.index,

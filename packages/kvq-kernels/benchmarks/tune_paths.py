@@ -19,9 +19,9 @@ from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import (
     AUTO_CONFIG,
     kv_bytes,
-    kvq_kivi_fn,
     parse_points,
     sdpa_fn,
+    time_kivi,
     time_rotation,
 )
 from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
@@ -109,10 +109,8 @@ def main() -> None:
         nb = kv_bytes(bits, batch, hkv, t, 128)
         sd = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), kv_bytes(16, batch, hkv, t, 128))
         for cfg, splits in itertools.product(cfgs, args.splits):
-            make = functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, 128, cfg, splits)
             try:
-                plan = make().plan
-                us = time_rotation(make, nb)
+                us, plan = time_kivi(batch, hq, hkv, t, bits, 128, cfg, nb, splits=splits)
             except Exception as e:  # a config the GPU cannot launch (shared memory, registers)
                 print("skip", cfg, type(e).__name__)
                 continue

@@ -297,12 +297,12 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
     return (path, *launch_config(path, bits, group, rows, quant_capacity), cfg[4])
 
 
-def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0):
+def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0, splits=None):
     """(`time_rotation` microseconds of `kvq_kivi_fn` calls, the `LaunchPlan` they ran)."""
     plans = []
 
     def make():
-        f = kvq_kivi_fn(batch, hq, hkv, t, bits, group, cfg)
+        f = kvq_kivi_fn(batch, hq, hkv, t, bits, group, cfg, splits)
         plans.append(f.plan)
         return f
 

@@ -801,12 +801,18 @@ def decode_kivi(
     """
     check_sm_scale(sm_scale)
     plan = launch_plan(q, cache, splits, block_n, max_len, validate_lens, num_warps, num_stages, path, prefetch, defer)
+    return combine(*decode_kivi_state(q, cache, plan, sm_scale, prefetch, defer), torch.empty_like(q))
+
+
+def decode_kivi_state(q: torch.Tensor, cache: KiviCache, plan: LaunchPlan, sm_scale=None, prefetch=True, defer=True):
+    """The softmax state (m, l, acc) per split that `decode_kivi` combines (log2 units, `combine.alloc_partials`
+    shapes), from one launch of `plan` (`launch_plan(q, cache, ...)`); for callers that merge states themselves."""
     batch, hq, d = q.shape
     partials = alloc_partials(batch * hq, plan.splits + plan.tail_programs, d, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     fn, args, kwargs = kernel_call(plan, q, cache, scale, partials, prefetch, defer)
     fn[(batch * cache.kv_heads, plan.splits + plan.tail_programs)](*args, **kwargs)
-    return combine(*partials, torch.empty_like(q))
+    return partials
 
 
 def dequantize_cache(cache: KiviCache, b: int) -> tuple[torch.Tensor, torch.Tensor]:

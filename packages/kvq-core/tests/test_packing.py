@@ -31,8 +31,15 @@ def test_documented_layouts():
     low = codes & 3
     high = codes >> 2
     expect = [int(sum(int(low[i + j]) << (2 * j) for j in range(4))) for i in (0, 4)]
-    expect.append(int(sum(int(high[j]) << j for j in range(8))))
+    expect.append(int(sum(int(high[j]) << j for j in range(8))))  # 8 codes: h = 4, so bit j is code j
     assert pack(codes, 3).tolist() == expect
+    # the 1-bit plane in nibble pairs: with h = 4 * ceil(n / 8), byte u holds codes 4u .. 4u + 3 in bits 0-3 and
+    # codes h + 4u .. h + 4u + 3 in bits 4-7 (16 codes: byte 0 = codes 0-3 and 8-11, byte 1 = 4-7 and 12-15)
+    hi16 = [1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert pack(torch.tensor(hi16) * 4, 3).tolist()[-2:] == [0b0011_1001, 0b1100_0110]
+    # 12 codes: h = 8; byte 1's high nibble is padding
+    hi12 = [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1]
+    assert pack(torch.tensor(hi12) * 4, 3).tolist()[-2:] == [0b1101_0000, 0]
     # ternary: 5 codes per byte, base 3.
     assert pack(torch.tensor([2, 1, 0, 0, 1, 2]), 1.5).tolist() == [2 + 1 * 3 + 81, 2]
 

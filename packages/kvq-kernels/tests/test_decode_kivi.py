@@ -45,6 +45,8 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     # 3-bit: one 1-bit-plane word a row (head_dim 32) and four (head_dim 128, value groups)
     ("mha-3bit-d32-one-plane-word", 3, 1, 2, 2, 32, 16, 32, 0, [77]),
     ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
+    # nuq 3-bit codes index a codebook: assembled as integers from both planes (not each plane in place)
+    ("mha-nuq-3bit-d64", 3, 2, 2, 2, 64, 16, 32, 1, [33, 170]),
 ]
 # "frag" (decode_kivi_frag): uniform 2/3/4/8-bit, channel slices of >= 16 channels, group_size >= head_dim
 FRAG_CASES = [
@@ -53,7 +55,8 @@ FRAG_CASES = [
     ("frag-gqa-2bit-d128", 2, 1, 4, 2, 128, 128, 128, 0, [333]),
     ("frag-mha-8bit-d32-partial", 8, 2, 2, 2, 32, 32, 32, 1, [70, 161]),
     ("frag-gqa-8bit-d128-group256", 8, 1, 8, 1, 128, 256, 256, 0, [517]),
-    # 3-bit: the 2-bit plane's containers and the 1-bit plane's bytes (slices of 16 and 32 channels)
+    # 3-bit: the 2-bit plane's bytes and the 1-bit plane's nibbles (slices of 16, 32 and 64 channels)
+    ("frag-gqa-3bit-d64", 3, 1, 4, 1, 64, 64, 64, 0, [259]),
     ("frag-gqa-3bit-d128-sinks", 3, 2, 8, 2, 128, 128, 128, 2, [5, 333]),
     ("frag-gqa-9/3-3bit-d256-odd", 3, 1, 9, 3, 256, 256, 256, 0, [389]),
 ]

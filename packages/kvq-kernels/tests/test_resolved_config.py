@@ -15,15 +15,16 @@ def test_auto_resolves_per_point():
     assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
     assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 2, 256, 32, 8, SLICE_MAX_TOKENS, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 3, 256, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 3, 256, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
     # one token more rounds the random cache up a whole 128-token block past the threshold; batch 2 x 8 heads
     # is the most rows that take the few-rows launch
     assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 3, True)
     assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 2, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 2, True)
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 131072, 128) == ("tc", *WORDS_CONFIG, True)  # frag not faster
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("tc", *WORDS_CONFIG, True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 131072, 128) == ("frag", *FRAG_CONFIG[3], True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)  # no slices
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
     assert resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128) == ("simt", 32, 2, 1, True)

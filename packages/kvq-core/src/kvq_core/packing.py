@@ -6,8 +6,14 @@ Layout of one row of n codes (packed along the last dimension):
 - 1/2/4 bits: 8/w codes per byte, code j in byte j // (8/w) at bit offset w * (j % (8/w))
   (little-endian within the byte: code 0 in the low bits).
 - 3/5/6/7 bits: bit planes (`formats.bit_planes`), e.g. 3 = a 2-bit plane (bits 0-1 of every code)
-  followed by a 1-bit plane (bit 2), each packed as above and concatenated along the row:
+  followed by a 1-bit plane (bit 2), concatenated along the row:
   ``row = [plane0 bytes (ceil(n*2/8)) | plane1 bytes (ceil(n/8))]``. 8 codes of 3 bits take 3 bytes.
+  The 2- and 4-bit planes are packed as above. The 1-bit plane pairs nibbles: with h = 4 * ceil(n / 8),
+  byte u holds codes 4u .. 4u + 3 in bits 0-3 and codes h + 4u .. h + 4u + 3 in bits 4-7 (h = n / 2 when
+  8 divides n). So the 2-bit plane's byte u (codes 4u .. 4u + 3) finds its high bits in the low nibble of
+  1-bit byte u, and byte u + h / 4 in the high nibble of the same byte: a decode kernel that reads both
+  halves of the 2-bit plane as one tile reads the 1-bit plane with the same, contiguous byte offsets
+  (`kvq_kernels.decode_kivi_frag`).
 - 1.5 (ternary, codes 0..2): 5 codes per byte, byte = sum(code_i * 3**i), i = 0..4.
 
 A partial last byte is zero-padded; `unpack` takes the row length n to drop the padding.
@@ -42,6 +48,25 @@ def _unpack_plane(packed: torch.Tensor, w: int, n: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n].to(torch.uint8)
 
 
+def _pack_nibble_pairs(bits1: torch.Tensor) -> torch.Tensor:
+    """The 1-bit plane of a multi-plane row (0/1 int32 [..., n]) -> uint8 [..., ceil(n / 8)] (module docstring)."""
+    nb = math.ceil(bits1.shape[-1] / 8)
+    pad = 8 * nb - bits1.shape[-1]
+    if pad:
+        bits1 = torch.nn.functional.pad(bits1, (0, pad))
+    halves = bits1.reshape(*bits1.shape[:-1], 2, nb, 4)  # [..., half, byte, bit of the nibble]
+    shifts = 4 * torch.arange(2, device=bits1.device)[:, None, None] + torch.arange(4, device=bits1.device)
+    return (halves << shifts).sum((-3, -1)).to(torch.uint8)
+
+
+def _unpack_nibble_pairs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `_pack_nibble_pairs`: uint8 [..., ceil(n / 8)] -> 0/1 int32 [..., n]."""
+    nb = packed.shape[-1]
+    shifts = 4 * torch.arange(2, device=packed.device)[:, None, None] + torch.arange(4, device=packed.device)
+    b = packed.to(torch.int32)[..., None, :, None]  # [..., 1, byte, 1]
+    return ((b >> shifts) & 1).reshape(*packed.shape[:-1], 8 * nb)[..., :n]
+
+
 def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
     """Pack integer codes in ``[0, levels)`` along the last dim into uint8 ``[..., packed_row_bytes(bits, n)]``.
 
@@ -61,9 +86,10 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
         powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int32, device=codes.device)
         out = (c * powers).sum(-1).to(torch.uint8)
     else:
-        planes, shift = [], 0
-        for w in bit_planes(int(bits)):
-            planes.append(_pack_plane((codes.to(torch.int32) >> shift) & ((1 << w) - 1), w))
+        planes, shift, ws = [], 0, bit_planes(int(bits))
+        for w in ws:
+            part = (codes.to(torch.int32) >> shift) & ((1 << w) - 1)
+            planes.append(_pack_nibble_pairs(part) if w == 1 and len(ws) > 1 else _pack_plane(part, w))
             shift += w
         out = torch.cat(planes, dim=-1) if len(planes) > 1 else planes[0]
     assert out.shape[-1] == packed_row_bytes(bits, n)
@@ -83,10 +109,12 @@ def unpack(packed: torch.Tensor, bits: float, n: int) -> torch.Tensor:
         c = (packed.to(torch.int32).unsqueeze(-1) // powers) % 3
         return c.reshape(*packed.shape[:-1], packed.shape[-1] * TRITS_PER_BYTE)[..., :n].to(torch.uint8)
     out = torch.zeros(*packed.shape[:-1], n, dtype=torch.int32, device=packed.device)
-    start, shift = 0, 0
-    for w in bit_planes(int(bits)):
+    start, shift, ws = 0, 0, bit_planes(int(bits))
+    for w in ws:
         nb = math.ceil(n * w / 8)
-        out |= _unpack_plane(packed[..., start : start + nb], w, n).to(torch.int32) << shift
+        plane = packed[..., start : start + nb]
+        part = _unpack_nibble_pairs(plane, n) if w == 1 and len(ws) > 1 else _unpack_plane(plane, w, n).to(torch.int32)
+        out |= part << shift
         start += nb
         shift += w
     return out.to(torch.uint8)

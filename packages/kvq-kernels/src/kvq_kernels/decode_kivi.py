@@ -50,8 +50,8 @@ def _slice_code(b0, b1, h, s: tl.constexpr, BITS: tl.constexpr):
     """int32 codes of channel slice s (channels j * PER + s) from the row's bytes, no interleave.
 
     BITS 2/4/8: b0 = byte j of each row, code at bit BITS * s. BITS 3 (PER 8): b0 / b1 = bytes 2j / 2j + 1
-    of the 2-bit plane (channel 8j + s has its low bits in byte 2j + s // 4 at bit 2 * (s % 4)), h = byte j
-    of the 1-bit plane (bit s)."""
+    of the 2-bit plane (channel 8j + s has its low bits in byte 2j + s // 4 at bit 2 * (s % 4)), h = the
+    high bits of channels 8j .. 8j + 7 (`_slice_high_bits`; bit s)."""
     if BITS == 3:
         if s < 4:
             lo = (b0 >> (2 * s)) & 3
@@ -60,6 +60,17 @@ def _slice_code(b0, b1, h, s: tl.constexpr, BITS: tl.constexpr):
         return lo | (((h >> s) & 1) << 2)
     else:
         return (b0 >> (BITS * s)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _slice_high_bits(ROWS, offs_j, n_mask, HEAD_DIM: tl.constexpr):
+    """3-bit: bit 2 of channels 8j .. 8j + 7 as bits 0-7 of one int32 [N, W], from the 1-bit plane's nibble pairs
+    (`packed`): nibble (8j mod HEAD_DIM / 2) / 4 and the next, the high nibbles for the upper half of the row."""
+    half = (offs_j >= HEAD_DIM // 16).to(tl.int32) * 4
+    byte = HEAD_DIM // 4 + (2 * offs_j) % (HEAD_DIM // 8)
+    a = tl.load(ROWS + byte[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+    b = tl.load(ROWS + (byte + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+    return ((a >> half[None, :]) & 15) | (((b >> half[None, :]) & 15) << 4)
 
 
 @triton.jit
@@ -187,10 +198,10 @@ def _decode_kivi_kernel(
             if BITS == 3:
                 kb0 = tl.load(kptr + (2 * offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
                 kb1 = tl.load(kptr + (2 * offs_j + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-                kh = tl.load(kptr + (HEAD_DIM // 4 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                kh = _slice_high_bits(kptr, offs_j, n_mask, HEAD_DIM)
                 vb0 = tl.load(vptr + (2 * offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
                 vb1 = tl.load(vptr + (2 * offs_j + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-                vh = tl.load(vptr + (HEAD_DIM // 4 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+                vh = _slice_high_bits(vptr, offs_j, n_mask, HEAD_DIM)
             else:
                 kb0 = tl.load(kptr + offs_j[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
                 kb1 = kb0
@@ -515,9 +526,12 @@ WORDS_TAIL_N = 16
 #: 16-bit containers (8 slices of 16) lost at every launch (128K batch 1 152.7 at best, tune_frag_h200.csv).
 #: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (best launch at each point
 #: 179.9 / 346.1 / 172.9).
-#: 3-bit (tune_frag3_h200.csv): (32, 2, 2) 198.4 / 546.2 / 236.2 against the word kernel's 211.4 / 424.2 / 210.6
-#: (eight 16-channel slices and two planes), so `auto` keeps 3-bit on the word kernel.
-FRAG_CONFIG = {2: (64, 4, 2), 3: (32, 2, 2), 4: (64, 4, 3), 8: (64, 4, 3)}
+#: 3-bit, the 2-bit plane's bytes merged with the 1-bit plane's nibbles into 16-bit containers (4 slices of 32;
+#: tune_frag3_h200_v2.csv): (64, 4, 3) 149.8 / 292.1 / 152.4, (64, 4, 2) 150.9 / 293.8 / 151.3, (128, 2, 2)
+#: 179.2 / 337.0 / 171.7 against the word kernel's 204.5 / 395.2 / 201.7. (Read as eight 16-channel slices with a
+#: two-operand unpack, which the dot-operand pass does not hoist, the best launch took 198.4 / 546.2 / 236.2:
+#: tune_frag3_h200.csv.)
+FRAG_CONFIG = {2: (64, 4, 2), 3: (64, 4, 3), 4: (64, 4, 3), 8: (64, 4, 3)}
 #: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K): with more than FRAG_FEW_ROWS rows the
 #: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,
 #: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0), and (64, 4, x)
@@ -538,9 +552,9 @@ PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 def frag_geometry(bits: int) -> tuple[int, int]:
     """(container bits, codes a container) the fragment kernel reads a row in: FRAG_CONTAINER_BITS for 2/4/8-bit;
-    3-bit reads its 2-bit plane as 16-bit containers (8 codes) beside the 1-bit plane's bytes (8 codes)."""
+    3-bit reads its 2-bit plane's bytes (4 codes each) and merges each with its 4 high bits from the 1-bit plane."""
     if bits == 3:
-        return 16, 8
+        return 8, 4
     return FRAG_CONTAINER_BITS[bits], FRAG_CONTAINER_BITS[bits] // bits
 
 
@@ -596,7 +610,7 @@ def kernel_path(
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
-    where its word layout applies; for GQA frag for 2/4/8-bit where it applies, except 2/4-bit caches of at most
+    where its word layout applies; for GQA frag where it applies, except 2/4-bit caches of at most
     SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows (batch x kv heads; None counts as few), which run the
     slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
@@ -617,7 +631,7 @@ def kernel_path(
     words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
     if path == "slice" or nuq or not words_ok:
         return "slice"
-    frag = path == "auto" and bits in (2, 4, 8) and frag_applies(bits, head_dim, group_size, nuq)
+    frag = path == "auto" and frag_applies(bits, head_dim, group_size, nuq)
     few = rows is None or rows <= FRAG_FEW_ROWS
     if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS and (few or not frag):
         return "slice"  # short caches of few sequences: the slice kernel is faster (SLICE_MAX_TOKENS)
@@ -748,7 +762,8 @@ def kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, p
         return _decode_kivi_simt_kernel, args, kw
     if plan.path == "frag":
         container, per = frag_geometry(c.bits)
-        cdt = torch.int8 if container == 8 else torch.int16
+        # 3-bit: the 2-bit plane's bytes, zero-extended into the kernel's 16-bit containers
+        cdt = torch.uint8 if c.bits == 3 else torch.int8 if container == 8 else torch.int16
         args = (q, c.k_codes, c.k_codes.view(cdt), c.k_scale, c.k_zero, c.v_codes, c.v_codes.view(cdt), c.v_scale,
                 c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv, *lengths,
                 plan.tail_programs)  # fmt: skip
@@ -794,8 +809,8 @@ def decode_kivi(
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
-    2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, 2/4/8-bit on frag, the
-    rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
+    2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, frag where it applies,
+    the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
     and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
     fp16 parts of the cache are not checked (a sync per call): they propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
     """

@@ -3,8 +3,8 @@
 
 A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes each:
 container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAINER = 8: PER = 8 / BITS, the same
-rule byte by byte; 3-bit rows are a 2-bit plane of 16-bit containers and a 1-bit plane of bytes, 8 codes each:
-channel 8w + j has bits 0-1 in container w at bit 2j and bit 2 in byte w at bit j). Code j of every container is
+rule byte by byte; a 3-bit row is read as its 2-bit plane's bytes, each merged with the four high bits of its
+channels from the 1-bit plane into a 16-bit container, PER = 4, `_merge3`). Code j of every container is
 channel slice j (channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same
 [W, BLOCK_N] (keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
 accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
@@ -72,39 +72,31 @@ def unpack_ptx8(bits, j):
 
 @triton.constexpr_function
 def unpack_ptx3(j):
-    """PTX of four 3-bit codes of slice j -> four fp16 in $0 (codes 0, 1) and $1 (2, 3), exact. Inputs: the 2-bit
-    plane's four 16-bit containers ($2: 0, 1; $3: 2, 3; bits 2j, 2j + 1 of each) and the 1-bit plane's four bytes
-    ($4, bit j of each). The bytes are spread into 16-bit lanes (PRMT) and both parts shifted to bit P (2j for
-    j <= 3, where the code's 3 bits still end below bit 10, else 0); two LOP3s merge them under the exponent of
-    1024, and a sub (P = 0) or an fma by 2**-P with -2**(10 - P) leaves the code."""
-    p = 2 * j if j <= 3 else 0
-    hshift = p + 2 - j  # bit j of a byte -> bit p + 2
-    hop = f"shl.b32 x, x, {hshift}; shl.b32 y, y, {hshift}; " if hshift > 0 else ""
-    hop = hop or (f"shr.b32 x, x, {-hshift}; shr.b32 y, y, {-hshift}; " if hshift < 0 else "")
-    lshift = 2 * j - p
-    lo = f"shr.b32 a, $2, {lshift}; shr.b32 b, $3, {lshift}; " if lshift else "mov.b32 a, $2; mov.b32 b, $3; "
+    """PTX of two 16-bit 3-bit containers ($1, a b32) -> the fp16 pair (code j of each), exact. A container holds
+    four codes: the low two bits of code j at bits 2j, 2j + 1 and its high bit at bit 8 + j. One shift brings the
+    high bit to 2j + 2 (the bits that cross from the upper container land at 10 + j and above, outside both
+    masks); two LOP3s merge it and the low bits (in place) under the exponent of 1024; a sub (j = 0) or an fma by
+    2**-2j with -2**(10 - 2j) leaves the code."""
+    p = 2 * j
     hm, lm = (4 << p) * 0x10001, (3 << p) * 0x10001
     if p:
         mul, add = ((15 - p) << 10) * 0x10001, (0x8000 | ((25 - p) << 10)) * 0x10001
-        fin = f"mov.b32 m, {mul}; mov.b32 n, {add}; fma.rn.f16x2 $0, x, m, n; fma.rn.f16x2 $1, y, m, n; "
+        fin = f"mov.b32 m, {mul}; mov.b32 n, {add}; fma.rn.f16x2 $0, x, m, n; "
     else:
-        fin = "mov.b32 m, 0x64006400; sub.f16x2 $0, x, m; sub.f16x2 $1, y, m; "
+        fin = "mov.b32 m, 0x64006400; sub.f16x2 $0, x, m; "
     return (
-        "{ .reg .b32 x, y, a, b, m, n; prmt.b32 x, $4, 0, 0x7170; prmt.b32 y, $4, 0, 0x7372; "
-        f"{hop}{lo}lop3.b32 x, x, {hm}, 0x64006400, 0xEA; lop3.b32 y, y, {hm}, 0x64006400, 0xEA; "
-        f"lop3.b32 x, a, {lm}, x, 0xEA; lop3.b32 y, b, {lm}, y, 0xEA; {fin}}}"
+        f"{{ .reg .b32 x, m, n; shr.b32 x, $1, {6 - j}; lop3.b32 x, x, {hm}, 0x64006400, 0xEA; "
+        f"lop3.b32 x, $1, {lm}, x, 0xEA; {fin}}}"
     )
 
 
 @triton.jit
-def _codes(x, xh, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """int16 or int8 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through
     it). 3-bit: x the 2-bit plane's 16-bit containers, xh the 1-bit plane's bytes (unused otherwise)."""
     if ASM:
         if BITS == 3:
-            return tl.inline_asm_elementwise(
-                unpack_ptx3(j), "=r,=r,r,r,r", [x, xh], dtype=tl.float16, is_pure=True, pack=4
-            )
+            return tl.inline_asm_elementwise(unpack_ptx3(j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
         elif x.dtype == tl.int8:
             return tl.inline_asm_elementwise(
                 unpack_ptx8(BITS, j), "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4
@@ -112,9 +104,30 @@ def _codes(x, xh, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DT
         else:
             return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
     elif BITS == 3:  # CPU interpreter (no inline PTX); the masks drop the sign extension
-        return (((x.to(tl.int32) >> (2 * j)) & 3) | (((xh.to(tl.int32) >> j) & 1) << 2)).to(DOT_DTYPE)
+        return (((x.to(tl.int32) >> (2 * j)) & 3) | (((x.to(tl.int32) >> (8 + j)) & 1) << 2)).to(DOT_DTYPE)
     else:  # CPU interpreter; >> is arithmetic on the sign-extended int32, the mask drops the sign
         return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _merge3(C, hrow, offs_w, n_mask, lo, KEYS: tl.constexpr):
+    """3-bit containers, int16: byte w of the 2-bit plane (`lo`, uint8; channels 4w .. 4w + 3) in bits 0-7 and
+    the same channels' high bits in bits 8-11. The 1-bit plane pairs nibbles (`kvq_core.packing`): they are the
+    low nibble of its byte w for w < W / 2, the high nibble of byte w - W / 2 above, so both halves read the
+    same contiguous bytes (at row offset `hrow`). Two loads of them, one masked to each half, keep every step
+    from load to container elementwise: the dot-operand pass hoists the layout change through loads and
+    arithmetic, not through a shift that depends on w (nor through a two-operand asm). The lower half's
+    containers also carry the upper half's bits in bits 12-15, which `unpack_ptx3` never reads."""
+    HALF: tl.constexpr = offs_w.shape[0] // 2
+    if KEYS:  # [W, N]
+        ptr = C + hrow[None, :] + (offs_w % HALF)[:, None]
+        a = tl.load(ptr, mask=(offs_w < HALF)[:, None] & n_mask[None, :], other=0)
+        b = tl.load(ptr, mask=(offs_w >= HALF)[:, None] & n_mask[None, :], other=0)
+    else:  # [N, W]
+        ptr = C + hrow[:, None] + (offs_w % HALF)[None, :]
+        a = tl.load(ptr, mask=(offs_w < HALF)[None, :] & n_mask[:, None], other=0)
+        b = tl.load(ptr, mask=(offs_w >= HALF)[None, :] & n_mask[:, None], other=0)
+    return lo.to(tl.int16) | ((a.to(tl.int16) | (b.to(tl.int16) >> 4)) << 8)
 
 
 @triton.jit
@@ -157,8 +170,8 @@ def _decode_kivi_frag_kernel(
     DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr,
 ):  # fmt: skip
     """KC / VC: key / value code rows as bytes (the fp16 tail's quantized keys; 3-bit: the 1-bit plane); KW / VW:
-    the same rows as containers (16- or 8-bit integers), ROW a row. PER codes a container (slices); 3-bit: the
-    2-bit plane's 16-bit containers, PER 8. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take
+    the same rows as containers (16- or 8-bit integers; 3-bit: bytes, uint8), ROW a row. PER codes a container
+    (slices); 3-bit: 4, the 2-bit plane's bytes. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take
     TAIL_TOKENS each of its tail."""
     W: tl.constexpr = HEAD_DIM // PER  # containers of a slice a row (3-bit: of the 2-bit plane)
     HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row
@@ -221,11 +234,9 @@ def _decode_kivi_frag_kernel(
             n_mask = offs_n < end
             kt = tl.load(kw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
             vt = tl.load(vw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
-            kh, vh = kt, vt
-            if BITS == 3:  # the 1-bit plane's bytes, same tiles (a row is 2 * ROW bytes)
-                hrow = (bh * T_QCAP + offs_n) * (2 * ROW) + HI
-                kh = tl.load(KC + hrow[None, :] + offs_w[:, None], mask=n_mask[None, :], other=0)
-                vh = tl.load(VC + hrow[:, None] + offs_w[None, :], mask=n_mask[:, None], other=0)
+            if BITS == 3:
+                kt = _merge3(KC, (bh * T_QCAP + offs_n) * ROW + HI, offs_w, n_mask, kt, True)
+                vt = _merge3(VC, (bh * T_QCAP + offs_n) * ROW + HI, offs_w, n_mask, vt, False)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
                 qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
@@ -243,17 +254,17 @@ def _decode_kivi_frag_kernel(
                     qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z4 + z5 + z6 + z7
             qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
-            qk = _dot_acc(qs0, _codes(kt, kh, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER >= 2:
-                qk = _dot_acc(qs1, _codes(kt, kh, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER >= 4:
-                qk = _dot_acc(qs2, _codes(kt, kh, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs3, _codes(kt, kh, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs2, _codes(kt, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs3, _codes(kt, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             if PER == 8:
-                qk = _dot_acc(qs4, _codes(kt, kh, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs5, _codes(kt, kh, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs6, _codes(kt, kh, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs7, _codes(kt, kh, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs4, _codes(kt, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs5, _codes(kt, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs6, _codes(kt, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                qk = _dot_acc(qs7, _codes(kt, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -264,17 +275,17 @@ def _decode_kivi_frag_kernel(
             vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
             z_n = z_n * alpha[:, None] + p * vz[None, :]
             pv = (p * vs[None, :]).to(DOT_DTYPE)
-            a0 = _dot_acc(pv, _codes(vt, vh, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
+            a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
             if PER >= 2:
-                a1 = _dot_acc(pv, _codes(vt, vh, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
+                a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
             if PER >= 4:
-                a2 = _dot_acc(pv, _codes(vt, vh, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
-                a3 = _dot_acc(pv, _codes(vt, vh, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
+                a2 = _dot_acc(pv, _codes(vt, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
+                a3 = _dot_acc(pv, _codes(vt, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
             if PER == 8:
-                a4 = _dot_acc(pv, _codes(vt, vh, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
-                a5 = _dot_acc(pv, _codes(vt, vh, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
-                a6 = _dot_acc(pv, _codes(vt, vh, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
-                a7 = _dot_acc(pv, _codes(vt, vh, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
+                a4 = _dot_acc(pv, _codes(vt, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
+                a5 = _dot_acc(pv, _codes(vt, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
+                a6 = _dot_acc(pv, _codes(vt, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
+                a7 = _dot_acc(pv, _codes(vt, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
             m_i = m_new
         zsum = tl.sum(z_n, 1)[:, None]  # every channel's value zero, weighted by p
         prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split

@@ -5,7 +5,7 @@ the dequantized tile rewritten into its operand layout through shared memory; bo
 the arithmetic. Here each program streams 32-bit words of codes instead: a word holds PER = 32 / BITS
 channels of one token (channel c at word c // PER, bit BITS * (c % PER), which is
 `kvq_core.packing`'s byte order read little-endian; 3-bit: the 2-bit plane's words plus the 1-bit
-plane's bit c % 32 of word c // 32). Codes become exact fp32 without an int->float conversion:
+plane's bits, gathered from its nibble pairs into channel order, `packed.high_bits16`). Codes become exact fp32 without an int->float conversion:
 the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c. Uniform codes stay where
 they sit in their 16-bit half (one AND a code, `_c`); a 3-bit code is its two planes read that way, the
 2-bit part and 4 x the 1-bit part, each with its own per-channel power of two, so neither plane is
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .kivi_tail import fp16_tail_one_head
+from .packed import high_bits16
 
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 TWO_23 = tl.constexpr(8388608.0)
@@ -105,19 +106,25 @@ def _tree16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15
 @triton.jit
 def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, PLANES: tl.constexpr):
     """The int32 words of N code rows (`BASE` + rows * row words; rows int32 within one head, BASE that
-    head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo). 3-bit with
-    PLANES: hi is the 1-bit plane's HEAD_DIM // 32 words as stored; else one 1-bit word per 2-bit word."""
+    head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo). 3-bit: hi holds bit 2
+    of the channels in channel order, from the 1-bit plane's nibble pairs (`packed.high_bits16`): with PLANES,
+    HEAD_DIM // 32 words of 32 channels (channel 32 k + i at bit i of word k); else one word per 2-bit-plane
+    word w, its 16 channels 16 w + i at bit i."""
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     if BITS == 3:
         W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow
+        P: tl.constexpr = HEAD_DIM // 32
         offs_w = tl.arange(0, W)
         row = BASE + rows[:, None] * ROW_WORDS
         lo = tl.load(row + offs_w[None, :], mask=n_mask[:, None], other=0)
-        if PLANES:
-            offs_h = W + tl.arange(0, HEAD_DIM // 32)
-        else:  # channel 16 w + k takes bit 2 from bit 16 (w % 2) + k of 1-bit-plane word w // 2
-            offs_h = W + offs_w // 2
-        hi = tl.load(row + offs_h[None, :], mask=n_mask[:, None], other=0)
+        if PLANES:  # word k: 2-bit-plane words 2k (bits 0-15) and 2k + 1 (bits 16-31)
+            w0 = 2 * tl.arange(0, P)
+            h0 = tl.load(row + (W + w0 % P)[None, :], mask=n_mask[:, None], other=0)
+            h1 = tl.load(row + (W + (w0 + 1) % P)[None, :], mask=n_mask[:, None], other=0)
+            hi = high_bits16(h0, w0[None, :], P) | (high_bits16(h1, w0[None, :] + 1, P) << 16)
+        else:
+            hw = tl.load(row + (W + offs_w % P)[None, :], mask=n_mask[:, None], other=0)
+            hi = high_bits16(hw, offs_w[None, :], P)
         return lo, hi
     else:
         offs_w = tl.arange(0, ROW_WORDS)
@@ -129,10 +136,8 @@ def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, 
 def _unpack(lo, hi, BITS: tl.constexpr, INPLACE: tl.constexpr):
     """int32 codes [N, HEAD_DIM] in channel order from `_load_words` (INPLACE: see `_c`; not for 3-bit)."""
     if BITS == 3:
-        offs_w = tl.arange(0, lo.shape[1])
-        h = (hi >> ((offs_w % 2) * 16)[None, :]) & 0xFFFF
         # spread the 16 high bits as a 2-bit plane (bit k -> bit 2k) so both planes spread alike
-        h = (h | (h << 8)) & 0x00FF00FF
+        h = (hi | (hi << 8)) & 0x00FF00FF
         h = (h | (h << 4)) & 0x0F0F0F0F
         h = (h | (h << 2)) & 0x33333333
         h = (h | (h << 1)) & 0x55555555

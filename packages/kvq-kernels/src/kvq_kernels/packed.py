@@ -2,7 +2,9 @@
 
 Row of HEAD_DIM codes: 8 bits one code a byte; 4/2/1 bits 8/W codes a byte, code j at bit W * (j % (8/W))
 of byte j // (8/W); 3 bits = a 2-bit plane (bits 0-1) of HEAD_DIM/4 bytes, then a 1-bit plane (bit 2)
-of HEAD_DIM/8 bytes. HEAD_DIM is a power of two >= 16, so no row has a partial byte.
+of HEAD_DIM/8 bytes in nibble pairs: code j < HEAD_DIM/2 at bit j % 4 of byte j // 4, code
+HEAD_DIM/2 + j at bit 4 + j % 4 of the same byte. HEAD_DIM is a power of two >= 16, so no row has a
+partial byte.
 """
 
 from __future__ import annotations
@@ -53,12 +55,32 @@ def _load_plane(ROW_PTRS, row_mask, byte0, W: tl.constexpr, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _load_high_bits(ROW_PTRS, row_mask, HEAD_DIM: tl.constexpr, OUT: tl.constexpr):
+    """Bit 2 [N, HEAD_DIM] of 3-bit codes from the 1-bit plane (nibble pairs): one byte load a code."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_c = tl.arange(0, HEAD_DIM)
+    byte = HEAD_DIM // 4 + (offs_c % HALF) // 4
+    b = tl.load(ROW_PTRS[:, None] + byte[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    return ((b >> (offs_c % 4 + 4 * (offs_c // HALF))[None, :]) & 1).to(OUT)
+
+
+@triton.jit
+def high_bits16(hw, w, PLANE_WORDS: tl.constexpr):
+    """3-bit, read as int32 words: bit 2 of the 16 channels of 2-bit-plane word w (channels 16w + k) as bits k of
+    an int32, from `hw`, the 1-bit-plane word w % PLANE_WORDS (PLANE_WORDS = HEAD_DIM / 32, that plane's words)
+    read for each w. The nibble pairs hold those channels in the word's low nibbles for w < PLANE_WORDS, in its
+    high nibbles above; the four nibbles are then packed together. w broadcasts against hw."""
+    t = (hw >> ((w // PLANE_WORDS) * 4)) & 0x0F0F0F0F
+    t = (t | (t >> 4)) & 0x00FF00FF
+    return (t & 0xFF) | ((t >> 8) & 0xFF00)
+
+
+@triton.jit
 def load_codes(ROW_PTRS, row_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, OUT: tl.constexpr):
     """Codes [N, HEAD_DIM] (dtype OUT: int32, fp16 or fp32) of N packed rows; ROW_PTRS [N] point at each row's first byte."""
     if BITS == 3:
         lo = _load_plane(ROW_PTRS, row_mask, 0, 2, HEAD_DIM, OUT)
-        hi = _load_plane(ROW_PTRS, row_mask, HEAD_DIM // 4, 1, HEAD_DIM, OUT)
-        return lo + hi * 4  # bit 2 from the 1-bit plane
+        return lo + _load_high_bits(ROW_PTRS, row_mask, HEAD_DIM, OUT) * 4
     else:
         return _load_plane(ROW_PTRS, row_mask, 0, BITS, HEAD_DIM, OUT)
 
@@ -79,6 +101,9 @@ def store_codes(ROW_PTRS, row_mask, codes, BITS: tl.constexpr, HEAD_DIM: tl.cons
     """Pack int32 codes [N, HEAD_DIM] (each < 2**BITS) into N rows starting at ROW_PTRS [N]."""
     if BITS == 3:
         _store_plane(ROW_PTRS, row_mask, 0, codes & 3, 2, HEAD_DIM)
-        _store_plane(ROW_PTRS, row_mask, HEAD_DIM // 4, (codes >> 2) & 1, 1, HEAD_DIM)
+        # nibble pairs: [N, half, byte, bit] -> [N, byte, half * 4 + bit], then the 1-bit plane's packing
+        h = tl.reshape((codes >> 2) & 1, (codes.shape[0], 2, HEAD_DIM // 8, 4))
+        h = tl.reshape(tl.permute(h, (0, 2, 1, 3)), (codes.shape[0], HEAD_DIM))
+        _store_plane(ROW_PTRS, row_mask, HEAD_DIM // 4, h, 1, HEAD_DIM)
     else:
         _store_plane(ROW_PTRS, row_mask, 0, codes, BITS, HEAD_DIM)

@@ -56,12 +56,13 @@ def _load_plane(ROW_PTRS, row_mask, byte0, W: tl.constexpr, HEAD_DIM: tl.constex
 
 @triton.jit
 def _load_high_bits(ROW_PTRS, row_mask, HEAD_DIM: tl.constexpr, OUT: tl.constexpr):
-    """Bit 2 [N, HEAD_DIM] of 3-bit codes from the 1-bit plane (nibble pairs): one byte load a code."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_c = tl.arange(0, HEAD_DIM)
-    byte = HEAD_DIM // 4 + (offs_c % HALF) // 4
-    b = tl.load(ROW_PTRS[:, None] + byte[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
-    return ((b >> (offs_c % 4 + 4 * (offs_c // HALF))[None, :]) & 1).to(OUT)
+    """Bit 2 [N, HEAD_DIM] of 3-bit codes from the 1-bit plane's HEAD_DIM / 8 bytes (nibble pairs): spread as a
+    1-bit plane, bit k of byte u is channel 4u + k % 4 + (k // 4) * HEAD_DIM / 2; a permute puts the halves in order."""
+    NB: tl.constexpr = HEAD_DIM // 8
+    offs_b = tl.arange(0, NB)
+    b = tl.load(ROW_PTRS[:, None] + HEAD_DIM // 4 + offs_b[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    h = tl.reshape(_spread(b, 1, OUT), (b.shape[0], NB, 2, 4))  # [N, byte, half, bit of the nibble]
+    return tl.reshape(tl.permute(h, (0, 2, 1, 3)), (b.shape[0], HEAD_DIM))
 
 
 @triton.jit

@@ -33,13 +33,20 @@ def test_documented_layouts():
     expect = [int(sum(int(low[i + j]) << (2 * j) for j in range(4))) for i in (0, 4)]
     expect.append(int(sum(int(high[j]) << j for j in range(8))))  # 8 codes: h = 4, so bit j is code j
     assert pack(codes, 3).tolist() == expect
-    # the 1-bit plane in nibble pairs: with h = 4 * ceil(n / 8), byte u holds codes 4u .. 4u + 3 in bits 0-3 and
-    # codes h + 4u .. h + 4u + 3 in bits 4-7 (16 codes: byte 0 = codes 0-3 and 8-11, byte 1 = 4-7 and 12-15)
+    # the 1-bit plane pairs nibbles in blocks of 32 codes: byte b of a block holds codes 4b .. 4b + 3 in bits 0-3
+    # and 16 + 4b .. 16 + 4b + 3 in bits 4-7 (here codes 16, 5 and 63 of 64: byte 0 bit 4, byte 1 bit 1 and
+    # byte 7 bit 7)
+    hi64 = torch.zeros(64, dtype=torch.long)
+    hi64[[16, 5, 63]] = 4
+    assert pack(hi64, 3).tolist()[-8:] == [16, 2, 0, 0, 0, 0, 0, 128]
+    # a last block of m < 32 codes pairs at h = 4 * ceil(m / 8) (16 codes: byte 0 = codes 0-3 and 8-11, byte 1 =
+    # 4-7 and 12-15)
     hi16 = [1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0, 1, 1]
     assert pack(torch.tensor(hi16) * 4, 3).tolist()[-2:] == [0b0011_1001, 0b1100_0110]
-    # 12 codes: h = 8; byte 1's high nibble is padding
+    # 12 codes: h = 8; byte 1's high nibble is padding; 44 codes = a block of 32, then 12 as above
     hi12 = [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1]
     assert pack(torch.tensor(hi12) * 4, 3).tolist()[-2:] == [0b1101_0000, 0]
+    assert pack(torch.tensor([0] * 32 + hi12) * 4, 3).tolist()[-6:] == [0, 0, 0, 0, 0b1101_0000, 0]
     # ternary: 5 codes per byte, base 3.
     assert pack(torch.tensor([2, 1, 0, 0, 1, 2]), 1.5).tolist() == [2 + 1 * 3 + 81, 2]
 

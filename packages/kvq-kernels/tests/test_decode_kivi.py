@@ -105,6 +105,17 @@ def test_equals_attention_over_kvq_core_dequantized_cache(
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("path", ["tc", "slice"])
+def test_three_bit_at_head_dim_16(path, device):
+    """The 1-bit plane of a 16-channel row pairs nibbles 8 channels apart (`packed.pair_span`); fp32 q, which
+    head_dim 16 needs on the tensor-core paths."""
+    c = random_cache(2, 2, 16, 200, 3, 16, 32, 1, [9, 140], device)
+    q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2)).to(device, torch.float32)
+    ref = decode_kivi_reference(q, c)
+    out = decode_kivi(q, c, splits=2, block_n=16, path=path)
+    assert (out.double() - ref).abs().max().item() <= 1e-4
+
+
 def test_bad_inputs_raise_before_launch(device, dtype):
     c = random_cache(1, 2, 32, 64, 4, 16, 32, 0, [40], device)
     q = torch.randn(1, 3, 32, device=device, dtype=dtype)

@@ -22,9 +22,10 @@ def assert_same_cache(c, ref):
         assert torch.equal(c.k_sink[i, :, : n["sinks"]], ref.k_sink[i, :, : n["sinks"]])
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_prefill_then_decode_is_bit_identical_to_kvq_core(bits, device):
-    b, h, d, g, r, s = 2, 3, 32, 16, 32, 3
+@pytest.mark.parametrize("bits,d", [(2, 32), (3, 16), (3, 32), (3, 128), (4, 32), (8, 32)])
+def test_prefill_then_decode_is_bit_identical_to_kvq_core(bits, d, device):
+    """3-bit at head_dim 16 (one 16-channel block of the 1-bit plane), 32 and 128 (several 32-channel blocks)."""
+    b, h, g, r, s = 2, 3, 16, 32, 3
     total = 90  # crosses two key flushes (R = 32) and slides the value window
     gen = torch.Generator().manual_seed(bits)
     k = (torch.randn(b, h, total, d, generator=gen) * 3).half().to(device)

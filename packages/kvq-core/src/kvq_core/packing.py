@@ -8,11 +8,12 @@ Layout of one row of n codes (packed along the last dimension):
 - 3/5/6/7 bits: bit planes (`formats.bit_planes`), e.g. 3 = a 2-bit plane (bits 0-1 of every code)
   followed by a 1-bit plane (bit 2), concatenated along the row:
   ``row = [plane0 bytes (ceil(n*2/8)) | plane1 bytes (ceil(n/8))]``. 8 codes of 3 bits take 3 bytes.
-  The 2- and 4-bit planes are packed as above. The 1-bit plane pairs nibbles: with h = 4 * ceil(n / 8),
-  byte u holds codes 4u .. 4u + 3 in bits 0-3 and codes h + 4u .. h + 4u + 3 in bits 4-7 (h = n / 2 when
-  8 divides n). So the 2-bit plane's byte u (codes 4u .. 4u + 3) finds its high bits in the low nibble of
-  1-bit byte u, and byte u + h / 4 in the high nibble of the same byte: a decode kernel that reads both
-  halves of the 2-bit plane as one tile reads the 1-bit plane with the same, contiguous byte offsets
+  The 2- and 4-bit planes are packed as above. The 1-bit plane pairs nibbles within each block of 32 codes
+  (4 bytes): byte b of block k holds codes 32k + 4b .. 32k + 4b + 3 in bits 0-3 and codes 32k + 16 + 4b ..
+  32k + 16 + 4b + 3 in bits 4-7. A last, partial block of m codes pairs at 4 * ceil(m / 8) instead of 16 (its
+  ceil(m / 8) bytes). So every 32-bit word of the plane still holds the high bits of its own 32 codes, and the
+  2-bit plane's byte w (codes 4w .. 4w + 3) finds them in one nibble of byte (w // 8) * 4 + w % 4: a GPU
+  kernel that reads the 2-bit plane's bytes as one tile reads the 1-bit plane four contiguous bytes at a time
   (`kvq_kernels.decode_kivi_frag`).
 - 1.5 (ternary, codes 0..2): 5 codes per byte, byte = sum(code_i * 3**i), i = 0..4.
 
@@ -48,23 +49,45 @@ def _unpack_plane(packed: torch.Tensor, w: int, n: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n].to(torch.uint8)
 
 
-def _pack_nibble_pairs(bits1: torch.Tensor) -> torch.Tensor:
-    """The 1-bit plane of a multi-plane row (0/1 int32 [..., n]) -> uint8 [..., ceil(n / 8)] (module docstring)."""
-    nb = math.ceil(bits1.shape[-1] / 8)
-    pad = 8 * nb - bits1.shape[-1]
-    if pad:
-        bits1 = torch.nn.functional.pad(bits1, (0, pad))
+def _pair_nibbles(bits1: torch.Tensor, nb: int) -> torch.Tensor:
+    """0/1 int32 [..., 8 * nb] -> uint8 [..., nb]: byte u holds codes 4u .. 4u + 3 (bits 0-3) and 4 nb + 4u ..
+    4 nb + 4u + 3 (bits 4-7)."""
     halves = bits1.reshape(*bits1.shape[:-1], 2, nb, 4)  # [..., half, byte, bit of the nibble]
     shifts = 4 * torch.arange(2, device=bits1.device)[:, None, None] + torch.arange(4, device=bits1.device)
     return (halves << shifts).sum((-3, -1)).to(torch.uint8)
 
 
-def _unpack_nibble_pairs(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `_pack_nibble_pairs`: uint8 [..., ceil(n / 8)] -> 0/1 int32 [..., n]."""
-    nb = packed.shape[-1]
+def _split_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pair_nibbles`: uint8 [..., nb] -> 0/1 int32 [..., 8 * nb]."""
     shifts = 4 * torch.arange(2, device=packed.device)[:, None, None] + torch.arange(4, device=packed.device)
     b = packed.to(torch.int32)[..., None, :, None]  # [..., 1, byte, 1]
-    return ((b >> shifts) & 1).reshape(*packed.shape[:-1], 8 * nb)[..., :n]
+    return ((b >> shifts) & 1).reshape(*packed.shape[:-1], 8 * packed.shape[-1])
+
+
+def _pack_high_plane(bits1: torch.Tensor) -> torch.Tensor:
+    """The 1-bit plane of a multi-plane row (0/1 int32 [..., n]) -> uint8 [..., ceil(n / 8)] (module docstring)."""
+    n = bits1.shape[-1]
+    full, m = divmod(n, 32)
+    parts = []
+    if full:
+        blocks = bits1[..., : 32 * full].reshape(*bits1.shape[:-1], full, 32)
+        parts.append(_pair_nibbles(blocks, 4).reshape(*bits1.shape[:-1], 4 * full))
+    if m:
+        nb = math.ceil(m / 8)
+        parts.append(_pair_nibbles(torch.nn.functional.pad(bits1[..., 32 * full :], (0, 8 * nb - m)), nb))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _unpack_high_plane(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `_pack_high_plane`: uint8 [..., ceil(n / 8)] -> 0/1 int32 [..., n]."""
+    full, m = divmod(n, 32)
+    parts = []
+    if full:
+        blocks = packed[..., : 4 * full].reshape(*packed.shape[:-1], full, 4)
+        parts.append(_split_nibbles(blocks).reshape(*packed.shape[:-1], 32 * full))
+    if m:
+        parts.append(_split_nibbles(packed[..., 4 * full :])[..., :m])
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
 def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
@@ -89,7 +112,7 @@ def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:
         planes, shift, ws = [], 0, bit_planes(int(bits))
         for w in ws:
             part = (codes.to(torch.int32) >> shift) & ((1 << w) - 1)
-            planes.append(_pack_nibble_pairs(part) if w == 1 and len(ws) > 1 else _pack_plane(part, w))
+            planes.append(_pack_high_plane(part) if w == 1 and len(ws) > 1 else _pack_plane(part, w))
             shift += w
         out = torch.cat(planes, dim=-1) if len(planes) > 1 else planes[0]
     assert out.shape[-1] == packed_row_bytes(bits, n)
@@ -113,7 +136,7 @@ def unpack(packed: torch.Tensor, bits: float, n: int) -> torch.Tensor:
     for w in ws:
         nb = math.ceil(n * w / 8)
         plane = packed[..., start : start + nb]
-        part = _unpack_nibble_pairs(plane, n) if w == 1 and len(ws) > 1 else _unpack_plane(plane, w, n).to(torch.int32)
+        part = _unpack_high_plane(plane, n) if w == 1 and len(ws) > 1 else _unpack_plane(plane, w, n).to(torch.int32)
         out |= part << shift
         start += nb
         shift += w

@@ -43,6 +43,7 @@ from .decode_kivi_simt import _decode_kivi_simt_kernel
 from .decode_kivi_words import _decode_kivi_words_kernel
 from .kivi_layout import KiviCache, check_cache
 from .kivi_tail import fp16_tail
+from .packed import pair_span
 
 
 @triton.jit
@@ -65,12 +66,14 @@ def _slice_code(b0, b1, h, s: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _slice_high_bits(ROWS, offs_j, n_mask, HEAD_DIM: tl.constexpr):
     """3-bit: bit 2 of channels 8j .. 8j + 7 as bits 0-7 of one int32 [N, W], from the 1-bit plane's nibble pairs
-    (`packed`): nibble (8j mod HEAD_DIM / 2) / 4 and the next, the high nibbles for the upper half of the row."""
-    half = (offs_j >= HEAD_DIM // 16).to(tl.int32) * 4
-    byte = HEAD_DIM // 4 + (2 * offs_j) % (HEAD_DIM // 8)
+    (`packed`): one nibble of two adjacent bytes of the channels' 32-channel block."""
+    H: tl.constexpr = pair_span(HEAD_DIM)
+    c0 = 8 * offs_j
+    shift = ((c0 % 32) // H) * 4  # the low or the high nibbles
+    byte = HEAD_DIM // 4 + (c0 // 32) * 4 + (c0 % H) // 4
     a = tl.load(ROWS + byte[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
     b = tl.load(ROWS + (byte + 1)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-    return ((a >> half[None, :]) & 15) | (((b >> half[None, :]) & 15) << 4)
+    return ((a >> shift[None, :]) & 15) | (((b >> shift[None, :]) & 15) << 4)
 
 
 @triton.jit

@@ -112,21 +112,23 @@ def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE:
 @triton.jit
 def _merge3(C, hrow, offs_w, n_mask, lo, KEYS: tl.constexpr):
     """3-bit containers, int16: byte w of the 2-bit plane (`lo`, uint8; channels 4w .. 4w + 3) in bits 0-7 and
-    the same channels' high bits in bits 8-11. The 1-bit plane pairs nibbles (`kvq_core.packing`): they are the
-    low nibble of its byte w for w < W / 2, the high nibble of byte w - W / 2 above, so both halves read the
-    same contiguous bytes (at row offset `hrow`). Two loads of them, one masked to each half, keep every step
-    from load to container elementwise: the dot-operand pass hoists the layout change through loads and
-    arithmetic, not through a shift that depends on w (nor through a two-operand asm). The lower half's
-    containers also carry the upper half's bits in bits 12-15, which `unpack_ptx3` never reads."""
-    HALF: tl.constexpr = offs_w.shape[0] // 2
+    the same channels' high bits in bits 8-11. The 1-bit plane pairs nibbles within each block of 32 channels
+    (`kvq_core.packing`): they are nibble (w // 4) % 2 of its byte (w // 8) * 4 + w % 4, so the bytes each w reads
+    run contiguously four at a time (at row offset `hrow`), as a cp.async copy needs. Two loads of them, one
+    masked to the low nibbles' w and one to the high nibbles', keep every step from load to container elementwise:
+    the dot-operand pass hoists the layout change through loads and arithmetic, not through a shift that depends
+    on w (nor through a two-operand asm). The low nibbles' containers also carry the high nibble in bits 12-15,
+    which `unpack_ptx3` never reads."""
+    byte = (offs_w // 8) * 4 + offs_w % 4
+    high = (offs_w // 4) % 2
     if KEYS:  # [W, N]
-        ptr = C + hrow[None, :] + (offs_w % HALF)[:, None]
-        a = tl.load(ptr, mask=(offs_w < HALF)[:, None] & n_mask[None, :], other=0)
-        b = tl.load(ptr, mask=(offs_w >= HALF)[:, None] & n_mask[None, :], other=0)
+        ptr = C + hrow[None, :] + byte[:, None]
+        a = tl.load(ptr, mask=(high == 0)[:, None] & n_mask[None, :], other=0)
+        b = tl.load(ptr, mask=(high == 1)[:, None] & n_mask[None, :], other=0)
     else:  # [N, W]
-        ptr = C + hrow[:, None] + (offs_w % HALF)[None, :]
-        a = tl.load(ptr, mask=(offs_w < HALF)[None, :] & n_mask[:, None], other=0)
-        b = tl.load(ptr, mask=(offs_w >= HALF)[None, :] & n_mask[:, None], other=0)
+        ptr = C + hrow[:, None] + byte[None, :]
+        a = tl.load(ptr, mask=(high == 0)[None, :] & n_mask[:, None], other=0)
+        b = tl.load(ptr, mask=(high == 1)[None, :] & n_mask[:, None], other=0)
     return lo.to(tl.int16) | ((a.to(tl.int16) | (b.to(tl.int16) >> 4)) << 8)
 
 

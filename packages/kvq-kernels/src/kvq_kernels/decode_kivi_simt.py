@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .kivi_tail import fp16_tail_one_head
-from .packed import high_bits16
+from .packed import high_bits16, nibbles16
 
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 TWO_23 = tl.constexpr(8388608.0)
@@ -107,24 +107,22 @@ def _tree16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15
 def _load_words(BASE, rows, n_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, PLANES: tl.constexpr):
     """The int32 words of N code rows (`BASE` + rows * row words; rows int32 within one head, BASE that
     head's first word, so that offsets are 32-bit): (lo, hi), hi only for 3-bit (else lo). 3-bit: hi holds bit 2
-    of the channels in channel order, from the 1-bit plane's nibble pairs (`packed.high_bits16`): with PLANES,
-    HEAD_DIM // 32 words of 32 channels (channel 32 k + i at bit i of word k); else one word per 2-bit-plane
-    word w, its 16 channels 16 w + i at bit i."""
+    of the channels in channel order, from the 1-bit plane's nibble pairs (`packed`): with PLANES, HEAD_DIM // 32
+    words of 32 channels (channel 32 k + i at bit i of word k; each stored word holds the same 32 channels, its
+    low nibbles first); else one word per 2-bit-plane word w, its 16 channels 16 w + i at bit i
+    (`packed.high_bits16`)."""
     ROW_WORDS: tl.constexpr = HEAD_DIM * BITS // 32
     if BITS == 3:
         W: tl.constexpr = HEAD_DIM // 16  # 2-bit plane words; the 1-bit plane's HEAD_DIM // 32 follow
-        P: tl.constexpr = HEAD_DIM // 32
         offs_w = tl.arange(0, W)
         row = BASE + rows[:, None] * ROW_WORDS
         lo = tl.load(row + offs_w[None, :], mask=n_mask[:, None], other=0)
-        if PLANES:  # word k: 2-bit-plane words 2k (bits 0-15) and 2k + 1 (bits 16-31)
-            w0 = 2 * tl.arange(0, P)
-            h0 = tl.load(row + (W + w0 % P)[None, :], mask=n_mask[:, None], other=0)
-            h1 = tl.load(row + (W + (w0 + 1) % P)[None, :], mask=n_mask[:, None], other=0)
-            hi = high_bits16(h0, w0[None, :], P) | (high_bits16(h1, w0[None, :] + 1, P) << 16)
+        if PLANES:
+            hw = tl.load(row + (W + tl.arange(0, HEAD_DIM // 32))[None, :], mask=n_mask[:, None], other=0)
+            hi = nibbles16(hw) | (nibbles16(hw >> 4) << 16)
         else:
-            hw = tl.load(row + (W + offs_w % P)[None, :], mask=n_mask[:, None], other=0)
-            hi = high_bits16(hw, offs_w[None, :], P)
+            hw = tl.load(row + (W + offs_w // 2)[None, :], mask=n_mask[:, None], other=0)
+            hi = high_bits16(hw, offs_w[None, :])
         return lo, hi
     else:
         offs_w = tl.arange(0, ROW_WORDS)

@@ -58,7 +58,7 @@ def _pairj(x, h, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 def _high_bits(hw, offs_w):
     """3-bit: `packed.high_bits16` of 2-bit-plane words offs_w -> bits k < 8 at bit k + 2, bits k >= 8 at bit k + 10 (bit 2 of code k's place in the
     pair's low or high half once shifted down by k % 8; done once a word, not once a pair)."""
-    h16 = high_bits16(hw, offs_w[None, :], offs_w.shape[0] // 2)
+    h16 = high_bits16(hw, offs_w[None, :])
     return ((h16 & 0xFF) << 2) | ((h16 & 0xFF00) << 10)
 
 
@@ -209,7 +209,7 @@ def _decode_kivi_words_kernel(
             kh = kw
             vh = vw
             if BITS == 3:  # the 1-bit plane's words follow the 2-bit plane's
-                hptr = offs_n[:, None] * ROW_WORDS + (LO_WORDS + offs_w % (LO_WORDS // 2))[None, :]
+                hptr = offs_n[:, None] * ROW_WORDS + (LO_WORDS + offs_w // 2)[None, :]
                 kh = _high_bits(tl.load(kw_base + hptr, mask=n_mask[:, None], other=0), offs_w)
                 vh = _high_bits(tl.load(vw_base + hptr, mask=n_mask[:, None], other=0), offs_w)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query

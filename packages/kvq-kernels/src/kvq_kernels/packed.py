@@ -2,9 +2,9 @@
 
 Row of HEAD_DIM codes: 8 bits one code a byte; 4/2/1 bits 8/W codes a byte, code j at bit W * (j % (8/W))
 of byte j // (8/W); 3 bits = a 2-bit plane (bits 0-1) of HEAD_DIM/4 bytes, then a 1-bit plane (bit 2)
-of HEAD_DIM/8 bytes in nibble pairs: code j < HEAD_DIM/2 at bit j % 4 of byte j // 4, code
-HEAD_DIM/2 + j at bit 4 + j % 4 of the same byte. HEAD_DIM is a power of two >= 16, so no row has a
-partial byte.
+of HEAD_DIM/8 bytes that pairs nibbles in blocks of 32 channels: byte b of block k holds channels 32k + 4b + i
+in bits i = 0-3 and 32k + H + 4b + i in bits 4-7, H = 16 (8 when HEAD_DIM is 16: one block of 16). HEAD_DIM is a
+power of two >= 16, so no row has a partial byte.
 """
 
 from __future__ import annotations
@@ -54,26 +54,38 @@ def _load_plane(ROW_PTRS, row_mask, byte0, W: tl.constexpr, HEAD_DIM: tl.constex
     return tl.reshape(_spread(b, W, OUT), (b.shape[0], HEAD_DIM))
 
 
+@triton.constexpr_function
+def pair_span(head_dim):
+    """H of the 1-bit plane's nibble pairs (module docstring): 16, or 8 for a row of 16 channels."""
+    return min(16, head_dim // 2)
+
+
 @triton.jit
 def _load_high_bits(ROW_PTRS, row_mask, HEAD_DIM: tl.constexpr, OUT: tl.constexpr):
-    """Bit 2 [N, HEAD_DIM] of 3-bit codes from the 1-bit plane's HEAD_DIM / 8 bytes (nibble pairs): spread as a
-    1-bit plane, bit k of byte u is channel 4u + k % 4 + (k // 4) * HEAD_DIM / 2; a permute puts the halves in order."""
+    """Bit 2 [N, HEAD_DIM] of 3-bit codes from the 1-bit plane's HEAD_DIM / 8 bytes: spread as a plain 1-bit plane
+    (bit 4h + i of byte b of a block -> channel H h + 4b + i of the block), then one permute puts them in order."""
     NB: tl.constexpr = HEAD_DIM // 8
+    H: tl.constexpr = pair_span(HEAD_DIM)
     offs_b = tl.arange(0, NB)
     b = tl.load(ROW_PTRS[:, None] + HEAD_DIM // 4 + offs_b[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
-    h = tl.reshape(_spread(b, 1, OUT), (b.shape[0], NB, 2, 4))  # [N, byte, half, bit of the nibble]
-    return tl.reshape(tl.permute(h, (0, 2, 1, 3)), (b.shape[0], HEAD_DIM))
+    h = tl.reshape(_spread(b, 1, OUT), (b.shape[0], HEAD_DIM // (2 * H), H // 4, 2, 4))  # [N, block, b, h, i]
+    return tl.reshape(tl.permute(h, (0, 1, 3, 2, 4)), (b.shape[0], HEAD_DIM))
 
 
 @triton.jit
-def high_bits16(hw, w, PLANE_WORDS: tl.constexpr):
-    """3-bit, read as int32 words: bit 2 of the 16 channels of 2-bit-plane word w (channels 16w + k) as bits k of
-    an int32, from `hw`, the 1-bit-plane word w % PLANE_WORDS (PLANE_WORDS = HEAD_DIM / 32, that plane's words)
-    read for each w. The nibble pairs hold those channels in the word's low nibbles for w < PLANE_WORDS, in its
-    high nibbles above; the four nibbles are then packed together. w broadcasts against hw."""
-    t = (hw >> ((w // PLANE_WORDS) * 4)) & 0x0F0F0F0F
+def nibbles16(x):
+    """The low nibbles of an int32's four bytes packed into bits 0-15 (byte b's at bits 4b .. 4b + 3)."""
+    t = x & 0x0F0F0F0F
     t = (t | (t >> 4)) & 0x00FF00FF
     return (t & 0xFF) | ((t >> 8) & 0xFF00)
+
+
+@triton.jit
+def high_bits16(hw, w):
+    """3-bit rows read as int32 words (HEAD_DIM >= 32): bit 2 of the 16 channels of 2-bit-plane word w (channels
+    16w + k) as bits k of an int32, from `hw`, the 1-bit plane's word w // 2 read for each w: its low nibbles for
+    even w, its high nibbles for odd w. w broadcasts against hw."""
+    return nibbles16(hw >> ((w % 2) * 4))
 
 
 @triton.jit
@@ -102,9 +114,10 @@ def store_codes(ROW_PTRS, row_mask, codes, BITS: tl.constexpr, HEAD_DIM: tl.cons
     """Pack int32 codes [N, HEAD_DIM] (each < 2**BITS) into N rows starting at ROW_PTRS [N]."""
     if BITS == 3:
         _store_plane(ROW_PTRS, row_mask, 0, codes & 3, 2, HEAD_DIM)
-        # nibble pairs: [N, half, byte, bit] -> [N, byte, half * 4 + bit], then the 1-bit plane's packing
-        h = tl.reshape((codes >> 2) & 1, (codes.shape[0], 2, HEAD_DIM // 8, 4))
-        h = tl.reshape(tl.permute(h, (0, 2, 1, 3)), (codes.shape[0], HEAD_DIM))
+        # nibble pairs: [N, block, h, b, i] -> [N, block, b, h, i], then the 1-bit plane's packing
+        H: tl.constexpr = pair_span(HEAD_DIM)
+        h = tl.reshape((codes >> 2) & 1, (codes.shape[0], HEAD_DIM // (2 * H), 2, H // 4, 4))
+        h = tl.reshape(tl.permute(h, (0, 1, 3, 2, 4)), (codes.shape[0], HEAD_DIM))
         _store_plane(ROW_PTRS, row_mask, HEAD_DIM // 4, h, 1, HEAD_DIM)
     else:
         _store_plane(ROW_PTRS, row_mask, 0, codes, BITS, HEAD_DIM)

@@ -114,10 +114,13 @@ def store_codes(ROW_PTRS, row_mask, codes, BITS: tl.constexpr, HEAD_DIM: tl.cons
     """Pack int32 codes [N, HEAD_DIM] (each < 2**BITS) into N rows starting at ROW_PTRS [N]."""
     if BITS == 3:
         _store_plane(ROW_PTRS, row_mask, 0, codes & 3, 2, HEAD_DIM)
-        # nibble pairs: [N, block, h, b, i] -> [N, block, b, h, i], then the 1-bit plane's packing
+        # nibble pairs: bit i of [N, block, h, b, i] goes to bit 4h + i of byte (block, b); disjoint bits: sum == or
         H: tl.constexpr = pair_span(HEAD_DIM)
         h = tl.reshape((codes >> 2) & 1, (codes.shape[0], HEAD_DIM // (2 * H), 2, H // 4, 4))
-        h = tl.reshape(tl.permute(h, (0, 1, 3, 2, 4)), (codes.shape[0], HEAD_DIM))
-        _store_plane(ROW_PTRS, row_mask, HEAD_DIM // 4, h, 1, HEAD_DIM)
+        shifts = 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+        byte = tl.sum(tl.sum(h << shifts[None, None, :, :, :], axis=4), axis=2)
+        offs_b = tl.arange(0, HEAD_DIM // 8)
+        dst = ROW_PTRS[:, None] + HEAD_DIM // 4 + offs_b[None, :]
+        tl.store(dst, tl.reshape(byte, (codes.shape[0], HEAD_DIM // 8)).to(tl.uint8), mask=row_mask[:, None])
     else:
         _store_plane(ROW_PTRS, row_mask, 0, codes, BITS, HEAD_DIM)

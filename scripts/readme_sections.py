@@ -301,8 +301,15 @@ def kernel_change_h200() -> str:
 
 
 def split_change_h200() -> str:
-    """The committed H200 sweep against the third (the same kernels, splits sized for one program per SM)."""
-    return _sweep_change(H200_KERNEL_V3, H200_KERNEL)
+    """The fifth H200 sweep (splits sized by occupancy) against the third (the same kernels, splits sized for one
+    program per SM)."""
+    return _sweep_change(H200_KERNEL_V3, H200_KERNEL_V5)
+
+
+def layout_change_h200() -> str:
+    """The committed H200 sweep (3-bit high bits in nibble pairs, 3-bit GQA on the fragment kernel) against the
+    fifth."""
+    return _sweep_change(H200_KERNEL_V5, H200_KERNEL)
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
@@ -459,7 +466,8 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v5.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v6.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V5 = "reports/measurements/kernel_decode_h200_v5.csv"
 H200_KERNEL_V3 = "reports/measurements/kernel_decode_h200_v3.csv"
 H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
@@ -999,6 +1007,7 @@ SECTIONS = {
     "kernel-targets-h200": kernel_targets_h200,
     "kernel-change-h200": kernel_change_h200,
     "split-change-h200": split_change_h200,
+    "layout-change-h200": layout_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1048,7 +1057,13 @@ DOCS = {
         "kernel-table",
         "kernel-table-h200",
     ),
-    "docs/kernel-performance.md": ("kernel-change-h200", "split-change-h200", "kernel-targets-h200", "peers-h200"),
+    "docs/kernel-performance.md": (
+        "kernel-change-h200",
+        "split-change-h200",
+        "layout-change-h200",
+        "kernel-targets-h200",
+        "peers-h200",
+    ),
 }
 
 

@@ -530,10 +530,11 @@ WORDS_TAIL_N = 16
 #: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (best launch at each point
 #: 179.9 / 346.1 / 172.9).
 #: 3-bit, the 2-bit plane's bytes merged with the 1-bit plane's nibbles into 16-bit containers (4 slices of 32;
-#: tune_frag3_h200_v2.csv): (64, 4, 3) 149.8 / 292.1 / 152.4, (64, 4, 2) 150.9 / 293.8 / 151.3, (128, 2, 2)
-#: 179.2 / 337.0 / 171.7 against the word kernel's 204.5 / 395.2 / 201.7. (Read as eight 16-channel slices with a
-#: two-operand unpack, which the dot-operand pass does not hoist, the best launch took 198.4 / 546.2 / 236.2:
-#: tune_frag3_h200.csv.)
+#: tune_frag3_h200_v2.csv at 0f23fbc): (64, 4, 3) 154.3 / 301.1 / 156.3, (64, 4, 2) 154.3 / 298.4 / 154.2,
+#: (128, 2, 2) 157.7 / 297.5 / 157.7 against the word kernel's 202.7 / 388.9 / 197.5; the sweep ran (64, 4, 3),
+#: within 2.5% of (64, 4, 2) at every tuned point (1 x 4K 14.6 / 14.1, 4 x 128K 600.5 / 585.9). (Read as eight
+#: 16-channel slices with a two-operand unpack, which the dot-operand pass does not hoist, the best launch took
+#: 198.4 / 546.2 / 236.2: tune_frag3_h200.csv.)
 FRAG_CONFIG = {2: (64, 4, 2), 3: (64, 4, 3), 4: (64, 4, 3), 8: (64, 4, 3)}
 #: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K): with more than FRAG_FEW_ROWS rows the
 #: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,

@@ -11,18 +11,14 @@ kvq's `combine` kernel.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from kvq_core.formats import packed_row_bytes
-from kvq_kernels._launch import interpreting, next_pow2, num_splits
 from kvq_kernels.benchmarking import fill_random
-from kvq_kernels.combine import alloc_partials, combine
-from kvq_kernels.decode_fp16 import LOG2E, _decode_fp16_kernel, decode_fp16
+from kvq_kernels.combine import combine
+from kvq_kernels.decode_fp16 import decode_fp16, decode_fp16_state
 from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_state, dequantize_cache, launch_plan
 from kvq_kernels.kivi_layout import KiviCache, allocate
 from kvq_sim.calibrate import E2E_KIVI_GROUP as GROUP  # e2e_decode's packed format
@@ -30,7 +26,6 @@ from kvq_sim.calibrate import E2E_KIVI_RESIDUAL as RESIDUAL
 
 #: KV format name -> bits per element (16 = fp16 K and V; else KIVI, group 128, residual 128, no sinks)
 KV_BITS = {"fp16": 16, "kivi4": 4, "kivi2": 2}
-FP16_BLOCK_N = 64  # decode_fp16's default tile rows
 
 
 def kv_bits(kv: str) -> int:
@@ -140,20 +135,7 @@ class LayerCache:
 
 def fp16_state(q, k, v, lens):
     """`decode_fp16`'s launch without its combine; shapes as there (lens guaranteed by the caller)."""
-    batch, hq, d = q.shape
-    h_kv, cap = k.shape[1], k.shape[2]
-    n_split = num_splits(batch * h_kv, cap, FP16_BLOCK_N, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(cap, 1), n_split), FP16_BLOCK_N) * FP16_BLOCK_N
-    n_split = max(1, triton.cdiv(max(cap, 1), tokens_per_split))
-    m, l_part, acc = alloc_partials(batch * hq, n_split, d, q.device)
-    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
-    group = hq // h_kv
-    _decode_fp16_kernel[(batch * h_kv, n_split)](
-        q, k, v, lens, m, l_part, acc, LOG2E / math.sqrt(d), h_kv, cap, tokens_per_split, n_split,
-        HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=FP16_BLOCK_N, DOT_DTYPE=dot_dtype,
-        num_warps=4, num_stages=3,
-    )  # fmt: skip
-    return m, l_part, acc
+    return decode_fp16_state(q, k, v, lens, validate_lens=False)
 
 
 def kivi_state(q, c: KiviCache):

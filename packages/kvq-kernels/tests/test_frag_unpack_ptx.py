@@ -115,3 +115,14 @@ def test_three_bit_codes_come_back_exact_and_in_order():
                 cont = [int(rng.integers(0, 1 << 16)) & keep | (x & 3) << 2 * j | (x >> 2) << 8 + j for x in codes]
                 out = _halves(_emulate(ptx, cont[0] | cont[1] << 16)["$0"])
                 assert out.tolist() == [float(x) for x in codes], (j, codes, ptx)
+
+
+BLOCKS = [(bits, j, 16) for bits in (2, 4, 8) for j in range(16 // bits)]
+BLOCKS += [(bits, j, 8) for bits in (2, 4, 8) for j in range(8 // bits)] + [(3, j, 16) for j in range(4)]
+
+
+@pytest.mark.parametrize("bits,j,container", BLOCKS)
+def test_blocks_use_only_the_emulated_instructions(bits, j, container):
+    ptx = _ptx(bits, j, container)
+    stmts = [s.strip() for s in ptx.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
+    assert len(stmts) == len(OPS.findall(ptx)), ptx

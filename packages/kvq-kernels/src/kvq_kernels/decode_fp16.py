@@ -123,6 +123,24 @@ def decode_fp16(
     NaN/Inf in q, k or v are not checked (that would be a sync per call): they propagate to the output.
     Returns [batch, query_heads, head_dim] in q's dtype.
     """
+    return combine(
+        *decode_fp16_state(q, k, v, lens, sm_scale, splits, block_n, max_len, validate_lens), torch.empty_like(q)
+    )
+
+
+def decode_fp16_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    sm_scale: float | None = None,
+    splits: int | None = None,
+    block_n: int = 64,
+    max_len: int | None = None,
+    validate_lens: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`decode_fp16`'s per-split softmax state (m, l, acc from `combine.alloc_partials`), before the combine that
+    `decode_fp16` runs: the same arguments and checks."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a [batch, query_heads, head_dim] tensor, got {getattr(q, 'shape', type(q))}")
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
@@ -166,7 +184,7 @@ def decode_fp16(
         HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype,
         num_warps=4, num_stages=3,
     )  # fmt: skip
-    return combine(m, l_part, acc, torch.empty_like(q))
+    return m, l_part, acc
 
 
 def decode_reference(q, k, v, lens, sm_scale=None, dtype=torch.float64) -> torch.Tensor:

@@ -32,6 +32,16 @@ def test_auto_resolves_per_point():
     assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128)) == "simt-bn32-w2-s1-pf"
 
 
+def test_unknown_rows_count_as_many_for_kernel_and_launch():
+    from kvq_kernels.decode_kivi import kernel_path
+
+    short = SLICE_MAX_TOKENS  # a short 4-bit GQA cache: slices for few rows, the fragment kernel for many
+    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=16) == "slice"
+    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=17) == "frag"
+    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128) == "frag"
+    assert launch_config("frag", 4, 128, None, short) == launch_config("frag", 4, 128, 17, short)
+
+
 def test_frag_launch_by_rows():
     assert launch_config("frag", 4, 128, 16) == FRAG_SHORT_CONFIG[4]
     assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4]

@@ -615,8 +615,8 @@ def kernel_path(
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
     where its word layout applies; for GQA frag where it applies, except 2/4-bit caches of at most
-    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows (batch x kv heads; None counts as few), which run the
-    slice kernel; else tc."""
+    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows (batch x kv heads; None counts as many, as in
+    `launch_config`), which run the slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -636,7 +636,7 @@ def kernel_path(
     if path == "slice" or nuq or not words_ok:
         return "slice"
     frag = path == "auto" and frag_applies(bits, head_dim, group_size, nuq)
-    few = rows is None or rows <= FRAG_FEW_ROWS
+    few = rows is not None and rows <= FRAG_FEW_ROWS
     if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS and (few or not frag):
         return "slice"  # short caches of few sequences: the slice kernel is faster (SLICE_MAX_TOKENS)
     if frag:

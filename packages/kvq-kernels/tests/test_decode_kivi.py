@@ -33,6 +33,8 @@ CASES = [
     # head_dim 128: channel slices wide enough for tl.dot (W = 128 / 4 and 128 / 8)
     ("2bit-d128-value-groups", 2, 1, 4, 4, 128, 32, 64, 0, [300]),
     ("3bit-d128-gqa", 3, 1, 4, 2, 128, 128, 128, 1, [400]),
+    # 3-bit head_dim 256: eight 32-channel blocks of the 1-bit plane (value groups of 64: the word kernel on "tc")
+    ("3bit-d256-gqa-group-64", 3, 1, 4, 2, 256, 64, 64, 0, [150]),
 ]
 
 
@@ -47,6 +49,7 @@ MHA_CASES = [c for c in CASES if c[3] == c[4]] + [
     ("mha-3bit-d128-value-groups", 3, 1, 2, 2, 128, 32, 64, 1, [201]),
     # nuq 3-bit codes index a codebook: assembled as integers from both planes (not each plane in place)
     ("mha-nuq-3bit-d64", 3, 2, 2, 2, 64, 16, 32, 1, [33, 170]),
+    ("mha-3bit-d256", 3, 1, 2, 2, 256, 64, 64, 0, [140]),
 ]
 # "frag" (decode_kivi_frag): uniform 2/3/4/8-bit, channel slices of >= 16 channels, group_size >= head_dim
 FRAG_CASES = [

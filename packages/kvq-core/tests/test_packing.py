@@ -75,3 +75,5 @@ def test_empty_rows_round_trip(bits):
     packed = pack(codes, bits)
     assert packed.shape == (0, 3, packed_row_bytes(bits, 128))
     assert unpack(packed, bits, 128).shape == (0, 3, 128)
+    none = torch.zeros(2, 0, dtype=torch.uint8)  # rows of no codes
+    assert pack(none, bits).shape == (2, 0) and unpack(pack(none, bits), bits, 0).shape == (2, 0)

@@ -68,26 +68,26 @@ def _pack_high_plane(bits1: torch.Tensor) -> torch.Tensor:
     """The 1-bit plane of a multi-plane row (0/1 int32 [..., n]) -> uint8 [..., ceil(n / 8)] (module docstring)."""
     n = bits1.shape[-1]
     full, m = divmod(n, 32)
-    parts = []
+    parts = [torch.zeros(*bits1.shape[:-1], 0, dtype=torch.uint8, device=bits1.device)]  # rows of 0 codes
     if full:
         blocks = bits1[..., : 32 * full].reshape(*bits1.shape[:-1], full, 32)
         parts.append(_pair_nibbles(blocks, 4).reshape(*bits1.shape[:-1], 4 * full))
     if m:
         nb = math.ceil(m / 8)
         parts.append(_pair_nibbles(torch.nn.functional.pad(bits1[..., 32 * full :], (0, 8 * nb - m)), nb))
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, dim=-1)
 
 
 def _unpack_high_plane(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `_pack_high_plane`: uint8 [..., ceil(n / 8)] -> 0/1 int32 [..., n]."""
     full, m = divmod(n, 32)
-    parts = []
+    parts = [torch.zeros(*packed.shape[:-1], 0, dtype=torch.int32, device=packed.device)]  # rows of 0 codes
     if full:
         blocks = packed[..., : 4 * full].reshape(*packed.shape[:-1], full, 4)
         parts.append(_split_nibbles(blocks).reshape(*packed.shape[:-1], 32 * full))
     if m:
         parts.append(_split_nibbles(packed[..., 4 * full :])[..., :m])
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, dim=-1)
 
 
 def pack(codes: torch.Tensor, bits: float) -> torch.Tensor:

@@ -39,6 +39,7 @@ NO_NUMERIC_CHANGE = {
         "the 3-bit 1-bit plane's bit order: pack / unpack round-trip exactly and the byte counts are unchanged, so "
         "every dequantized value kvq-eval sees is the same",
     ),
+    "783b3587a58c0123af7dacf0ffdb9e1edf0f1514": "pack / unpack of rows with no codes give 0 bytes again, as when the tables were made (c48e80d had made them raise)",
     "65e7e6af26afc81692b3c287d6a477ea5675ce4a": "load_smollm2 reads a float32 copy of the same conversion: equal tensors, tokens and logits "
     "(tests/test_smollm2_copy.py)",
 }

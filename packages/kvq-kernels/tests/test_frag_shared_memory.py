@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("triton.backends.nvidia", reason="Triton's CUDA backend (ptxas) compiles the kernel")
 
 COMPILE = r"""
-import json, sys
+import json, re, sys
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -65,9 +65,7 @@ json.dump(out, sys.stdout)
 def launches():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the launches' default; silences Triton 3.9's notice
-    r = subprocess.run(
-        [sys.executable, "-c", "import re\n" + COMPILE], capture_output=True, text=True, env=env, timeout=600
-    )
+    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 

@@ -93,7 +93,7 @@ def unpack_ptx3(j):
 @triton.jit
 def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """int16 or int8 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through
-    it). 3-bit: x the 2-bit plane's 16-bit containers, xh the 1-bit plane's bytes (unused otherwise)."""
+    it). 3-bit: x the 16-bit containers of `_merge3`."""
     if ASM:
         if BITS == 3:
             return tl.inline_asm_elementwise(unpack_ptx3(j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
@@ -122,13 +122,11 @@ def _merge3(C, hrow, offs_w, n_mask, lo, KEYS: tl.constexpr):
     byte = (offs_w // 8) * 4 + offs_w % 4
     high = (offs_w // 4) % 2
     if KEYS:  # [W, N]
-        ptr = C + hrow[None, :] + byte[:, None]
-        a = tl.load(ptr, mask=(high == 0)[:, None] & n_mask[None, :], other=0)
-        b = tl.load(ptr, mask=(high == 1)[:, None] & n_mask[None, :], other=0)
+        ptr, high, n_mask = C + hrow[None, :] + byte[:, None], high[:, None], n_mask[None, :]
     else:  # [N, W]
-        ptr = C + hrow[:, None] + byte[None, :]
-        a = tl.load(ptr, mask=(high == 0)[None, :] & n_mask[:, None], other=0)
-        b = tl.load(ptr, mask=(high == 1)[None, :] & n_mask[:, None], other=0)
+        ptr, high, n_mask = C + hrow[:, None] + byte[None, :], high[None, :], n_mask[:, None]
+    a = tl.load(ptr, mask=(high == 0) & n_mask, other=0)
+    b = tl.load(ptr, mask=(high == 1) & n_mask, other=0)
     return lo.to(tl.int16) | ((a.to(tl.int16) | (b.to(tl.int16) >> 4)) << 8)
 
 
@@ -237,8 +235,9 @@ def _decode_kivi_frag_kernel(
             kt = tl.load(kw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
             vt = tl.load(vw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
             if BITS == 3:
-                kt = _merge3(KC, (bh * T_QCAP + offs_n) * ROW + HI, offs_w, n_mask, kt, True)
-                vt = _merge3(VC, (bh * T_QCAP + offs_n) * ROW + HI, offs_w, n_mask, vt, False)
+                hrow = (bh * T_QCAP + offs_n) * ROW + HI  # each row's 1-bit plane
+                kt = _merge3(KC, hrow, offs_w, n_mask, kt, True)
+                vt = _merge3(VC, hrow, offs_w, n_mask, vt, False)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
                 qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)

@@ -5,8 +5,8 @@ the dequantized tile rewritten into its operand layout through shared memory; bo
 the arithmetic. Here each program streams 32-bit words of codes instead: a word holds PER = 32 / BITS
 channels of one token (channel c at word c // PER, bit BITS * (c % PER), which is
 `kvq_core.packing`'s byte order read little-endian; 3-bit: the 2-bit plane's words plus the 1-bit
-plane's bits, gathered from its nibble pairs into channel order, `packed.high_bits16`). Codes become exact fp32 without an int->float conversion:
-the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c. Uniform codes stay where
+plane's bits, gathered from its nibble pairs into channel order, `packed.high_bits16`). Codes become exact fp32
+without an int->float conversion: the bits 0x4B000000 | c are the float 2**23 + c, and one subtraction leaves c. Uniform codes stay where
 they sit in their 16-bit half (one AND a code, `_c`); a 3-bit code is its two planes read that way, the
 2-bit part and 4 x the 1-bit part, each with its own per-channel power of two, so neither plane is
 shifted into the other (nuq 3-bit codes, which index a codebook, are assembled as integers instead).

@@ -56,8 +56,9 @@ def _pairj(x, h, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _high_bits(hw, offs_w):
-    """3-bit: `packed.high_bits16` of 2-bit-plane words offs_w -> bits k < 8 at bit k + 2, bits k >= 8 at bit k + 10 (bit 2 of code k's place in the
-    pair's low or high half once shifted down by k % 8; done once a word, not once a pair)."""
+    """3-bit: `packed.high_bits16` of 2-bit-plane words offs_w -> bits k < 8 at bit k + 2, bits k >= 8 at bit
+    k + 10 (bit 2 of code k's place in the pair's low or high half once shifted down by k % 8; done once a word,
+    not once a pair)."""
     h16 = high_bits16(hw, offs_w[None, :])
     return ((h16 & 0xFF) << 2) | ((h16 & 0xFF00) << 10)
 

@@ -99,14 +99,19 @@ def load_codes(ROW_PTRS, row_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, O
 
 
 @triton.jit
+def _store_bytes(ROW_PTRS, row_mask, byte0, b):
+    """Bytes b [N, NB] (int32 < 256) to bytes byte0 .. byte0 + NB - 1 of N rows."""
+    offs_b = tl.arange(0, b.shape[1])
+    tl.store(ROW_PTRS[:, None] + byte0 + offs_b[None, :], b.to(tl.uint8), mask=row_mask[:, None])
+
+
+@triton.jit
 def _store_plane(ROW_PTRS, row_mask, byte0, codes, W: tl.constexpr, HEAD_DIM: tl.constexpr):
     PER: tl.constexpr = 8 // W
     NB: tl.constexpr = HEAD_DIM // PER
     c = tl.reshape(codes, (codes.shape[0], NB, PER))
     shifts = tl.arange(0, PER) * W
-    b = tl.sum(c << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
-    offs_b = tl.arange(0, NB)
-    tl.store(ROW_PTRS[:, None] + byte0 + offs_b[None, :], b.to(tl.uint8), mask=row_mask[:, None])
+    _store_bytes(ROW_PTRS, row_mask, byte0, tl.sum(c << shifts[None, None, :], axis=2))  # disjoint bits: sum == or
 
 
 @triton.jit
@@ -119,8 +124,6 @@ def store_codes(ROW_PTRS, row_mask, codes, BITS: tl.constexpr, HEAD_DIM: tl.cons
         h = tl.reshape((codes >> 2) & 1, (codes.shape[0], HEAD_DIM // (2 * H), 2, H // 4, 4))
         shifts = 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
         byte = tl.sum(tl.sum(h << shifts[None, None, :, :, :], axis=4), axis=2)
-        offs_b = tl.arange(0, HEAD_DIM // 8)
-        dst = ROW_PTRS[:, None] + HEAD_DIM // 4 + offs_b[None, :]
-        tl.store(dst, tl.reshape(byte, (codes.shape[0], HEAD_DIM // 8)).to(tl.uint8), mask=row_mask[:, None])
+        _store_bytes(ROW_PTRS, row_mask, HEAD_DIM // 4, tl.reshape(byte, (codes.shape[0], HEAD_DIM // 8)))
     else:
         _store_plane(ROW_PTRS, row_mask, 0, codes, BITS, HEAD_DIM)

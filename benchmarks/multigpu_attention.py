@@ -3,10 +3,10 @@
 Tensor parallelism: a GPU holds all tokens of its KV heads and calls the public kvq kernels (`decode_fp16`,
 `decode_kivi`), whose output is final. Context parallelism: a GPU holds a slice of every sequence's tokens
 and needs the softmax state of its slice (max m, sum l, unnormalized acc, log2 units as in
-`kvq_kernels.combine`), which the public launchers fold away. `fp16_state` (adapted from
-`kvq_kernels.decode_fp16.decode_fp16`) and `kivi_state` (`decode_kivi`'s own `launch_plan` and `decode_kivi_state`)
-therefore launch the same split-KV kernels and return the partial states; `merge_splits` folds a GPU's splits into one state and `merge_ranks` merges the GPUs' states with
-kvq's `combine` kernel.
+`kvq_kernels.combine`), which the public launchers fold away. `fp16_state` (`decode_fp16_state`) and
+`kivi_state` (`decode_kivi`'s own `launch_plan` and `decode_kivi_state`) therefore launch the same split-KV
+kernels and return the partial states; `merge_splits` folds a GPU's splits into one state and `merge_ranks`
+merges the GPUs' states with kvq's `combine` kernel.
 """
 
 from __future__ import annotations

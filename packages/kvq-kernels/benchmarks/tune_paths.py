@@ -51,15 +51,17 @@ def _bits(text: str) -> list[int]:
 
 
 def _config(item: str) -> tuple:
+    prefetch = not item.endswith(":nopf")
+    item = item.removesuffix(":nopf")
     if item == "auto":
-        return AUTO_CONFIG
+        return AUTO_CONFIG[:4] + (prefetch,)
     path, bn, warps, stages = item.split(":")
-    return (path, int(bn), int(warps), int(stages), True)
+    return (path, int(bn), int(warps), int(stages), prefetch)
 
 
 def _configs(text: str) -> list[tuple]:
-    """'auto,frag:64:4:3,slice:128:4:1' -> configs: decode_kivi's own choice (AUTO_CONFIG), or
-    path:BLOCK_N:num_warps:num_stages each."""
+    """'auto,frag:64:4:3,slice:128:4:1:nopf' -> configs: decode_kivi's own choice (AUTO_CONFIG), or
+    path:BLOCK_N:num_warps:num_stages each; a trailing :nopf passes prefetch=False."""
     try:
         cfgs = [_config(item) for item in text.split(",")]
     except ValueError:

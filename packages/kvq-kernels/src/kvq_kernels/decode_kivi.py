@@ -772,7 +772,7 @@ def kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, p
                 c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv, *lengths,
                 plan.tail_programs)  # fmt: skip
         kw = dict(TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=TAIL_TOKENS, ASM=not interpreting(), PER=per,
-                  ROW=c.k_codes.shape[-1] * 8 // container, **gqa, **common)  # fmt: skip
+                  ROW=c.k_codes.shape[-1] * 8 // container, PREFETCH=prefetch, **gqa, **common)  # fmt: skip
         return _decode_kivi_frag_kernel, args, kw
     if plan.path == "tc":
         args = (q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32),

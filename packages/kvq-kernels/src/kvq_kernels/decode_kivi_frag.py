@@ -167,7 +167,7 @@ def _decode_kivi_frag_kernel(
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """KC / VC: key / value code rows as bytes (the fp16 tail's quantized keys; 3-bit: the 1-bit plane); KW / VW:
     the same rows as containers (16- or 8-bit integers; 3-bit: bytes, uint8), ROW a row. PER codes a container
@@ -229,9 +229,18 @@ def _decode_kivi_frag_kernel(
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         kw_base = KW + bh * T_QCAP * ROW
         vw_base = VW + bh * T_QCAP * ROW
+        if PREFETCH:  # each tile's value scales and zeros, loaded a tile ahead
+            rows = bh * T_QCAP + start + tl.arange(0, BLOCK_N)
+            vs_next = tl.load(VS + rows, mask=rows < bh * T_QCAP + end, other=0.0)
+            vz_next = tl.load(VZ + rows, mask=rows < bh * T_QCAP + end, other=0.0)
         for t0 in range(start, end, BLOCK_N):
             offs_n = t0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
+            if PREFETCH:
+                rows = bh * T_QCAP + offs_n
+                vs, vz = vs_next.to(tl.float32), vz_next.to(tl.float32)
+                vs_next = tl.load(VS + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
+                vz_next = tl.load(VZ + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
             kt = tl.load(kw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
             vt = tl.load(vw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
             if BITS == 3:
@@ -271,9 +280,10 @@ def _decode_kivi_frag_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_n = l_n * alpha[:, None] + p
-            rows = bh * T_QCAP + offs_n
-            vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
-            vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
+            if not PREFETCH:
+                rows = bh * T_QCAP + offs_n
+                vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
+                vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
             z_n = z_n * alpha[:, None] + p * vz[None, :]
             pv = (p * vs[None, :]).to(DOT_DTYPE)
             a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)

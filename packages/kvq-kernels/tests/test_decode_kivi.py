@@ -90,9 +90,23 @@ def test_frag_prefetch_changes_no_bit(bits, device, dtype):
     d = 128 if bits == 3 else 64
     c = random_cache(2, 2, d, 400, bits, d, d, 2, [7, 301], device, seed=8)
     q = torch.randn(2, 8, d, generator=torch.Generator().manual_seed(9)).to(device, dtype)
-    on = decode_kivi(q, c, splits=2, block_n=16, path="frag", prefetch=True)
-    off = decode_kivi(q, c, splits=2, block_n=16, path="frag", prefetch=False)
+    on = decode_kivi(q, c, splits=2, block_n=16, num_warps=4, path="frag", prefetch=True)
+    off = decode_kivi(q, c, splits=2, block_n=16, num_warps=4, path="frag", prefetch=False)
     assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+@pytest.mark.parametrize(
+    "warps,prefetch,expected", [(4, True, True), (8, True, True), (2, True, False), (4, False, False)]
+)
+def test_frag_prefetches_on_launches_of_four_warps_or_more(warps, prefetch, expected):
+    """The fragment kernel prefetches only where it was measured faster (FRAG_PREFETCH_MIN_WARPS)."""
+    from kvq_kernels.combine import alloc_partials
+    from kvq_kernels.decode_kivi import LaunchPlan, kernel_call
+
+    c = random_cache(1, 2, 64, 64, 4, 64, 64, 0, [40], "cpu")
+    plan = LaunchPlan("frag", 64, warps, 2, 1, 64, 1, 0)
+    _, _, kw = kernel_call(plan, torch.zeros(1, 8, 64), c, 1.0, alloc_partials(8, 2, 64, "cpu"), prefetch, True)
+    assert kw["PREFETCH"] is expected
 
 
 PATH_CASES = (

@@ -547,6 +547,12 @@ FRAG_SHORT_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
 #: took 204.5 against its 289.0 while the splits counted one program per SM (1.24 waves of its 4 resident); with
 #: splits for one wave (splits_b2_h200.csv) (128, 2, 2) took 192.7 (2-bit) and 183.8 (4-bit) there.
 FRAG_FEW_ROWS = 16
+#: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
+#: least FRAG_PREFETCH_MIN_WARPS warps (ab_prefetch_h200.csv, tune_paths.py --configs auto:nopf,auto at e04fa28,
+#: 32/8 heads, 2/3/4/8-bit at 1 x 32K / 1 x 128K / 4 x 128K / 8 x 32K / 32 x 4K): the (64, 4, 2-3) launches took
+#: 0.89-1.00x the time (median 0.94; 8-bit 0.89-0.93x), the 2-warp (128, 2, 2) launch 1.03-1.09x (255 registers a
+#: thread either way: the prefetched values spill).
+FRAG_PREFETCH_MIN_WARPS = 4
 #: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (measured above): 2-bit codes in 8-bit
 #: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32
 #: and 2 of 64.
@@ -772,7 +778,8 @@ def kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, p
                 c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv, *lengths,
                 plan.tail_programs)  # fmt: skip
         kw = dict(TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=TAIL_TOKENS, ASM=not interpreting(), PER=per,
-                  ROW=c.k_codes.shape[-1] * 8 // container, PREFETCH=prefetch, **gqa, **common)  # fmt: skip
+                  ROW=c.k_codes.shape[-1] * 8 // container,
+                  PREFETCH=prefetch and plan.num_warps >= FRAG_PREFETCH_MIN_WARPS, **gqa, **common)  # fmt: skip
         return _decode_kivi_frag_kernel, args, kw
     if plan.path == "tc":
         args = (q, c.k_codes, c.k_codes.view(torch.int32), c.k_scale, c.k_zero, c.v_codes.view(torch.int32),

@@ -26,14 +26,14 @@ import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvq_kernels.combine import alloc_partials
-from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_SHORT_CONFIG, LaunchPlan, frag_geometry, kernel_call
+from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_FEW_CONFIG, LaunchPlan, frag_geometry, kernel_call
 from kvq_kernels.kivi_layout import allocate
 
 PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int16: "*i16",
        torch.int8: "*i8", torch.uint8: "*u8"}
 out = []
-for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_SHORT_CONFIG[2])), (3, (FRAG_CONFIG[3],)),
-                      (4, (FRAG_CONFIG[4], FRAG_SHORT_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
+for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFIG[3],)),
+                      (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
     cache = allocate(1, 8, 128, 4096, bits, 128, 128)
     q = torch.zeros(1, 32, 128, dtype=torch.float16)
     for bn, warps, stages in configs:

@@ -4,24 +4,24 @@ import pytest
 
 from kvq_kernels import benchmarking
 from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
-from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_SHORT_CONFIG, SLICE_MAX_TOKENS, WORDS_CONFIG, launch_config
+from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_FEW_CONFIG, SLICE_MAX_TOKENS, WORDS_CONFIG, launch_config
 
 
 def test_auto_resolves_per_point():
     assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS, 128) == ("slice", 128, 4, 1, True)
     assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
-    # short caches: slices for at most FRAG_FEW_ROWS rows (batch 2 x 8 heads), the fragment kernel's short launch
-    # for more
+    # short caches: slices for at most FRAG_FEW_ROWS rows (batch 2 x 8 heads), the fragment kernel's many-rows
+    # launch for more
     assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
     assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 2, 256, 32, 8, SLICE_MAX_TOKENS, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 3, 256, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
     # one token more rounds the random cache up a whole 128-token block past the threshold; batch 2 x 8 heads
     # is the most rows that take the few-rows launch
-    assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 3, True)
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 2, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 64, 4, 2, True)
+    assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 4, 2, True)
+    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 4, 2, True)
+    assert resolved_config(AUTO_CONFIG, 2, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 131072, 128) == ("frag", *FRAG_CONFIG[3], True)
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)  # no slices
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
@@ -39,20 +39,19 @@ def test_unknown_rows_count_as_many_for_kernel_and_launch():
     assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=16) == "slice"
     assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=17) == "frag"
     assert kernel_path("auto", 4, 32, 8, 128, False, short, 128) == "frag"
-    assert launch_config("frag", 4, 128, None, short) == launch_config("frag", 4, 128, 17, short)
+    assert launch_config("frag", 4, 128, None) == launch_config("frag", 4, 128, 17)
 
 
 def test_frag_launch_by_rows():
-    assert launch_config("frag", 4, 128, 16) == FRAG_SHORT_CONFIG[4]
-    assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4]
+    assert launch_config("frag", 4, 128, 16) == FRAG_FEW_CONFIG[4] == (128, 4, 2)
+    assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4] == (128, 2, 2)
     assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]  # rows unknown: the many-rows launch
-    assert launch_config("frag", 4, 128, 17, SLICE_MAX_TOKENS) == FRAG_SHORT_CONFIG[4]
-    assert launch_config("frag", 4, 128, 17, SLICE_MAX_TOKENS + 1) == FRAG_CONFIG[4]
-    assert launch_config("frag", 8, 128, 17, 1024) == FRAG_CONFIG[8]  # 8-bit: one launch
+    assert launch_config("frag", 8, 128, 17) == FRAG_CONFIG[8]  # 8-bit: one launch
     assert launch_config("frag", 8, 128, 1) == FRAG_CONFIG[8]
-    assert launch_config("frag", 2, 128, 16) == FRAG_SHORT_CONFIG[2]
+    assert launch_config("frag", 2, 128, 16) == FRAG_FEW_CONFIG[2]
     assert launch_config("frag", 3, 128, 1) == FRAG_CONFIG[3]  # one launch at every row count
     assert launch_config("frag", 4, 256, 1)[0] == 128
+    assert launch_config("frag", 4, 64, 1) == (64, 4, 2)  # BLOCK_N halves to the group
 
 
 def test_named_configs_pass_through():

@@ -287,14 +287,14 @@ PROBE_CONFIGS = {
 
 def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, context: int, group: int) -> tuple:
     """The launch config a call with `cfg` runs at one point: AUTO_CONFIG resolved as decode_kivi resolves it
-    (its kernel_path and launch_config, with max_len = the quantized capacity of random_kivi's cache); any other
+    (its kernel_path, with max_len = the quantized capacity of random_kivi's cache, and launch_config); any other
     config unchanged."""
     if cfg[0] != "auto":
         return cfg
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
     rows = batch * kv_heads
     path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group, rows)
-    return (path, *launch_config(path, bits, group, rows, quant_capacity), cfg[4])
+    return (path, *launch_config(path, bits, group, rows), cfg[4])
 
 
 def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0, splits=None):

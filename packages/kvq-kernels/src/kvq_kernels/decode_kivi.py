@@ -517,13 +517,22 @@ WORDS_MAXNREG_ROWS = 16
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
 #: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
-#: width, and FRAG_SHORT_CONFIG for launches whose programs stream few tokens: at most FRAG_FEW_ROWS rows (batch x
-#: kv heads; the context is split over many programs) or at most SLICE_MAX_TOKENS tokens. H200, 32/8 heads, group
-#: 128; us at 128K batch 1 / 32K batch 8 / 4K batch 32.
-#: 4-bit, 16-bit containers (tune_frag_h200.csv, tune_paths.py --frag-wide): (64, 4, 3) 127.5 / 228.2 / 112.9,
-#: (128, 2, 2) 100.3 / 271.8 / 118.3, (128, 4, 2) 122.1 / 260.9 / 128.4; the word kernel 154.3 / 348.0 / 171.9.
-#: 8-bit, 16-bit containers: (64, 4, 3) 134.3 / 241.6 / 122.9, (128, 4, 2) 132.1 / 267.3 / 140.1; the word kernel
-#: 158.6 / 329.3 / 164.0.
+#: width, and FRAG_FEW_CONFIG for launches over at most FRAG_FEW_ROWS rows (batch x kv heads), whose context is
+#: split over many programs. H200, 32/8 heads, group 128.
+#: Now (e995cc6: splits for one wave of resident programs, value scales prefetched on 4-warp launches;
+#: tune_frag_pf_h200.csv and tune_frag_pf_many_h200.csv, tune_paths.py --configs auto,frag:...), 2/4-bit, us:
+#: - over more than 16 rows (128, 2, 2) is the fastest launch at every tuned point: 4-bit at 4 / 8 / 32 x 128K
+#:   353.0 / 671.9 / 2653.8 against (64, 4, 3)'s 376.0 / 768.5 / 2911.6 and (128, 4, 2)'s 358.7 / 685.0 / 2797.6;
+#:   8 / 32 x 32K 182.8 / 676.2 against 195.5 / 748.5 ((128, 4, 2) 181.8 at 8 x 32K); 64 x 16K 668.9 against
+#:   778.6; 32 x 4K 104.0 against 109.8. 2-bit alike (4 / 8 / 32 x 128K 373.9 / 733.8 / 2901.9 against (64, 4, 2)'s
+#:   404.8 / 813.4 / 3161.6; 32 x 4K 108.9 against 116.2).
+#: - over at most 16 rows (128, 4, 2): 4-bit 1 x 32K / 1 x 128K / 2 x 128K 31.4 / 98.4 / 182.8 against (128, 2, 2)'s
+#:   36.1 / 101.6 / 186.3; 2-bit 32.7 / 104.6 / 198.0 against 37.3 / 106.8 / 194.6.
+#: - 8-bit: (64, 4, 3) at every point but 1 x 32K (36.1 against (128, 4, 2)'s 35.0): 1 / 2 / 8 x 128K-32K 102.5 /
+#:   189.5 / 189.1 against (128, 4, 2)'s 115.9 / 216.5 / 215.6.
+#: Before the splits counted resident programs (tune_frag_h200.csv at cf733a2, us at 128K batch 1 / 32K batch 8 /
+#: 4K batch 32) 4-bit (64, 4, 3) took 127.5 / 228.2 / 112.9 and (128, 2, 2) 100.3 / 271.8 / 118.3; the word kernel
+#: 154.3 / 348.0 / 171.9; 8-bit (64, 4, 3) 134.3 / 241.6 / 122.9 against the word kernel's 158.6 / 329.3 / 164.0.
 #: 2-bit (tune_frag8_h200.csv, --configs ... --container-bits 8): 8-bit containers (4 slices of 32 channels)
 #: (128, 2, 2) 105.4 / 289.3 / 124.7, (64, 4, 2) 140.9 / 259.2 / 123.5; the word kernel 144.6 / 339.3 / 167.7;
 #: 16-bit containers (8 slices of 16) lost at every launch (128K batch 1 152.7 at best, tune_frag_h200.csv).
@@ -535,17 +544,12 @@ WORDS_TAIL_N = 16
 #: within 2.5% of (64, 4, 2) at every tuned point (1 x 4K 14.6 / 14.1, 4 x 128K 600.5 / 585.9). (Read as eight
 #: 16-channel slices with a two-operand unpack, which the dot-operand pass does not hoist, the best launch took
 #: 198.4 / 546.2 / 236.2: tune_frag3_h200.csv.)
-FRAG_CONFIG = {2: (64, 4, 2), 3: (64, 4, 3), 4: (64, 4, 3), 8: (64, 4, 3)}
-#: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K): with more than FRAG_FEW_ROWS rows the
+#: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K at 6ddfd13): over more than 16 rows the
 #: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,
-#: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0), and (64, 4, x)
-#: only at 8 x 1K and 32 x 4K (by at most 9%); with one sequence the slice kernel stays faster at 4K (2-bit 12.6
-#: against 13.5, 4-bit 12.9 / 13.2). 8-bit: (64, 4, 3) at every point but 1 x 4K.
-FRAG_SHORT_CONFIG = {2: (128, 2, 2), 4: (128, 2, 2)}
-#: At its edge: in tune_frag2_few_h200.csv (2-bit) (128, 2, 2) is the fastest launch at batch 1 (8 rows; 128K
-#: 106.3 us against 131.4-245.6 for (32 / 64 / 128, 1-2 warps, 2-3 stages)); at batch 2 x 128K (16 rows) (64, 2, 2)
-#: took 204.5 against its 289.0 while the splits counted one program per SM (1.24 waves of its 4 resident); with
-#: splits for one wave (splits_b2_h200.csv) (128, 2, 2) took 192.7 (2-bit) and 183.8 (4-bit) there.
+#: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0); with one
+#: sequence the slice kernel stays faster at 4K (2-bit 12.6 against 13.5, 4-bit 12.9 / 13.2: `kernel_path`).
+FRAG_CONFIG = {2: (128, 2, 2), 3: (64, 4, 3), 4: (128, 2, 2), 8: (64, 4, 3)}
+FRAG_FEW_CONFIG = {2: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
 #: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
 #: least FRAG_PREFETCH_MIN_WARPS warps (ab_prefetch_h200.csv, tune_paths.py --configs auto:nopf,auto at e04fa28,
@@ -579,20 +583,17 @@ def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     return head_dim % per == 0 and head_dim // per >= 16 and whole and group_size >= head_dim
 
 
-def launch_config(
-    path: str, bits: int, group_size: int, rows: int | None = None, max_len: int | None = None
-) -> tuple[int, int, int]:
+def launch_config(path: str, bits: int, group_size: int, rows: int | None = None) -> tuple[int, int, int]:
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
-    CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_SHORT_CONFIG (at most
-    FRAG_FEW_ROWS rows or SLICE_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it divides the
-    group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
+    CUDA-core one. rows (batch x kv heads) picks the frag kernel's FRAG_FEW_CONFIG (at most FRAG_FEW_ROWS rows);
+    None counts as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups
+    run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
         if path == "frag":
             few = rows is not None and rows <= FRAG_FEW_ROWS
-            short = max_len is not None and max_len <= SLICE_MAX_TOKENS
-            cfg = FRAG_SHORT_CONFIG[bits] if (few or short) and bits in FRAG_SHORT_CONFIG else FRAG_CONFIG[bits]
+            cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2
@@ -715,7 +716,7 @@ def launch_plan(
     rows = batch * h_kv
     kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, rows)
     simt = kernel == "simt"
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows, max_len)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)

@@ -314,9 +314,14 @@ def layout_change_h200() -> str:
 
 
 def prefetch_change_h200() -> str:
-    """The committed H200 sweep (the fragment kernel's 4-warp launches load value scales a tile ahead) against the
+    """The seventh H200 sweep (the fragment kernel's 4-warp launches load value scales a tile ahead) against the
     sixth."""
-    return _sweep_change(H200_KERNEL_V6, H200_KERNEL)
+    return _sweep_change(H200_KERNEL_V6, H200_KERNEL_V7)
+
+
+def launch_change_h200() -> str:
+    """The committed H200 sweep (2/4-bit GQA launches retuned) against the seventh."""
+    return _sweep_change(H200_KERNEL_V7, H200_KERNEL)
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
@@ -473,7 +478,8 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v7.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v8.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V7 = "reports/measurements/kernel_decode_h200_v7.csv"
 H200_KERNEL_V6 = "reports/measurements/kernel_decode_h200_v6.csv"
 H200_KERNEL_V5 = "reports/measurements/kernel_decode_h200_v5.csv"
 H200_KERNEL_V3 = "reports/measurements/kernel_decode_h200_v3.csv"
@@ -1017,6 +1023,7 @@ SECTIONS = {
     "split-change-h200": split_change_h200,
     "layout-change-h200": layout_change_h200,
     "prefetch-change-h200": prefetch_change_h200,
+    "launch-change-h200": launch_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1071,6 +1078,7 @@ DOCS = {
         "split-change-h200",
         "layout-change-h200",
         "prefetch-change-h200",
+        "launch-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

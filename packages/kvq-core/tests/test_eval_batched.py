@@ -6,20 +6,24 @@ Windows are long enough (prefill 200) that every format quantizes: KIVI's and th
 windows are full, so groups, scales, outliers and codebooks are exercised, not only full-precision tokens.
 
 Two checks per batch-independent cache:
-* exact: a window's NLL does not depend on the other rows of its batch nor on its place in it. The batch
-  [A, B, C] and the batch [C', A, B'] (C', B' other text) give A bit-identical NLLs. Same shapes, same kernels: any
-  difference would be information flowing between rows.
-* close: batched against one window at a time, per-window NLL within 2e-5 relative and held bits equal to 1e-9.
+* exact: a window's NLL does not depend on the other rows of its batch. The batch [A, B, C] and the batch
+  [A, C', B'] (C', B' other text) give A bit-identical NLLs. Same shapes, same kernels, same row: any difference
+  would be information flowing between rows. (A's place in the batch is kept: on some CPUs a small-batch matmul
+  rounds a row differently at another position, e.g. an AMD EPYC without AVX-512, where row A of [C', A, B']
+  differed from row A of [A, B, C] for every cache, the full one too.)
+* close: batched against one window at a time, per-window NLL within 2e-5 relative and held bits within 1e-5
+  relative (HELD_REL_TOL: a rounding difference can also move a value across an outlier threshold, which changes
+  the outliers stored: kvquant:2 teacher-forced held 1.2e-6 relative fewer bits batched on an AMD EPYC CPU).
   A batched forward is a different fp32 matmul shape than a batch-1 one; in a quantizing cache such a rounding
   difference can move an input across a rounding boundary of its code, which changes that element by one
   quantization step: measured up to 1.4e-6 relative on this model and these windows (rotatekv:4, teacher-forced;
   decode 4 scored steps, teacher-forced chunks of 32). The exact check above is what rules out mixing.
   On SmolLM2 the same flips grow over the decode steps in caches that quantize every new token (measured by hand,
   8 scored steps after a 200-token prefill: int4 moved a window by 0.23 nats, calibrated rotatekv-2 by 0.016,
-  KIVI-2 by 4e-4), while row A of [A, B, C] and of [C', A, B'] stayed bit-identical for both: rounding, not mixing.
+  KIVI-2 by 4e-4), while row A of [A, B, C] and of [A, C', B'] stayed bit-identical for both: rounding, not mixing.
 
 Where `cli_eval.BATCH_DEPENDENT` makes kvq-eval run a cache one window at a time, the decode run must show why:
-an NLL beyond the tolerance, a row that sees the others (the permuted batch), or different held bits.
+an NLL beyond the tolerance, a row that sees the others (the batch with other rows), or different held bits.
 """
 
 from types import SimpleNamespace
@@ -35,6 +39,7 @@ from kvq_core.formats import h2o_format  # noqa: E402
 
 PREFILL, SCORED, WINDOW, CHUNK = 200, 4, 216, 32
 REL_TOL = 2e-5
+HELD_REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def text():
 
 
 STARTS = [0, 210, 420]
-OTHER = [630, 0, 900]  # the permuted batch: [other, A, other]
+OTHER = [0, 630, 900]  # the batch with other rows: [A, other, other]
 
 ALL_CACHES = [*cli_eval._peer_names(), *cli_eval.every_kvq_cache()]
 
@@ -106,9 +111,9 @@ def test_batched_windows_equal_one_at_a_time(model, text, name, protocol):
     batched = run(model, ids, maker, STARTS, None)
     assert [r.start for r in batched] == STARTS and [r.tokens for r in batched] == [r.tokens for r in one]
     rel = _max_rel(batched, one)
-    held_same = _mean_held(batched) == pytest.approx(_mean_held(one), rel=1e-9)
-    permuted = run(model, ids, maker, OTHER, None)
-    rows_independent = permuted[1].nll_sum == batched[0].nll_sum
+    held_same = _mean_held(batched) == pytest.approx(_mean_held(one), rel=HELD_REL_TOL)
+    others = run(model, ids, maker, OTHER, None)
+    rows_independent = others[0].nll_sum == batched[0].nll_sum
     args = SimpleNamespace(batch=None, prefill=PREFILL)
     if cli_eval.batch_size(maker.spec, args, protocol, WINDOW, 3) == 1:
         # kvq-eval runs it one window at a time here: the reason must show in decode, and for quanto in
@@ -120,7 +125,7 @@ def test_batched_windows_equal_one_at_a_time(model, text, name, protocol):
         return
     assert rel <= REL_TOL, rel
     assert held_same
-    # exact: row A's NLL does not see the other rows of its batch nor its place in it
+    # exact: row A's NLL does not see the other rows of its batch
     assert rows_independent
 
 
@@ -135,7 +140,7 @@ def test_h2o_evicting_is_batch_independent(model, text):
     assert _max_rel(batched, one) <= REL_TOL
     assert _mean_held(batched) == pytest.approx(_mean_held(one), rel=1e-9)
     assert _mean_held(one) < 16  # it did evict: fewer bits held than its fp16 tokens would take
-    assert _decode(model, ids, maker, OTHER, None)[1].nll_sum == batched[0].nll_sum
+    assert _decode(model, ids, maker, OTHER, None)[0].nll_sum == batched[0].nll_sum
 
 
 def test_batch_chunks_and_sizes(model, text):

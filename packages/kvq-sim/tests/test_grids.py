@@ -85,7 +85,7 @@ def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ra
     frag-bn128-w2-s2-r4-sp64); the cost model's grid, given the tag's BLOCK_N and resident count, runs as many."""
     import pandas as pd
 
-    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v7.csv"
+    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v8.csv"
     rows = pd.read_csv(csv, comment="#")
     rows = rows[rows.config.fillna("").str.contains(r"-r\d+-sp\d+")]
     assert len(rows) >= 150

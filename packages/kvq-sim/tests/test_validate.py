@@ -69,7 +69,7 @@ def test_committed_calibration_comes_from_committed_measurements():
     }
 
 
-H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v7.csv"
+H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v8.csv"
 H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200.csv"
 
 
@@ -82,18 +82,19 @@ def test_h200_is_calibrated_from_its_own_committed_measurements():
 
 
 def test_h200_held_out_gates():
-    """On the H200's held-out points every gate passes: the worst kernel point is kvq's fp16 kernel at 32/8 heads,
-    batch 1, 16K tokens, 0.41 points inside the 15% gate, as docs/validation.md reports. A change that moves it
-    either way fails here and must update the docs."""
+    """On the H200's held-out points the e2e and memory gates pass and the kernel MAPE passes; the worst kernel
+    point, kvq's fp16 kernel at 32/8 heads, batch 1, 16K tokens (predicted fast, as GQA fp16 at batch 1 is at every
+    length), is 0.23 points outside the 15% gate, as docs/validation.md reports. A change that moves it either way
+    fails here and must update the docs."""
     r = CliRunner().invoke(
         main, ["validate", "--gpu", "h200", "--measurements", str(H200_KERNEL_CSV), "--e2e", str(H200_E2E_CSV)]
     )
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info  # a crash is not a FAIL line
     assert "PASS e2e" in r.output and "PASS memory" in r.output, r.output
     kernel = next(line for line in r.output.splitlines() if line.startswith(("PASS kernel", "FAIL kernel")))
-    assert "PASS kernel: 169 held-out points >= 64 MiB: MAPE 3.03% (max 5.0%), worst 14.59% (max 15.0%) at " in kernel
+    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 3.09% (max 5.0%), worst 15.23% (max 15.0%) at " in kernel
     assert kernel.endswith("kvq_fp16|16|0|1|32|8|128|16384"), kernel
-    assert r.exit_code == 0
+    assert r.exit_code == 1
 
 
 def test_validate_runs_and_reports_every_family():
@@ -439,8 +440,8 @@ def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails
     points = read_steps(MULTIGPU_H200_CSV)[0]
     errs = fitted_errors_pct(load_hardware("8x-h200"), points)
     assert len(errs) == 56
-    assert errs.mean() == pytest.approx(4.16, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
-    assert errs.max() == pytest.approx(29.57, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
+    assert errs.mean() == pytest.approx(4.19, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(29.71, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
 
 
 @pytest.mark.parametrize(
@@ -471,15 +472,18 @@ def test_committed_kvq_bench_quick_runs_validate_as_the_kernels_readme_says(run,
 
 
 # Llama-3-8B on one H200 (reports/measurements/multigpu_decode_llama3_8b_h200_tp1.csv): a model and head layout (GQA)
-# no decode-step fit has seen, predicted before it was measured (docs/validation.md). kvq-sim as it is now must hold
-# the multi-GPU gates on it.
+# no decode-step fit has seen, predicted before it was measured (docs/validation.md). Its steps ran the fragment
+# kernel's launches of the time: since the 2/4-bit GQA relaunch (kernel_decode_h200_v8.csv, (128, 2, 2) over more
+# than 16 rows, 0.89-0.99x the time) the H200 fit describes faster kernels than the single-GPU batch-8 and batch-64
+# steps at 32K-128K ran, and kvq-sim predicts those up to 22% fast: the MAPE gate holds, the worst-point gate does
+# not, until the steps are measured again with the current kernels.
 LLAMA3_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_llama3_8b_h200_tp1.csv"
 LLAMA3_H200_V2 = [
     ROOT / "reports/measurements" / f"multigpu_decode_llama3_8b_h200_{n}.csv" for n in ("v2_tp1", "v2_2gpu", "4gpu")
 ]
 
 
-def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_gates():
+def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_mape_gate():
     from kvq_sim.hardware import load_hardware
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
 
@@ -493,4 +497,5 @@ def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_gates():
     hw = load_hardware("8x-h200")
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     mape, worst = sum(errs) / len(errs), max(errs)
-    assert mape <= MULTIGPU_MAPE_MAX_PCT and worst <= MULTIGPU_WORST_MAX_PCT, (mape, worst)
+    assert mape <= MULTIGPU_MAPE_MAX_PCT, mape
+    assert worst == pytest.approx(21.94, abs=0.005) and worst > MULTIGPU_WORST_MAX_PCT, worst

@@ -529,6 +529,8 @@ LLAMA3_H200_COLD = ["python", "scripts/predict_points.py", "compare-multigpu",
                     "reports/predictions/llama3_8b_h200_tp1.csv", LLAMA3_H200]  # fmt: skip
 LLAMA3_V2 = "reports/predictions/llama3_8b_h200_v2.csv"
 LLAMA3_V2_RUNS = [f"reports/measurements/multigpu_decode_llama3_8b_h200_v2_{n}.csv" for n in ("tp1", "2gpu")]
+LLAMA3_V3 = "reports/predictions/llama3_8b_h200_v3.csv"
+LLAMA3_V3_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv"
 LLAMA3_4GPU_PRED = "reports/predictions/llama3_8b_h200_4gpu.csv"
 LLAMA3_4GPU = "reports/measurements/multigpu_decode_llama3_8b_h200_4gpu.csv"
 
@@ -539,7 +541,8 @@ def llama3_h200() -> str:
     from kvq_sim.multigpu import read_steps
 
     out = _shown(LLAMA3_H200_COLD, _script(*LLAMA3_H200_COLD[1:]))
-    for pred, run in [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU)]:
+    runs = [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU), (LLAMA3_V3, LLAMA3_V3_RUN)]
+    for pred, run in runs:
         cmd = ["python", "scripts/predict_points.py", "compare-multigpu", pred, run]
         out += _shown(cmd, _script(*cmd[1:]))
 

@@ -483,6 +483,18 @@ LLAMA3_H200_V2 = [
 ]
 
 
+def test_the_gqa_model_measured_with_the_current_kernels_holds_both_multigpu_gates():
+    """The one-H200 Llama-3-8B steps measured again with the current launches (predictions committed before, at
+    da6940d): kvq-sim as it is now holds the MAPE and the worst-point gates on them."""
+    from kvq_sim.hardware import load_hardware
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+
+    points = read_steps(ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv")[0]
+    assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
+    errs = [abs(predict(load_hardware("8x-h200"), p) / p.step_us - 1) * 100 for p in points]
+    assert sum(errs) / len(errs) <= MULTIGPU_MAPE_MAX_PCT and max(errs) <= MULTIGPU_WORST_MAX_PCT, errs
+
+
 def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_mape_gate():
     from kvq_sim.hardware import load_hardware
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps

@@ -42,10 +42,8 @@ def _same(name: str, committed: str, produced: str) -> bool:
     pattern, rtol = MACHINE_DEPENDENT[name]
     if pattern.sub("#", committed) != pattern.sub("#", produced):
         return False
-    pairs = zip(pattern.findall(committed), pattern.findall(produced), strict=True)
-    return all(
-        abs(int(a.replace(",", "")) - int(b.replace(",", ""))) <= rtol * int(a.replace(",", "")) for a, b in pairs
-    )
+    numbers = [[int(x.replace(",", "")) for x in pattern.findall(t)] for t in (committed, produced)]
+    return all(abs(a - b) <= rtol * a for a, b in zip(*numbers, strict=True))
 
 
 @pytest.mark.parametrize(("path", "name"), CASES)

@@ -491,7 +491,8 @@ def test_the_gqa_model_measured_with_the_current_kernels_holds_both_multigpu_gat
 
     points = read_steps(ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv")[0]
     assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
-    errs = [abs(predict(load_hardware("8x-h200"), p) / p.step_us - 1) * 100 for p in points]
+    hw = load_hardware("8x-h200")
+    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     assert sum(errs) / len(errs) <= MULTIGPU_MAPE_MAX_PCT and max(errs) <= MULTIGPU_WORST_MAX_PCT, errs
 
 

@@ -519,7 +519,7 @@ WORDS_TAIL_N = 16
 #: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
 #: width, and FRAG_FEW_CONFIG for launches over at most FRAG_FEW_ROWS rows (batch x kv heads), whose context is
 #: split over many programs. H200, 32/8 heads, group 128.
-#: Now (e995cc6: splits for one wave of resident programs, value scales prefetched on 4-warp launches;
+#: Measured at e995cc6 (splits for one wave of resident programs, value scales prefetched on 4-warp launches;
 #: tune_frag_pf_h200.csv and tune_frag_pf_many_h200.csv, tune_paths.py --configs auto,frag:...), 2/4-bit, us:
 #: - over more than 16 rows (128, 2, 2) is the fastest launch at every tuned point: 4-bit at 4 / 8 / 32 x 128K
 #:   353.0 / 671.9 / 2653.8 against (64, 4, 3)'s 376.0 / 768.5 / 2911.6 and (128, 4, 2)'s 358.7 / 685.0 / 2797.6;
@@ -824,7 +824,11 @@ def decode_kivi(
     2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, frag where it applies,
     the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
     and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
-    fp16 parts of the cache are not checked (a sync per call): they propagate to the output. Returns [batch, query_heads, head_dim] in q's dtype.
+    fp16 parts of the cache are not checked (a sync per call): they propagate to the output. prefetch and defer pick
+    loop variants, for timing them against each other (the attention is the same): prefetch loads the next tile
+    ahead (the CUDA-core kernel's code words; the fragment kernel's value scales and zeros, on launches of at least
+    FRAG_PREFETCH_MIN_WARPS warps), defer has the CUDA-core kernel keep per-token sums and reduce them once a
+    program. Returns [batch, query_heads, head_dim] in q's dtype.
     """
     check_sm_scale(sm_scale)
     plan = launch_plan(q, cache, splits, block_n, max_len, validate_lens, num_warps, num_stages, path, prefetch, defer)

@@ -93,6 +93,7 @@ def main() -> None:
         "--container-bits", type=int, choices=(8, 16), help="the fragment kernel's container width for every bit width"
     )
     ap.add_argument("--configs", help="GQA: these configs only (auto, or path:BLOCK_N:warps:stages; comma-separated)")
+    ap.add_argument("--mha-configs", help="MHA: these configs only (as --configs)")
     ap.add_argument("--points", type=parse_points, help="GQA and MHA: these batch:context points")
     ap.add_argument(
         "--splits", type=_splits, default=[None], help="split counts to time, 'rule' for decode_kivi's (default: rule)"
@@ -143,6 +144,8 @@ def main() -> None:
         run(32, 8, bits, batch, t, gqa_configs)
     for bits, (batch, t) in itertools.product(_bits(args.mha_bits), mha_points):
         cfgs = [("simt", *SIMT_CONFIG[bits], True)] + frag_configs if (args.frag or args.frag_wide) else mha_configs
+        if args.mha_configs:
+            cfgs = _configs(args.mha_configs)
         run(32, 32, bits, batch, t, cfgs)
 
 

@@ -4,7 +4,16 @@ import pytest
 
 from kvq_kernels import benchmarking
 from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
-from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_FEW_CONFIG, SLICE_MAX_TOKENS, WORDS_CONFIG, launch_config
+from kvq_kernels.decode_kivi import (
+    FRAG_CONFIG,
+    FRAG_FEW_CONFIG,
+    MHA_FRAG_CONFIG,
+    MHA_FRAG_MAX_ROWS,
+    MHA_FRAG_MAX_TOKENS,
+    SLICE_MAX_TOKENS,
+    WORDS_CONFIG,
+    launch_config,
+)
 
 
 def test_auto_resolves_per_point():
@@ -27,9 +36,32 @@ def test_auto_resolves_per_point():
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
-    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128) == ("simt", 32, 2, 1, True)
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 16384, 128) == ("simt", 32, 2, 1, True)
     assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
-    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 4096, 128)) == "simt-bn32-w2-s1-pf"
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 16384, 128)) == "simt-bn32-w2-s1-pf"
+
+
+def test_mha_takes_the_fragment_kernel_for_8_bit_and_short_caches_of_few_rows():
+    mha_frag = ("frag", *MHA_FRAG_CONFIG, True)
+    for bits in (2, 3, 4, 8):  # one sequence of 32 heads, up to MHA_FRAG_MAX_TOKENS: the fragment kernel
+        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, MHA_FRAG_MAX_TOKENS, 128) == mha_frag
+        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, 1024, 128) == mha_frag
+    for bits in (2, 3, 4):  # longer caches or more rows: the CUDA-core kernel
+        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, MHA_FRAG_MAX_TOKENS + 1, 128)[0] == "simt"
+        assert resolved_config(AUTO_CONFIG, bits, 2, 32, 32, 1024, 128)[0] == "simt"  # 64 rows
+        assert resolved_config(AUTO_CONFIG, bits, 32, 32, 32, 4096, 128)[0] == "simt"
+    for batch, context in ((1, 131072), (8, 32768), (32, 4096)):  # 8-bit: the fragment kernel everywhere
+        assert resolved_config(AUTO_CONFIG, 8, batch, 32, 32, context, 128) == mha_frag
+    assert MHA_FRAG_MAX_ROWS == 32  # the rows of one 32-head sequence: batch 2 is past it
+    # where the fragment kernel does not apply (value groups narrower than head_dim), MHA stays on CUDA cores
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 32, 1024, 64)[0] == "simt"
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 1024, 64)[0] == "simt"
+    # unknown rows count as many
+    from kvq_kernels.decode_kivi import kernel_path
+
+    assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128) == "simt"
+    assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128, rows=32) == "frag"
+    assert kernel_path("auto", 4, 32, 32, 128, True, 1024, 128, rows=32) == "simt"  # nuq: no fragment kernel
 
 
 def test_unknown_rows_count_as_many_for_kernel_and_launch():

@@ -294,7 +294,7 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
     rows = batch * kv_heads
     path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group, rows)
-    return (path, *launch_config(path, bits, group, rows), cfg[4])
+    return (path, *launch_config(path, bits, group, rows, mha=q_heads == kv_heads), cfg[4])
 
 
 def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0, splits=None):
@@ -351,8 +351,8 @@ AUTO_CONFIG = ("auto", None, None, None, True)
 
 def default_configs(bits_list, group, heads) -> dict:
     """What `decode_kivi` runs without launch arguments, per (bits, q_heads, kv_heads): AUTO_CONFIG, so the path
-    (CUDA cores for MHA; for GQA the word kernel, or the slice kernel on short 2/4-bit caches) and its
-    `launch_config` are chosen per call as a user's call chooses them. No probe."""
+    (`decode_kivi.kernel_path`) and its `launch_config` are chosen per call as a user's call chooses them. No
+    probe."""
     return {(bits, hq, hkv): AUTO_CONFIG for hq, hkv in heads for bits in bits_list if bits != 16}
 
 

@@ -561,6 +561,20 @@ FRAG_PREFETCH_MIN_WARPS = 4
 #: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32
 #: and 2 of 64.
 FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
+#: MHA (one query head per KV head) runs the CUDA-core kernel except where the fragment kernel (its query row padded
+#: to the 16 rows of a dot) measured faster: 8-bit codes everywhere, 2/3/4-bit caches of at most MHA_FRAG_MAX_TOKENS
+#: tokens over at most MHA_FRAG_MAX_ROWS rows (batch x kv heads), at MHA_FRAG_CONFIG. tune_mha_paths_h200.csv
+#: (tune_paths.py --mha-configs at 8435b65; H200, 32/32 heads, group 128), us, the CUDA-core default against frag
+#: (64, 4, 3):
+#: - 8-bit at 1 x 1K / 4K / 16K / 128K, 8 x 32K, 32 x 4K: 20.4 / 27.7 / 61.5 / 392.0 / 772.4 / 406.4 against
+#:   11.0 / 20.9 / 55.7 / 358.3 / 702.6 / 394.3;
+#: - 1 x 1K / 1 x 4K: 2-bit 16.4 / 27.2 against 10.4 / 20.3, 3-bit 26.8 / 37.8 against 12.7 / 27.4, 4-bit 17.3 / 24.4
+#:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 3-21% slower than (64, 4, 3) but at 3-bit 4K);
+#: - but not at 1 x 16K (2-bit 47.2 against 56.2, 4-bit 51.2 against 54.3, 3-bit 79.5 against 81.0), 1 x 128K (2-bit
+#:   245.2 against 391.1) or 32 x 4K (2-bit 300.7 against 416.2, 4-bit 338.8 against 370.2).
+MHA_FRAG_MAX_TOKENS = 4096
+MHA_FRAG_MAX_ROWS = 32
+MHA_FRAG_CONFIG = (64, 4, 3)
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
@@ -583,15 +597,19 @@ def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     return head_dim % per == 0 and head_dim // per >= 16 and whole and group_size >= head_dim
 
 
-def launch_config(path: str, bits: int, group_size: int, rows: int | None = None) -> tuple[int, int, int]:
+def launch_config(
+    path: str, bits: int, group_size: int, rows: int | None = None, mha: bool = False
+) -> tuple[int, int, int]:
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
     CUDA-core one. rows (batch x kv heads) picks the frag kernel's FRAG_FEW_CONFIG (at most FRAG_FEW_ROWS rows);
-    None counts as many. BLOCK_N is halved until it divides the group size (tuned with group 128; smaller groups
-    run the smaller tiles' settings)."""
+    None counts as many; mha (one query head per KV head) its MHA_FRAG_CONFIG. BLOCK_N is halved until it divides
+    the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
-        if path == "frag":
+        if path == "frag" and mha:
+            cfg = MHA_FRAG_CONFIG
+        elif path == "frag":
             few = rows is not None and rows <= FRAG_FEW_ROWS
             cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
         bn = cfg[0]
@@ -620,10 +638,11 @@ def kernel_path(
     """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "frag" (codes dequantized in the MMA operand
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
-    layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": simt for MHA
-    where its word layout applies; for GQA frag where it applies, except 2/4-bit caches of at most
-    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows (batch x kv heads; None counts as many, as in
-    `launch_config`), which run the slice kernel; else tc."""
+    layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": for MHA where
+    its word layout applies simt, but frag where it applies for 8-bit codes and for caches of at most
+    MHA_FRAG_MAX_TOKENS tokens over at most MHA_FRAG_MAX_ROWS rows (batch x kv heads; None counts as many, as in
+    `launch_config`); for GQA frag where it applies, except 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and at
+    most FRAG_FEW_ROWS rows, which run the slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -636,8 +655,11 @@ def kernel_path(
                 "codes a container, frag_geometry) and group_size >= head_dim"
             )
         return "frag"
-    if path == "simt" or (path == "auto" and simt_ok):
+    if path == "simt":
         return "simt"
+    if path == "auto" and simt_ok:
+        short = max_len <= MHA_FRAG_MAX_TOKENS and rows is not None and rows <= MHA_FRAG_MAX_ROWS
+        return "frag" if (bits == 8 or short) and frag_applies(bits, head_dim, group_size, nuq) else "simt"
     # whole int32 words per row (3-bit: whole words of each plane)
     words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
     if path == "slice" or nuq or not words_ok:
@@ -716,7 +738,7 @@ def launch_plan(
     rows = batch * h_kv
     kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, rows)
     simt = kernel == "simt"
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows, mha=hq == h_kv)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
@@ -820,8 +842,8 @@ def decode_kivi(
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
-    query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies; GQA
-    2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, frag where it applies,
+    query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies, but frag for
+    8-bit codes and short caches of few sequences; GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, frag where it applies,
     the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
     and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
     fp16 parts of the cache are not checked (a sync per call): they propagate to the output. prefetch and defer pick

@@ -7,6 +7,7 @@ from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
 from kvq_kernels.decode_kivi import (
     FRAG_CONFIG,
     FRAG_FEW_CONFIG,
+    MHA_FRAG_8BIT_MAX_ROWS,
     MHA_FRAG_CONFIG,
     MHA_FRAG_MAX_ROWS,
     MHA_FRAG_MAX_TOKENS,
@@ -50,9 +51,12 @@ def test_mha_takes_the_fragment_kernel_for_8_bit_and_short_caches_of_few_rows():
         assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, MHA_FRAG_MAX_TOKENS + 1, 128)[0] == "simt"
         assert resolved_config(AUTO_CONFIG, bits, 2, 32, 32, 1024, 128)[0] == "simt"  # 64 rows
         assert resolved_config(AUTO_CONFIG, bits, 32, 32, 32, 4096, 128)[0] == "simt"
-    for batch, context in ((1, 131072), (8, 32768), (32, 4096)):  # 8-bit: the fragment kernel everywhere
+    for batch, context in ((1, 131072), (8, 32768), (8, 1048576)):  # 8-bit: the fragment kernel over few rows
         assert resolved_config(AUTO_CONFIG, 8, batch, 32, 32, context, 128) == mha_frag
+    for batch, context in ((9, 32768), (32, 4096), (256, 1024)):  # and CUDA cores over many
+        assert resolved_config(AUTO_CONFIG, 8, batch, 32, 32, context, 128)[0] == "simt"
     assert MHA_FRAG_MAX_ROWS == 32  # the rows of one 32-head sequence: batch 2 is past it
+    assert MHA_FRAG_8BIT_MAX_ROWS == 256  # batch 8 of 32 heads
     # where the fragment kernel does not apply (value groups narrower than head_dim), MHA stays on CUDA cores
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 32, 1024, 64)[0] == "simt"
     assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 1024, 64)[0] == "simt"
@@ -60,6 +64,7 @@ def test_mha_takes_the_fragment_kernel_for_8_bit_and_short_caches_of_few_rows():
     from kvq_kernels.decode_kivi import kernel_path
 
     assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128) == "simt"
+    assert kernel_path("auto", 8, 32, 32, 128, False, 1024, 128) == "simt"
     assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128, rows=32) == "frag"
     assert kernel_path("auto", 4, 32, 32, 128, True, 1024, 128, rows=32) == "simt"  # nuq: no fragment kernel
 

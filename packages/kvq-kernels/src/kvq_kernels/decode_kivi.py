@@ -562,8 +562,9 @@ FRAG_PREFETCH_MIN_WARPS = 4
 #: and 2 of 64.
 FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
 #: MHA (one query head per KV head) runs the CUDA-core kernel except where the fragment kernel (its query row padded
-#: to the 16 rows of a dot) measured faster: 8-bit codes everywhere, 2/3/4-bit caches of at most MHA_FRAG_MAX_TOKENS
-#: tokens over at most MHA_FRAG_MAX_ROWS rows (batch x kv heads), at MHA_FRAG_CONFIG. tune_mha_paths_h200.csv
+#: to the 16 rows of a dot) measured faster: 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows (batch x kv heads),
+#: and caches of at most MHA_FRAG_MAX_TOKENS tokens over at most MHA_FRAG_MAX_ROWS rows, at MHA_FRAG_CONFIG.
+#: tune_mha_paths_h200.csv
 #: (tune_paths.py --mha-configs at 8435b65; H200, 32/32 heads, group 128), us, the CUDA-core default against frag
 #: (64, 4, 3):
 #: - 8-bit at 1 x 1K / 4K / 16K / 128K, 8 x 32K, 32 x 4K: 20.4 / 27.7 / 61.5 / 392.0 / 772.4 / 406.4 against
@@ -572,8 +573,12 @@ FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
 #:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 3-21% slower than (64, 4, 3) but at 3-bit 4K);
 #: - but not at 1 x 16K (2-bit 47.2 against 56.2, 4-bit 51.2 against 54.3, 3-bit 79.5 against 81.0), 1 x 128K (2-bit
 #:   245.2 against 391.1) or 32 x 4K (2-bit 300.7 against 416.2, 4-bit 338.8 against 370.2).
+#: The sweep with 8-bit on the fragment kernel at every batch (kernel_decode_h200_v9.csv at cc707f8, against v8)
+#: took 0.54-0.99x the time at batch 1 and 0.92-0.97x at batch 8 (256 rows), but 1.04x at batch 32 from 16K and up
+#: to 1.07x at batch 64-256: over more rows 8-bit stays on CUDA cores.
 MHA_FRAG_MAX_TOKENS = 4096
 MHA_FRAG_MAX_ROWS = 32
+MHA_FRAG_8BIT_MAX_ROWS = 256
 MHA_FRAG_CONFIG = (64, 4, 3)
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
@@ -639,9 +644,9 @@ def kernel_path(
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": for MHA where
-    its word layout applies simt, but frag where it applies for 8-bit codes and for caches of at most
-    MHA_FRAG_MAX_TOKENS tokens over at most MHA_FRAG_MAX_ROWS rows (batch x kv heads; None counts as many, as in
-    `launch_config`); for GQA frag where it applies, except 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and at
+    its word layout applies simt, but frag where it applies for 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows
+    (batch x kv heads; None counts as many, as in `launch_config`) and for caches of at most MHA_FRAG_MAX_TOKENS
+    tokens over at most MHA_FRAG_MAX_ROWS rows; for GQA frag where it applies, except 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and at
     most FRAG_FEW_ROWS rows, which run the slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
@@ -658,8 +663,10 @@ def kernel_path(
     if path == "simt":
         return "simt"
     if path == "auto" and simt_ok:
-        short = max_len <= MHA_FRAG_MAX_TOKENS and rows is not None and rows <= MHA_FRAG_MAX_ROWS
-        return "frag" if (bits == 8 or short) and frag_applies(bits, head_dim, group_size, nuq) else "simt"
+        n = rows if rows is not None else math.inf
+        short = max_len <= MHA_FRAG_MAX_TOKENS and n <= MHA_FRAG_MAX_ROWS
+        wide = bits == 8 and n <= MHA_FRAG_8BIT_MAX_ROWS
+        return "frag" if (short or wide) and frag_applies(bits, head_dim, group_size, nuq) else "simt"
     # whole int32 words per row (3-bit: whole words of each plane)
     words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
     if path == "slice" or nuq or not words_ok:
@@ -843,8 +850,8 @@ def decode_kivi(
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies, but frag for
-    8-bit codes and short caches of few sequences; GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and FRAG_FEW_ROWS rows on slices, frag where it applies,
-    the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
+    8-bit codes and short caches of few sequences; GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and
+    FRAG_FEW_ROWS rows on slices, frag where it applies, the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
     and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
     fp16 parts of the cache are not checked (a sync per call): they propagate to the output. prefetch and defer pick
     loop variants, for timing them against each other (the attention is the same): prefetch loads the next tile

@@ -320,8 +320,14 @@ def prefetch_change_h200() -> str:
 
 
 def launch_change_h200() -> str:
-    """The committed H200 sweep (2/4-bit GQA launches retuned) against the seventh."""
-    return _sweep_change(H200_KERNEL_V7, H200_KERNEL)
+    """The eighth H200 sweep (2/4-bit GQA launches retuned) against the seventh."""
+    return _sweep_change(H200_KERNEL_V7, H200_KERNEL_V8)
+
+
+def mha_change_h200() -> str:
+    """The committed H200 sweep (MHA 8-bit over few rows and short MHA caches on the fragment kernel) against the
+    eighth."""
+    return _sweep_change(H200_KERNEL_V8, H200_KERNEL)
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
@@ -478,7 +484,8 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v8.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v10.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V8 = "reports/measurements/kernel_decode_h200_v8.csv"
 H200_KERNEL_V7 = "reports/measurements/kernel_decode_h200_v7.csv"
 H200_KERNEL_V6 = "reports/measurements/kernel_decode_h200_v6.csv"
 H200_KERNEL_V5 = "reports/measurements/kernel_decode_h200_v5.csv"
@@ -1027,6 +1034,7 @@ SECTIONS = {
     "layout-change-h200": layout_change_h200,
     "prefetch-change-h200": prefetch_change_h200,
     "launch-change-h200": launch_change_h200,
+    "mha-change-h200": mha_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1082,6 +1090,7 @@ DOCS = {
         "layout-change-h200",
         "prefetch-change-h200",
         "launch-change-h200",
+        "mha-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

@@ -69,7 +69,7 @@ def test_committed_calibration_comes_from_committed_measurements():
     }
 
 
-H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v8.csv"
+H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v10.csv"
 H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200.csv"
 
 
@@ -84,7 +84,7 @@ def test_h200_is_calibrated_from_its_own_committed_measurements():
 def test_h200_held_out_gates():
     """On the H200's held-out points the e2e and memory gates pass and the kernel MAPE passes; the worst kernel
     point, kvq's fp16 kernel at 32/8 heads, batch 1, 16K tokens (predicted fast, as GQA fp16 at batch 1 is at every
-    length), is 0.23 points outside the 15% gate, as docs/validation.md reports. A change that moves it either way
+    length), is 0.24 points outside the 15% gate, as docs/validation.md reports. A change that moves it either way
     fails here and must update the docs."""
     r = CliRunner().invoke(
         main, ["validate", "--gpu", "h200", "--measurements", str(H200_KERNEL_CSV), "--e2e", str(H200_E2E_CSV)]
@@ -92,7 +92,7 @@ def test_h200_held_out_gates():
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info  # a crash is not a FAIL line
     assert "PASS e2e" in r.output and "PASS memory" in r.output, r.output
     kernel = next(line for line in r.output.splitlines() if line.startswith(("PASS kernel", "FAIL kernel")))
-    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 3.09% (max 5.0%), worst 15.23% (max 15.0%) at " in kernel
+    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 3.08% (max 5.0%), worst 15.24% (max 15.0%) at " in kernel
     assert kernel.endswith("kvq_fp16|16|0|1|32|8|128|16384"), kernel
     assert r.exit_code == 1
 
@@ -187,6 +187,30 @@ def test_calibration_never_reads_held_out_points():
 
 
 # --- the latency model uses the fit; transfer rules ------------------------------------------------
+
+
+def test_a_family_is_fitted_on_the_points_its_most_common_kernel_ran():
+    """A few shapes run by another kernel (MHA short caches on the fragment kernel) leave the CUDA-core fit alone:
+    with them the fit would be bent towards a kernel twice as fast; without them it comes back exact."""
+    simt = _points("kvq_kivi", 4, lambda p: 9.0 + p.bytes_read / (0.6 * 3350e3))
+    simt = [replace(p, config="simt-bn32-w2-s1-pf-sp32") for p in simt if p.q_heads == p.kv_heads]
+    frag = [replace(p, config="frag-bn64-w4-s3-r3-sp8", time_us=p.time_us / 2) for p in simt[:2]]
+    kept, notes = cal.one_kernel(simt + frag)
+    assert kept == simt
+    assert notes == [
+        "kernel kvq_kivi_4b_mha: 2 training point(s) ran another kernel (frag), not the simt kernel the family "
+        "models; not fitted"
+    ]
+    fit, stats = cal.fit_kernel_family(kept, 3350)
+    assert fit.bandwidth_efficiency == pytest.approx(0.6, rel=1e-6) and stats.worst_pct < 1e-6
+    bent, bent_stats = cal.fit_kernel_family(simt + frag, 3350)
+    assert bent_stats.worst_pct > 10
+    # untagged points (the fp16 kernels, or a CSV without the config column) are one kernel
+    plain = _points("kvq_fp16", 16, lambda p: 7.0 + p.bytes_read / (0.9 * 3350e3))
+    assert cal.one_kernel(plain) == (plain, [])
+    # a tie between two kernels keeps the path first in sorted order
+    tie = [simt[0], frag[0]]
+    assert cal.one_kernel(tie)[0] == [frag[0]]
 
 
 def test_decode_step_attention_comes_from_the_fitted_family():
@@ -440,8 +464,8 @@ def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails
     points = read_steps(MULTIGPU_H200_CSV)[0]
     errs = fitted_errors_pct(load_hardware("8x-h200"), points)
     assert len(errs) == 56
-    assert errs.mean() == pytest.approx(4.19, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
-    assert errs.max() == pytest.approx(29.71, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
+    assert errs.mean() == pytest.approx(4.10, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(29.44, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
 
 
 @pytest.mark.parametrize(
@@ -511,4 +535,4 @@ def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_mape_gate():
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     mape, worst = sum(errs) / len(errs), max(errs)
     assert mape <= MULTIGPU_MAPE_MAX_PCT, mape
-    assert worst == pytest.approx(21.94, abs=0.005) and worst > MULTIGPU_WORST_MAX_PCT, worst
+    assert worst == pytest.approx(22.46, abs=0.005) and worst > MULTIGPU_WORST_MAX_PCT, worst

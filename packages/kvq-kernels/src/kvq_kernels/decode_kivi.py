@@ -573,9 +573,10 @@ FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
 #:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 3-21% slower than (64, 4, 3) but at 3-bit 4K);
 #: - but not at 1 x 16K (2-bit 47.2 against 56.2, 4-bit 51.2 against 54.3, 3-bit 79.5 against 81.0), 1 x 128K (2-bit
 #:   245.2 against 391.1) or 32 x 4K (2-bit 300.7 against 416.2, 4-bit 338.8 against 370.2).
-#: The sweep with 8-bit on the fragment kernel at every batch (kernel_decode_h200_v9.csv at cc707f8, against v8)
-#: took 0.54-0.99x the time at batch 1 and 0.92-0.97x at batch 8 (256 rows), but 1.04x at batch 32 from 16K and up
-#: to 1.07x at batch 64-256: over more rows 8-bit stays on CUDA cores.
+#: The sweep with 8-bit on the fragment kernel at every batch (kernel_decode_h200_v9.csv at cc707f8) took 0.54-0.99x
+#: v8's time at batch 1 and 0.92-0.97x at batch 8 (256 rows), but 0.98-1.07x at batch 32-256; the next sweep, those
+#: on CUDA cores again (v10 at a50948d), took 0.99-1.04x v8's there: over more rows the two kernels are within the
+#: drift between sweeps, and 8-bit stays on CUDA cores.
 MHA_FRAG_MAX_TOKENS = 4096
 MHA_FRAG_MAX_ROWS = 32
 MHA_FRAG_8BIT_MAX_ROWS = 256

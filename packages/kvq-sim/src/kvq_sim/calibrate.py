@@ -131,6 +131,34 @@ def family_grid(points: list[KernelPoint]) -> dict:
     )
 
 
+def launch_path(point: KernelPoint) -> str:
+    """The kvq kernel a benchmark point ran, from its config tag's first field (simt, frag, tc, slice; bn<N> for
+    the fp16 kernel); "" when untagged."""
+    return point.config.split("-", 1)[0]
+
+
+def one_kernel(points: list[KernelPoint]) -> tuple[list[KernelPoint], list[str]]:
+    """The points a family's fit reads: per family, those run by its most common kernel (ties: the path named
+    first in sorted order). A family is one kernel's time model; kvq-kernels' dispatch sends a few shapes of a
+    family to another kernel (MHA caches of at most 4096 tokens and one sequence run the fragment kernel, not the
+    CUDA-core one), whose times would bend the fit. Returns (kept points, one note per family with points left
+    out)."""
+    kept, notes = [], []
+    for family in sorted({p.family for p in points}):
+        fam = [p for p in points if p.family == family]
+        counts = Counter(launch_path(p) for p in fam)
+        main = min(counts, key=lambda k: (-counts[k], k))
+        other = [p for p in fam if launch_path(p) != main]
+        kept += [p for p in fam if launch_path(p) == main]
+        if other:
+            paths = ", ".join(sorted({launch_path(p) for p in other}))
+            notes.append(
+                f"kernel {family}: {len(other)} training point(s) ran another kernel ({paths}), not the {main} kernel "
+                "the family models; not fitted"
+            )
+    return kept, notes
+
+
 def _grid(points: list[KernelPoint], fit: KernelFit, sms: int) -> list:
     return [grid_terms(fit, sms, p.batch, p.q_heads, p.kv_heads, p.context, p.head_dim) for p in points]
 
@@ -333,6 +361,7 @@ def calibrate(
     """Fit kernels on their training split, then the e2e step on its training split; `source` (the kernel
     file) prefixes the error of a family that cannot be fitted."""
     k_train, _ = split(kernel_points)
+    k_train, notes = one_kernel(k_train)
     try:
         if not k_train:
             raise SimInputError(
@@ -342,7 +371,6 @@ def calibrate(
     except SimInputError as e:
         raise SimInputError(f"{source}: {e}" if source else str(e)) from None
     hw_k = with_kernels(hw, fits)
-    notes: list[str] = []
     eff = over = estats = None
     if e2e_points:
         e_train, _ = split(e2e_points)

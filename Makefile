@@ -3,6 +3,11 @@
 #   make test   -- installs kvq and its test tools, lints, then runs the test suite
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist, whole files per worker so a module's fixtures are built
+# once), each with single-threaded torch: on CI's 2 cores, 2 workers took 456 s where one process took 874 s; 2
+# workers with torch's own 2 threads each oversubscribed the cores and ran about 3x slower than one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install plan test lint test-slow live-check bench-sim report report-png calibrate validate validate-h200 quality docs
 
@@ -17,10 +22,10 @@ lint: install
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow and not live" -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow and not live" -q $(PYTEST_ARGS)
 
 test-slow: install
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PYTHON) -m pytest $(PYTEST_PARALLEL) -m slow -q $(PYTEST_ARGS)
 
 # Wall-clock checks of the simulator's scaling on this CPU: meaningful on a quiet machine only.
 live-check: install

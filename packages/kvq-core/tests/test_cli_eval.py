@@ -298,8 +298,35 @@ def test_avg_bits_charge_x_caching_formats_by_the_models_hidden_size(tiny_dir):
     assert got > spec.fmt.avg_bits(128, 2, 16)  # 64 X channels > 2 * 2 * 16 / 2 per K or V
 
 
+#: Numeric columns batched against one window at a time: a batched forward is another fp32 matmul shape, whose
+#: rounding can differ in the last printed digit (single-threaded CPU torch: ppl 110.6294 against 110.6293, 9e-7
+#: relative); the bound is test_eval_batched.REL_TOL, the per-window NLL tolerance of the same comparison.
+BATCHED_REL_TOL = 2e-5
+BATCHED_NUMERIC = ("ppl", "nll", "change", "change_low", "change_high", "avg_bits", "held_bits_per_element")
+
+
+def _same_row(got: dict, want: dict) -> bool:
+    """Text columns equal; numeric ones (BATCHED_NUMERIC, and each number of window_nll) within BATCHED_REL_TOL,
+    or 1e-5 absolute for values printed as zero."""
+
+    def close(a: str, b: str) -> bool:
+        return float(a) == pytest.approx(float(b), rel=BATCHED_REL_TOL, abs=1e-5)
+
+    for k, v in want.items():
+        if k in BATCHED_NUMERIC:
+            ok = close(got[k], v)
+        elif k == "window_nll":
+            ok = len(got[k].split()) == len(v.split()) and all(map(close, got[k].split(), v.split()))
+        else:
+            ok = got[k] == v
+        if not ok:
+            return False
+    return True
+
+
 def test_batch_option_keeps_every_number(capsys, tmp_path, tiny_dir):
-    # windows batched (default) or one at a time (--batch 1): the same rows but for the seconds and provenance
+    # windows batched (default) or one at a time (--batch 1): the same rows but for the seconds and provenance, and
+    # numbers within the rounding of a batched matmul (BATCHED_REL_TOL)
     argv = ["kivi:2", "int:4", "fp8", "--protocol", "both", "--model", str(tiny_dir), *calibration_args(tmp_path)]
     argv += ["--text", str(text_file(tmp_path, 400)), "--prefill", "40", "--scored", "24", "--window", "64"]
     argv += ["--windows", "3", "--no-progress"]
@@ -314,7 +341,12 @@ def test_batch_option_keeps_every_number(capsys, tmp_path, tiny_dir):
     keep += ("held_bits_per_element", "scored_tokens", "windows", "window_starts", "window_nll", "params")
     want = [{k: r[k] for k in keep} for r in rows[("--batch", "1")]]
     for got in rows.values():
-        assert [{k: r[k] for k in keep} for r in got] == want
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert _same_row({k: g[k] for k in keep}, w), (g, w)
+    # the comparison can fail: a changed last digit beyond the tolerance, or a different scored count
+    assert not _same_row({**want[0], "ppl": f"{float(want[0]['ppl']) * 1.001:.4f}"}, want[0])
+    assert not _same_row({**want[0], "scored_tokens": "71"}, want[0])
     rc, _, err = run([*argv, "--batch", "0"], capsys)
     assert_usage_error(rc, err, "--batch")
 

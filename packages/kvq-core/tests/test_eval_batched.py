@@ -1,6 +1,7 @@
 """Batched windows (`kvq_core.eval.decode_windows` / `teacher_forced_windows` with batch > 1) against one window at a
-time, for every cache `kvq-eval` can name, on a tiny random Llama shaped like SmolLM2's attention (3 KV heads of
-head_dim 64, GQA 2:1), 4 layers, calibrated by `cli_eval.CacheMaker` as kvq-eval calibrates.
+time, for every cache `kvq-eval` can name (`make test` one cache per method, `make test-slow` the others), on a tiny
+random Llama shaped like SmolLM2's attention (3 KV heads of head_dim 64, GQA 2:1), 4 layers, calibrated by
+`cli_eval.CacheMaker` as kvq-eval calibrates.
 
 Windows are long enough (prefill 200) that every format quantizes: KIVI's and the other formats' 128-token fp16
 windows are full, so groups, scales, outliers and codebooks are exercised, not only full-precision tokens.
@@ -69,6 +70,12 @@ STARTS = [0, 210, 420]
 OTHER = [0, 630, 900]  # the batch with other rows: [A, other, other]
 
 ALL_CACHES = [*cli_eval._peer_names(), *cli_eval.every_kvq_cache()]
+#: `make test` checks one cache of each method (its first name, e.g. kivi:2), the first code path that could mix
+#: rows; the other bit widths of the same method run under `make test-slow`.
+FIRST_OF_EACH_METHOD = {
+    next(n for n in ALL_CACHES if n.split(":")[0] == m) for m in {n.split(":")[0] for n in ALL_CACHES}
+}
+CACHE_PARAMS = [pytest.param(n, marks=() if n in FIRST_OF_EACH_METHOD else pytest.mark.slow) for n in ALL_CACHES]
 
 
 def _maker(name, model, calib):
@@ -101,7 +108,7 @@ def _mean_held(rs):
     return sum(r.held_bits for r in rs) / len(rs)
 
 
-@pytest.mark.parametrize("name", ALL_CACHES)
+@pytest.mark.parametrize("name", CACHE_PARAMS)
 @pytest.mark.parametrize("protocol", ["decode", "teacher-forced"])
 def test_batched_windows_equal_one_at_a_time(model, text, name, protocol):
     ids, calib = text

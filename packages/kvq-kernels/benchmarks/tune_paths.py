@@ -19,6 +19,7 @@ from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import (
     AUTO_CONFIG,
     kv_bytes,
+    kvq_fp16_fn,
     parse_points,
     sdpa_fn,
     time_kivi,
@@ -98,6 +99,9 @@ def main() -> None:
     ap.add_argument(
         "--splits", type=_splits, default=[None], help="split counts to time, 'rule' for decode_kivi's (default: rule)"
     )
+    ap.add_argument(
+        "--fp16", action="store_true", help="instead: kvq's fp16 kernel (decode_fp16) at --splits, GQA and MHA points"
+    )
     ap.add_argument("--name", default="tune_stages_h100.csv", help="CSV file name under $OUT")
     args = ap.parse_args()
     if args.container_bits:
@@ -132,6 +136,20 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
 
+    def run_fp16(hq, hkv, batch, t):
+        nb = kv_bytes(16, batch, hkv, t, 128)
+        for splits in args.splits:
+            us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t, splits), nb)
+            rows.append(dict(q_heads=hq, kv_heads=hkv, bits=16, batch=batch, context=t, path="fp16",
+                             split_rule=splits is None, splits=splits or "", time_us=round(us, 2),
+                             tb_s=round(nb / us / 1e6, 3), **prov))  # fmt: skip
+            print(f"fp16 {hq}/{hkv} B{batch} T{t} splits {splits or 'rule'}: {us:.1f} us", flush=True)
+        write()
+
+    if args.fp16:
+        for (hq, hkv), (batch, t) in itertools.product(((32, 8), (32, 32)), args.points or GQA_POINTS):
+            run_fp16(hq, hkv, batch, t)
+        return
     frag_configs = FRAG_CONFIGS + (FRAG_WIDE if args.frag_wide else [])
     if args.frag or args.frag_wide:
         gqa_points = mha_points = FRAG_WIDE_POINTS if args.frag_wide else FRAG_POINTS

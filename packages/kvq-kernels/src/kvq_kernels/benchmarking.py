@@ -247,12 +247,13 @@ def sdpa_fn(batch, hq, hkv, t, backend: str = "flash"):
     return f
 
 
-def kvq_fp16_fn(batch, hq, hkv, t):
+def kvq_fp16_fn(batch, hq, hkv, t, splits=None):
+    """kvq's fp16 decode kernel over random K/V of `t` tokens; splits None is decode_fp16's own rule."""
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     k = torch.randn(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     L = torch.full((batch,), t, dtype=torch.int32, device="cuda")
-    return lambda: decode_fp16(q, k, v, L, validate_lens=False)
+    return lambda: decode_fp16(q, k, v, L, splits=splits, validate_lens=False)
 
 
 def config_kwargs(config) -> dict:

@@ -564,13 +564,12 @@ FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
 #: MHA (one query head per KV head) runs the CUDA-core kernel except where the fragment kernel (its query row padded
 #: to the 16 rows of a dot) measured faster: 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows (batch x kv heads),
 #: and caches of at most MHA_FRAG_MAX_TOKENS tokens over at most MHA_FRAG_MAX_ROWS rows, at MHA_FRAG_CONFIG.
-#: tune_mha_paths_h200.csv
-#: (tune_paths.py --mha-configs at 8435b65; H200, 32/32 heads, group 128), us, the CUDA-core default against frag
-#: (64, 4, 3):
+#: tune_mha_paths_h200.csv (tune_paths.py --mha-configs at 8435b65; H200, 32/32 heads, group 128), us, the CUDA-core
+#: default against frag (64, 4, 3):
 #: - 8-bit at 1 x 1K / 4K / 16K / 128K, 8 x 32K, 32 x 4K: 20.4 / 27.7 / 61.5 / 392.0 / 772.4 / 406.4 against
 #:   11.0 / 20.9 / 55.7 / 358.3 / 702.6 / 394.3;
 #: - 1 x 1K / 1 x 4K: 2-bit 16.4 / 27.2 against 10.4 / 20.3, 3-bit 26.8 / 37.8 against 12.7 / 27.4, 4-bit 17.3 / 24.4
-#:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 3-21% slower than (64, 4, 3) but at 3-bit 4K);
+#:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 1.07-1.45x (64, 4, 3)'s time but for 3-bit 4K, 0.98x);
 #: - but not at 1 x 16K (2-bit 47.2 against 56.2, 4-bit 51.2 against 54.3, 3-bit 79.5 against 81.0), 1 x 128K (2-bit
 #:   245.2 against 391.1) or 32 x 4K (2-bit 300.7 against 416.2, 4-bit 338.8 against 370.2).
 #: The sweep with 8-bit on the fragment kernel at every batch (kernel_decode_h200_v9.csv at cc707f8) took 0.54-0.99x
@@ -647,8 +646,8 @@ def kernel_path(
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": for MHA where
     its word layout applies simt, but frag where it applies for 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows
     (batch x kv heads; None counts as many, as in `launch_config`) and for caches of at most MHA_FRAG_MAX_TOKENS
-    tokens over at most MHA_FRAG_MAX_ROWS rows; for GQA frag where it applies, except 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and at
-    most FRAG_FEW_ROWS rows, which run the slice kernel; else tc."""
+    tokens over at most MHA_FRAG_MAX_ROWS rows; for GQA frag where it applies, except 2/4-bit caches of at most
+    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows, which run the slice kernel; else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
@@ -852,13 +851,13 @@ def decode_kivi(
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
     query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies, but frag for
     8-bit codes and short caches of few sequences; GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and
-    FRAG_FEW_ROWS rows on slices, frag where it applies, the rest on tc). block_n (a power of two in [16, 256] dividing group_size), num_warps (1-32, a power of two)
-    and num_stages (1-8) left None take the path's measured defaults (`launch_config`). NaN/Inf in q or the
-    fp16 parts of the cache are not checked (a sync per call): they propagate to the output. prefetch and defer pick
-    loop variants, for timing them against each other (the attention is the same): prefetch loads the next tile
-    ahead (the CUDA-core kernel's code words; the fragment kernel's value scales and zeros, on launches of at least
-    FRAG_PREFETCH_MIN_WARPS warps), defer has the CUDA-core kernel keep per-token sums and reduce them once a
-    program. Returns [batch, query_heads, head_dim] in q's dtype.
+    FRAG_FEW_ROWS rows on slices, frag where it applies, the rest on tc). block_n (a power of two in [16, 256]
+    dividing group_size), num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured
+    defaults (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
+    propagate to the output. prefetch and defer pick loop variants, for timing them against each other (the
+    attention is the same): prefetch loads the next tile ahead (the CUDA-core kernel's code words; the fragment
+    kernel's value scales and zeros, on launches of at least FRAG_PREFETCH_MIN_WARPS warps), defer has the CUDA-core
+    kernel keep per-token sums and reduce them once a program. Returns [batch, query_heads, head_dim] in q's dtype.
     """
     check_sm_scale(sm_scale)
     plan = launch_plan(q, cache, splits, block_n, max_len, validate_lens, num_warps, num_stages, path, prefetch, defer)

@@ -3,9 +3,8 @@
 The protocol of reports/quality, reduced: 2 windows spread over pydoc_text('evaluation') from token 512, each
 prefilled with 256 tokens through the cache, then SCORED tokens scored one decode step at a time; each cache's change
 against the full cache pooled over both windows and paired per window (`kvq_core.eval.paired_change`).
-Measured here: kvq KIVI-4 +1.3%, kvq KIVI-2 +33.9%, HF quanto-2 +577% (with 64 scored tokens a window, other
-windows: -0.6%, +16.3%, +464%). On 64 tokens a 4-bit cache can land on either side of the full cache, so that
-ordering is asserted within 3%; the others hold by wide margins.
+Measured here: kvq KIVI-4 +1.3%, kvq KIVI-2 +33.9%, HF quanto-2 +577%. On 64 tokens a 4-bit cache can land on
+either side of the full cache, so that ordering is asserted within 3%; the others hold by wide margins.
 """
 
 import pytest

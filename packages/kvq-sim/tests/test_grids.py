@@ -81,8 +81,9 @@ def test_yaml_grid_fields_are_checked(tmp_path):
 
 
 def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ran():
-    """Each packed tensor-core row of the H200 sweep (GQA, and MHA on the fragment kernel) records its launch (BLOCK_N, resident programs per SM, splits: e.g.
-    frag-bn128-w2-s2-r4-sp64); the cost model's grid, given the tag's BLOCK_N and resident count, runs as many."""
+    """Each packed tensor-core row of the H200 sweep (GQA, and MHA on the fragment kernel) records its launch
+    (BLOCK_N, resident programs per SM, splits: e.g. frag-bn128-w2-s2-r4-sp64); the cost model's grid, given the
+    tag's BLOCK_N and resident count, runs as many."""
     import pandas as pd
 
     csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v10.csv"

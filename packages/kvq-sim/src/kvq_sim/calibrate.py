@@ -106,6 +106,12 @@ WAVE_TIE_RMS = 0.001
 BENCH_TAIL_PROGRAMS = {"simt": 4, "frag": 4, "tc": 1}
 
 
+def launch_path(config: str) -> str:
+    """The kvq kernel a benchmark config tag names, its first field (simt, frag, tc, slice; bn<N> for the fp16
+    kernel); "" for an untagged point."""
+    return config.split("-", 1)[0]
+
+
 def family_grid(points: list[KernelPoint]) -> dict:
     """Launch-grid fields (KernelFit.grid ...) of one family from its points' impl and config tags: torch
     SDPA runs FlashAttention-2's grid; kvq kernels the kvq grid with the tag's BLOCK_N (bn<N>), 8 waves for
@@ -120,7 +126,7 @@ def family_grid(points: list[KernelPoint]) -> dict:
     bn = re.search(r"bn(\d+)", tag)
     if bn is None:
         return {}
-    path = next((p for p in BENCH_TAIL_PROGRAMS if tag.startswith(p)), "")
+    path = launch_path(tag)
     resident = re.search(r"-r(\d+)", tag)
     return dict(
         grid="kvq-nofill" if path == "simt" else "kvq",
@@ -131,12 +137,6 @@ def family_grid(points: list[KernelPoint]) -> dict:
     )
 
 
-def launch_path(point: KernelPoint) -> str:
-    """The kvq kernel a benchmark point ran, from its config tag's first field (simt, frag, tc, slice; bn<N> for
-    the fp16 kernel); "" when untagged."""
-    return point.config.split("-", 1)[0]
-
-
 def one_kernel(points: list[KernelPoint]) -> tuple[list[KernelPoint], list[str]]:
     """The points a family's fit reads: per family, those run by its most common kernel (ties: the path named
     first in sorted order). A family is one kernel's time model; kvq-kernels' dispatch sends a few shapes of a
@@ -145,16 +145,17 @@ def one_kernel(points: list[KernelPoint]) -> tuple[list[KernelPoint], list[str]]
     out)."""
     kept, notes = [], []
     for family in sorted({p.family for p in points}):
-        fam = [p for p in points if p.family == family]
-        counts = Counter(launch_path(p) for p in fam)
-        main = min(counts, key=lambda k: (-counts[k], k))
-        other = [p for p in fam if launch_path(p) != main]
-        kept += [p for p in fam if launch_path(p) == main]
-        if other:
-            paths = ", ".join(sorted({launch_path(p) for p in other}))
+        by_path: dict[str, list[KernelPoint]] = {}
+        for p in points:
+            if p.family == family:
+                by_path.setdefault(launch_path(p.config), []).append(p)
+        main = min(by_path, key=lambda k: (-len(by_path[k]), k))
+        kept += by_path.pop(main)
+        if by_path:
+            left = sum(map(len, by_path.values()))
             notes.append(
-                f"kernel {family}: {len(other)} training point(s) ran another kernel ({paths}), not the {main} kernel "
-                "the family models; not fitted"
+                f"kernel {family}: {left} training point(s) ran another kernel ({', '.join(sorted(by_path))}), not "
+                f"the {main} kernel the family models; not fitted"
             )
     return kept, notes
 

@@ -4,8 +4,9 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 # The suite runs in PYTEST_WORKERS processes (pytest-xdist, whole files per worker so a module's fixtures are built
-# once), each with single-threaded torch: on a 2-core machine like CI's, 2 workers took 428-485 s where one process
-# took 874 s; 2 workers with torch's own 2 threads each oversubscribed the cores and ran about 3x slower than one.
+# once), each with single-threaded torch. On a 2-core machine like CI's one process took 874 s (135 s of it the 136
+# batched-eval tests); 2 workers took 456-485 s with 78 of those moved to test-slow, and 2 workers with torch's own
+# 2 threads each oversubscribed the cores, about 3x slower than one process.
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadfile
 

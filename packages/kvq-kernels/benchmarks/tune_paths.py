@@ -25,7 +25,7 @@ from kvq_kernels.benchmarking import (
     time_kivi,
     time_rotation,
 )
-from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
+from kvq_kernels.decode_kivi import FRAG_CONTAINER_BITS, PATHS, SIMT_CONFIG, WORDS_CONFIG, frag_geometry
 
 GQA_CONFIGS = [("tc", 128, 4, 1, True), ("tc", 128, 4, 2, True), ("tc", 64, 4, 1, True), ("slice", 128, 4, 1, True)]
 GQA_POINTS = [(1, 1024), (1, 4096), (8, 1024), (32, 1024), (256, 1024), (1, 32768), (32, 4096)]
@@ -67,7 +67,7 @@ def _configs(text: str) -> list[tuple]:
         cfgs = [_config(item) for item in text.split(",")]
     except ValueError:
         cfgs = []
-    if not cfgs or any(c[0] not in ("auto", "tc", "frag", "slice", "simt") for c in cfgs):
+    if not cfgs or any(c[0] not in PATHS for c in cfgs):
         raise SystemExit(f"--configs: expected auto or path:BLOCK_N:warps:stages[,...], got {text!r}")
     return cfgs
 

@@ -118,18 +118,18 @@ def test_quick_grid_trains_every_family():
     assert min(train.values()) >= 4 and min(held[f] for f in train) >= 2, (train, held)
 
 
-def test_quick_correctness_covers_the_gqa_kernels_the_sweep_runs():
-    """decode_kivi's auto path runs 2/4-bit GQA on the slice kernel when the quantized capacity (its default
-    max_len) is within SLICE_MAX_TOKENS and on the word kernel beyond: the quick sweep's contexts reach both,
-    and so do the quick correctness shapes."""
-    from kvq_kernels.decode_kivi import SLICE_MAX_TOKENS
+def test_quick_correctness_covers_the_gqa_launches_the_sweep_runs():
+    """decode_kivi's auto path runs 32/8 GQA on the fragment kernel's few-rows launch over at most FRAG_FEW_ROWS
+    rows (batch x kv heads) of at most FRAG_FEW_MAX_TOKENS tokens of quantized capacity (its default max_len), on
+    its many-rows launch otherwise: the quick sweep's points reach both, and so do the quick correctness shapes."""
+    from kvq_kernels.decode_kivi import FRAG_FEW_MAX_TOKENS, FRAG_FEW_ROWS
 
-    def regime(tokens):
-        return -(-tokens // 128) * 128 <= SLICE_MAX_TOKENS  # allocate(): whole 128-token flush blocks
+    def few(batch, tokens):  # allocate(): whole 128-token flush blocks
+        return batch * 8 <= FRAG_FEW_ROWS and -(-tokens // 128) * 128 <= FRAG_FEW_MAX_TOKENS
 
     gqa = [h for h in QUICK.heads if h[0] != h[1]]
-    swept = {regime(t) for t in QUICK.contexts}
-    checked = {regime(cap) for hq, hkv, _, cap in QUICK.check_shapes if (hq, hkv) in gqa}
+    swept = {few(b, t) for b in QUICK.batches for t in QUICK.contexts}
+    checked = {few(len(lens), cap) for hq, hkv, lens, cap in QUICK.check_shapes if (hq, hkv) in gqa}
     assert swept == checked == {True, False}
     assert {(hq, hkv) for hq, hkv, _, _ in QUICK.check_shapes} == set(QUICK.heads)
     assert QUICK.check_variants == ((128, 0, False),)  # the sweep's group, no sinks, uniform codes

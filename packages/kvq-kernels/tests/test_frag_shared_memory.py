@@ -32,7 +32,7 @@ from kvq_kernels.kivi_layout import allocate
 PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int16: "*i16",
        torch.int8: "*i8", torch.uint8: "*u8"}
 out = []
-for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFIG[3],)),
+for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFIG[3], FRAG_FEW_CONFIG[3])),
                       (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
     cache = allocate(1, 8, 128, 4096, bits, 128, 128)
     q = torch.zeros(1, 32, 128, dtype=torch.float16)
@@ -82,7 +82,7 @@ def _tiles(allocs, dtype_prefix, a, b):
 
 def test_every_default_fragment_launch_was_compiled(launches):
     got = {(x["bits"], tuple(x["config"])) for x in launches}
-    assert {b for b, _ in got} == {2, 3, 4, 8} and len(got) == 6
+    assert {b for b, _ in got} == {2, 3, 4, 8} and len(got) == 7
 
 
 def test_no_fp16_code_tile_goes_through_shared_memory(launches):

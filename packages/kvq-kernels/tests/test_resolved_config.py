@@ -7,88 +7,62 @@ from kvq_kernels.benchmarking import AUTO_CONFIG, config_name, resolved_config
 from kvq_kernels.decode_kivi import (
     FRAG_CONFIG,
     FRAG_FEW_CONFIG,
-    MHA_FRAG_8BIT_MAX_ROWS,
-    MHA_FRAG_CONFIG,
-    MHA_FRAG_MAX_ROWS,
-    MHA_FRAG_MAX_TOKENS,
+    FRAG_FEW_MAX_TOKENS,
+    SIMT_CONFIG,
     SLICE_MAX_TOKENS,
     WORDS_CONFIG,
+    kernel_path,
     launch_config,
 )
 
 
 def test_auto_resolves_per_point():
-    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS, 128) == ("slice", 128, 4, 1, True)
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
-    # short caches: slices for at most FRAG_FEW_ROWS rows (batch 2 x 8 heads), the fragment kernel's many-rows
-    # launch for more
-    assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, 1024, 128) == ("slice", 128, 4, 1, True)
-    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 2, 256, 32, 8, SLICE_MAX_TOKENS, 128) == ("frag", 128, 2, 2, True)
+    # few rows (batch 2 x 8 heads at most) of at most FRAG_FEW_MAX_TOKENS: the few-rows launch, short or not
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[4], True)
+    assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS, 128) == ("frag", *FRAG_FEW_CONFIG[2], True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[3], True)
+    # one token more rounds the random cache up a whole 128-token block past the threshold; a third sequence is
+    # past FRAG_FEW_ROWS
+    assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS + 1, 128) == ("frag", *FRAG_CONFIG[2], True)
+    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[4], True)
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128) == ("frag", 128, 2, 2, True)
     assert resolved_config(AUTO_CONFIG, 3, 256, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
-    # one token more rounds the random cache up a whole 128-token block past the threshold; batch 2 x 8 heads
-    # is the most rows that take the few-rows launch
-    assert resolved_config(AUTO_CONFIG, 4, 2, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 4, 2, True)
-    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 4, 2, True)
-    assert resolved_config(AUTO_CONFIG, 2, 3, 32, 8, SLICE_MAX_TOKENS + 1, 128) == ("frag", 128, 2, 2, True)
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 131072, 128) == ("frag", *FRAG_CONFIG[3], True)
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)  # no slices
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
-    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)
-    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)  # group < d
-    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 16384, 128) == ("simt", 32, 2, 1, True)
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 131072, 128) == ("simt", 64, 4, 1, True)
-    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 16384, 128)) == "simt-bn32-w2-s1-pf"
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)  # 8-bit: one launch
+    # value groups narrower than head_dim: no fragment kernel; slices for short 2/4-bit caches, else words
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS, 64) == ("slice", 64, 4, 2, True)
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS + 1, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128)) == "frag-bn128-w2-s2"
 
 
-def test_mha_takes_the_fragment_kernel_for_8_bit_and_short_caches_of_few_rows():
-    mha_frag = ("frag", *MHA_FRAG_CONFIG, True)
-    for bits in (2, 3, 4, 8):  # one sequence of 32 heads, up to MHA_FRAG_MAX_TOKENS: the fragment kernel
-        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, MHA_FRAG_MAX_TOKENS, 128) == mha_frag
-        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, 1024, 128) == mha_frag
-    for bits in (2, 3, 4):  # longer caches or more rows: the CUDA-core kernel
-        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, MHA_FRAG_MAX_TOKENS + 1, 128)[0] == "simt"
-        assert resolved_config(AUTO_CONFIG, bits, 2, 32, 32, 1024, 128)[0] == "simt"  # 64 rows
-        assert resolved_config(AUTO_CONFIG, bits, 32, 32, 32, 4096, 128)[0] == "simt"
-    for batch, context in ((1, 131072), (8, 32768), (8, 1048576)):  # 8-bit: the fragment kernel over few rows
-        assert resolved_config(AUTO_CONFIG, 8, batch, 32, 32, context, 128) == mha_frag
-    for batch, context in ((9, 32768), (32, 4096), (256, 1024)):  # and CUDA cores over many
-        assert resolved_config(AUTO_CONFIG, 8, batch, 32, 32, context, 128)[0] == "simt"
-    assert MHA_FRAG_MAX_ROWS == 32  # the rows of one 32-head sequence: batch 2 is past it
-    assert MHA_FRAG_8BIT_MAX_ROWS == 256  # batch 8 of 32 heads
-    # where the fragment kernel does not apply (value groups narrower than head_dim), MHA stays on CUDA cores
-    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 32, 1024, 64)[0] == "simt"
-    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 1024, 64)[0] == "simt"
-    # unknown rows count as many
-    from kvq_kernels.decode_kivi import kernel_path
-
-    assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128) == "simt"
-    assert kernel_path("auto", 8, 32, 32, 128, False, 1024, 128) == "simt"
-    assert kernel_path("auto", 4, 32, 32, 128, False, 1024, 128, rows=32) == "frag"
-    assert kernel_path("auto", 4, 32, 32, 128, True, 1024, 128, rows=32) == "simt"  # nuq: no fragment kernel
+def test_mha_takes_the_fragment_kernel_where_it_applies():
+    for bits in (2, 3, 4, 8):
+        for batch, context in ((1, 1024), (1, 131072), (8, 32768), (256, 1024)):
+            assert resolved_config(AUTO_CONFIG, bits, batch, 32, 32, context, 128) == ("frag", *FRAG_CONFIG[bits], True)
+    # where the fragment kernel does not apply (value groups narrower than head_dim, nuq codebooks): CUDA cores
+    assert resolved_config(AUTO_CONFIG, 8, 1, 32, 32, 1024, 64) == ("simt", *SIMT_CONFIG[8], True)
+    assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 131072, 64)[0] == "simt"
+    assert kernel_path("auto", 4, 32, 32, 128, True, 1024, 128) == "simt"
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 32, 16384, 64)) == "simt-bn32-w2-s1-pf"
 
 
-def test_unknown_rows_count_as_many_for_kernel_and_launch():
-    from kvq_kernels.decode_kivi import kernel_path
-
-    short = SLICE_MAX_TOKENS  # a short 4-bit GQA cache: slices for few rows, the fragment kernel for many
-    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=16) == "slice"
-    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128, rows=17) == "frag"
-    assert kernel_path("auto", 4, 32, 8, 128, False, short, 128) == "frag"
-    assert launch_config("frag", 4, 128, None) == launch_config("frag", 4, 128, 17)
+def test_unknown_rows_or_length_count_as_many():
+    assert launch_config("frag", 4, 128, None, 1024) == launch_config("frag", 4, 128, 17, 1024) == FRAG_CONFIG[4]
+    assert launch_config("frag", 4, 128, 1, None) == FRAG_CONFIG[4]
+    assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]
 
 
-def test_frag_launch_by_rows():
-    assert launch_config("frag", 4, 128, 16) == FRAG_FEW_CONFIG[4] == (128, 4, 2)
-    assert launch_config("frag", 4, 128, 17) == FRAG_CONFIG[4] == (128, 2, 2)
-    assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]  # rows unknown: the many-rows launch
-    assert launch_config("frag", 8, 128, 17) == FRAG_CONFIG[8]  # 8-bit: one launch
-    assert launch_config("frag", 8, 128, 1) == FRAG_CONFIG[8]
-    assert launch_config("frag", 2, 128, 16) == FRAG_FEW_CONFIG[2]
-    assert launch_config("frag", 3, 128, 1) == FRAG_CONFIG[3]  # one launch at every row count
+def test_frag_launch_by_rows_and_length():
+    assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS) == FRAG_FEW_CONFIG[4] == (128, 4, 2)
+    assert launch_config("frag", 4, 128, 17, FRAG_FEW_MAX_TOKENS) == FRAG_CONFIG[4] == (128, 2, 2)
+    assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS + 1) == FRAG_CONFIG[4]
+    assert launch_config("frag", 3, 128, 1, 1024) == FRAG_FEW_CONFIG[3]
+    assert launch_config("frag", 8, 128, 17, 1024) == FRAG_CONFIG[8]  # 8-bit: one launch
+    assert launch_config("frag", 8, 128, 1, 1024) == FRAG_CONFIG[8]
+    assert launch_config("frag", 2, 128, 16, 1024) == FRAG_FEW_CONFIG[2]
     assert launch_config("frag", 4, 256, 1)[0] == 128
-    assert launch_config("frag", 4, 64, 1) == (64, 4, 2)  # BLOCK_N halves to the group
+    assert launch_config("frag", 4, 64, 1) == (64, 2, 2)  # BLOCK_N halves to the group
 
 
 def test_named_configs_pass_through():

@@ -294,8 +294,8 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
         return cfg
     quant_capacity = quant_rows(context, RESIDUAL)  # random_kivi's cache: capacity = context
     rows = batch * kv_heads
-    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group, rows)
-    return (path, *launch_config(path, bits, group, rows, mha=q_heads == kv_heads), cfg[4])
+    path = kernel_path("auto", bits, q_heads, kv_heads, HEAD_DIM, False, quant_capacity, group)
+    return (path, *launch_config(path, bits, group, rows, quant_capacity), cfg[4])
 
 
 def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0, splits=None):

@@ -517,69 +517,40 @@ WORDS_MAXNREG_ROWS = 16
 #: 4-bit (us): 4K 19.4 (16) / 17.3 (64) / 24.4 (128); 16K 32.8 / 38.5 / 58.2; 128K 158.8 / 208.5 (64).
 WORDS_TAIL_N = 16
 #: Fragment-dequantizing tensor-core path (`decode_kivi_frag`) defaults, (BLOCK_N, num_warps, num_stages) per bit
-#: width, and FRAG_FEW_CONFIG for launches over at most FRAG_FEW_ROWS rows (batch x kv heads), whose context is
-#: split over many programs. H200, 32/8 heads, group 128.
-#: Measured at e995cc6 (splits for one wave of resident programs, value scales prefetched on 4-warp launches;
-#: tune_frag_pf_h200.csv and tune_frag_pf_many_h200.csv, tune_paths.py --configs auto,frag:...), 2/4-bit, us:
-#: - over more than 16 rows (128, 2, 2) is the fastest launch at every tuned point: 4-bit at 4 / 8 / 32 x 128K
-#:   353.0 / 671.9 / 2653.8 against (64, 4, 3)'s 376.0 / 768.5 / 2911.6 and (128, 4, 2)'s 358.7 / 685.0 / 2797.6;
-#:   8 / 32 x 32K 182.8 / 676.2 against 195.5 / 748.5 ((128, 4, 2) 181.8 at 8 x 32K); 64 x 16K 668.9 against
-#:   778.6; 32 x 4K 104.0 against 109.8. 2-bit alike (4 / 8 / 32 x 128K 373.9 / 733.8 / 2901.9 against (64, 4, 2)'s
-#:   404.8 / 813.4 / 3161.6; 32 x 4K 108.9 against 116.2).
-#: - over at most 16 rows (128, 4, 2): 4-bit 1 x 32K / 1 x 128K / 2 x 128K 31.4 / 98.4 / 182.8 against (128, 2, 2)'s
-#:   36.1 / 101.6 / 186.3; 2-bit 32.7 / 104.6 / 198.0 against 37.3 / 106.8 / 194.6.
-#: - 8-bit: (64, 4, 3) at every point but 1 x 32K (36.1 against (128, 4, 2)'s 35.0): 1 / 2 / 8 x 128K-32K 102.5 /
-#:   189.5 / 189.1 against (128, 4, 2)'s 115.9 / 216.5 / 215.6.
-#: Before the splits counted resident programs (tune_frag_h200.csv at cf733a2, us at 128K batch 1 / 32K batch 8 /
-#: 4K batch 32) 4-bit (64, 4, 3) took 127.5 / 228.2 / 112.9 and (128, 2, 2) 100.3 / 271.8 / 118.3; the word kernel
-#: 154.3 / 348.0 / 171.9; 8-bit (64, 4, 3) 134.3 / 241.6 / 122.9 against the word kernel's 158.6 / 329.3 / 164.0.
-#: 2-bit (tune_frag8_h200.csv, --configs ... --container-bits 8): 8-bit containers (4 slices of 32 channels)
-#: (128, 2, 2) 105.4 / 289.3 / 124.7, (64, 4, 2) 140.9 / 259.2 / 123.5; the word kernel 144.6 / 339.3 / 167.7;
-#: 16-bit containers (8 slices of 16) lost at every launch (128K batch 1 152.7 at best, tune_frag_h200.csv).
-#: 8-bit containers were slower for 4-bit ((128, 4, 2) 132.8 / 285.2 / 137.1) and 8-bit (best launch at each point
-#: 179.9 / 346.1 / 172.9).
-#: 3-bit, the 2-bit plane's bytes merged with the 1-bit plane's nibbles into 16-bit containers (4 slices of 32;
-#: tune_frag3_h200_v2.csv at 0f23fbc): (64, 4, 3) 154.3 / 301.1 / 156.3, (64, 4, 2) 154.3 / 298.4 / 154.2,
-#: (128, 2, 2) 157.7 / 297.5 / 157.7 against the word kernel's 202.7 / 388.9 / 197.5; the sweep ran (64, 4, 3),
-#: within 2.5% of (64, 4, 2) at every tuned point (1 x 4K 14.6 / 14.1, 4 x 128K 600.5 / 585.9). (Read as eight
-#: 16-channel slices with a two-operand unpack, which the dot-operand pass does not hoist, the best launch took
-#: 198.4 / 546.2 / 236.2: tune_frag3_h200.csv.)
-#: Short caches (tune_short_{2,4,8}bit_h200.csv, --points 1-256 x 1K-4K at 6ddfd13): over more than 16 rows the
-#: fragment kernel at (128, 2, 2) beats the slice kernel at every point (2-bit: 8 x 4K 35.6 against 48.4 us,
-#: 64 x 4K 209.6 / 316.0, 256 x 1K 279.9 / 341.4; 4-bit 34.3 / 50.5, 200.6 / 328.7, 266.7 / 351.0); with one
-#: sequence the slice kernel stays faster at 4K (2-bit 12.6 against 13.5, 4-bit 12.9 / 13.2: `kernel_path`).
-FRAG_CONFIG = {2: (128, 2, 2), 3: (64, 4, 3), 4: (128, 2, 2), 8: (64, 4, 3)}
-FRAG_FEW_CONFIG = {2: (128, 4, 2), 4: (128, 4, 2)}
+#: width, GQA and MHA alike, and FRAG_FEW_CONFIG for launches over at most FRAG_FEW_ROWS rows (batch x kv heads)
+#: of at most FRAG_FEW_MAX_TOKENS tokens. H200, group 128, tune_frag_t_{gqa,mha}_h200.csv (tune_paths.py on this
+#: kernel, the codes as the M side of both products, before its commit: commit column b36c7df+fragT), us:
+#: - 2/4-bit GQA 32/8, (128, 2, 2) / (128, 4, 2) / (64, 4, 3): 4-bit 1 x 256K 124.1 / 153.9 / 155.9, 2 x 128K
+#:   122.0 / 155.0 / 157.7, 4 x 32K 67.0 / 81.0 / 82.8, 1 x 64K 42.9 / 45.9 / 46.8; 1 x 32K 29.7 / 26.8 / 28.8,
+#:   1 x 16K 23.3 / 20.0 / 19.1, 1 x 1K 9.0 / 7.7 / 8.6 (2-bit alike: 123.8 / 155.0 / 162.0 at 1 x 256K, 28.1 /
+#:   26.0 / 28.9 at 1 x 32K). At 1 x 4K (64, 4, 3) is fastest (4-bit 11.2 against 13.5 at (128, 4, 2)).
+#: - 3-bit GQA: (128, 2, 2) 240.9 / 238.7 / 125.5 / 42.1 us at 1 x 256K / 2 x 128K / 4 x 32K / 1 x 32K against
+#:   (128, 4, 2)'s 276.3 / 280.1 / 146.6 / 47.9; (128, 4, 2) at 1 x 1K / 4K / 16K 9.2 / 13.7 / 29.1 against 11.5 /
+#:   14.8 / 29.9.
+#: - 8-bit GQA: (64, 4, 3) within 3% of the fastest launch at every point from 4K (1 x 256K 169.8 against
+#:   (128, 4, 2)'s 176.8 and (128, 2, 2)'s 187.8).
+#: - MHA 32/32, (128, 2, 2) against the CUDA-core kernel (`decode_kivi_simt`, then the default): 4-bit 1 x 128K 219.4
+#:   / 298.0, 8 x 32K 420.4 / 664.6, 128 x 4K 964.8 / 1280.5; 2-bit 221.6 / 244.5, 434.3 / 526.5, 975.5 / 1099.0;
+#:   3-bit 445.0 / 476.8, 884.2 / 1190.8, 1842.5 / 2018.7; 8-bit at (64, 4, 3) 320.7 / 324.7 (the fragment kernel
+#:   at (64, 4, 3) before), 622.1 / 631.6, 1429.2 / 1522.7 (CUDA cores). At 1 x 1K and 4K all launches are within
+#:   10% (4-bit 9.6-10.3 and 18.4-20.3).
+#: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
+#: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K 120.3 / 182.3, 32 x 4K 74.2 /
+#: 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9; 8-bit 93.4 / 103.2.
+FRAG_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2), 8: (64, 4, 3)}
+FRAG_FEW_CONFIG = {2: (128, 4, 2), 3: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
+FRAG_FEW_MAX_TOKENS = 32768
 #: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
 #: least FRAG_PREFETCH_MIN_WARPS warps (ab_prefetch_h200.csv, tune_paths.py --configs auto:nopf,auto at e04fa28,
-#: 32/8 heads, 2/3/4/8-bit at 1 x 32K / 1 x 128K / 4 x 128K / 8 x 32K / 32 x 4K): the (64, 4, 2-3) launches took
-#: 0.89-1.00x the time (median 0.94; 8-bit 0.89-0.93x), the 2-warp (128, 2, 2) launch 1.03-1.09x (255 registers a
-#: thread either way: the prefetched values spill).
+#: the kernel with the query group as padded rows, 32/8 heads, 2/3/4/8-bit at 1 x 32K / 1 x 128K / 4 x 128K / 8 x
+#: 32K / 32 x 4K): the (64, 4, 2-3) launches took 0.89-1.00x the time (median 0.94; 8-bit 0.89-0.93x), the 2-warp
+#: (128, 2, 2) launch 1.03-1.09x (255 registers a thread either way: the prefetched values spill).
 FRAG_PREFETCH_MIN_WARPS = 4
-#: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (measured above): 2-bit codes in 8-bit
-#: containers make 4 slices of 32 channels (16-bit: 8 of 16); 4-bit and 8-bit in 16-bit containers 4 slices of 32
-#: and 2 of 64.
+#: Container width (bits) the fragment kernel reads a 2/4/8-bit row in (tune_frag8_h200.csv, `--container-bits`):
+#: 2-bit codes in 8-bit containers make 4 slices of 32 channels (16-bit: 8 of 16, slower at every launch); 4-bit and
+#: 8-bit in 16-bit containers 4 slices of 32 and 2 of 64 (8-bit containers slower).
 FRAG_CONTAINER_BITS = {2: 8, 4: 16, 8: 16}
-#: MHA (one query head per KV head) runs the CUDA-core kernel except where the fragment kernel (its query row padded
-#: to the 16 rows of a dot) measured faster: 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows (batch x kv heads),
-#: and caches of at most MHA_FRAG_MAX_TOKENS tokens over at most MHA_FRAG_MAX_ROWS rows, at MHA_FRAG_CONFIG.
-#: tune_mha_paths_h200.csv (tune_paths.py --mha-configs at 8435b65; H200, 32/32 heads, group 128), us, the CUDA-core
-#: default against frag (64, 4, 3):
-#: - 8-bit at 1 x 1K / 4K / 16K / 128K, 8 x 32K, 32 x 4K: 20.4 / 27.7 / 61.5 / 392.0 / 772.4 / 406.4 against
-#:   11.0 / 20.9 / 55.7 / 358.3 / 702.6 / 394.3;
-#: - 1 x 1K / 1 x 4K: 2-bit 16.4 / 27.2 against 10.4 / 20.3, 3-bit 26.8 / 37.8 against 12.7 / 27.4, 4-bit 17.3 / 24.4
-#:   against 10.3 / 20.0 ((128, 2, 2) and (128, 4, 2) 1.07-1.45x (64, 4, 3)'s time but for 3-bit 4K, 0.98x);
-#: - but not at 1 x 16K (2-bit 47.2 against 56.2, 4-bit 51.2 against 54.3, 3-bit 79.5 against 81.0), 1 x 128K (2-bit
-#:   245.2 against 391.1) or 32 x 4K (2-bit 300.7 against 416.2, 4-bit 338.8 against 370.2).
-#: The sweep with 8-bit on the fragment kernel at every batch (kernel_decode_h200_v9.csv at cc707f8) took 0.54-0.99x
-#: v8's time at batch 1 and 0.92-0.97x at batch 8 (256 rows), but 0.98-1.07x at batch 32-256; the next sweep, those
-#: on CUDA cores again (v10 at a50948d), took 0.99-1.04x v8's there: over more rows the two kernels are within the
-#: drift between sweeps, and 8-bit stays on CUDA cores.
-MHA_FRAG_MAX_TOKENS = 4096
-MHA_FRAG_MAX_ROWS = 32
-MHA_FRAG_8BIT_MAX_ROWS = 256
-MHA_FRAG_CONFIG = (64, 4, 3)
 PATHS = ("auto", "frag", "tc", "slice", "simt")
 
 
@@ -602,20 +573,17 @@ def frag_applies(bits: int, head_dim: int, group_size: int, nuq: bool) -> bool:
     return head_dim % per == 0 and head_dim // per >= 16 and whole and group_size >= head_dim
 
 
-def launch_config(
-    path: str, bits: int, group_size: int, rows: int | None = None, mha: bool = False
-) -> tuple[int, int, int]:
+def launch_config(path: str, bits: int, group_size: int, rows: int | None = None, max_len: int | None = None
+                  ) -> tuple[int, int, int]:  # fmt: skip
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
-    CUDA-core one. rows (batch x kv heads) picks the frag kernel's FRAG_FEW_CONFIG (at most FRAG_FEW_ROWS rows);
-    None counts as many; mha (one query head per KV head) its MHA_FRAG_CONFIG. BLOCK_N is halved until it divides
-    the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
+    CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_FEW_CONFIG (at most
+    FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it
+    divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
-        if path == "frag" and mha:
-            cfg = MHA_FRAG_CONFIG
-        elif path == "frag":
-            few = rows is not None and rows <= FRAG_FEW_ROWS
+        if path == "frag":
+            few = rows is not None and rows <= FRAG_FEW_ROWS and max_len is not None and max_len <= FRAG_FEW_MAX_TOKENS
             cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
@@ -638,23 +606,22 @@ def kernel_path(
     nuq: bool,
     max_len: int,
     group_size: int,
-    rows: int | None = None,
 ) -> str:
     """The kernel a `decode_kivi` call runs: "simt" (CUDA cores), "frag" (codes dequantized in the MMA operand
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
-    layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": for MHA where
-    its word layout applies simt, but frag where it applies for 8-bit codes over at most MHA_FRAG_8BIT_MAX_ROWS rows
-    (batch x kv heads; None counts as many, as in `launch_config`) and for caches of at most MHA_FRAG_MAX_TOKENS
-    tokens over at most MHA_FRAG_MAX_ROWS rows; for GQA frag where it applies, except 2/4-bit caches of at most
-    SLICE_MAX_TOKENS tokens and at most FRAG_FEW_ROWS rows, which run the slice kernel; else tc."""
+    layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": frag where it
+    applies (GQA and MHA: faster than every other kernel at every tuned point, FRAG_CONFIG); otherwise simt for
+    MHA where its word layout applies, and for GQA the slice kernel for 2/4-bit caches of at most SLICE_MAX_TOKENS
+    tokens, else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2
     if path == "simt" and not simt_ok:
         raise ValueError(
             "path='simt' needs one query head per KV head and head_dim * bits a multiple of 32 (>= 2 words)"
         )
+    frag = frag_applies(bits, head_dim, group_size, nuq)
     if path == "frag":
-        if not frag_applies(bits, head_dim, group_size, nuq):
+        if not frag:
             raise ValueError(
                 "path='frag' needs uniform 2/3/4/8-bit codes, channel slices of >= 16 channels (head_dim / "
                 "codes a container, frag_geometry) and group_size >= head_dim"
@@ -662,21 +629,16 @@ def kernel_path(
         return "frag"
     if path == "simt":
         return "simt"
+    if path == "auto" and frag:
+        return "frag"
     if path == "auto" and simt_ok:
-        n = rows if rows is not None else math.inf
-        short = max_len <= MHA_FRAG_MAX_TOKENS and n <= MHA_FRAG_MAX_ROWS
-        wide = bits == 8 and n <= MHA_FRAG_8BIT_MAX_ROWS
-        return "frag" if (short or wide) and frag_applies(bits, head_dim, group_size, nuq) else "simt"
+        return "simt"
     # whole int32 words per row (3-bit: whole words of each plane)
     words_ok = (head_dim * bits) % 32 == 0 and (bits != 3 or head_dim % 32 == 0)
     if path == "slice" or nuq or not words_ok:
         return "slice"
-    frag = path == "auto" and frag_applies(bits, head_dim, group_size, nuq)
-    few = rows is not None and rows <= FRAG_FEW_ROWS
-    if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS and (few or not frag):
-        return "slice"  # short caches of few sequences: the slice kernel is faster (SLICE_MAX_TOKENS)
-    if frag:
-        return "frag"  # FRAG_CONFIG: faster than the word kernel at every tuned point
+    if path == "auto" and bits in (2, 4) and max_len <= SLICE_MAX_TOKENS:
+        return "slice"  # short caches: the slice kernel is faster than the word kernel (SLICE_MAX_TOKENS)
     return "tc"
 
 
@@ -743,9 +705,9 @@ def launch_plan(
                 "tokens), whose attention would be cut short; pass max_len >= max(lens) or leave it None"
             )
     rows = batch * h_kv
-    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g, rows)
+    kernel = kernel_path(path, cache.bits, hq, h_kv, d, cache.codebook is not None, max_len, g)
     simt = kernel == "simt"
-    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows, mha=hq == h_kv)
+    bn0, warps0, stages0 = launch_config(kernel, cache.bits, g, rows, max_len)
     block_n = bn0 if block_n is None else check_pow2("block_n", block_n, *BLOCK_N_RANGE)
     num_warps = warps0 if num_warps is None else check_pow2("num_warps", num_warps, 1, 32)
     num_stages = stages0 if num_stages is None else check_int("num_stages", num_stages, 1, 8)
@@ -808,7 +770,7 @@ def kernel_call(plan: LaunchPlan, q, cache: KiviCache, scale: float, partials, p
                 c.v_zero, c.k_res, c.v_win, c.k_sink, c.v_sink, c.lens, m, l_part, acc, scale, h_kv, *lengths,
                 plan.tail_programs)  # fmt: skip
         kw = dict(TAIL_N=WORDS_TAIL_N, TAIL_TOKENS=TAIL_TOKENS, ASM=not interpreting(), PER=per,
-                  ROW=c.k_codes.shape[-1] * 8 // container,
+                  ROW=c.k_codes.shape[-1] * 8 // container, GP=max(8, next_pow2(hq // h_kv)),
                   PREFETCH=prefetch and plan.num_warps >= FRAG_PREFETCH_MIN_WARPS, **gqa, **common)  # fmt: skip
         return _decode_kivi_frag_kernel, args, kw
     if plan.path == "tc":
@@ -849,9 +811,8 @@ def decode_kivi(
     CUDA-graph capture): the caller then guarantees them. path: "tc" (tensor cores, any GQA group:
     `decode_kivi_words` for uniform codes, channel slices for nuq), "frag" (`decode_kivi_frag`: uniform
     2/3/4/8-bit, `frag_applies`), "slice" (channel slices always), "simt" (CUDA cores, `decode_kivi_simt`; one
-    query head per KV head only) or "auto" (`kernel_path`: simt for MHA where its word layout applies, but frag for
-    8-bit codes and short caches of few sequences; GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens and
-    FRAG_FEW_ROWS rows on slices, frag where it applies, the rest on tc). block_n (a power of two in [16, 256]
+    query head per KV head only) or "auto" (`kernel_path`: frag where it applies, GQA and MHA; otherwise simt for
+    MHA, slices for GQA 2/4-bit caches of at most SLICE_MAX_TOKENS tokens, the rest on tc). block_n (a power of two in [16, 256]
     dividing group_size), num_warps (1-32, a power of two) and num_stages (1-8) left None take the path's measured
     defaults (`launch_config`). NaN/Inf in q or the fp16 parts of the cache are not checked (a sync per call): they
     propagate to the output. prefetch and defer pick loop variants, for timing them against each other (the

@@ -6,7 +6,7 @@ container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAI
 rule byte by byte; a 3-bit row is read as its 2-bit plane's bytes, each merged with the four high bits of its
 channels from the 1-bit plane into a 16-bit container, PER = 4, `_merge3`). Code j of every container is
 channel slice j (channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same
-[W, BLOCK_N] (keys) or [BLOCK_N, W] (values) container tile: scores s = sum_j q_j . k_j, and value slice j's own
+[BLOCK_N, W] (keys) or [W, BLOCK_N] (values) container tile: scores s = sum_j k_j . q_j, and value slice j's own
 accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
 of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code sits above
 the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's power of two,
@@ -16,10 +16,15 @@ loads them in the MMA fragment layout, and the fp16 codes exist only in register
 (`decode_kivi_words`) unpacks in the load layout and so stores and re-reads every fp16 code through shared memory
 (4.5 bytes of shared-memory traffic for a 4-bit code).
 
-The query heads of a GQA group (padded to 16) are the rows of both dots, as in the word kernel. Key scales
-(per channel, one group a tile) fold into the query slices once per key group; value scales (per token) into
-the probabilities; softmax denominators and value zeros are kept per token and reduced once per program.
-Grid, splits, the fp16 tail programs and the combine pass are the word kernel's.
+The codes are the M side of both products: scores S^T = K Q^T ([BLOCK_N, GP], key codes the A operand, the query
+slices of the group the B operand) and values O^T = V^T P^T ([W, GP] a slice). An MMA (m16n8k16) is 8 wide on
+its N side and 16 on its M side, so the query group pads to GP = 8 columns (a power of two >= the group) where,
+as the rows of the products, it padded to 16: at 32/8 heads half the MMAs, and the scores, probabilities,
+per-token sums and value accumulators a thread keeps halve (registers 255 with spills -> 220 at (128, 2, 2) in a
+local sm_90 compile, 4-bit). MHA's single query head pads to 8 columns as well. The softmax runs along the tokens
+(axis 0). Key scales (per channel, one group a tile) fold into the query slices once per key group; value scales
+(per token) into the probabilities; softmax denominators and value zeros are kept per token and reduced once per
+program. Grid, splits, the fp16 tail programs and the combine pass are the word kernel's.
 """
 
 from __future__ import annotations
@@ -139,9 +144,9 @@ def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _q_slice(Q, row0, offs_h, h_mask, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, qk_scale):
-    """The query's channel slice j [HQ_PAD, W] (channels PER * w + j), fp32, log2 units."""
-    q = tl.load(Q + (row0 + offs_h)[:, None] * HEAD_DIM + (offs_w * PER + j)[None, :], mask=h_mask[:, None], other=0.0)
+def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, qk_scale):
+    """The query group's channel slice j as columns, [W, GP] (channels PER * w + j), fp32, log2 units."""
+    q = tl.load(Q + (row0 + offs_g)[None, :] * HEAD_DIM + (offs_w * PER + j)[:, None], mask=g_mask[None, :], other=0.0)
     return q.to(tl.float32) * qk_scale
 
 
@@ -149,30 +154,33 @@ def _q_slice(Q, row0, offs_h, h_mask, offs_w, j: tl.constexpr, PER: tl.constexpr
 def _scaled(
     q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, ok, DOT_DTYPE: tl.constexpr
 ):
-    """Slice j of the query times key group g's scales (the dot's A operand) and its share of q . zero."""
+    """Slice j of the query times key group g's scales (the score product's B operand, [W, GP]) and its share of
+    q . zero ([GP])."""
     ch = g * HEAD_DIM + offs_w * PER + j
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
-    return (q * ks[None, :]).to(DOT_DTYPE), tl.sum(q * kz[None, :], 1)
+    return (q * ks[:, None]).to(DOT_DTYPE), tl.sum(q * kz[:, None], 0)
 
 
 @triton.jit
-def _store_slice(ACC_PART, prow, h_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr):
-    tl.store(ACC_PART + prow[:, None] * HEAD_DIM + (offs_w * PER + j)[None, :], acc, mask=h_mask[:, None])
+def _store_slice(ACC_PART, prow, g_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Value slice j's accumulator [W, GP] into the partial state's rows (query heads) and channels."""
+    tl.store(ACC_PART + prow[None, :] * HEAD_DIM + (offs_w * PER + j)[:, None], acc, mask=g_mask[None, :])
 
 
 @triton.jit
 def _decode_kivi_frag_kernel(
     Q, KC, KW, KS, KZ, VC, VW, VS, VZ, KRES, VWIN, KSINK, VSINK, LENS, M_PART, L_PART, ACC_PART,
     qk_scale, H_KV, T_QCAP, R, S, TOKENS_PER_SPLIT, NUM_SPLITS, N_TAIL,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr, GP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """KC / VC: key / value code rows as bytes (the fp16 tail's quantized keys; 3-bit: the 1-bit plane); KW / VW:
     the same rows as containers (16- or 8-bit integers; 3-bit: bytes, uint8), ROW a row. PER codes a container
-    (slices); 3-bit: 4, the 2-bit plane's bytes. Programs NUM_SPLITS .. NUM_SPLITS + N_TAIL - 1 of a row take
-    TAIL_TOKENS each of its tail."""
+    (slices); 3-bit: 4, the 2-bit plane's bytes. GP: the query group padded to a power of two >= 8 (the columns of
+    both products); the fp16 tail programs take the group as HQ_PAD rows. Programs NUM_SPLITS .. NUM_SPLITS +
+    N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
     W: tl.constexpr = HEAD_DIM // PER  # containers of a slice a row (3-bit: of the 2-bit plane)
     HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row
     pid_bh = tl.program_id(0)
@@ -184,20 +192,20 @@ def _decode_kivi_frag_kernel(
     rest = seq_len - n_sink
     n_kq = rest - rest % R
     n_vq = rest - tl.minimum(rest, R)
-    offs_h = tl.arange(0, HQ_PAD)
-    h_mask = offs_h < HQ_PER_KV
     row0 = bh * HQ_PER_KV
     if split < NUM_SPLITS:
+        offs_g = tl.arange(0, GP)
+        g_mask = offs_g < HQ_PER_KV
         start = split * TOKENS_PER_SPLIT
         end = tl.minimum(start + TOKENS_PER_SPLIT, n_vq)
         offs_w = tl.arange(0, W)
         ok = (offs_w * 0 + start) < end  # a split past n_vq reads no scales
         g = bh * (T_QCAP // GROUP) + start // GROUP
         # slices 0..PER-1 (PER is 1, 2, 4 or 8); the names past PER - 1 alias slice 0 and are never used
-        q0 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
+        q0 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
         q1 = q0
         if PER >= 2:
-            q1 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
+            q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
         qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
         qs1 = qs0
         if PER >= 2:
@@ -206,26 +214,26 @@ def _decode_kivi_frag_kernel(
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
         if PER >= 4:
-            q2 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 2, PER, HEAD_DIM, qk_scale)
-            q3 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 3, PER, HEAD_DIM, qk_scale)
+            q2 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 2, PER, HEAD_DIM, qk_scale)
+            q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HEAD_DIM, qk_scale)
             qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
             qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
             bias += z2 + z3
         if PER == 8:
-            q4 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 4, PER, HEAD_DIM, qk_scale)
-            q5 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 5, PER, HEAD_DIM, qk_scale)
-            q6 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 6, PER, HEAD_DIM, qk_scale)
-            q7 = _q_slice(Q, row0, offs_h, h_mask, offs_w, 7, PER, HEAD_DIM, qk_scale)
+            q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HEAD_DIM, qk_scale)
+            q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HEAD_DIM, qk_scale)
+            q6 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 6, PER, HEAD_DIM, qk_scale)
+            q7 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 7, PER, HEAD_DIM, qk_scale)
             qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
             qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
             qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
             qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
             bias += z4 + z5 + z6 + z7
-        m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
-        l_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
-        z_n = tl.zeros([HQ_PAD, BLOCK_N], tl.float32)
-        a0 = tl.zeros([HQ_PAD, W], tl.float32)
+        l_n = tl.zeros([BLOCK_N, GP], tl.float32)
+        z_n = tl.zeros([BLOCK_N, GP], tl.float32)
+        a0 = tl.zeros([W, GP], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         kw_base = KW + bh * T_QCAP * ROW
         vw_base = VW + bh * T_QCAP * ROW
@@ -241,12 +249,12 @@ def _decode_kivi_frag_kernel(
                 vs, vz = vs_next.to(tl.float32), vz_next.to(tl.float32)
                 vs_next = tl.load(VS + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
                 vz_next = tl.load(VZ + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
-            kt = tl.load(kw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
-            vt = tl.load(vw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+            kt = tl.load(kw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+            vt = tl.load(vw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
             if BITS == 3:
                 hrow = (bh * T_QCAP + offs_n) * ROW + HI  # each row's 1-bit plane
-                kt = _merge3(KC, hrow, offs_w, n_mask, kt, True)
-                vt = _merge3(VC, hrow, offs_w, n_mask, vt, False)
+                kt = _merge3(KC, hrow, offs_w, n_mask, kt, False)
+                vt = _merge3(VC, hrow, offs_w, n_mask, vt, True)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
                 qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
@@ -263,56 +271,58 @@ def _decode_kivi_frag_kernel(
                     qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
                     qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z4 + z5 + z6 + z7
-            qk = tl.zeros([HQ_PAD, BLOCK_N], tl.float32) + bias[:, None]
-            qk = _dot_acc(qs0, _codes(kt, 0, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+            # scores S^T [BLOCK_N, GP]: the key codes are the A operand (M = tokens), the query slices the B operand
+            s = tl.zeros([BLOCK_N, GP], tl.float32) + bias[None, :]
+            s = _dot_acc(_codes(kt, 0, BITS, ASM, DOT_DTYPE), qs0, s, DOT_DTYPE)
             if PER >= 2:
-                qk = _dot_acc(qs1, _codes(kt, 1, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 1, BITS, ASM, DOT_DTYPE), qs1, s, DOT_DTYPE)
             if PER >= 4:
-                qk = _dot_acc(qs2, _codes(kt, 2, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs3, _codes(kt, 3, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 2, BITS, ASM, DOT_DTYPE), qs2, s, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 3, BITS, ASM, DOT_DTYPE), qs3, s, DOT_DTYPE)
             if PER == 8:
-                qk = _dot_acc(qs4, _codes(kt, 4, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs5, _codes(kt, 5, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs6, _codes(kt, 6, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-                qk = _dot_acc(qs7, _codes(kt, 7, BITS, ASM, DOT_DTYPE), qk, DOT_DTYPE)
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+                s = _dot_acc(_codes(kt, 4, BITS, ASM, DOT_DTYPE), qs4, s, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 5, BITS, ASM, DOT_DTYPE), qs5, s, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 6, BITS, ASM, DOT_DTYPE), qs6, s, DOT_DTYPE)
+                s = _dot_acc(_codes(kt, 7, BITS, ASM, DOT_DTYPE), qs7, s, DOT_DTYPE)
+            s = tl.where(n_mask[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_n = l_n * alpha[:, None] + p
+            p = tl.exp2(s - m_new[None, :])
+            l_n = l_n * alpha[None, :] + p
             if not PREFETCH:
                 rows = bh * T_QCAP + offs_n
                 vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
                 vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
-            z_n = z_n * alpha[:, None] + p * vz[None, :]
-            pv = (p * vs[None, :]).to(DOT_DTYPE)
-            a0 = _dot_acc(pv, _codes(vt, 0, BITS, ASM, DOT_DTYPE), a0 * alpha[:, None], DOT_DTYPE)
+            z_n = z_n * alpha[None, :] + p * vz[:, None]
+            # values O^T [W, GP] a slice: the value codes (transposed tile) the A operand, P^T the B operand
+            pv = (p * vs[:, None]).to(DOT_DTYPE)
+            a0 = _dot_acc(_codes(vt, 0, BITS, ASM, DOT_DTYPE), pv, a0 * alpha[None, :], DOT_DTYPE)
             if PER >= 2:
-                a1 = _dot_acc(pv, _codes(vt, 1, BITS, ASM, DOT_DTYPE), a1 * alpha[:, None], DOT_DTYPE)
+                a1 = _dot_acc(_codes(vt, 1, BITS, ASM, DOT_DTYPE), pv, a1 * alpha[None, :], DOT_DTYPE)
             if PER >= 4:
-                a2 = _dot_acc(pv, _codes(vt, 2, BITS, ASM, DOT_DTYPE), a2 * alpha[:, None], DOT_DTYPE)
-                a3 = _dot_acc(pv, _codes(vt, 3, BITS, ASM, DOT_DTYPE), a3 * alpha[:, None], DOT_DTYPE)
+                a2 = _dot_acc(_codes(vt, 2, BITS, ASM, DOT_DTYPE), pv, a2 * alpha[None, :], DOT_DTYPE)
+                a3 = _dot_acc(_codes(vt, 3, BITS, ASM, DOT_DTYPE), pv, a3 * alpha[None, :], DOT_DTYPE)
             if PER == 8:
-                a4 = _dot_acc(pv, _codes(vt, 4, BITS, ASM, DOT_DTYPE), a4 * alpha[:, None], DOT_DTYPE)
-                a5 = _dot_acc(pv, _codes(vt, 5, BITS, ASM, DOT_DTYPE), a5 * alpha[:, None], DOT_DTYPE)
-                a6 = _dot_acc(pv, _codes(vt, 6, BITS, ASM, DOT_DTYPE), a6 * alpha[:, None], DOT_DTYPE)
-                a7 = _dot_acc(pv, _codes(vt, 7, BITS, ASM, DOT_DTYPE), a7 * alpha[:, None], DOT_DTYPE)
+                a4 = _dot_acc(_codes(vt, 4, BITS, ASM, DOT_DTYPE), pv, a4 * alpha[None, :], DOT_DTYPE)
+                a5 = _dot_acc(_codes(vt, 5, BITS, ASM, DOT_DTYPE), pv, a5 * alpha[None, :], DOT_DTYPE)
+                a6 = _dot_acc(_codes(vt, 6, BITS, ASM, DOT_DTYPE), pv, a6 * alpha[None, :], DOT_DTYPE)
+                a7 = _dot_acc(_codes(vt, 7, BITS, ASM, DOT_DTYPE), pv, a7 * alpha[None, :], DOT_DTYPE)
             m_i = m_new
-        zsum = tl.sum(z_n, 1)[:, None]  # every channel's value zero, weighted by p
-        prow = (row0 + offs_h.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
-        tl.store(M_PART + prow, m_i, mask=h_mask)
-        tl.store(L_PART + prow, tl.sum(l_n, 1), mask=h_mask)
-        _store_slice(ACC_PART, prow, h_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
+        zsum = tl.sum(z_n, 0)[None, :]  # every channel's value zero, weighted by p
+        prow = (row0 + offs_g.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
+        tl.store(M_PART + prow, m_i, mask=g_mask)
+        tl.store(L_PART + prow, tl.sum(l_n, 0), mask=g_mask)
+        _store_slice(ACC_PART, prow, g_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
         if PER >= 2:
-            _store_slice(ACC_PART, prow, h_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
         if PER >= 4:
-            _store_slice(ACC_PART, prow, h_mask, a2 + zsum, offs_w, 2, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, h_mask, a3 + zsum, offs_w, 3, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a2 + zsum, offs_w, 2, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a3 + zsum, offs_w, 3, PER, HEAD_DIM)
         if PER == 8:
-            _store_slice(ACC_PART, prow, h_mask, a4 + zsum, offs_w, 4, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, h_mask, a5 + zsum, offs_w, 5, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, h_mask, a6 + zsum, offs_w, 6, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, h_mask, a7 + zsum, offs_w, 7, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a4 + zsum, offs_w, 4, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a5 + zsum, offs_w, 5, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a6 + zsum, offs_w, 6, PER, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a7 + zsum, offs_w, 7, PER, HEAD_DIM)
     else:
         t_lo = (split - NUM_SPLITS) * TAIL_TOKENS
         _tail_part(

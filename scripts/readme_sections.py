@@ -325,9 +325,15 @@ def launch_change_h200() -> str:
 
 
 def mha_change_h200() -> str:
-    """The committed H200 sweep (MHA 8-bit over few rows and short MHA caches on the fragment kernel) against the
+    """The tenth H200 sweep (MHA 8-bit over few rows and short MHA caches on the fragment kernel) against the
     eighth."""
-    return _sweep_change(H200_KERNEL_V8, H200_KERNEL)
+    return _sweep_change(H200_KERNEL_V8, H200_KERNEL_V10)
+
+
+def transpose_change_h200() -> str:
+    """The committed H200 sweep (the fragment kernel with the codes as the M side of both products, for GQA and
+    MHA) against the tenth."""
+    return _sweep_change(H200_KERNEL_V10, H200_KERNEL)
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
@@ -484,7 +490,9 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v10.csv", "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v11.csv", "reports/measurements/e2e_decode_h200_v2.csv"
+H200_E2E_COLD = "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V10 = "reports/measurements/kernel_decode_h200_v10.csv"
 H200_KERNEL_V8 = "reports/measurements/kernel_decode_h200_v8.csv"
 H200_KERNEL_V7 = "reports/measurements/kernel_decode_h200_v7.csv"
 H200_KERNEL_V6 = "reports/measurements/kernel_decode_h200_v6.csv"
@@ -493,7 +501,7 @@ H200_KERNEL_V3 = "reports/measurements/kernel_decode_h200_v3.csv"
 H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
 VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
 H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
-             H200_KERNEL_COLD, "--e2e", H200_E2E]  # fmt: skip
+             H200_KERNEL_COLD, "--e2e", H200_E2E_COLD]  # fmt: skip
 
 
 def h200_cold() -> str:
@@ -1035,6 +1043,7 @@ SECTIONS = {
     "prefetch-change-h200": prefetch_change_h200,
     "launch-change-h200": launch_change_h200,
     "mha-change-h200": mha_change_h200,
+    "transpose-change-h200": transpose_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1091,6 +1100,7 @@ DOCS = {
         "prefetch-change-h200",
         "launch-change-h200",
         "mha-change-h200",
+        "transpose-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

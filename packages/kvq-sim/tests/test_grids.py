@@ -86,7 +86,7 @@ def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ra
     tag's BLOCK_N and resident count, runs as many."""
     import pandas as pd
 
-    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v10.csv"
+    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v11.csv"
     rows = pd.read_csv(csv, comment="#")
     rows = rows[rows.config.fillna("").str.contains(r"-r\d+-sp\d+")]
     assert len(rows) >= 150

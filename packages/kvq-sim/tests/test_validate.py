@@ -69,8 +69,8 @@ def test_committed_calibration_comes_from_committed_measurements():
     }
 
 
-H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v10.csv"
-H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v11.csv"
+H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200_v2.csv"
 
 
 def test_h200_is_calibrated_from_its_own_committed_measurements():
@@ -78,7 +78,7 @@ def test_h200_is_calibrated_from_its_own_committed_measurements():
     hw = load_hardware("h200")
     assert hw.calibration.calibrated and "transferred" not in hw.calibration.source
     assert f"(commit {read_kernel_csv(H200_KERNEL_CSV, 'NVIDIA H200')[1].commit}," in hw.calibration.source
-    assert "e2e_decode_h200.csv" in hw.calibration.source
+    assert "e2e_decode_h200_v2.csv" in hw.calibration.source
 
 
 def test_h200_held_out_gates():

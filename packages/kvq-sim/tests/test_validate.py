@@ -84,7 +84,7 @@ def test_h200_is_calibrated_from_its_own_committed_measurements():
 def test_h200_held_out_gates():
     """On the H200's held-out points the e2e and memory gates pass and the kernel MAPE passes; the worst kernel
     point, kvq's fp16 kernel at 32/8 heads, batch 1, 16K tokens (predicted fast, as GQA fp16 at batch 1 is at every
-    length), is 0.24 points outside the 15% gate, as docs/validation.md reports. A change that moves it either way
+    length), is 0.40 points outside the 15% gate, as docs/validation.md reports. A change that moves it either way
     fails here and must update the docs."""
     r = CliRunner().invoke(
         main, ["validate", "--gpu", "h200", "--measurements", str(H200_KERNEL_CSV), "--e2e", str(H200_E2E_CSV)]
@@ -92,7 +92,7 @@ def test_h200_held_out_gates():
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info  # a crash is not a FAIL line
     assert "PASS e2e" in r.output and "PASS memory" in r.output, r.output
     kernel = next(line for line in r.output.splitlines() if line.startswith(("PASS kernel", "FAIL kernel")))
-    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 3.08% (max 5.0%), worst 15.24% (max 15.0%) at " in kernel
+    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 2.56% (max 5.0%), worst 15.40% (max 15.0%) at " in kernel
     assert kernel.endswith("kvq_fp16|16|0|1|32|8|128|16384"), kernel
     assert r.exit_code == 1
 
@@ -453,7 +453,9 @@ def test_multigpu_held_out_worst_within_target():
 
 
 # The same gate on the 4x H200 sweep (reports/measurements/multigpu_decode_h200.csv): the MAPE passes and the worst
-# point fails, the TP 4 fit extrapolating its per-byte cost to llama-2-70b at batch 64 (docs/validation.md).
+# point fails, the TP 4 fit extrapolating its per-byte cost to llama-2-70b at batch 64 (docs/validation.md). Its
+# KIVI steps ran the kernels of their time, before the fragment kernel took the codes as the M side of its products
+# (kernel_decode_h200_v11.csv): the fit describes faster attention than they ran.
 MULTIGPU_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_h200.csv"
 
 
@@ -464,8 +466,8 @@ def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails
     points = read_steps(MULTIGPU_H200_CSV)[0]
     errs = fitted_errors_pct(load_hardware("8x-h200"), points)
     assert len(errs) == 56
-    assert errs.mean() == pytest.approx(4.10, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
-    assert errs.max() == pytest.approx(29.44, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
+    assert errs.mean() == pytest.approx(6.01, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(31.99, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
 
 
 @pytest.mark.parametrize(
@@ -496,33 +498,40 @@ def test_committed_kvq_bench_quick_runs_validate_as_the_kernels_readme_says(run,
 
 
 # Llama-3-8B on one H200 (reports/measurements/multigpu_decode_llama3_8b_h200_tp1.csv): a model and head layout (GQA)
-# no decode-step fit has seen, predicted before it was measured (docs/validation.md). Its steps ran the fragment
-# kernel's launches of the time: since the 2/4-bit GQA relaunch (kernel_decode_h200_v8.csv, (128, 2, 2) over more
-# than 16 rows, 0.89-0.99x the time) the H200 fit describes faster kernels than the single-GPU batch-8 and batch-64
-# steps at 32K-128K ran, and kvq-sim predicts those up to 22% fast: the MAPE gate holds, the worst-point gate does
-# not, until the steps are measured again with the current kernels.
+# no decode-step fit has seen, predicted before it was measured (docs/validation.md). Every run of it ran the
+# fragment kernel with the query group as 16 padded rows; the H200 fit now describes the kernel with the codes as
+# the M side of both products (kernel_decode_h200_v11.csv, 0.6-0.75x the time of GQA 2/4-bit attention), so
+# kvq-sim predicts the KIVI steps of those runs fast (up to 39% in the last one-GPU run, 52% over all runs) and
+# their fp16 steps, whose kernels did not change, within both gates. The steps wait to be measured again
+# (predictions committed first: reports/predictions/llama3_8b_h200_v4.csv).
 LLAMA3_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_llama3_8b_h200_tp1.csv"
 LLAMA3_H200_V2 = [
     ROOT / "reports/measurements" / f"multigpu_decode_llama3_8b_h200_{n}.csv" for n in ("v2_tp1", "v2_2gpu", "4gpu")
 ]
+LLAMA3_H200_V3 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv"
 
 
-def test_the_gqa_model_measured_with_the_current_kernels_holds_both_multigpu_gates():
-    """The one-H200 Llama-3-8B steps measured again with the current launches (predictions committed before, at
-    da6940d): kvq-sim as it is now holds the MAPE and the worst-point gates on them."""
+def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():
+    """The last one-H200 Llama-3-8B run (da6940d): its fp16 steps inside both gates; its KIVI steps, which ran the
+    padded-rows fragment kernel, predicted fast (never more than 5% slow)."""
     from kvq_sim.hardware import load_hardware
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
 
-    points = read_steps(ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv")[0]
+    points = read_steps(LLAMA3_H200_V3)[0]
     assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
     hw = load_hardware("8x-h200")
-    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
-    assert sum(errs) / len(errs) <= MULTIGPU_MAPE_MAX_PCT and max(errs) <= MULTIGPU_WORST_MAX_PCT, errs
+    signed = {p: (predict(hw, p) / p.step_us - 1) * 100 for p in points}
+    fp16 = [abs(e) for p, e in signed.items() if p.kv == "fp16"]
+    assert len(fp16) == 9 and sum(fp16) / len(fp16) <= MULTIGPU_MAPE_MAX_PCT and max(fp16) <= MULTIGPU_WORST_MAX_PCT
+    kivi = [e for p, e in signed.items() if p.kv != "fp16"]
+    assert max(kivi) < 5.0 and min(kivi) == pytest.approx(-39.07, abs=0.005)
+    errs = [abs(e) for e in signed.values()]
+    assert sum(errs) / len(errs) == pytest.approx(12.79, abs=0.005)
 
 
-def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_mape_gate():
+def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
     from kvq_sim.hardware import load_hardware
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, predict, read_steps
 
     points = read_steps(LLAMA3_H200_CSV)[0]
     assert len(points) == 27 and {p.model for p in points} == {"llama-3-8b"} and {p.gpus for p in points} == {1}
@@ -534,5 +543,5 @@ def test_an_unfitted_gqa_model_is_predicted_within_the_multigpu_mape_gate():
     hw = load_hardware("8x-h200")
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     mape, worst = sum(errs) / len(errs), max(errs)
-    assert mape <= MULTIGPU_MAPE_MAX_PCT, mape
-    assert worst == pytest.approx(22.46, abs=0.005) and worst > MULTIGPU_WORST_MAX_PCT, worst
+    assert mape == pytest.approx(11.89, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
+    assert worst == pytest.approx(51.94, abs=0.005), worst

@@ -531,9 +531,10 @@ WORDS_TAIL_N = 16
 #:   (128, 4, 2)'s 176.8 and (128, 2, 2)'s 187.8).
 #: - MHA 32/32, (128, 2, 2) against the CUDA-core kernel (`decode_kivi_simt`, then the default): 4-bit 1 x 128K 219.4
 #:   / 298.0, 8 x 32K 420.4 / 664.6, 128 x 4K 964.8 / 1280.5; 2-bit 221.6 / 244.5, 434.3 / 526.5, 975.5 / 1099.0;
-#:   3-bit 445.0 / 476.8, 884.2 / 1190.8, 1842.5 / 2018.7; 8-bit at (64, 4, 3) 320.7 / 324.7 (the fragment kernel
-#:   at (64, 4, 3) before), 622.1 / 631.6, 1429.2 / 1522.7 (CUDA cores). At 1 x 1K and 4K all launches are within
-#:   10% (4-bit 9.6-10.3 and 18.4-20.3).
+#:   3-bit 445.0 / 476.8, 884.2 / 1190.8, 1842.5 / 2018.7; 8-bit at (64, 4, 3) 320.7 at 1 x 128K and 622.1 at 8 x
+#:   32K (the launch 8-bit MHA took there before as well; (128, 2, 2) 335.1 and 656.7), 1429.2 against the CUDA-core
+#:   kernel's 1522.7 at 128 x 4K. At 1 x 1K and 4K all launches are within 10% (4-bit 9.6-10.3 and 18.4-20.3).
+#:   (These runs' "auto" rows ran this kernel under the dispatch of the time.)
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
 #: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K 120.3 / 182.3, 32 x 4K 74.2 /
 #: 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9; 8-bit 93.4 / 103.2.

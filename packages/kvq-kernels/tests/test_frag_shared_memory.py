@@ -35,10 +35,11 @@ out = []
 for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFIG[3], FRAG_FEW_CONFIG[3])),
                       (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
     cache = allocate(1, 8, 128, 4096, bits, 128, 128)
-    q = torch.zeros(1, 32, 128, dtype=torch.float16)
-    for bn, warps, stages in configs:
+    # GQA 32/8 at every default launch; MHA 8/8 (one query head, padded to the same 8 columns) at FRAG_CONFIG
+    for hq, (bn, warps, stages) in [(32, c) for c in configs] + [(8, FRAG_CONFIG[bits])]:
+        q = torch.zeros(1, hq, 128, dtype=torch.float16)
         plan = LaunchPlan("frag", bn, warps, stages, 4, 1024, 4, 0)
-        fn, args, kw = kernel_call(plan, q, cache, 1.0, alloc_partials(32, 8, 128, "cpu"), True, True)
+        fn, args, kw = kernel_call(plan, q, cache, 1.0, alloc_partials(hq, 8, 128, "cpu"), True, True)
         opts = {k: kw.pop(k) for k in ("num_warps", "num_stages")}
         names = fn.arg_names
         sig, attrs = {}, {}
@@ -56,7 +57,7 @@ for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFI
         ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ttgir"]
         allocs = re.findall(r"local_alloc[^\n]*-> !ttg\.memdesc<([0-9x]+)x(\w+),", ttgir)
         w = 128 // frag_geometry(bits)[1]
-        out.append(dict(bits=bits, config=[bn, warps, stages], w=w, allocs=allocs))
+        out.append(dict(bits=bits, q_heads=hq, config=[bn, warps, stages], w=w, allocs=allocs))
 json.dump(out, sys.stdout)
 """
 
@@ -81,8 +82,8 @@ def _tiles(allocs, dtype_prefix, a, b):
 
 
 def test_every_default_fragment_launch_was_compiled(launches):
-    got = {(x["bits"], tuple(x["config"])) for x in launches}
-    assert {b for b, _ in got} == {2, 3, 4, 8} and len(got) == 7
+    got = {(x["bits"], x["q_heads"], tuple(x["config"])) for x in launches}
+    assert {b for b, _, _ in got} == {2, 3, 4, 8} and len(got) == 11
 
 
 def test_no_fp16_code_tile_goes_through_shared_memory(launches):

@@ -536,8 +536,11 @@ WORDS_TAIL_N = 16
 #:   kernel's 1522.7 at 128 x 4K. At 1 x 1K and 4K all launches are within 10% (4-bit 9.6-10.3 and 18.4-20.3).
 #:   (These runs' "auto" rows ran this kernel under the dispatch of the time.)
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
-#: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K 120.3 / 182.3, 32 x 4K 74.2 /
-#: 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9; 8-bit 93.4 / 103.2.
+#: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K
+#: 120.3 / 182.3, 32 x 4K 74.2 / 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9;
+#: 8-bit 93.4 / 103.2. The eleventh sweep (kernel_decode_h200_v11.csv) found it slower than the kernels it replaced
+#: only at short points: GQA 2/4-bit at 1 x 4K (the slice kernel 12.5 / 12.9 us, this one 13.3 / 13.5), MHA and
+#: 3-bit caches of 1K-4K tokens (up to 1.05x).
 FRAG_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2), 8: (64, 4, 3)}
 FRAG_FEW_CONFIG = {2: (128, 4, 2), 3: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
@@ -612,7 +615,7 @@ def kernel_path(
     registers), "tc" (the word kernel) or "slice" (channel slices), from its `path` argument and the cache's
     shape. "frag" runs only where `frag_applies`. "tc" names the word kernel only where its whole-word
     layout applies to uniform codes; nuq codebooks and other layouts run the slice kernel. "auto": frag where it
-    applies (GQA and MHA: faster than every other kernel at every tuned point, FRAG_CONFIG); otherwise simt for
+    applies (GQA and MHA; FRAG_CONFIG's note gives the measurements); otherwise simt for
     MHA where its word layout applies, and for GQA the slice kernel for 2/4-bit caches of at most SLICE_MAX_TOKENS
     tokens, else tc."""
     simt_ok = q_heads == kv_heads and (head_dim * bits) % 32 == 0 and head_dim // (16 if bits == 3 else 32 // bits) >= 2

@@ -95,3 +95,19 @@ def test_plan_imports_no_torch_or_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_a_format_that_does_not_fit_the_heads_is_one_line_exit_2(tmp_path):
+    """MILLION's product quantizer splits head_dim into 4-channel subspaces: a model of head_dim 6 cannot use it."""
+    model = tmp_path / "head6.yaml"
+    model.write_text(
+        "num_hidden_layers: 2\nhidden_size: 48\nnum_attention_heads: 8\nnum_key_value_heads: 8\nhead_dim: 6\n"
+        "intermediate_size: 128\nvocab_size: 1000\nmax_position_embeddings: 4096\n"
+    )
+    pdf = tmp_path / "x.pdf"
+    for args in (["plan", "--method", "million", "--bits", "2"], ["report", "--methods", "million:2", "-o", str(pdf)]):
+        r = run(*args, "--model", str(model), "--gpu", "h100-80g")
+        assert r.exit_code == 2, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
+        assert "million cannot store head6's KV: head_dim 6 is not a multiple of pq subspace_dims 4" in r.output
+    assert not pdf.exists()

@@ -213,6 +213,20 @@ def test_missing_inputs_degrade_to_explanations(tmp_path):
     assert not quality.axes and "No usable quality results" in quality.texts[-1].get_text()
 
 
+def test_series_that_tie_on_bits_and_context_and_a_sliding_window_model_render(tmp_path):
+    """Two fp8 formats hold the same bits and context (the max-context page once compared their series and raised);
+    a sliding-window model has no memory-bound context (the page says so instead of scaling an empty axis)."""
+    with matplotlib.rc_context(figures.rc()):
+        for model, methods in (("llama-7b", "fp8-e4m3:8,fp8-e5m2:8"), ("mistral-7b", "kivi:2")):
+            inp = report_data.resolve_inputs(model, ["h100-80g"], methods, CONTEXTS, tmp_path / "none", tmp_path / "x")
+            fig = figures.max_context_page(report_data.report_data(inp))
+            FigureCanvasAgg(fig).draw()
+            if model == "mistral-7b":
+                assert "Any context fits in memory at batch 1" in _texts(fig)
+            else:
+                assert len(fig.axes[0].collections) == 3  # fp16 and both fp8 series
+
+
 def test_quality_panels_one_window_each_warnings_on_stderr(tmp_path, capsys):
     """A windowed file with kvq-eval's change and 95% interval, a legacy file without them (change computed from
     perplexity against its fp16 row, no interval), a legacy file without a reference row and a foreign file."""

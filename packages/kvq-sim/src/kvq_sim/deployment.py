@@ -7,7 +7,15 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
-from kvq_core.formats import DEFAULT_METHOD_FOR_BITS, METHODS, KVFormat, bits_label, get_format, parse_bits
+from kvq_core.formats import (
+    DEFAULT_METHOD_FOR_BITS,
+    METHODS,
+    KVFormat,
+    bits_label,
+    get_format,
+    parse_bits,
+    stream_bytes,
+)
 
 from .engines import Engine, get_engine
 from .errors import SimInputError
@@ -120,6 +128,14 @@ class Deployment:
                     f"tensor parallel {self.tp} does not divide {m.name}'s {h} heads / {kv} KV heads "
                     f"(needs heads % tp == 0 and kv_heads % tp == 0 or tp % kv_heads == 0)"
                 )
+        f = self.kv_format
+        try:  # a layout that does not fit the model's heads (e.g. PQ subspaces that do not divide head_dim), at a
+            # length beyond every fp16 window so that the quantized layout is what is checked
+            if getattr(f, "cache_input", "kv") == "kv":
+                for stream in (f.key, f.value):
+                    stream_bytes(stream, 1 << 16, self.kv_heads_per_gpu, m.head_dim, f.sink_tokens)
+        except ValueError as e:
+            raise SimInputError(f"{self.method} cannot store {m.name}'s KV: {e}") from None
 
     @property
     def tp(self) -> int:

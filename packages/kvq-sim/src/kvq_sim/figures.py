@@ -329,9 +329,16 @@ def max_context_page(d: ReportData) -> Figure:
     axes = fig.subplots(1, len(d.memory_groups), sharey=True, squeeze=False)[0]
     fig.subplots_adjust(left=0.08, right=0.79, top=0.82, bottom=0.12, wspace=0.08)
     all_ctx = [b.max_context for bars in d.memory.values() for b in bars if b.max_context]
+    if not all_ctx:  # a sliding window caps every cache: no context is too long for memory
+        for ax in axes:
+            ax.set_axis_off()
+        axes[0].text(0.02, 0.5, "Any context fits in memory at batch 1: the model's sliding window caps the KV cache.",
+                     transform=axes[0].transAxes, fontsize=11)  # fmt: skip
+        return fig
     for ax, group in zip(axes, d.memory_groups):
         bars = d.memory[group[0]]
-        pts = sorted((b.avg_bits, b.max_context, b.series) for b in bars if b.max_context)
+        # (bits, context) order; series that tie on both keep the methods' order (series do not compare)
+        pts = sorted(((b.avg_bits, b.max_context, b.series) for b in bars if b.max_context), key=lambda p: p[:2])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#999999", lw=0.8, ls=":", zorder=1)
         for x, c, s in pts:
             ax.scatter(

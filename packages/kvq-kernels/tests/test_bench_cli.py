@@ -147,6 +147,8 @@ def test_output_checks(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         check_outputs(output_paths(tmp_path / "file", "g"), force=False)
+    with pytest.raises(ValueError, match=r"--out /proc/kvq-bench-x: cannot write there"):
+        check_outputs(output_paths("/proc/kvq-bench-x", "g"), force=False)  # mkdir there: FileNotFoundError
 
 
 def _quick_kernel_rows(prov):

@@ -18,6 +18,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,14 +147,20 @@ class Phases:
 
 
 def check_outputs(paths, force: bool) -> None:
-    """Refuse (ValueError) an --out that is a file, or existing outputs without --force; create --out."""
+    """Refuse (ValueError) an --out that is a file, that cannot be created or written, or existing outputs
+    without --force; create --out."""
     out = Path(paths[0]).parent
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not force:
         raise ValueError(f"refusing to overwrite {', '.join(existing)} (pass --force, or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # os.access says yes to root in /proc or on a read-only mount
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 MEASURED = "measured by kvq-bench, not the datasheet: replace with the datasheet figure"

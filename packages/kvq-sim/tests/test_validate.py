@@ -502,13 +502,31 @@ def test_committed_kvq_bench_quick_runs_validate_as_the_kernels_readme_says(run,
 # fragment kernel with the query group as 16 padded rows; the H200 fit now describes the kernel with the codes as
 # the M side of both products (kernel_decode_h200_v11.csv, 0.6-0.75x the time of GQA 2/4-bit attention), so
 # kvq-sim predicts the KIVI steps of those runs fast (up to 39% in the last one-GPU run, 52% over all runs) and
-# their fp16 steps, whose kernels did not change, within both gates. The steps wait to be measured again
-# (predictions committed first: reports/predictions/llama3_8b_h200_v4.csv).
+# their fp16 steps, whose kernels did not change, within both gates. The fourth run measured the kernels of the fit.
 LLAMA3_H200_CSV = ROOT / "reports" / "measurements" / "multigpu_decode_llama3_8b_h200_tp1.csv"
 LLAMA3_H200_V2 = [
     ROOT / "reports/measurements" / f"multigpu_decode_llama3_8b_h200_{n}.csv" for n in ("v2_tp1", "v2_2gpu", "4gpu")
 ]
 LLAMA3_H200_V3 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv"
+LLAMA3_H200_V4 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v4_tp1.csv"
+
+
+def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_gates():
+    """The fourth one-H200 Llama-3-8B run (b51b21b), whose attention kernels are those of the H200 fit's sweep,
+    predicted before it was measured (reports/predictions/llama3_8b_h200_v4.csv, made with this fit): every step,
+    fp16 and KIVI, inside both gates."""
+    from kvq_sim.hardware import load_hardware
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+
+    points = read_steps(LLAMA3_H200_V4)[0]
+    assert len(points) == 27 and {(p.model, p.gpus, p.kv) for p in points} == {
+        ("llama-3-8b", 1, kv) for kv in ("fp16", "kivi4", "kivi2")
+    }
+    hw = load_hardware("8x-h200")
+    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
+    mape = sum(errs) / len(errs)
+    assert mape == pytest.approx(4.18, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
+    assert max(errs) == pytest.approx(10.64, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
 
 
 def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():

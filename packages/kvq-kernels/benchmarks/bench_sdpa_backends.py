@@ -33,10 +33,11 @@ from kvq_kernels.benchmarking import (
     hbm_read_tb_s,
     kernel_row,
     kv_bytes,
-    kvq_fp16_fn,
     kvq_kivi_fn,
+    plan_tag,
     resolved_config,
     sdpa_fn,
+    time_fp16,
     time_rotation,
 )
 
@@ -106,9 +107,10 @@ def main() -> None:
                 times[f"sdpa_{backend}_fp16"] = us
                 w.writerow(row(impl=f"sdpa_{backend}_fp16", bits=16, kv_bytes_read=fp16, time_us=us, sdpa_us=base,
                                config=""))  # fmt: skip
-            us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t), fp16)
+            us, plan = time_fp16(batch, hq, hkv, t, fp16)
             times["kvq_fp16"] = us
-            w.writerow(row(impl="kvq_fp16", bits=16, kv_bytes_read=fp16, time_us=us, sdpa_us=base, config=FP16_CONFIG))
+            w.writerow(row(impl="kvq_fp16", bits=16, kv_bytes_read=fp16, time_us=us, sdpa_us=base,
+                           config=FP16_CONFIG + plan_tag(plan)))  # fmt: skip
             for bits in KIVI_BITS:
                 nbytes = kv_bytes(bits, batch, hkv, t, GROUP)
                 us = time_rotation(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, GROUP, AUTO_CONFIG), nbytes)

@@ -19,9 +19,9 @@ from kvq_core.provenance import CSV_FIELDS, provenance
 from kvq_kernels.benchmarking import (
     AUTO_CONFIG,
     kv_bytes,
-    kvq_fp16_fn,
     parse_points,
     sdpa_fn,
+    time_fp16,
     time_kivi,
     time_rotation,
 )
@@ -139,11 +139,11 @@ def main() -> None:
     def run_fp16(hq, hkv, batch, t):
         nb = kv_bytes(16, batch, hkv, t, 128)
         for splits in args.splits:
-            us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t, splits), nb)
+            us, plan = time_fp16(batch, hq, hkv, t, nb, splits=splits)
             rows.append(dict(q_heads=hq, kv_heads=hkv, bits=16, batch=batch, context=t, path="fp16",
-                             split_rule=splits is None, splits=splits or "", time_us=round(us, 2),
-                             tb_s=round(nb / us / 1e6, 3), **prov))  # fmt: skip
-            print(f"fp16 {hq}/{hkv} B{batch} T{t} splits {splits or 'rule'}: {us:.1f} us", flush=True)
+                             split_rule=splits is None, splits=plan.splits, resident=plan.resident_programs,
+                             time_us=round(us, 2), tb_s=round(nb / us / 1e6, 3), **prov))  # fmt: skip
+            print(f"fp16 {hq}/{hkv} B{batch} T{t} splits {splits or 'rule'} {plan}: {us:.1f} us", flush=True)
         write()
 
     if args.fp16:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -45,3 +47,29 @@ def test_bad_inputs_raise_before_launch(device, dtype):
         decode_fp16(q, k, k, lens.long())
     with pytest.raises(ValueError, match="shape"):
         decode_fp16(q, k, k[..., :16].contiguous(), lens)
+
+
+def test_split_rule_counts_at_most_two_resident_programs(device, dtype, monkeypatch):
+    """fp16_plan: a given split count is kept (resident 0); the rule sizes one wave of the programs an SM holds,
+    counted at most FP16_SPLIT_RESIDENT_MAX; the default call gives the reference's attention."""
+    from kvq_core.splits import split_count
+    from kvq_kernels import _launch
+    from kvq_kernels import decode_fp16 as mod
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, 32, generator=g).to(device, dtype)
+    k = torch.randn(1, 2, 1000, 32, generator=g).to(device, dtype)
+    v = torch.randn(1, 2, 1000, 32, generator=g).to(device, dtype)
+    lens = torch.tensor([999], dtype=torch.int32, device=device)
+    assert mod.fp16_plan(q, k, v, lens, 5, 64, 1000) == mod.Fp16Plan(4, 256, 0)  # 5 asked: 4 of 256 tokens
+    sms = _launch.num_sms(q.device)
+    for held, counted in ((1, 1), (2, 2), (3, 2), (8, 2)):
+        monkeypatch.setattr(mod, "resident_programs", lambda *a, held=held: held)
+        plan = mod.fp16_plan(q, k, v, lens, None, 16, 1000)
+        want = split_count(2, 63, sms, 4, True, counted)
+        tokens = math.ceil(math.ceil(1000 / want) / 16) * 16
+        assert plan == mod.Fp16Plan(math.ceil(1000 / tokens), tokens, counted), (held, plan)
+    out = mod.decode_fp16(q, k, v, lens, block_n=16)
+    ref = decode_reference(q, k, v, lens)
+    same_math = decode_reference(q, k, v, lens, dtype=torch.float32 if dtype == torch.float32 else torch.float16)
+    assert (out.double() - ref).abs().max().item() <= 2 * (same_math.double() - ref).abs().max().item() + 1e-6

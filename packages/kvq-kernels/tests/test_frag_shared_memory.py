@@ -26,14 +26,16 @@ import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvq_kernels.combine import alloc_partials
-from kvq_kernels.decode_kivi import FRAG_CONFIG, FRAG_FEW_CONFIG, LaunchPlan, frag_geometry, kernel_call
+from kvq_kernels.decode_kivi import (FRAG_CONFIG, FRAG_FEW_CONFIG, FRAG_SHORT_CONFIG, LaunchPlan, frag_geometry,
+                                    kernel_call)
 from kvq_kernels.kivi_layout import allocate
 
 PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int16: "*i16",
        torch.int8: "*i8", torch.uint8: "*u8"}
 out = []
-for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2])), (3, (FRAG_CONFIG[3], FRAG_FEW_CONFIG[3])),
-                      (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
+for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2], FRAG_SHORT_CONFIG[2])),
+                      (3, (FRAG_CONFIG[3], FRAG_FEW_CONFIG[3])),
+                      (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4], FRAG_SHORT_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
     cache = allocate(1, 8, 128, 4096, bits, 128, 128)
     # GQA 32/8 at every default launch; MHA 8/8 (one query head, padded to the same 8 columns) at FRAG_CONFIG
     for hq, (bn, warps, stages) in [(32, c) for c in configs] + [(8, FRAG_CONFIG[bits])]:
@@ -83,7 +85,7 @@ def _tiles(allocs, dtype_prefix, a, b):
 
 def test_every_default_fragment_launch_was_compiled(launches):
     got = {(x["bits"], x["q_heads"], tuple(x["config"])) for x in launches}
-    assert {b for b, _, _ in got} == {2, 3, 4, 8} and len(got) == 11
+    assert {b for b, _, _ in got} == {2, 3, 4, 8} and len(got) == 13
 
 
 def test_no_fp16_code_tile_goes_through_shared_memory(launches):

@@ -8,6 +8,8 @@ from kvq_kernels.decode_kivi import (
     FRAG_CONFIG,
     FRAG_FEW_CONFIG,
     FRAG_FEW_MAX_TOKENS,
+    FRAG_SHORT_CONFIG,
+    FRAG_SHORT_TOKENS,
     SIMT_CONFIG,
     SLICE_MAX_TOKENS,
     WORDS_CONFIG,
@@ -63,6 +65,25 @@ def test_frag_launch_by_rows_and_length():
     assert launch_config("frag", 2, 128, 16, 1024) == FRAG_FEW_CONFIG[2]
     assert launch_config("frag", 4, 256, 1)[0] == 128
     assert launch_config("frag", 4, 64, 1) == (64, 2, 2)  # BLOCK_N halves to the group
+
+
+def test_few_rows_of_a_short_cache_take_the_short_launch():
+    lo, hi = FRAG_SHORT_TOKENS
+    assert FRAG_SHORT_CONFIG[4] == FRAG_SHORT_CONFIG[2] == (64, 4, 3) and lo < 4096 and hi == 16384
+    for bits in (2, 4):
+        assert launch_config("frag", bits, 128, 8, 4096) == FRAG_SHORT_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 16, hi) == FRAG_SHORT_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 1, lo + 1) == FRAG_SHORT_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 8, lo) == FRAG_FEW_CONFIG[bits]  # 1K: the few-rows launch
+        assert launch_config("frag", bits, 128, 8, hi + 1) == FRAG_FEW_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 17, 4096) == FRAG_CONFIG[bits]  # many rows
+    assert launch_config("frag", 3, 128, 8, 4096) == FRAG_FEW_CONFIG[3]  # 3-bit: no short launch
+    assert launch_config("frag", 8, 128, 8, 4096) == FRAG_CONFIG[8]
+    assert launch_config("frag", 4, 32, 8, 4096) == (32, 4, 3)  # BLOCK_N halves to the group
+    # the benchmark's random caches round up to 128-token blocks: 4K at batch 1 is short, 1K is not
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 4096, 128) == ("frag", *FRAG_SHORT_CONFIG[4], True)
+    assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, 16384, 128) == ("frag", *FRAG_SHORT_CONFIG[2], True)
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[4], True)
 
 
 def test_named_configs_pass_through():

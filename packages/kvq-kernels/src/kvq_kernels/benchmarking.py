@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.runtime.errors
 
-from kvq_kernels.decode_fp16 import decode_fp16, decode_reference
+from kvq_kernels.decode_fp16 import FP16_WARPS_STAGES, decode_fp16, decode_reference, fp16_plan
 from kvq_kernels.decode_kivi import decode_kivi, decode_kivi_reference, kernel_path, launch_config, launch_plan
 from kvq_kernels.kivi_layout import allocate, quant_rows
 
@@ -248,12 +248,30 @@ def sdpa_fn(batch, hq, hkv, t, backend: str = "flash"):
 
 
 def kvq_fp16_fn(batch, hq, hkv, t, splits=None):
-    """kvq's fp16 decode kernel over random K/V of `t` tokens; splits None is decode_fp16's own rule."""
+    """kvq's fp16 decode kernel over random K/V of `t` tokens; splits None is decode_fp16's own rule. The call's
+    `plan` attribute is its `decode_fp16.Fp16Plan`."""
     q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
     k = torch.randn(batch, hkv, t, HEAD_DIM, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     L = torch.full((batch,), t, dtype=torch.int32, device="cuda")
-    return lambda: decode_fp16(q, k, v, L, splits=splits, validate_lens=False)
+
+    def f():
+        return decode_fp16(q, k, v, L, splits=splits, validate_lens=False)
+
+    f.plan = fp16_plan(q, k, v, L, splits, FP16_BLOCK_N, t)
+    return f
+
+
+def time_fp16(batch, hq, hkv, t, nbytes: int, rep_ms: float = 60.0, splits=None):
+    """(`time_rotation` microseconds of `kvq_fp16_fn` calls, the `Fp16Plan` they ran)."""
+    plans = []
+
+    def make():
+        f = kvq_fp16_fn(batch, hq, hkv, t, splits)
+        plans.append(f.plan)
+        return f
+
+    return time_rotation(make, nbytes, rep_ms=rep_ms), plans[0]
 
 
 def config_kwargs(config) -> dict:
@@ -387,8 +405,10 @@ KERNEL_FIELDS = (
     "bytes_read", "time_us", "eff_bw_tb_s", "frac_of_hbm_read", "hbm_read_tb_s",
     "sdpa_time_us", "speedup_vs_sdpa", "config", "l2_flush",
 )  # fmt: skip
-#: the fp16 kernel's launch tag (decode_fp16's BLOCK_N, warps, stages)
-FP16_CONFIG = "bn64-w4-s3"
+#: decode_fp16's default BLOCK_N, and its launch tag (BLOCK_N, warps, stages; `plan_tag` adds resident programs
+#: and splits)
+FP16_BLOCK_N = 64
+FP16_CONFIG = "bn{}-w{}-s{}".format(FP16_BLOCK_N, *FP16_WARPS_STAGES)
 
 
 def decode_grid(heads, batches, contexts, split_contexts=()) -> list[tuple[int, int, int, int]]:
@@ -443,8 +463,8 @@ def sweep(path, prov, hbm, points, bits_list, group, configs, budget_s, t_start,
                 if bits == 16:
                     sdpa_us = time_rotation(functools.partial(sdpa_fn, batch, hq, hkv, t), nbytes, rep_ms=rep_ms)
                     w.writerow(row(impl="sdpa_flash_fp16", time_us=sdpa_us, sdpa_us=sdpa_us, config=""))
-                    us = time_rotation(functools.partial(kvq_fp16_fn, batch, hq, hkv, t), nbytes, rep_ms=rep_ms)
-                    impl, config = "kvq_fp16", FP16_CONFIG
+                    us, plan = time_fp16(batch, hq, hkv, t, nbytes, rep_ms)
+                    impl, config = "kvq_fp16", FP16_CONFIG + plan_tag(plan)
                 else:
                     cfg = configs[(bits, hq, hkv)]
                     us, plan = time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes, rep_ms)

@@ -9,6 +9,7 @@ an online softmax (m_i, l_i, acc) over its slice of the context, and writes a pa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,6 +27,7 @@ from ._launch import (
     interpreting,
     next_pow2,
     num_splits,
+    resident_programs,
 )
 from .combine import alloc_partials, combine
 
@@ -116,7 +118,7 @@ def decode_fp16(
     lens: int32 [batch], each in [0, capacity]; a length-0 sequence gives zeros.
     GQA:  query head j attends KV head j // (query_heads // kv_heads); MHA when the counts are equal.
     sm_scale: a positive number, default 1/sqrt(head_dim). splits (>= 1, of the context, flash-decoding)
-    defaults to about 4 waves of programs. block_n: tile rows, a power of two in [16, 256].
+    defaults to whole waves of the programs an SM holds (`fp16_plan`). block_n: tile rows, a power of two in [16, 256].
     max_len (tokens): at least max(lens); it sizes the splits. Default capacity (no host sync).
     validate_lens=True reads lens on the host (one device sync) to check them against capacity and max_len;
     False skips that sync (for CUDA-graph capture): the caller then guarantees 0 <= lens <= max_len.
@@ -171,20 +173,70 @@ def decode_fp16_state(
             f"max_len ({max_len}) is below the longest sequence ({longest} tokens), whose attention would be "
             "cut short; pass max_len >= max(lens) or leave it None"
         )
-    group = hq // h_kv
-    max_len = cap if max_len is None else max_len
-    n_split = splits or num_splits(batch * h_kv, max_len, block_n, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_split), block_n) * block_n
-    n_split = max(1, triton.cdiv(max(max_len, 1), tokens_per_split))
-    m, l_part, acc = alloc_partials(batch * hq, n_split, d, q.device)
-    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
-    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
-    _decode_fp16_kernel[(batch * h_kv, n_split)](
-        q, k, v, lens, m, l_part, acc, scale, h_kv, cap, tokens_per_split, n_split,
-        HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=block_n, DOT_DTYPE=dot_dtype,
-        num_warps=4, num_stages=3,
-    )  # fmt: skip
+    plan = fp16_plan(q, k, v, lens, splits, block_n, max_len)
+    m, l_part, acc = alloc_partials(batch * hq, plan.splits, d, q.device)
+    _fp16_launch(q, k, v, lens, m, l_part, acc, sm_scale, block_n, plan)
     return m, l_part, acc
+
+
+@dataclass(frozen=True)
+class Fp16Plan:
+    """What a `decode_fp16` launch runs: `splits` of `tokens_per_split` tokens each, sized for the
+    `resident_programs` an SM holds (0 where the caller gave the split count)."""
+
+    splits: int
+    tokens_per_split: int
+    resident_programs: int
+
+
+#: decode_fp16's launch: warps and software-pipeline stages (BLOCK_N is an argument)
+FP16_WARPS_STAGES = (4, 3)
+#: The split rule counts at most this many programs an SM (below, the measurements).
+FP16_SPLIT_RESIDENT_MAX = 2
+
+
+def fp16_plan(q, k, v, lens, splits: int | None, block_n: int, max_len: int) -> Fp16Plan:
+    """The split count of a `decode_fp16` call whose inputs are checked: `splits` when given, else one wave (or
+    whole waves) of the programs an SM holds (`resident_programs` of the compiled kernel), counted at most
+    FP16_SPLIT_RESIDENT_MAX. The kernel streams its tiles: at 4 warps and 3 stages of [64, 128] fp16 K and V
+    tiles (70 KiB of shared memory in a local sm_90 compile) an H100 or H200 SM holds 3 programs, but one wave of
+    2 an SM measured fastest. H200, splits per KV head (reports/measurements/tune_fp16_splits2_h200.csv and the
+    earlier tune_fp16_splits_h200.csv): 32/8 heads, batch 1, 33 (one wave of 2 an SM) 12.0 / 24.0 / 39.9 / 129.2
+    / 932.6 us at 4K / 16K / 32K / 128K / 1M against 48 (about one wave of 3) 12.1 / 25.8 / 41.9 / 131.8 / - and
+    the rule without resident programs (4 waves of 1, 64-82 splits) 14.2 / 28.0 / 47.5 / 152.9 / 1033.7; batch 2
+    at 128K 16 splits 244.3, 24 245.4, 33 280.3; MHA 32/32 at batch 1, 8 splits 0.85-0.94x the time of 16 or
+    33 at 4K-128K."""
+    batch, hq, d = q.shape
+    if splits is not None:
+        n, resident = splits, 0
+    else:
+        probe = Fp16Plan(1, max(max_len, 1), 0)
+        placeholder = torch.empty(0, dtype=torch.float32, device=q.device)
+        fn, args, kwargs = _fp16_call(q, k, v, lens, (placeholder,) * 3, 1.0, block_n, probe)
+        resident = min(resident_programs(fn, args, kwargs, q.device), FP16_SPLIT_RESIDENT_MAX)
+        n = num_splits(batch * k.shape[1], max_len, block_n, q.device, resident=resident)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n), block_n) * block_n
+    return Fp16Plan(max(1, triton.cdiv(max(max_len, 1), tokens_per_split)), tokens_per_split, resident)
+
+
+def _fp16_call(q, k, v, lens, partials, scale, block_n, plan):
+    """(kernel, positional args, keyword args) of one launch."""
+    batch, hq, d = q.shape
+    h_kv, cap = k.shape[1], k.shape[2]
+    group = hq // h_kv
+    dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16
+    warps, stages = FP16_WARPS_STAGES
+    args = (q, k, v, lens, *partials, scale, h_kv, cap, plan.tokens_per_split, plan.splits)
+    kwargs = dict(HQ_PER_KV=group, HQ_PAD=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_N=block_n,
+                  DOT_DTYPE=dot_dtype, num_warps=warps, num_stages=stages)  # fmt: skip
+    return _decode_fp16_kernel, args, kwargs
+
+
+def _fp16_launch(q, k, v, lens, m, l_part, acc, sm_scale, block_n, plan: Fp16Plan) -> None:
+    d = q.shape[2]
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    fn, args, kwargs = _fp16_call(q, k, v, lens, (m, l_part, acc), scale, block_n, plan)
+    fn[(q.shape[0] * k.shape[1], plan.splits)](*args, **kwargs)
 
 
 def decode_reference(q, k, v, lens, sm_scale=None, dtype=torch.float64) -> torch.Tensor:

@@ -535,6 +535,12 @@ WORDS_TAIL_N = 16
 #:   32K (the launch 8-bit MHA took there before as well; (128, 2, 2) 335.1 and 656.7), 1429.2 against the CUDA-core
 #:   kernel's 1522.7 at 128 x 4K. At 1 x 1K and 4K all launches are within 10% (4-bit 9.6-10.3 and 18.4-20.3).
 #:   (These runs' "auto" rows ran this kernel under the dispatch of the time.)
+#: - Few rows of 4K-16K tokens (tune_frag_w_h200.csv, tune_paths.py at b51b21b, 32/8 heads, batch 1): (64, 4, 3)
+#:   4-bit 11.3 / 19.1 us at 4K / 16K against (128, 4, 2)'s 13.6 / 20.0 and (128, 2, 2)'s 12.6 / 23.3; 2-bit 11.2 /
+#:   19.2 against 13.5 / 19.8; at 32K (128, 4, 2) stays fastest (4-bit 26.9 against 28.8), and at 1K too (the
+#:   run above: 7.7 against 8.6); 2K was not measured. 3-bit: within 1% of (128, 4, 2) at 4K and 16K (14.0 / 13.9,
+#:   29.9 / 29.5), so it keeps that launch. One warp a program ((64, 1, 2-3), (32, 1, 2)) and (64, 2, 2-3),
+#:   (128, 2, 3), (32, 2, 2) were slower than the defaults at every point of that run.
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
 #: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K
 #: 120.3 / 182.3, 32 x 4K 74.2 / 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9;
@@ -545,6 +551,10 @@ FRAG_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2), 8: (64, 4, 3)}
 FRAG_FEW_CONFIG = {2: (128, 4, 2), 3: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
 FRAG_FEW_MAX_TOKENS = 32768
+#: within the few-rows launches, FRAG_SHORT_CONFIG over more than FRAG_SHORT_TOKENS[0] and at most
+#: FRAG_SHORT_TOKENS[1] tokens
+FRAG_SHORT_CONFIG = {2: (64, 4, 3), 4: (64, 4, 3)}
+FRAG_SHORT_TOKENS = (1024, 16384)
 #: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
 #: least FRAG_PREFETCH_MIN_WARPS warps (ab_prefetch_h200.csv, tune_paths.py --configs auto:nopf,auto at e04fa28,
 #: the kernel with the query group as padded rows, 32/8 heads, 2/3/4/8-bit at 1 x 32K / 1 x 128K / 4 x 128K / 8 x
@@ -582,13 +592,18 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
     CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_FEW_CONFIG (at most
-    FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens); None counts as many. BLOCK_N is halved until it
+    FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens), and among those FRAG_SHORT_CONFIG (more than
+    FRAG_SHORT_TOKENS[0] and at most FRAG_SHORT_TOKENS[1] tokens); None counts as many. BLOCK_N is halved until it
     divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
         if path == "frag":
             few = rows is not None and rows <= FRAG_FEW_ROWS and max_len is not None and max_len <= FRAG_FEW_MAX_TOKENS
-            cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
+            short = few and FRAG_SHORT_TOKENS[0] < max_len <= FRAG_SHORT_TOKENS[1]
+            if short and bits in FRAG_SHORT_CONFIG:
+                cfg = FRAG_SHORT_CONFIG[bits]
+            else:
+                cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2

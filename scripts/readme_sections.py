@@ -266,14 +266,14 @@ def _splits(tag: str, batch: int, kv_heads: int, context: int, sms: int) -> int:
     return math.ceil(context / per_split)
 
 
-def _sweep_change(old_csv: str, new_csv: str) -> str:
-    """Per bit width and head layout of two H200 sweeps: the points whose kernel, launch config or split count
-    changed and the ratio of their times, and the ratio elsewhere."""
+def _sweep_change(old_csv: str, new_csv: str, impls: tuple[str, ...] = ("kvq_kivi",)) -> str:
+    """Per bit width and head layout of two H200 sweeps (kvq's kernels `impls`): the points whose kernel, launch
+    config or split count changed and the ratio of their times, and the ratio elsewhere."""
     from kvq_sim.hardware import load_hardware
 
-    key = ["bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
+    key = ["impl", "bits", "group_size", "batch", "q_heads", "kv_heads", "head_dim", "context"]
     old, new = (pd.read_csv(ROOT / f) for f in (old_csv, new_csv))
-    m = old[old.impl == "kvq_kivi"].merge(new[new.impl == "kvq_kivi"], on=key, suffixes=("_old", "_new"))
+    m = old[old.impl.isin(impls)].merge(new[new.impl.isin(impls)], on=key, suffixes=("_old", "_new"))
     m["ratio"] = m.time_us_new / m.time_us_old
     sms = load_hardware("h200").sm_count  # what the split rule counts
     lines = [
@@ -295,7 +295,7 @@ def _sweep_change(old_csv: str, new_csv: str) -> str:
         ch, rest = g[changed], g[~changed]
         there = f"{ch.ratio.min():.2f} / {ch.ratio.median():.2f} / {ch.ratio.max():.2f}" if len(ch) else "-"
         elsewhere = f"{rest.ratio.min():.2f} / {rest.ratio.median():.2f} / {rest.ratio.max():.2f}" if len(rest) else "-"
-        p = g[(g.batch == 1) & (g.context == 131072) & (g.group_size == 128)]
+        p = g[(g.batch == 1) & (g.context == 131072) & ((g.group_size == 128) | g.group_size.isna())]
         point = f"{p.time_us_old.iloc[0]:.1f} -> {p.time_us_new.iloc[0]:.1f}" if len(p) else "-"
         lines.append(f"| {hq}/{hkv} | {bits} | {len(g)} | {len(ch)} | {there} | {elsewhere} | {point} |")
     return "\n".join(lines) + "\n"
@@ -336,9 +336,15 @@ def mha_change_h200() -> str:
 
 
 def transpose_change_h200() -> str:
-    """The committed H200 sweep (the fragment kernel with the codes as the M side of both products, for GQA and
+    """The eleventh H200 sweep (the fragment kernel with the codes as the M side of both products, for GQA and
     MHA) against the tenth."""
-    return _sweep_change(H200_KERNEL_V10, H200_KERNEL)
+    return _sweep_change(H200_KERNEL_V10, H200_KERNEL_V11)
+
+
+def dispatch_change_h200() -> str:
+    """The committed H200 sweep (few rows of short caches on (64, 4, 3); the fp16 kernel's splits for one wave
+    of 2 programs an SM) against the eleventh, kvq's fp16 kernel (16 bits) included."""
+    return _sweep_change(H200_KERNEL_V11, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
@@ -495,8 +501,9 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v11.csv", "reports/measurements/e2e_decode_h200_v2.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v12.csv", "reports/measurements/e2e_decode_h200_v3.csv"
 H200_E2E_COLD = "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V11 = "reports/measurements/kernel_decode_h200_v11.csv"
 H200_KERNEL_V10 = "reports/measurements/kernel_decode_h200_v10.csv"
 H200_KERNEL_V8 = "reports/measurements/kernel_decode_h200_v8.csv"
 H200_KERNEL_V7 = "reports/measurements/kernel_decode_h200_v7.csv"
@@ -1052,6 +1059,7 @@ SECTIONS = {
     "launch-change-h200": launch_change_h200,
     "mha-change-h200": mha_change_h200,
     "transpose-change-h200": transpose_change_h200,
+    "dispatch-change-h200": dispatch_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1109,6 +1117,7 @@ DOCS = {
         "launch-change-h200",
         "mha-change-h200",
         "transpose-change-h200",
+        "dispatch-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

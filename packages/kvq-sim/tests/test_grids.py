@@ -78,18 +78,23 @@ def test_yaml_grid_fields_are_checked(tmp_path):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"grid": "kvq"}, drop="block_tokens"))
     with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency' must be a number"):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"nosplit_bandwidth_efficiency": 1.5}))
+    for bad in (-1.0, float("nan"), "x"):
+        with pytest.raises(SimInputError, match=r"split_overhead_us' must be a number"):
+            load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": bad}))
+    hw = load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": 3.5}))
+    assert hw.calibration.attention_kernels[0].split_overhead_us == 3.5
 
 
 def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ran():
-    """Each packed tensor-core row of the H200 sweep (GQA, and MHA on the fragment kernel) records its launch
-    (BLOCK_N, resident programs per SM, splits: e.g. frag-bn128-w2-s2-r4-sp64); the cost model's grid, given the
-    tag's BLOCK_N and resident count, runs as many."""
+    """Each packed tensor-core row of the H200 sweep (GQA, and MHA on the fragment kernel) and each kvq fp16 row
+    records its launch (BLOCK_N, resident programs per SM, splits: e.g. frag-bn128-w2-s2-r4-sp64,
+    bn64-w4-s3-r2-sp33); the cost model's grid, given the tag's BLOCK_N and resident count, runs as many."""
     import pandas as pd
 
-    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v11.csv"
+    csv = Path(__file__).resolve().parents[3] / "reports/measurements/kernel_decode_h200_v12.csv"
     rows = pd.read_csv(csv, comment="#")
     rows = rows[rows.config.fillna("").str.contains(r"-r\d+-sp\d+")]
-    assert len(rows) >= 150
+    assert len(rows) >= 150 and (rows.impl == "kvq_fp16").sum() == 66
     for r in rows.itertuples():
         bn, resident, sp = (int(x) for x in re.search(r"bn(\d+).*-r(\d+)-sp(\d+)", r.config).groups())
         lg = launch("kvq", r.batch, r.q_heads, r.kv_heads, r.context, r.head_dim, 132, bn, 4, 4, resident)

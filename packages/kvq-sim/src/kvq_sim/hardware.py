@@ -23,7 +23,9 @@ class KernelFit:
                            unpack_ps_per_kv_element * kv_elements + dot_ps_per_q_element * q_elements)
     where programs and the split come from the kernel's launch rule (kvq_sim.grids, `grid`), wave =
     ceil(w) / w for w = main programs / (SMs * programs_per_sm) (1 when programs_per_sm is 0), and
-    efficiency is nosplit_bandwidth_efficiency for a launch that does not split the context (when set).
+    efficiency is nosplit_bandwidth_efficiency for a launch that does not split the context (when set), and a
+    launch that splits it adds split_overhead_us (FlashAttention-2's split-KV path launches a second, combine
+    kernel; kvq's kernels run their combine pass either way, inside overhead_us).
     """
 
     family: str  # impl, plus _<bits>b_<mha|gqa> when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b_mha
@@ -40,6 +42,7 @@ class KernelFit:
     program_us: float = 0.0  # fixed time per program per SM (prologue, partial write, combine share)
     programs_per_sm: int = 0  # resident programs per SM for the wave-tail factor; 0: not modelled
     nosplit_bandwidth_efficiency: float = 0.0  # efficiency of launches that do not split; 0: same as split
+    split_overhead_us: float = 0.0  # fixed time a launch that splits the context adds (flash grid)
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,8 @@ _KERNEL = {
     **dict.fromkeys(
         (
             "bound", "overhead_us", "bandwidth_efficiency", "unpack_ps_per_kv_element", "dot_ps_per_q_element",
-            "grid", "program_us", "programs_per_sm", "nosplit_bandwidth_efficiency", "block_tokens",
-            "split_waves", "tail_programs_per_row", "resident_programs_per_sm",
+            "grid", "program_us", "programs_per_sm", "nosplit_bandwidth_efficiency", "split_overhead_us",
+            "block_tokens", "split_waves", "tail_programs_per_row", "resident_programs_per_sm",
         )
     ),
     "fit": _FIT,
@@ -564,6 +567,8 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
     )
     if 0 < out["nosplit_bandwidth_efficiency"] < MIN_EFFICIENCY:
         out["nosplit_bandwidth_efficiency"] = f.fraction(k + "nosplit_bandwidth_efficiency")  # raises
+    if isinstance(entry, dict) and "split_overhead_us" in entry:
+        out["split_overhead_us"] = f.number(k + "split_overhead_us", *_COST_BOUNDS)
     if out["grid"].startswith("kvq"):
         out.update(
             block_tokens=f.number(k + "block_tokens", 1, 1 << 20, integer=True),

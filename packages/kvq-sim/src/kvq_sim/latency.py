@@ -51,7 +51,7 @@ def attention_kernel_us(
     eff = k.bandwidth_efficiency
     fixed, wave = k.overhead_us, 1.0
     if grid is not None:
-        fixed = fixed + k.program_us * grid.programs_per_sm
+        fixed = fixed + k.program_us * grid.programs_per_sm + k.split_overhead_us * grid.split
         wave = grid.wave
         if k.nosplit_bandwidth_efficiency > 0:
             eff = np.where(grid.split, k.bandwidth_efficiency, k.nosplit_bandwidth_efficiency)

@@ -129,7 +129,7 @@ def headline_table() -> str:
     runs = [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU)]
     l3_again = [re.search(all_line, _script("scripts/predict_points.py", "compare-multigpu", *r), re.M) for r in runs]
     l3_now = re.search(
-        all_line, _script("scripts/predict_points.py", "compare-multigpu", LLAMA3_V4, LLAMA3_V4_RUN), re.M
+        all_line, _script("scripts/predict_points.py", "compare-multigpu", LLAMA3_V5, LLAMA3_V5_RUN), re.M
     )
     lines += [
         "",
@@ -347,7 +347,7 @@ def dispatch_change_h200() -> str:
     return _sweep_change(H200_KERNEL_V11, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
 
 
-PEERS_H200 = "reports/measurements/peers_decode_h200_v2.csv"
+PEERS_H200 = "reports/measurements/peers_decode_h200_v3.csv"
 PEER_IMPLS = (
     ("sdpa_flash_fp16", "SDPA flash, fp16"),
     ("kvq_fp16", "kvq fp16"),
@@ -560,18 +560,20 @@ LLAMA3_V3 = "reports/predictions/llama3_8b_h200_v3.csv"
 LLAMA3_V3_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv"
 LLAMA3_V4 = "reports/predictions/llama3_8b_h200_v4.csv"
 LLAMA3_V4_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v4_tp1.csv"
+LLAMA3_V5 = "reports/predictions/llama3_8b_h200_v5.csv"
+LLAMA3_V5_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v5_tp1.csv"
 LLAMA3_4GPU_PRED = "reports/predictions/llama3_8b_h200_4gpu.csv"
 LLAMA3_4GPU = "reports/measurements/multigpu_decode_llama3_8b_h200_4gpu.csv"
 
 
 def llama3_h200() -> str:
     """Llama-3-8B steps on H200s against the predictions committed before each run, and the last one-GPU run's
-    steps by KV format beside the run before it (the fragment kernel with the query group as padded rows)."""
+    steps by KV format beside the last run of the fragment kernel with the query group as padded rows."""
     from kvq_sim.multigpu import read_steps
 
     out = _shown(LLAMA3_H200_COLD, _script(*LLAMA3_H200_COLD[1:]))
     runs = [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU), (LLAMA3_V3, LLAMA3_V3_RUN)]
-    runs.append((LLAMA3_V4, LLAMA3_V4_RUN))
+    runs += [(LLAMA3_V4, LLAMA3_V4_RUN), (LLAMA3_V5, LLAMA3_V5_RUN)]
     for pred, run in runs:
         cmd = ["python", "scripts/predict_points.py", "compare-multigpu", pred, run]
         out += _shown(cmd, _script(*cmd[1:]))
@@ -579,10 +581,11 @@ def llama3_h200() -> str:
     def steps(csv):
         return {(p.kv, p.batch, p.context): p.step_us for p in read_steps(ROOT / csv)[0] if p.gpus == 1}
 
-    first, now = steps(LLAMA3_V3_RUN), steps(LLAMA3_V4_RUN)
+    first, now = steps(LLAMA3_V3_RUN), steps(LLAMA3_V5_RUN)
     lines = [
         "",
-        f"One GPU (`{LLAMA3_V4_RUN}`; in brackets the run before, `{LLAMA3_V3_RUN}`):",
+        f"One GPU (`{LLAMA3_V5_RUN}`; in brackets the last run with the padded-rows fragment kernel, "
+        f"`{LLAMA3_V3_RUN}`):",
         "",
         "| batch | context | fp16 KV (ms) | KIVI-4 (ms, vs fp16) | KIVI-2 (ms, vs fp16) |",
         "| --- | --- | --- | --- | --- |",

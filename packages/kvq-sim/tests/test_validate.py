@@ -533,6 +533,24 @@ LLAMA3_H200_V2 = [
 ]
 LLAMA3_H200_V3 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v3_tp1.csv"
 LLAMA3_H200_V4 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v4_tp1.csv"
+LLAMA3_H200_V5 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v5_tp1.csv"
+
+
+def test_the_gqa_model_measured_with_the_kernels_and_launches_of_the_fit_holds_both_multigpu_gates():
+    """The fifth one-H200 Llama-3-8B run (3522a02) ran the kernels and launch rules of the twelfth sweep, on which
+    the H200 is fitted; predicted with this fit before it was measured (reports/predictions/llama3_8b_h200_v5.csv,
+    docs/validation.md shows the comparison): every step, fp16 and KIVI, inside both gates."""
+    from kvq_sim.hardware import load_hardware
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+
+    points, prov = read_steps(LLAMA3_H200_V5)
+    assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
+    assert prov["commit"] == "3522a02"
+    hw = load_hardware("8x-h200")
+    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
+    mape = sum(errs) / len(errs)
+    assert mape == pytest.approx(3.34, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
+    assert max(errs) == pytest.approx(8.50, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
 
 
 def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_gates():

@@ -147,7 +147,9 @@ def headline_table() -> str:
         f"not 16 rows; MHA runs it too): on the H200 {frag['new'][4]:.2f}x and {frag['new'][2]:.2f}x SDPA flash "
         f"at batch 1 and 128K tokens, where the word kernel was {frag['old'][4]:.2f}x and {frag['old'][2]:.2f}x; "
         f"3-bit GQA too, since its high-bit plane pairs nibbles for the fragment kernel's loads: {frag['new'][3]:.2f}x, "
-        f"from {frag['old'][3]:.2f}x ([docs/kernel-performance.md](docs/kernel-performance.md)). "
+        f"from {frag['old'][3]:.2f}x ([docs/kernel-performance.md](docs/kernel-performance.md)); against cuDNN, "
+        f"GQA 4-bit and 2-bit now run {vs['h200nowgqa4']:.2f}x and {vs['h200nowgqa2']:.2f}x as fast on the H200 "
+        "([docs/kernels.md](docs/kernels.md)). "
         f"kvq-sim predicts {mape.group(1)} held-out kernel launches with a mean absolute error of {mape.group(2)} "
         "([docs/validation.md](docs/validation.md)).",
         f"- Predicted for an H200 from the H100 fit before it was measured, kernel launches were off by a median "
@@ -175,8 +177,9 @@ def headline_table() -> str:
 def _vs_dispatched() -> dict:
     """KIVI-4/2 speedups over SDPA as torch dispatches it, batch 1 and 128K tokens (bench_sdpa_backends.py CSVs)."""
     out = {}
-    for gpu in ("h100", "h200"):
-        d = pd.read_csv(MEASURED / f"sdpa_backends_{gpu}.csv")
+    for gpu, name in (("h100", "sdpa_backends_h100.csv"), ("h200", "sdpa_backends_h200.csv"),
+                      ("h200now", "sdpa_backends_h200_v2.csv")):  # fmt: skip
+        d = pd.read_csv(MEASURED / name)
         d = d[(d.batch == 1) & (d.context == 131072)]
         for heads, kv in (("mha", 32), ("gqa", 8)):
             at = d[d.kv_heads == kv]
@@ -384,7 +387,7 @@ def peers_h200() -> str:
     return "\n".join(lines) + "\n"
 
 
-SDPA_BACKEND_CSVS = ("sdpa_backends_h100.csv", "sdpa_backends_h200.csv")
+SDPA_BACKEND_CSVS = ("sdpa_backends_h100.csv", "sdpa_backends_h200_v2.csv")
 
 
 def sdpa_backends_table() -> str:

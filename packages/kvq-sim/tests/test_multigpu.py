@@ -114,16 +114,55 @@ def test_reads_graph_rows(tmp_path):
         ({"step_us": "fast"}, "row 2"),
         ({"kv": "kivi3"}, "row 2.*'kv'"),
         ({"parallel": "pp"}, "row 2.*'parallel'"),
-        ({"gpus": "0"}, "row 2"),
+        ({"gpus": "0"}, "row 2.*column 'gpus'"),
+        ({"batch": "1.5"}, "row 2.*column 'batch'"),
+        ({"context": ""}, "row 2.*column 'context'"),
         ({"mode": "eager"}, "no measured rows"),
+        ({"mode": "graf"}, "row 2.*column 'mode'"),
     ],
-    ids=["nan", "inf", "negative", "text", "unknown-kv", "unknown-parallel", "zero-gpus", "no-graph-rows"],
-)
+    ids=["nan", "inf", "negative", "text", "unknown-kv", "unknown-parallel", "zero-gpus", "fractional-batch",
+         "blank-context", "no-graph-rows", "unknown-mode"],
+)  # fmt: skip
 def test_bad_rows_are_refused_with_file_and_row(tmp_path, bad, match):
     p = tmp_path / "m.csv"
     _write(p, [{**GOOD, **bad}])
     with pytest.raises(SimInputError, match=match):
         read_steps(p)
+
+
+def _write_with(path, rows, extra: tuple[str, ...]):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_status_and_scaled_time_are_checked(tmp_path):
+    p = tmp_path / "m.csv"
+    _write_with(p, [{**GOOD, "status": "okay"}], ("status",))
+    with pytest.raises(SimInputError, match="row 2: column 'status' must be one of ok, skipped, failed, not_run"):
+        read_steps(p)
+    _write_with(p, [{**GOOD, "status": "skipped", "step_us": ""}, GOOD], ("status",))
+    assert len(read_steps(p)[0]) == 1  # a skipped row carries no time and is left out
+    # a step over fewer layers: step_us_scaled is the model's time, and step_us must be a time too
+    _write_with(p, [{**GOOD, "step_us": "nan", "step_us_scaled": "9000"}], ("step_us_scaled",))
+    with pytest.raises(SimInputError, match="row 2: column 'step_us' must be a positive finite time"):
+        read_steps(p)
+    _write_with(p, [{**GOOD, "step_us": "4000", "step_us_scaled": "-1"}], ("step_us_scaled",))
+    with pytest.raises(SimInputError, match="row 2: column 'step_us_scaled'"):
+        read_steps(p)
+    _write_with(p, [{**GOOD, "step_us": "4000", "step_us_scaled": "9000"}], ("step_us_scaled",))
+    assert [x.step_us for x in read_steps(p)[0]] == [9000.0]
+
+
+def test_a_step_measured_twice_counts_once_at_its_median(tmp_path):
+    p = tmp_path / "m.csv"
+    other = {**GOOD, "batch": 8, "step_us": 7000.0}
+    _write(p, [GOOD, other, {**GOOD, "step_us": 5100.0}, {**GOOD, "step_us": 5300.0}])
+    pts = read_steps(p)[0]
+    assert [(x.batch, x.step_us) for x in pts] == [(1, 5100.0), (8, 7000.0)]
+    _write(p, [GOOD, other] * 2)  # the same rows twice: the same points as once
+    assert [(x.batch, x.step_us) for x in read_steps(p)[0]] == [(1, 5000.0), (8, 7000.0)]
 
 
 def test_missing_column_and_bad_bytes(tmp_path):

@@ -29,7 +29,7 @@ import yaml
 
 from .configs import display_path, read_text, resolve
 from .errors import SimInputError
-from .files import backup_path, check_destination, replacing
+from .files import check_destination, latest_backup, replacing
 from .fitting import nnls
 from .hardware import Hardware, KernelFit, calibration_fit_path, load_hardware, read_calibration_fit, transferred
 from .latency import EAGER_KERNELS_PER_LAYER, EAGER_KERNELS_PER_STEP, attention_kernel_us, grid_terms
@@ -593,8 +593,8 @@ def fit_regressions(path: Path, r: CalibrationResult) -> list[str]:
 
 
 def write_calibration(path: Path, text: str) -> bool:
-    """Write `text` to the fit file the GPU file `path` names, atomically, its previous bytes kept in
-    `<fit file>.bak`; the GPU file is loaded with the new fit first, and nothing is written if the loader
+    """Write `text` to the fit file the GPU file `path` names, atomically, its previous bytes kept in a new
+    backup (`files.next_backup`: `<fit file>.bak` or the next free `<fit file>.<n>.bak`); the GPU file is loaded with the new fit first, and nothing is written if the loader
     refuses it. False when the fit file already holds exactly this text."""
     fit = fit_path(path)
     if fit.is_file() and read_text(fit) == text:
@@ -639,10 +639,10 @@ def written(path: Path, changed: bool, what: str = "calibration") -> str:
     already held it."""
     fit = fit_path(path)
     where = display_path(fit)
-    bak = backup_path(fit)
+    bak = latest_backup(fit)
     if not changed:
         line = f"{where} already holds this {what}; not rewritten"
-    elif bak.is_file():
+    elif bak is not None and bak.is_file():
         line = f"wrote {what} to {where} (previous version: {display_path(bak)})"
     else:
         line = f"wrote {what} to {where} (a new file)"

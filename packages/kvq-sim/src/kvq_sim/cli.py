@@ -150,7 +150,7 @@ def plan(
     "--output",
     required=True,
     help="PDF to write; checked before rendering. An existing PDF is replaced (its previous bytes kept in "
-    "<output>.bak); any other existing file is refused",
+    "<output>.bak, or <output>.<n>.bak when that name is taken); any other existing file is refused",
 )
 def report(model, gpus, methods, measurements, quality, output) -> None:
     """A multi-page PDF: memory, max context and batch, decode speed, roofline, validation, quality."""
@@ -202,7 +202,8 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
 
     The fit goes to the file the GPU's YAML names in calibration_fit (configs/hardware/fits/<gpu>-calibration.yaml),
     never into the hand-written GPU YAML. The fit file is checked writable before any fitting, written atomically
-    (temporary file, then rename) and only when its text changes; its previous text is kept in <file>.bak beside it.
+    (temporary file, then rename) and only when its text changes; its previous text is kept beside it in <file>.bak
+    (<file>.<n>.bak when that name is taken: no existing file is overwritten).
     """
     from . import calibrate as cal
     from .configs import resolve

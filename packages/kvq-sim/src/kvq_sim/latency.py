@@ -263,9 +263,10 @@ def collective_terms(dep: Deployment, batch) -> tuple[int, object]:
 def collective_seconds(fit, calls, nbytes):
     """Seconds of `calls` collective calls moving `nbytes` in all (per GPU; numbers or numpy arrays) under a
     layout's measured fit: its latency per call plus its bytes per second, for calls of any size. Beyond the
-    largest call the fit saw (`max_call_bytes`) this extrapolates: kvq's 13 TP2 steps at batch 32-1024 (up to
-    16 MiB a call, reports/measurements/multigpu_decode_h100_tp2_large_batch.csv) come out at 14.1% MAPE that
-    way, and at 24.2% (too fast from batch 256) with the datasheet link charged beyond the fitted calls."""
+    largest call the fit saw (`max_call_bytes`) this extrapolates: kvq's 12 TP2 steps at batch 32-1024 (up to
+    16 MiB a call, reports/measurements/multigpu_decode_h100_tp2_large_batch.csv) come out at 13.0% MAPE that
+    way, and its 13 rows at 24.2% (too fast from batch 256) with the datasheet link charged beyond the fitted
+    calls."""
     return calls * fit.latency_us * 1e-6 + (nbytes / (fit.bandwidth_gb_s * 1e9) if fit.bandwidth_gb_s else 0)
 
 

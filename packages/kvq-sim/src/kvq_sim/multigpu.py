@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from .memory import weight_bytes
 #: kv column of the benchmark -> (kvq-sim method, bits)
 KV_METHODS = {"fp16": ("fp16", "16"), "kivi4": ("kivi", "4"), "kivi2": ("kivi", "2")}
 COLUMNS = ("model", "parallel", "gpus", "batch", "context", "kv", "mode", "step_us", "device", "commit", "date")
+#: what benchmarks/multigpu_decode.py writes in its status and mode columns ("check": its correctness row)
+STEP_STATUSES = ("ok", "skipped", "failed", "not_run")
+STEP_MODES = ("eager", "graph", "check")
 MULTIGPU_MAPE_MAX_PCT = 8.0
 MULTIGPU_WORST_MAX_PCT = 20.0
 
@@ -66,7 +70,8 @@ class StepPoint:
 
 
 def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], dict]:
-    """The measured points of one timing mode, each row checked; and the file's provenance."""
+    """The measured points of one timing mode, each row checked (a step measured more than once counts once,
+    at its median time); and the file's provenance."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -78,30 +83,45 @@ def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], 
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise SimInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    points, devices, commits, dates = [], set(), set(), set()
+    points, devices, commits, dates, seen = [], set(), set(), set(), {}
     for i, row in enumerate(reader, start=2):
-        if row.get("status", "ok") not in ("ok", ""):
-            continue
-        if row["mode"] != mode:
-            continue
         where = f"{path}, row {i}"
+        status = row.get("status") or "ok"
+        if status not in STEP_STATUSES:
+            raise SimInputError(f"{where}: column 'status' must be one of {', '.join(STEP_STATUSES)}, got {status!r}")
+        if row["mode"] not in STEP_MODES:
+            raise SimInputError(f"{where}: column 'mode' must be one of {', '.join(STEP_MODES)}, got {row['mode']!r}")
+        if status != "ok" or row["mode"] != mode:
+            continue
+        sizes = {}
+        for c in ("gpus", "batch", "context"):
+            try:
+                sizes[c] = int(row[c])
+            except (TypeError, ValueError):
+                sizes[c] = 0
+            if sizes[c] < 1:
+                raise SimInputError(f"{where}: column '{c}' must be a positive integer, got {row[c]!r}")
+        gpus, batch, context = sizes["gpus"], sizes["batch"], sizes["context"]
         # a step timed over fewer layers than the model has carries the whole model's time in step_us_scaled
-        col = "step_us_scaled" if row.get("step_us_scaled") not in (None, "") else "step_us"
-        try:
-            gpus, batch, context = int(row["gpus"]), int(row["batch"]), int(row["context"])
-            step = float(row[col])
-        except (TypeError, ValueError):
-            raise SimInputError(f"{where}: gpus, batch, context must be integers and step_us a number") from None
-        if not (math.isfinite(step) and step > 0) or min(gpus, batch, context) < 1:
-            raise SimInputError(f"{where}: column '{col}' must be a positive finite time, got {row[col]!r}")
+        cols = ["step_us"] + (["step_us_scaled"] if row.get("step_us_scaled") not in (None, "") else [])
+        for c in cols:
+            try:
+                t = float(row[c])
+            except (TypeError, ValueError):
+                t = math.nan
+            if not (math.isfinite(t) and t > 0):
+                raise SimInputError(f"{where}: column '{c}' must be a positive finite time, got {row[c]!r}")
+        step = float(row[cols[-1]])
         if row["kv"] not in KV_METHODS:
             raise SimInputError(f"{where}: column 'kv' must be one of {', '.join(KV_METHODS)}, got {row['kv']!r}")
         if row["parallel"] not in ("tp", "cp"):
             raise SimInputError(f"{where}: column 'parallel' must be tp or cp, got {row['parallel']!r}")
-        points.append(StepPoint(row["model"], row["parallel"], gpus, batch, context, row["kv"], step))
+        # a step measured more than once (a repeat, or the same rows twice) is one point at its median time
+        seen.setdefault((row["model"], row["parallel"], gpus, batch, context, row["kv"]), []).append(step)
         devices.add(row["device"])
         commits.add(row["commit"])
         dates.add(row["date"])
+    points = [StepPoint(*key, statistics.median(times)) for key, times in seen.items()]
     if not points:
         raise SimInputError(f"{path}: no measured rows in mode {mode!r}")
     if len(devices) != 1:

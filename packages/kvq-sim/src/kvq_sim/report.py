@@ -29,7 +29,7 @@ FINGERPRINT_PREFIX = "kvq-sim report sha256:"
 
 def check_output(out: Path) -> None:
     """Before any rendering: `out` can be written, and is not an existing file other than a PDF (a report
-    replaces only an earlier PDF, whose bytes it keeps in `<name>.bak`)."""
+    replaces only an earlier PDF, whose bytes it keeps in a new backup, `files.next_backup`)."""
     check_destination(out, "report")
     if out.is_file():
         with open(out, "rb") as f:

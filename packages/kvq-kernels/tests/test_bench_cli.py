@@ -39,6 +39,25 @@ def test_refuses_without_gpu():
     assert "triton" not in p.stdout
 
 
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--group", "0"], "--group: invalid choice: 0"),
+        (["--group", "7"], "--group: invalid choice: 7"),
+        (["--group", "256"], "--group: invalid choice: 256"),
+        (["--budget-s", "0"], "--budget-s: expected a positive number of seconds, got '0'"),
+        (["--budget-s", "-1"], "--budget-s: expected a positive number of seconds, got '-1'"),
+        (["--budget-s", "nan"], "--budget-s: expected a positive number of seconds, got 'nan'"),
+        (["--budget-s", "inf"], "--budget-s: expected a positive number of seconds, got 'inf'"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_anything_runs(args, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_cli.parse_args(args)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert bench_cli.parse_args(["--group", "32", "--budget-s", "1.5"]).budget_s == 1.5
+
+
 def test_draft_yaml_loads_with_measured_numbers(tmp_path):
     path = tmp_path / f"{FAKE.slug}.yaml"
     path.write_text(draft_yaml(FAKE))

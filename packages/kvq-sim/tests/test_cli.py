@@ -52,6 +52,12 @@ BAD = [
     (["--model", "llama-2-70b", "--gpu", "l40s"], "weights alone need 128."),
     (["--model", "llama-2-70b", "--gpu", "8x-h100", "--gpus", "3"], "tensor parallel 3 does not divide"),
     (["--model", "llama-7b", "--gpu", "a100-80g", "--gpus", "2"], ""),  # a single-GPU config may be replicated
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--method", "", "--bits", "4"], "unknown method ''; valid: "),
+    (
+        ["--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2", "--shared-prefix-tokens", "100000000"],
+        "shared prefix of 100,000,000 tokens does not fit: at most ",
+    ),
+    (["--model", "llama-7b", "--gpu", "a100-80g", "--bits", "2", "--shared-prefix-tokens", "1000"], ""),
 ]
 
 
@@ -111,3 +117,21 @@ def test_a_format_that_does_not_fit_the_heads_is_one_line_exit_2(tmp_path):
         assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
         assert "million cannot store head6's KV: head_dim 6 is not a multiple of pq subspace_dims 4" in r.output
     assert not pdf.exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["validate", "--published", "--max-mape", "nan"], "'--max-mape': expected a finite percentage >= 0, got nan"),
+        (["validate", "--published", "--max-class-bias", "-1"], "'--max-class-bias': expected a finite percentage"),
+        (["report", "--model", "llama-7b", "--gpu", "a100-80g", "--measurements", "/no/such/dir", "-o", "{out}"],
+         "'--measurements': /no/such/dir is not a folder"),
+        (["report", "--model", "llama-7b", "--gpu", "a100-80g", "--quality", "/no/such/dir", "-o", "{out}"],
+         "'--quality': /no/such/dir is not a folder"),
+    ],
+)  # fmt: skip
+def test_thresholds_and_named_folders_are_checked(tmp_path, args, message):
+    out = tmp_path / "r.pdf"
+    r = run(*(a.format(out=out) for a in args))
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not out.exists()

@@ -244,6 +244,7 @@ def test_quality_panels_one_window_each_warnings_on_stderr(tmp_path, capsys):
         "kivi,4,5.0,5.25,10.5,0.05,,,decode,prefill=3968 scored=128\n"
     )
     (q / "orphan.csv").write_text(head + "kivi,2,3.0,3.5,12.9,teacher-forced,window=512 prefix=1 chunk=16\n")
+    (q / "zero.csv").write_text(head + "kivi,2,3.0,3.5,0,decode,prefill=384 scored=128\n")
     (q / "other.csv").write_text("cache,ppl\nfull,11.7\n")
     rows = [
         report_data.QualityRow("m", None, x, x, 0, y, None, False, "f")
@@ -278,6 +279,7 @@ def test_quality_panels_one_window_each_warnings_on_stderr(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: quality file skipped: other.csv: lacks columns method, bits, avg_bits" in err
     assert "orphan.csv, row 2: no change column and no full-cache or fp16 row to compute it" in err
+    assert "zero.csv, row 2: ppl must be positive and bits not negative" in err
 
 
 def test_committed_quality_page_has_distinct_colours_and_no_warning(tmp_path):

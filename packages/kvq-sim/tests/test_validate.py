@@ -1,6 +1,7 @@
 """The CI gate (validate on the committed H100 measurements), fitting, the train/held-out split, bad input."""
 
 import csv
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -606,3 +607,35 @@ def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
     mape, worst = sum(errs) / len(errs), max(errs)
     assert mape == pytest.approx(12.57, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
     assert worst == pytest.approx(51.73, abs=0.005), worst
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"bits": "99"}, "column 'bits': kvq_kivi stores 2, 3, 4 or 8 bits, got 99"),
+        ({"bits": "16"}, "column 'bits': kvq_kivi stores 2, 3, 4 or 8 bits, got 16"),
+        ({"group_size": "0"}, "column 'group_size': kvq_kivi groups are powers of two >= 16, got 0"),
+        ({"group_size": "7"}, "column 'group_size': kvq_kivi groups are powers of two >= 16, got 7"),
+        ({"batch": "100000000000000"}, "column 'bytes_read': "),
+        ({"context": "99999999"}, "column 'bytes_read': "),
+    ],
+)
+def test_kernel_rows_whose_layout_cannot_be_are_refused(tmp_path, change, message):
+    """A packed row's bit width and group must be ones kvq_kivi stores, and its bytes must hold its codes."""
+    with open(KERNEL_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if r["impl"] == "kvq_kivi")
+    p = tmp_path / "k.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerow({**row, **change})
+    with pytest.raises(SimInputError, match=re.escape(message)):
+        read_kernel_csv(p, H100)
+    fp16 = next(r for r in rows if r["impl"] == "kvq_fp16")
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerow({**fp16, "bits": "4"})
+    with pytest.raises(SimInputError, match=r"an fp16 kernel \(kvq_fp16\) reads 16-bit K/V"):
+        read_kernel_csv(p, H100)

@@ -319,12 +319,29 @@ def _progress(total: int | None = None, desc: str = "decode sweep"):
     return wrap
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+#: KIVI group sizes the sweep's caches take: powers of two >= 16 (kivi_layout) that divide the benchmarks'
+#: 128-token fp16 window and the 128 channels of a head
+GROUPS = (16, 32, 64, 128)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="kvq-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="directory for the CSV and YAML (default: the current one)")
     ap.add_argument("--quick", action="store_true", help="a compact sweep (under a minute) for a first fit")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop the kernel sweep after this many seconds")
-    ap.add_argument("--group", type=int, default=128, help="KIVI group size (tokens for keys, channels for values)")
+    ap.add_argument("--budget-s", type=_seconds, default=420.0, help="stop the kernel sweep after this many seconds")
+    ap.add_argument("--group", type=int, choices=GROUPS, default=128,
+                    help="KIVI group size (tokens for keys, channels for values)")  # fmt: skip
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     return ap.parse_args(argv)
 

@@ -287,6 +287,11 @@ def plan(
         batch = batch or 1
         question = f"max context at batch {batch}"
         context = max_context(dep, batch)
+        if context is not None and 0 < context < shared_prefix_tokens:
+            raise SimInputError(
+                f"shared prefix of {shared_prefix_tokens:,} tokens does not fit: at most {context:,} tokens per "
+                f"sequence fit at batch {batch:,} ({dep.model.name}, KV {dep.method} {dep.bits_label}-bit)"
+            )
         if context == 0:
             most = max_batch(dep, 1)
             raise SimInputError(

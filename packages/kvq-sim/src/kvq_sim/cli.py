@@ -17,6 +17,26 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _percent(ctx, param, value):
+    """A click callback: None, or a finite percentage >= 0 (a NaN or negative threshold would pass or fail
+    every run)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"expected a finite percentage >= 0, got {value}")
+    return value
+
+
+def _folder(ctx, param, value):
+    """A click callback: a folder the user named must exist (the default may be absent: nothing to show)."""
+    from pathlib import Path
+
+    source = ctx.get_parameter_source(param.name)
+    if source is not click.core.ParameterSource.DEFAULT and not Path(value).is_dir():
+        raise click.BadParameter(f"{value} is not a folder")
+    return value
+
+
 class _Group(click.Group):
     """click's group with its usage errors (a bad option value, a missing option) on one stderr line and
     exit code 2, like every other input error; click would print the usage block above them."""
@@ -143,8 +163,22 @@ def plan(
 @click.option("--model", required=True, help="model name (kvq-sim list models) or path to a config.json / YAML")
 @click.option("--gpu", "gpus", multiple=True, required=True, help="GPU name or hardware YAML; repeat for several")
 @click.option("--methods", default=None, help="comma list of method[:bits], e.g. kivi:2,kvquant:3 (fp16 always added)")
-@click.option("--measurements", type=click.Path(file_okay=False), default="reports/measurements", show_default=True)
-@click.option("--quality", type=click.Path(file_okay=False), default="reports/quality", show_default=True)
+@click.option(
+    "--measurements",
+    type=click.Path(file_okay=False),
+    default="reports/measurements",
+    show_default=True,
+    callback=_folder,
+    help="folder of measurement CSVs (a named one must exist)",
+)
+@click.option(
+    "--quality",
+    type=click.Path(file_okay=False),
+    default="reports/quality",
+    show_default=True,
+    callback=_folder,
+    help="folder of quality CSVs (a named one must exist)",
+)
 @click.option(
     "-o",
     "--output",
@@ -299,11 +333,18 @@ def _calibrate_multigpu(gpu: str, csv_path: str, other, dry_run: bool) -> None:
     "print errors per source and GPU/parallelism class, held-out and calibration apart",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="with --published")
-@click.option("--max-mape", type=float, default=None, help="with --published: exit 1 above this held-out MAPE (%)")
+@click.option(
+    "--max-mape",
+    type=float,
+    default=None,
+    callback=_percent,
+    help="with --published: exit 1 above this held-out MAPE (%)",
+)
 @click.option(
     "--max-class-bias",
     type=float,
     default=None,
+    callback=_percent,
     help="with --published: exit 1 when a held-out GPU/parallelism class's signed mean error is beyond +-this (%)",
 )
 def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_class_bias) -> None:

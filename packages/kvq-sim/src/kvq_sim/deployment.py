@@ -42,7 +42,7 @@ def resolve_method(method: str | None, bits: str | float | None) -> tuple[str, t
             raise SimInputError(f"cannot read bits {bits!r}: not a finite number")
         if method is None and bits is not None:
             method = _bare_bits_method(parse_bits(bits), bits)
-        method = method or "fp16"
+        method = "fp16" if method is None else method
         if method not in METHODS:
             raise SimInputError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         fmt = get_format(method, bits)

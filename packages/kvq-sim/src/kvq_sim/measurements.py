@@ -271,6 +271,32 @@ def _unique(points: list, rows: list[Row], path) -> None:
         first[p.point_id] = r.line
 
 
+#: bit widths of kvq's packed KIVI kernels (kvq_kernels.decode_kivi)
+KIVI_KERNEL_BITS = (2, 3, 4, 8)
+
+
+def _check_kernel_layout(impl: str, v: dict, where: str) -> None:
+    """A row's bits and group size fit its kernel, and its bytes hold at least its codes: an fp16 kernel reads 16
+    bits an element and no groups; kvq_kivi 2/3/4/8-bit codes in groups of a power of two >= 16 (kivi_layout). A
+    batch, head or context count that does not match the bytes the kernel read (e.g. a mistyped batch of 1e14)
+    would make every time look impossibly fast."""
+    bits, group = v["bits"], v["group_size"]
+    if impl == "kvq_kivi":
+        if bits not in KIVI_KERNEL_BITS:
+            raise SimInputError(f"{where}, column 'bits': kvq_kivi stores 2, 3, 4 or 8 bits, got {bits}")
+        if group < 16 or group & (group - 1):
+            raise SimInputError(f"{where}, column 'group_size': kvq_kivi groups are powers of two >= 16, got {group}")
+    elif impl.endswith("_fp16") and (bits != 16 or group):
+        raise SimInputError(f"{where}: an fp16 kernel ({impl}) reads 16-bit K/V with no group size, got bits {bits}")
+    codes = 2 * v["batch"] * v["kv_heads"] * v["context"] * v["head_dim"] * bits // 8
+    if v["bytes_read"] < codes:
+        raise SimInputError(
+            f"{where}, column 'bytes_read': {v['bytes_read']:,} bytes are fewer than the {codes:,} that the K/V "
+            f"codes of batch {v['batch']:,} x {v['kv_heads']} KV heads x {v['context']:,} tokens x {v['head_dim']} "
+            f"channels at {bits} bits hold"
+        )
+
+
 def read_kernel_csv(path: str | Path, device: str) -> tuple[list[KernelPoint], Provenance]:
     """Kernel decode points measured on `device` (torch.cuda.get_device_name), with the file's provenance."""
     rows = read_rows(path, KERNEL_COLUMNS)
@@ -284,6 +310,7 @@ def read_kernel_csv(path: str | Path, device: str) -> tuple[list[KernelPoint], P
             raise SimInputError(
                 f"{path}, row {r.line}, column 'kv_heads': {v['kv_heads']} does not divide q_heads {v['q_heads']}"
             )
+        _check_kernel_layout(impl, v, f"{path}, row {r.line}")
         pts.append(KernelPoint(impl=impl, config=(r.values.get("config") or "").strip(), **v))
     _unique(pts, rows, path)
     return pts, _provenance(rows, path, device)

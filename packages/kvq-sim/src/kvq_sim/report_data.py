@@ -688,6 +688,9 @@ def quality(directory: Path) -> Quality:
             ):
                 skipped.append(f"{path.name}, row {i}: unreadable avg_bits, held bits, ppl, change or window in params")
                 continue
+            if row["ppl"] <= 0 or row["avg_bits"] < 0 or row["held_bits"] < 0:
+                skipped.append(f"{path.name}, row {i}: ppl must be positive and bits not negative")
+                continue
             by_panel.setdefault((r.get("model", ""), r["protocol"], window), []).append(row)
     panels = []
     # decode first, the longest window first: the 4K-token table leads

@@ -541,6 +541,12 @@ WORDS_TAIL_N = 16
 #:   run above: 7.7 against 8.6); 2K was not measured. 3-bit: within 1% of (128, 4, 2) at 4K and 16K (14.0 / 13.9,
 #:   29.9 / 29.5), so it keeps that launch. One warp a program ((64, 1, 2-3), (32, 1, 2)) and (64, 2, 2-3),
 #:   (128, 2, 3), (32, 2, 2) were slower than the defaults at every point of that run.
+#: - One warp a program after the fp16 tail loop lost its pipeline (ab_tailstages_{old,new}_h200.csv, tune_paths.py
+#:   at 0016c6d without and with it, one machine): the shared memory of the tail had held one-warp launches to 6
+#:   (64, 1, 2) or 3 (64, 1, 3) programs an SM; at 8 they take 4-bit GQA 1 x 128K 65.7 us at (64, 1, 3) against
+#:   69.1 at (128, 2, 2), 8 x 32K 110.8 / 122.8, 32 x 4K 65.5 / 72.1; 2-bit 68.3 / 67.1, 113.8 / 118.9, 67.4 /
+#:   71.1; MHA 4-bit at (64, 1, 2) 193.9 / 219.6, 379.1 / 429.3, 218.2 / 243.0; 3-bit and every 1 x 4K point
+#:   slower. These launches wait for a sweep before the defaults move to them.
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
 #: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K
 #: 120.3 / 182.3, 32 x 4K 74.2 / 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9;

@@ -407,12 +407,16 @@ def test_bad_calibrate_arguments(cli, world, args, message):
 
 
 def test_calibrate_backup_name_taken_by_a_directory(cli, world):
+    """A directory (or any file) at the fit file's backup name is left alone: the previous fit goes to the next
+    free name, which the last line names."""
     (world / f"{FIT}.bak").mkdir()
-    before = cli.snapshot(_protected(world))
-    r = cli.run(SIM, [*CAL, K, "--e2e", E, "--accept-worse-fit"], cwd=world, env=_env(world))
-    cli.fails(
-        r, r"calibration fit .*-calibration\.yaml: its backup .*\.bak exists and is not a regular file", before, 2
-    )
+    fit = world / FIT
+    old = fit.read_bytes() + b"# an edit the refit replaces\n"
+    fit.write_bytes(old)
+    r = cli.run(SIM, [*CAL, K, "--e2e", E], cwd=world, env=_env(world))
+    assert r.returncode == 0, r.stderr
+    assert (world / f"{FIT}.bak").is_dir() and (world / f"{FIT}.1.bak").read_bytes() == old
+    assert r.stdout.splitlines()[-1].startswith(f"wrote calibration to {FIT} (previous version: {FIT}.1.bak)")
 
 
 # --- report -o: checked before rendering (id, output, message regex) --------------------------------------------------
@@ -438,6 +442,7 @@ def test_bad_report_output(cli, world, output, message):
 
 def test_report_with_a_non_utf8_measurement_leaves_no_pdf(cli, world):
     (world / "m").mkdir()
+    (world / "q").mkdir()
     (world / "m" / report_data.KERNEL_CSV).write_bytes(non_utf8((world / K).read_bytes()))
     before = cli.snapshot(_protected(world))
     args = ["report", "--model", "llama-7b", "--gpu", GPU, "--measurements", "m", "--quality", "q", "-o", "r.pdf"]
@@ -506,6 +511,7 @@ def test_dry_run_writes_nothing_and_warns_of_a_worse_fit(cli, world):
 
 def test_report_replaces_an_earlier_pdf_and_keeps_it(cli, world):
     (world / "r.pdf").write_bytes(b"%PDF-1.4 an earlier report\n")
+    (world / "none").mkdir()  # named folders must exist; this one holds no CSV
     args = ["report", "--model", "llama-7b", "--gpu", GPU, "--methods", "kivi:2", "--measurements", "none"]
     r = cli.run(SIM, [*args, "--quality", "none", "-o", "r.pdf"], cwd=world, env=_env(world))
     assert r.returncode == 0, r.stderr

@@ -113,6 +113,8 @@ def test_cache_names():
         (["kivi:2", "--text", "/nonexistent/text.txt"], "--text /nonexistent/text.txt"),
         (["kivi:2", "--model", "/nonexistent/model"], "not a directory"),
         (["kivi:2", "--calibration", "/nonexistent/calib.pt"], "does not exist"),
+        ([":"], "cache ':' names no method"),
+        (["kivi:2", "--calibration-text", "/nonexistent/c.txt"], "--calibration-text /nonexistent/c.txt"),
     ],
     ids=[
         "unknown-method",
@@ -124,6 +126,8 @@ def test_cache_names():
         "text",
         "model",
         "calib",
+        "no-method",
+        "calibration-text",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):

@@ -58,6 +58,12 @@ def test_bad_arguments_are_one_line_errors_before_anything_runs(args, match, cap
     assert bench_cli.parse_args(["--group", "32", "--budget-s", "1.5"]).budget_s == 1.5
 
 
+def test_help_states_the_whole_first_sentence(capsys):
+    with pytest.raises(SystemExit):
+        bench_cli.parse_args(["--help"])
+    assert "and draft its kvq-sim hardware YAML." in " ".join(capsys.readouterr().out.split())
+
+
 def test_draft_yaml_loads_with_measured_numbers(tmp_path):
     path = tmp_path / f"{FAKE.slug}.yaml"
     path.write_text(draft_yaml(FAKE))

@@ -183,6 +183,8 @@ def parse_cache(spec: str) -> CacheSpec:
         method, _, bits = spec.partition(":")
         return CacheSpec(spec, method, bits, peer=peers[spec])
     method, colon, bits = spec.partition(":")
+    if not method.strip():
+        raise UsageError(f"cache {spec!r} names no method; write e.g. kivi:2 or full")
     if colon and not bits.strip():
         raise UsageError(
             f"cache {spec!r} names no bit width after ':'; write e.g. {method}:2, or {method} for its default"
@@ -451,8 +453,8 @@ class CacheMaker:
         return fmt.avg_bits(tokens, kv_heads, head_dim, hidden)
 
 
-def _read_text(path: Path | None, split: str) -> tuple[str, str]:
-    """(text, CSV description)."""
+def _read_text(path: Path | None, split: str, option: str = "--text") -> tuple[str, str]:
+    """(text, CSV description); `option` names the flag that gave `path` in an error."""
     from .models import pydoc_text
 
     if path is None:
@@ -460,7 +462,7 @@ def _read_text(path: Path | None, split: str) -> tuple[str, str]:
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--text {path}: {e}") from None
+        raise UsageError(f"{option} {path}: {e}") from None
 
 
 # -- perplexity -------------------------------------------------------------------------------------
@@ -611,7 +613,7 @@ def _check_positions(model, tokens: int, what: str) -> None:
 def _setup(args, specs: list[CacheSpec], calibration: CalibrationFile | None):
     """Load text and model and check what needs them; returns (model, tok, model name, ids, text desc, calib ids)."""
     text, text_desc = _read_text(args.text, "evaluation")
-    calib_text, _ = _read_text(args.calibration_text, "calibration")
+    calib_text, _ = _read_text(args.calibration_text, "calibration", "--calibration-text")
     model, tok, model_name = load_model(args.model)
     if calibration is not None:
         try:

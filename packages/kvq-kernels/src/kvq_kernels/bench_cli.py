@@ -336,7 +336,7 @@ GROUPS = (16, 32, 64, 128)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="kvq-bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kvq-bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", default=".", help="directory for the CSV and YAML (default: the current one)")
     ap.add_argument("--quick", action="store_true", help="a compact sweep (under a minute) for a first fit")
     ap.add_argument("--budget-s", type=_seconds, default=420.0, help="stop the kernel sweep after this many seconds")

@@ -81,6 +81,8 @@ def test_yaml_grid_fields_are_checked(tmp_path):
     for bad in (-1.0, float("nan"), "x"):
         with pytest.raises(SimInputError, match=r"split_overhead_us' must be a number"):
             load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": bad}))
+    with pytest.raises(SimInputError, match=r"h100-80g\.yaml \(calibration from .*fit\.yaml\): field 'calibration\."):
+        load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"bandwidth_efficiency": 1.5}))
     hw = load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": 3.5}))
     assert hw.calibration.attention_kernels[0].split_overhead_us == 3.5
 

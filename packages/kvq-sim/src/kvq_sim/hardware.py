@@ -329,10 +329,12 @@ def _load(path: Path, seen: tuple[Path, ...] = (), fit_file: Path | None = None)
     where = display_path(path)
     data = read_yaml(path)
     _check_schema(data, _SCHEMA, where)
+    fit_path = fit_file or calibration_fit_path(path, data)
+    cal_where = f"{where} (calibration from {display_path(fit_path)})" if fit_path and fit_path.exists() else where
     data = _with_calibration_fit(data, path, fit_file)
     base = data.get("base")
     if base is None:
-        hw = _with_collectives(parse_hardware(data, where, path.stem), data, path, None)
+        hw = _with_collectives(parse_hardware(data, where, path.stem, cal_where), data, path, None)
         return data, hw, hw
     if not isinstance(base, str) or not base:
         raise SimInputError(f"{where}: field 'base' must be a GPU name, got {base!r}")
@@ -348,11 +350,11 @@ def _load(path: Path, seen: tuple[Path, ...] = (), fit_file: Path | None = None)
         gap = parent.nominal_memory_gib * GIB - parent.usable_memory_bytes
         merged["usable_memory_bytes"] = max(1, round(nominal * GIB - gap))
     if "calibrated" in data.get("calibration", {}):
-        hw = _with_collectives(parse_hardware(merged, where, path.stem), data, path, parent)
+        hw = _with_collectives(parse_hardware(merged, where, path.stem, cal_where), data, path, parent)
         return merged, hw, hw
     if "torch_device_name" not in data and any(merged.get(k) != parent_data.get(k) for k in PER_GPU_FIELDS):
         merged.pop("torch_device_name", None)  # measurements of the base GPU must not match this one
-    hw = parse_hardware(merged, where, path.stem)
+    hw = parse_hardware(merged, where, path.stem, cal_where)
     if any(getattr(hw, k) != getattr(origin, k) for k in PER_GPU_FIELDS):
         hw = replace(hw, calibration=_carried_over(origin, hw))
     return merged, _with_collectives(hw, data, path, parent), origin
@@ -441,21 +443,23 @@ _BOUNDS = {
 _COST_BOUNDS = (0, 1e6)
 
 
-def parse_hardware(data: dict, where: str, name: str) -> Hardware:
-    """Validate a hardware mapping (already merged with its base) into a Hardware."""
+def parse_hardware(data: dict, where: str, name: str, cal_where: str | None = None) -> Hardware:
+    """Validate a hardware mapping (already merged with its base) into a Hardware; `cal_where` names the
+    calibration fields' source in errors (the GPU file with the fit file merged over it), default `where`."""
     f = _Fields(data, where)
-    cal_section = f._get("calibration")
+    c = _Fields(data, cal_where or where)
+    cal_section = c._get("calibration")
     cal = Calibration(
-        calibrated=f.boolean("calibration.calibrated"),
-        source=f.text("calibration.source"),
-        **{attr: f.fraction(f"calibration.bandwidth_efficiency.{key}") for key, attr in _CAL_KEYS.items()},
-        tensor_core_efficiency=f.fraction("calibration.tensor_core_efficiency"),
-        interconnect_efficiency=f.fraction("calibration.interconnect_efficiency"),
-        kernel_launch_overhead_us=f.number("calibration.kernel_launch_overhead_us", 0, 1e4),
-        cuda_context_mib=f.number("calibration.cuda_context_mib", 0, 1 << 20),
-        framework_workspace_mib=f.number("calibration.framework_workspace_mib", 0, 1 << 20),
-        attention_kernels=_kernel_fits(cal_section.get("attention_kernels", {}), where),
-        transferred_from=f.text("calibration.transferred_from") if "transferred_from" in cal_section else "",
+        calibrated=c.boolean("calibration.calibrated"),
+        source=c.text("calibration.source"),
+        **{attr: c.fraction(f"calibration.bandwidth_efficiency.{key}") for key, attr in _CAL_KEYS.items()},
+        tensor_core_efficiency=c.fraction("calibration.tensor_core_efficiency"),
+        interconnect_efficiency=c.fraction("calibration.interconnect_efficiency"),
+        kernel_launch_overhead_us=c.number("calibration.kernel_launch_overhead_us", 0, 1e4),
+        cuda_context_mib=c.number("calibration.cuda_context_mib", 0, 1 << 20),
+        framework_workspace_mib=c.number("calibration.framework_workspace_mib", 0, 1 << 20),
+        attention_kernels=_kernel_fits(cal_section.get("attention_kernels", {}), cal_where or where),
+        transferred_from=c.text("calibration.transferred_from") if "transferred_from" in cal_section else "",
         e2e_measured="e2e_fit" in cal_section,
     )
     ints = ("gpus", "usable_memory_bytes", "sm_count")

@@ -537,18 +537,26 @@ LLAMA3_H200_V4 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v4_
 LLAMA3_H200_V5 = ROOT / "reports/measurements/multigpu_decode_llama3_8b_h200_v5_tp1.csv"
 
 
+def _signed_errors_pct(csv_path) -> tuple[dict, dict]:
+    """({step: predicted / measured - 1 in %} under the 8x-h200 fit, the file's provenance) of a one-GPU run."""
+    from kvq_sim.hardware import load_hardware
+    from kvq_sim.multigpu import predict, read_steps
+
+    points, prov = read_steps(csv_path)
+    hw = load_hardware("8x-h200")
+    return {p: (predict(hw, p) / p.step_us - 1) * 100 for p in points}, prov
+
+
 def test_the_gqa_model_measured_with_the_kernels_and_launches_of_the_fit_holds_both_multigpu_gates():
     """The fifth one-H200 Llama-3-8B run (3522a02) ran the kernels and launch rules of the twelfth sweep, on which
     the H200 is fitted; predicted with this fit before it was measured (reports/predictions/llama3_8b_h200_v5.csv,
     docs/validation.md shows the comparison): every step, fp16 and KIVI, inside both gates."""
-    from kvq_sim.hardware import load_hardware
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
-    points, prov = read_steps(LLAMA3_H200_V5)
-    assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
+    signed, prov = _signed_errors_pct(LLAMA3_H200_V5)
+    assert len(signed) == 27 and {(p.model, p.gpus) for p in signed} == {("llama-3-8b", 1)}
     assert prov["commit"] == "3522a02"
-    hw = load_hardware("8x-h200")
-    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
+    errs = [abs(e) for e in signed.values()]
     mape = sum(errs) / len(errs)
     assert mape == pytest.approx(3.34, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
     assert max(errs) == pytest.approx(8.50, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
@@ -559,15 +567,13 @@ def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_
     fit (reports/predictions/llama3_8b_h200_v4.csv: MAPE 4.18%, worst 10.64%, docs/validation.md); the fit of the
     twelfth sweep, whose fp16 kernel splits for one wave of 2 programs an SM, predicts its fp16 steps at batch 8-64
     6-12% fast and still holds every step inside both gates."""
-    from kvq_sim.hardware import load_hardware
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
-    points = read_steps(LLAMA3_H200_V4)[0]
-    assert len(points) == 27 and {(p.model, p.gpus, p.kv) for p in points} == {
+    signed = _signed_errors_pct(LLAMA3_H200_V4)[0]
+    assert len(signed) == 27 and {(p.model, p.gpus, p.kv) for p in signed} == {
         ("llama-3-8b", 1, kv) for kv in ("fp16", "kivi4", "kivi2")
     }
-    hw = load_hardware("8x-h200")
-    errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
+    errs = [abs(e) for e in signed.values()]
     mape = sum(errs) / len(errs)
     assert mape == pytest.approx(4.70, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
     assert max(errs) == pytest.approx(12.47, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
@@ -576,13 +582,10 @@ def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_
 def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():
     """The last one-H200 Llama-3-8B run (da6940d): its fp16 steps inside both gates; its KIVI steps, which ran the
     padded-rows fragment kernel, predicted fast (never more than 5% slow)."""
-    from kvq_sim.hardware import load_hardware
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT, predict, read_steps
+    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
-    points = read_steps(LLAMA3_H200_V3)[0]
-    assert len(points) == 27 and {(p.model, p.gpus) for p in points} == {("llama-3-8b", 1)}
-    hw = load_hardware("8x-h200")
-    signed = {p: (predict(hw, p) / p.step_us - 1) * 100 for p in points}
+    signed = _signed_errors_pct(LLAMA3_H200_V3)[0]
+    assert len(signed) == 27 and {(p.model, p.gpus) for p in signed} == {("llama-3-8b", 1)}
     fp16 = [abs(e) for p, e in signed.items() if p.kv == "fp16"]
     assert len(fp16) == 9 and sum(fp16) / len(fp16) <= MULTIGPU_MAPE_MAX_PCT and max(fp16) <= MULTIGPU_WORST_MAX_PCT
     kivi = [e for p, e in signed.items() if p.kv != "fp16"]
@@ -624,18 +627,17 @@ def test_kernel_rows_whose_layout_cannot_be_are_refused(tmp_path, change, messag
     """A packed row's bit width and group must be ones kvq_kivi stores, and its bytes must hold its codes."""
     with open(KERNEL_CSV, newline="") as f:
         rows = list(csv.DictReader(f))
-    row = next(r for r in rows if r["impl"] == "kvq_kivi")
     p = tmp_path / "k.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerow({**row, **change})
+
+    def write(row):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerow(row)
+
+    write({**next(r for r in rows if r["impl"] == "kvq_kivi"), **change})
     with pytest.raises(SimInputError, match=re.escape(message)):
         read_kernel_csv(p, H100)
-    fp16 = next(r for r in rows if r["impl"] == "kvq_fp16")
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerow({**fp16, "bits": "4"})
+    write({**next(r for r in rows if r["impl"] == "kvq_fp16"), "bits": "4"})
     with pytest.raises(SimInputError, match=r"an fp16 kernel \(kvq_fp16\) reads 16-bit K/V"):
         read_kernel_csv(p, H100)

@@ -264,10 +264,15 @@ def kvq_fp16_fn(batch, hq, hkv, t, splits=None):
 
 def time_fp16(batch, hq, hkv, t, nbytes: int, rep_ms: float = 60.0, splits=None):
     """(`time_rotation` microseconds of `kvq_fp16_fn` calls, the `Fp16Plan` they ran)."""
+    return _time_planned(functools.partial(kvq_fp16_fn, batch, hq, hkv, t, splits), nbytes, rep_ms)
+
+
+def _time_planned(make_fn, nbytes: int, rep_ms: float):
+    """(`time_rotation` microseconds of the calls `make_fn` makes, the `plan` attribute of the first)."""
     plans = []
 
     def make():
-        f = kvq_fp16_fn(batch, hq, hkv, t, splits)
+        f = make_fn()
         plans.append(f.plan)
         return f
 
@@ -318,14 +323,7 @@ def resolved_config(cfg, bits: int, batch: int, q_heads: int, kv_heads: int, con
 
 def time_kivi(batch, hq, hkv, t, bits, group, cfg, nbytes: int, rep_ms: float = 60.0, splits=None):
     """(`time_rotation` microseconds of `kvq_kivi_fn` calls, the `LaunchPlan` they ran)."""
-    plans = []
-
-    def make():
-        f = kvq_kivi_fn(batch, hq, hkv, t, bits, group, cfg, splits)
-        plans.append(f.plan)
-        return f
-
-    return time_rotation(make, nbytes, rep_ms=rep_ms), plans[0]
+    return _time_planned(functools.partial(kvq_kivi_fn, batch, hq, hkv, t, bits, group, cfg, splits), nbytes, rep_ms)
 
 
 def plan_tag(plan) -> str:

@@ -118,7 +118,8 @@ def decode_fp16(
     lens: int32 [batch], each in [0, capacity]; a length-0 sequence gives zeros.
     GQA:  query head j attends KV head j // (query_heads // kv_heads); MHA when the counts are equal.
     sm_scale: a positive number, default 1/sqrt(head_dim). splits (>= 1, of the context, flash-decoding)
-    defaults to whole waves of the programs an SM holds (`fp16_plan`). block_n: tile rows, a power of two in [16, 256].
+    defaults to whole waves of the programs an SM holds (`fp16_plan`). block_n: tile rows, a power of two in
+    [16, 256].
     max_len (tokens): at least max(lens); it sizes the splits. Default capacity (no host sync).
     validate_lens=True reads lens on the host (one device sync) to check them against capacity and max_len;
     False skips that sync (for CUDA-graph capture): the caller then guarantees 0 <= lens <= max_len.
@@ -206,7 +207,6 @@ def fp16_plan(q, k, v, lens, splits: int | None, block_n: int, max_len: int) -> 
     the rule without resident programs (4 waves of 1, 64-82 splits) 14.2 / 28.0 / 47.5 / 152.9 / 1033.7; batch 2
     at 128K 16 splits 244.3, 24 245.4, 33 280.3; MHA 32/32 at batch 1, 8 splits 0.85-0.94x the time of 16 or
     33 at 4K-128K."""
-    batch, hq, d = q.shape
     if splits is not None:
         n, resident = splits, 0
     else:
@@ -214,14 +214,14 @@ def fp16_plan(q, k, v, lens, splits: int | None, block_n: int, max_len: int) -> 
         placeholder = torch.empty(0, dtype=torch.float32, device=q.device)
         fn, args, kwargs = _fp16_call(q, k, v, lens, (placeholder,) * 3, 1.0, block_n, probe)
         resident = min(resident_programs(fn, args, kwargs, q.device), FP16_SPLIT_RESIDENT_MAX)
-        n = num_splits(batch * k.shape[1], max_len, block_n, q.device, resident=resident)
+        n = num_splits(q.shape[0] * k.shape[1], max_len, block_n, q.device, resident=resident)
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n), block_n) * block_n
     return Fp16Plan(max(1, triton.cdiv(max(max_len, 1), tokens_per_split)), tokens_per_split, resident)
 
 
 def _fp16_call(q, k, v, lens, partials, scale, block_n, plan):
     """(kernel, positional args, keyword args) of one launch."""
-    batch, hq, d = q.shape
+    hq, d = q.shape[1], q.shape[2]
     h_kv, cap = k.shape[1], k.shape[2]
     group = hq // h_kv
     dot_dtype = tl.float32 if (q.dtype == torch.float32 or interpreting()) else tl.float16

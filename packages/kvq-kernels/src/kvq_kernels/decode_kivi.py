@@ -605,11 +605,12 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
         cfg = WORDS_CONFIG
         if path == "frag":
             few = rows is not None and rows <= FRAG_FEW_ROWS and max_len is not None and max_len <= FRAG_FEW_MAX_TOKENS
-            short = few and FRAG_SHORT_TOKENS[0] < max_len <= FRAG_SHORT_TOKENS[1]
-            if short and bits in FRAG_SHORT_CONFIG:
+            if few and FRAG_SHORT_TOKENS[0] < max_len <= FRAG_SHORT_TOKENS[1] and bits in FRAG_SHORT_CONFIG:
                 cfg = FRAG_SHORT_CONFIG[bits]
+            elif few and bits in FRAG_FEW_CONFIG:
+                cfg = FRAG_FEW_CONFIG[bits]
             else:
-                cfg = FRAG_FEW_CONFIG[bits] if few and bits in FRAG_FEW_CONFIG else FRAG_CONFIG[bits]
+                cfg = FRAG_CONFIG[bits]
         bn = cfg[0]
         while bn > 16 and (bn > group_size or group_size % bn):
             bn //= 2

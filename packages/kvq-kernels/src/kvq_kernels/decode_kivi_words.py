@@ -130,9 +130,9 @@ def _tail_part(
     m_i = tl.full([HQ_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([HQ_PAD], tl.float32)
     acc = tl.zeros([HQ_PAD, HEAD_DIM], tl.float32)
-    # one stage: a tail program runs one or two tiles, so a software pipeline gains nothing, and its buffers
+    # one stage: a tail program runs one or two tiles, so a software pipeline would gain nothing, and its buffers
     # (33 KiB of shared memory in a local sm_90 compile of the fragment kernel, against 10-18 KiB for its main
-    # loop) are counted for every program of the launch and capped one-warp launches at 6 programs an SM
+    # loop) would count for every program of the launch and hold one-warp launches to 6 programs an SM
     for t0 in tl.range(tail_start, tl.minimum(tail_end, n_sink + rest - n_vq), TAIL_N, num_stages=1):
         offs_t = t0 + tl.arange(0, TAIL_N)
         is_sink = offs_t < n_sink

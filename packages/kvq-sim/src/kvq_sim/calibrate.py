@@ -594,8 +594,9 @@ def fit_regressions(path: Path, r: CalibrationResult) -> list[str]:
 
 def write_calibration(path: Path, text: str) -> bool:
     """Write `text` to the fit file the GPU file `path` names, atomically, its previous bytes kept in a new
-    backup (`files.next_backup`: `<fit file>.bak` or the next free `<fit file>.<n>.bak`); the GPU file is loaded with the new fit first, and nothing is written if the loader
-    refuses it. False when the fit file already holds exactly this text."""
+    backup (`files.next_backup`: `<fit file>.bak` or the next free `<fit file>.<n>.bak`); the GPU file is loaded
+    with the new fit first, and nothing is written if the loader refuses it. False when the fit file already holds
+    exactly this text."""
     fit = fit_path(path)
     if fit.is_file() and read_text(fit) == text:
         return False

@@ -37,6 +37,18 @@ def _folder(ctx, param, value):
     return value
 
 
+def _folder_option(name: str, default: str, holds: str):
+    """A report option naming a folder of `holds`; one the user names must exist (`_folder`)."""
+    return click.option(
+        name,
+        type=click.Path(file_okay=False),
+        default=default,
+        show_default=True,
+        callback=_folder,
+        help=f"folder of {holds} (a named one must exist)",
+    )
+
+
 class _Group(click.Group):
     """click's group with its usage errors (a bad option value, a missing option) on one stderr line and
     exit code 2, like every other input error; click would print the usage block above them."""
@@ -163,22 +175,8 @@ def plan(
 @click.option("--model", required=True, help="model name (kvq-sim list models) or path to a config.json / YAML")
 @click.option("--gpu", "gpus", multiple=True, required=True, help="GPU name or hardware YAML; repeat for several")
 @click.option("--methods", default=None, help="comma list of method[:bits], e.g. kivi:2,kvquant:3 (fp16 always added)")
-@click.option(
-    "--measurements",
-    type=click.Path(file_okay=False),
-    default="reports/measurements",
-    show_default=True,
-    callback=_folder,
-    help="folder of measurement CSVs (a named one must exist)",
-)
-@click.option(
-    "--quality",
-    type=click.Path(file_okay=False),
-    default="reports/quality",
-    show_default=True,
-    callback=_folder,
-    help="folder of quality CSVs (a named one must exist)",
-)
+@_folder_option("--measurements", "reports/measurements", "measurement CSVs")
+@_folder_option("--quality", "reports/quality", "quality CSVs")
 @click.option(
     "-o",
     "--output",

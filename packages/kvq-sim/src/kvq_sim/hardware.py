@@ -309,15 +309,15 @@ def read_calibration_fit(path: Path) -> dict:
     return data
 
 
-def _with_calibration_fit(data: dict, path: Path, fit_file: Path | None) -> dict:
-    """`data` with the fitted fields of its `calibration_fit:` file (or of `fit_file`) over its own
-    `calibration:` priors; unchanged when it names none, or names one `kvq-sim calibrate` has not written yet
-    (a GPU drafted for calibration: its plans say "uncalibrated priors")."""
+def _with_calibration_fit(data: dict, path: Path, fit_file: Path | None) -> tuple[dict, Path | None]:
+    """(`data` with the fitted fields of its `calibration_fit:` file (or of `fit_file`) over its own
+    `calibration:` priors, the fit file merged); unchanged and None when it names none, or names one `kvq-sim
+    calibrate` has not written yet (a GPU drafted for calibration: its plans say "uncalibrated priors")."""
     fit_file = fit_file or calibration_fit_path(path, data)
     if fit_file is None or not fit_file.exists():
-        return data
+        return data, None
     fit = read_calibration_fit(fit_file)
-    return {**data, "calibration": _merge_calibration(data.get("calibration", {}), fit)}
+    return {**data, "calibration": _merge_calibration(data.get("calibration", {}), fit)}, fit_file
 
 
 def _load(path: Path, seen: tuple[Path, ...] = (), fit_file: Path | None = None) -> tuple[dict, Hardware, Hardware]:
@@ -329,9 +329,8 @@ def _load(path: Path, seen: tuple[Path, ...] = (), fit_file: Path | None = None)
     where = display_path(path)
     data = read_yaml(path)
     _check_schema(data, _SCHEMA, where)
-    fit_path = fit_file or calibration_fit_path(path, data)
-    cal_where = f"{where} (calibration from {display_path(fit_path)})" if fit_path and fit_path.exists() else where
-    data = _with_calibration_fit(data, path, fit_file)
+    data, merged_fit = _with_calibration_fit(data, path, fit_file)
+    cal_where = f"{where} (calibration from {display_path(merged_fit)})" if merged_fit else where
     base = data.get("base")
     if base is None:
         hw = _with_collectives(parse_hardware(data, where, path.stem, cal_where), data, path, None)

@@ -83,7 +83,7 @@ def read_steps(path: str | Path, mode: str = "graph") -> tuple[list[StepPoint], 
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise SimInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    points, devices, commits, dates, seen = [], set(), set(), set(), {}
+    devices, commits, dates, seen = set(), set(), set(), {}
     for i, row in enumerate(reader, start=2):
         where = f"{path}, row {i}"
         status = row.get("status") or "ok"

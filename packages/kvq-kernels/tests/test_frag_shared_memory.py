@@ -26,19 +26,32 @@ import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvq_kernels.combine import alloc_partials
-from kvq_kernels.decode_kivi import (FRAG_CONFIG, FRAG_FEW_CONFIG, FRAG_SHORT_CONFIG, LaunchPlan, frag_geometry,
-                                    kernel_call)
+from kvq_kernels.decode_kivi import (FRAG_CONFIG, FRAG_FEW_CONFIG, FRAG_SHORT_CONFIG, FRAG_SMALL_CONFIG, LaunchPlan,
+                                    frag_geometry, kernel_call)
 from kvq_kernels.kivi_layout import allocate
 
+ALLOC = r"ttg\.local_alloc[^\n]*-> !ttg\.memdesc<([0-9x]+)x(\w+),[^\n]*loc\((#loc\d*)\)\n"
+FRAG = "decode_kivi_frag.py"
+
+
+def source(ttgir, loc):  # the file a location comes from: a call site's callee, a named location's own
+    text = re.search("^" + loc + r" = (.*)$", ttgir, re.M).group(1)
+    path = re.match(r'loc\("([^"]+)":\d+:\d+\)', text)
+    if path:
+        return path.group(1).rsplit("/", 1)[-1]
+    inner = re.search(r"#loc\d*", text)
+    return source(ttgir, inner.group(0)) if inner else None
 PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int16: "*i16",
        torch.int8: "*i8", torch.uint8: "*u8"}
 out = []
-for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2], FRAG_SHORT_CONFIG[2])),
-                      (3, (FRAG_CONFIG[3], FRAG_FEW_CONFIG[3])),
-                      (4, (FRAG_CONFIG[4], FRAG_FEW_CONFIG[4], FRAG_SHORT_CONFIG[4])), (8, (FRAG_CONFIG[8],))):
+for bits in (2, 3, 4, 8):
+    tables = (FRAG_CONFIG, FRAG_FEW_CONFIG, FRAG_SHORT_CONFIG, FRAG_SMALL_CONFIG)
+    configs = list(dict.fromkeys(t[bits] for t in tables if bits in t))
     cache = allocate(1, 8, 128, 4096, bits, 128, 128)
-    # GQA 32/8 at every default launch; MHA 8/8 (one query head, padded to the same 8 columns) at FRAG_CONFIG
-    for hq, (bn, warps, stages) in [(32, c) for c in configs] + [(8, FRAG_CONFIG[bits])]:
+    # GQA 32/8 at every default launch; MHA 8/8 (one query head, padded to the same 8 columns) at the launches of
+    # more than FRAG_FEW_ROWS rows
+    mha = dict.fromkeys((FRAG_CONFIG[bits], FRAG_SMALL_CONFIG.get(bits, FRAG_CONFIG[bits])))
+    for hq, (bn, warps, stages) in [(32, c) for c in configs] + [(8, c) for c in mha]:
         q = torch.zeros(1, hq, 128, dtype=torch.float16)
         plan = LaunchPlan("frag", bn, warps, stages, 4, 1024, 4, 0)
         fn, args, kw = kernel_call(plan, q, cache, 1.0, alloc_partials(hq, 8, 128, "cpu"), True, True)
@@ -57,8 +70,10 @@ for bits, configs in ((2, (FRAG_CONFIG[2], FRAG_FEW_CONFIG[2], FRAG_SHORT_CONFIG
         sig.update({k: "constexpr" for k in kw})
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in kw.items()}, attrs=attrs)
         ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ttgir"]
-        allocs = re.findall(r"local_alloc[^\n]*-> !ttg\.memdesc<([0-9x]+)x(\w+),", ttgir)
-        w = 128 // frag_geometry(bits)[1]
+        # only the main loop's allocations: the fp16 tail programs' tiles (decode_kivi_words) may share a code
+        # tile's shape ([TAIL_N, head_dim], [HQ_PAD, head_dim])
+        allocs = [(shape, dt) for shape, dt, loc in re.findall(ALLOC, ttgir) if source(ttgir, loc) == FRAG]
+        w = 128 // (8 if bits == 3 else frag_geometry(bits)[1])  # 3-bit: two half tiles of 4 slices each
         out.append(dict(bits=bits, q_heads=hq, config=[bn, warps, stages], w=w, allocs=allocs))
 json.dump(out, sys.stdout)
 """
@@ -85,7 +100,7 @@ def _tiles(allocs, dtype_prefix, a, b):
 
 def test_every_default_fragment_launch_was_compiled(launches):
     got = {(x["bits"], x["q_heads"], tuple(x["config"])) for x in launches}
-    assert {b for b, _, _ in got} == {2, 3, 4, 8} and len(got) == 13
+    assert {b for b, _, _ in got} == {2, 3, 4, 8} and len(got) == 19
 
 
 def test_no_fp16_code_tile_goes_through_shared_memory(launches):
@@ -95,7 +110,7 @@ def test_no_fp16_code_tile_goes_through_shared_memory(launches):
         # the cache's own integer containers are what the copies stage: keys and values, pipelined
         containers = _tiles(x["allocs"], "i", x["w"], bn)
         assert len(containers) >= 2, x
-        # 3-bit: the 2-bit plane's bytes and the two masked loads of the 1-bit plane, for keys and for values
+        # 3-bit: each half tile's 2-bit plane bytes and the 1-bit plane's bytes they share, for keys and values
         assert x["bits"] != 3 or len(containers) == 6, x
 
 

@@ -10,6 +10,8 @@ from kvq_kernels.decode_kivi import (
     FRAG_FEW_MAX_TOKENS,
     FRAG_SHORT_CONFIG,
     FRAG_SHORT_TOKENS,
+    FRAG_SMALL_CONFIG,
+    FRAG_SMALL_TOKENS,
     SIMT_CONFIG,
     SLICE_MAX_TOKENS,
     WORDS_CONFIG,
@@ -22,12 +24,13 @@ def test_auto_resolves_per_point():
     # few rows (batch 2 x 8 heads at most) of at most FRAG_FEW_MAX_TOKENS: the few-rows launch, short or not
     assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[4], True)
     assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS, 128) == ("frag", *FRAG_FEW_CONFIG[2], True)
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[3], True)
+    # 3-bit has no few-rows launch of its own: its FRAG_CONFIG
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
     # one token more rounds the random cache up a whole 128-token block past the threshold; a third sequence is
-    # past FRAG_FEW_ROWS
+    # past FRAG_FEW_ROWS (3 x 8 rows of 1K: a small launch)
     assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS + 1, 128) == ("frag", *FRAG_CONFIG[2], True)
-    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[4], True)
-    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128) == ("frag", 128, 2, 2, True)
+    assert resolved_config(AUTO_CONFIG, 4, 3, 32, 8, 1024, 128) == ("frag", *FRAG_SMALL_CONFIG[4], True)
+    assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128) == ("frag", 64, 1, 3, True)
     assert resolved_config(AUTO_CONFIG, 3, 256, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 128) == ("frag", 64, 4, 3, True)  # 8-bit: one launch
     # value groups narrower than head_dim: no fragment kernel; slices for short 2/4-bit caches, else words
@@ -35,13 +38,16 @@ def test_auto_resolves_per_point():
     assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, SLICE_MAX_TOKENS + 1, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
     assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 8, 1024, 64) == ("tc", 64, *WORDS_CONFIG[1:], True)
-    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128)) == "frag-bn128-w2-s2"
+    assert config_name(resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 131072, 128)) == "frag-bn64-w1-s3"
 
 
 def test_mha_takes_the_fragment_kernel_where_it_applies():
     for bits in (2, 3, 4, 8):
-        for batch, context in ((1, 1024), (1, 131072), (8, 32768), (256, 1024)):
+        for batch, context in ((1, 131072), (8, 32768), (256, 1024)):
             assert resolved_config(AUTO_CONFIG, bits, batch, 32, 32, context, 128) == ("frag", *FRAG_CONFIG[bits], True)
+        # 32 rows of 1K tokens: a small launch (8-bit has one launch)
+        small = FRAG_SMALL_CONFIG.get(bits, FRAG_CONFIG[bits])
+        assert resolved_config(AUTO_CONFIG, bits, 1, 32, 32, 1024, 128) == ("frag", *small, True)
     # where the fragment kernel does not apply (value groups narrower than head_dim, nuq codebooks): CUDA cores
     assert resolved_config(AUTO_CONFIG, 8, 1, 32, 32, 1024, 64) == ("simt", *SIMT_CONFIG[8], True)
     assert resolved_config(AUTO_CONFIG, 2, 1, 32, 32, 131072, 64)[0] == "simt"
@@ -50,21 +56,31 @@ def test_mha_takes_the_fragment_kernel_where_it_applies():
 
 
 def test_unknown_rows_or_length_count_as_many():
-    assert launch_config("frag", 4, 128, None, 1024) == launch_config("frag", 4, 128, 17, 1024) == FRAG_CONFIG[4]
+    assert launch_config("frag", 4, 128, None, 1024) == launch_config("frag", 4, 128, 17, 32768) == FRAG_CONFIG[4]
     assert launch_config("frag", 4, 128, 1, None) == FRAG_CONFIG[4]
     assert launch_config("frag", 4, 128) == FRAG_CONFIG[4]
 
 
 def test_frag_launch_by_rows_and_length():
     assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS) == FRAG_FEW_CONFIG[4] == (128, 4, 2)
-    assert launch_config("frag", 4, 128, 17, FRAG_FEW_MAX_TOKENS) == FRAG_CONFIG[4] == (128, 2, 2)
+    assert launch_config("frag", 4, 128, 17, FRAG_FEW_MAX_TOKENS) == FRAG_CONFIG[4] == (64, 1, 3)
     assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS + 1) == FRAG_CONFIG[4]
-    assert launch_config("frag", 3, 128, 1, 1024) == FRAG_FEW_CONFIG[3]
+    assert launch_config("frag", 3, 128, 1, 1024) == FRAG_CONFIG[3] == (64, 1, 2)
     assert launch_config("frag", 8, 128, 17, 1024) == FRAG_CONFIG[8]  # 8-bit: one launch
     assert launch_config("frag", 8, 128, 1, 1024) == FRAG_CONFIG[8]
     assert launch_config("frag", 2, 128, 16, 1024) == FRAG_FEW_CONFIG[2]
-    assert launch_config("frag", 4, 256, 1)[0] == 128
-    assert launch_config("frag", 4, 64, 1) == (64, 2, 2)  # BLOCK_N halves to the group
+    assert launch_config("frag", 4, 256, 1, 1024)[0] == 128  # the few-rows launch's 128 within a group of 256
+    assert launch_config("frag", 4, 32, 1) == (32, 1, 3)  # BLOCK_N halves to the group
+
+
+def test_launches_of_few_tokens_in_all_that_are_not_few_rows_take_the_small_launch():
+    assert FRAG_SMALL_TOKENS == 131072 and FRAG_SMALL_CONFIG[4] == (128, 2, 2)
+    for bits in (2, 3, 4):
+        assert launch_config("frag", bits, 128, 32, 4096) == FRAG_SMALL_CONFIG[bits]  # MHA 1 x 4K
+        assert launch_config("frag", bits, 128, 32, 4097) == FRAG_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 17, 7710) == FRAG_SMALL_CONFIG[bits]
+        assert launch_config("frag", bits, 128, 256, 4096) == FRAG_CONFIG[bits]  # GQA 32 x 4K
+    assert launch_config("frag", 8, 128, 32, 4096) == FRAG_CONFIG[8]
 
 
 def test_few_rows_of_a_short_cache_take_the_short_launch():
@@ -76,8 +92,10 @@ def test_few_rows_of_a_short_cache_take_the_short_launch():
         assert launch_config("frag", bits, 128, 1, lo + 1) == FRAG_SHORT_CONFIG[bits]
         assert launch_config("frag", bits, 128, 8, lo) == FRAG_FEW_CONFIG[bits]  # 1K: the few-rows launch
         assert launch_config("frag", bits, 128, 8, hi + 1) == FRAG_FEW_CONFIG[bits]
-        assert launch_config("frag", bits, 128, 17, 4096) == FRAG_CONFIG[bits]  # many rows
-    assert launch_config("frag", 3, 128, 8, 4096) == FRAG_FEW_CONFIG[3]  # 3-bit: no short launch
+        assert launch_config("frag", bits, 128, 17, 4096) == FRAG_SMALL_CONFIG[bits]  # not few rows: small
+        assert launch_config("frag", bits, 128, 64, 4096) == FRAG_CONFIG[bits]
+    assert launch_config("frag", 3, 128, 8, 4096) == FRAG_SHORT_CONFIG[3]
+    assert launch_config("frag", 3, 128, 8, 32768) == FRAG_CONFIG[3]  # 3-bit: no few-rows launch of its own
     assert launch_config("frag", 8, 128, 8, 4096) == FRAG_CONFIG[8]
     assert launch_config("frag", 4, 32, 8, 4096) == (32, 4, 3)  # BLOCK_N halves to the group
     # the benchmark's random caches round up to 128-token blocks: 4K at batch 1 is short, 1K is not

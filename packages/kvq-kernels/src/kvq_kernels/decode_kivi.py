@@ -541,26 +541,38 @@ WORDS_TAIL_N = 16
 #:   run above: 7.7 against 8.6); 2K was not measured. 3-bit: within 1% of (128, 4, 2) at 4K and 16K (14.0 / 13.9,
 #:   29.9 / 29.5), so it keeps that launch. One warp a program ((64, 1, 2-3), (32, 1, 2)) and (64, 2, 2-3),
 #:   (128, 2, 3), (32, 2, 2) were slower than the defaults at every point of that run.
-#: - One warp a program after the fp16 tail loop lost its pipeline (ab_tailstages_{old,new}_h200.csv, tune_paths.py
-#:   at 0016c6d without and with it, one machine): the shared memory of the tail had held one-warp launches to 6
-#:   (64, 1, 2) or 3 (64, 1, 3) programs an SM; at 8 they take 4-bit GQA 1 x 128K 65.7 us at (64, 1, 3) against
-#:   69.1 at (128, 2, 2), 8 x 32K 110.8 / 122.8, 32 x 4K 65.5 / 72.1; 2-bit 68.3 / 67.1, 113.8 / 118.9, 67.4 /
-#:   71.1; MHA 4-bit at (64, 1, 2) 193.9 / 219.6, 379.1 / 429.3, 218.2 / 243.0; 3-bit and every 1 x 4K point
-#:   slower. These launches wait for a sweep before the defaults move to them.
+#: - One warp a program, once the fp16 tail loop ran at one stage (ab_tailstages_{old,new}_h200.csv, tune_paths.py
+#:   at 0016c6d without and with it, one machine): the tail's shared memory had held one-warp launches to 6
+#:   (64, 1, 2) or 3 (64, 1, 3) programs an SM; at 8, 4-bit GQA took 1 x 128K 65.7 us at (64, 1, 3) against 69.1
+#:   at (128, 2, 2), 8 x 32K 110.8 / 122.8, 32 x 4K 65.5 / 72.1; MHA 4-bit at (64, 1, 2) 193.9 / 219.6 (1 x 128K),
+#:   379.1 / 429.3 (8 x 32K), 218.2 / 243.0 (32 x 4K), but 21.6 / 18.7 at 1 x 4K. tune_onewarp_h200.csv (6d8c15b
+#:   with the 3-bit half tiles): (64, 1, 3) against (128, 2, 2) at 32 x 32K / 4 x 128K / 8 x 32K, GQA 4-bit 382.8 /
+#:   437.5, 196.6 / 224.1, 110.3 / 121.1; 2-bit 409.9 / 456.6, 213.4 / 230.2, 114.3 / 122.7 (1 x 128K 68.3 / 67.1);
+#:   MHA 2-bit 1509.5 / 1664.7, 763.7 / 844.2, 391.5 / 439.2 ((64, 1, 2) 3-4% slower). Few rows of 32K keep
+#:   (128, 4, 2) (4-bit 27.3 against 29.6 us); 8-bit keeps (64, 4, 3) (one warp 1.05-1.28x its time).
+#: - 3-bit as two half tiles (`decode_kivi_frag._halves3`, ab_half3_{old,new}_h200.csv, one machine): the same
+#:   (128, 2, 2) launch within 2% of the one-tile read, but half its shared memory, which lets one warp a program
+#:   hold 8 programs an SM: (64, 1, 2) GQA 1 x 128K 98.1 us against 128.0 at the one-tile default, 8 x 32K 173.5 /
+#:   238.4, 32 x 4K 102.2 / 129.0, 1 x 32K 37.4 / 49.4; MHA 306.6 / 466.0, 613.9 / 886.4, 349.9 / 460.7, 87.4 /
+#:   122.2. At 1 x 4K (64, 4, 3) 14.2 us, one warp 19.1-19.3.
+#: - FRAG_SMALL_CONFIG, launches over at most FRAG_SMALL_TOKENS tokens in all (rows x max_len) that are not few:
+#:   the one-warp launches' loss at MHA 1 x 4K above.
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
 #: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K
 #: 120.3 / 182.3, 32 x 4K 74.2 / 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9;
 #: 8-bit 93.4 / 103.2. The eleventh sweep (kernel_decode_h200_v11.csv) found it slower than the kernels it replaced
 #: only at short points: GQA 2/4-bit at 1 x 4K (the slice kernel 12.5 / 12.9 us, this one 13.3 / 13.5), MHA and
 #: 3-bit caches of 1K-4K tokens (up to 1.05x).
-FRAG_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2), 8: (64, 4, 3)}
-FRAG_FEW_CONFIG = {2: (128, 4, 2), 3: (128, 4, 2), 4: (128, 4, 2)}
+FRAG_CONFIG = {2: (64, 1, 3), 3: (64, 1, 2), 4: (64, 1, 3), 8: (64, 4, 3)}
+FRAG_FEW_CONFIG = {2: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
 FRAG_FEW_MAX_TOKENS = 32768
 #: within the few-rows launches, FRAG_SHORT_CONFIG over more than FRAG_SHORT_TOKENS[0] and at most
 #: FRAG_SHORT_TOKENS[1] tokens
-FRAG_SHORT_CONFIG = {2: (64, 4, 3), 4: (64, 4, 3)}
+FRAG_SHORT_CONFIG = {2: (64, 4, 3), 3: (64, 4, 3), 4: (64, 4, 3)}
 FRAG_SHORT_TOKENS = (1024, 16384)
+FRAG_SMALL_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2)}
+FRAG_SMALL_TOKENS = 131072
 #: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
 #: least FRAG_PREFETCH_MIN_WARPS warps (ab_prefetch_h200.csv, tune_paths.py --configs auto:nopf,auto at e04fa28,
 #: the kernel with the query group as padded rows, 32/8 heads, 2/3/4/8-bit at 1 x 32K / 1 x 128K / 4 x 128K / 8 x
@@ -598,17 +610,21 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
     """Default (BLOCK_N, num_warps, num_stages) of a kernel and bit width: "tc" the word-unpack tensor-core kernel
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
     CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_FEW_CONFIG (at most
-    FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens), and among those FRAG_SHORT_CONFIG (more than
-    FRAG_SHORT_TOKENS[0] and at most FRAG_SHORT_TOKENS[1] tokens); None counts as many. BLOCK_N is halved until it
+    FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens), among those FRAG_SHORT_CONFIG (more than
+    FRAG_SHORT_TOKENS[0] and at most FRAG_SHORT_TOKENS[1] tokens), and for other launches of at most
+    FRAG_SMALL_TOKENS tokens in all FRAG_SMALL_CONFIG; None counts as many. BLOCK_N is halved until it
     divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
         cfg = WORDS_CONFIG
         if path == "frag":
-            few = rows is not None and rows <= FRAG_FEW_ROWS and max_len is not None and max_len <= FRAG_FEW_MAX_TOKENS
+            known = rows is not None and max_len is not None
+            few = known and rows <= FRAG_FEW_ROWS and max_len <= FRAG_FEW_MAX_TOKENS
             if few and FRAG_SHORT_TOKENS[0] < max_len <= FRAG_SHORT_TOKENS[1] and bits in FRAG_SHORT_CONFIG:
                 cfg = FRAG_SHORT_CONFIG[bits]
             elif few and bits in FRAG_FEW_CONFIG:
                 cfg = FRAG_FEW_CONFIG[bits]
+            elif known and not few and rows * max_len <= FRAG_SMALL_TOKENS and bits in FRAG_SMALL_CONFIG:
+                cfg = FRAG_SMALL_CONFIG[bits]
             else:
                 cfg = FRAG_CONFIG[bits]
         bn = cfg[0]

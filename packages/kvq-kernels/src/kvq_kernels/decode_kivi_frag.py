@@ -4,10 +4,11 @@
 A packed row read as 16-bit containers (`kvq_core.packing`'s bytes, little-endian) holds PER = 16 / BITS codes each:
 container w holds channels PER * w + j at bit BITS * j (8-bit containers, CONTAINER = 8: PER = 8 / BITS, the same
 rule byte by byte; a 3-bit row is read as its 2-bit plane's bytes, each merged with the four high bits of its
-channels from the 1-bit plane into a 16-bit container, PER = 4, `_merge3`). Code j of every container is
-channel slice j (channels PER * w + j, w < W = head_dim / PER), so each tile is PER dots of width W over the same
-[BLOCK_N, W] (keys) or [W, BLOCK_N] (values) container tile: scores s = sum_j k_j . q_j, and value slice j's own
-accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
+channels from the 1-bit plane into a 16-bit container, PER = 4: from head_dim 128 as two half tiles whose
+containers share the 1-bit plane's bytes, `_halves3`, else as one tile, `_merge3`). Code j of every container is
+channel slice j (channels PER * w + j, w < W = head_dim / PER; `_channel`), so each tile is PER dots of width W
+over the same [BLOCK_N, W] (keys) or [W, BLOCK_N] (values) container tile: scores s = sum_j k_j . q_j, and value
+slice j's own accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
 of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code sits above
 the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's power of two,
 exact for these integers). Triton's dot-operand pass then moves the shared-memory round trip of the operand above
@@ -115,6 +116,44 @@ def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE:
 
 
 @triton.jit
+def _channel(offs_w, s: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr):
+    """Channel of slice s at container position offs_w: PER * w + s, or with two half tiles (3-bit, `_halves3`)
+    code s % 4 of 2-bit-plane byte (w // 4) * 8 + w % 4 (+ 4 in the second half)."""
+    if HALVES == 2:
+        return ((offs_w // 4) * 8 + offs_w % 4 + 4 * (s // PER)) * PER + s % PER
+    else:
+        return offs_w * PER + s
+
+
+@triton.jit
+def _slice_codes(x, xb, s: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """Slice s's codes as the dot operand: code s of tile x, or with two half tiles code s - PER of xb."""
+    if s < PER:
+        return _codes(x, s, BITS, ASM, DOT_DTYPE)
+    else:
+        return _codes(xb, s - PER, BITS, ASM, DOT_DTYPE)
+
+
+@triton.jit
+def _halves3(base, n_row, offs_w, hi, mask, KEYS: tl.constexpr):
+    """3-bit containers (int16) as two half tiles of W = head_dim / 8: the 1-bit plane's byte w (at row offset hi;
+    it pairs nibbles within each block of 32 channels, `kvq_core.packing`) holds the high bits of the 2-bit
+    plane's byte (w // 4) * 8 + w % 4 in its low nibble and of that byte + 4 in its high nibble. Each half tile
+    merges its bytes with its nibble in bits 8-11: three unmasked loads of contiguous runs (the 1-bit plane's 16
+    bytes, the 2-bit plane's in runs of 4)."""
+    lo = (offs_w // 4) * 8 + offs_w % 4
+    if KEYS:  # [W, N]
+        row, lo, offs_w, mask = n_row[None, :], lo[:, None], offs_w[:, None], mask[None, :]
+    else:  # [N, W]
+        row, lo, offs_w, mask = n_row[:, None], lo[None, :], offs_w[None, :], mask[:, None]
+    a = tl.load(base + row + lo, mask=mask, other=0)
+    b = tl.load(base + row + lo + 4, mask=mask, other=0)
+    h = tl.load(base + row + hi + offs_w, mask=mask, other=0)
+    return a.to(tl.int16) | ((h & 15).to(tl.int16) << 8), b.to(tl.int16) | ((h >> 4).to(tl.int16) << 8)
+
+
+@triton.jit
 def _merge3(C, hrow, offs_w, n_mask, lo, KEYS: tl.constexpr):
     """3-bit containers, int16: byte w of the 2-bit plane (`lo`, uint8; channels 4w .. 4w + 3) in bits 0-7 and
     the same channels' high bits in bits 8-11. The 1-bit plane pairs nibbles within each block of 32 channels
@@ -144,28 +183,31 @@ def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, qk_scale):
-    """The query group's channel slice j as columns, [W, GP] (channels PER * w + j), fp32, log2 units."""
-    q = tl.load(Q + (row0 + offs_g)[None, :] * HEAD_DIM + (offs_w * PER + j)[:, None], mask=g_mask[None, :], other=0.0)
+def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr,
+             HEAD_DIM: tl.constexpr, qk_scale):  # fmt: skip
+    """The query group's channel slice j as columns, [W, GP] (channels `_channel`), fp32, log2 units."""
+    ch = _channel(offs_w, j, PER, HALVES)
+    q = tl.load(Q + (row0 + offs_g)[None, :] * HEAD_DIM + ch[:, None], mask=g_mask[None, :], other=0.0)
     return q.to(tl.float32) * qk_scale
 
 
 @triton.jit
-def _scaled(
-    q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr, ok, DOT_DTYPE: tl.constexpr
-):
+def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr, HEAD_DIM: tl.constexpr,
+            ok, DOT_DTYPE: tl.constexpr):  # fmt: skip
     """Slice j of the query times key group g's scales (the score product's B operand, [W, GP]) and its share of
     q . zero ([GP])."""
-    ch = g * HEAD_DIM + offs_w * PER + j
+    ch = g * HEAD_DIM + _channel(offs_w, j, PER, HALVES)
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
     return (q * ks[:, None]).to(DOT_DTYPE), tl.sum(q * kz[:, None], 0)
 
 
 @triton.jit
-def _store_slice(ACC_PART, prow, g_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _store_slice(ACC_PART, prow, g_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):  # fmt: skip
     """Value slice j's accumulator [W, GP] into the partial state's rows (query heads) and channels."""
-    tl.store(ACC_PART + prow[None, :] * HEAD_DIM + (offs_w * PER + j)[:, None], acc, mask=g_mask[None, :])
+    ch = _channel(offs_w, j, PER, HALVES)
+    tl.store(ACC_PART + prow[None, :] * HEAD_DIM + ch[:, None], acc, mask=g_mask[None, :])
 
 
 @triton.jit
@@ -181,7 +223,10 @@ def _decode_kivi_frag_kernel(
     (slices); 3-bit: 4, the 2-bit plane's bytes. GP: the query group padded to a power of two >= 8 (the columns of
     both products); the fp16 tail programs take the group as HQ_PAD rows. Programs NUM_SPLITS .. NUM_SPLITS +
     N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
-    W: tl.constexpr = HEAD_DIM // PER  # containers of a slice a row (3-bit: of the 2-bit plane)
+    # 3-bit rows of whole 128-channel halves read as two half tiles (`_halves3`), otherwise one tile (`_merge3`)
+    HALVES: tl.constexpr = 2 if (BITS == 3) and (HEAD_DIM >= 128) else 1
+    SL: tl.constexpr = PER * HALVES  # channel slices, one dot each
+    W: tl.constexpr = HEAD_DIM // SL  # containers of a slice a row (3-bit: of the 2-bit plane)
     HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -202,32 +247,32 @@ def _decode_kivi_frag_kernel(
         ok = (offs_w * 0 + start) < end  # a split past n_vq reads no scales
         g = bh * (T_QCAP // GROUP) + start // GROUP
         # slices 0..PER-1 (PER is 1, 2, 4 or 8); the names past PER - 1 alias slice 0 and are never used
-        q0 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 0, PER, HEAD_DIM, qk_scale)
+        q0 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 0, PER, HALVES, HEAD_DIM, qk_scale)
         q1 = q0
-        if PER >= 2:
-            q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HEAD_DIM, qk_scale)
-        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
+        if SL >= 2:
+            q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HALVES, HEAD_DIM, qk_scale)
+        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
         qs1 = qs0
-        if PER >= 2:
-            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+        if SL >= 2:
+            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
             bias += z1
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
-        if PER >= 4:
-            q2 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 2, PER, HEAD_DIM, qk_scale)
-            q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HEAD_DIM, qk_scale)
-            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
-            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
+        if SL >= 4:
+            q2 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 2, PER, HALVES, HEAD_DIM, qk_scale)
+            q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HALVES, HEAD_DIM, qk_scale)
+            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
             bias += z2 + z3
-        if PER == 8:
-            q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HEAD_DIM, qk_scale)
-            q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HEAD_DIM, qk_scale)
-            q6 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 6, PER, HEAD_DIM, qk_scale)
-            q7 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 7, PER, HEAD_DIM, qk_scale)
-            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
-            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
-            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
-            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
+        if SL == 8:
+            q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HALVES, HEAD_DIM, qk_scale)
+            q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HALVES, HEAD_DIM, qk_scale)
+            q6 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 6, PER, HALVES, HEAD_DIM, qk_scale)
+            q7 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 7, PER, HALVES, HEAD_DIM, qk_scale)
+            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
             bias += z4 + z5 + z6 + z7
         m_i = tl.full([GP], float("-inf"), tl.float32)
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
@@ -249,41 +294,46 @@ def _decode_kivi_frag_kernel(
                 vs, vz = vs_next.to(tl.float32), vz_next.to(tl.float32)
                 vs_next = tl.load(VS + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
                 vz_next = tl.load(VZ + rows + BLOCK_N, mask=offs_n + BLOCK_N < end, other=0.0)
-            kt = tl.load(kw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
-            vt = tl.load(vw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
-            if BITS == 3:
+            if HALVES == 2:
+                kt, kb = _halves3(kw_base, offs_n * ROW, offs_w, HI, n_mask, False)  # [N, W] each
+                vt, vb = _halves3(vw_base, offs_n * ROW, offs_w, HI, n_mask, True)  # [W, N] each
+            else:
+                kt = tl.load(kw_base + offs_n[:, None] * ROW + offs_w[None, :], mask=n_mask[:, None], other=0)  # [N, W]
+                vt = tl.load(vw_base + offs_n[None, :] * ROW + offs_w[:, None], mask=n_mask[None, :], other=0)  # [W, N]
+                kb, vb = kt, vt
+            if (BITS == 3) and (HALVES == 1):
                 hrow = (bh * T_QCAP + offs_n) * ROW + HI  # each row's 1-bit plane
                 kt = _merge3(KC, hrow, offs_w, n_mask, kt, False)
                 vt = _merge3(VC, hrow, offs_w, n_mask, vt, True)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
-                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HEAD_DIM, ok, DOT_DTYPE)
-                if PER >= 2:
-                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HEAD_DIM, ok, DOT_DTYPE)
+                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                if SL >= 2:
+                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z1
-                if PER >= 4:
-                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HEAD_DIM, ok, DOT_DTYPE)
+                if SL >= 4:
+                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z2 + z3
-                if PER == 8:
-                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HEAD_DIM, ok, DOT_DTYPE)
-                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HEAD_DIM, ok, DOT_DTYPE)
+                if SL == 8:
+                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
                     bias += z4 + z5 + z6 + z7
             # scores S^T [BLOCK_N, GP]: the key codes are the A operand (M = tokens), the query slices the B operand
             s = tl.zeros([BLOCK_N, GP], tl.float32) + bias[None, :]
-            s = _dot_acc(_codes(kt, 0, BITS, ASM, DOT_DTYPE), qs0, s, DOT_DTYPE)
-            if PER >= 2:
-                s = _dot_acc(_codes(kt, 1, BITS, ASM, DOT_DTYPE), qs1, s, DOT_DTYPE)
-            if PER >= 4:
-                s = _dot_acc(_codes(kt, 2, BITS, ASM, DOT_DTYPE), qs2, s, DOT_DTYPE)
-                s = _dot_acc(_codes(kt, 3, BITS, ASM, DOT_DTYPE), qs3, s, DOT_DTYPE)
-            if PER == 8:
-                s = _dot_acc(_codes(kt, 4, BITS, ASM, DOT_DTYPE), qs4, s, DOT_DTYPE)
-                s = _dot_acc(_codes(kt, 5, BITS, ASM, DOT_DTYPE), qs5, s, DOT_DTYPE)
-                s = _dot_acc(_codes(kt, 6, BITS, ASM, DOT_DTYPE), qs6, s, DOT_DTYPE)
-                s = _dot_acc(_codes(kt, 7, BITS, ASM, DOT_DTYPE), qs7, s, DOT_DTYPE)
+            s = _dot_acc(_slice_codes(kt, kb, 0, PER, BITS, ASM, DOT_DTYPE), qs0, s, DOT_DTYPE)
+            if SL >= 2:
+                s = _dot_acc(_slice_codes(kt, kb, 1, PER, BITS, ASM, DOT_DTYPE), qs1, s, DOT_DTYPE)
+            if SL >= 4:
+                s = _dot_acc(_slice_codes(kt, kb, 2, PER, BITS, ASM, DOT_DTYPE), qs2, s, DOT_DTYPE)
+                s = _dot_acc(_slice_codes(kt, kb, 3, PER, BITS, ASM, DOT_DTYPE), qs3, s, DOT_DTYPE)
+            if SL == 8:
+                s = _dot_acc(_slice_codes(kt, kb, 4, PER, BITS, ASM, DOT_DTYPE), qs4, s, DOT_DTYPE)
+                s = _dot_acc(_slice_codes(kt, kb, 5, PER, BITS, ASM, DOT_DTYPE), qs5, s, DOT_DTYPE)
+                s = _dot_acc(_slice_codes(kt, kb, 6, PER, BITS, ASM, DOT_DTYPE), qs6, s, DOT_DTYPE)
+                s = _dot_acc(_slice_codes(kt, kb, 7, PER, BITS, ASM, DOT_DTYPE), qs7, s, DOT_DTYPE)
             s = tl.where(n_mask[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
@@ -296,33 +346,33 @@ def _decode_kivi_frag_kernel(
             z_n = z_n * alpha[None, :] + p * vz[:, None]
             # values O^T [W, GP] a slice: the value codes (transposed tile) the A operand, P^T the B operand
             pv = (p * vs[:, None]).to(DOT_DTYPE)
-            a0 = _dot_acc(_codes(vt, 0, BITS, ASM, DOT_DTYPE), pv, a0 * alpha[None, :], DOT_DTYPE)
-            if PER >= 2:
-                a1 = _dot_acc(_codes(vt, 1, BITS, ASM, DOT_DTYPE), pv, a1 * alpha[None, :], DOT_DTYPE)
-            if PER >= 4:
-                a2 = _dot_acc(_codes(vt, 2, BITS, ASM, DOT_DTYPE), pv, a2 * alpha[None, :], DOT_DTYPE)
-                a3 = _dot_acc(_codes(vt, 3, BITS, ASM, DOT_DTYPE), pv, a3 * alpha[None, :], DOT_DTYPE)
-            if PER == 8:
-                a4 = _dot_acc(_codes(vt, 4, BITS, ASM, DOT_DTYPE), pv, a4 * alpha[None, :], DOT_DTYPE)
-                a5 = _dot_acc(_codes(vt, 5, BITS, ASM, DOT_DTYPE), pv, a5 * alpha[None, :], DOT_DTYPE)
-                a6 = _dot_acc(_codes(vt, 6, BITS, ASM, DOT_DTYPE), pv, a6 * alpha[None, :], DOT_DTYPE)
-                a7 = _dot_acc(_codes(vt, 7, BITS, ASM, DOT_DTYPE), pv, a7 * alpha[None, :], DOT_DTYPE)
+            a0 = _dot_acc(_slice_codes(vt, vb, 0, PER, BITS, ASM, DOT_DTYPE), pv, a0 * alpha[None, :], DOT_DTYPE)
+            if SL >= 2:
+                a1 = _dot_acc(_slice_codes(vt, vb, 1, PER, BITS, ASM, DOT_DTYPE), pv, a1 * alpha[None, :], DOT_DTYPE)
+            if SL >= 4:
+                a2 = _dot_acc(_slice_codes(vt, vb, 2, PER, BITS, ASM, DOT_DTYPE), pv, a2 * alpha[None, :], DOT_DTYPE)
+                a3 = _dot_acc(_slice_codes(vt, vb, 3, PER, BITS, ASM, DOT_DTYPE), pv, a3 * alpha[None, :], DOT_DTYPE)
+            if SL == 8:
+                a4 = _dot_acc(_slice_codes(vt, vb, 4, PER, BITS, ASM, DOT_DTYPE), pv, a4 * alpha[None, :], DOT_DTYPE)
+                a5 = _dot_acc(_slice_codes(vt, vb, 5, PER, BITS, ASM, DOT_DTYPE), pv, a5 * alpha[None, :], DOT_DTYPE)
+                a6 = _dot_acc(_slice_codes(vt, vb, 6, PER, BITS, ASM, DOT_DTYPE), pv, a6 * alpha[None, :], DOT_DTYPE)
+                a7 = _dot_acc(_slice_codes(vt, vb, 7, PER, BITS, ASM, DOT_DTYPE), pv, a7 * alpha[None, :], DOT_DTYPE)
             m_i = m_new
         zsum = tl.sum(z_n, 0)[None, :]  # every channel's value zero, weighted by p
         prow = (row0 + offs_g.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i, mask=g_mask)
         tl.store(L_PART + prow, tl.sum(l_n, 0), mask=g_mask)
-        _store_slice(ACC_PART, prow, g_mask, a0 + zsum, offs_w, 0, PER, HEAD_DIM)
-        if PER >= 2:
-            _store_slice(ACC_PART, prow, g_mask, a1 + zsum, offs_w, 1, PER, HEAD_DIM)
-        if PER >= 4:
-            _store_slice(ACC_PART, prow, g_mask, a2 + zsum, offs_w, 2, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a3 + zsum, offs_w, 3, PER, HEAD_DIM)
-        if PER == 8:
-            _store_slice(ACC_PART, prow, g_mask, a4 + zsum, offs_w, 4, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a5 + zsum, offs_w, 5, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a6 + zsum, offs_w, 6, PER, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a7 + zsum, offs_w, 7, PER, HEAD_DIM)
+        _store_slice(ACC_PART, prow, g_mask, a0 + zsum, offs_w, 0, PER, HALVES, HEAD_DIM)
+        if SL >= 2:
+            _store_slice(ACC_PART, prow, g_mask, a1 + zsum, offs_w, 1, PER, HALVES, HEAD_DIM)
+        if SL >= 4:
+            _store_slice(ACC_PART, prow, g_mask, a2 + zsum, offs_w, 2, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a3 + zsum, offs_w, 3, PER, HALVES, HEAD_DIM)
+        if SL == 8:
+            _store_slice(ACC_PART, prow, g_mask, a4 + zsum, offs_w, 4, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a5 + zsum, offs_w, 5, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a6 + zsum, offs_w, 6, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a7 + zsum, offs_w, 7, PER, HALVES, HEAD_DIM)
     else:
         t_lo = (split - NUM_SPLITS) * TAIL_TOKENS
         _tail_part(

@@ -24,8 +24,9 @@ def test_auto_resolves_per_point():
     # few rows (batch 2 x 8 heads at most) of at most FRAG_FEW_MAX_TOKENS: the few-rows launch, short or not
     assert resolved_config(AUTO_CONFIG, 4, 1, 32, 8, 1024, 128) == ("frag", *FRAG_FEW_CONFIG[4], True)
     assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS, 128) == ("frag", *FRAG_FEW_CONFIG[2], True)
-    # 3-bit has no few-rows launch of its own: its FRAG_CONFIG
-    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_CONFIG[3], True)
+    # 3-bit: the short launch up to 8K, from there its FRAG_CONFIG
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 1024, 128) == ("frag", *FRAG_SHORT_CONFIG[3], True)
+    assert resolved_config(AUTO_CONFIG, 3, 1, 32, 8, 16384, 128) == ("frag", *FRAG_CONFIG[3], True)
     # one token more rounds the random cache up a whole 128-token block past the threshold; a third sequence is
     # past FRAG_FEW_ROWS (3 x 8 rows of 1K: a small launch)
     assert resolved_config(AUTO_CONFIG, 2, 2, 32, 8, FRAG_FEW_MAX_TOKENS + 1, 128) == ("frag", *FRAG_CONFIG[2], True)
@@ -65,7 +66,8 @@ def test_frag_launch_by_rows_and_length():
     assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS) == FRAG_FEW_CONFIG[4] == (128, 4, 2)
     assert launch_config("frag", 4, 128, 17, FRAG_FEW_MAX_TOKENS) == FRAG_CONFIG[4] == (64, 1, 3)
     assert launch_config("frag", 4, 128, 16, FRAG_FEW_MAX_TOKENS + 1) == FRAG_CONFIG[4]
-    assert launch_config("frag", 3, 128, 1, 1024) == FRAG_CONFIG[3] == (64, 1, 2)
+    assert launch_config("frag", 3, 128, 1, 1024) == FRAG_SHORT_CONFIG[3]
+    assert launch_config("frag", 3, 128, 1, 8193) == FRAG_CONFIG[3] == (64, 1, 2)
     assert launch_config("frag", 8, 128, 17, 1024) == FRAG_CONFIG[8]  # 8-bit: one launch
     assert launch_config("frag", 8, 128, 1, 1024) == FRAG_CONFIG[8]
     assert launch_config("frag", 2, 128, 16, 1024) == FRAG_FEW_CONFIG[2]
@@ -84,8 +86,9 @@ def test_launches_of_few_tokens_in_all_that_are_not_few_rows_take_the_small_laun
 
 
 def test_few_rows_of_a_short_cache_take_the_short_launch():
-    lo, hi = FRAG_SHORT_TOKENS
+    lo, hi = FRAG_SHORT_TOKENS[4]
     assert FRAG_SHORT_CONFIG[4] == FRAG_SHORT_CONFIG[2] == (64, 4, 3) and lo < 4096 and hi == 16384
+    assert FRAG_SHORT_TOKENS[2] == FRAG_SHORT_TOKENS[4]
     for bits in (2, 4):
         assert launch_config("frag", bits, 128, 8, 4096) == FRAG_SHORT_CONFIG[bits]
         assert launch_config("frag", bits, 128, 16, hi) == FRAG_SHORT_CONFIG[bits]
@@ -94,8 +97,11 @@ def test_few_rows_of_a_short_cache_take_the_short_launch():
         assert launch_config("frag", bits, 128, 8, hi + 1) == FRAG_FEW_CONFIG[bits]
         assert launch_config("frag", bits, 128, 17, 4096) == FRAG_SMALL_CONFIG[bits]  # not few rows: small
         assert launch_config("frag", bits, 128, 64, 4096) == FRAG_CONFIG[bits]
-    assert launch_config("frag", 3, 128, 8, 4096) == FRAG_SHORT_CONFIG[3]
-    assert launch_config("frag", 3, 128, 8, 32768) == FRAG_CONFIG[3]  # 3-bit: no few-rows launch of its own
+    # 3-bit: the short launch over every few-rows cache up to 8K, no few-rows launch of its own
+    assert FRAG_SHORT_TOKENS[3] == (0, 8192)
+    for tokens in (1, 1024, 4096, 8192):
+        assert launch_config("frag", 3, 128, 8, tokens) == FRAG_SHORT_CONFIG[3]
+    assert launch_config("frag", 3, 128, 8, 8193) == launch_config("frag", 3, 128, 8, 32768) == FRAG_CONFIG[3]
     assert launch_config("frag", 8, 128, 8, 4096) == FRAG_CONFIG[8]
     assert launch_config("frag", 4, 32, 8, 4096) == (32, 4, 3)  # BLOCK_N halves to the group
     # the benchmark's random caches round up to 128-token blocks: 4K at batch 1 is short, 1K is not

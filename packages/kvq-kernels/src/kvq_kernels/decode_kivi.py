@@ -557,6 +557,10 @@ WORDS_TAIL_N = 16
 #:   122.2. At 1 x 4K (64, 4, 3) 14.2 us, one warp 19.1-19.3.
 #: - FRAG_SMALL_CONFIG, launches over at most FRAG_SMALL_TOKENS tokens in all (rows x max_len) that are not few:
 #:   the one-warp launches' loss at MHA 1 x 4K above.
+#: - 3-bit few rows (tune_few3_h200.csv, a1992ba, 32/8 heads): (64, 4, 3) at batch 1 1K / 2K / 8K 10.3 / 12.7 /
+#:   21.0 us against (128, 2, 2)'s 11.2 / 12.7 / 23.0 and (64, 1, 2)'s 14.5 / 15.6 / 25.0, 2 x 4K 19.4 / 20.8 /
+#:   24.6; from 16K (64, 1, 2): 1 x 16K 29.2 (29.1 at (128, 2, 2), 32.4 at (64, 4, 3)), 1 x 32K 38.6 / 40.9 /
+#:   52.7, 2 x 16K 37.9 / 38.8 / 50.9. So 3-bit's short launch covers every few-rows cache up to 8K.
 #: Against the fragment kernel as it was, the query group as 16 padded rows (ab_frag_t_{gqa,mha}_h200.csv, one run,
 #: path "fragt" this kernel, "frag" and "auto" the defaults then): 4-bit GQA 1 x 128K 69.4 against 97.7 us, 8 x 32K
 #: 120.3 / 182.3, 32 x 4K 74.2 / 103.9; 2-bit 68.6 / 104.3, 122.6 / 193.7, 73.6 / 108.6; 3-bit 126.6 / 151.9;
@@ -567,10 +571,10 @@ FRAG_CONFIG = {2: (64, 1, 3), 3: (64, 1, 2), 4: (64, 1, 3), 8: (64, 4, 3)}
 FRAG_FEW_CONFIG = {2: (128, 4, 2), 4: (128, 4, 2)}
 FRAG_FEW_ROWS = 16
 FRAG_FEW_MAX_TOKENS = 32768
-#: within the few-rows launches, FRAG_SHORT_CONFIG over more than FRAG_SHORT_TOKENS[0] and at most
-#: FRAG_SHORT_TOKENS[1] tokens
+#: within the few-rows launches, FRAG_SHORT_CONFIG over more than FRAG_SHORT_TOKENS[bits][0] and at most
+#: FRAG_SHORT_TOKENS[bits][1] tokens
 FRAG_SHORT_CONFIG = {2: (64, 4, 3), 3: (64, 4, 3), 4: (64, 4, 3)}
-FRAG_SHORT_TOKENS = (1024, 16384)
+FRAG_SHORT_TOKENS = {2: (1024, 16384), 3: (0, 8192), 4: (1024, 16384)}
 FRAG_SMALL_CONFIG = {2: (128, 2, 2), 3: (128, 2, 2), 4: (128, 2, 2)}
 FRAG_SMALL_TOKENS = 131072
 #: prefetch=True has the fragment kernel load each tile's value scales and zeros a tile ahead on launches of at
@@ -611,7 +615,7 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
     (`decode_kivi_words`), "frag" the fragment-dequantizing one, "slice" the channel-slice one, "simt" the
     CUDA-core one. rows (batch x kv heads) and max_len (tokens) pick the frag kernel's FRAG_FEW_CONFIG (at most
     FRAG_FEW_ROWS rows of at most FRAG_FEW_MAX_TOKENS tokens), among those FRAG_SHORT_CONFIG (more than
-    FRAG_SHORT_TOKENS[0] and at most FRAG_SHORT_TOKENS[1] tokens), and for other launches of at most
+    FRAG_SHORT_TOKENS[bits][0] and at most FRAG_SHORT_TOKENS[bits][1] tokens), and for other launches of at most
     FRAG_SMALL_TOKENS tokens in all FRAG_SMALL_CONFIG; None counts as many. BLOCK_N is halved until it
     divides the group size (tuned with group 128; smaller groups run the smaller tiles' settings)."""
     if path in ("tc", "frag"):
@@ -619,7 +623,8 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
         if path == "frag":
             known = rows is not None and max_len is not None
             few = known and rows <= FRAG_FEW_ROWS and max_len <= FRAG_FEW_MAX_TOKENS
-            if few and FRAG_SHORT_TOKENS[0] < max_len <= FRAG_SHORT_TOKENS[1] and bits in FRAG_SHORT_CONFIG:
+            short = FRAG_SHORT_TOKENS.get(bits, (0, -1))
+            if few and short[0] < max_len <= short[1] and bits in FRAG_SHORT_CONFIG:
                 cfg = FRAG_SHORT_CONFIG[bits]
             elif few and bits in FRAG_FEW_CONFIG:
                 cfg = FRAG_FEW_CONFIG[bits]

@@ -347,7 +347,13 @@ def transpose_change_h200() -> str:
 def dispatch_change_h200() -> str:
     """The committed H200 sweep (few rows of short caches on (64, 4, 3); the fp16 kernel's splits for one wave
     of 2 programs an SM) against the eleventh, kvq's fp16 kernel (16 bits) included."""
-    return _sweep_change(H200_KERNEL_V11, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
+    return _sweep_change(H200_KERNEL_V11, H200_KERNEL_V12, ("kvq_kivi", "kvq_fp16"))
+
+
+def onewarp_change_h200() -> str:
+    """The committed H200 sweep (3-bit as two half tiles; one warp a program for 2/3/4-bit beyond few rows and
+    small launches) against the twelfth."""
+    return _sweep_change(H200_KERNEL_V12, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v3.csv"
@@ -504,8 +510,9 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v12.csv", "reports/measurements/e2e_decode_h200_v3.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v14.csv", "reports/measurements/e2e_decode_h200_v5.csv"
 H200_E2E_COLD = "reports/measurements/e2e_decode_h200.csv"
+H200_KERNEL_V12 = "reports/measurements/kernel_decode_h200_v12.csv"
 H200_KERNEL_V11 = "reports/measurements/kernel_decode_h200_v11.csv"
 H200_KERNEL_V10 = "reports/measurements/kernel_decode_h200_v10.csv"
 H200_KERNEL_V8 = "reports/measurements/kernel_decode_h200_v8.csv"
@@ -1066,6 +1073,7 @@ SECTIONS = {
     "mha-change-h200": mha_change_h200,
     "transpose-change-h200": transpose_change_h200,
     "dispatch-change-h200": dispatch_change_h200,
+    "onewarp-change-h200": onewarp_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1124,6 +1132,7 @@ DOCS = {
         "mha-change-h200",
         "transpose-change-h200",
         "dispatch-change-h200",
+        "onewarp-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

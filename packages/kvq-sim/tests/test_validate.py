@@ -70,8 +70,8 @@ def test_committed_calibration_comes_from_committed_measurements():
     }
 
 
-H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v12.csv"
-H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200_v3.csv"
+H200_KERNEL_CSV = ROOT / "reports/measurements/kernel_decode_h200_v14.csv"
+H200_E2E_CSV = ROOT / "reports/measurements/e2e_decode_h200_v5.csv"
 
 
 def test_h200_is_calibrated_from_its_own_committed_measurements():
@@ -79,22 +79,23 @@ def test_h200_is_calibrated_from_its_own_committed_measurements():
     hw = load_hardware("h200")
     assert hw.calibration.calibrated and "transferred" not in hw.calibration.source
     assert f"(commit {read_kernel_csv(H200_KERNEL_CSV, 'NVIDIA H200')[1].commit}," in hw.calibration.source
-    assert "e2e_decode_h200_v3.csv" in hw.calibration.source
+    assert "e2e_decode_h200_v5.csv" in hw.calibration.source
 
 
 def test_h200_held_out_gates():
-    """On the H200's held-out points every gate passes; the worst kernel point is SDPA flash at 32/8 heads, batch
-    1, 16K tokens (predicted fast, as SDPA's GQA launches at batch 1 are from 4K to 128K), as docs/validation.md
-    reports. A change that moves it either way fails here and must update the docs."""
+    """On the H200's held-out points the e2e and memory gates pass and the kernel gate fails on its worst point
+    alone: KIVI-4 at 32/8 heads, batch 1, 64K tokens (one wave of one-warp programs, predicted fast by the
+    family's one bandwidth efficiency), as docs/validation.md reports. A change that moves it either way fails
+    here and must update the docs."""
     r = CliRunner().invoke(
         main, ["validate", "--gpu", "h200", "--measurements", str(H200_KERNEL_CSV), "--e2e", str(H200_E2E_CSV)]
     )
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info  # a crash is not a FAIL line
     assert "PASS e2e" in r.output and "PASS memory" in r.output, r.output
     kernel = next(line for line in r.output.splitlines() if line.startswith(("PASS kernel", "FAIL kernel")))
-    assert "PASS kernel: 169 held-out points >= 64 MiB: MAPE 2.12% (max 5.0%), worst 13.10% (max 15.0%) at " in kernel
-    assert kernel.endswith("sdpa_flash_fp16|16|0|1|32|8|128|16384"), kernel
-    assert r.exit_code == 0
+    assert "FAIL kernel: 169 held-out points >= 64 MiB: MAPE 2.90% (max 5.0%), worst 16.61% (max 15.0%) at " in kernel
+    assert kernel.endswith("kvq_kivi|4|128|1|32|8|128|65536"), kernel
+    assert r.exit_code == 1
 
 
 def test_validate_runs_and_reports_every_family():
@@ -491,8 +492,8 @@ def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails
     points = read_steps(MULTIGPU_H200_CSV)[0]
     errs = fitted_errors_pct(load_hardware("8x-h200"), points)
     assert len(errs) == 56
-    assert errs.mean() == pytest.approx(5.32, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
-    assert errs.max() == pytest.approx(29.96, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
+    assert errs.mean() == pytest.approx(5.97, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(37.02, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
 
 
 @pytest.mark.parametrize(
@@ -548,9 +549,10 @@ def _signed_errors_pct(csv_path) -> tuple[dict, dict]:
 
 
 def test_the_gqa_model_measured_with_the_kernels_and_launches_of_the_fit_holds_both_multigpu_gates():
-    """The fifth one-H200 Llama-3-8B run (3522a02) ran the kernels and launch rules of the twelfth sweep, on which
-    the H200 is fitted; predicted with this fit before it was measured (reports/predictions/llama3_8b_h200_v5.csv,
-    docs/validation.md shows the comparison): every step, fp16 and KIVI, inside both gates."""
+    """The fifth one-H200 Llama-3-8B run (3522a02) ran the kernels and launch rules of the twelfth sweep; predicted
+    with that sweep's fit before it was measured (reports/predictions/llama3_8b_h200_v5.csv: MAPE 3.34%, worst
+    8.50%, docs/validation.md). The fit of the fourteenth sweep, whose one-warp launches take 0.85-0.9x the KIVI
+    time, predicts its KIVI steps up to 13% fast and still holds every step inside both gates."""
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
     signed, prov = _signed_errors_pct(LLAMA3_H200_V5)
@@ -558,15 +560,15 @@ def test_the_gqa_model_measured_with_the_kernels_and_launches_of_the_fit_holds_b
     assert prov["commit"] == "3522a02"
     errs = [abs(e) for e in signed.values()]
     mape = sum(errs) / len(errs)
-    assert mape == pytest.approx(3.34, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
-    assert max(errs) == pytest.approx(8.50, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
+    assert mape == pytest.approx(5.50, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
+    assert max(errs) == pytest.approx(12.58, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
 
 
 def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_gates():
     """The fourth one-H200 Llama-3-8B run (b51b21b): predicted before it was measured with the eleventh sweep's
     fit (reports/predictions/llama3_8b_h200_v4.csv: MAPE 4.18%, worst 10.64%, docs/validation.md); the fit of the
-    twelfth sweep, whose fp16 kernel splits for one wave of 2 programs an SM, predicts its fp16 steps at batch 8-64
-    6-12% fast and still holds every step inside both gates."""
+    fourteenth sweep (the fp16 kernel's splits for one wave of 2 programs an SM, one-warp KIVI launches) predicts
+    its steps up to 13% fast and still holds every step inside both gates."""
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
     signed = _signed_errors_pct(LLAMA3_H200_V4)[0]
@@ -575,8 +577,8 @@ def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_
     }
     errs = [abs(e) for e in signed.values()]
     mape = sum(errs) / len(errs)
-    assert mape == pytest.approx(4.70, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
-    assert max(errs) == pytest.approx(12.47, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
+    assert mape == pytest.approx(6.75, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
+    assert max(errs) == pytest.approx(13.32, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
 
 
 def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():
@@ -589,9 +591,9 @@ def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_chang
     fp16 = [abs(e) for p, e in signed.items() if p.kv == "fp16"]
     assert len(fp16) == 9 and sum(fp16) / len(fp16) <= MULTIGPU_MAPE_MAX_PCT and max(fp16) <= MULTIGPU_WORST_MAX_PCT
     kivi = [e for p, e in signed.items() if p.kv != "fp16"]
-    assert max(kivi) < 5.0 and min(kivi) == pytest.approx(-38.81, abs=0.005)
+    assert max(kivi) < 5.0 and min(kivi) == pytest.approx(-43.89, abs=0.005)
     errs = [abs(e) for e in signed.values()]
-    assert sum(errs) / len(errs) == pytest.approx(13.30, abs=0.005)
+    assert sum(errs) / len(errs) == pytest.approx(14.81, abs=0.005)
 
 
 def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
@@ -608,8 +610,8 @@ def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
     hw = load_hardware("8x-h200")
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     mape, worst = sum(errs) / len(errs), max(errs)
-    assert mape == pytest.approx(12.57, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
-    assert worst == pytest.approx(51.73, abs=0.005), worst
+    assert mape == pytest.approx(13.52, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
+    assert worst == pytest.approx(55.74, abs=0.005), worst
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from kvq_kernels.combine import alloc_partials
 from kvq_kernels.decode_kivi import (FRAG_CONFIG, FRAG_FEW_CONFIG, FRAG_SHORT_CONFIG, FRAG_SMALL_CONFIG, LaunchPlan,
                                     frag_geometry, kernel_call)
+from kvq_kernels.decode_kivi_frag import half_tiles
 from kvq_kernels.kivi_layout import allocate
 
 ALLOC = r"ttg\.local_alloc[^\n]*-> !ttg\.memdesc<([0-9x]+)x(\w+),[^\n]*loc\((#loc\d*)\)\n"
@@ -73,7 +74,7 @@ for bits in (2, 3, 4, 8):
         # only the main loop's allocations: the fp16 tail programs' tiles (decode_kivi_words) may share a code
         # tile's shape ([TAIL_N, head_dim], [HQ_PAD, head_dim])
         allocs = [(shape, dt) for shape, dt, loc in re.findall(ALLOC, ttgir) if source(ttgir, loc) == FRAG]
-        w = 128 // (8 if bits == 3 else frag_geometry(bits)[1])  # 3-bit: two half tiles of 4 slices each
+        w = 128 // (frag_geometry(bits)[1] * half_tiles(bits, 128))  # containers of a slice a row
         out.append(dict(bits=bits, q_heads=hq, config=[bn, warps, stages], w=w, allocs=allocs))
 json.dump(out, sys.stdout)
 """

@@ -89,6 +89,7 @@ def test_few_rows_of_a_short_cache_take_the_short_launch():
     lo, hi = FRAG_SHORT_TOKENS[4]
     assert FRAG_SHORT_CONFIG[4] == FRAG_SHORT_CONFIG[2] == (64, 4, 3) and lo < 4096 and hi == 16384
     assert FRAG_SHORT_TOKENS[2] == FRAG_SHORT_TOKENS[4]
+    assert FRAG_SHORT_TOKENS.keys() == FRAG_SHORT_CONFIG.keys()
     for bits in (2, 4):
         assert launch_config("frag", bits, 128, 8, 4096) == FRAG_SHORT_CONFIG[bits]
         assert launch_config("frag", bits, 128, 16, hi) == FRAG_SHORT_CONFIG[bits]

@@ -549,52 +549,36 @@ def _signed_errors_pct(csv_path) -> tuple[dict, dict]:
     return {p: (predict(hw, p) / p.step_us - 1) * 100 for p in points}, prov
 
 
-def test_the_gqa_model_predicted_before_a_run_with_the_kernels_of_its_fit_holds_both_multigpu_gates():
-    """The sixth one-H200 Llama-3-8B run (177f4f8) ran the kernels and launches of the fourteenth sweep, on which
-    the H200 is fitted; predicted before it was measured (reports/predictions/llama3_8b_h200_v6.csv at 2a9ba49,
-    docs/validation.md shows the comparison): every step, fp16 and KIVI, inside both gates."""
+@pytest.mark.parametrize(
+    "csv_path,commit,mape_pct,worst_pct",
+    [
+        (LLAMA3_H200_V6, "177f4f8", 3.48, 8.95),
+        (LLAMA3_H200_V5, "3522a02", 5.50, 12.58),
+        (LLAMA3_H200_V4, "b51b21b", 6.75, 13.32),
+    ],
+    ids=["v6", "v5", "v4"],
+)
+def test_the_gqa_model_holds_both_multigpu_gates_on_the_runs_of_the_fragment_kernel_with_the_codes_as_m(
+    csv_path, commit, mape_pct, worst_pct
+):
+    """The one-H200 Llama-3-8B runs since the fragment kernel took the codes as the M side, each predicted before
+    it was measured (reports/predictions/llama3_8b_h200_v{4,5,6}.csv, docs/validation.md shows the comparisons):
+    the sixth (177f4f8) ran the kernels and launches of the fourteenth sweep, on which the H200 is fitted; the fifth
+    (3522a02) those of the twelfth (predicted then with MAPE 3.34%, worst 8.50%) and the fourth (b51b21b) those of
+    the eleventh, with the fp16 kernel's splits for 4 waves of one program an SM (4.18%, 10.64%). The current fit
+    predicts the older runs' steps up to 13% fast (its one-warp KIVI launches are 0.85-0.9x their time) and holds
+    every step of every run, fp16 and KIVI, inside both gates."""
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
-    signed, prov = _signed_errors_pct(LLAMA3_H200_V6)
-    assert len(signed) == 27 and {(p.model, p.gpus) for p in signed} == {("llama-3-8b", 1)}
-    assert prov["commit"] == "177f4f8"
-    errs = [abs(e) for e in signed.values()]
-    mape = sum(errs) / len(errs)
-    assert mape == pytest.approx(3.48, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
-    assert max(errs) == pytest.approx(8.95, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
-
-
-def test_the_gqa_model_measured_with_the_kernels_and_launches_of_the_twelfth_sweep_holds_both_multigpu_gates():
-    """The fifth one-H200 Llama-3-8B run (3522a02) ran the kernels and launch rules of the twelfth sweep; predicted
-    with that sweep's fit before it was measured (reports/predictions/llama3_8b_h200_v5.csv: MAPE 3.34%, worst
-    8.50%, docs/validation.md). The fit of the fourteenth sweep, whose one-warp launches take 0.85-0.9x the KIVI
-    time, predicts its KIVI steps up to 13% fast and still holds every step inside both gates."""
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
-
-    signed, prov = _signed_errors_pct(LLAMA3_H200_V5)
-    assert len(signed) == 27 and {(p.model, p.gpus) for p in signed} == {("llama-3-8b", 1)}
-    assert prov["commit"] == "3522a02"
-    errs = [abs(e) for e in signed.values()]
-    mape = sum(errs) / len(errs)
-    assert mape == pytest.approx(5.50, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
-    assert max(errs) == pytest.approx(12.58, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
-
-
-def test_the_gqa_model_measured_with_the_kernels_of_the_fit_holds_both_multigpu_gates():
-    """The fourth one-H200 Llama-3-8B run (b51b21b): predicted before it was measured with the eleventh sweep's
-    fit (reports/predictions/llama3_8b_h200_v4.csv: MAPE 4.18%, worst 10.64%, docs/validation.md); the fit of the
-    fourteenth sweep (the fp16 kernel's splits for one wave of 2 programs an SM, one-warp KIVI launches) predicts
-    its steps up to 13% fast and still holds every step inside both gates."""
-    from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
-
-    signed = _signed_errors_pct(LLAMA3_H200_V4)[0]
+    signed, prov = _signed_errors_pct(csv_path)
     assert len(signed) == 27 and {(p.model, p.gpus, p.kv) for p in signed} == {
         ("llama-3-8b", 1, kv) for kv in ("fp16", "kivi4", "kivi2")
     }
+    assert prov["commit"] == commit
     errs = [abs(e) for e in signed.values()]
     mape = sum(errs) / len(errs)
-    assert mape == pytest.approx(6.75, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
-    assert max(errs) == pytest.approx(13.32, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
+    assert mape == pytest.approx(mape_pct, abs=0.005) and mape <= MULTIGPU_MAPE_MAX_PCT
+    assert max(errs) == pytest.approx(worst_pct, abs=0.005) and max(errs) <= MULTIGPU_WORST_MAX_PCT
 
 
 def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():

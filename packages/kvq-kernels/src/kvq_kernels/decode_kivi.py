@@ -623,8 +623,8 @@ def launch_config(path: str, bits: int, group_size: int, rows: int | None = None
         if path == "frag":
             known = rows is not None and max_len is not None
             few = known and rows <= FRAG_FEW_ROWS and max_len <= FRAG_FEW_MAX_TOKENS
-            short = FRAG_SHORT_TOKENS.get(bits, (0, -1))
-            if few and short[0] < max_len <= short[1] and bits in FRAG_SHORT_CONFIG:
+            lo, hi = FRAG_SHORT_TOKENS.get(bits, (0, 0))  # FRAG_SHORT_CONFIG's bit widths
+            if few and lo < max_len <= hi:
                 cfg = FRAG_SHORT_CONFIG[bits]
             elif few and bits in FRAG_FEW_CONFIG:
                 cfg = FRAG_FEW_CONFIG[bits]

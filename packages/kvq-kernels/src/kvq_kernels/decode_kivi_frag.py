@@ -115,6 +115,12 @@ def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE:
         return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
 
 
+@triton.constexpr_function
+def half_tiles(bits, head_dim):
+    """Tiles a row is read as: 2 for 3-bit rows of whole 128-channel halves (`_halves3`), else 1 (3-bit: `_merge3`)."""
+    return 2 if bits == 3 and head_dim >= 128 else 1
+
+
 @triton.jit
 def _channel(offs_w, s: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr):
     """Channel of slice s at container position offs_w: PER * w + s, or with two half tiles (3-bit, `_halves3`)
@@ -223,8 +229,7 @@ def _decode_kivi_frag_kernel(
     (slices); 3-bit: 4, the 2-bit plane's bytes. GP: the query group padded to a power of two >= 8 (the columns of
     both products); the fp16 tail programs take the group as HQ_PAD rows. Programs NUM_SPLITS .. NUM_SPLITS +
     N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
-    # 3-bit rows of whole 128-channel halves read as two half tiles (`_halves3`), otherwise one tile (`_merge3`)
-    HALVES: tl.constexpr = 2 if (BITS == 3) and (HEAD_DIM >= 128) else 1
+    HALVES: tl.constexpr = half_tiles(BITS, HEAD_DIM)
     SL: tl.constexpr = PER * HALVES  # channel slices, one dot each
     W: tl.constexpr = HEAD_DIM // SL  # containers of a slice a row (3-bit: of the 2-bit plane)
     HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row

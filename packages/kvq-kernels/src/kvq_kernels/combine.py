@@ -12,10 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-#: Most splits a combine program reads at once ([BLOCK_S, head_dim] fp32 tile: 64 x 128 x 4 B = 32 KiB over
-#: COMBINE_WARPS warps, 64 registers a thread at head_dim 128).
+#: Most splits a combine program reads at once ([BLOCK_S, head_dim] fp32 tile: 64 x 128 x 4 B = 32 KiB).
 MAX_BLOCK_S = 64
-COMBINE_WARPS = 4
+#: Splits a warp's tile holds ([16, 128] fp32: 64 registers a thread). Launches with many rows have few splits
+#: and take one warp a program, so an SM holds as many programs as before (with 4 warps a program, batch 256
+#: at 1K tokens ran 1.10-1.12x slower on an H200, reports/measurements/ab_combine_h200.csv).
+SPLITS_PER_WARP = 16
 
 
 @triton.jit
@@ -63,9 +65,9 @@ def block_splits(splits: int) -> int:
 def combine(m, l_part, acc, out: torch.Tensor) -> torch.Tensor:
     """Launch `_combine` over out's rows; out: [batch, query_heads, head_dim] (written in place)."""
     rows, splits, head_dim = acc.shape
-    _combine[(rows,)](
-        m, l_part, acc, out, splits, HEAD_DIM=head_dim, BLOCK_S=block_splits(splits), num_warps=COMBINE_WARPS
-    )
+    block_s = block_splits(splits)
+    warps = max(1, block_s // SPLITS_PER_WARP)
+    _combine[(rows,)](m, l_part, acc, out, splits, HEAD_DIM=head_dim, BLOCK_S=block_s, num_warps=warps)
     return out
 
 

@@ -351,9 +351,15 @@ def dispatch_change_h200() -> str:
 
 
 def onewarp_change_h200() -> str:
-    """The committed H200 sweep (3-bit as two half tiles; one warp a program for 2/3/4-bit beyond few rows and
+    """The fourteenth H200 sweep (3-bit as two half tiles; one warp a program for 2/3/4-bit beyond few rows and
     small launches) against the twelfth."""
-    return _sweep_change(H200_KERNEL_V12, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
+    return _sweep_change(H200_KERNEL_V12, H200_KERNEL_V14, ("kvq_kivi", "kvq_fp16"))
+
+
+def combine_change_h200() -> str:
+    """The committed H200 sweep (the split merge reads up to 64 splits a step) against the fourteenth, kvq's fp16
+    kernel included (it runs the same merge)."""
+    return _sweep_change(H200_KERNEL_V14, H200_KERNEL, ("kvq_kivi", "kvq_fp16"))
 
 
 PEERS_H200 = "reports/measurements/peers_decode_h200_v3.csv"
@@ -510,7 +516,8 @@ def validation_output() -> str:
 
 # the H200 is calibrated on its latest sweep (the fragment kernel for GQA 4/8-bit); the cold predictions were made
 # for (and compare against) the first (the word kernel)
-H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v14.csv", "reports/measurements/e2e_decode_h200_v5.csv"
+H200_KERNEL, H200_E2E = "reports/measurements/kernel_decode_h200_v15.csv", "reports/measurements/e2e_decode_h200_v6.csv"
+H200_KERNEL_V14 = "reports/measurements/kernel_decode_h200_v14.csv"
 H200_E2E_COLD = "reports/measurements/e2e_decode_h200.csv"
 H200_KERNEL_V12 = "reports/measurements/kernel_decode_h200_v12.csv"
 H200_KERNEL_V11 = "reports/measurements/kernel_decode_h200_v11.csv"
@@ -1076,6 +1083,7 @@ SECTIONS = {
     "transpose-change-h200": transpose_change_h200,
     "dispatch-change-h200": dispatch_change_h200,
     "onewarp-change-h200": onewarp_change_h200,
+    "combine-change-h200": combine_change_h200,
     "peers-h200": peers_h200,
     "hf-table": hf_table,
     "sdpa-backends": sdpa_backends_table,
@@ -1135,6 +1143,7 @@ DOCS = {
         "transpose-change-h200",
         "dispatch-change-h200",
         "onewarp-change-h200",
+        "combine-change-h200",
         "kernel-targets-h200",
         "peers-h200",
     ),

@@ -16,7 +16,7 @@ import triton.language as tl
 MAX_BLOCK_S = 64
 #: Splits a warp's tile holds ([16, 128] fp32: 64 registers a thread). Launches with many rows have few splits
 #: and take one warp a program, so an SM holds as many programs as before (with 4 warps a program, batch 256
-#: at 1K tokens ran 1.10-1.12x slower on an H200, reports/measurements/ab_combine_h200.csv).
+#: at 1K tokens ran 1.10-1.12x slower on an H200, reports/measurements/ab_combine_4warps_{old,new}_h200.csv).
 SPLITS_PER_WARP = 16
 
 

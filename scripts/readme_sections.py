@@ -129,7 +129,7 @@ def headline_table() -> str:
     runs = [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU)]
     l3_again = [re.search(all_line, _script("scripts/predict_points.py", "compare-multigpu", *r), re.M) for r in runs]
     l3_now = re.search(
-        all_line, _script("scripts/predict_points.py", "compare-multigpu", LLAMA3_V6, LLAMA3_V6_RUN), re.M
+        all_line, _script("scripts/predict_points.py", "compare-multigpu", LLAMA3_V7, LLAMA3_V7_RUN), re.M
     )
     lines += [
         "",
@@ -581,6 +581,8 @@ LLAMA3_V5 = "reports/predictions/llama3_8b_h200_v5.csv"
 LLAMA3_V5_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v5_tp1.csv"
 LLAMA3_V6 = "reports/predictions/llama3_8b_h200_v6.csv"
 LLAMA3_V6_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v6_tp1.csv"
+LLAMA3_V7 = "reports/predictions/llama3_8b_h200_v7.csv"
+LLAMA3_V7_RUN = "reports/measurements/multigpu_decode_llama3_8b_h200_v7_tp1.csv"
 LLAMA3_4GPU_PRED = "reports/predictions/llama3_8b_h200_4gpu.csv"
 LLAMA3_4GPU = "reports/measurements/multigpu_decode_llama3_8b_h200_4gpu.csv"
 
@@ -592,7 +594,12 @@ def llama3_h200() -> str:
 
     out = _shown(LLAMA3_H200_COLD, _script(*LLAMA3_H200_COLD[1:]))
     runs = [(LLAMA3_V2, r) for r in LLAMA3_V2_RUNS] + [(LLAMA3_4GPU_PRED, LLAMA3_4GPU), (LLAMA3_V3, LLAMA3_V3_RUN)]
-    runs += [(LLAMA3_V4, LLAMA3_V4_RUN), (LLAMA3_V5, LLAMA3_V5_RUN), (LLAMA3_V6, LLAMA3_V6_RUN)]
+    runs += [
+        (LLAMA3_V4, LLAMA3_V4_RUN),
+        (LLAMA3_V5, LLAMA3_V5_RUN),
+        (LLAMA3_V6, LLAMA3_V6_RUN),
+        (LLAMA3_V7, LLAMA3_V7_RUN),
+    ]
     for pred, run in runs:
         cmd = ["python", "scripts/predict_points.py", "compare-multigpu", pred, run]
         out += _shown(cmd, _script(*cmd[1:]))
@@ -600,10 +607,10 @@ def llama3_h200() -> str:
     def steps(csv):
         return {(p.kv, p.batch, p.context): p.step_us for p in read_steps(ROOT / csv)[0] if p.gpus == 1}
 
-    first, now = steps(LLAMA3_V3_RUN), steps(LLAMA3_V6_RUN)
+    first, now = steps(LLAMA3_V3_RUN), steps(LLAMA3_V7_RUN)
     lines = [
         "",
-        f"One GPU (`{LLAMA3_V6_RUN}`; in brackets the last run with the padded-rows fragment kernel, "
+        f"One GPU (`{LLAMA3_V7_RUN}`; in brackets the last run with the padded-rows fragment kernel, "
         f"`{LLAMA3_V3_RUN}`):",
         "",
         "| batch | context | fp16 KV (ms) | KIVI-4 (ms, vs fp16) | KIVI-2 (ms, vs fp16) |",

@@ -1,13 +1,14 @@
 """The fragment kernel's inline PTX (`decode_kivi_frag.unpack_ptx`), which the CPU interpreter never runs:
 each block is parsed and its instructions emulated bit for bit (fp16 arithmetic in numpy), on every code value
-of every slice, in both halves of the 32-bit register. Exact: the codes are small integers."""
+of every slice, in both halves of the 32-bit register. Exact: each comes back as the code plus its slice's
+offset (`code_offset`, a power of two), both small integers."""
 
 import re
 
 import numpy as np
 import pytest
 
-from kvq_kernels.decode_kivi_frag import unpack_ptx, unpack_ptx3, unpack_ptx8
+from kvq_kernels.decode_kivi_frag import code_offset, unpack_ptx, unpack_ptx3, unpack_ptx8
 
 OPS = re.compile(r"(shr\.b32|shl\.b32|lop3\.b32|mov\.b32|prmt\.b32|sub\.f16x2|fma\.rn\.f16x2) ([^;]+);")
 
@@ -77,7 +78,8 @@ def test_every_code_of_every_slice_comes_back_exact(bits):
             lo = int(rng.integers(0, 1 << 16)) & ~(m << bits * j) | c << bits * j
             hi = int(rng.integers(0, 1 << 16)) & ~(m << bits * j) | other << bits * j
             out = _halves(_emulate(ptx, lo | hi << 16)["$0"])
-            assert out.tolist() == [float(c), float(other)], (bits, j, c, ptx)
+            k = _plain(code_offset)(bits, j)
+            assert out.tolist() == [c + k, other + k], (bits, j, c, ptx)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -96,7 +98,7 @@ def test_eight_bit_containers_come_back_exact_and_in_order(bits):
                 word |= byte << 8 * k
             reg = _emulate(ptx, word, "$2")
             out = np.concatenate([_halves(reg["$0"]), _halves(reg["$1"])])
-            assert out.tolist() == [float(x) for x in codes], (bits, j, codes, ptx)
+            assert out.tolist() == [x + _plain(code_offset)(bits, j) for x in codes], (bits, j, codes, ptx)
 
 
 def test_three_bit_codes_come_back_exact_and_in_order():
@@ -114,7 +116,7 @@ def test_three_bit_codes_come_back_exact_and_in_order():
                 keep = ~((3 << 2 * j) | (1 << 8 + j)) & 0xFFFF
                 cont = [int(rng.integers(0, 1 << 16)) & keep | (x & 3) << 2 * j | (x >> 2) << 8 + j for x in codes]
                 out = _halves(_emulate(ptx, cont[0] | cont[1] << 16)["$0"])
-                assert out.tolist() == [float(x) for x in codes], (j, codes, ptx)
+                assert out.tolist() == [x + _plain(code_offset)(3, j) for x in codes], (j, codes, ptx)
 
 
 BLOCKS = [(bits, j, 16) for bits in (2, 4, 8) for j in range(16 // bits)]
@@ -126,3 +128,24 @@ def test_blocks_use_only_the_emulated_instructions(bits, j, container):
     ptx = _ptx(bits, j, container)
     stmts = [s.strip() for s in ptx.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")]
     assert len(stmts) == len(OPS.findall(ptx)), ptx
+
+
+@pytest.mark.parametrize("bits,j,container", BLOCKS)
+def test_one_lop3_a_pair_of_codes(bits, j, container):
+    """The unpack is one LOP3 a pair of codes (3-bit: two, merging the high bit), after at most one shift or, for
+    8-bit containers, the two PRMTs that spread four bytes; fp16 arithmetic only for 8-bit codes, whose offset is
+    0 (a `sub.f16x2` of 1024 a pair); the others' offsets are subtracted once per key group and per program."""
+    ops = [op for op, _ in OPS.findall(_ptx(bits, j, container))]
+    pairs = 2 if container == 8 else 1
+    assert ops.count("lop3.b32") == (2 if bits == 3 else pairs), ops
+    assert ops.count("sub.f16x2") == (pairs if bits == 8 else 0) and "fma.rn.f16x2" not in ops, ops
+    assert ops.count("shr.b32") + ops.count("prmt.b32") <= 2, ops
+
+
+def test_offsets_are_powers_of_two_that_keep_every_code_exact():
+    """code + offset is an integer below 2048 (exact in fp16) for every code of every slice; 8-bit codes come
+    back as themselves."""
+    for bits, j, _ in BLOCKS:
+        k = _plain(code_offset)(bits, j)
+        assert k == (0.0 if bits == 8 else k) and k in (0.0, 4.0, 16.0, 64.0, 256.0, 1024.0), (bits, j, k)
+        assert k + (1 << bits) - 1 < 2048, (bits, j, k)

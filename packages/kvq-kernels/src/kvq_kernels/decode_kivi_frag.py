@@ -9,9 +9,12 @@ containers share the 1-bit plane's bytes, `_halves3`, else as one tile, `_merge3
 channel slice j (channels PER * w + j, w < W = head_dim / PER; `_channel`), so each tile is PER dots of width W
 over the same [BLOCK_N, W] (keys) or [W, BLOCK_N] (values) container tile: scores s = sum_j k_j . q_j, and value
 slice j's own accumulator. Every step from the loaded containers to the dot operand is elementwise (one inline-PTX block per pair
-of containers: a LOP3 that masks code j and sets the fp16 exponent of 1024, a shift first when the code sits above
-the 10 mantissa bits, then one `sub.f16x2` or `fma.rn.f16x2` that removes the 1024 and the code's power of two,
-exact for these integers). Triton's dot-operand pass then moves the shared-memory round trip of the operand above
+of containers: a LOP3 that masks code j in place under the fp16 exponent whose mantissa bit is worth 1 there, a
+shift first when the code sits above the 10 mantissa bits; the fp16 is the code plus a power of two,
+`code_offset`, exact). The offset stays in the operand: the scores subtract offset x (sum of the query slice as
+the dot reads it) once per key group, the value accumulators offset x (sum of the probabilities as the dot reads
+them, one more MMA of ones a tile) once per program, so no fp16 op per pair of codes remains (8-bit codes: offset
+0, a `sub.f16x2` a pair). Triton's dot-operand pass then moves the shared-memory round trip of the operand above
 the unpack: shared memory holds the 16-bit containers (the cache's own bytes, copied in by cp.async), `ldmatrix`
 loads them in the MMA fragment layout, and the fp16 codes exist only in registers. The word kernel
 (`decode_kivi_words`) unpacks in the load layout and so stores and re-reads every fp16 code through shared memory
@@ -37,69 +40,85 @@ from .decode_kivi_words import _tail_part
 
 
 @triton.constexpr_function
-def unpack_ptx(bits, j):
-    """PTX of one pair of 16-bit containers ($1, a b32) -> the fp16 pair (code j of each), exact.
+def code_place(bits, j):
+    """(shift, p): a container pair is shifted right by `shift` (8 when code j's bits, 2j .. 2j + 2 for 3-bit, else
+    bits * j .., reach past the fp16 mantissa's 10 bits, else 0), and code j then sits at bit p."""
+    p, width = (2 * j, 3) if bits == 3 else (bits * j, bits)
+    shift = 8 if p + width > 10 else 0
+    return shift, p - shift
 
-    Codes whose bits end at or below bit 10 are masked in place under the exponent of 1024 (0x6400): the fp16 is
-    1024 + c * 2**p, and one fma by 2**-p with -2**(10 - p) gives c. Higher codes are shifted down first and
-    lose the 1024 with a sub."""
-    p = bits * j
-    m = (1 << bits) - 1
-    if p + bits <= 10 and p > 0:
-        mul = (15 - p) << 10  # fp16 2**-p
-        add = 0x8000 | ((25 - p) << 10)  # fp16 -2**(10 - p)
-        return (
-            f"{{ .reg .b32 t, a, b; lop3.b32 t, $1, {(m << p) * 0x10001}, 0x64006400, 0xEA; "
-            f"mov.b32 a, {mul * 0x10001}; mov.b32 b, {add * 0x10001}; fma.rn.f16x2 $0, t, a, b; }}"
-        )
-    shift = f"shr.b32 t, $1, {p}; " if p else "mov.b32 t, $1; "
+
+@triton.constexpr_function
+def code_exponent(bits, j):
+    """fp16 exponent bits of 2**(10 - p) (code j at bit p, `code_place`), twice (both halves of a b32)."""
+    return ((25 - code_place(bits, j)[1]) << 10) * 0x10001
+
+
+@triton.constexpr_function
+def code_offset(bits, j):
+    """What the unpack adds to code j of a container: the code sits at bit p (`code_place`) under the fp16 exponent
+    of 2**(10 - p), whose mantissa bit p weighs 1, so the fp16 is 2**(10 - p) + c, exact. The scores subtract it
+    once per key group and the value accumulators once per program, instead of an fp16 op per pair of codes.
+    8-bit codes: 0, the unpack subtracts 1024 itself (8-bit launches run 4 warps, where the per-group correction
+    raised registers from 125 to 159 a thread in a local sm_90 compile, one resident program an SM fewer)."""
+    return 0.0 if bits == 8 else float(1 << (10 - code_place(bits, j)[1]))
+
+
+@triton.constexpr_function
+def unpack_ptx(bits, j):
+    """PTX of one pair of 16-bit containers ($1, a b32) -> the fp16 pair code j + `code_offset` of each, exact:
+    one LOP3 that masks the code in place under the exponent of 2**(10 - p) (`code_place`), a shift by 8 first
+    when the code reaches past bit 10, and for an offset of 0 a `sub.f16x2` of 1024."""
+    sh, p = code_place(bits, j)
+    m = ((1 << bits) - 1) << p
+    src = f"shr.b32 t, $1, {sh}; " if sh else "mov.b32 t, $1; "
+    if code_offset(bits, j):
+        return f"{{ .reg .b32 t; {src}lop3.b32 $0, t, {m * 0x10001}, {code_exponent(bits, j)}, 0xEA; }}"
     return (
-        f"{{ .reg .b32 t, c; {shift}lop3.b32 t, t, {m * 0x10001}, 0x64006400, 0xEA; "
+        f"{{ .reg .b32 t, c; {src}lop3.b32 t, t, {m * 0x10001}, {code_exponent(bits, j)}, 0xEA; "
         "mov.b32 c, 0x64006400; sub.f16x2 $0, t, c; }"
     )
 
 
 @triton.constexpr_function
 def unpack_ptx8(bits, j):
-    """PTX of four 8-bit containers ($2, one b32) -> four fp16 (code j of each) in $0 (containers 0, 1) and $1
-    (2, 3), exact: two PRMTs spread the bytes into 16-bit lanes, then per pair one LOP3 (code j masked in place
-    under the exponent of 1024; an 8-bit container's codes never pass bit 10) and one fma by 2**-p with
-    -2**(10 - p)."""
-    p = bits * j
-    m = ((1 << bits) - 1) << p
-    mul = ((15 - p) << 10) * 0x10001  # fp16 2**-p, twice
-    add = (0x8000 | ((25 - p) << 10)) * 0x10001  # fp16 -2**(10 - p), twice
+    """PTX of four 8-bit containers ($2, one b32) -> four fp16, code j + `code_offset` of each, in $0 (containers
+    0, 1) and $1 (2, 3), exact: two PRMTs spread the bytes into 16-bit lanes, then one LOP3 a pair masks code j in
+    place under the exponent of 2**(10 - p) (an 8-bit container's codes never pass bit 10), and for an offset of
+    0 a `sub.f16x2` of 1024."""
+    m = ((1 << bits) - 1) << (bits * j)
+    e = code_exponent(bits, j)
+    spread = "prmt.b32 lo, $2, 0, 0x7170; prmt.b32 hi, $2, 0, 0x7372; "
+    if code_offset(bits, j):
+        return (
+            f"{{ .reg .b32 lo, hi; {spread}"
+            f"lop3.b32 $0, lo, {m * 0x10001}, {e}, 0xEA; lop3.b32 $1, hi, {m * 0x10001}, {e}, 0xEA; }}"
+        )
     return (
-        "{ .reg .b32 lo, hi, a, b; prmt.b32 lo, $2, 0, 0x7170; prmt.b32 hi, $2, 0, 0x7372; "
-        f"lop3.b32 lo, lo, {m * 0x10001}, 0x64006400, 0xEA; lop3.b32 hi, hi, {m * 0x10001}, 0x64006400, 0xEA; "
-        f"mov.b32 a, {mul}; mov.b32 b, {add}; fma.rn.f16x2 $0, lo, a, b; fma.rn.f16x2 $1, hi, a, b; }}"
+        f"{{ .reg .b32 lo, hi, c; {spread}"
+        f"lop3.b32 lo, lo, {m * 0x10001}, {e}, 0xEA; lop3.b32 hi, hi, {m * 0x10001}, {e}, 0xEA; "
+        "mov.b32 c, 0x64006400; sub.f16x2 $0, lo, c; sub.f16x2 $1, hi, c; }"
     )
 
 
 @triton.constexpr_function
 def unpack_ptx3(j):
-    """PTX of two 16-bit 3-bit containers ($1, a b32) -> the fp16 pair (code j of each), exact. A container holds
-    four codes: the low two bits of code j at bits 2j, 2j + 1 and its high bit at bit 8 + j. One shift brings the
-    high bit to 2j + 2 (the bits that cross from the upper container land at 10 + j and above, outside both
-    masks); two LOP3s merge it and the low bits (in place) under the exponent of 1024; a sub (j = 0) or an fma by
-    2**-2j with -2**(10 - 2j) leaves the code."""
+    """PTX of two 16-bit 3-bit containers ($1, a b32) -> the fp16 pair code j + `code_offset` of each, exact. A
+    container holds four codes: the low two bits of code j at bits 2j, 2j + 1 and its high bit at bit 8 + j. One
+    shift brings the high bit to 2j + 2 (the bits that cross from the upper container land at 10 + j and above,
+    outside both masks); two LOP3s merge it and the low bits in place under the exponent of the offset."""
     p = 2 * j
     hm, lm = (4 << p) * 0x10001, (3 << p) * 0x10001
-    if p:
-        mul, add = ((15 - p) << 10) * 0x10001, (0x8000 | ((25 - p) << 10)) * 0x10001
-        fin = f"mov.b32 m, {mul}; mov.b32 n, {add}; fma.rn.f16x2 $0, x, m, n; "
-    else:
-        fin = "mov.b32 m, 0x64006400; sub.f16x2 $0, x, m; "
     return (
-        f"{{ .reg .b32 x, m, n; shr.b32 x, $1, {6 - j}; lop3.b32 x, x, {hm}, 0x64006400, 0xEA; "
-        f"lop3.b32 x, $1, {lm}, x, 0xEA; {fin}}}"
+        f"{{ .reg .b32 x; shr.b32 x, $1, {6 - j}; lop3.b32 x, x, {hm}, {code_exponent(3, j)}, 0xEA; "
+        f"lop3.b32 $0, $1, {lm}, x, 0xEA; }}"
     )
 
 
 @triton.jit
 def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """int16 or int8 containers -> code j of each as DOT_DTYPE (elementwise: the dot-operand pass hoists through
-    it). 3-bit: x the 16-bit containers of `_merge3`."""
+    """int16 or int8 containers -> code j + `code_offset(BITS, j)` of each as DOT_DTYPE (elementwise: the
+    dot-operand pass hoists through it). 3-bit: x the 16-bit containers of `_merge3`."""
     if ASM:
         if BITS == 3:
             return tl.inline_asm_elementwise(unpack_ptx3(j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
@@ -110,9 +129,10 @@ def _codes(x, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE:
         else:
             return tl.inline_asm_elementwise(unpack_ptx(BITS, j), "=r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
     elif BITS == 3:  # CPU interpreter (no inline PTX); the masks drop the sign extension
-        return (((x.to(tl.int32) >> (2 * j)) & 3) | (((x.to(tl.int32) >> (8 + j)) & 1) << 2)).to(DOT_DTYPE)
+        c = ((x.to(tl.int32) >> (2 * j)) & 3) | (((x.to(tl.int32) >> (8 + j)) & 1) << 2)
+        return c.to(DOT_DTYPE) + code_offset(BITS, j)
     else:  # CPU interpreter; >> is arithmetic on the sign-extended int32, the mask drops the sign
-        return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE)
+        return ((x.to(tl.int32) >> (BITS * j)) & ((1 << BITS) - 1)).to(DOT_DTYPE) + code_offset(BITS, j)
 
 
 @triton.constexpr_function
@@ -199,21 +219,29 @@ def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr
 
 @triton.jit
 def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr, HEAD_DIM: tl.constexpr,
-            ok, DOT_DTYPE: tl.constexpr):  # fmt: skip
+            ok, DOT_DTYPE: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
     """Slice j of the query times key group g's scales (the score product's B operand, [W, GP]) and its share of
-    q . zero ([GP])."""
+    the score's constant ([GP]): q . zero, less the unpack's offset (`code_offset`) times the operand as the dot
+    reads it (rounded to DOT_DTYPE), so that the offset cancels to the operand's own rounding."""
     ch = g * HEAD_DIM + _channel(offs_w, j, PER, HALVES)
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
-    return (q * ks[:, None]).to(DOT_DTYPE), tl.sum(q * kz[:, None], 0)
+    qs = (q * ks[:, None]).to(DOT_DTYPE)
+    if code_offset(BITS, j % PER) == 0:
+        return qs, tl.sum(q * kz[:, None], 0)
+    return qs, tl.sum(q * kz[:, None] - code_offset(BITS, j % PER) * qs.to(tl.float32), 0)
 
 
 @triton.jit
-def _store_slice(ACC_PART, prow, g_mask, acc, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Value slice j's accumulator [W, GP] into the partial state's rows (query heads) and channels."""
+def _store_slice(ACC_PART, prow, g_mask, acc, zsum, psum, offs_w, j: tl.constexpr, PER: tl.constexpr,
+                 HALVES: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """Value slice j's accumulator [W, GP] into the partial state's rows (query heads) and channels, with the value
+    zeros' share zsum and without the unpack's offset (`code_offset`) times psum, the sum of the value operand."""
     ch = _channel(offs_w, j, PER, HALVES)
-    tl.store(ACC_PART + prow[None, :] * HEAD_DIM + ch[:, None], acc, mask=g_mask[None, :])
+    out = acc + zsum
+    if code_offset(BITS, j % PER) != 0:
+        out -= code_offset(BITS, j % PER) * psum
+    tl.store(ACC_PART + prow[None, :] * HEAD_DIM + ch[:, None], out, mask=g_mask[None, :])
 
 
 @triton.jit
@@ -256,33 +284,37 @@ def _decode_kivi_frag_kernel(
         q1 = q0
         if SL >= 2:
             q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HALVES, HEAD_DIM, qk_scale)
-        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
         qs1 = qs0
         if SL >= 2:
-            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             bias += z1
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
         if SL >= 4:
             q2 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 2, PER, HALVES, HEAD_DIM, qk_scale)
             q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HALVES, HEAD_DIM, qk_scale)
-            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             bias += z2 + z3
         if SL == 8:
             q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HALVES, HEAD_DIM, qk_scale)
             q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HALVES, HEAD_DIM, qk_scale)
             q6 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 6, PER, HALVES, HEAD_DIM, qk_scale)
             q7 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 7, PER, HALVES, HEAD_DIM, qk_scale)
-            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             bias += z4 + z5 + z6 + z7
         m_i = tl.full([GP], float("-inf"), tl.float32)
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
         l_n = tl.zeros([BLOCK_N, GP], tl.float32)
         z_n = tl.zeros([BLOCK_N, GP], tl.float32)
+        # the sum of the value products' B operand (pv) over the tokens, as 16 equal rows of one more product (ones
+        # times pv: four MMAs a 64-token tile, no reduction across threads or warps), rescaled with the accumulators
+        ones = tl.full([16, BLOCK_N], 1.0, DOT_DTYPE)
+        psum16 = tl.zeros([16, GP], tl.float32)
         a0 = tl.zeros([W, GP], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         kw_base = KW + bh * T_QCAP * ROW
@@ -312,19 +344,19 @@ def _decode_kivi_frag_kernel(
                 vt = _merge3(VC, hrow, offs_w, n_mask, vt, True)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
-                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                 if SL >= 2:
-                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     bias += z1
                 if SL >= 4:
-                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     bias += z2 + z3
                 if SL == 8:
-                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
-                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE)
+                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     bias += z4 + z5 + z6 + z7
             # scores S^T [BLOCK_N, GP]: the key codes are the A operand (M = tokens), the query slices the B operand
             s = tl.zeros([BLOCK_N, GP], tl.float32) + bias[None, :]
@@ -351,6 +383,8 @@ def _decode_kivi_frag_kernel(
             z_n = z_n * alpha[None, :] + p * vz[:, None]
             # values O^T [W, GP] a slice: the value codes (transposed tile) the A operand, P^T the B operand
             pv = (p * vs[:, None]).to(DOT_DTYPE)
+            if code_offset(BITS, 0) != 0:
+                psum16 = _dot_acc(ones, pv, psum16 * alpha[None, :], DOT_DTYPE)
             a0 = _dot_acc(_slice_codes(vt, vb, 0, PER, BITS, ASM, DOT_DTYPE), pv, a0 * alpha[None, :], DOT_DTYPE)
             if SL >= 2:
                 a1 = _dot_acc(_slice_codes(vt, vb, 1, PER, BITS, ASM, DOT_DTYPE), pv, a1 * alpha[None, :], DOT_DTYPE)
@@ -364,20 +398,21 @@ def _decode_kivi_frag_kernel(
                 a7 = _dot_acc(_slice_codes(vt, vb, 7, PER, BITS, ASM, DOT_DTYPE), pv, a7 * alpha[None, :], DOT_DTYPE)
             m_i = m_new
         zsum = tl.sum(z_n, 0)[None, :]  # every channel's value zero, weighted by p
+        psum = tl.sum(psum16, 0)[None, :] * (1.0 / 16)  # 16 equal rows: exact
         prow = (row0 + offs_g.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i, mask=g_mask)
         tl.store(L_PART + prow, tl.sum(l_n, 0), mask=g_mask)
-        _store_slice(ACC_PART, prow, g_mask, a0 + zsum, offs_w, 0, PER, HALVES, HEAD_DIM)
+        _store_slice(ACC_PART, prow, g_mask, a0, zsum, psum, offs_w, 0, PER, HALVES, HEAD_DIM, BITS)
         if SL >= 2:
-            _store_slice(ACC_PART, prow, g_mask, a1 + zsum, offs_w, 1, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a1, zsum, psum, offs_w, 1, PER, HALVES, HEAD_DIM, BITS)
         if SL >= 4:
-            _store_slice(ACC_PART, prow, g_mask, a2 + zsum, offs_w, 2, PER, HALVES, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a3 + zsum, offs_w, 3, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a2, zsum, psum, offs_w, 2, PER, HALVES, HEAD_DIM, BITS)
+            _store_slice(ACC_PART, prow, g_mask, a3, zsum, psum, offs_w, 3, PER, HALVES, HEAD_DIM, BITS)
         if SL == 8:
-            _store_slice(ACC_PART, prow, g_mask, a4 + zsum, offs_w, 4, PER, HALVES, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a5 + zsum, offs_w, 5, PER, HALVES, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a6 + zsum, offs_w, 6, PER, HALVES, HEAD_DIM)
-            _store_slice(ACC_PART, prow, g_mask, a7 + zsum, offs_w, 7, PER, HALVES, HEAD_DIM)
+            _store_slice(ACC_PART, prow, g_mask, a4, zsum, psum, offs_w, 4, PER, HALVES, HEAD_DIM, BITS)
+            _store_slice(ACC_PART, prow, g_mask, a5, zsum, psum, offs_w, 5, PER, HALVES, HEAD_DIM, BITS)
+            _store_slice(ACC_PART, prow, g_mask, a6, zsum, psum, offs_w, 6, PER, HALVES, HEAD_DIM, BITS)
+            _store_slice(ACC_PART, prow, g_mask, a7, zsum, psum, offs_w, 7, PER, HALVES, HEAD_DIM, BITS)
     else:
         t_lo = (split - NUM_SPLITS) * TAIL_TOKENS
         _tail_part(

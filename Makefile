@@ -57,8 +57,8 @@ report-png: install
 # to the GPUs without measurements, then check every held-out point (exit 1 over a threshold).
 KERNEL_CSV ?= reports/measurements/kernel_decode_h100_v5.csv
 E2E_CSV ?= reports/measurements/e2e_decode_h100_v5.csv
-H200_KERNEL_CSV ?= reports/measurements/kernel_decode_h200_v15.csv
-H200_E2E_CSV ?= reports/measurements/e2e_decode_h200_v6.csv
+H200_KERNEL_CSV ?= reports/measurements/kernel_decode_h200_v16.csv
+H200_E2E_CSV ?= reports/measurements/e2e_decode_h200_v7.csv
 E2E_ARG = $(if $(wildcard $(E2E_CSV)),--e2e $(E2E_CSV),)
 calibrate: install
 	kvq-sim calibrate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)

@@ -90,10 +90,10 @@ def test_h200_held_out_gates():
         main, ["validate", "--gpu", "h200", "--measurements", str(H200_KERNEL_CSV), "--e2e", str(H200_E2E_CSV)]
     )
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info  # a crash is not a FAIL line
-    assert "PASS e2e: 14 held-out steps: MAPE 6.20% (max 8.0%), worst 10.43% at " in r.output, r.output
+    assert "PASS e2e: 14 held-out steps: MAPE 6.22% (max 8.0%), worst 10.20% at " in r.output, r.output
     assert "PASS memory" in r.output, r.output
     kernel = next(line for line in r.output.splitlines() if line.startswith(("PASS kernel", "FAIL kernel")))
-    assert "FAIL kernel: 160 held-out points >= 64 MiB: MAPE 3.16% (max 5.0%), worst 16.17% (max 15.0%) at " in kernel
+    assert "FAIL kernel: 160 held-out points >= 64 MiB: MAPE 2.60% (max 5.0%), worst 16.17% (max 15.0%) at " in kernel
     assert kernel.endswith("sdpa_flash_fp16|16|0|1|32|8|128|16384"), kernel
     assert r.exit_code == 1
 
@@ -215,28 +215,36 @@ def test_calibration_never_reads_held_out_points():
 # --- the latency model uses the fit; transfer rules ------------------------------------------------
 
 
-def test_a_family_is_fitted_on_the_points_its_most_common_kernel_ran():
-    """A few shapes run by another kernel (MHA short caches on the fragment kernel) leave the CUDA-core fit alone:
-    with them the fit would be bent towards a kernel twice as fast; without them it comes back exact."""
+def test_a_family_is_fitted_on_the_points_its_most_common_launch_ran():
+    """A few shapes run by another kernel (MHA short caches on the fragment kernel) or by another launch of the same
+    kernel (4 warps a program instead of 1) leave the main launch's fit alone: with them the fit would be bent
+    towards a launch twice as fast; without them it comes back exact. What the plan derives per shape (resident
+    programs, splits) does not make another launch."""
     simt = _points("kvq_kivi", 4, lambda p: 9.0 + p.bytes_read / (0.6 * 3350e3))
-    simt = [replace(p, config="simt-bn32-w2-s1-pf-sp32") for p in simt if p.q_heads == p.kv_heads]
+    simt = [
+        replace(p, config=f"simt-bn32-w2-s1-pf-sp{i % 3 + 1}") for i, p in enumerate(simt) if p.q_heads == p.kv_heads
+    ]
     frag = [replace(p, config="frag-bn64-w4-s3-r3-sp8", time_us=p.time_us / 2) for p in simt[:2]]
-    kept, notes = cal.one_kernel(simt + frag)
+    kept, notes = cal.one_launch(simt + frag)
     assert kept == simt
     assert notes == [
-        "kernel kvq_kivi_4b_mha: 2 training point(s) ran another kernel (frag), not the simt kernel the family "
-        "models; not fitted"
+        "kernel kvq_kivi_4b_mha: 2 training point(s) ran another launch (frag-bn64-w4-s3), not the simt-bn32-w2-s1-pf "
+        "launch the family models; not fitted"
     ]
     fit, stats = cal.fit_kernel_family(kept, 3350)
     assert fit.bandwidth_efficiency == pytest.approx(0.6, rel=1e-6) and stats.worst_pct < 1e-6
     bent, bent_stats = cal.fit_kernel_family(simt + frag, 3350)
     assert bent_stats.worst_pct > 10
-    # untagged points (the fp16 kernels, or a CSV without the config column) are one kernel
+    # the same kernel at another launch is left out too
+    wide = [replace(p, config="simt-bn64-w4-s1-pf-sp4", time_us=p.time_us / 2) for p in simt[:3]]
+    assert cal.one_launch(simt + wide)[0] == simt
+    # untagged points (the fp16 kernels, or a CSV without the config column) are one launch
     plain = _points("kvq_fp16", 16, lambda p: 7.0 + p.bytes_read / (0.9 * 3350e3))
-    assert cal.one_kernel(plain) == (plain, [])
-    # a tie between two kernels keeps the path first in sorted order
+    assert cal.one_launch(plain) == (plain, [])
+    # a tie between two launches keeps the one first in sorted order
     tie = [simt[0], frag[0]]
-    assert cal.one_kernel(tie)[0] == [frag[0]]
+    assert cal.one_launch(tie)[0] == [frag[0]]
+    assert cal.launch_of("frag-bn64-w1-s3-r8-sp128") == "frag-bn64-w1-s3" and cal.launch_of("") == ""
 
 
 def test_decode_step_attention_comes_from_the_fitted_family():
@@ -492,8 +500,8 @@ def test_multigpu_h200_held_out_mape_passes_and_the_extrapolated_tp4_point_fails
     points = read_steps(MULTIGPU_H200_CSV)[0]
     errs = fitted_errors_pct(load_hardware("8x-h200"), points)
     assert len(errs) == 56
-    assert errs.mean() == pytest.approx(6.46, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
-    assert errs.max() == pytest.approx(40.46, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
+    assert errs.mean() == pytest.approx(6.52, abs=0.005) and errs.mean() <= MULTIGPU_MAPE_MAX_PCT
+    assert errs.max() == pytest.approx(40.75, abs=0.005) and errs.max() > MULTIGPU_WORST_MAX_PCT
 
 
 @pytest.mark.parametrize(
@@ -553,10 +561,10 @@ def _signed_errors_pct(csv_path) -> tuple[dict, dict]:
 @pytest.mark.parametrize(
     "csv_path,commit,mape_pct,worst_pct",
     [
-        (LLAMA3_H200_V7, "dd72e24", 4.13, 9.20),
-        (LLAMA3_H200_V6, "177f4f8", 4.00, 9.10),
-        (LLAMA3_H200_V5, "3522a02", 6.09, 13.31),
-        (LLAMA3_H200_V4, "b51b21b", 7.24, 13.87),
+        (LLAMA3_H200_V7, "dd72e24", 4.52, 8.72),
+        (LLAMA3_H200_V6, "177f4f8", 4.34, 8.83),
+        (LLAMA3_H200_V5, "3522a02", 6.40, 16.74),
+        (LLAMA3_H200_V4, "b51b21b", 7.56, 17.14),
     ],
     ids=["v7", "v6", "v5", "v4"],
 )
@@ -587,7 +595,7 @@ def test_the_gqa_model_holds_both_multigpu_gates_on_the_runs_of_the_fragment_ker
 
 def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_change():
     """The last one-H200 Llama-3-8B run (da6940d): its fp16 steps inside both gates; its KIVI steps, which ran the
-    padded-rows fragment kernel, predicted fast (never more than 5% slow)."""
+    padded-rows fragment kernel, predicted fast (at most 5.40% slow)."""
     from kvq_sim.multigpu import MULTIGPU_MAPE_MAX_PCT, MULTIGPU_WORST_MAX_PCT
 
     signed = _signed_errors_pct(LLAMA3_H200_V3)[0]
@@ -595,9 +603,9 @@ def test_the_gqa_model_holds_both_multigpu_gates_where_its_kernels_did_not_chang
     fp16 = [abs(e) for p, e in signed.items() if p.kv == "fp16"]
     assert len(fp16) == 9 and sum(fp16) / len(fp16) <= MULTIGPU_MAPE_MAX_PCT and max(fp16) <= MULTIGPU_WORST_MAX_PCT
     kivi = [e for p, e in signed.items() if p.kv != "fp16"]
-    assert max(kivi) < 5.0 and min(kivi) == pytest.approx(-44.20, abs=0.005)
+    assert max(kivi) == pytest.approx(5.40, abs=0.005) and min(kivi) == pytest.approx(-44.54, abs=0.005)
     errs = [abs(e) for e in signed.values()]
-    assert sum(errs) / len(errs) == pytest.approx(15.25, abs=0.005)
+    assert sum(errs) / len(errs) == pytest.approx(15.48, abs=0.005)
 
 
 def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
@@ -614,8 +622,8 @@ def test_an_unfitted_gqa_model_measured_with_older_kernels_is_predicted_fast():
     hw = load_hardware("8x-h200")
     errs = [abs(predict(hw, p) / p.step_us - 1) * 100 for p in points]
     mape, worst = sum(errs) / len(errs), max(errs)
-    assert mape == pytest.approx(13.63, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
-    assert worst == pytest.approx(55.99, abs=0.005), worst
+    assert mape == pytest.approx(13.69, abs=0.005) and mape > MULTIGPU_MAPE_MAX_PCT, mape
+    assert worst == pytest.approx(56.26, abs=0.005), worst
 
 
 @pytest.mark.parametrize(

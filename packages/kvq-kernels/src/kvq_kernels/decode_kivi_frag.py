@@ -227,9 +227,10 @@ def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
     qs = (q * ks[:, None]).to(DOT_DTYPE)
-    if code_offset(BITS, j % PER) == 0:
-        return qs, tl.sum(q * kz[:, None], 0)
-    return qs, tl.sum(q * kz[:, None] - code_offset(BITS, j % PER) * qs.to(tl.float32), 0)
+    const = q * kz[:, None]
+    if code_offset(BITS, j % PER) != 0:
+        const -= code_offset(BITS, j % PER) * qs.to(tl.float32)
+    return qs, tl.sum(const, 0)
 
 
 @triton.jit

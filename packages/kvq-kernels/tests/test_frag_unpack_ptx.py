@@ -147,5 +147,5 @@ def test_offsets_are_powers_of_two_that_keep_every_code_exact():
     back as themselves."""
     for bits, j, _ in BLOCKS:
         k = _plain(code_offset)(bits, j)
-        assert k == (0.0 if bits == 8 else k) and k in (0.0, 4.0, 16.0, 64.0, 256.0, 1024.0), (bits, j, k)
+        assert (k == 0.0) == (bits == 8) and k in (0.0, 4.0, 16.0, 64.0, 256.0, 1024.0), (bits, j, k)
         assert k + (1 << bits) - 1 < 2048, (bits, j, k)

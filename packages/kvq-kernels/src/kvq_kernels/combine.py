@@ -15,9 +15,9 @@ import triton.language as tl
 #: Most splits a combine program reads at once ([BLOCK_S, head_dim] fp32 tile: 64 x 128 x 4 B = 32 KiB).
 MAX_BLOCK_S = 64
 #: Splits a warp's tile holds ([16, 128] fp32: 64 registers a thread). Launches with many rows have few splits
-#: and take one warp a program, so an SM holds as many of them as the one-warp per-split loop did (H200, GQA
-#: batch 256 at 1K tokens: 1.10-1.12x the loop's time with 4 warps a program, 0.99-1.01x with one;
-#: reports/measurements/ab_combine_4warps_*_h200.csv and ab_combine_*_h200.csv).
+#: and take one warp a program, which keeps many programs resident an SM (H200, GQA batch 256 at 1K tokens,
+#: against a one-warp merge of one split a step: 1.10-1.12x its time with 4 warps a program, 0.99-1.01x with
+#: one; reports/measurements/ab_combine_4warps_*_h200.csv and ab_combine_*_h200.csv).
 SPLITS_PER_WARP = 16
 
 

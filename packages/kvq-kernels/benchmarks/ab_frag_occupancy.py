@@ -1,6 +1,10 @@
-"""A/B of the fragment kernel (GPU; not a test): the softmax and value-zero sums as MMAs of ones (SUMS_MMA) or as
-per-token tiles, at one-warp launches with and without a register cap (maxnreg). Prints a table last, writes
-$OUT/ab17_h200.csv with provenance. Usage: python ab_frag_occupancy.py 4,2,3"""
+"""A/B of the fragment kernel's one-warp launches (GPU; not a test): BLOCK_N 64 and 32 with and without a register
+cap (Triton's maxnreg), which sets how many programs an SM holds; on a tree whose kernel takes SUMS_MMA (4387655:
+the softmax and value-zero sums as MMAs of ones instead of per-token tiles) each launch both ways. Prints a table
+last, writes $OUT/ab17_h200.csv with provenance (reports/measurements/ab_frag_occupancy_h200.csv).
+
+    python packages/kvq-kernels/benchmarks/ab_frag_occupancy.py 4,2,3
+"""
 
 import csv
 import os
@@ -18,7 +22,8 @@ orig, knob = dk.kernel_call, {"cap": None, "mma": True}
 def kc(*a, **k):
     fn, args, kw = orig(*a, **k)
     if fn is dk._decode_kivi_frag_kernel:
-        kw = dict(kw, SUMS_MMA=knob["mma"])
+        if "SUMS_MMA" in fn.arg_names:
+            kw = dict(kw, SUMS_MMA=knob["mma"])
         if knob["cap"]:
             kw["maxnreg"] = knob["cap"]
     return fn, args, kw
@@ -36,7 +41,7 @@ out = os.path.join(os.environ["OUT"], "ab17_h200.csv")
 for bits in [int(b) for b in sys.argv[1].split(",")]:
     for hkv, batch, t in PTS:
         for bn, w, s, cap in CFG[bits]:
-            for mma in (False, True):
+            for mma in (False, True) if "SUMS_MMA" in dk._decode_kivi_frag_kernel.arg_names else (False,):
                 knob.update(cap=cap, mma=mma)
                 try:
                     us, plan = time_kivi(

@@ -252,7 +252,6 @@ def _decode_kivi_frag_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HQ_PER_KV: tl.constexpr, HQ_PAD: tl.constexpr, GP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TAIL_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, PER: tl.constexpr, ROW: tl.constexpr, PREFETCH: tl.constexpr,
-    SUMS_MMA: tl.constexpr = True,
 ):  # fmt: skip
     """KC / VC: key / value code rows as bytes (the fp16 tail's quantized keys; 3-bit: the 1-bit plane); KW / VW:
     the same rows as containers (16- or 8-bit integers; 3-bit: bytes, uint8), ROW a row. PER codes a container
@@ -310,14 +309,13 @@ def _decode_kivi_frag_kernel(
             qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             bias += z4 + z5 + z6 + z7
         m_i = tl.full([GP], float("-inf"), tl.float32)
+        # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
+        l_n = tl.zeros([BLOCK_N, GP], tl.float32)
+        z_n = tl.zeros([BLOCK_N, GP], tl.float32)
         # the sum of the value products' B operand (pv) over the tokens, as 16 equal rows of one more product (ones
         # times pv: four MMAs a 64-token tile, no reduction across threads or warps), rescaled with the accumulators
         ones = tl.full([16, BLOCK_N], 1.0, DOT_DTYPE)
         psum16 = tl.zeros([16, GP], tl.float32)
-        l16 = tl.zeros([16, GP], tl.float32)
-        z16 = tl.zeros([16, GP], tl.float32)
-        l_n = tl.zeros([BLOCK_N, GP], tl.float32)
-        z_n = tl.zeros([BLOCK_N, GP], tl.float32)
         a0 = tl.zeros([W, GP], tl.float32)
         a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
         kw_base = KW + bh * T_QCAP * ROW
@@ -378,16 +376,12 @@ def _decode_kivi_frag_kernel(
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
+            l_n = l_n * alpha[None, :] + p
             if not PREFETCH:
                 rows = bh * T_QCAP + offs_n
                 vs = tl.load(VS + rows, mask=n_mask, other=0.0).to(tl.float32)
                 vz = tl.load(VZ + rows, mask=n_mask, other=0.0).to(tl.float32)
-            if SUMS_MMA:
-                l16 = _dot_acc(ones, p.to(DOT_DTYPE), l16 * alpha[None, :], DOT_DTYPE)
-                z16 = _dot_acc(ones, (p * vz[:, None]).to(DOT_DTYPE), z16 * alpha[None, :], DOT_DTYPE)
-            else:
-                l_n = l_n * alpha[None, :] + p
-                z_n = z_n * alpha[None, :] + p * vz[:, None]
+            z_n = z_n * alpha[None, :] + p * vz[:, None]
             # values O^T [W, GP] a slice: the value codes (transposed tile) the A operand, P^T the B operand
             pv = (p * vs[:, None]).to(DOT_DTYPE)
             if code_offset(BITS, 0) != 0:
@@ -404,16 +398,11 @@ def _decode_kivi_frag_kernel(
                 a6 = _dot_acc(_slice_codes(vt, vb, 6, PER, BITS, ASM, DOT_DTYPE), pv, a6 * alpha[None, :], DOT_DTYPE)
                 a7 = _dot_acc(_slice_codes(vt, vb, 7, PER, BITS, ASM, DOT_DTYPE), pv, a7 * alpha[None, :], DOT_DTYPE)
             m_i = m_new
-        if SUMS_MMA:
-            zsum = tl.sum(z16, 0)[None, :] * (1.0 / 16)  # every channel's value zero, weighted by p
-            lsum = tl.sum(l16, 0) * (1.0 / 16)
-        else:
-            zsum = tl.sum(z_n, 0)[None, :]
-            lsum = tl.sum(l_n, 0)
+        zsum = tl.sum(z_n, 0)[None, :]  # every channel's value zero, weighted by p
         psum = tl.sum(psum16, 0)[None, :] * (1.0 / 16)  # 16 equal rows: exact
         prow = (row0 + offs_g.to(tl.int64)) * (NUM_SPLITS + N_TAIL) + split
         tl.store(M_PART + prow, m_i, mask=g_mask)
-        tl.store(L_PART + prow, lsum, mask=g_mask)
+        tl.store(L_PART + prow, tl.sum(l_n, 0), mask=g_mask)
         _store_slice(ACC_PART, prow, g_mask, a0, zsum, psum, offs_w, 0, PER, HALVES, HEAD_DIM, BITS)
         if SL >= 2:
             _store_slice(ACC_PART, prow, g_mask, a1, zsum, psum, offs_w, 1, PER, HALVES, HEAD_DIM, BITS)

@@ -79,12 +79,16 @@ def test_yaml_grid_fields_are_checked(tmp_path):
     with pytest.raises(SimInputError, match=r"nosplit_bandwidth_efficiency' must be a number"):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"nosplit_bandwidth_efficiency": 1.5}))
     for bad in (-1.0, float("nan"), "x"):
-        with pytest.raises(SimInputError, match=r"split_overhead_us' must be a number"):
-            load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": bad}))
+        for key in ("split_overhead_us", "split_us_per_split"):
+            with pytest.raises(SimInputError, match=rf"{key}' must be a number"):
+                load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {key: bad}))
     with pytest.raises(SimInputError, match=r"h100-80g\.yaml \(calibration from .*fit\.yaml\): field 'calibration\."):
         load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"bandwidth_efficiency": 1.5}))
-    hw = load_hardware("h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": 3.5}))
-    assert hw.calibration.attention_kernels[0].split_overhead_us == 3.5
+    hw = load_hardware(
+        "h100-80g", calibration_fit=_h100_fit_with(tmp_path, {"split_overhead_us": 3.5, "split_us_per_split": 0.25})
+    )
+    k = hw.calibration.attention_kernels[0]
+    assert (k.split_overhead_us, k.split_us_per_split) == (3.5, 0.25)
 
 
 def test_kvq_grid_gives_the_splits_every_tensor_core_launch_of_the_h200_sweep_ran():

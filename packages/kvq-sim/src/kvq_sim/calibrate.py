@@ -206,17 +206,19 @@ def fit_kernel_family(
         prog = np.array([float(x.programs_per_sm) for x in g]) if g else np.zeros_like(t)
         wave = np.array([float(x.wave) for x in g]) if g else ones
         split_ = np.array([bool(x.split) for x in g]) if g else np.ones_like(t, bool)
+        splits = np.array([float(x.splits) for x in g]) if g else ones
         two = gfields.get("grid") == "flash"
-        # flash: a split launch adds its combine kernel, a fixed cost (fitted only where both kinds are trained)
+        # flash: a split launch adds its combine kernel, a fixed cost and one per split (the combine's programs
+        # loop over the splits); fitted only where both kinds are trained
         both = two and split_.any() and not split_.all()
-        extra = ([prog] if gfields else []) + ([split_.astype(float)] if both else [])
+        extra = ([prog] if gfields else []) + ([split_.astype(float), split_ * splits] if both else [])
         bw_cols = [bw_us * wave * split_, bw_us * wave * ~split_] if two else [bw_us * wave]
         xb, rms_b = _relative_fit(np.column_stack([ones, *extra, *bw_cols]), t)
         xc, rms_c = _relative_fit(np.column_stack([ones, *extra, kv * wave, q * wave]), t)
         n = len(extra)
         prog_us_b = float(xb[1]) if n else 0.0
         prog_us_c = float(xc[1]) if n else 0.0
-        split_us = float(xb[2]) if both else 0.0
+        split_us, per_split_us = (float(xb[2]), float(xb[3])) if both else (0.0, 0.0)
         inv = xb[1 + n :]
         plausible = inv[0] > 0 and all(1.0 / v >= BANDWIDTH_FORM_MIN_EFFICIENCY for v in inv if v > 0)
         gain = rms_c <= COMPUTE_FORM_MIN_GAIN * rms_b and rms_b - rms_c >= COMPUTE_FORM_MIN_ABS_GAIN
@@ -225,7 +227,7 @@ def fit_kernel_family(
             nosplit = (min(1.0, 1.0 / inv[1]) if inv[1] > 0 else eff) if two else 0.0
             fit = replace(shell, bound="bandwidth", overhead_us=float(xb[0]), bandwidth_efficiency=eff,
                           program_us=prog_us_b, nosplit_bandwidth_efficiency=nosplit,
-                          split_overhead_us=split_us)  # fmt: skip
+                          split_overhead_us=split_us, split_us_per_split=per_split_us)  # fmt: skip
             rms = rms_b
         else:
             fit = replace(shell, bound="compute", overhead_us=float(xc[0]), bandwidth_efficiency=bandwidth_floor,
@@ -454,6 +456,8 @@ def _kernel_fields(k: KernelFit) -> dict:
         )
         if k.split_overhead_us:
             out["split_overhead_us"] = _sig(k.split_overhead_us)
+        if k.split_us_per_split:
+            out["split_us_per_split"] = _sig(k.split_us_per_split)
         if k.grid.startswith("kvq"):
             out.update(
                 block_tokens=k.block_tokens, split_waves=k.split_waves, tail_programs_per_row=k.tail_programs_per_row

@@ -1,5 +1,5 @@
 """Launch grids of the decode-attention kernels the simulator costs: how many programs (thread blocks) a
-launch runs and whether it splits the context (torch-free).
+launch runs and into how many splits of the context (torch-free).
 
 - "kvq": kvq-kernels' split-KV kernels, whose launchers run the same rule (kvq_core.splits.split_count):
   B * H_kv programs per split, splits for about `waves` waves of the SMs, whole waves preferred, plus
@@ -27,6 +27,7 @@ class Launch:
     programs: int  # programs of the main pass over the context (wave quantization applies to these)
     tail_programs: int  # short extra programs (fp16 residual window, sinks); fixed cost only
     split: bool  # the context is split across programs (a combine pass follows)
+    splits: int = 1  # programs a row's context is split across
 
 
 def flash_split_count(rows: int, slots: int, n_blocks: int, max_splits: int = 128) -> int:
@@ -69,11 +70,11 @@ def launch(
         rows = batch * kv_heads
         tiles = max(1, math.ceil(context / block_tokens))
         s = split_count(rows, tiles, sms, split_waves, fill=grid == "kvq", resident=resident)
-        return Launch(rows * s, rows * tail_programs_per_row, s > 1)
+        return Launch(rows * s, rows * tail_programs_per_row, s > 1, s)
     if grid == "flash":
         rows = batch * kv_heads * math.ceil((q_heads // kv_heads) / 64)
         s = flash_split_count(rows, 2 * sms, math.ceil(context / flash_block_n(head_dim)))
-        return Launch(rows * s, 0, s > 1)
+        return Launch(rows * s, 0, s > 1, s)
     return Launch(batch * kv_heads, 0, False)
 
 

@@ -24,8 +24,9 @@ class KernelFit:
     where programs and the split come from the kernel's launch rule (kvq_sim.grids, `grid`), wave =
     ceil(w) / w for w = main programs / (SMs * programs_per_sm) (1 when programs_per_sm is 0), and
     efficiency is nosplit_bandwidth_efficiency for a launch that does not split the context (when set), and a
-    launch that splits it adds split_overhead_us (FlashAttention-2's split-KV path launches a second, combine
-    kernel; kvq's kernels run their combine pass either way, inside overhead_us).
+    launch that splits it into S splits adds split_overhead_us + split_us_per_split * S (FlashAttention-2's
+    split-KV path launches a second, combine kernel, whose programs loop over the splits one after another;
+    kvq's kernels run their combine pass either way, inside overhead_us).
     """
 
     family: str  # impl, plus _<bits>b_<mha|gqa> when packed: kvq_fp16, sdpa_flash_fp16, kvq_kivi_2b_mha
@@ -43,6 +44,7 @@ class KernelFit:
     programs_per_sm: int = 0  # resident programs per SM for the wave-tail factor; 0: not modelled
     nosplit_bandwidth_efficiency: float = 0.0  # efficiency of launches that do not split; 0: same as split
     split_overhead_us: float = 0.0  # fixed time a launch that splits the context adds (flash grid)
+    split_us_per_split: float = 0.0  # time a split launch adds per split (flash grid: its combine's loop)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ _KERNEL = {
         (
             "bound", "overhead_us", "bandwidth_efficiency", "unpack_ps_per_kv_element", "dot_ps_per_q_element",
             "grid", "program_us", "programs_per_sm", "nosplit_bandwidth_efficiency", "split_overhead_us",
-            "block_tokens", "split_waves", "tail_programs_per_row", "resident_programs_per_sm",
+            "split_us_per_split", "block_tokens", "split_waves", "tail_programs_per_row", "resident_programs_per_sm",
         )
     ),
     "fit": _FIT,
@@ -379,8 +381,9 @@ def transferred(src: Hardware, dst: Hardware) -> Calibration:
     - per-element costs (ps per K/V or query element, CUDA-core unpack and FMA work): times
       (src SMs * src boost clock) / (dst SMs * dst boost clock);
     - fixed overheads (per launch, per kernel in a step): unchanged (host, driver and graph-replay bound);
-    - per-program time (program_us): times src boost clock / dst boost clock (work of one SM); the launch
-      grid itself (programs, splits, wave tail) is recomputed with dst's SM count;
+    - per-program time (program_us) and per-split combine time (split_us_per_split): times src boost clock /
+      dst boost clock (work of one SM, one step after another); the launch grid itself (programs, splits, wave
+      tail) is recomputed with dst's SM count;
     - tensor-core, interconnect and memory-reserve priors: dst's own, untouched.
     E.g. H100 -> A100: 132 * 1980 / (108 * 1410) = 1.716x the per-element cost.
     """
@@ -397,6 +400,7 @@ def transferred(src: Hardware, dst: Hardware) -> Calibration:
             unpack_ps_per_kv_element=k.unpack_ps_per_kv_element * scale,
             dot_ps_per_q_element=k.dot_ps_per_q_element * scale,
             program_us=k.program_us * src.boost_clock_mhz / dst.boost_clock_mhz,
+            split_us_per_split=k.split_us_per_split * src.boost_clock_mhz / dst.boost_clock_mhz,
         )
         for k in s.attention_kernels
     )
@@ -572,6 +576,8 @@ def _grid_fields(entry, f: _Fields, k: str, where: str) -> dict:
         out["nosplit_bandwidth_efficiency"] = f.fraction(k + "nosplit_bandwidth_efficiency")  # raises
     if isinstance(entry, dict) and "split_overhead_us" in entry:
         out["split_overhead_us"] = f.number(k + "split_overhead_us", *_COST_BOUNDS)
+    if isinstance(entry, dict) and "split_us_per_split" in entry:
+        out["split_us_per_split"] = f.number(k + "split_us_per_split", *_COST_BOUNDS)
     if out["grid"].startswith("kvq"):
         out.update(
             block_tokens=f.number(k + "block_tokens", 1, 1 << 20, integer=True),

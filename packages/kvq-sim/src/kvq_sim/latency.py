@@ -51,7 +51,8 @@ def attention_kernel_us(
     eff = k.bandwidth_efficiency
     fixed, wave = k.overhead_us, 1.0
     if grid is not None:
-        fixed = fixed + k.program_us * grid.programs_per_sm + k.split_overhead_us * grid.split
+        split_us = (k.split_overhead_us + k.split_us_per_split * grid.splits) * grid.split
+        fixed = fixed + k.program_us * grid.programs_per_sm + split_us
         wave = grid.wave
         if k.nosplit_bandwidth_efficiency > 0:
             eff = np.where(grid.split, k.bandwidth_efficiency, k.nosplit_bandwidth_efficiency)
@@ -67,6 +68,7 @@ class GridTerms:
     programs_per_sm: object  # all programs (main + tail) / SMs
     wave: object  # ceil(w) / w over the main programs, 1 where not modelled
     split: object  # bool: the launch splits the context
+    splits: object = 1  # the context's splits (1 where it is not split)
 
 
 def grid_terms(k: KernelFit, sms: int, batch, q_heads: int, kv_heads: int, context: int, head_dim: int):
@@ -85,7 +87,8 @@ def grid_terms(k: KernelFit, sms: int, batch, q_heads: int, kv_heads: int, conte
     prog = np.array([(p.programs + p.tail_programs) / sms for p in per]).reshape(shape)
     wave = np.array([wave_factor(p.programs, sms, k.programs_per_sm) for p in per]).reshape(shape)
     split = np.array([p.split for p in per]).reshape(shape)
-    return GridTerms(prog, wave, split)
+    splits = np.array([p.splits for p in per]).reshape(shape)
+    return GridTerms(prog, wave, split, splits)
 
 
 def remat_flops_per_token(dep: Deployment) -> int:

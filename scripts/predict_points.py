@@ -7,12 +7,17 @@ Two kinds of plan:
             KIVI-2 KV): `plan`'s fused-engine step and the benchmark's own step as `kvq-sim validate --multigpu`
             costs it (`kvq_sim.multigpu.predict`: the node's collective fits, or the priors where it has none);
   like      the points of an existing measurement CSV (kernel sweep or e2e step) predicted for another GPU, e.g.
-            the H100 sweep's points on the H200 with the calibration the H200 file has now (transferred).
+            the H100 sweep's points on the H200 with the calibration the H200 file has now (transferred);
+  kernels   a kernel sweep's grid (`bench_decode.py --heads ... --batches ... --contexts ... --bits ...`: SDPA
+            flash and kvq's fp16 kernel at 16 bits, KIVI at the others) on a GPU, before it is measured: head
+            layouts and batches its fit never saw, say.
 
     python scripts/predict_points.py multigpu -o reports/predictions/multigpu_h100_prior.csv
     python scripts/predict_points.py multigpu --node 8x-h200 -o reports/predictions/multigpu_h200_cold.csv
     python scripts/predict_points.py like --gpu h200 --kernel reports/measurements/kernel_decode_h100_v5.csv \
         --e2e reports/measurements/e2e_decode_h100_v4.csv -o reports/predictions/h200_cold.csv
+    python scripts/predict_points.py kernels --gpu h200 --heads 32/4,64/8,28/4 --batches 1,4,16 \
+        --contexts 8192,32768,131072 --bits 16,8,4,3,2 -o reports/predictions/kernels_h200_new_heads.csv
 
 Each row carries the commit and whether the tree was clean, so the file proves what the model said beforehand.
 Once the points are measured, `compare` matches a predictions file with a kernel sweep by point id and prints the
@@ -39,6 +44,7 @@ import pandas as pd
 from kvq_core.provenance import commit_of, utc_now
 from kvq_sim import api
 from kvq_sim.configs import CONFIG_DIR, read_yaml
+from kvq_sim.errors import SimInputError
 from kvq_sim.hardware import load_hardware
 from kvq_sim.latency import decode_step
 from kvq_sim.measurements import read_e2e_csv, read_kernel_csv
@@ -138,6 +144,52 @@ def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dic
     return rows
 
 
+def kernel_grid_rows(gpu: str, heads, batches, contexts, bits_list, group: int) -> list[dict]:
+    """kvq-sim's time for each point of a kernel sweep's grid, with the bytes the benchmark will record for it
+    (`kvq_kernels.benchmarking.kv_bytes`, plus the query read and the output written: `kernel_row`)."""
+    from kvq_kernels.benchmarking import HEAD_DIM, kv_bytes
+    from kvq_sim.measurements import KernelPoint
+
+    hw = load_hardware(gpu)
+    rows = []
+    for (hq, hkv), b, t, bits in itertools.product(heads, batches, contexts, bits_list):
+        impls = ("sdpa_flash_fp16", "kvq_fp16") if bits == 16 else ("kvq_kivi",)
+        nbytes = kv_bytes(bits, b, hkv, t, group) + 2 * b * hq * HEAD_DIM * 2
+        for impl in impls:
+            p = KernelPoint(impl, bits, 0 if bits == 16 else group, b, hq, hkv, HEAD_DIM, t, nbytes, 1.0)
+            rows.append(dict(kind="kernel", point_id=p.point_id, family=p.family, predicted_us=predict_kernel(hw, p)))
+    for r in rows:
+        r["gpu"], r["calibration"] = gpu, hw.calibration.status
+    return rows
+
+
+def _int_list(text: str, what: str, least: int = 1) -> list[int] | None:
+    """'1,4,16' -> [1, 4, 16], each an integer >= least (None after printing the error)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < least:
+        print(f"error: --{what} must be comma-separated integers >= {least}, got {text!r}", file=sys.stderr)
+        return None
+    return out
+
+
+def _heads(text: str) -> list[tuple[int, int]] | None:
+    """'32/4,64/8' -> [(32, 4), (64, 8)]: query heads a positive multiple of KV heads (None after the error)."""
+    out = []
+    for item in (t for t in text.split(",") if t.strip()):
+        q, _, kv = item.partition("/")
+        if not (q.strip().isdigit() and kv.strip().isdigit()) or int(kv) < 1 or int(q) % int(kv):
+            print(f"error: --heads takes query/kv pairs whose query heads a multiple of kv heads, got {item!r}",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        out.append((int(q), int(kv)))
+    if not out:
+        print("error: --heads names no head layout", file=sys.stderr)
+    return out or None
+
+
 def compare(predictions: str, measured: str, changed: set[str], e2e: str | None = None) -> str:
     """Per-family and overall MAPE / signed / median error of the predictions at the measured points (a kernel
     sweep, and optionally an e2e decode-step CSV, family "e2e"): error = predicted / measured - 1."""
@@ -227,6 +279,14 @@ def main(argv=None) -> int:
     like.add_argument("--kernel")
     like.add_argument("--e2e")
     like.add_argument("-o", "--out", required=True)
+    kg = sub.add_parser("kernels")
+    kg.add_argument("--gpu", required=True)
+    kg.add_argument("--heads", required=True, help="query/kv head layouts, e.g. 32/4,64/8")
+    kg.add_argument("--batches", default="1,4,16")
+    kg.add_argument("--contexts", default="8192,32768,131072")
+    kg.add_argument("--bits", default="16,8,4,3,2", help="16 (SDPA flash and kvq fp16) and KIVI 2/3/4/8")
+    kg.add_argument("--group", type=int, default=128, help="KIVI group (bench_decode.py --group)")
+    kg.add_argument("-o", "--out", required=True)
     cmp_ = sub.add_parser("compare")
     cmp_.add_argument("predictions")
     cmp_.add_argument("measured")
@@ -248,6 +308,21 @@ def main(argv=None) -> int:
         if models is None or layouts is None:
             return 2
         rows = multigpu_rows(args.node, models, layouts)
+    elif args.plan == "kernels":
+        heads = _heads(args.heads)
+        batches, contexts = _int_list(args.batches, "batches"), _int_list(args.contexts, "contexts")
+        bits = _int_list(args.bits, "bits", 2)
+        if bits and not set(bits) <= {2, 3, 4, 8, 16}:
+            print(f"error: --bits takes 2, 3, 4, 8 and 16, got {args.bits!r}", file=sys.stderr)
+            bits = None
+        if None in (heads, batches, contexts, bits):
+            return 2
+        try:
+            load_hardware(args.gpu)
+        except SimInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        rows = kernel_grid_rows(args.gpu, heads, batches, contexts, bits, args.group)
     else:
         rows = like_rows(args.gpu, args.kernel, args.e2e)
     prov = _provenance()

@@ -94,3 +94,47 @@ def test_multigpu_plan_takes_models_and_layouts_and_refuses_unknown_ones(tmp_pat
         assert predict_points.main(bad) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "other.csv").exists()
+
+
+H200_V16 = ROOT / "reports/measurements/kernel_decode_h200_v16.csv"
+
+
+def test_kernel_grid_names_a_sweeps_points_with_its_bytes_and_costs_them_as_validate_does():
+    """Every point of the kernels plan is one bench_decode.py records, under the same id and with the same bytes
+    (a byte count off by one changes the predicted time, so equality with validate's prediction checks both)."""
+    import pytest
+
+    from kvq_sim.validate import predict_kernel
+
+    rows = predict_points.kernel_grid_rows("h200", [(32, 8), (32, 32)], [1, 8], [4096, 131072], [16, 4, 3], 128)
+    assert len(rows) == 2 * 2 * 2 * (2 + 1 + 1)
+    measured = {p.point_id: p for p in read_kernel_csv(H200_V16, "NVIDIA H200")[0]}
+    hw = load_hardware("h200")
+    for r in rows:
+        p = measured[r["point_id"]]
+        assert r["family"] == p.family and r["predicted_us"] == pytest.approx(predict_kernel(hw, p), rel=1e-12)
+
+
+def test_kernels_plan_refuses_bad_grids_in_one_line(tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    args = ["kernels", "--gpu", "h200", "--heads", "28/4", "--batches", "2", "--contexts", "5000", "-o", str(out)]
+    assert predict_points.main(args) == 0
+    rows = pd.read_csv(out)
+    assert len(rows) == 6 and set(rows.family) == {
+        "sdpa_flash_fp16", "kvq_fp16", "kvq_kivi_8b_gqa", "kvq_kivi_4b_gqa", "kvq_kivi_3b_gqa", "kvq_kivi_2b_gqa"
+    }  # fmt: skip
+    assert (rows.predicted_us > 0).all() and rows.point_id.str.endswith("|2|28|4|128|5000").all()
+    for flag, value, message in (
+        ("--heads", "32/5", "query heads a multiple of kv heads, got '32/5'"),
+        ("--heads", "x/4", "got 'x/4'"),
+        ("--batches", "0", "--batches must be comma-separated integers >= 1"),
+        ("--contexts", "4k", "--contexts must be comma-separated integers >= 1"),
+        ("--gpu", "h999", "unknown GPU 'h999'"),
+    ):
+        bad = list(args)
+        bad[bad.index(flag) + 1], bad[-1] = value, str(tmp_path / "other.csv")
+        assert predict_points.main(bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "other.csv").exists()
+    assert predict_points.main([*args[:-1], str(out)]) == 2  # an existing file is never overwritten

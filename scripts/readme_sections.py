@@ -546,6 +546,15 @@ def h200_cold() -> str:
     return _shown(H200_COLD, _script(*H200_COLD[1:]))
 
 
+H200_NEW_HEADS = ["python", "scripts/predict_points.py", "compare", "reports/predictions/kernels_h200_new_heads.csv",
+                  "reports/measurements/kernel_decode_h200_new_heads.csv"]  # fmt: skip
+
+
+def h200_new_heads() -> str:
+    """Kernel times at head layouts the H200 fit never saw against the predictions committed before them."""
+    return _shown(H200_NEW_HEADS, _script(*H200_NEW_HEADS[1:]))
+
+
 def h200_validation() -> str:
     """`kvq-sim validate` on the H200's own held-out points after calibrating it (shown as printed, FAILs too)."""
     out = _run(VALIDATE_H200, check=False)
@@ -1109,6 +1118,7 @@ SECTIONS = {
     "llama3-h200": llama3_h200,
     "h200-cold": h200_cold,
     "h200-validation": h200_validation,
+    "h200-new-heads": h200_new_heads,
     "noise-output": noise_output,
     "quality-table": quality_table,
     "quality-targets": quality_targets,
@@ -1134,6 +1144,7 @@ DOCS = {
         "validation-output",
         "h200-cold",
         "h200-validation",
+        "h200-new-heads",
         "multigpu-table",
         "multigpu-h200",
         "llama3-h200",

@@ -22,7 +22,7 @@ rows, prov = [], provenance(fields=CSV_FIELDS)
 for bits in (4, 2, 3):
     for hq, zero_half in ((32, False), (64, False), (64, True), (32, False)):
 
-        def make():
+        def make(hq=hq, zero_half=zero_half, bits=bits):
             q = torch.randn(1, hq, HEAD_DIM, device="cuda", dtype=torch.float16)
             if zero_half:
                 g = hq // 8

@@ -221,8 +221,9 @@ def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr
 def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr, HEAD_DIM: tl.constexpr,
             ok, DOT_DTYPE: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
     """Slice j of the query times key group g's scales (the score product's B operand, [W, GP]) and its share of
-    the score's constant ([GP]): q . zero, less the unpack's offset (`code_offset`) times the operand as the dot
-    reads it (rounded to DOT_DTYPE), so that the offset cancels to the operand's own rounding."""
+    the score's constant per channel ([W, GP], summed over the slices' channels once per key group by the caller):
+    q x zero, less the unpack's offset (`code_offset`) times the operand as the dot reads it (rounded to
+    DOT_DTYPE), so that the offset cancels to the operand's own rounding."""
     ch = g * HEAD_DIM + _channel(offs_w, j, PER, HALVES)
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
@@ -230,7 +231,7 @@ def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl
     const = q * kz[:, None]
     if code_offset(BITS, j % PER) != 0:
         const -= code_offset(BITS, j % PER) * qs.to(tl.float32)
-    return qs, tl.sum(const, 0)
+    return qs, const
 
 
 @triton.jit
@@ -285,11 +286,11 @@ def _decode_kivi_frag_kernel(
         q1 = q0
         if SL >= 2:
             q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HALVES, HEAD_DIM, qk_scale)
-        qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+        qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
         qs1 = qs0
         if SL >= 2:
             qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            bias += z1
+            cst += z1
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
         if SL >= 4:
@@ -297,7 +298,7 @@ def _decode_kivi_frag_kernel(
             q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HALVES, HEAD_DIM, qk_scale)
             qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            bias += z2 + z3
+            cst += z2 + z3
         if SL == 8:
             q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HALVES, HEAD_DIM, qk_scale)
             q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HALVES, HEAD_DIM, qk_scale)
@@ -307,7 +308,9 @@ def _decode_kivi_frag_kernel(
             qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
             qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            bias += z4 + z5 + z6 + z7
+            cst += z4 + z5 + z6 + z7
+        # the score's constant: one reduction over the channels a key group (not one a slice)
+        bias = tl.sum(cst, 0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
         l_n = tl.zeros([BLOCK_N, GP], tl.float32)
@@ -345,20 +348,21 @@ def _decode_kivi_frag_kernel(
                 vt = _merge3(VC, hrow, offs_w, n_mask, vt, True)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
-                qs0, bias = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                 if SL >= 2:
                     qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    bias += z1
+                    cst += z1
                 if SL >= 4:
                     qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    bias += z2 + z3
+                    cst += z2 + z3
                 if SL == 8:
                     qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
                     qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    bias += z4 + z5 + z6 + z7
+                    cst += z4 + z5 + z6 + z7
+                bias = tl.sum(cst, 0)
             # scores S^T [BLOCK_N, GP]: the key codes are the A operand (M = tokens), the query slices the B operand
             s = tl.zeros([BLOCK_N, GP], tl.float32) + bias[None, :]
             s = _dot_acc(_slice_codes(kt, kb, 0, PER, BITS, ASM, DOT_DTYPE), qs0, s, DOT_DTYPE)

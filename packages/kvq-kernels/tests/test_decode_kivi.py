@@ -62,6 +62,8 @@ FRAG_CASES = [
     ("frag-gqa-3bit-d64", 3, 1, 4, 1, 64, 64, 64, 0, [259]),
     ("frag-gqa-3bit-d128-sinks", 3, 2, 8, 2, 128, 128, 128, 2, [5, 333]),
     ("frag-gqa-9/3-3bit-d256-odd", 3, 1, 9, 3, 256, 256, 256, 0, [389]),
+    # a group of 8 at 3-bit sums the score's constant a slice at a time (`decode_kivi_frag.reduce_once`)
+    ("frag-gqa-8/1-3bit-d128", 3, 1, 8, 1, 128, 128, 128, 0, [291]),
 ]
 
 
@@ -244,3 +246,14 @@ def test_auto_path_by_cache_length(device, dtype, bits, monkeypatch):
         bn, warps, stages = dk.launch_config(named, bits, 32)
         ref = decode_kivi(q, c, splits=2, max_len=max_len, path=named, block_n=bn, num_warps=warps, num_stages=stages)
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frag_reduces_the_score_constant_once_where_that_was_measured_faster():
+    """GQA sums the slices' shares of the score's constant before one reduction; MHA and 3-bit at groups above 4
+    reduce a slice at a time (reduce_once's measurements); the cases above run both kinds."""
+    from kvq_kernels.decode_kivi_frag import reduce_once
+
+    assert [reduce_once(b, g) for b in (2, 4, 8) for g in (1, 2, 4, 7, 8)] == [False, True, True, True, True] * 3
+    assert [reduce_once(3, g) for g in (1, 2, 3, 4, 5, 8)] == [False, True, True, True, False, False]
+    kinds = {reduce_once(c[1], c[3] // c[4]) for c in FRAG_CASES}
+    assert kinds == {True, False}

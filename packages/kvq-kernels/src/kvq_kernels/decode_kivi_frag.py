@@ -217,13 +217,24 @@ def _q_slice(Q, row0, offs_g, g_mask, offs_w, j: tl.constexpr, PER: tl.constexpr
     return q.to(tl.float32) * qk_scale
 
 
+@triton.constexpr_function
+def reduce_once(bits, group):
+    """Whether the score's constant is summed over channels once a key group (the slices' [W, GP] shares added
+    first) rather than once a slice. Both, default launches, H200 (reports/measurements/ab_layouts_h200.csv, one
+    run, two passes of each, batch 1 x 128K and 8 x 32K): once took 0.91-0.99x the time for GQA 2/4/8-bit at 32/8,
+    32/4 and 64/8 heads and 3-bit at 32/8 (0.97x), but 1.03-1.05x for 3-bit at groups of 8, and for MHA 1.02x
+    (4-bit) and 1.06-1.08x (8-bit: 3 resident programs an SM against 4; 155 registers a thread against 128 in a
+    local sm_90 compile), where one query head's masked columns fold out of the per-slice sums."""
+    return group > 1 and not (bits == 3 and group > 4)
+
+
 @triton.jit
 def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl.constexpr, HEAD_DIM: tl.constexpr,
-            ok, DOT_DTYPE: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+            ok, DOT_DTYPE: tl.constexpr, BITS: tl.constexpr, ONCE: tl.constexpr):  # fmt: skip
     """Slice j of the query times key group g's scales (the score product's B operand, [W, GP]) and its share of
-    the score's constant per channel ([W, GP], summed over the slices' channels once per key group by the caller):
-    q x zero, less the unpack's offset (`code_offset`) times the operand as the dot reads it (rounded to
-    DOT_DTYPE), so that the offset cancels to the operand's own rounding."""
+    the score's constant: q x zero, less the unpack's offset (`code_offset`) times the operand as the dot reads it
+    (rounded to DOT_DTYPE), so that the offset cancels to the operand's own rounding; per channel ([W, GP], the
+    caller sums the slices and reduces once) when ONCE (`reduce_once`), else summed over the slice's channels."""
     ch = g * HEAD_DIM + _channel(offs_w, j, PER, HALVES)
     ks = tl.load(KS + ch, mask=ok, other=0.0).to(tl.float32)
     kz = tl.load(KZ + ch, mask=ok, other=0.0).to(tl.float32)
@@ -231,7 +242,20 @@ def _scaled(q, KS, KZ, g, offs_w, j: tl.constexpr, PER: tl.constexpr, HALVES: tl
     const = q * kz[:, None]
     if code_offset(BITS, j % PER) != 0:
         const -= code_offset(BITS, j % PER) * qs.to(tl.float32)
-    return qs, const
+    if ONCE:
+        return qs, const
+    else:
+        return qs, tl.sum(const, 0)
+
+
+@triton.jit
+def _reduced(cst, ONCE: tl.constexpr):
+    """The score's constant [GP] from the slices' summed shares (`_scaled`): [W, GP] reduced over channels when
+    ONCE, else already reduced."""
+    if ONCE:
+        return tl.sum(cst, 0)
+    else:
+        return cst
 
 
 @triton.jit
@@ -260,6 +284,7 @@ def _decode_kivi_frag_kernel(
     both products); the fp16 tail programs take the group as HQ_PAD rows. Programs NUM_SPLITS .. NUM_SPLITS +
     N_TAIL - 1 of a row take TAIL_TOKENS each of its tail."""
     HALVES: tl.constexpr = half_tiles(BITS, HEAD_DIM)
+    ONCE: tl.constexpr = reduce_once(BITS, HQ_PER_KV)
     SL: tl.constexpr = PER * HALVES  # channel slices, one dot each
     W: tl.constexpr = HEAD_DIM // SL  # containers of a slice a row (3-bit: of the 2-bit plane)
     HI: tl.constexpr = HEAD_DIM // 4  # 3-bit: the 1-bit plane's byte offset in a row
@@ -286,31 +311,30 @@ def _decode_kivi_frag_kernel(
         q1 = q0
         if SL >= 2:
             q1 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 1, PER, HALVES, HEAD_DIM, qk_scale)
-        qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+        qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
         qs1 = qs0
         if SL >= 2:
-            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
             cst += z1
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
         qs2, qs3, qs4, qs5, qs6, qs7 = qs0, qs0, qs0, qs0, qs0, qs0
         if SL >= 4:
             q2 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 2, PER, HALVES, HEAD_DIM, qk_scale)
             q3 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 3, PER, HALVES, HEAD_DIM, qk_scale)
-            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+            qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
             cst += z2 + z3
         if SL == 8:
             q4 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 4, PER, HALVES, HEAD_DIM, qk_scale)
             q5 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 5, PER, HALVES, HEAD_DIM, qk_scale)
             q6 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 6, PER, HALVES, HEAD_DIM, qk_scale)
             q7 = _q_slice(Q, row0, offs_g, g_mask, offs_w, 7, PER, HALVES, HEAD_DIM, qk_scale)
-            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+            qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+            qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+            qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+            qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
             cst += z4 + z5 + z6 + z7
-        # the score's constant: one reduction over the channels a key group (not one a slice)
-        bias = tl.sum(cst, 0)
+        bias = _reduced(cst, ONCE)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         # per-token partial sums of p (the softmax denominator) and p * value zero, reduced once per program
         l_n = tl.zeros([BLOCK_N, GP], tl.float32)
@@ -348,21 +372,21 @@ def _decode_kivi_frag_kernel(
                 vt = _merge3(VC, hrow, offs_w, n_mask, vt, True)
             if (t0 % GROUP == 0) & (t0 != start):  # a new key group: its scales fold into the query slices
                 g = bh * (T_QCAP // GROUP) + t0 // GROUP
-                qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                qs0, cst = _scaled(q0, KS, KZ, g, offs_w, 0, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
                 if SL >= 2:
-                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs1, z1 = _scaled(q1, KS, KZ, g, offs_w, 1, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
                     cst += z1
                 if SL >= 4:
-                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs2, z2 = _scaled(q2, KS, KZ, g, offs_w, 2, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+                    qs3, z3 = _scaled(q3, KS, KZ, g, offs_w, 3, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
                     cst += z2 + z3
                 if SL == 8:
-                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
-                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS)
+                    qs4, z4 = _scaled(q4, KS, KZ, g, offs_w, 4, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+                    qs5, z5 = _scaled(q5, KS, KZ, g, offs_w, 5, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+                    qs6, z6 = _scaled(q6, KS, KZ, g, offs_w, 6, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
+                    qs7, z7 = _scaled(q7, KS, KZ, g, offs_w, 7, PER, HALVES, HEAD_DIM, ok, DOT_DTYPE, BITS, ONCE)
                     cst += z4 + z5 + z6 + z7
-                bias = tl.sum(cst, 0)
+                bias = _reduced(cst, ONCE)
             # scores S^T [BLOCK_N, GP]: the key codes are the A operand (M = tokens), the query slices the B operand
             s = tl.zeros([BLOCK_N, GP], tl.float32) + bias[None, :]
             s = _dot_acc(_slice_codes(kt, kb, 0, PER, BITS, ASM, DOT_DTYPE), qs0, s, DOT_DTYPE)

@@ -58,11 +58,13 @@ report-png: install
 KERNEL_CSV ?= reports/measurements/kernel_decode_h100_v5.csv
 E2E_CSV ?= reports/measurements/e2e_decode_h100_v5.csv
 H200_KERNEL_CSV ?= reports/measurements/kernel_decode_h200_v16.csv
+# the same kernels at head layouts the main sweep does not have (32/4, 64/8, 28/4): the GQA families' per-query cost
+H200_LAYOUTS_CSV ?= reports/measurements/kernel_decode_h200_new_heads.csv
 H200_E2E_CSV ?= reports/measurements/e2e_decode_h200_v7.csv
 E2E_ARG = $(if $(wildcard $(E2E_CSV)),--e2e $(E2E_CSV),)
 calibrate: install
 	kvq-sim calibrate --gpu h100-80g --measurements $(KERNEL_CSV) $(E2E_ARG)
-	kvq-sim calibrate --gpu h200 --measurements $(H200_KERNEL_CSV) --e2e $(H200_E2E_CSV)
+	kvq-sim calibrate --gpu h200 --measurements $(H200_KERNEL_CSV) --measurements $(H200_LAYOUTS_CSV) --e2e $(H200_E2E_CSV)
 	for g in a100-80g a100-40g l40s; do kvq-sim calibrate --gpu $$g --transfer-from h100-80g; done
 
 validate: install
@@ -72,7 +74,7 @@ validate: install
 
 # The H200, fitted on the training half of its own sweep and decode steps (docs/validation.md gives its figures).
 validate-h200: install
-	kvq-sim validate --gpu h200 --measurements $(H200_KERNEL_CSV) --e2e $(H200_E2E_CSV)
+	kvq-sim validate --gpu h200 --measurements $(H200_KERNEL_CSV) --measurements $(H200_LAYOUTS_CSV) --e2e $(H200_E2E_CSV)
 
 # Every CSV in reports/quality from scratch, one command (SmolLM2-135M on CPU, `kvq-eval --help`), at a clean commit
 # (tests/test_quality_reports.py refuses rows from a dirty tree or from other kvq-core sources than HEAD's).

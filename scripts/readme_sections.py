@@ -536,7 +536,9 @@ H200_KERNEL_V6 = "reports/measurements/kernel_decode_h200_v6.csv"
 H200_KERNEL_V5 = "reports/measurements/kernel_decode_h200_v5.csv"
 H200_KERNEL_V3 = "reports/measurements/kernel_decode_h200_v3.csv"
 H200_KERNEL_COLD = "reports/measurements/kernel_decode_h200.csv"
-VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--e2e", H200_E2E]
+H200_LAYOUTS = "reports/measurements/kernel_decode_h200_new_heads.csv"
+VALIDATE_H200 = ["kvq-sim", "validate", "--gpu", "h200", "--measurements", H200_KERNEL, "--measurements", H200_LAYOUTS,
+                 "--e2e", H200_E2E]  # fmt: skip
 H200_COLD = ["python", "scripts/predict_points.py", "compare", "reports/predictions/h200_cold_v3.csv",
              H200_KERNEL_COLD, "--e2e", H200_E2E_COLD]  # fmt: skip
 

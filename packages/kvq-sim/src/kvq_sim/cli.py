@@ -208,7 +208,11 @@ def report(model, gpus, methods, measurements, quality, output) -> None:
     required=True,
     help="GPU name (kvq-sim list gpus) or hardware YAML path whose calibration fit file is written",
 )
-@click.option("--measurements", default=None, help="kernel decode CSV (reports/measurements/kernel_decode_*.csv)")
+@click.option(
+    "--measurements",
+    multiple=True,
+    help="kernel decode CSV (reports/measurements/kernel_decode_*.csv); repeat it for sweeps of other head layouts",
+)
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (reports/measurements/e2e_decode_*.csv)")
 @click.option("--transfer-from", default=None, help="instead of measurements: carry another, measured GPU's fit over")
 @click.option(
@@ -240,7 +244,7 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
     from . import calibrate as cal
     from .configs import resolve
     from .hardware import load_hardware
-    from .measurements import read_e2e_csv, read_kernel_csv
+    from .measurements import read_e2e_csv, read_kernel_csvs
 
     if multigpu:
         _calibrate_multigpu(gpu, multigpu, measurements or e2e or transfer_from, dry_run)
@@ -248,7 +252,7 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
     try:
         if transfer_from and (measurements or e2e):
             raise SimInputError("give --measurements (and --e2e) or --transfer-from, not both")
-        if not transfer_from and measurements is None:
+        if not transfer_from and not measurements:
             raise SimInputError("give --measurements (a kernel decode CSV) or --transfer-from (a calibrated GPU)")
         path = resolve("hardware", gpu) if dry_run else cal.calibration_path(gpu)
         hw = load_hardware(gpu)
@@ -262,9 +266,9 @@ def calibrate(gpu, measurements, e2e, transfer_from, overwrite_measured, accept_
             click.echo(cal.written(path, changed, f"calibration transferred from {transfer_from}"))
             return
         device = cal.check_device(hw)
-        kpts, kprov = read_kernel_csv(measurements, device)
+        kpts, kprov = read_kernel_csvs(measurements, device)
         epts, eprov = read_e2e_csv(e2e, device) if e2e else (None, None)
-        result = cal.calibrate(hw, kpts, epts, source=measurements)
+        result = cal.calibrate(hw, kpts, epts, source=kprov.path)
         worse = cal.fit_regressions(path, result)
         if worse and not accept_worse_fit and not dry_run:
             raise SimInputError(
@@ -318,7 +322,9 @@ def _calibrate_multigpu(gpu: str, csv_path: str, other, dry_run: bool) -> None:
 
 @main.command()
 @click.option("--gpu", default=None, help="calibrated GPU name (kvq-sim list gpus); not with --published")
-@click.option("--measurements", default=None, help="kernel decode CSV the GPU was calibrated from")
+@click.option(
+    "--measurements", multiple=True, help="kernel decode CSV the GPU was calibrated from (repeat it for several)"
+)
 @click.option("--e2e", default=None, help="end-to-end decode-step CSV (without it e2e and memory are not checked)")
 @click.option("--multigpu", default=None, help="multi-GPU decode-step CSV: check the node's collective fits")
 @click.option(
@@ -354,7 +360,7 @@ def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_cla
     from . import validate as val
     from .calibrate import check_device
     from .hardware import load_hardware
-    from .measurements import read_e2e_csv, read_kernel_csv
+    from .measurements import read_e2e_csv, read_kernel_csvs
 
     if published is not None:
         if gpu or measurements or e2e or multigpu:
@@ -365,9 +371,9 @@ def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_cla
         _fail("--format, --max-mape and --max-class-bias go with --published")
     if gpu is None:
         _fail("give --gpu (a calibrated GPU) with --measurements and/or --multigpu, or --published")
-    if measurements is None and multigpu is None:
+    if not measurements and multigpu is None:
         _fail("give --measurements (a kernel decode CSV) and/or --multigpu (a multi-GPU decode-step CSV)")
-    if measurements is None:
+    if not measurements:
         from . import multigpu as mg
 
         try:
@@ -379,7 +385,7 @@ def validate(gpu, measurements, e2e, multigpu, published, fmt, max_mape, max_cla
     try:
         hw = load_hardware(gpu)
         device = check_device(hw)
-        kpts, _ = read_kernel_csv(measurements, device)
+        kpts, _ = read_kernel_csvs(measurements, device)
         epts = read_e2e_csv(e2e, device)[0] if e2e else None
         rep = val.validate(hw, kpts, epts)
     except SimInputError as e:

@@ -316,6 +316,28 @@ def read_kernel_csv(path: str | Path, device: str) -> tuple[list[KernelPoint], P
     return pts, _provenance(rows, path, device)
 
 
+def read_kernel_csvs(paths, device: str) -> tuple[list[KernelPoint], Provenance]:
+    """The kernel points of one or more sweeps of `device` (e.g. a main sweep and one at other head layouts), with
+    one provenance naming every file ("a.csv + b.csv", their commits, the newest date). A point in two files is
+    refused: the fit and the split would count it twice."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise SimInputError("no kernel measurement file given")
+    points, provs, seen = [], [], {}
+    for path in paths:
+        pts, prov = read_kernel_csv(path, device)
+        for p in pts:
+            if p.point_id in seen:
+                raise SimInputError(f"{path}: point {p.point_id} is also in {seen[p.point_id]}; a point is fitted once")
+            seen[p.point_id] = path
+        points += pts
+        provs.append(prov)
+    if len(provs) == 1:
+        return points, provs[0]
+    commits = " + ".join(p.commit for p in provs)
+    return points, Provenance(" + ".join(p.path for p in provs), device, commits, max(p.date for p in provs))
+
+
 def read_e2e_csv(path: str | Path, device: str) -> tuple[list[E2EPoint], Provenance]:
     """End-to-end decode-step points measured on `device`, with the file's provenance."""
     rows = read_rows(path, E2E_COLUMNS)

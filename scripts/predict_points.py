@@ -47,7 +47,7 @@ from kvq_sim.configs import CONFIG_DIR, read_yaml
 from kvq_sim.errors import SimInputError
 from kvq_sim.hardware import load_hardware
 from kvq_sim.latency import decode_step
-from kvq_sim.measurements import read_e2e_csv, read_kernel_csv
+from kvq_sim.measurements import KIVI_KERNEL_BITS, KernelPoint, read_e2e_csv, read_kernel_csv
 from kvq_sim.memory import memory
 from kvq_sim.multigpu import StepPoint, read_steps
 from kvq_sim.multigpu import predict as predict_benchmark_step
@@ -146,15 +146,14 @@ def like_rows(gpu: str, kernel_csv: str | None, e2e_csv: str | None) -> list[dic
 
 def kernel_grid_rows(gpu: str, heads, batches, contexts, bits_list, group: int) -> list[dict]:
     """kvq-sim's time for each point of a kernel sweep's grid, with the bytes the benchmark will record for it
-    (`kvq_kernels.benchmarking.kv_bytes`, plus the query read and the output written: `kernel_row`)."""
-    from kvq_kernels.benchmarking import HEAD_DIM, kv_bytes
-    from kvq_sim.measurements import KernelPoint
+    (`kvq_kernels.benchmarking.row_bytes`)."""
+    from kvq_kernels.benchmarking import HEAD_DIM, kv_bytes, row_bytes
 
     hw = load_hardware(gpu)
     rows = []
     for (hq, hkv), b, t, bits in itertools.product(heads, batches, contexts, bits_list):
         impls = ("sdpa_flash_fp16", "kvq_fp16") if bits == 16 else ("kvq_kivi",)
-        nbytes = kv_bytes(bits, b, hkv, t, group) + 2 * b * hq * HEAD_DIM * 2
+        nbytes = row_bytes(kv_bytes(bits, b, hkv, t, group), b, hq)
         for impl in impls:
             p = KernelPoint(impl, bits, 0 if bits == 16 else group, b, hq, hkv, HEAD_DIM, t, nbytes, 1.0)
             rows.append(dict(kind="kernel", point_id=p.point_id, family=p.family, predicted_us=predict_kernel(hw, p)))
@@ -312,7 +311,7 @@ def main(argv=None) -> int:
         heads = _heads(args.heads)
         batches, contexts = _int_list(args.batches, "batches"), _int_list(args.contexts, "contexts")
         bits = _int_list(args.bits, "bits", 2)
-        if bits and not set(bits) <= {2, 3, 4, 8, 16}:
+        if bits and not set(bits) <= {*KIVI_KERNEL_BITS, 16}:
             print(f"error: --bits takes 2, 3, 4, 8 and 16, got {args.bits!r}", file=sys.stderr)
             bits = None
         if None in (heads, batches, contexts, bits):

@@ -420,12 +420,17 @@ def decode_grid(heads, batches, contexts, split_contexts=()) -> list[tuple[int, 
     return points
 
 
+def row_bytes(kv_bytes_read: int, batch: int, q_heads: int) -> int:
+    """A kernel-decode row's `bytes_read`: `kv_bytes_read` (`kv_bytes`) plus q read and out written, fp16."""
+    return kv_bytes_read + 2 * batch * q_heads * HEAD_DIM * 2
+
+
 def kernel_row(
     prov, impl, bits, group, batch, q_heads, kv_heads, context, kv_bytes_read, time_us, hbm, sdpa_us, config
 ):
-    """One kernel-decode CSV row: `kv_bytes_read` (`kv_bytes`) plus q read and out written over `time_us`;
-    `hbm` the streaming-read ceiling in TB/s; `sdpa_us` SDPA's time at the same point or None."""
-    nbytes = kv_bytes_read + 2 * batch * q_heads * HEAD_DIM * 2  # + q read + out written, fp16
+    """One kernel-decode CSV row: `row_bytes` over `time_us`; `hbm` the streaming-read ceiling in TB/s; `sdpa_us`
+    SDPA's time at the same point or None."""
+    nbytes = row_bytes(kv_bytes_read, batch, q_heads)
     bw = nbytes / (time_us * 1e-6) / 1e12
     sp = sdpa_us / time_us if sdpa_us else None
     return dict(prov, impl=impl, bits=bits, group_size=group if bits < 16 else "", batch=batch, q_heads=q_heads,

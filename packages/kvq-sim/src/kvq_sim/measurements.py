@@ -332,8 +332,6 @@ def read_kernel_csvs(paths, device: str) -> tuple[list[KernelPoint], Provenance]
             seen[p.point_id] = path
         points += pts
         provs.append(prov)
-    if len(provs) == 1:
-        return points, provs[0]
     commits = " + ".join(p.commit for p in provs)
     return points, Provenance(" + ".join(p.path for p in provs), device, commits, max(p.date for p in provs))
 
